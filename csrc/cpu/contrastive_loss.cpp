@@ -1,0 +1,98 @@
+// CPU kernels of fastmeta::contrastive_loss (pairs x1 [M, D], x2 [M, D],
+// same [M]) and its backward.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../op_checks.h"
+
+namespace fastmeta::cpu {
+namespace {
+
+void check_pairs(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& same) {
+  TORCH_CHECK(at::isFloatingType(x1.scalar_type()),
+              "fastmeta: x1 must be a floating-point tensor, got ", x1.scalar_type());
+  check_operand(x1, "x1", 2, x1);
+  check_operand(x2, "x2", 2, x1);
+  check_operand(same, "same", 1, x1);
+  TORCH_CHECK(x1.sizes() == x2.sizes(), "fastmeta: x1 and x2 must have the same shape, got ",
+              x1.sizes(), " and ", x2.sizes());
+  check_size(same, "same", 0, x1.size(0), "the number of pairs in x1");
+}
+
+template <typename T>
+T pair_distance(const T* a, const T* b, int64_t D) {
+  T acc = 0;
+  for (int64_t d = 0; d < D; ++d) acc += (a[d] - b[d]) * (a[d] - b[d]);
+  return std::sqrt(acc);
+}
+
+at::Tensor contrastive_loss(const at::Tensor& x1_in, const at::Tensor& x2_in,
+                            const at::Tensor& same_in, double margin) {
+  check_pairs(x1_in, x2_in, same_in);
+  at::Tensor x1 = x1_in.contiguous(), x2 = x2_in.contiguous(), same = same_in.contiguous();
+  const int64_t M = x1.size(0), D = x1.size(1);
+  at::Tensor loss = at::empty({M}, x1.options());
+  AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "fastmeta::contrastive_loss", [&] {
+    const scalar_t* ap = x1.const_data_ptr<scalar_t>();
+    const scalar_t* bp = x2.const_data_ptr<scalar_t>();
+    const scalar_t* sp = same.const_data_ptr<scalar_t>();
+    scalar_t* lp = loss.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        scalar_t d = pair_distance(ap + i * D, bp + i * D, D);
+        lp[i] = contrastive_pair_loss(d, sp[i], scalar_t(margin));
+      }
+    });
+  });
+  return loss;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward(
+    const at::Tensor& grad_in, const at::Tensor& x1_in, const at::Tensor& x2_in,
+    const at::Tensor& same_in, double margin) {
+  check_pairs(x1_in, x2_in, same_in);
+  at::Tensor x1 = x1_in.contiguous(), x2 = x2_in.contiguous(), same = same_in.contiguous();
+  at::Tensor grad = grad_in.contiguous();
+  const int64_t M = x1.size(0), D = x1.size(1);
+  at::Tensor g1 = at::empty_like(x1), g2 = at::empty_like(x2), gsame = at::empty_like(same);
+  AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "fastmeta::contrastive_loss_backward", [&] {
+    const scalar_t* ap = x1.const_data_ptr<scalar_t>();
+    const scalar_t* bp = x2.const_data_ptr<scalar_t>();
+    const scalar_t* sp = same.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* g1p = g1.mutable_data_ptr<scalar_t>();
+    scalar_t* g2p = g2.mutable_data_ptr<scalar_t>();
+    scalar_t* gsp = gsame.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, M, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        const scalar_t* a = ap + i * D;
+        const scalar_t* b = bp + i * D;
+        scalar_t d = pair_distance(a, b, D);
+        gsp[i] = gp[i] * contrastive_pair_d_same(d, scalar_t(margin));
+        // d distance / d x1 = (x1 - x2) / d, taken as 0 where d = 0 (as torch.cdist).
+        scalar_t coeff = d > scalar_t(0)
+                             ? gp[i] * contrastive_pair_d_distance(d, sp[i], scalar_t(margin)) / d
+                             : scalar_t(0);
+        for (int64_t k = 0; k < D; ++k) {
+          g1p[i * D + k] = coeff * (a[k] - b[k]);
+          g2p[i * D + k] = -g1p[i * D + k];
+        }
+      }
+    });
+  });
+  return {g1, g2, gsame};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
+  m.impl("contrastive_loss", &contrastive_loss);
+  m.impl("contrastive_loss_backward", &contrastive_loss_backward);
+}
+
+}  // namespace fastmeta::cpu

@@ -1,0 +1,178 @@
+// CPU kernels of fastmeta::similarity_cross_entropy and its backward: an online
+// log-sum-exp over tiles of keys, so no [B, Q, N] buffer is ever allocated.
+#include <torch/library.h>
+
+#include <cmath>
+#include <limits>
+
+#include "../op_checks.h"
+#include "similarity_tiles.h"
+
+namespace fastmeta::cpu {
+namespace {
+
+void check_target(const at::Tensor& target, const at::Tensor& x) {
+  check_index(target, "target", x);
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == x.size(0) && target.size(1) == x.size(1),
+              "fastmeta: target must have shape [B, Q] = ", x.sizes().slice(0, 2), ", got ",
+              target.sizes());
+}
+
+void check_target_value(int64_t t, int64_t b, int64_t q, int64_t N) {
+  TORCH_CHECK(t >= 0 && t < N, "fastmeta: target[", b, ", ", q, "] = ", t,
+              " is out of range for ", N, " classes");
+}
+
+std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x_in,
+                                                            const at::Tensor& y_in,
+                                                            const at::Tensor& target_in,
+                                                            const at::Tensor& scale_in,
+                                                            c10::string_view metric_name) {
+  Metric metric = parse_metric(metric_name);
+  check_metric_operands(x_in, y_in, scale_in);
+  check_target(target_in, x_in);
+  at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
+  at::Tensor target = target_in.contiguous(), scale = scale_in.contiguous();
+  const int64_t B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2);
+  at::Tensor loss = at::empty({B, Q}, x.options());
+  at::Tensor lse = at::empty({B, Q}, x.options());
+  at::Tensor ay_t = at::empty({B, N}, x.options());
+  const int64_t* tp = target.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta::similarity_cross_entropy", [&] {
+    FASTMETA_DISPATCH_METRIC(metric, [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      const scalar_t* sp = scale.const_data_ptr<scalar_t>();
+      scalar_t* ay = ay_t.mutable_data_ptr<scalar_t>();
+      scalar_t* lossp = loss.mutable_data_ptr<scalar_t>();
+      scalar_t* lsep = lse.mutable_data_ptr<scalar_t>();
+      key_row_stats<M>(yp, B, N, D, ay, nullptr);
+      for_each_query_block(B, Q, [&](int64_t b, int64_t q0, int64_t q1) {
+        const int64_t qb = q1 - q0;
+        const scalar_t* xb = xp + (b * Q + q0) * D;
+        scalar_t ax[kQueryBlock], row_max[kQueryBlock], row_sum[kQueryBlock],
+            target_logit[kQueryBlock];
+        row_stats<M>(xb, qb, D, ax, nullptr);
+        for (int64_t i = 0; i < qb; ++i) {
+          check_target_value(tp[b * Q + q0 + i], b, q0 + i, N);
+          row_max[i] = -std::numeric_limits<scalar_t>::infinity();
+          row_sum[i] = 0;
+        }
+        std::vector<scalar_t> S(qb * std::min(N, kKeyBlock));
+        for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
+          const int64_t nb = std::min(kKeyBlock, N - n0);
+          similarity_tile<M>(xb, qb, yp + (b * N + n0) * D, nb, D, ax, ay + b * N + n0, S.data(),
+                             nb);
+          for (int64_t i = 0; i < qb; ++i) {
+            scalar_t* logits = S.data() + i * nb;
+            const scalar_t sc = sp[b * Q + q0 + i];
+            scalar_t tile_max = -std::numeric_limits<scalar_t>::infinity();
+            for (int64_t j = 0; j < nb; ++j) {
+              logits[j] *= sc;
+              tile_max = logits[j] > tile_max ? logits[j] : tile_max;
+            }
+            const int64_t t = tp[b * Q + q0 + i] - n0;
+            if (t >= 0 && t < nb) target_logit[i] = logits[t];
+            const scalar_t new_max = std::max(row_max[i], tile_max);
+            if (new_max == -std::numeric_limits<scalar_t>::infinity()) continue;
+            scalar_t tile_sum = 0;
+            for (int64_t j = 0; j < nb; ++j) tile_sum += std::exp(logits[j] - new_max);
+            row_sum[i] = row_sum[i] * std::exp(row_max[i] - new_max) + tile_sum;
+            row_max[i] = new_max;
+          }
+        }
+        for (int64_t i = 0; i < qb; ++i) {
+          lsep[b * Q + q0 + i] = row_max[i] + std::log(row_sum[i]);
+          lossp[b * Q + q0 + i] = lsep[b * Q + q0 + i] - target_logit[i];
+        }
+      });
+    });
+  });
+  return {loss, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward(
+    const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& y_in,
+    const at::Tensor& target_in, const at::Tensor& scale_in, const at::Tensor& lse_in,
+    c10::string_view metric_name) {
+  Metric metric = parse_metric(metric_name);
+  check_metric_operands(x_in, y_in, scale_in);
+  check_target(target_in, x_in);
+  at::Tensor x = x_in.contiguous(), y = y_in.contiguous(), grad = grad_in.contiguous();
+  at::Tensor target = target_in.contiguous(), scale = scale_in.contiguous();
+  at::Tensor lse = lse_in.contiguous();
+  const int64_t B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2);
+  const int64_t chunks = num_accumulation_chunks(B, Q);
+  at::Tensor gx = at::zeros_like(x);
+  at::Tensor gscale = at::empty({B, Q}, x.options());
+  at::Tensor gy_chunks = at::zeros({chunks, B, N, D}, x.options());
+  at::Tensor gy_stat_chunks = at::zeros({chunks, B, N}, x.options());
+  at::Tensor ay_t = at::empty({B, N}, x.options()), cy_t = at::empty({B, N}, x.options());
+  const int64_t* tp = target.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta::similarity_cross_entropy_backward", [&] {
+    FASTMETA_DISPATCH_METRIC(metric, [&] {
+      const scalar_t* xp = x.const_data_ptr<scalar_t>();
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      const scalar_t* sp = scale.const_data_ptr<scalar_t>();
+      const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+      const scalar_t* lsep = lse.const_data_ptr<scalar_t>();
+      scalar_t* ay = ay_t.mutable_data_ptr<scalar_t>();
+      scalar_t* cy = cy_t.mutable_data_ptr<scalar_t>();
+      scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
+      scalar_t* gsp = gscale.mutable_data_ptr<scalar_t>();
+      scalar_t* gyc = gy_chunks.mutable_data_ptr<scalar_t>();
+      scalar_t* gysc = gy_stat_chunks.mutable_data_ptr<scalar_t>();
+      key_row_stats<M>(yp, B, N, D, ay, cy);
+      for_each_query_block_chunked(B, Q, chunks, [&](int64_t c, int64_t b, int64_t q0, int64_t q1) {
+        const int64_t qb = q1 - q0;
+        const scalar_t* xb = xp + (b * Q + q0) * D;
+        scalar_t* gxb = gxp + (b * Q + q0) * D;
+        scalar_t ax[kQueryBlock], cx[kQueryBlock], gx_stat[kQueryBlock] = {};
+        row_stats<M>(xb, qb, D, ax, cx);
+        for (int64_t i = 0; i < qb; ++i) {
+          check_target_value(tp[b * Q + q0 + i], b, q0 + i, N);
+          gsp[b * Q + q0 + i] = 0;
+        }
+        const int64_t tile = qb * std::min(N, kKeyBlock);
+        std::vector<scalar_t> S(tile), W(tile);
+        for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
+          const int64_t nb = std::min(kKeyBlock, N - n0);
+          similarity_tile<M>(xb, qb, yp + (b * N + n0) * D, nb, D, ax, ay + b * N + n0, S.data(),
+                             nb);
+          for (int64_t i = 0; i < qb; ++i) {
+            const int64_t row = b * Q + q0 + i;
+            const scalar_t sc = sp[row], g = gp[row], row_lse = lsep[row];
+            const scalar_t* s = S.data() + i * nb;
+            scalar_t* w = W.data() + i * nb;
+            scalar_t gscale_acc = 0;
+            for (int64_t j = 0; j < nb; ++j) {
+              scalar_t dlogit = g * std::exp(sc * s[j] - row_lse);
+              gscale_acc += dlogit * s[j];
+              w[j] = dlogit * sc;
+            }
+            const int64_t t = tp[row] - n0;
+            if (t >= 0 && t < nb) {
+              gscale_acc -= g * s[t];
+              w[t] -= g * sc;
+            }
+            gsp[row] += gscale_acc;
+          }
+          similarity_tile_vjp<M>(W.data(), S.data(), qb, nb, nb, xb, yp + (b * N + n0) * D, D, ax,
+                                 ay + b * N + n0, gxb, gyc + ((c * B + b) * N + n0) * D, gx_stat,
+                                 gysc + (c * B + b) * N + n0);
+        }
+        finish_row_stat_grad(gxb, xb, cx, gx_stat, qb, D);
+      });
+    });
+  });
+  return {gx, reduce_key_grad(gy_chunks, gy_stat_chunks, y, cy_t), gscale};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
+  m.impl("similarity_cross_entropy", &similarity_cross_entropy);
+  m.impl("similarity_cross_entropy_backward", &similarity_cross_entropy_backward);
+}
+
+}  // namespace fastmeta::cpu

@@ -1,0 +1,222 @@
+// Building blocks of the CPU similarity kernels: row-major matrix products on
+// raw pointers (BLAS through ATen's cpublas), per-row statistics, a similarity
+// tile, and the vector-Jacobian product of a tile.
+//
+// All kernels work on one task b and a block of queries at a time, so that a
+// tile of logits stays in cache and nothing of size [Q, N] is allocated unless
+// the op returns it.
+#pragma once
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/from_blob.h>
+#include <ATen/ops/mm.h>
+
+#include <algorithm>
+#include <type_traits>
+#include <vector>
+
+#include "../math/similarity.h"
+
+namespace fastmeta::cpu {
+
+constexpr int64_t kQueryBlock = 32;
+constexpr int64_t kKeyBlock = 512;
+
+// Keeps a parameter out of template argument deduction (so it accepts nullptr).
+template <typename T>
+using NoDeduce = typename std::common_type<T>::type;
+// Fortran BLAS, exported by the MKL or OpenBLAS that PyTorch's CPU library
+// links. Declared weak: where a PyTorch build does not export them, they are
+// null and the matrix products below fall back to at::mm.
+extern "C" {
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
+            const float*, const int*, const float*, const int*, const float*, float*,
+            const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
+            const double*, const int*, const double*, const int*, const double*, double*,
+            const int*) __attribute__((weak));
+}
+
+// C[m, n] = alpha * op(A) op(B) + beta * C, with row-major operands: op(A) is
+// A[m, k] (or A[k, m] transposed when trans_a), op(B) is B[k, n] (or B[n, k]
+// transposed when trans_b).
+template <typename T>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
+          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {
+    for (int64_t i = 0; i < m; ++i)
+      for (int64_t j = 0; j < n; ++j) c[i * ldc + j] = beta == T(0) ? T(0) : beta * c[i * ldc + j];
+    return;
+  }
+  auto blas = [] {
+    if constexpr (std::is_same_v<T, float>) return sgemm_; else return dgemm_;
+  }();
+  if (blas != nullptr) {
+    // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
+    const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
+    const int mi = n, ni = m, ki = k, ldai = ldb, ldbi = lda, ldci = ldc;
+    const T one = 1;
+    blas(&ta, &tb, &mi, &ni, &ki, &one, b, &ldai, a, &ldbi, &beta, c, &ldci);
+    return;
+  }
+  auto options = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  auto view = [&](const T* p, int64_t rows, int64_t cols, int64_t ld, bool trans) {
+    at::Tensor t = at::from_blob(const_cast<T*>(p), {rows, cols}, {ld, 1}, options);
+    return trans ? t.t() : t;
+  };
+  at::Tensor A = view(a, trans_a ? k : m, trans_a ? m : k, lda, trans_a);
+  at::Tensor B = view(b, trans_b ? n : k, trans_b ? k : n, ldb, trans_b);
+  at::Tensor C = view(c, m, n, ldc, false);
+  C.copy_(beta == T(0) ? at::mm(A, B) : at::addmm(C, A, B, beta));
+}
+
+// C[m, n] = A[m, k] B[n, k]^T (row-major, leading dimensions given).
+template <typename T>
+void gemm_abt(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
+              T* c, int64_t ldc) {
+  gemm(false, true, m, n, k, a, lda, b, ldb, T(0), c, ldc);
+}
+
+// C[m, n] += A[m, k] B[k, n].
+template <typename T>
+void gemm_ab_acc(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+                 int64_t ldb, T* c, int64_t ldc) {
+  gemm(false, false, m, n, k, a, lda, b, ldb, T(1), c, ldc);
+}
+
+// C[m, n] += A[k, m]^T B[k, n].
+template <typename T>
+void gemm_atb_acc(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+                  int64_t ldb, T* c, int64_t ldc) {
+  gemm(true, false, m, n, k, a, lda, b, ldb, T(1), c, ldc);
+}
+
+// Per-row statistic (row_stat) and its gradient coefficient for `rows` rows of
+// length D; `coeff` may be null.
+template <Metric M, typename T>
+void row_stats(const T* v, int64_t rows, int64_t D, T* stat, NoDeduce<T>* coeff) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const T* row = v + r * D;
+    T sum_squares = 0;
+    for (int64_t d = 0; d < D; ++d) sum_squares += row[d] * row[d];
+    stat[r] = row_stat<M>(sum_squares);
+    if (coeff) coeff[r] = row_stat_coeff<M>(sum_squares, stat[r]);
+  }
+}
+
+// S[qb, nb] = s(x_i, y_j) for a block of queries and keys.
+template <Metric M, typename T>
+void similarity_tile(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, const T* ax,
+                     const T* ay, T* S, int64_t ld) {
+  gemm_abt(qb, nb, D, x, D, y, D, S, ld);
+  for (int64_t i = 0; i < qb; ++i) {
+    T* row = S + i * ld;
+    for (int64_t j = 0; j < nb; ++j) row[j] = similarity<M>(row[j], ax[i], ay[j]);
+  }
+}
+
+// Vector-Jacobian product of a similarity tile. On entry W holds dL/dS for the
+// tile; it is overwritten. Accumulates the x.y part of the gradient into gx
+// [qb, D] and gy [nb, D] (either may be null), and the row-statistic parts into
+// gx_stat [qb] and gy_stat [nb]; `finish_row_stat_grad` applies those last.
+template <Metric M, typename T>
+void similarity_tile_vjp(T* W, const T* S, int64_t qb, int64_t nb, int64_t ld, const T* x,
+                         const T* y, int64_t D, const T* ax, const T* ay, T* gx, T* gy,
+                         T* gx_stat, T* gy_stat) {
+  for (int64_t i = 0; i < qb; ++i) {
+    T* w = W + i * ld;
+    const T* s = S + i * ld;
+    T row_acc = 0;
+    for (int64_t j = 0; j < nb; ++j) {
+      SimilarityPartials<T> p = similarity_partials<M>(s[j], ax[i], ay[j]);
+      row_acc += w[j] * p.d_ax;
+      gy_stat[j] += w[j] * p.d_ay;
+      w[j] *= p.d_dot;
+    }
+    gx_stat[i] += row_acc;
+  }
+  if (gx) gemm_ab_acc(qb, D, nb, W, ld, y, D, gx, D);
+  if (gy) gemm_atb_acc(nb, D, qb, W, ld, x, D, gy, D);
+}
+
+// g_r += v_r * coeff_r * stat_grad_r: the gradient through the row statistics.
+template <typename T>
+void finish_row_stat_grad(T* g, const T* v, const T* coeff, const T* stat_grad, int64_t rows,
+                          int64_t D) {
+  for (int64_t r = 0; r < rows; ++r) {
+    T c = coeff[r] * stat_grad[r];
+    if (c == T(0)) continue;
+    for (int64_t d = 0; d < D; ++d) g[r * D + d] += c * v[r * D + d];
+  }
+}
+
+// Row statistics of the keys y [B, N, D] of every task, in parallel.
+template <Metric M, typename T>
+void key_row_stats(const T* y, int64_t B, int64_t N, int64_t D, T* ay, NoDeduce<T>* cy) {
+  at::parallel_for(0, B, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      row_stats<M>(y + b * N * D, N, D, ay + b * N, cy ? cy + b * N : nullptr);
+  });
+}
+
+// Gradient for the keys from per-chunk buffers: gy [chunks, B, N, D] and
+// gy_stat [chunks, B, N] (see for_each_query_block_chunked).
+inline at::Tensor reduce_key_grad(const at::Tensor& gy_chunks, const at::Tensor& gy_stat_chunks,
+                                  const at::Tensor& y, const at::Tensor& cy) {
+  at::Tensor gy = gy_chunks.sum(0);
+  at::Tensor gy_stat = gy_stat_chunks.sum(0);
+  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "fastmeta::reduce_key_grad", [&] {
+    finish_row_stat_grad(gy.mutable_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
+                         cy.const_data_ptr<scalar_t>(), gy_stat.const_data_ptr<scalar_t>(),
+                         y.size(0) * y.size(1), y.size(2));
+  });
+  return gy;
+}
+
+// Runs fn(b, q0, q1) for every (task, query block) pair, in parallel.
+template <typename F>
+void for_each_query_block(int64_t B, int64_t Q, F fn) {
+  int64_t blocks = (Q + kQueryBlock - 1) / kQueryBlock;
+  at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      int64_t b = item / blocks;
+      int64_t q0 = (item % blocks) * kQueryBlock;
+      fn(b, q0, std::min(Q, q0 + kQueryBlock));
+    }
+  });
+}
+
+// Like for_each_query_block, for kernels that also accumulate a gradient over
+// queries (for y, for values): the pairs are split into a fixed number of
+// contiguous chunks, fn(chunk, b, q0, q1) adds into that chunk's own buffer,
+// and the caller sums the buffers over chunks, so results do not depend on
+// thread scheduling.
+inline int64_t num_accumulation_chunks(int64_t B, int64_t Q) {
+  int64_t items = B * ((Q + kQueryBlock - 1) / kQueryBlock);
+  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
+}
+
+template <typename F>
+void for_each_query_block_chunked(int64_t B, int64_t Q, int64_t chunks, F fn) {
+  int64_t blocks = (Q + kQueryBlock - 1) / kQueryBlock;
+  int64_t items = B * blocks;
+  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t c = begin; c < end; ++c) {
+      for (int64_t item = items * c / chunks; item < items * (c + 1) / chunks; ++item) {
+        int64_t b = item / blocks;
+        int64_t q0 = (item % blocks) * kQueryBlock;
+        fn(c, b, q0, std::min(Q, q0 + kQueryBlock));
+      }
+    }
+  });
+}
+
+}  // namespace fastmeta::cpu

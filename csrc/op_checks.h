@@ -1,0 +1,60 @@
+// Argument handling shared by the CPU kernels and the CUDA glue.
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <string_view>
+
+#include "math/similarity.h"
+
+namespace fastmeta {
+
+inline Metric parse_metric(std::string_view metric) {
+  if (metric == "sqeuclidean") return Metric::SqEuclidean;
+  if (metric == "euclidean") return Metric::Euclidean;
+  if (metric == "cosine") return Metric::Cosine;
+  if (metric == "dot") return Metric::Dot;
+  TORCH_CHECK(false, "fastmeta: unknown metric '", metric,
+              "'; expected one of 'sqeuclidean', 'euclidean', 'cosine', 'dot'");
+}
+
+// Checks that `t` has `dim` dimensions and the dtype and device of `like`.
+inline void check_operand(const at::Tensor& t, const char* name, int64_t dim,
+                          const at::Tensor& like) {
+  TORCH_CHECK(t.dim() == dim, "fastmeta: ", name, " must have ", dim,
+              " dimensions, got shape ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == like.scalar_type(), "fastmeta: ", name,
+              " must have dtype ", like.scalar_type(), ", got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "fastmeta: ", name, " must be on ",
+              like.device(), ", got ", t.device());
+}
+
+inline void check_index(const at::Tensor& t, const char* name, const at::Tensor& like) {
+  TORCH_CHECK(t.scalar_type() == at::kLong, "fastmeta: ", name,
+              " must have dtype torch.int64, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == like.device(), "fastmeta: ", name, " must be on ",
+              like.device(), ", got ", t.device());
+}
+
+inline void check_size(const at::Tensor& t, const char* name, int64_t dim, int64_t size,
+                       const char* what) {
+  TORCH_CHECK(t.size(dim) == size, "fastmeta: ", name, " has size ", t.size(dim),
+              " in dimension ", dim, " but ", what, " is ", size, " (shape ", t.sizes(), ")");
+}
+
+// The metric ops' common operands: x [B, Q, D], y [B, N, D], scale [B, Q].
+inline void check_metric_operands(const at::Tensor& x, const at::Tensor& y,
+                                  const at::Tensor& scale) {
+  TORCH_CHECK(at::isFloatingType(x.scalar_type()),
+              "fastmeta: x must be a floating-point tensor, got ", x.scalar_type());
+  check_operand(x, "x", 3, x);
+  check_operand(y, "y", 3, x);
+  check_operand(scale, "scale", 2, x);
+  check_size(y, "y", 0, x.size(0), "the number of tasks B in x");
+  check_size(y, "y", 2, x.size(2), "the feature size D of x");
+  check_size(scale, "scale", 0, x.size(0), "the number of tasks B in x");
+  check_size(scale, "scale", 1, x.size(1), "the number of queries Q in x");
+}
+
+}  // namespace fastmeta

@@ -1,0 +1,53 @@
+// Op schemas: every fastmeta op is declared here, once. Device kernels register
+// implementations in csrc/cpu/*.cpp and csrc/cuda/register_cuda.cpp.
+//
+// The ops take the canonical batched form ([B, Q, D] queries, [B, N, D] keys,
+// per-query scale [B, Q], per-query losses); the Python wrappers in
+// fastmeta/ops/ accept unbatched inputs, float scales and reductions.
+#include <pybind11/pybind11.h>
+#include <torch/library.h>
+#include <torch/version.h>
+
+TORCH_LIBRARY(fastmeta, m) {
+  m.def("pairwise_distance(Tensor x, Tensor y, str metric) -> Tensor");
+  m.def(
+      "pairwise_distance_backward(Tensor grad, Tensor distance, Tensor x, Tensor y, str metric)"
+      " -> (Tensor, Tensor)");
+  m.def("class_prototypes(Tensor support, Tensor labels, int num_classes) -> Tensor");
+  m.def("class_prototypes_backward(Tensor grad, Tensor labels) -> Tensor");
+  m.def("similarity_log_softmax(Tensor x, Tensor y, Tensor scale, str metric) -> Tensor");
+  m.def(
+      "similarity_log_softmax_backward(Tensor grad, Tensor log_probs, Tensor x, Tensor y,"
+      " Tensor scale, str metric) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "similarity_cross_entropy(Tensor x, Tensor y, Tensor target, Tensor scale, str metric)"
+      " -> (Tensor loss, Tensor logsumexp)");
+  m.def(
+      "similarity_cross_entropy_backward(Tensor grad, Tensor x, Tensor y, Tensor target,"
+      " Tensor scale, Tensor logsumexp, str metric) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "attention_readout(Tensor x, Tensor y, Tensor values, Tensor scale, str metric)"
+      " -> (Tensor out, Tensor logsumexp)");
+  m.def(
+      "attention_readout_backward(Tensor grad, Tensor out, Tensor logsumexp, Tensor x, Tensor y,"
+      " Tensor values, Tensor scale, str metric) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("contrastive_loss(Tensor x1, Tensor x2, Tensor same, float margin) -> Tensor");
+  m.def(
+      "contrastive_loss_backward(Tensor grad, Tensor x1, Tensor x2, Tensor same, float margin)"
+      " -> (Tensor, Tensor, Tensor)");
+}
+
+// The Python module fastmeta._C: loading it registers the ops above; its one
+// function reports how the extension was built.
+PYBIND11_MODULE(_C, m) {
+  m.def("build_info", [] {
+    pybind11::dict info;
+    info["torch_version"] = TORCH_VERSION;
+#ifdef FASTMETA_WITH_CUDA
+    info["with_cuda"] = true;
+#else
+    info["with_cuda"] = false;
+#endif
+    return info;
+  }, "The PyTorch version this extension was built against, and its CUDA support.");
+}

@@ -1,0 +1,10 @@
+"""fastmeta: compiled CPU and CUDA kernels for meta-learning in PyTorch."""
+
+from ._extension import load as _load
+
+_C, _build_config = _load()
+
+from . import ops, reference  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["ops", "reference", "__version__"]

@@ -1,0 +1,165 @@
+"""Argument checking and op registration shared by the ops in this package."""
+
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence, Union
+
+import torch
+
+METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
+DISTANCE_METRICS = ("sqeuclidean", "euclidean", "cosine")
+REDUCTIONS = ("mean", "sum", "none")
+# Computed in float32 on the CPU, where there are no half-precision kernels.
+_CPU_UPCAST = (torch.float16, torch.bfloat16)
+
+
+def check_tensor(op: str, name: str, t, like: Optional[torch.Tensor] = None, floating: bool = True):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
+    if floating and not t.is_floating_point():
+        raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if like is not None:
+        if t.device != like.device:
+            raise ValueError(f"{op}: {name} is on {t.device} but x is on {like.device}; "
+                             "move them to the same device")
+        if floating and t.dtype != like.dtype:
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has dtype {like.dtype}")
+
+
+def check_choice(op: str, name: str, value: str, choices: Sequence[str]):
+    if value not in choices:
+        raise ValueError(f"{op}: unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
+
+
+def compute_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float32 if t.device.type == "cpu" and t.dtype in _CPU_UPCAST else t.dtype
+
+
+@dataclass
+class MetricOperands:
+    """Query and key operands in the ops' canonical batched form."""
+
+    x: torch.Tensor  # [B, Q, D]
+    y: torch.Tensor  # [B, N, D]
+    scale: torch.Tensor  # [B, Q]
+    unbatched: bool
+    dtype: torch.dtype  # the dtype results are returned in
+
+    def output(self, t: torch.Tensor) -> torch.Tensor:
+        """Returns a result in the caller's form: unbatched and dtype as given."""
+        t = t.squeeze(0) if self.unbatched else t
+        return t.to(self.dtype)
+
+
+def metric_operands(op: str, x, y, metric: str, scale: Union[float, torch.Tensor] = 1.0,
+                    metrics: Sequence[str] = METRICS) -> MetricOperands:
+    check_tensor(op, "x", x)
+    check_tensor(op, "y", y, like=x)
+    check_choice(op, "metric", metric, metrics)
+    if x.dim() not in (2, 3) or y.dim() != x.dim():
+        raise ValueError(f"{op}: x and y must both be [Q, D] and [N, D], or [B, Q, D] and "
+                         f"[B, N, D]; got x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}")
+    if x.shape[-1] != y.shape[-1]:
+        raise ValueError(f"{op}: feature sizes differ: x has D = {x.shape[-1]} but y has "
+                         f"D = {y.shape[-1]}")
+    unbatched = x.dim() == 2
+    if unbatched:
+        x, y = x.unsqueeze(0), y.unsqueeze(0)
+    elif x.shape[0] != y.shape[0]:
+        raise ValueError(f"{op}: x has B = {x.shape[0]} tasks but y has B = {y.shape[0]}")
+    dtype = x.dtype
+    work = compute_dtype(x)
+    x, y = x.to(work), y.to(work)
+    batch_shape = x.shape[:2]
+    if isinstance(scale, torch.Tensor):
+        check_tensor(op, "scale", scale)
+        if scale.device != x.device and scale.dim() > 0:
+            raise ValueError(f"{op}: scale is on {scale.device} but x is on {x.device}")
+        try:
+            scale = torch.broadcast_to(scale.to(device=x.device, dtype=work), batch_shape)
+        except RuntimeError:
+            want = f"[Q] = [{x.shape[1]}]" if unbatched else f"[B, Q] = {list(batch_shape)}"
+            raise ValueError(f"{op}: scale of shape {list(scale.shape)} does not broadcast to "
+                             f"{want}") from None
+    elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
+        scale = torch.full(batch_shape, float(scale), dtype=work, device=x.device)
+    else:
+        raise TypeError(f"{op}: scale must be a float or a tensor, got {type(scale).__name__}")
+    return MetricOperands(x, y, scale, unbatched, dtype)
+
+
+def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def register_vmap_over_tasks(op_name: str):
+    """vmap rule for an op whose tensor arguments all lead with the task
+    dimension B: the vmapped dimension is folded into B, so the kernel runs
+    once for the whole batch."""
+    op = getattr(torch.ops.fastmeta, op_name).default
+
+    def vmap_rule(info, in_dims, *args):
+        size = info.batch_size
+        tasks = None
+        folded = []
+        for arg, dim in zip(args, in_dims):
+            if isinstance(arg, torch.Tensor):
+                arg = arg.movedim(dim, 0) if dim is not None else arg.expand(size, *arg.shape)
+                tasks = arg.shape[1] if tasks is None else tasks
+                arg = arg.reshape(size * arg.shape[1], *arg.shape[2:])
+            folded.append(arg)
+        out = op(*folded)
+
+        def unfold(t):
+            return t.reshape(size, tasks, *t.shape[1:])
+
+        if isinstance(out, tuple):
+            return tuple(unfold(t) for t in out), tuple(0 for _ in out)
+        return unfold(out), 0
+
+    torch.library.register_vmap(op, vmap_rule)
+
+
+def register_reference_double_backward(op_name: str, reference_vjp: Callable):
+    """Makes a backward op differentiable, for double backward (second-order
+    MAML through a fastmeta loss). ``reference_vjp`` takes the backward op's
+    arguments and returns its outputs computed with differentiable PyTorch
+    operations; the second derivative is taken through it, so it materialises
+    the [B, Q, N] similarity matrix, but only while the second backward runs."""
+    op = getattr(torch.ops.fastmeta, op_name).default
+
+    def setup_context(ctx, inputs, output):
+        ctx.tensor_positions = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
+        ctx.constants = {i: a for i, a in enumerate(inputs) if not isinstance(a, torch.Tensor)}
+        ctx.num_inputs = len(inputs)
+        ctx.save_for_backward(*(inputs[i] for i in ctx.tensor_positions))
+
+    def backward(ctx, *grads):
+        args = [ctx.constants.get(i) for i in range(ctx.num_inputs)]
+        for i, t in zip(ctx.tensor_positions, ctx.saved_tensors):
+            args[i] = t.detach().requires_grad_(t.is_floating_point())
+        with torch.enable_grad():
+            outputs = reference_vjp(*args)
+            pairs = [(o, g) for o, g in zip(outputs, grads)
+                     if g is not None and o is not None and o.requires_grad]
+            leaves = [args[i] for i in ctx.tensor_positions if args[i].requires_grad]
+            found = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs],
+                                        allow_unused=True) if pairs else [None] * len(leaves)
+        result = [None] * ctx.num_inputs
+        leaf_positions = [i for i in ctx.tensor_positions if args[i].requires_grad]
+        for i, g in zip(leaf_positions, found):
+            result[i] = g
+        return tuple(result)
+
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+
+def reference_vjp(fn: Callable, primals: Sequence[torch.Tensor], grad: torch.Tensor):
+    """Gradients of ``fn(*primals)`` with output gradient ``grad``, kept
+    differentiable (create_graph); zeros for primals that fn does not use."""
+    out = fn(*primals)
+    grads = torch.autograd.grad(out, primals, grad, create_graph=True, allow_unused=True)
+    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(primals, grads))

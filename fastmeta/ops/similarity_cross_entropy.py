@@ -1,0 +1,86 @@
+from typing import Union
+
+import torch
+
+from . import _common
+from .. import reference
+
+__all__ = ["similarity_cross_entropy"]
+
+
+def similarity_cross_entropy(x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
+                             metric: str = "sqeuclidean", scale: Union[float, torch.Tensor] = 1.0,
+                             reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of the softmax over keys of scaled similarities.
+
+    ``loss_q = -log softmax_n(scale_q * s(x_q, y_n))[target_q]``, computed with
+    an online log-sum-exp over tiles of keys: no ``[B, Q, N]`` tensor is
+    allocated, forward or backward, so heads with very many classes fit in
+    memory. Twice differentiable (the second derivative does materialise the
+    similarity matrix).
+
+    Args:
+        x: queries ``[B, Q, D]`` or ``[Q, D]``.
+        y: keys (prototypes, class weights) ``[B, N, D]`` or ``[N, D]``.
+        target: int64 class of each query, ``[B, Q]`` or ``[Q]``, in ``[0, N)``.
+        metric: ``"sqeuclidean"``, ``"euclidean"``, ``"cosine"`` or ``"dot"``.
+        scale: a float, or a tensor broadcastable to ``[B, Q]``.
+        reduction: ``"mean"`` (over all queries of all tasks), ``"sum"`` or
+            ``"none"`` (``[B, Q]``).
+
+    Example:
+        >>> protos = fastmeta.ops.class_prototypes(support, support_labels, 5)
+        >>> loss = fastmeta.ops.similarity_cross_entropy(queries, protos, query_labels)
+    """
+    op = "similarity_cross_entropy"
+    a = _common.metric_operands(op, x, y, metric, scale)
+    _common.check_choice(op, "reduction", reduction, _common.REDUCTIONS)
+    _common.check_tensor(op, "target", target, floating=False)
+    if target.dtype != torch.int64:
+        raise TypeError(f"{op}: target must have dtype torch.int64, got {target.dtype}")
+    if target.device != a.x.device:
+        raise ValueError(f"{op}: target is on {target.device} but x is on {a.x.device}")
+    want = a.x.shape[1:2] if a.unbatched else a.x.shape[:2]
+    if target.shape != want:
+        raise ValueError(f"{op}: target must have shape {list(want)} (one class per query), "
+                         f"got {list(target.shape)}")
+    loss, _ = torch.ops.fastmeta.similarity_cross_entropy(
+        a.x, a.y, target.unsqueeze(0) if a.unbatched else target, a.scale, metric)
+    return a.output(_common.reduce_loss(loss, reduction))
+
+
+@torch.library.register_fake("fastmeta::similarity_cross_entropy")
+def _(x, y, target, scale, metric):
+    torch._check(x.dim() == 3 and y.dim() == 3 and x.shape[2] == y.shape[2])
+    return x.new_empty(x.shape[:2]), x.new_empty(x.shape[:2])
+
+
+@torch.library.register_fake("fastmeta::similarity_cross_entropy_backward")
+def _(grad, x, y, target, scale, logsumexp, metric):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, target, scale, metric = inputs
+    ctx.metric = metric
+    ctx.save_for_backward(x, y, target, scale, output[1])
+
+
+def _backward(ctx, grad, _grad_logsumexp):
+    x, y, target, scale, logsumexp = ctx.saved_tensors
+    gx, gy, gscale = torch.ops.fastmeta.similarity_cross_entropy_backward(
+        grad, x, y, target, scale, logsumexp, ctx.metric)
+    return gx, gy, None, gscale, None
+
+
+def _reference_backward(grad, x, y, target, scale, logsumexp, metric):
+    return _common.reference_vjp(
+        lambda x, y, scale: reference.similarity_cross_entropy(x, y, target, metric, scale, "none"),
+        (x, y, scale), grad)
+
+
+torch.library.register_autograd("fastmeta::similarity_cross_entropy", _backward,
+                                setup_context=_setup_context)
+_common.register_vmap_over_tasks("similarity_cross_entropy")
+_common.register_vmap_over_tasks("similarity_cross_entropy_backward")
+_common.register_reference_double_backward("similarity_cross_entropy_backward", _reference_backward)

@@ -1,0 +1,70 @@
+from typing import Union
+
+import torch
+
+from . import _common
+from .. import reference
+
+__all__ = ["similarity_log_softmax"]
+
+
+def similarity_log_softmax(x: torch.Tensor, y: torch.Tensor, metric: str = "sqeuclidean",
+                           scale: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+    """Log-softmax over keys of scaled similarities (Prototypical / Matching nets).
+
+    ``log p(n | x_q) = scale_q * s(x_q, y_n) - log sum_m exp(scale_q * s(x_q, y_m))``
+    with ``s = -d`` for the Euclidean metrics, the cosine similarity, or the
+    dot product. Twice differentiable.
+
+    Args:
+        x: queries ``[B, Q, D]`` or ``[Q, D]``.
+        y: keys (prototypes) ``[B, N, D]`` or ``[N, D]``.
+        metric: ``"sqeuclidean"``, ``"euclidean"``, ``"cosine"`` or ``"dot"``.
+        scale: a float, or a tensor broadcastable to ``[B, Q]`` (a learnable
+            temperature); differentiable when it is a tensor.
+
+    Returns:
+        ``[B, Q, N]`` (or ``[Q, N]``) log-probabilities.
+
+    Example:
+        >>> logp = fastmeta.ops.similarity_log_softmax(torch.randn(15, 64), torch.randn(5, 64))
+        >>> logp.exp().sum(-1)  # ones
+    """
+    a = _common.metric_operands("similarity_log_softmax", x, y, metric, scale)
+    return a.output(torch.ops.fastmeta.similarity_log_softmax(a.x, a.y, a.scale, metric))
+
+
+@torch.library.register_fake("fastmeta::similarity_log_softmax")
+def _(x, y, scale, metric):
+    torch._check(x.dim() == 3 and y.dim() == 3 and x.shape[2] == y.shape[2])
+    return x.new_empty(x.shape[0], x.shape[1], y.shape[1])
+
+
+@torch.library.register_fake("fastmeta::similarity_log_softmax_backward")
+def _(grad, log_probs, x, y, scale, metric):
+    return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
+
+
+def _setup_context(ctx, inputs, output):
+    x, y, scale, metric = inputs
+    ctx.metric = metric
+    ctx.save_for_backward(output, x, y, scale)
+
+
+def _backward(ctx, grad):
+    log_probs, x, y, scale = ctx.saved_tensors
+    gx, gy, gscale = torch.ops.fastmeta.similarity_log_softmax_backward(
+        grad, log_probs, x, y, scale, ctx.metric)
+    return gx, gy, gscale, None
+
+
+def _reference_backward(grad, log_probs, x, y, scale, metric):
+    return _common.reference_vjp(
+        lambda x, y, scale: reference.similarity_log_softmax(x, y, metric, scale), (x, y, scale), grad)
+
+
+torch.library.register_autograd("fastmeta::similarity_log_softmax", _backward,
+                                setup_context=_setup_context)
+_common.register_vmap_over_tasks("similarity_log_softmax")
+_common.register_vmap_over_tasks("similarity_log_softmax_backward")
+_common.register_reference_double_backward("similarity_log_softmax_backward", _reference_backward)

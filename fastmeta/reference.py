@@ -1,0 +1,105 @@
+"""Plain-PyTorch versions of every fastmeta op, with the same signatures.
+
+They are the oracle the tests compare against and the eager baseline of the
+benchmarks. They materialise the full ``[B, Q, N]`` similarity matrix, and are
+twice differentiable.
+"""
+
+from typing import Union
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "pairwise_distance",
+    "class_prototypes",
+    "similarity",
+    "similarity_log_softmax",
+    "similarity_cross_entropy",
+    "attention_readout",
+    "contrastive_loss",
+]
+
+COSINE_EPS = 1e-8
+
+
+def _sqeuclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x_sq = (x * x).sum(-1, keepdim=True)
+    y_sq = (y * y).sum(-1).unsqueeze(-2)
+    return (x_sq + y_sq - 2 * x @ y.transpose(-1, -2)).clamp_min(0)
+
+
+def _safe_sqrt(d2: torch.Tensor) -> torch.Tensor:
+    # Gradient 0 where the distance is 0, as torch.cdist.
+    positive = d2 > 0
+    return torch.where(positive, torch.where(positive, d2, 1).sqrt(), 0)
+
+
+def _cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    x_unit = x / x.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+    y_unit = y / y.norm(dim=-1, keepdim=True).clamp_min(COSINE_EPS)
+    return x_unit @ y_unit.transpose(-1, -2)
+
+
+def pairwise_distance(x: torch.Tensor, y: torch.Tensor, metric: str = "sqeuclidean") -> torch.Tensor:
+    if metric == "sqeuclidean":
+        return _sqeuclidean(x, y)
+    if metric == "euclidean":
+        return _safe_sqrt(_sqeuclidean(x, y))
+    if metric == "cosine":
+        return 1 - _cosine(x, y)
+    raise ValueError(f"unknown metric {metric!r}")
+
+
+def similarity(x: torch.Tensor, y: torch.Tensor, metric: str = "sqeuclidean") -> torch.Tensor:
+    """s(x, y): minus the distance for the Euclidean metrics, else cosine or dot."""
+    if metric == "dot":
+        return x @ y.transpose(-1, -2)
+    if metric == "cosine":
+        return _cosine(x, y)
+    return -pairwise_distance(x, y, metric)
+
+
+def _logits(x, y, metric, scale) -> torch.Tensor:
+    scale = torch.as_tensor(scale, dtype=x.dtype, device=x.device)
+    return similarity(x, y, metric) * (scale.unsqueeze(-1) if scale.dim() else scale)
+
+
+def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    if reduction == "mean":
+        return loss.mean()
+    if reduction == "sum":
+        return loss.sum()
+    return loss
+
+
+def class_prototypes(support: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    one_hot = F.one_hot(labels, num_classes).to(support.dtype)  # [..., S, N]
+    counts = one_hot.sum(-2)
+    empty = (counts == 0).nonzero()
+    if len(empty):
+        *task, cls = empty[0].tolist()
+        raise ValueError(f"class {cls} has no support examples in task {task[0] if task else 0}")
+    return one_hot.transpose(-1, -2) @ support / counts.unsqueeze(-1)
+
+
+def similarity_log_softmax(x, y, metric: str = "sqeuclidean", scale: Union[float, torch.Tensor] = 1.0):
+    return _logits(x, y, metric, scale).log_softmax(-1)
+
+
+def similarity_cross_entropy(x, y, target, metric: str = "sqeuclidean",
+                             scale: Union[float, torch.Tensor] = 1.0, reduction: str = "mean"):
+    logits = _logits(x, y, metric, scale)
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
+    return _reduce(loss.view(target.shape), reduction)
+
+
+def attention_readout(x, y, values, metric: str = "cosine", scale: Union[float, torch.Tensor] = 1.0):
+    return _logits(x, y, metric, scale).softmax(-1) @ values
+
+
+def contrastive_loss(x1, x2, same, margin: float = 1.0, reduction: str = "mean"):
+    d = _safe_sqrt(((x1 - x2) ** 2).sum(-1))
+    same = same.to(x1.dtype)
+    loss = same * d**2 + (1 - same) * (margin - d).clamp_min(0) ** 2
+    return _reduce(loss, reduction)
