@@ -35,14 +35,18 @@ def write_build_config():
 def extension():
     sources = glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp")
     macros = []
-    cxx_flags = ["-O3"]
+    # -fopenmp: at::parallel_for is inline OpenMP code, serial without it.
+    # -fno-math-errno -fno-trapping-math: as PyTorch builds itself; lets loops
+    # with comparisons vectorise.
+    cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if not WITH_CUDA:
         return CppExtension("fastmeta._C", sources, define_macros=macros,
-                            extra_compile_args={"cxx": cxx_flags})
+                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
     sources += glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")
     macros += [("FASTMETA_WITH_CUDA", None)]
     return CUDAExtension("fastmeta._C", sources, define_macros=macros,
-                         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3", "--use_fast_math"]})
+                         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+                         extra_link_args=["-fopenmp"])
 
 
 write_build_config()

@@ -45,11 +45,11 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in,
         const int64_t qb = q1 - q0;
         const scalar_t* xb = xp + (b * Q + q0) * D;
         scalar_t* ob = op + (b * Q + q0) * V;
-        scalar_t ax[kQueryBlock], row_max[kQueryBlock], row_sum[kQueryBlock];
+        scalar_t ax[kQueryBlock], running_max[kQueryBlock], running_sum[kQueryBlock];
         row_stats<M>(xb, qb, D, ax, nullptr);
         for (int64_t i = 0; i < qb; ++i) {
-          row_max[i] = -std::numeric_limits<scalar_t>::infinity();
-          row_sum[i] = 0;
+          running_max[i] = -std::numeric_limits<scalar_t>::infinity();
+          running_sum[i] = 0;
         }
         std::vector<scalar_t> P(qb * std::min(N, kKeyBlock));
         for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
@@ -59,23 +59,15 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in,
           for (int64_t i = 0; i < qb; ++i) {
             scalar_t* p = P.data() + i * nb;
             const scalar_t sc = sp[b * Q + q0 + i];
-            scalar_t tile_max = -std::numeric_limits<scalar_t>::infinity();
-            for (int64_t j = 0; j < nb; ++j) {
-              p[j] *= sc;
-              tile_max = p[j] > tile_max ? p[j] : tile_max;
-            }
-            const scalar_t new_max = std::max(row_max[i], tile_max);
+            for (int64_t j = 0; j < nb; ++j) p[j] *= sc;
+            const scalar_t new_max = std::max(running_max[i], row_max(p, nb));
             // The tile's weights are exp(logit - new_max); earlier tiles are rescaled.
             const scalar_t rescale = new_max == -std::numeric_limits<scalar_t>::infinity()
                                          ? scalar_t(1)
-                                         : std::exp(row_max[i] - new_max);
-            scalar_t tile_sum = 0;
-            for (int64_t j = 0; j < nb; ++j) {
-              p[j] = std::exp(p[j] - new_max);
-              tile_sum += p[j];
-            }
-            row_sum[i] = row_sum[i] * rescale + tile_sum;
-            row_max[i] = new_max;
+                                         : std::exp(running_max[i] - new_max);
+            exp_affine(p, nb, scalar_t(1), new_max);
+            running_sum[i] = running_sum[i] * rescale + row_dot(p, static_cast<const scalar_t*>(nullptr), nb);
+            running_max[i] = new_max;
             if (rescale != scalar_t(1)) {
               for (int64_t v = 0; v < V; ++v) ob[i * V + v] *= rescale;
             }
@@ -83,9 +75,9 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in,
           gemm_ab_acc(qb, V, nb, P.data(), nb, vp + (b * N + n0) * V, V, ob, V);
         }
         for (int64_t i = 0; i < qb; ++i) {
-          lsep[b * Q + q0 + i] = row_max[i] + std::log(row_sum[i]);
+          lsep[b * Q + q0 + i] = running_max[i] + std::log(running_sum[i]);
           if (N == 0) continue;
-          const scalar_t inv = scalar_t(1) / row_sum[i];
+          const scalar_t inv = scalar_t(1) / running_sum[i];
           for (int64_t v = 0; v < V; ++v) ob[i * V + v] *= inv;
         }
       });
@@ -138,8 +130,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_bac
         scalar_t grad_dot_out[kQueryBlock];
         row_stats<M>(xb, qb, D, ax, cx);
         for (int64_t i = 0; i < qb; ++i) {
-          grad_dot_out[i] = 0;
-          for (int64_t v = 0; v < V; ++v) grad_dot_out[i] += gb[i * V + v] * op[(b * Q + q0 + i) * V + v];
+          grad_dot_out[i] = row_dot(gb + i * V, op + (b * Q + q0 + i) * V, V);
         }
         const int64_t tile = qb * std::min(N, kKeyBlock);
         std::vector<scalar_t> S(tile), P(tile), W(tile);
@@ -148,24 +139,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_bac
           const scalar_t* values_tile = vp + (b * N + n0) * V;
           similarity_tile<M>(xb, qb, yp + (b * N + n0) * D, nb, D, ax, ay + b * N + n0, S.data(),
                              nb);
+          std::copy(S.begin(), S.begin() + qb * nb, P.begin());
           for (int64_t i = 0; i < qb; ++i) {
             const int64_t row = b * Q + q0 + i;
-            for (int64_t j = 0; j < nb; ++j) {
-              P[i * nb + j] = std::exp(sp[row] * S[i * nb + j] - lsep[row]);
-            }
+            exp_affine(P.data() + i * nb, nb, sp[row], lsep[row]);
           }
           // W = d loss / d P = grad @ values_tile^T; values get P^T @ grad.
           gemm_abt(qb, nb, V, gb, V, values_tile, V, W.data(), nb);
           gemm_atb_acc(nb, V, qb, P.data(), nb, gb, V, gvc + ((c * B + b) * N + n0) * V, V);
           for (int64_t i = 0; i < qb; ++i) {
             const int64_t row = b * Q + q0 + i;
-            scalar_t gscale_acc = 0;
-            for (int64_t j = 0; j < nb; ++j) {
-              const int64_t k = i * nb + j;
-              scalar_t dlogit = P[k] * (W[k] - grad_dot_out[i]);
-              gscale_acc += dlogit * S[k];
-              W[k] = dlogit * sp[row];
-            }
+            scalar_t* w = W.data() + i * nb;
+            const scalar_t* p = P.data() + i * nb;
+            for (int64_t j = 0; j < nb; ++j) w[j] = p[j] * (w[j] - grad_dot_out[i]);
+            scalar_t gscale_acc = row_dot(w, S.data() + i * nb, nb);
+            for (int64_t j = 0; j < nb; ++j) w[j] *= sp[row];
             gsp[row] += gscale_acc;
           }
           similarity_tile_vjp<M>(W.data(), S.data(), qb, nb, nb, xb, yp + (b * N + n0) * D, D, ax,

@@ -50,13 +50,13 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x_
       for_each_query_block(B, Q, [&](int64_t b, int64_t q0, int64_t q1) {
         const int64_t qb = q1 - q0;
         const scalar_t* xb = xp + (b * Q + q0) * D;
-        scalar_t ax[kQueryBlock], row_max[kQueryBlock], row_sum[kQueryBlock],
+        scalar_t ax[kQueryBlock], running_max[kQueryBlock], running_sum[kQueryBlock],
             target_logit[kQueryBlock];
         row_stats<M>(xb, qb, D, ax, nullptr);
         for (int64_t i = 0; i < qb; ++i) {
           check_target_value(tp[b * Q + q0 + i], b, q0 + i, N);
-          row_max[i] = -std::numeric_limits<scalar_t>::infinity();
-          row_sum[i] = 0;
+          running_max[i] = -std::numeric_limits<scalar_t>::infinity();
+          running_sum[i] = 0;
         }
         std::vector<scalar_t> S(qb * std::min(N, kKeyBlock));
         for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
@@ -66,23 +66,19 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x_
           for (int64_t i = 0; i < qb; ++i) {
             scalar_t* logits = S.data() + i * nb;
             const scalar_t sc = sp[b * Q + q0 + i];
-            scalar_t tile_max = -std::numeric_limits<scalar_t>::infinity();
-            for (int64_t j = 0; j < nb; ++j) {
-              logits[j] *= sc;
-              tile_max = logits[j] > tile_max ? logits[j] : tile_max;
-            }
+            for (int64_t j = 0; j < nb; ++j) logits[j] *= sc;
             const int64_t t = tp[b * Q + q0 + i] - n0;
             if (t >= 0 && t < nb) target_logit[i] = logits[t];
-            const scalar_t new_max = std::max(row_max[i], tile_max);
+            const scalar_t new_max = std::max(running_max[i], row_max(logits, nb));
             if (new_max == -std::numeric_limits<scalar_t>::infinity()) continue;
-            scalar_t tile_sum = 0;
-            for (int64_t j = 0; j < nb; ++j) tile_sum += std::exp(logits[j] - new_max);
-            row_sum[i] = row_sum[i] * std::exp(row_max[i] - new_max) + tile_sum;
-            row_max[i] = new_max;
+            exp_affine(logits, nb, scalar_t(1), new_max);
+            running_sum[i] = running_sum[i] * std::exp(running_max[i] - new_max) +
+                         row_dot(logits, static_cast<const scalar_t*>(nullptr), nb);
+            running_max[i] = new_max;
           }
         }
         for (int64_t i = 0; i < qb; ++i) {
-          lsep[b * Q + q0 + i] = row_max[i] + std::log(row_sum[i]);
+          lsep[b * Q + q0 + i] = running_max[i] + std::log(running_sum[i]);
           lossp[b * Q + q0 + i] = lsep[b * Q + q0 + i] - target_logit[i];
         }
       });
@@ -144,12 +140,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
             const scalar_t sc = sp[row], g = gp[row], row_lse = lsep[row];
             const scalar_t* s = S.data() + i * nb;
             scalar_t* w = W.data() + i * nb;
-            scalar_t gscale_acc = 0;
-            for (int64_t j = 0; j < nb; ++j) {
-              scalar_t dlogit = g * std::exp(sc * s[j] - row_lse);
-              gscale_acc += dlogit * s[j];
-              w[j] = dlogit * sc;
-            }
+            // d loss / d logit = g * (softmax - one_hot(target)).
+            std::copy(s, s + nb, w);
+            exp_affine(w, nb, sc, row_lse);
+            scalar_t gscale_acc = g * row_dot(w, s, nb);
+            for (int64_t j = 0; j < nb; ++j) w[j] *= g * sc;
             const int64_t t = tp[row] - n0;
             if (t >= 0 && t < nb) {
               gscale_acc -= g * s[t];

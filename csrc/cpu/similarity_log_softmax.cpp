@@ -33,17 +33,16 @@ at::Tensor similarity_log_softmax(const at::Tensor& x_in, const at::Tensor& y_in
         row_stats<M>(xb, qb, D, ax, nullptr);
         scalar_t* rows = op + (b * Q + q0) * N;
         similarity_tile<M>(xb, qb, yp + b * N * D, N, D, ax, ay + b * N, rows, N);
+        std::vector<scalar_t> scratch(N);
         for (int64_t i = 0; i < qb; ++i) {
           scalar_t* logits = rows + i * N;
           const scalar_t sc = sp[b * Q + q0 + i];
-          scalar_t row_max = -std::numeric_limits<scalar_t>::infinity();
-          for (int64_t j = 0; j < N; ++j) {
-            logits[j] *= sc;
-            row_max = logits[j] > row_max ? logits[j] : row_max;
-          }
-          scalar_t row_sum = 0;
-          for (int64_t j = 0; j < N; ++j) row_sum += std::exp(logits[j] - row_max);
-          const scalar_t lse = row_max + std::log(row_sum);
+          for (int64_t j = 0; j < N; ++j) logits[j] *= sc;
+          const scalar_t max_logit = row_max(logits, N);
+          std::copy(logits, logits + N, scratch.begin());
+          exp_affine(scratch.data(), N, scalar_t(1), max_logit);
+          const scalar_t lse =
+              max_logit + std::log(row_dot(scratch.data(), static_cast<const scalar_t*>(nullptr), N));
           for (int64_t j = 0; j < N; ++j) logits[j] -= lse;
         }
       });
@@ -89,8 +88,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_log_softmax_backward(
         row_stats<M>(xb, qb, D, ax, cx);
         for (int64_t i = 0; i < qb; ++i) {
           const scalar_t* g = gp + (b * Q + q0 + i) * N;
-          grad_sum[i] = 0;
-          for (int64_t j = 0; j < N; ++j) grad_sum[i] += g[j];
+          grad_sum[i] = row_dot(g, static_cast<const scalar_t*>(nullptr), N);
         }
         const int64_t tile = qb * std::min(N, kKeyBlock);
         std::vector<scalar_t> S(tile), W(tile);
@@ -105,12 +103,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_log_softmax_backward(
             const scalar_t* lpr = lp + row * N + n0;
             const scalar_t* s = S.data() + i * nb;
             scalar_t* w = W.data() + i * nb;
-            scalar_t gscale_acc = 0;
-            for (int64_t j = 0; j < nb; ++j) {
-              scalar_t dlogit = g[j] - std::exp(lpr[j]) * grad_sum[i];
-              gscale_acc += dlogit * s[j];
-              w[j] = dlogit * sc;
-            }
+            std::copy(lpr, lpr + nb, w);
+            exp_affine(w, nb, scalar_t(1), scalar_t(0));
+            for (int64_t j = 0; j < nb; ++j) w[j] = g[j] - w[j] * grad_sum[i];
+            scalar_t gscale_acc = row_dot(w, s, nb);
+            for (int64_t j = 0; j < nb; ++j) w[j] *= sc;
             gsp[row] += gscale_acc;
           }
           similarity_tile_vjp<M>(W.data(), S.data(), qb, nb, nb, xb, yp + (b * N + n0) * D, D, ax,

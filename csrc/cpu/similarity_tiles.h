@@ -23,10 +23,11 @@
 #include <vector>
 
 #include "../math/similarity.h"
+#include "row_math.h"
 
 namespace fastmeta::cpu {
 
-constexpr int64_t kQueryBlock = 32;
+constexpr int64_t kQueryBlock = 64;
 constexpr int64_t kKeyBlock = 512;
 
 // Keeps a parameter out of template argument deduction (so it accepts nullptr).
@@ -131,17 +132,19 @@ template <Metric M, typename T>
 void similarity_tile_vjp(T* W, const T* S, int64_t qb, int64_t nb, int64_t ld, const T* x,
                          const T* y, int64_t D, const T* ax, const T* ay, T* gx, T* gy,
                          T* gx_stat, T* gy_stat) {
+  std::vector<T> w_d_ax(M == Metric::Dot ? 0 : nb);
   for (int64_t i = 0; i < qb; ++i) {
     T* w = W + i * ld;
     const T* s = S + i * ld;
-    T row_acc = 0;
-    for (int64_t j = 0; j < nb; ++j) {
-      SimilarityPartials<T> p = similarity_partials<M>(s[j], ax[i], ay[j]);
-      row_acc += w[j] * p.d_ax;
-      gy_stat[j] += w[j] * p.d_ay;
-      w[j] *= p.d_dot;
+    if constexpr (M != Metric::Dot) {
+      for (int64_t j = 0; j < nb; ++j) {
+        SimilarityPartials<T> p = similarity_partials<M>(s[j], ax[i], ay[j]);
+        w_d_ax[j] = w[j] * p.d_ax;
+        gy_stat[j] += w[j] * p.d_ay;
+        w[j] *= p.d_dot;
+      }
+      gx_stat[i] += row_dot(w_d_ax.data(), static_cast<const T*>(nullptr), nb);
     }
-    gx_stat[i] += row_acc;
   }
   if (gx) gemm_ab_acc(qb, D, nb, W, ld, y, D, gx, D);
   if (gy) gemm_atb_acc(nb, D, qb, W, ld, x, D, gy, D);
