@@ -54,10 +54,10 @@ template <Metric M, typename T>
 FASTMETA_HOST_DEVICE T similarity(T dot, T ax, T ay) {
   if constexpr (M == Metric::SqEuclidean) {
     T d2 = ax + ay - T(2) * dot;
-    return d2 > T(0) ? -d2 : T(0);
+    return d2 <= T(0) ? T(0) : -d2;  // written so that NaN propagates
   } else if constexpr (M == Metric::Euclidean) {
     T d2 = ax + ay - T(2) * dot;
-    return d2 > T(0) ? -sqrt(d2) : T(0);
+    return d2 <= T(0) ? T(0) : -sqrt(d2);
   } else if constexpr (M == Metric::Cosine) {
     return dot * ax * ay;
   } else {
@@ -75,14 +75,12 @@ template <Metric M, typename T>
 FASTMETA_HOST_DEVICE SimilarityPartials<T> similarity_partials(T s, T ax, T ay) {
   if constexpr (M == Metric::SqEuclidean) {
     // s == 0 only where the distance was clamped at 0: gradient 0 there.
-    return s < T(0) ? SimilarityPartials<T>{T(2), T(-1), T(-1)}
-                    : SimilarityPartials<T>{T(0), T(0), T(0)};
+    return s == T(0) ? SimilarityPartials<T>{T(0), T(0), T(0)}
+                     : SimilarityPartials<T>{T(2), T(-1), T(-1)};
   } else if constexpr (M == Metric::Euclidean) {
-    if (s < T(0)) {
-      T inv = T(-1) / s;  // 1 / distance
-      return SimilarityPartials<T>{inv, T(-0.5) * inv, T(-0.5) * inv};
-    }
-    return SimilarityPartials<T>{T(0), T(0), T(0)};
+    if (s == T(0)) return SimilarityPartials<T>{T(0), T(0), T(0)};
+    T inv = T(-1) / s;  // 1 / distance
+    return SimilarityPartials<T>{inv, T(-0.5) * inv, T(-0.5) * inv};
   } else if constexpr (M == Metric::Cosine) {
     return SimilarityPartials<T>{ax * ay, s / ax, s / ay};
   } else {

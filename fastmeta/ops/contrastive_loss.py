@@ -42,9 +42,10 @@ def contrastive_loss(x1: torch.Tensor, x2: torch.Tensor, same: torch.Tensor, mar
         raise TypeError(f"{op}: margin must be a float, got {type(margin).__name__}")
     work = _common.compute_dtype(x1)
     pairs_shape = x1.shape[:-1]
+    pairs = (pairs_shape.numel(), x1.shape[-1])
     loss = torch.ops.fastmeta.contrastive_loss(
-        x1.to(work).reshape(-1, x1.shape[-1]), x2.to(work).reshape(-1, x1.shape[-1]),
-        same.to(work).reshape(-1), float(margin))
+        x1.to(work).reshape(pairs), x2.to(work).reshape(pairs), same.to(work).reshape(-1),
+        float(margin))
     return _common.reduce_loss(loss.view(pairs_shape), reduction).to(x1.dtype)
 
 
