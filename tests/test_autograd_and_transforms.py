@@ -1,0 +1,173 @@
+"""gradcheck / gradgradcheck in float64, torch.library.opcheck, torch.compile and vmap."""
+
+import pytest
+import torch
+from torch.autograd import gradcheck, gradgradcheck
+
+from fastmeta import ops, reference
+from fastmeta.testing import DEVICES, randn
+
+METRICS = ["sqeuclidean", "euclidean", "cosine", "dot"]
+
+
+def inputs(device, B=2, Q=4, N=6, D=3):
+    x = randn(B, Q, D, dtype=torch.float64, device=device, requires_grad=True)
+    y = randn(B, N, D, dtype=torch.float64, device=device, requires_grad=True)
+    scale = (0.5 + torch.rand(B, Q, dtype=torch.float64, device=device)).requires_grad_()
+    target = torch.randint(0, N, (B, Q), device=device)
+    values = randn(B, N, 5, dtype=torch.float64, device=device, requires_grad=True)
+    return x, y, scale, target, values
+
+
+def functions(device, metric):
+    """Each public op as a function of its differentiable inputs."""
+    x, y, scale, target, values = inputs(device)
+    support = randn(2, 7, 3, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor([[0, 1, 2, 0, 1, 2, 2], [2, 2, 1, 0, 0, 1, 1]], device=device)
+    same = torch.rand(2, 4, dtype=torch.float64, device=device).round().requires_grad_()
+    fns = {
+        "similarity_log_softmax": (lambda x, y, s: ops.similarity_log_softmax(x, y, metric, s), (x, y, scale)),
+        "similarity_cross_entropy": (
+            lambda x, y, s: ops.similarity_cross_entropy(x, y, target, metric, s, "none"), (x, y, scale)),
+        "attention_readout": (lambda x, y, v, s: ops.attention_readout(x, y, v, metric, s), (x, y, values, scale)),
+        "class_prototypes": (lambda s: ops.class_prototypes(s, labels, 3), (support,)),
+        "contrastive_loss": (lambda a, b, s: ops.contrastive_loss(a, b, s, 1.5, "none"),
+                             (x, x.detach().flip(0).requires_grad_(), same)),
+    }
+    if metric != "dot":
+        fns["pairwise_distance"] = (lambda x, y: ops.pairwise_distance(x, y, metric), (x, y))
+    return fns
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("metric", METRICS)
+def test_gradcheck_and_gradgradcheck(device, metric):
+    for name, (fn, args) in functions(device, metric).items():
+        assert gradcheck(fn, args), name
+        # Twice differentiable: promised for similarity_log_softmax and
+        # similarity_cross_entropy, and holds for every op.
+        assert gradgradcheck(fn, args), name
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_second_order_maml_step_through_cross_entropy_matches_reference(device):
+    # One inner SGD step on a linear embedding, then the query loss: the
+    # meta-gradient needs the derivative of the inner gradient.
+    W = randn(3, 4, dtype=torch.float64, device=device, requires_grad=True)
+    xs, xq = randn(10, 3, dtype=torch.float64, device=device), randn(6, 3, dtype=torch.float64, device=device)
+    protos = randn(5, 4, dtype=torch.float64, device=device)
+    ts, tq = torch.randint(0, 5, (10,), device=device), torch.randint(0, 5, (6,), device=device)
+
+    def meta_gradient(loss_fn):
+        inner = loss_fn(xs @ W, protos, ts)
+        (g,) = torch.autograd.grad(inner, W, create_graph=True)
+        return torch.autograd.grad(loss_fn(xq @ (W - 0.1 * g), protos, tq), W)[0]
+
+    fast = meta_gradient(lambda a, b, t: ops.similarity_cross_entropy(a, b, t, "sqeuclidean", 0.5))
+    slow = meta_gradient(lambda a, b, t: reference.similarity_cross_entropy(a, b, t, "sqeuclidean", 0.5))
+    torch.testing.assert_close(fast, slow, rtol=1e-10, atol=1e-10)
+
+
+def opcheck_samples(device, dtype):
+    x = randn(2, 5, 3, dtype=dtype, device=device, requires_grad=True)
+    y = randn(2, 7, 3, dtype=dtype, device=device, requires_grad=True)
+    scale = (0.5 + torch.rand(2, 5, dtype=dtype, device=device)).requires_grad_()
+    target = torch.randint(0, 7, (2, 5), device=device)
+    values = randn(2, 7, 4, dtype=dtype, device=device, requires_grad=True)
+    support = randn(2, 6, 3, dtype=dtype, device=device, requires_grad=True)
+    labels = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 1, 0, 0, 1, 2]], device=device)
+    same = (torch.rand(5, device=device) > 0.5).to(dtype).requires_grad_()
+    fm = torch.ops.fastmeta
+    samples = []
+    for metric in METRICS:
+        if metric != "dot":
+            samples.append((fm.pairwise_distance, (x, y, metric)))
+        samples += [
+            (fm.similarity_log_softmax, (x, y, scale, metric)),
+            (fm.similarity_cross_entropy, (x, y, target, scale, metric)),
+            (fm.attention_readout, (x, y, values, scale, metric)),
+        ]
+    samples += [
+        (fm.class_prototypes, (support, labels, 3)),
+        (fm.contrastive_loss, (x[0], y[0, :5], same, 1.0)),
+    ]
+    return samples
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_opcheck(device, dtype):
+    for op, args in opcheck_samples(device, dtype):
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_backward_ops(device):
+    x, y, scale, target, values = inputs(device)
+    fm = torch.ops.fastmeta
+    with torch.no_grad():
+        loss, lse = fm.similarity_cross_entropy(x, y, target, scale, "cosine")
+        log_probs = fm.similarity_log_softmax(x, y, scale, "cosine")
+        out, out_lse = fm.attention_readout(x, y, values, scale, "cosine")
+        distance = fm.pairwise_distance(x, y, "cosine")
+    cases = [
+        (fm.similarity_cross_entropy_backward, (torch.rand_like(loss), x, y, target, scale, lse, "cosine")),
+        (fm.similarity_log_softmax_backward,
+         (torch.rand_like(log_probs), log_probs, x, y, scale, "cosine")),
+        (fm.attention_readout_backward,
+         (torch.rand_like(out), out, out_lse, x, y, values, scale, "cosine")),
+        (fm.pairwise_distance_backward, (torch.rand_like(distance), distance, x, y, "cosine")),
+    ]
+    for op, args in cases:
+        torch.library.opcheck(op, args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_compile_fullgraph(device):
+    x, y, scale, target, values = inputs(device)
+    support = randn(2, 6, 3, dtype=torch.float64, device=device, requires_grad=True)
+    labels = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 1, 0, 0, 1, 2]], device=device)
+
+    def episode(support, x, y, scale, values):
+        protos = ops.class_prototypes(support, labels, 3)
+        loss = ops.similarity_cross_entropy(x, protos, target % 3, "sqeuclidean", scale)
+        loss = loss + ops.similarity_log_softmax(x, y, "cosine", scale).mean()
+        loss = loss + ops.attention_readout(x, y, values, "dot", 2.0).sum()
+        loss = loss + ops.pairwise_distance(x, y, "euclidean").mean()
+        return loss + ops.contrastive_loss(x[0], x[1], torch.ones(4, dtype=x.dtype, device=device))
+
+    args = (support, x, y, scale, values)
+    compiled = torch.compile(episode, fullgraph=True, backend="aot_eager")
+    expected = episode(*args)
+    got = compiled(*args)
+    torch.testing.assert_close(got, expected)
+    for g, e in zip(torch.autograd.grad(got, args), torch.autograd.grad(expected, args)):
+        torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_over_an_extra_leading_dimension(device):
+    V = 3
+    x = randn(V, 2, 4, 3, dtype=torch.float64, device=device)
+    y = randn(V, 2, 6, 3, dtype=torch.float64, device=device)
+    values = randn(V, 2, 6, 5, dtype=torch.float64, device=device)
+    target = torch.randint(0, 6, (V, 2, 4), device=device)
+    support = randn(V, 6, 3, dtype=torch.float64, device=device)
+    labels = torch.tensor([0, 1, 2, 0, 1, 2], device=device)
+    cases = [
+        (lambda x, y: ops.pairwise_distance(x, y), (x, y), (0, 0)),
+        (lambda x, y: ops.similarity_log_softmax(x, y, "cosine", 2.0), (x, y), (0, 0)),
+        (lambda x, y, t: ops.similarity_cross_entropy(x, y, t, "sqeuclidean", 1.0, "none"),
+         (x, y, target), (0, 0, 0)),
+        # unbatched inputs inside vmap, with y shared by all (in_dims None)
+        (lambda x, y: ops.similarity_cross_entropy(x, y, target[0, 0], reduction="sum"),
+         (x[:, 0], y[0, 0]), (0, None)),
+        (lambda x, y, v: ops.attention_readout(x, y, v), (x, y, values), (0, 0, 0)),
+        (lambda s: ops.class_prototypes(s, labels, 3), (support,), (0,)),
+        (lambda a, b: ops.contrastive_loss(a, b, torch.ones(4, dtype=a.dtype, device=device), 1.0, "none"),
+         (x[:, 0], x[:, 1]), (0, 0)),
+    ]
+    for fn, args, in_dims in cases:
+        got = torch.func.vmap(fn, in_dims=in_dims)(*args)
+        slices = [[a if d is None else a[i] for a, d in zip(args, in_dims)] for i in range(V)]
+        torch.testing.assert_close(got, torch.stack([fn(*s) for s in slices]))
