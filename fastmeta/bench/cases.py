@@ -1,0 +1,121 @@
+"""Benchmark cases of BENCHMARKS.md, defined once for ``fastmeta bench`` and for
+the pytest-benchmark files in ``benchmarks/``.
+
+A case builds its inputs on a device and returns variants; each variant is a
+fastmeta callable and the baselines a user would otherwise run, all on the
+same inputs. Every callable runs one complete step (forward, and backward
+where the case says so).
+"""
+
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops, reference
+
+__all__ = ["Variant", "CASES", "build"]
+
+
+@dataclass
+class Variant:
+    case: str
+    label: str  # the variant's shape, e.g. "D=64"
+    fastmeta: Callable[[], None]
+    baselines: Dict[str, Callable[[], None]] = field(default_factory=dict)
+
+
+def _leaf(*shape, device, generator):
+    return torch.randn(*shape, generator=generator).to(device).requires_grad_()
+
+
+def _backward(loss: torch.Tensor, *leaves: torch.Tensor):
+    torch.autograd.grad(loss, leaves)
+
+
+def proto_episode(device: str) -> List[Variant]:
+    """32 tasks, 5-way, 5 support + 15 query per class, D = 1600: prototypes,
+    squared Euclidean distances, log-softmax, NLL; forward + backward."""
+    g = torch.Generator().manual_seed(0)
+    B, N, K, Qc, D = 32, 5, 5, 15, 1600
+    support = _leaf(B, N * K, D, device=device, generator=g)
+    query = _leaf(B, N * Qc, D, device=device, generator=g)
+    support_labels = torch.arange(N, device=device).repeat_interleave(K).expand(B, -1).contiguous()
+    query_labels = torch.arange(N, device=device).repeat_interleave(Qc).expand(B, -1).contiguous()
+
+    def fast():
+        protos = ops.class_prototypes(support, support_labels, N)
+        _backward(ops.similarity_cross_entropy(query, protos, query_labels), support, query)
+
+    def eager_cdist():
+        protos = support.view(B, N, K, D).mean(2)
+        logits = -torch.cdist(query, protos) ** 2
+        _backward(F.cross_entropy(logits.flatten(0, 1), query_labels.flatten()), support, query)
+
+    def eager_matmul():
+        protos = reference.class_prototypes(support, support_labels, N)
+        _backward(reference.similarity_cross_entropy(query, protos, query_labels), support, query)
+
+    baselines = {"eager (cdist)": eager_cdist, "eager (matmul)": eager_matmul}
+    if device == "cuda":
+        baselines["torch.compile"] = torch.compile(eager_matmul)
+    return [Variant("proto_episode", "32x5-way 5+15 shot D=1600", fast, baselines)]
+
+
+def proto_large_way(device: str) -> List[Variant]:
+    """Q = 8192 queries, N = 8192 classes, D = 64 and 512: similarity cross
+    entropy forward + backward."""
+    variants = []
+    for D in (64, 512):
+        g = torch.Generator().manual_seed(0)
+        Q = N = 8192
+        x = _leaf(Q, D, device=device, generator=g)
+        y = _leaf(N, D, device=device, generator=g)
+        target = torch.randint(0, N, (Q,), generator=g).to(device)
+
+        def fast(x=x, y=y, target=target):
+            _backward(ops.similarity_cross_entropy(x, y, target, "sqeuclidean", 0.1), x, y)
+
+        def eager_matmul(x=x, y=y, target=target):
+            _backward(reference.similarity_cross_entropy(x, y, target, "sqeuclidean", 0.1), x, y)
+
+        def eager_cdist(x=x, y=y, target=target):
+            _backward(F.cross_entropy(-0.1 * torch.cdist(x, y) ** 2, target), x, y)
+
+        variants.append(Variant("proto_large_way", f"Q=N=8192 D={D}", fast,
+                                {"eager (matmul)": eager_matmul, "eager (cdist)": eager_cdist}))
+    return variants
+
+
+def matching_readout(device: str) -> List[Variant]:
+    """32 tasks, 20-way 1-shot, 15 queries per class, D = 64: cosine attention
+    over one-hot support labels; forward + backward."""
+    g = torch.Generator().manual_seed(0)
+    B, N, Q, D = 32, 20, 20 * 15, 64
+    x = _leaf(B, Q, D, device=device, generator=g)
+    y = _leaf(B, N, D, device=device, generator=g)
+    one_hot = torch.eye(N, device=device).expand(B, N, N).contiguous()
+    grad_out = torch.randn(B, Q, N, generator=g).to(device)
+
+    def fast():
+        torch.autograd.grad(ops.attention_readout(x, y, one_hot, "cosine"), (x, y), grad_out)
+
+    def eager():
+        torch.autograd.grad(reference.attention_readout(x, y, one_hot, "cosine"), (x, y), grad_out)
+
+    return [Variant("matching_readout", "32x20-way 1-shot Q=300 D=64", fast, {"eager": eager})]
+
+
+CASES: Dict[str, Callable[[str], List[Variant]]] = {
+    "proto_episode": proto_episode,
+    "proto_large_way": proto_large_way,
+    "matching_readout": matching_readout,
+}
+
+
+def build(names, device: str) -> List[Variant]:
+    unknown = [n for n in names if n not in CASES]
+    if unknown:
+        raise ValueError(f"unknown benchmark case(s) {unknown}; known: {sorted(CASES)}")
+    return [v for n in names for v in CASES[n](device)]

@@ -1,0 +1,112 @@
+"""Times benchmark variants: median after warm-up, in one process, and peak
+memory of one call."""
+
+import json
+import platform
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+
+from . import cases
+
+__all__ = ["time_callable", "run", "format_table"]
+
+
+def time_callable(fn: Callable[[], None], device: str, min_time: float = 1.0,
+                  min_repeats: int = 5, max_repeats: int = 50) -> float:
+    """Median seconds per call after two warm-up calls."""
+    for _ in range(2):
+        fn()
+    times: List[float] = []
+    start = time.perf_counter()
+    while len(times) < min_repeats or (time.perf_counter() - start < min_time and len(times) < max_repeats):
+        if device == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(begin.elapsed_time(end) / 1000)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
+
+
+def peak_memory_mib(fn: Callable[[], None], device: str) -> Optional[float]:
+    """Peak memory one call adds above what was in use when it started, in MiB:
+    on CUDA from the caching allocator's statistics; on the CPU from the
+    resident set's high-water mark, reset before the call (Linux only)."""
+    fn()  # warm: one-time allocations are not the call's
+    if device == "cuda":
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set size
+        base = _status_kib("VmRSS")
+        fn()
+        return max(0, _status_kib("VmHWM") - base) / 1024
+    except (OSError, StopIteration):
+        return None
+
+
+def run(names: List[str], device: str, memory: bool = True) -> List[Dict]:
+    rows = []
+    for variant in cases.build(names, device):
+        fast_s = time_callable(variant.fastmeta, device)
+        fast_mib = peak_memory_mib(variant.fastmeta, device) if memory else None
+        for name, baseline in variant.baselines.items():
+            base_s = time_callable(baseline, device)
+            rows.append({
+                "case": variant.case, "shape": variant.label, "device": device,
+                "fastmeta_ms": fast_s * 1e3, "baseline": name, "baseline_ms": base_s * 1e3,
+                "speedup": base_s / fast_s,
+                "fastmeta_peak_mib": fast_mib,
+                "baseline_peak_mib": peak_memory_mib(baseline, device) if memory else None,
+            })
+    return rows
+
+
+def machine() -> Dict:
+    info = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def format_table(rows: List[Dict]) -> str:
+    def mib(v):
+        return "-" if v is None else f"{v:.0f}"
+
+    header = ["case", "shape", "fastmeta ms", "baseline", "baseline ms", "speedup",
+              "fastmeta MiB", "baseline MiB"]
+    body = [[r["case"], r["shape"], f"{r['fastmeta_ms']:.2f}", r["baseline"], f"{r['baseline_ms']:.2f}",
+             f"{r['speedup']:.2f}x", mib(r["fastmeta_peak_mib"]), mib(r["baseline_peak_mib"])] for r in rows]
+    widths = [max(len(str(line[i])) for line in [header] + body) for i in range(len(header))]
+    lines = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [header] + body]
+    lines.insert(1, "-+-".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def write_json(path: str, rows: List[Dict]):
+    with open(path, "w") as f:
+        json.dump({"machine": machine(), "results": rows}, f, indent=2)
