@@ -1,0 +1,44 @@
+# The two commands of the README:
+#   make bench   sets everything up, then runs `fastmeta bench` on the CPU
+#   make test    sets everything up, then runs the test suite
+# Set-up: a virtual environment in .venv, PyTorch pinned (override with
+# TORCH_SPEC), the other dependencies, and fastmeta built against that PyTorch.
+
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+BIN := $(VENV)/bin
+SOURCES := $(shell find csrc fastmeta -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
+
+.PHONY: install bench test cuda-check gpu clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.deps:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install --quiet numpy pybind11 ninja setuptools wheel pytest pytest-benchmark hypothesis
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	MAX_JOBS=$${MAX_JOBS:-$$(nproc)} $(BIN)/python -m pip install --no-build-isolation --no-deps -e .
+	touch $@
+
+bench: install
+	$(BIN)/fastmeta bench --device cpu
+
+test: install
+	$(BIN)/python -m pytest -q tests
+
+# Compile-checks the CUDA kernels with nvcc for sm_80 and sm_90, without PyTorch.
+cuda-check:
+	cmake -S . -B build/cuda-check -DCMAKE_BUILD_TYPE=Release
+	cmake --build build/cuda-check --parallel
+
+# On a machine with a GPU: build, CUDA tests, CUDA benchmarks, compute-sanitizer.
+gpu:
+	bash benchmarks/gpu_run.sh
+
+clean:
+	rm -rf build $(VENV) fastmeta/*.so fastmeta/_build_config.py *.egg-info
