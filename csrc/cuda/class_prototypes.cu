@@ -1,0 +1,70 @@
+// CUDA kernels of fastmeta::class_prototypes and its backward.
+#include "cuda_common.cuh"
+
+namespace fastmeta::cuda {
+namespace {
+
+constexpr int kThreads = 256;
+
+// One block per task: counts its labels (out-of-range labels are skipped;
+// the glue has checked them).
+__global__ void count_labels_kernel(const int64_t* labels, int64_t S, int64_t N, int64_t* counts) {
+  const int64_t b = blockIdx.x;
+  for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
+    const int64_t c = labels[b * S + s];
+    if (c >= 0 && c < N) atomicAdd(reinterpret_cast<unsigned long long*>(counts + b * N + c), 1ull);
+  }
+}
+
+// One thread per (task, class, feature): the mean over that class's examples.
+template <typename T>
+__global__ void prototypes_kernel(const T* support, const int64_t* labels, const int64_t* counts,
+                                  int64_t B, int64_t S, int64_t N, int64_t D, acc_t<T>* out) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= B * N * D) return;
+  const int64_t d = i % D, c = (i / D) % N, b = i / (N * D);
+  acc_t<T> sum = 0;
+  for (int64_t s = 0; s < S; ++s)
+    if (labels[b * S + s] == c) sum += to_acc(support[(b * S + s) * D + d]);
+  out[i] = counts[b * N + c] > 0 ? sum / acc_t<T>(counts[b * N + c]) : acc_t<T>(0);
+}
+
+template <typename T>
+__global__ void prototypes_backward_kernel(const T* grad, const int64_t* labels, const int64_t* counts,
+                                           int64_t B, int64_t S, int64_t N, int64_t D,
+                                           acc_t<T>* grad_support) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= B * S * D) return;
+  const int64_t d = i % D, s = (i / D) % S, b = i / (S * D);
+  const int64_t c = labels[b * S + s];
+  grad_support[i] = to_acc(grad[(b * N + c) * D + d]) / acc_t<T>(counts[b * N + c]);
+}
+
+}  // namespace
+
+void class_prototypes_forward(DType dtype, const void* support, const int64_t* labels, int64_t B,
+                              int64_t S, int64_t N, int64_t D, int64_t* counts, void* out,
+                              cudaStream_t stream) {
+  if (B == 0) return;
+  count_labels_kernel<<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(labels, S, N, counts);
+  check_launch("count_labels");
+  if (N * D == 0) return;
+  FASTMETA_DISPATCH_DTYPE(dtype, [&] {
+    prototypes_kernel<T><<<blocks_for(B * N * D, kThreads), kThreads, 0, stream>>>(
+        static_cast<const T*>(support), labels, counts, B, S, N, D, static_cast<acc_t<T>*>(out));
+    check_launch("class_prototypes");
+  });
+}
+
+void class_prototypes_backward(DType dtype, const void* grad, const int64_t* labels,
+                               const int64_t* counts, int64_t B, int64_t S, int64_t N, int64_t D,
+                               void* grad_support, cudaStream_t stream) {
+  if (B * S * D == 0) return;
+  FASTMETA_DISPATCH_DTYPE(dtype, [&] {
+    prototypes_backward_kernel<T><<<blocks_for(B * S * D, kThreads), kThreads, 0, stream>>>(
+        static_cast<const T*>(grad), labels, counts, B, S, N, D, static_cast<acc_t<T>*>(grad_support));
+    check_launch("class_prototypes_backward");
+  });
+}
+
+}  // namespace fastmeta::cuda

@@ -1,0 +1,67 @@
+// Helpers shared by the CUDA kernels: loads with conversion to the
+// accumulation type, dtype dispatch, launch checks.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <stdexcept>
+#include <string>
+
+#include "launchers.h"
+
+namespace fastmeta::cuda {
+
+template <typename T>
+struct AccType {
+  using type = float;
+};
+template <>
+struct AccType<double> {
+  using type = double;
+};
+template <typename T>
+using acc_t = typename AccType<T>::type;
+
+__device__ __forceinline__ float to_acc(float v) { return v; }
+__device__ __forceinline__ double to_acc(double v) { return v; }
+__device__ __forceinline__ float to_acc(__half v) { return __half2float(v); }
+__device__ __forceinline__ float to_acc(__nv_bfloat16 v) { return __bfloat162float(v); }
+
+inline void check_launch(const char* kernel) {
+  cudaError_t error = cudaGetLastError();
+  if (error != cudaSuccess) {
+    throw std::runtime_error(std::string("fastmeta: CUDA kernel ") + kernel +
+                             " failed to launch: " + cudaGetErrorString(error));
+  }
+}
+
+inline unsigned int blocks_for(int64_t n, int threads) {
+  return static_cast<unsigned int>((n + threads - 1) / threads);
+}
+
+// Calls body with T bound to the element type of `dtype`.
+#define FASTMETA_DISPATCH_DTYPE(dtype, ...)                                   \
+  [&] {                                                                      \
+    switch (dtype) {                                                         \
+      case ::fastmeta::cuda::DType::Float64: {                               \
+        using T = double;                                                    \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      case ::fastmeta::cuda::DType::Float16: {                               \
+        using T = __half;                                                    \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      case ::fastmeta::cuda::DType::BFloat16: {                              \
+        using T = __nv_bfloat16;                                             \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+      default: {                                                             \
+        using T = float;                                                     \
+        return __VA_ARGS__();                                                \
+      }                                                                      \
+    }                                                                        \
+  }()
+
+}  // namespace fastmeta::cuda

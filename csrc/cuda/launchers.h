@@ -1,0 +1,86 @@
+// Host entry points of the CUDA kernels. This header and the .cu files use no
+// PyTorch headers (raw pointers, sizes, cudaStream_t), so the kernels compile
+// with nvcc alone; register_cuda.cpp is the PyTorch-facing glue.
+//
+// Floating inputs are of `dtype`; every floating output and the row
+// statistics are of the accumulation type (float, or double for float64
+// inputs), which the glue converts back.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "../math/similarity.h"
+
+namespace fastmeta::cuda {
+
+enum class DType { Float32, Float64, Float16, BFloat16 };
+
+// The similarity ops share one kernel family; `SimilarityOp` picks what a
+// forward kernel does with each tile of logits and what a backward kernel
+// takes as d loss / d logit.
+enum class SimilarityOp { PairwiseDistance, LogSoftmax, CrossEntropy, AttentionReadout };
+
+// Operands of a similarity op; pointers that an op does not use may be null.
+struct SimilarityArgs {
+  DType dtype;
+  Metric metric;
+  int64_t B, Q, N, D, V;
+  const void* x;         // [B, Q, D]
+  const void* y;         // [B, N, D]
+  const void* scale;     // [B, Q] (dtype)
+  const int64_t* target; // [B, Q]          cross entropy
+  const void* values;    // [B, N, V]       attention readout
+  void* x_stat;          // [B, Q] row statistics and gradient coefficients
+  void* x_coeff;
+  void* y_stat;          // [B, N]
+  void* y_coeff;
+};
+
+// Row statistics of x and y (see math/similarity.h).
+void similarity_row_stats(const SimilarityArgs& a, cudaStream_t stream);
+
+// Forward: `out` is [B, Q, N] (distance, log-softmax), [B, Q] (cross-entropy
+// loss) or [B, Q, V] (readout, zero-initialised); `lse` [B, Q] the
+// log-sum-exp of the logits, where the op has one.
+void similarity_forward(SimilarityOp op, const SimilarityArgs& a, void* out, void* lse,
+                        cudaStream_t stream);
+
+// Backward inputs, of the accumulation type where computed by the forward.
+struct SimilarityGrads {
+  const void* grad;        // d loss / d out (dtype): [B, Q, N], [B, Q] or [B, Q, V]
+  const void* out;         // forward output: distance, log-probs or readout (acc)
+  const void* lse;         // [B, Q] (acc)
+  const void* row_weight;  // [B, Q] (acc): sum_n grad (log-softmax), grad . out (readout)
+  void* grad_x;            // [B, Q, D] (acc, zero-initialised)
+  void* grad_y;            // [B, N, D] (acc, zero-initialised)
+  void* grad_scale;        // [B, Q] (acc, zero-initialised)
+  void* grad_values;       // [B, N, V] (acc, zero-initialised)
+};
+
+// Two kernels: one over blocks of queries (grad_x, grad_scale), one over
+// blocks of keys (grad_y, grad_values); no atomics, so results are
+// deterministic.
+void similarity_backward(SimilarityOp op, const SimilarityArgs& a, const SimilarityGrads& g,
+                         cudaStream_t stream);
+
+// class_prototypes: counts [B, N] (int64, computed here) and prototypes
+// [B, N, D] (acc); the glue checks the counts.
+void class_prototypes_forward(DType dtype, const void* support, const int64_t* labels, int64_t B,
+                              int64_t S, int64_t N, int64_t D, int64_t* counts, void* out,
+                              cudaStream_t stream);
+void class_prototypes_backward(DType dtype, const void* grad, const int64_t* labels,
+                               const int64_t* counts, int64_t B, int64_t S, int64_t N, int64_t D,
+                               void* grad_support, cudaStream_t stream);
+
+// contrastive_loss over M pairs of size D.
+void contrastive_loss_forward(DType dtype, const void* x1, const void* x2, const void* same,
+                              double margin, int64_t M, int64_t D, void* loss,
+                              cudaStream_t stream);
+void contrastive_loss_backward(DType dtype, const void* grad, const void* x1, const void* x2,
+                               const void* same, double margin, int64_t M, int64_t D,
+                               void* grad_x1, void* grad_x2, void* grad_same,
+                               cudaStream_t stream);
+
+}  // namespace fastmeta::cuda
