@@ -42,13 +42,17 @@ __global__ void prototypes_backward_kernel(const T* grad, const int64_t* labels,
 
 }  // namespace
 
-void class_prototypes_forward(DType dtype, const void* support, const int64_t* labels, int64_t B,
-                              int64_t S, int64_t N, int64_t D, int64_t* counts, void* out,
-                              cudaStream_t stream) {
-  if (B == 0) return;
+void class_label_counts(const int64_t* labels, int64_t B, int64_t S, int64_t N, int64_t* counts,
+                        cudaStream_t stream) {
+  if (B == 0 || S == 0) return;
   count_labels_kernel<<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(labels, S, N, counts);
-  check_launch("count_labels");
-  if (N * D == 0) return;
+  check_launch("class_label_counts");
+}
+
+void class_prototypes_forward(DType dtype, const void* support, const int64_t* labels,
+                              const int64_t* counts, int64_t B, int64_t S, int64_t N, int64_t D,
+                              void* out, cudaStream_t stream) {
+  if (B * N * D == 0) return;
   FASTMETA_DISPATCH_DTYPE(dtype, [&] {
     prototypes_kernel<T><<<blocks_for(B * N * D, kThreads), kThreads, 0, stream>>>(
         static_cast<const T*>(support), labels, counts, B, S, N, D, static_cast<acc_t<T>*>(out));

@@ -65,11 +65,14 @@ struct SimilarityGrads {
 void similarity_backward(SimilarityOp op, const SimilarityArgs& a, const SimilarityGrads& g,
                          cudaStream_t stream);
 
-// class_prototypes: counts [B, N] (int64, computed here) and prototypes
-// [B, N, D] (acc); the glue checks the counts.
-void class_prototypes_forward(DType dtype, const void* support, const int64_t* labels, int64_t B,
-                              int64_t S, int64_t N, int64_t D, int64_t* counts, void* out,
-                              cudaStream_t stream);
+// class_prototypes: class_label_counts fills counts [B, N] (int64, zeroed by
+// the caller; out-of-range labels are skipped, the glue checks them), which
+// the forward (prototypes [B, N, D], acc) and backward use.
+void class_label_counts(const int64_t* labels, int64_t B, int64_t S, int64_t N, int64_t* counts,
+                        cudaStream_t stream);
+void class_prototypes_forward(DType dtype, const void* support, const int64_t* labels,
+                              const int64_t* counts, int64_t B, int64_t S, int64_t N, int64_t D,
+                              void* out, cudaStream_t stream);
 void class_prototypes_backward(DType dtype, const void* grad, const int64_t* labels,
                                const int64_t* counts, int64_t B, int64_t S, int64_t N, int64_t D,
                                void* grad_support, cudaStream_t stream);

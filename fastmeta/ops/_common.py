@@ -30,6 +30,11 @@ def check_choice(op: str, name: str, value: str, choices: Sequence[str]):
         raise ValueError(f"{op}: unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
 
 
+def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype kernels accumulate in, and return log-sum-exps in."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def compute_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float32 if t.device.type == "cpu" and t.dtype in _CPU_UPCAST else t.dtype
 

@@ -46,7 +46,8 @@ def attention_readout(x: torch.Tensor, y: torch.Tensor, values: torch.Tensor, me
 @torch.library.register_fake("fastmeta::attention_readout")
 def _(x, y, values, scale, metric):
     torch._check(x.dim() == 3 and y.dim() == 3 and values.dim() == 3)
-    return x.new_empty(x.shape[0], x.shape[1], values.shape[2]), x.new_empty(x.shape[:2])
+    return (x.new_empty(x.shape[0], x.shape[1], values.shape[2]),
+            x.new_empty(x.shape[:2], dtype=_common.accumulate_dtype(x.dtype)))
 
 
 @torch.library.register_fake("fastmeta::attention_readout_backward")

@@ -52,7 +52,7 @@ def similarity_cross_entropy(x: torch.Tensor, y: torch.Tensor, target: torch.Ten
 @torch.library.register_fake("fastmeta::similarity_cross_entropy")
 def _(x, y, target, scale, metric):
     torch._check(x.dim() == 3 and y.dim() == 3 and x.shape[2] == y.shape[2])
-    return x.new_empty(x.shape[:2]), x.new_empty(x.shape[:2])
+    return x.new_empty(x.shape[:2]), x.new_empty(x.shape[:2], dtype=_common.accumulate_dtype(x.dtype))
 
 
 @torch.library.register_fake("fastmeta::similarity_cross_entropy_backward")

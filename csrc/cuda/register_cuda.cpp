@@ -1,0 +1,345 @@
+// PyTorch glue of the CUDA kernels: argument checks, device guard, current
+// stream, output allocation and dtype conversion. Registers the CUDA kernels
+// of the ops declared in csrc/ops.cpp.
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <optional>
+#include <utility>
+
+#include "../op_checks.h"
+#include "launchers.h"
+
+namespace fastmeta {
+namespace {
+
+using cuda::DType;
+using cuda::SimilarityArgs;
+using cuda::SimilarityGrads;
+using cuda::SimilarityOp;
+
+DType dtype_of(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::Float32;
+    case at::kDouble: return DType::Float64;
+    case at::kHalf: return DType::Float16;
+    case at::kBFloat16: return DType::BFloat16;
+    default:
+      TORCH_CHECK(false, "fastmeta: CUDA kernels take float16, bfloat16, float32 or float64, got ",
+                  t.scalar_type());
+  }
+}
+
+// Kernels accumulate, and write their outputs, in float32 (float64 for float64 inputs).
+at::TensorOptions acc_options(const at::Tensor& t) {
+  return t.options().dtype(t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+}
+
+// Index of the first true entry of a boolean [B, K] mask, or nothing.
+std::optional<std::pair<int64_t, int64_t>> first_true(const at::Tensor& mask) {
+  at::Tensor where = at::nonzero(mask);
+  if (where.size(0) == 0) return std::nullopt;
+  at::Tensor first = where[0].cpu();
+  return std::make_pair(first[0].item<int64_t>(), first[1].item<int64_t>());
+}
+
+struct Similarity {
+  SimilarityArgs args{};
+  at::Tensor x, y, scale, target, values, x_stat, x_coeff, y_stat, y_coeff;
+
+  Similarity(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor* scale_in,
+             const at::Tensor* target_in, const at::Tensor* values_in, c10::string_view metric) {
+    args.metric = parse_metric(metric);
+    x = x_in.contiguous();
+    y = y_in.contiguous();
+    args.dtype = dtype_of(x);
+    args.B = x.size(0);
+    args.Q = x.size(1);
+    args.N = y.size(1);
+    args.D = x.size(2);
+    args.x = x.const_data_ptr();
+    args.y = y.const_data_ptr();
+    if (scale_in) {
+      scale = scale_in->contiguous();
+      args.scale = scale.const_data_ptr();
+    }
+    if (target_in) {
+      target = target_in->contiguous();
+      args.target = target.const_data_ptr<int64_t>();
+    }
+    if (values_in) {
+      values = values_in->contiguous();
+      args.values = values.const_data_ptr();
+      args.V = values.size(2);
+    }
+    x_stat = at::empty({args.B, args.Q}, acc_options(x));
+    x_coeff = at::empty_like(x_stat);
+    y_stat = at::empty({args.B, args.N}, acc_options(x));
+    y_coeff = at::empty_like(y_stat);
+    args.x_stat = x_stat.mutable_data_ptr();
+    args.x_coeff = x_coeff.mutable_data_ptr();
+    args.y_stat = y_stat.mutable_data_ptr();
+    args.y_coeff = y_coeff.mutable_data_ptr();
+    cuda::similarity_row_stats(args, stream());
+  }
+
+  static cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
+};
+
+void check_target(const at::Tensor& target, const at::Tensor& x, int64_t N) {
+  check_index(target, "target", x);
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == x.size(0) && target.size(1) == x.size(1),
+              "fastmeta: target must have shape [B, Q] = ", x.sizes().slice(0, 2), ", got ",
+              target.sizes());
+  if (auto bad = first_true((target < 0) | (target >= N))) {
+    TORCH_CHECK(false, "fastmeta: target[", bad->first, ", ", bad->second, "] = ",
+                target[bad->first][bad->second].item<int64_t>(), " is out of range for ", N,
+                " classes");
+  }
+}
+
+at::Tensor pairwise_distance(const at::Tensor& x, const at::Tensor& y, c10::string_view metric) {
+  TORCH_CHECK(parse_metric(metric) != Metric::Dot, "fastmeta: pairwise_distance has no 'dot' metric");
+  check_operand(x, "x", 3, x);
+  check_operand(y, "y", 3, x);
+  c10::cuda::CUDAGuard guard(x.device());
+  Similarity s(x, y, nullptr, nullptr, nullptr, metric);
+  at::Tensor out = at::empty({s.args.B, s.args.Q, s.args.N}, acc_options(x));
+  cuda::similarity_forward(SimilarityOp::PairwiseDistance, s.args, out.mutable_data_ptr(), nullptr, s.stream());
+  return out.to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward(const at::Tensor& grad,
+                                                               const at::Tensor& distance,
+                                                               const at::Tensor& x, const at::Tensor& y,
+                                                               c10::string_view metric) {
+  c10::cuda::CUDAGuard guard(x.device());
+  Similarity s(x, y, nullptr, nullptr, nullptr, metric);
+  at::Tensor g = grad.to(x.scalar_type()).contiguous();
+  at::Tensor gx = at::zeros(x.sizes(), acc_options(x)), gy = at::zeros(y.sizes(), acc_options(x));
+  SimilarityGrads grads{};
+  grads.grad = g.const_data_ptr();
+  grads.grad_x = gx.mutable_data_ptr();
+  grads.grad_y = gy.mutable_data_ptr();
+  cuda::similarity_backward(SimilarityOp::PairwiseDistance, s.args, grads, s.stream());
+  return {gx.to(x.scalar_type()), gy.to(x.scalar_type())};
+}
+
+at::Tensor similarity_log_softmax(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
+                                  c10::string_view metric) {
+  check_metric_operands(x, y, scale);
+  c10::cuda::CUDAGuard guard(x.device());
+  Similarity s(x, y, &scale, nullptr, nullptr, metric);
+  at::Tensor out = at::empty({s.args.B, s.args.Q, s.args.N}, acc_options(x));
+  at::Tensor lse = at::empty({s.args.B, s.args.Q}, acc_options(x));
+  cuda::similarity_forward(SimilarityOp::LogSoftmax, s.args, out.mutable_data_ptr(), lse.mutable_data_ptr(),
+                     s.stream());
+  return out.to(x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_log_softmax_backward(
+    const at::Tensor& grad, const at::Tensor& log_probs, const at::Tensor& x, const at::Tensor& y,
+    const at::Tensor& scale, c10::string_view metric) {
+  check_metric_operands(x, y, scale);
+  c10::cuda::CUDAGuard guard(x.device());
+  Similarity s(x, y, &scale, nullptr, nullptr, metric);
+  at::Tensor g = grad.to(x.scalar_type()).contiguous();
+  at::Tensor out = log_probs.to(acc_options(x).dtype()).contiguous();
+  at::Tensor row_weight = g.to(out.scalar_type()).sum(-1).contiguous();
+  at::Tensor gx = at::zeros(x.sizes(), acc_options(x)), gy = at::zeros(y.sizes(), acc_options(x));
+  at::Tensor gscale = at::zeros(scale.sizes(), acc_options(x));
+  SimilarityGrads grads{};
+  grads.grad = g.const_data_ptr();
+  grads.out = out.const_data_ptr();
+  grads.row_weight = row_weight.const_data_ptr();
+  grads.grad_x = gx.mutable_data_ptr();
+  grads.grad_y = gy.mutable_data_ptr();
+  grads.grad_scale = gscale.mutable_data_ptr();
+  cuda::similarity_backward(SimilarityOp::LogSoftmax, s.args, grads, s.stream());
+  auto dtype = x.scalar_type();
+  return {gx.to(dtype), gy.to(dtype), gscale.to(dtype)};
+}
+
+std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x, const at::Tensor& y,
+                                                            const at::Tensor& target,
+                                                            const at::Tensor& scale,
+                                                            c10::string_view metric) {
+  check_metric_operands(x, y, scale);
+  c10::cuda::CUDAGuard guard(x.device());
+  check_target(target, x, y.size(1));
+  Similarity s(x, y, &scale, &target, nullptr, metric);
+  at::Tensor loss = at::empty({s.args.B, s.args.Q}, acc_options(x));
+  at::Tensor lse = at::empty({s.args.B, s.args.Q}, acc_options(x));
+  cuda::similarity_forward(SimilarityOp::CrossEntropy, s.args, loss.mutable_data_ptr(), lse.mutable_data_ptr(),
+                     s.stream());
+  return {loss.to(x.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward(
+    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& target,
+    const at::Tensor& scale, const at::Tensor& lse_in, c10::string_view metric) {
+  check_metric_operands(x, y, scale);
+  c10::cuda::CUDAGuard guard(x.device());
+  check_target(target, x, y.size(1));
+  Similarity s(x, y, &scale, &target, nullptr, metric);
+  at::Tensor g = grad.to(x.scalar_type()).contiguous();
+  at::Tensor lse = lse_in.to(acc_options(x).dtype()).contiguous();
+  at::Tensor gx = at::zeros(x.sizes(), acc_options(x)), gy = at::zeros(y.sizes(), acc_options(x));
+  at::Tensor gscale = at::zeros(scale.sizes(), acc_options(x));
+  SimilarityGrads grads{};
+  grads.grad = g.const_data_ptr();
+  grads.lse = lse.const_data_ptr();
+  grads.grad_x = gx.mutable_data_ptr();
+  grads.grad_y = gy.mutable_data_ptr();
+  grads.grad_scale = gscale.mutable_data_ptr();
+  cuda::similarity_backward(SimilarityOp::CrossEntropy, s.args, grads, s.stream());
+  auto dtype = x.scalar_type();
+  return {gx.to(dtype), gy.to(dtype), gscale.to(dtype)};
+}
+
+void check_values(const at::Tensor& values, const at::Tensor& x, const at::Tensor& y) {
+  check_operand(values, "values", 3, x);
+  check_size(values, "values", 0, x.size(0), "the number of tasks B in x");
+  check_size(values, "values", 1, y.size(1), "the number of keys N in y");
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x, const at::Tensor& y,
+                                                     const at::Tensor& values, const at::Tensor& scale,
+                                                     c10::string_view metric) {
+  check_metric_operands(x, y, scale);
+  check_values(values, x, y);
+  c10::cuda::CUDAGuard guard(x.device());
+  Similarity s(x, y, &scale, nullptr, &values, metric);
+  at::Tensor out = at::zeros({s.args.B, s.args.Q, s.args.V}, acc_options(x));
+  at::Tensor lse = at::empty({s.args.B, s.args.Q}, acc_options(x));
+  cuda::similarity_forward(SimilarityOp::AttentionReadout, s.args, out.mutable_data_ptr(),
+                     lse.mutable_data_ptr(), s.stream());
+  return {out.to(x.scalar_type()), lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_backward(
+    const at::Tensor& grad, const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& x,
+    const at::Tensor& y, const at::Tensor& values, const at::Tensor& scale, c10::string_view metric) {
+  check_metric_operands(x, y, scale);
+  check_values(values, x, y);
+  c10::cuda::CUDAGuard guard(x.device());
+  Similarity s(x, y, &scale, nullptr, &values, metric);
+  at::Tensor g = grad.to(x.scalar_type()).contiguous();
+  at::Tensor out = out_in.to(acc_options(x).dtype()).contiguous();
+  at::Tensor lse = lse_in.to(acc_options(x).dtype()).contiguous();
+  at::Tensor row_weight = (g.to(out.scalar_type()) * out).sum(-1).contiguous();
+  at::Tensor gx = at::zeros(x.sizes(), acc_options(x)), gy = at::zeros(y.sizes(), acc_options(x));
+  at::Tensor gvalues = at::zeros(values.sizes(), acc_options(x));
+  at::Tensor gscale = at::zeros(scale.sizes(), acc_options(x));
+  SimilarityGrads grads{};
+  grads.grad = g.const_data_ptr();
+  grads.out = out.const_data_ptr();
+  grads.lse = lse.const_data_ptr();
+  grads.row_weight = row_weight.const_data_ptr();
+  grads.grad_x = gx.mutable_data_ptr();
+  grads.grad_y = gy.mutable_data_ptr();
+  grads.grad_scale = gscale.mutable_data_ptr();
+  grads.grad_values = gvalues.mutable_data_ptr();
+  cuda::similarity_backward(SimilarityOp::AttentionReadout, s.args, grads, s.stream());
+  auto dtype = x.scalar_type();
+  return {gx.to(dtype), gy.to(dtype), gvalues.to(dtype), gscale.to(dtype)};
+}
+
+at::Tensor class_prototypes(const at::Tensor& support_in, const at::Tensor& labels_in, int64_t num_classes) {
+  check_operand(support_in, "support", 3, support_in);
+  check_index(labels_in, "labels", support_in);
+  TORCH_CHECK(num_classes >= 0, "fastmeta: num_classes must be >= 0, got ", num_classes);
+  c10::cuda::CUDAGuard guard(support_in.device());
+  at::Tensor support = support_in.contiguous(), labels = labels_in.contiguous();
+  const int64_t B = support.size(0), S = support.size(1), D = support.size(2);
+  if (auto bad = first_true((labels < 0) | (labels >= num_classes))) {
+    TORCH_CHECK(false, "fastmeta: labels[", bad->first, ", ", bad->second, "] = ",
+                labels[bad->first][bad->second].item<int64_t>(), " is out of range for num_classes = ",
+                num_classes);
+  }
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor counts = at::zeros({B, num_classes}, labels.options());
+  cuda::class_label_counts(labels.const_data_ptr<int64_t>(), B, S, num_classes, counts.mutable_data_ptr<int64_t>(),
+                     stream);
+  if (auto empty = first_true(counts == 0)) {
+    TORCH_CHECK(false, "fastmeta: class_prototypes: class ", empty->second,
+                " has no support examples in task ", empty->first);
+  }
+  at::Tensor out = at::empty({B, num_classes, D}, acc_options(support));
+  cuda::class_prototypes_forward(dtype_of(support), support.const_data_ptr(), labels.const_data_ptr<int64_t>(),
+                           counts.const_data_ptr<int64_t>(), B, S, num_classes, D, out.mutable_data_ptr(),
+                           stream);
+  return out.to(support.scalar_type());
+}
+
+at::Tensor class_prototypes_backward(const at::Tensor& grad_in, const at::Tensor& labels_in) {
+  c10::cuda::CUDAGuard guard(grad_in.device());
+  at::Tensor grad = grad_in.contiguous(), labels = labels_in.contiguous();
+  const int64_t B = grad.size(0), N = grad.size(1), D = grad.size(2), S = labels.size(1);
+  auto stream = c10::cuda::getCurrentCUDAStream();
+  at::Tensor counts = at::zeros({B, N}, labels.options());
+  cuda::class_label_counts(labels.const_data_ptr<int64_t>(), B, S, N, counts.mutable_data_ptr<int64_t>(), stream);
+  at::Tensor grad_support = at::empty({B, S, D}, acc_options(grad));
+  cuda::class_prototypes_backward(dtype_of(grad), grad.const_data_ptr(), labels.const_data_ptr<int64_t>(),
+                            counts.const_data_ptr<int64_t>(), B, S, N, D, grad_support.mutable_data_ptr(),
+                            stream);
+  return grad_support.to(grad.scalar_type());
+}
+
+void check_pairs(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& same) {
+  check_operand(x1, "x1", 2, x1);
+  check_operand(x2, "x2", 2, x1);
+  check_operand(same, "same", 1, x1);
+  TORCH_CHECK(x1.sizes() == x2.sizes(), "fastmeta: x1 and x2 must have the same shape, got ",
+              x1.sizes(), " and ", x2.sizes());
+  check_size(same, "same", 0, x1.size(0), "the number of pairs in x1");
+}
+
+at::Tensor contrastive_loss(const at::Tensor& x1_in, const at::Tensor& x2_in, const at::Tensor& same_in,
+                            double margin) {
+  check_pairs(x1_in, x2_in, same_in);
+  c10::cuda::CUDAGuard guard(x1_in.device());
+  at::Tensor x1 = x1_in.contiguous(), x2 = x2_in.contiguous(), same = same_in.contiguous();
+  at::Tensor loss = at::empty({x1.size(0)}, acc_options(x1));
+  cuda::contrastive_loss_forward(dtype_of(x1), x1.const_data_ptr(), x2.const_data_ptr(), same.const_data_ptr(),
+                           margin, x1.size(0), x1.size(1), loss.mutable_data_ptr(),
+                           c10::cuda::getCurrentCUDAStream());
+  return loss.to(x1.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward(
+    const at::Tensor& grad_in, const at::Tensor& x1_in, const at::Tensor& x2_in, const at::Tensor& same_in,
+    double margin) {
+  check_pairs(x1_in, x2_in, same_in);
+  c10::cuda::CUDAGuard guard(x1_in.device());
+  at::Tensor x1 = x1_in.contiguous(), x2 = x2_in.contiguous(), same = same_in.contiguous();
+  at::Tensor grad = grad_in.to(x1.scalar_type()).contiguous();
+  at::Tensor g1 = at::empty(x1.sizes(), acc_options(x1)), g2 = at::empty(x1.sizes(), acc_options(x1));
+  at::Tensor gsame = at::empty(same.sizes(), acc_options(x1));
+  cuda::contrastive_loss_backward(dtype_of(x1), grad.const_data_ptr(), x1.const_data_ptr(), x2.const_data_ptr(),
+                            same.const_data_ptr(), margin, x1.size(0), x1.size(1), g1.mutable_data_ptr(),
+                            g2.mutable_data_ptr(), gsame.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream());
+  auto dtype = x1.scalar_type();
+  return {g1.to(dtype), g2.to(dtype), gsame.to(dtype)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {
+  m.impl("pairwise_distance", &pairwise_distance);
+  m.impl("pairwise_distance_backward", &pairwise_distance_backward);
+  m.impl("class_prototypes", &class_prototypes);
+  m.impl("class_prototypes_backward", &class_prototypes_backward);
+  m.impl("similarity_log_softmax", &similarity_log_softmax);
+  m.impl("similarity_log_softmax_backward", &similarity_log_softmax_backward);
+  m.impl("similarity_cross_entropy", &similarity_cross_entropy);
+  m.impl("similarity_cross_entropy_backward", &similarity_cross_entropy_backward);
+  m.impl("attention_readout", &attention_readout);
+  m.impl("attention_readout_backward", &attention_readout_backward);
+  m.impl("contrastive_loss", &contrastive_loss);
+  m.impl("contrastive_loss_backward", &contrastive_loss_backward);
+}
+
+}  // namespace fastmeta
