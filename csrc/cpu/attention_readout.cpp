@@ -97,14 +97,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_bac
   at::Tensor values = values_in.contiguous(), grad = grad_in.contiguous();
   at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
   const int64_t B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2), V = values.size(2);
-  const int64_t chunks = num_accumulation_chunks(B, Q);
-  at::Tensor gx = at::zeros_like(x);
+  at::Tensor gx = at::empty_like(x), gy, gvalues;
   at::Tensor gscale = at::zeros({B, Q}, x.options());
-  at::Tensor gy_chunks = at::zeros({chunks, B, N, D}, x.options());
-  at::Tensor gy_stat_chunks = at::zeros({chunks, B, N}, x.options());
-  at::Tensor gvalues_chunks = at::zeros({chunks, B, N, V}, x.options());
   at::Tensor ay_t = at::empty({B, N}, x.options()), cy_t = at::empty({B, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta::attention_readout_backward", [&] {
+    KeyGradAccumulator<scalar_t> keys(B, Q, N, {D, 1, V}, x.options());
     FASTMETA_DISPATCH_METRIC(metric, [&] {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const scalar_t* yp = y.const_data_ptr<scalar_t>();
@@ -117,15 +114,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_bac
       scalar_t* cy = cy_t.mutable_data_ptr<scalar_t>();
       scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
       scalar_t* gsp = gscale.mutable_data_ptr<scalar_t>();
-      scalar_t* gyc = gy_chunks.mutable_data_ptr<scalar_t>();
-      scalar_t* gysc = gy_stat_chunks.mutable_data_ptr<scalar_t>();
-      scalar_t* gvc = gvalues_chunks.mutable_data_ptr<scalar_t>();
       key_row_stats<M>(yp, B, N, D, ay, cy);
-      for_each_query_block_chunked(B, Q, chunks, [&](int64_t c, int64_t b, int64_t q0, int64_t q1) {
+      keys.run(Q, [&](int64_t b, int64_t q0, int64_t q1, scalar_t* const* key_rows) {
         const int64_t qb = q1 - q0;
         const scalar_t* xb = xp + (b * Q + q0) * D;
         const scalar_t* gb = gp + (b * Q + q0) * V;
         scalar_t* gxb = gxp + (b * Q + q0) * D;
+        std::fill(gxb, gxb + (q1 - q0) * D, scalar_t(0));
         scalar_t ax[kQueryBlock], cx[kQueryBlock], gx_stat[kQueryBlock] = {};
         scalar_t grad_dot_out[kQueryBlock];
         row_stats<M>(xb, qb, D, ax, cx);
@@ -146,7 +141,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_bac
           }
           // W = d loss / d P = grad @ values_tile^T; values get P^T @ grad.
           gemm_abt(qb, nb, V, gb, V, values_tile, V, W.data(), nb);
-          gemm_atb_acc(nb, V, qb, P.data(), nb, gb, V, gvc + ((c * B + b) * N + n0) * V, V);
+          gemm_atb_acc(nb, V, qb, P.data(), nb, gb, V, key_rows[2] + n0 * V, V);
           for (int64_t i = 0; i < qb; ++i) {
             const int64_t row = b * Q + q0 + i;
             scalar_t* w = W.data() + i * nb;
@@ -157,14 +152,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_bac
             gsp[row] += gscale_acc;
           }
           similarity_tile_vjp<M>(W.data(), S.data(), qb, nb, nb, xb, yp + (b * N + n0) * D, D, ax,
-                                 ay + b * N + n0, gxb, gyc + ((c * B + b) * N + n0) * D, gx_stat,
-                                 gysc + (c * B + b) * N + n0);
+                                 ay + b * N + n0, gxb, key_rows[0] + n0 * D, gx_stat,
+                                 key_rows[1] + n0);
         }
         finish_row_stat_grad(gxb, xb, cx, gx_stat, qb, D);
       });
     });
+    gy = key_grad(keys, y, cy_t);
+    gvalues = keys.reduce(2);
   });
-  return {gx, reduce_key_grad(gy_chunks, gy_stat_chunks, y, cy_t), gvalues_chunks.sum(0), gscale};
+  return {gx, gy, gvalues, gscale};
 }
 
 }  // namespace

@@ -44,12 +44,10 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward(
   at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
   at::Tensor grad = grad_in.contiguous(), distance = distance_in.contiguous();
   const int64_t B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2);
-  const int64_t chunks = num_accumulation_chunks(B, Q);
-  at::Tensor gx = at::zeros_like(x);
-  at::Tensor gy_chunks = at::zeros({chunks, B, N, D}, x.options());
-  at::Tensor gy_stat_chunks = at::zeros({chunks, B, N}, x.options());
+  at::Tensor gx = at::empty_like(x), gy;
   at::Tensor ay_t = at::empty({B, N}, x.options()), cy_t = at::empty({B, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta::pairwise_distance_backward", [&] {
+    KeyGradAccumulator<scalar_t> keys(B, Q, N, {D, 1}, x.options());
     FASTMETA_DISPATCH_METRIC(metric, [&] {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const scalar_t* yp = y.const_data_ptr<scalar_t>();
@@ -58,10 +56,8 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward(
       scalar_t* ay = ay_t.mutable_data_ptr<scalar_t>();
       scalar_t* cy = cy_t.mutable_data_ptr<scalar_t>();
       scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-      scalar_t* gyc = gy_chunks.mutable_data_ptr<scalar_t>();
-      scalar_t* gysc = gy_stat_chunks.mutable_data_ptr<scalar_t>();
       key_row_stats<M>(yp, B, N, D, ay, cy);
-      for_each_query_block_chunked(B, Q, chunks, [&](int64_t c, int64_t b, int64_t q0, int64_t q1) {
+      keys.run(Q, [&](int64_t b, int64_t q0, int64_t q1, scalar_t* const* key_rows) {
         const int64_t qb = q1 - q0;
         scalar_t ax[kQueryBlock], cx[kQueryBlock], gx_stat[kQueryBlock] = {};
         const scalar_t* xb = xp + (b * Q + q0) * D;
@@ -73,13 +69,15 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward(
           S[k] = similarity_from_distance<M>(dp[(b * Q + q0) * N + k]);
         }
         scalar_t* gxb = gxp + (b * Q + q0) * D;
+        std::fill(gxb, gxb + (q1 - q0) * D, scalar_t(0));
         similarity_tile_vjp<M>(W.data(), S.data(), qb, N, N, xb, yp + b * N * D, D, ax, ay + b * N,
-                               gxb, gyc + (c * B + b) * N * D, gx_stat, gysc + (c * B + b) * N);
+                               gxb, key_rows[0], gx_stat, key_rows[1]);
         finish_row_stat_grad(gxb, xb, cx, gx_stat, qb, D);
       });
     });
+    gy = key_grad(keys, y, cy_t);
   });
-  return {gx, reduce_key_grad(gy_chunks, gy_stat_chunks, y, cy_t)};
+  return {gx, gy};
 }
 
 }  // namespace

@@ -98,14 +98,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
   at::Tensor target = target_in.contiguous(), scale = scale_in.contiguous();
   at::Tensor lse = lse_in.contiguous();
   const int64_t B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2);
-  const int64_t chunks = num_accumulation_chunks(B, Q);
-  at::Tensor gx = at::zeros_like(x);
+  at::Tensor gx = at::empty_like(x), gy;
   at::Tensor gscale = at::empty({B, Q}, x.options());
-  at::Tensor gy_chunks = at::zeros({chunks, B, N, D}, x.options());
-  at::Tensor gy_stat_chunks = at::zeros({chunks, B, N}, x.options());
   at::Tensor ay_t = at::empty({B, N}, x.options()), cy_t = at::empty({B, N}, x.options());
   const int64_t* tp = target.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta::similarity_cross_entropy_backward", [&] {
+    KeyGradAccumulator<scalar_t> keys(B, Q, N, {D, 1}, x.options());
     FASTMETA_DISPATCH_METRIC(metric, [&] {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const scalar_t* yp = y.const_data_ptr<scalar_t>();
@@ -116,13 +114,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
       scalar_t* cy = cy_t.mutable_data_ptr<scalar_t>();
       scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
       scalar_t* gsp = gscale.mutable_data_ptr<scalar_t>();
-      scalar_t* gyc = gy_chunks.mutable_data_ptr<scalar_t>();
-      scalar_t* gysc = gy_stat_chunks.mutable_data_ptr<scalar_t>();
       key_row_stats<M>(yp, B, N, D, ay, cy);
-      for_each_query_block_chunked(B, Q, chunks, [&](int64_t c, int64_t b, int64_t q0, int64_t q1) {
+      keys.run(Q, [&](int64_t b, int64_t q0, int64_t q1, scalar_t* const* key_rows) {
         const int64_t qb = q1 - q0;
         const scalar_t* xb = xp + (b * Q + q0) * D;
         scalar_t* gxb = gxp + (b * Q + q0) * D;
+        std::fill(gxb, gxb + (q1 - q0) * D, scalar_t(0));
         scalar_t ax[kQueryBlock], cx[kQueryBlock], gx_stat[kQueryBlock] = {};
         row_stats<M>(xb, qb, D, ax, cx);
         for (int64_t i = 0; i < qb; ++i) {
@@ -153,14 +150,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
             gsp[row] += gscale_acc;
           }
           similarity_tile_vjp<M>(W.data(), S.data(), qb, nb, nb, xb, yp + (b * N + n0) * D, D, ax,
-                                 ay + b * N + n0, gxb, gyc + ((c * B + b) * N + n0) * D, gx_stat,
-                                 gysc + (c * B + b) * N + n0);
+                                 ay + b * N + n0, gxb, key_rows[0] + n0 * D, gx_stat,
+                                 key_rows[1] + n0);
         }
         finish_row_stat_grad(gxb, xb, cx, gx_stat, qb, D);
       });
     });
+    gy = key_grad(keys, y, cy_t);
   });
-  return {gx, reduce_key_grad(gy_chunks, gy_stat_chunks, y, cy_t), gscale};
+  return {gx, gy, gscale};
 }
 
 }  // namespace

@@ -12,6 +12,7 @@
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/zeros_like.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
@@ -106,8 +107,7 @@ template <Metric M, typename T>
 void row_stats(const T* v, int64_t rows, int64_t D, T* stat, NoDeduce<T>* coeff) {
   for (int64_t r = 0; r < rows; ++r) {
     const T* row = v + r * D;
-    T sum_squares = 0;
-    for (int64_t d = 0; d < D; ++d) sum_squares += row[d] * row[d];
+    const T sum_squares = row_dot(row, row, D);
     stat[r] = row_stat<M>(sum_squares);
     if (coeff) coeff[r] = row_stat_coeff<M>(sum_squares, stat[r]);
   }
@@ -170,20 +170,6 @@ void key_row_stats(const T* y, int64_t B, int64_t N, int64_t D, T* ay, NoDeduce<
   });
 }
 
-// Gradient for the keys from per-chunk buffers: gy [chunks, B, N, D] and
-// gy_stat [chunks, B, N] (see for_each_query_block_chunked).
-inline at::Tensor reduce_key_grad(const at::Tensor& gy_chunks, const at::Tensor& gy_stat_chunks,
-                                  const at::Tensor& y, const at::Tensor& cy) {
-  at::Tensor gy = gy_chunks.sum(0);
-  at::Tensor gy_stat = gy_stat_chunks.sum(0);
-  AT_DISPATCH_FLOATING_TYPES(y.scalar_type(), "fastmeta::reduce_key_grad", [&] {
-    finish_row_stat_grad(gy.mutable_data_ptr<scalar_t>(), y.const_data_ptr<scalar_t>(),
-                         cy.const_data_ptr<scalar_t>(), gy_stat.const_data_ptr<scalar_t>(),
-                         y.size(0) * y.size(1), y.size(2));
-  });
-  return gy;
-}
-
 // Runs fn(b, q0, q1) for every (task, query block) pair, in parallel.
 template <typename F>
 void for_each_query_block(int64_t B, int64_t Q, F fn) {
@@ -197,29 +183,88 @@ void for_each_query_block(int64_t B, int64_t Q, F fn) {
   });
 }
 
-// Like for_each_query_block, for kernels that also accumulate a gradient over
-// queries (for y, for values): the pairs are split into a fixed number of
-// contiguous chunks, fn(chunk, b, q0, q1) adds into that chunk's own buffer,
-// and the caller sums the buffers over chunks, so results do not depend on
-// thread scheduling.
-inline int64_t num_accumulation_chunks(int64_t B, int64_t Q) {
-  int64_t items = B * ((Q + kQueryBlock - 1) / kQueryBlock);
-  return std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items));
-}
+// Accumulates gradients with respect to the keys (and values), which every
+// query block of a task adds to, without atomics or locks. The (task, query
+// block) pairs are split into a fixed number of contiguous chunks; each chunk
+// runs on one thread and adds into its own buffers, zeroing a task's buffer
+// when it first reaches that task; `reduce` sums, for each task, the chunks
+// that reached it, in chunk order, so results do not depend on scheduling.
+template <typename T>
+class KeyGradAccumulator {
+ public:
+  KeyGradAccumulator(int64_t B, int64_t Q, int64_t N, std::vector<int64_t> widths,
+                     const at::TensorOptions& options)
+      : B_(B), N_(N), blocks_((Q + kQueryBlock - 1) / kQueryBlock), widths_(std::move(widths)) {
+    chunks_ = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B_ * blocks_));
+    for (int64_t w : widths_) buffers_.push_back(at::empty({chunks_, B_, N_, w}, options));
+  }
 
-template <typename F>
-void for_each_query_block_chunked(int64_t B, int64_t Q, int64_t chunks, F fn) {
-  int64_t blocks = (Q + kQueryBlock - 1) / kQueryBlock;
-  int64_t items = B * blocks;
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      for (int64_t item = items * c / chunks; item < items * (c + 1) / chunks; ++item) {
-        int64_t b = item / blocks;
-        int64_t q0 = (item % blocks) * kQueryBlock;
-        fn(c, b, q0, std::min(Q, q0 + kQueryBlock));
+  // Runs fn(b, q0, q1, key_rows) for every (task, query block); key_rows[f]
+  // is the chunk's [N, width f] buffer of field f for task b.
+  template <typename F>
+  void run(int64_t Q, F fn) {
+    at::parallel_for(0, chunks_, 1, [&](int64_t begin, int64_t end) {
+      std::vector<T*> rows(buffers_.size());
+      for (int64_t c = begin; c < end; ++c) {
+        int64_t current = -1;
+        for (int64_t item = first_item(c); item < first_item(c + 1); ++item) {
+          const int64_t b = item / blocks_, q0 = (item % blocks_) * kQueryBlock;
+          if (b != current) {
+            for (size_t f = 0; f < buffers_.size(); ++f) {
+              rows[f] = slice(f, c, b);
+              std::fill(rows[f], rows[f] + N_ * widths_[f], T(0));
+            }
+            current = b;
+          }
+          fn(b, q0, std::min(Q, q0 + kQueryBlock), rows.data());
+        }
       }
-    }
-  });
+    });
+  }
+
+  // Field f summed over chunks: [B, N, width f].
+  at::Tensor reduce(size_t f) {
+    if (chunks_ == 1 && blocks_ > 0) return buffers_[f][0];  // one chunk reached every task
+    at::Tensor out = at::empty({B_, N_, widths_[f]}, buffers_[f].options());
+    const int64_t size = N_ * widths_[f];
+    at::parallel_for(0, B_, 1, [&](int64_t b0, int64_t b1) {
+      for (int64_t b = b0; b < b1; ++b) {
+        T* dst = out.template mutable_data_ptr<T>() + b * size;
+        bool first = true;
+        for (int64_t c = 0; c < chunks_; ++c) {
+          if (first_item(c) == first_item(c + 1) || first_item(c) / blocks_ > b ||
+              (first_item(c + 1) - 1) / blocks_ < b)
+            continue;
+          const T* src = slice(f, c, b);
+          for (int64_t k = 0; k < size; ++k) dst[k] = first ? src[k] : dst[k] + src[k];
+          first = false;
+        }
+        if (first) std::fill(dst, dst + size, T(0));
+      }
+    });
+    return out;
+  }
+
+ private:
+  int64_t first_item(int64_t c) const { return B_ * blocks_ * c / chunks_; }
+  T* slice(size_t f, int64_t c, int64_t b) {
+    return buffers_[f].template mutable_data_ptr<T>() + (c * B_ + b) * N_ * widths_[f];
+  }
+
+  int64_t B_, N_, blocks_, chunks_;
+  std::vector<int64_t> widths_;
+  std::vector<at::Tensor> buffers_;
+};
+
+// Gradient for the keys: the accumulated x.y part (field 0, [B, N, D]) plus
+// the row-statistic part (field 1, [B, N, 1]).
+template <typename T>
+at::Tensor key_grad(KeyGradAccumulator<T>& acc, const at::Tensor& y, const at::Tensor& cy) {
+  at::Tensor gy = acc.reduce(0).contiguous();
+  at::Tensor gy_stat = acc.reduce(1).contiguous();
+  finish_row_stat_grad(gy.mutable_data_ptr<T>(), y.const_data_ptr<T>(), cy.const_data_ptr<T>(),
+                       gy_stat.const_data_ptr<T>(), y.size(0) * y.size(1), y.size(2));
+  return gy;
 }
 
 }  // namespace fastmeta::cpu
