@@ -59,14 +59,12 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in,
           for (int64_t i = 0; i < qb; ++i) {
             scalar_t* p = P.data() + i * nb;
             const scalar_t sc = sp[b * Q + q0 + i];
-            for (int64_t j = 0; j < nb; ++j) p[j] *= sc;
-            const scalar_t new_max = std::max(running_max[i], row_max(p, nb));
+            const scalar_t new_max = std::max(running_max[i], scale_max(p, nb, sc));
             // The tile's weights are exp(logit - new_max); earlier tiles are rescaled.
             const scalar_t rescale = new_max == -std::numeric_limits<scalar_t>::infinity()
                                          ? scalar_t(1)
                                          : std::exp(running_max[i] - new_max);
-            exp_affine(p, nb, scalar_t(1), new_max);
-            running_sum[i] = running_sum[i] * rescale + row_dot(p, static_cast<const scalar_t*>(nullptr), nb);
+            running_sum[i] = running_sum[i] * rescale + exp_affine_sum(p, nb, scalar_t(1), new_max);
             running_max[i] = new_max;
             if (rescale != scalar_t(1)) {
               for (int64_t v = 0; v < V; ++v) ob[i * V + v] *= rescale;
@@ -137,7 +135,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_bac
           std::copy(S.begin(), S.begin() + qb * nb, P.begin());
           for (int64_t i = 0; i < qb; ++i) {
             const int64_t row = b * Q + q0 + i;
-            exp_affine(P.data() + i * nb, nb, sp[row], lsep[row]);
+            exp_affine_sum(P.data() + i * nb, nb, sp[row], lsep[row]);
           }
           // W = d loss / d P = grad @ values_tile^T; values get P^T @ grad.
           gemm_abt(qb, nb, V, gb, V, values_tile, V, W.data(), nb);

@@ -1,7 +1,9 @@
-// Loops over one row of a tile, written so that the compiler vectorises them
-// at the baseline instruction set: a polynomial exp for float32 (libm's expf
-// does not vectorise), and reductions with eight independent accumulators
-// (a single accumulator does not vectorise without -ffast-math).
+// Loops over one row of a tile. Each is written once, as a struct with an
+// always-inline `run`, and compiled for AVX-512, AVX2 and the baseline x86-64
+// instruction set; run_loop picks the widest this CPU has. Written so that
+// the compiler vectorises them: a polynomial exp for float32 (libm's expf does
+// not vectorise) and reductions with eight independent accumulators (a single
+// accumulator does not vectorise without -ffast-math).
 #pragma once
 
 #include <cmath>
@@ -10,11 +12,15 @@
 #include <limits>
 #include <type_traits>
 
+#include "../math/similarity.h"
+
+#define FASTMETA_INLINE inline __attribute__((always_inline))
+
 namespace fastmeta::cpu {
 
-// exp(x) for float32 within 2 ulp (Cephes' polynomial on [-ln2/2, ln2/2]);
-// exp(NaN) = NaN, exp(x) = 0 below the smallest normal result, +inf above.
-inline float exp_polynomial(float x) {
+// exp(x) for float32 within 2 ulp for x <= 88 (Cephes' polynomial on
+// [-ln2/2, ln2/2]); 0 below -87 and for -inf; NaN for NaN.
+FASTMETA_INLINE float exp_polynomial(float x) {
   const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
   const float t = clamped * 1.44269504088896341f;
   const int32_t n = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
@@ -30,14 +36,12 @@ inline float exp_polynomial(float x) {
   const int32_t bits = (n + 127) << 23;
   float two_n;
   std::memcpy(&two_n, &bits, sizeof(float));
-  float result = p * two_n;
-  result = x < -87.0f ? 0.0f : result;
-  result = x > 88.0f ? std::numeric_limits<float>::infinity() : result;
-  return x != x ? x : result;
+  // A multiplication rather than a select: both vectorise, only this one with AVX2.
+  return p * two_n * static_cast<float>(x >= -87.0f);
 }
 
 template <typename T>
-inline T exp_fast(T x) {
+FASTMETA_INLINE T exp_fast(T x) {
   if constexpr (std::is_same_v<T, float>) {
     return exp_polynomial(x);
   } else {
@@ -45,44 +49,128 @@ inline T exp_fast(T x) {
   }
 }
 
-// v[j] = exp(a * v[j] - shift).
-template <typename T>
-inline void exp_affine(T* v, int64_t n, T a, T shift) {
-  for (int64_t j = 0; j < n; ++j) v[j] = exp_fast(a * v[j] - shift);
+#if defined(__x86_64__)
+enum class Isa { Baseline, Avx2, Avx512 };
+
+inline Isa cpu_isa() {
+  static const Isa isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                                 __builtin_cpu_supports("avx512dq")
+                             ? Isa::Avx512
+                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
+                             ? Isa::Avx2
+                             : Isa::Baseline;
+  return isa;
 }
 
-template <typename T>
-inline T row_max(const T* v, int64_t n) {
-  constexpr int kLanes = 8;
-  T acc[kLanes];
-  for (int l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<T>::infinity();
-  int64_t j = 0;
-  for (; j + kLanes <= n; j += kLanes)
-    for (int l = 0; l < kLanes; ++l) acc[l] = v[j + l] > acc[l] ? v[j + l] : acc[l];
-  for (; j < n; ++j) acc[0] = v[j] > acc[0] ? v[j] : acc[0];
-  T m = acc[0];
-  for (int l = 1; l < kLanes; ++l) m = acc[l] > m ? acc[l] : m;
-  return m;
+template <typename Loop, typename... Args>
+__attribute__((target("avx512f,avx512vl,avx512dq,avx2,fma"))) auto run_avx512(Args... args) {
+  return Loop::run(args...);
 }
 
-// sum_j a[j] * b[j]; with b == nullptr, sum_j a[j].
-template <typename T>
-inline T row_dot(const T* a, const T* b, int64_t n) {
-  constexpr int kLanes = 8;
-  T acc[kLanes] = {};
-  int64_t j = 0;
-  if (b) {
+template <typename Loop, typename... Args>
+__attribute__((target("avx2,fma"))) auto run_avx2(Args... args) {
+  return Loop::run(args...);
+}
+#endif
+
+// Runs Loop::run(args...) compiled for the widest instruction set this CPU has.
+template <typename Loop, typename... Args>
+auto run_loop(Args... args) {
+#if defined(__x86_64__)
+  switch (cpu_isa()) {
+    case Isa::Avx512: return run_avx512<Loop>(args...);
+    case Isa::Avx2: return run_avx2<Loop>(args...);
+    default: break;
+  }
+#endif
+  return Loop::run(args...);
+}
+
+constexpr int kLanes = 8;
+
+// v[j] *= a; returns max_j v[j] (NaN entries are skipped; they reach the sum).
+struct ScaleMax {
+  template <typename T>
+  FASTMETA_INLINE static T run(T* v, int64_t n, T a) {
+    T acc[kLanes];
+    for (int l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<T>::infinity();
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        v[j + l] *= a;
+        acc[l] = v[j + l] > acc[l] ? v[j + l] : acc[l];
+      }
+    for (; j < n; ++j) {
+      v[j] *= a;
+      acc[0] = v[j] > acc[0] ? v[j] : acc[0];
+    }
+    T m = acc[0];
+    for (int l = 1; l < kLanes; ++l) m = acc[l] > m ? acc[l] : m;
+    return m;
+  }
+};
+
+// v[j] = exp(a * v[j] - shift); returns sum_j v[j].
+struct ExpAffineSum {
+  template <typename T>
+  FASTMETA_INLINE static T run(T* v, int64_t n, T a, T shift) {
+    T acc[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        v[j + l] = exp_fast(a * v[j + l] - shift);
+        acc[l] += v[j + l];
+      }
+    for (; j < n; ++j) {
+      v[j] = exp_fast(a * v[j] - shift);
+      acc[0] += v[j];
+    }
+    T s = 0;
+    for (int l = 0; l < kLanes; ++l) s += acc[l];
+    return s;
+  }
+};
+
+// sum_j a[j] * b[j].
+struct Dot {
+  template <typename T>
+  FASTMETA_INLINE static T run(const T* a, const T* b, int64_t n) {
+    T acc[kLanes] = {};
+    int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes)
       for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l] * b[j + l];
     for (; j < n; ++j) acc[0] += a[j] * b[j];
-  } else {
+    T s = 0;
+    for (int l = 0; l < kLanes; ++l) s += acc[l];
+    return s;
+  }
+};
+
+struct Sum {
+  template <typename T>
+  FASTMETA_INLINE static T run(const T* a, int64_t n) {
+    T acc[kLanes] = {};
+    int64_t j = 0;
     for (; j + kLanes <= n; j += kLanes)
       for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l];
     for (; j < n; ++j) acc[0] += a[j];
+    T s = 0;
+    for (int l = 0; l < kLanes; ++l) s += acc[l];
+    return s;
   }
-  T s = 0;
-  for (int l = 0; l < kLanes; ++l) s += acc[l];
-  return s;
-}
+};
+
+template <typename T>
+T scale_max(T* v, int64_t n, T a) { return run_loop<ScaleMax>(v, n, a); }
+
+// v[j] = exp(a * v[j] - shift); returns their sum.
+template <typename T>
+T exp_affine_sum(T* v, int64_t n, T a, T shift) { return run_loop<ExpAffineSum>(v, n, a, shift); }
+
+template <typename T>
+T row_dot(const T* a, const T* b, int64_t n) { return run_loop<Dot>(a, b, n); }
+
+template <typename T>
+T row_sum(const T* a, int64_t n) { return run_loop<Sum>(a, n); }
 
 }  // namespace fastmeta::cpu

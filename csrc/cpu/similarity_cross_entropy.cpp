@@ -66,14 +66,12 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x_
           for (int64_t i = 0; i < qb; ++i) {
             scalar_t* logits = S.data() + i * nb;
             const scalar_t sc = sp[b * Q + q0 + i];
-            for (int64_t j = 0; j < nb; ++j) logits[j] *= sc;
+            const scalar_t new_max = std::max(running_max[i], scale_max(logits, nb, sc));
             const int64_t t = tp[b * Q + q0 + i] - n0;
             if (t >= 0 && t < nb) target_logit[i] = logits[t];
-            const scalar_t new_max = std::max(running_max[i], row_max(logits, nb));
             if (new_max == -std::numeric_limits<scalar_t>::infinity()) continue;
-            exp_affine(logits, nb, scalar_t(1), new_max);
             running_sum[i] = running_sum[i] * std::exp(running_max[i] - new_max) +
-                         row_dot(logits, static_cast<const scalar_t*>(nullptr), nb);
+                             exp_affine_sum(logits, nb, scalar_t(1), new_max);
             running_max[i] = new_max;
           }
         }
@@ -139,7 +137,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
             scalar_t* w = W.data() + i * nb;
             // d loss / d logit = g * (softmax - one_hot(target)).
             std::copy(s, s + nb, w);
-            exp_affine(w, nb, sc, row_lse);
+            exp_affine_sum(w, nb, sc, row_lse);
             scalar_t gscale_acc = g * row_dot(w, s, nb);
             for (int64_t j = 0; j < nb; ++j) w[j] *= g * sc;
             const int64_t t = tp[row] - n0;

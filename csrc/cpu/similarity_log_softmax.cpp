@@ -37,12 +37,10 @@ at::Tensor similarity_log_softmax(const at::Tensor& x_in, const at::Tensor& y_in
         for (int64_t i = 0; i < qb; ++i) {
           scalar_t* logits = rows + i * N;
           const scalar_t sc = sp[b * Q + q0 + i];
-          for (int64_t j = 0; j < N; ++j) logits[j] *= sc;
-          const scalar_t max_logit = row_max(logits, N);
+          const scalar_t max_logit = scale_max(logits, N, sc);
           std::copy(logits, logits + N, scratch.begin());
-          exp_affine(scratch.data(), N, scalar_t(1), max_logit);
           const scalar_t lse =
-              max_logit + std::log(row_dot(scratch.data(), static_cast<const scalar_t*>(nullptr), N));
+              max_logit + std::log(exp_affine_sum(scratch.data(), N, scalar_t(1), max_logit));
           for (int64_t j = 0; j < N; ++j) logits[j] -= lse;
         }
       });
@@ -85,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_log_softmax_backward(
         row_stats<M>(xb, qb, D, ax, cx);
         for (int64_t i = 0; i < qb; ++i) {
           const scalar_t* g = gp + (b * Q + q0 + i) * N;
-          grad_sum[i] = row_dot(g, static_cast<const scalar_t*>(nullptr), N);
+          grad_sum[i] = row_sum(g, N);
         }
         const int64_t tile = qb * std::min(N, kKeyBlock);
         std::vector<scalar_t> S(tile), W(tile);
@@ -101,7 +99,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_log_softmax_backward(
             const scalar_t* s = S.data() + i * nb;
             scalar_t* w = W.data() + i * nb;
             std::copy(lpr, lpr + nb, w);
-            exp_affine(w, nb, scalar_t(1), scalar_t(0));
+            exp_affine_sum(w, nb, scalar_t(1), scalar_t(0));
             for (int64_t j = 0; j < nb; ++j) w[j] = g[j] - w[j] * grad_sum[i];
             scalar_t gscale_acc = row_dot(w, s, nb);
             for (int64_t j = 0; j < nb; ++j) w[j] *= sc;

@@ -113,41 +113,63 @@ void row_stats(const T* v, int64_t rows, int64_t D, T* stat, NoDeduce<T>* coeff)
   }
 }
 
+template <Metric M>
+struct SimilarityRow {
+  template <typename T>
+  FASTMETA_INLINE static void run(T* row, int64_t n, T ax, const T* ay) {
+    for (int64_t j = 0; j < n; ++j) row[j] = similarity<M>(row[j], ax, ay[j]);
+  }
+};
+
 // S[qb, nb] = s(x_i, y_j) for a block of queries and keys.
 template <Metric M, typename T>
 void similarity_tile(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, const T* ax,
                      const T* ay, T* S, int64_t ld) {
   gemm_abt(qb, nb, D, x, D, y, D, S, ld);
-  for (int64_t i = 0; i < qb; ++i) {
-    T* row = S + i * ld;
-    for (int64_t j = 0; j < nb; ++j) row[j] = similarity<M>(row[j], ax[i], ay[j]);
-  }
+  for (int64_t i = 0; i < qb; ++i) run_loop<SimilarityRow<M>>(S + i * ld, nb, ax[i], ay);
 }
+
+// One row of similarity_tile_vjp: w[j] *= d s / d(x.y), gy_stat[j] += w[j] *
+// d s / d ay; returns sum_j w[j] * d s / d ax.
+template <Metric M>
+struct SimilarityVjpRow {
+  template <typename T>
+  FASTMETA_INLINE static T run(T* w, const T* s, int64_t n, T ax, const T* ay, T* gy_stat) {
+    T acc[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const SimilarityPartials<T> p = similarity_partials<M>(s[j + l], ax, ay[j + l]);
+        acc[l] += w[j + l] * p.d_ax;
+        gy_stat[j + l] += w[j + l] * p.d_ay;
+        w[j + l] *= p.d_dot;
+      }
+    for (; j < n; ++j) {
+      const SimilarityPartials<T> p = similarity_partials<M>(s[j], ax, ay[j]);
+      acc[0] += w[j] * p.d_ax;
+      gy_stat[j] += w[j] * p.d_ay;
+      w[j] *= p.d_dot;
+    }
+    T sum = 0;
+    for (int l = 0; l < kLanes; ++l) sum += acc[l];
+    return sum;
+  }
+};
 
 // Vector-Jacobian product of a similarity tile. On entry W holds dL/dS for the
 // tile; it is overwritten. Accumulates the x.y part of the gradient into gx
-// [qb, D] and gy [nb, D] (either may be null), and the row-statistic parts into
-// gx_stat [qb] and gy_stat [nb]; `finish_row_stat_grad` applies those last.
+// [qb, D] and gy [nb, D], and the row-statistic parts into gx_stat [qb] and
+// gy_stat [nb]; `finish_row_stat_grad` applies those last.
 template <Metric M, typename T>
 void similarity_tile_vjp(T* W, const T* S, int64_t qb, int64_t nb, int64_t ld, const T* x,
                          const T* y, int64_t D, const T* ax, const T* ay, T* gx, T* gy,
                          T* gx_stat, T* gy_stat) {
-  std::vector<T> w_d_ax(M == Metric::Dot ? 0 : nb);
-  for (int64_t i = 0; i < qb; ++i) {
-    T* w = W + i * ld;
-    const T* s = S + i * ld;
-    if constexpr (M != Metric::Dot) {
-      for (int64_t j = 0; j < nb; ++j) {
-        SimilarityPartials<T> p = similarity_partials<M>(s[j], ax[i], ay[j]);
-        w_d_ax[j] = w[j] * p.d_ax;
-        gy_stat[j] += w[j] * p.d_ay;
-        w[j] *= p.d_dot;
-      }
-      gx_stat[i] += row_dot(w_d_ax.data(), static_cast<const T*>(nullptr), nb);
-    }
+  if constexpr (M != Metric::Dot) {
+    for (int64_t i = 0; i < qb; ++i)
+      gx_stat[i] += run_loop<SimilarityVjpRow<M>>(W + i * ld, S + i * ld, nb, ax[i], ay, gy_stat);
   }
-  if (gx) gemm_ab_acc(qb, D, nb, W, ld, y, D, gx, D);
-  if (gy) gemm_atb_acc(nb, D, qb, W, ld, x, D, gy, D);
+  gemm_ab_acc(qb, D, nb, W, ld, y, D, gx, D);
+  gemm_atb_acc(nb, D, qb, W, ld, x, D, gy, D);
 }
 
 // g_r += v_r * coeff_r * stat_grad_r: the gradient through the row statistics.

@@ -18,7 +18,7 @@
 #if defined(__CUDACC__)
 #define FASTMETA_HOST_DEVICE __host__ __device__ __forceinline__
 #else
-#define FASTMETA_HOST_DEVICE inline
+#define FASTMETA_HOST_DEVICE inline __attribute__((always_inline))
 #endif
 
 namespace fastmeta {
