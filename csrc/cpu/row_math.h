@@ -8,6 +8,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <type_traits>
@@ -52,13 +53,20 @@ FASTMETA_INLINE T exp_fast(T x) {
 #if defined(__x86_64__)
 enum class Isa { Baseline, Avx2, Avx512 };
 
+// The widest instruction set this CPU runs; FASTMETA_CPU_ISA=avx2 or
+// baseline caps it (the tests run every variant that way).
 inline Isa cpu_isa() {
-  static const Isa isa = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
-                                 __builtin_cpu_supports("avx512dq")
-                             ? Isa::Avx512
-                         : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")
-                             ? Isa::Avx2
-                             : Isa::Baseline;
+  static const Isa isa = [] {
+    Isa best = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+                       __builtin_cpu_supports("avx512dq")
+                   ? Isa::Avx512
+               : __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") ? Isa::Avx2
+                                                                                 : Isa::Baseline;
+    const char* cap = std::getenv("FASTMETA_CPU_ISA");
+    if (cap && std::strcmp(cap, "baseline") == 0) return Isa::Baseline;
+    if (cap && std::strcmp(cap, "avx2") == 0 && best == Isa::Avx512) return Isa::Avx2;
+    return best;
+  }();
   return isa;
 }
 
