@@ -45,7 +45,8 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in,
         const int64_t qb = q1 - q0;
         const scalar_t* xb = xp + (b * Q + q0) * D;
         scalar_t* ob = op + (b * Q + q0) * V;
-        scalar_t ax[kQueryBlock], running_max[kQueryBlock], running_sum[kQueryBlock];
+        scalar_t ax[kQueryBlock], running_max[kQueryBlock], running_sum[kQueryBlock],
+            tile_max[kQueryBlock];
         row_stats<M>(xb, qb, D, ax, nullptr);
         for (int64_t i = 0; i < qb; ++i) {
           running_max[i] = -std::numeric_limits<scalar_t>::infinity();
@@ -54,12 +55,11 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in,
         std::vector<scalar_t> P(qb * std::min(N, kKeyBlock));
         for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
           const int64_t nb = std::min(kKeyBlock, N - n0);
-          similarity_tile<M>(xb, qb, yp + (b * N + n0) * D, nb, D, ax, ay + b * N + n0, P.data(),
-                             nb);
+          logits_tile<M>(xb, qb, yp + (b * N + n0) * D, nb, D, ax, ay + b * N + n0,
+                         sp + b * Q + q0, P.data(), nb, tile_max);
           for (int64_t i = 0; i < qb; ++i) {
             scalar_t* p = P.data() + i * nb;
-            const scalar_t sc = sp[b * Q + q0 + i];
-            const scalar_t new_max = std::max(running_max[i], scale_max(p, nb, sc));
+            const scalar_t new_max = std::max(running_max[i], tile_max[i]);
             // The tile's weights are exp(logit - new_max); earlier tiles are rescaled.
             const scalar_t rescale = new_max == -std::numeric_limits<scalar_t>::infinity()
                                          ? scalar_t(1)

@@ -96,28 +96,6 @@ auto run_loop(Args... args) {
 
 constexpr int kLanes = 8;
 
-// v[j] *= a; returns max_j v[j] (NaN entries are skipped; they reach the sum).
-struct ScaleMax {
-  template <typename T>
-  FASTMETA_INLINE static T run(T* v, int64_t n, T a) {
-    T acc[kLanes];
-    for (int l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<T>::infinity();
-    int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
-        v[j + l] *= a;
-        acc[l] = v[j + l] > acc[l] ? v[j + l] : acc[l];
-      }
-    for (; j < n; ++j) {
-      v[j] *= a;
-      acc[0] = v[j] > acc[0] ? v[j] : acc[0];
-    }
-    T m = acc[0];
-    for (int l = 1; l < kLanes; ++l) m = acc[l] > m ? acc[l] : m;
-    return m;
-  }
-};
-
 // v[j] = exp(a * v[j] - shift); returns sum_j v[j].
 struct ExpAffineSum {
   template <typename T>
@@ -136,6 +114,30 @@ struct ExpAffineSum {
     T s = 0;
     for (int l = 0; l < kLanes; ++l) s += acc[l];
     return s;
+  }
+};
+
+// The cross-entropy gradient of one row without the target term: with
+// p[j] = exp(a * s[j] - lse), writes w[j] = g * p[j]; returns sum_j p[j] * s[j].
+struct SoftmaxGradRow {
+  template <typename T>
+  FASTMETA_INLINE static T run(T* w, const T* s, int64_t n, T a, T lse, T g) {
+    T acc[kLanes] = {};
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        const T p = exp_fast(a * s[j + l] - lse);
+        acc[l] += p * s[j + l];
+        w[j + l] = g * p;
+      }
+    for (; j < n; ++j) {
+      const T p = exp_fast(a * s[j] - lse);
+      acc[0] += p * s[j];
+      w[j] = g * p;
+    }
+    T sum = 0;
+    for (int l = 0; l < kLanes; ++l) sum += acc[l];
+    return sum;
   }
 };
 
@@ -167,9 +169,6 @@ struct Sum {
     return s;
   }
 };
-
-template <typename T>
-T scale_max(T* v, int64_t n, T a) { return run_loop<ScaleMax>(v, n, a); }
 
 // v[j] = exp(a * v[j] - shift); returns their sum.
 template <typename T>

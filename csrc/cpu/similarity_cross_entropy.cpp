@@ -51,7 +51,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x_
         const int64_t qb = q1 - q0;
         const scalar_t* xb = xp + (b * Q + q0) * D;
         scalar_t ax[kQueryBlock], running_max[kQueryBlock], running_sum[kQueryBlock],
-            target_logit[kQueryBlock];
+            target_logit[kQueryBlock], tile_max[kQueryBlock];
         row_stats<M>(xb, qb, D, ax, nullptr);
         for (int64_t i = 0; i < qb; ++i) {
           check_target_value(tp[b * Q + q0 + i], b, q0 + i, N);
@@ -61,12 +61,11 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x_
         std::vector<scalar_t> S(qb * std::min(N, kKeyBlock));
         for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
           const int64_t nb = std::min(kKeyBlock, N - n0);
-          similarity_tile<M>(xb, qb, yp + (b * N + n0) * D, nb, D, ax, ay + b * N + n0, S.data(),
-                             nb);
+          logits_tile<M>(xb, qb, yp + (b * N + n0) * D, nb, D, ax, ay + b * N + n0,
+                         sp + b * Q + q0, S.data(), nb, tile_max);
           for (int64_t i = 0; i < qb; ++i) {
             scalar_t* logits = S.data() + i * nb;
-            const scalar_t sc = sp[b * Q + q0 + i];
-            const scalar_t new_max = std::max(running_max[i], scale_max(logits, nb, sc));
+            const scalar_t new_max = std::max(running_max[i], tile_max[i]);
             const int64_t t = tp[b * Q + q0 + i] - n0;
             if (t >= 0 && t < nb) target_logit[i] = logits[t];
             if (new_max == -std::numeric_limits<scalar_t>::infinity()) continue;
@@ -135,11 +134,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
             const scalar_t sc = sp[row], g = gp[row], row_lse = lsep[row];
             const scalar_t* s = S.data() + i * nb;
             scalar_t* w = W.data() + i * nb;
-            // d loss / d logit = g * (softmax - one_hot(target)).
-            std::copy(s, s + nb, w);
-            exp_affine_sum(w, nb, sc, row_lse);
-            scalar_t gscale_acc = g * row_dot(w, s, nb);
-            for (int64_t j = 0; j < nb; ++j) w[j] *= g * sc;
+            // d loss / d logit = g * (softmax - one_hot(target)); w = that times sc.
+            scalar_t gscale_acc = g * run_loop<SoftmaxGradRow>(w, s, nb, sc, row_lse, g * sc);
             const int64_t t = tp[row] - n0;
             if (t >= 0 && t < nb) {
               gscale_acc -= g * s[t];

@@ -32,12 +32,13 @@ at::Tensor similarity_log_softmax(const at::Tensor& x_in, const at::Tensor& y_in
         scalar_t ax[kQueryBlock];
         row_stats<M>(xb, qb, D, ax, nullptr);
         scalar_t* rows = op + (b * Q + q0) * N;
-        similarity_tile<M>(xb, qb, yp + b * N * D, N, D, ax, ay + b * N, rows, N);
+        scalar_t row_max[kQueryBlock];
+        logits_tile<M>(xb, qb, yp + b * N * D, N, D, ax, ay + b * N, sp + b * Q + q0, rows, N,
+                       row_max);
         std::vector<scalar_t> scratch(N);
         for (int64_t i = 0; i < qb; ++i) {
           scalar_t* logits = rows + i * N;
-          const scalar_t sc = sp[b * Q + q0 + i];
-          const scalar_t max_logit = scale_max(logits, N, sc);
+          const scalar_t max_logit = row_max[i];
           std::copy(logits, logits + N, scratch.begin());
           const scalar_t lse =
               max_logit + std::log(exp_affine_sum(scratch.data(), N, scalar_t(1), max_logit));

@@ -18,6 +18,7 @@
 #include <ATen/ops/mm.h>
 
 #include <algorithm>
+#include <limits>
 #include <type_traits>
 #include <vector>
 
@@ -125,6 +126,39 @@ void similarity_tile(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, 
                      const T* ay, T* S, int64_t ld) {
   gemm_abt(qb, nb, D, x, D, y, D, S, ld);
   for (int64_t i = 0; i < qb; ++i) run_loop<SimilarityRow<M>>(S + i * ld, nb, ax[i], ay);
+}
+
+// row[j] = scale * s(x, y_j) from row[j] = x.y_j; returns max_j row[j] (NaN
+// entries are skipped here; they reach the log-sum-exp through the sum).
+template <Metric M>
+struct LogitsRowMax {
+  template <typename T>
+  FASTMETA_INLINE static T run(T* row, int64_t n, T ax, const T* ay, T scale) {
+    T acc[kLanes];
+    for (int l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<T>::infinity();
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) {
+        row[j + l] = scale * similarity<M>(row[j + l], ax, ay[j + l]);
+        acc[l] = row[j + l] > acc[l] ? row[j + l] : acc[l];
+      }
+    for (; j < n; ++j) {
+      row[j] = scale * similarity<M>(row[j], ax, ay[j]);
+      acc[0] = row[j] > acc[0] ? row[j] : acc[0];
+    }
+    T m = acc[0];
+    for (int l = 1; l < kLanes; ++l) m = acc[l] > m ? acc[l] : m;
+    return m;
+  }
+};
+
+// L[qb, nb] = scale_i * s(x_i, y_j), and row_max[i] = max_j L[i, j].
+template <Metric M, typename T>
+void logits_tile(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, const T* ax,
+                 const T* ay, const T* scale, T* L, int64_t ld, T* row_max) {
+  gemm_abt(qb, nb, D, x, D, y, D, L, ld);
+  for (int64_t i = 0; i < qb; ++i)
+    row_max[i] = run_loop<LogitsRowMax<M>>(L + i * ld, nb, ax[i], ay, scale[i]);
 }
 
 // One row of similarity_tile_vjp: w[j] *= d s / d(x.y), gy_stat[j] += w[j] *
