@@ -1,0 +1,59 @@
+"""The package around the kernels: the extension loader, `fastmeta info` and `fastmeta bench`."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fastmeta
+from fastmeta import _build_config, _extension
+from fastmeta.__main__ import main
+
+
+def test_extension_built_for_another_pytorch_fails_with_both_versions(monkeypatch):
+    monkeypatch.setattr(_build_config, "TORCH_VERSION", "1.0.0")
+    with pytest.raises(ImportError) as error:
+        _extension.load()
+    message = str(error.value)
+    assert "built against PyTorch 1.0.0" in message
+    assert f"PyTorch {torch.__version__} is installed" in message
+    assert "pip install --no-build-isolation" in message
+
+
+def test_build_info_matches_the_installed_pytorch():
+    info = fastmeta._C.build_info()
+    assert torch.__version__.startswith(info["torch_version"])
+    assert info["with_cuda"] == _build_config.WITH_CUDA
+
+
+def test_info_command(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert f"fastmeta {fastmeta.__version__}" in out
+    assert f"PyTorch {torch.__version__}" in out
+    assert "CUDA kernels compiled in:" in out
+
+
+def test_module_entry_point_runs_info():
+    result = subprocess.run([sys.executable, "-m", "fastmeta", "info"], capture_output=True, text=True)
+    assert result.returncode == 0 and "CUDA kernels compiled in:" in result.stdout
+
+
+def test_bench_command_prints_a_table_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    assert main(["bench", "--case", "proto_episode", "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "proto_episode" in out and "speedup" in out
+    results = json.loads(path.read_text())["results"]
+    assert {r["baseline"] for r in results} == {"eager (cdist)", "eager (matmul)"}
+    for r in results:
+        assert r["fastmeta_ms"] > 0 and r["baseline_ms"] > 0
+        assert r["speedup"] == pytest.approx(r["baseline_ms"] / r["fastmeta_ms"])
+
+
+def test_bench_rejects_an_unknown_case(capsys):
+    with pytest.raises(SystemExit):
+        main(["bench", "--case", "no_such_case"])
+    assert "unknown benchmark case" in capsys.readouterr().err
