@@ -57,4 +57,31 @@ inline void check_metric_operands(const at::Tensor& x, const at::Tensor& y,
   check_size(scale, "scale", 1, x.size(1), "the number of queries Q in x");
 }
 
+// Class indices for the queries of x: [B, Q], int64 (values are checked by the kernels).
+inline void check_target_shape(const at::Tensor& target, const at::Tensor& x) {
+  check_index(target, "target", x);
+  TORCH_CHECK(target.dim() == 2 && target.size(0) == x.size(0) && target.size(1) == x.size(1),
+              "fastmeta: target must have shape [B, Q] = ", x.sizes().slice(0, 2), ", got ",
+              target.sizes());
+}
+
+// One row of values per key of y: [B, N, V].
+inline void check_values(const at::Tensor& values, const at::Tensor& x, const at::Tensor& y) {
+  check_operand(values, "values", 3, x);
+  check_size(values, "values", 0, x.size(0), "the number of tasks B in x");
+  check_size(values, "values", 1, y.size(1), "the number of keys N in y");
+}
+
+// contrastive_loss pairs: x1 and x2 [M, D], same [M].
+inline void check_pairs(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& same) {
+  TORCH_CHECK(at::isFloatingType(x1.scalar_type()),
+              "fastmeta: x1 must be a floating-point tensor, got ", x1.scalar_type());
+  check_operand(x1, "x1", 2, x1);
+  check_operand(x2, "x2", 2, x1);
+  check_operand(same, "same", 1, x1);
+  TORCH_CHECK(x1.sizes() == x2.sizes(), "fastmeta: x1 and x2 must have the same shape, got ",
+              x1.sizes(), " and ", x2.sizes());
+  check_size(same, "same", 0, x1.size(0), "the number of pairs in x1");
+}
+
 }  // namespace fastmeta

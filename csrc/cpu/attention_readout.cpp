@@ -11,12 +11,6 @@
 namespace fastmeta::cpu {
 namespace {
 
-void check_values(const at::Tensor& values, const at::Tensor& x, const at::Tensor& y) {
-  check_operand(values, "values", 3, x);
-  check_size(values, "values", 0, x.size(0), "the number of tasks B in x");
-  check_size(values, "values", 1, y.size(1), "the number of keys N in y");
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in,
                                                      const at::Tensor& y_in,
                                                      const at::Tensor& values_in,

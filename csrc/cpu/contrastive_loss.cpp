@@ -13,17 +13,6 @@
 namespace fastmeta::cpu {
 namespace {
 
-void check_pairs(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& same) {
-  TORCH_CHECK(at::isFloatingType(x1.scalar_type()),
-              "fastmeta: x1 must be a floating-point tensor, got ", x1.scalar_type());
-  check_operand(x1, "x1", 2, x1);
-  check_operand(x2, "x2", 2, x1);
-  check_operand(same, "same", 1, x1);
-  TORCH_CHECK(x1.sizes() == x2.sizes(), "fastmeta: x1 and x2 must have the same shape, got ",
-              x1.sizes(), " and ", x2.sizes());
-  check_size(same, "same", 0, x1.size(0), "the number of pairs in x1");
-}
-
 template <typename T>
 T pair_distance(const T* a, const T* b, int64_t D) {
   T acc = 0;

@@ -11,13 +11,6 @@
 namespace fastmeta::cpu {
 namespace {
 
-void check_target(const at::Tensor& target, const at::Tensor& x) {
-  check_index(target, "target", x);
-  TORCH_CHECK(target.dim() == 2 && target.size(0) == x.size(0) && target.size(1) == x.size(1),
-              "fastmeta: target must have shape [B, Q] = ", x.sizes().slice(0, 2), ", got ",
-              target.sizes());
-}
-
 void check_target_value(int64_t t, int64_t b, int64_t q, int64_t N) {
   TORCH_CHECK(t >= 0 && t < N, "fastmeta: target[", b, ", ", q, "] = ", t,
               " is out of range for ", N, " classes");
@@ -30,7 +23,7 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x_
                                                             c10::string_view metric_name) {
   Metric metric = parse_metric(metric_name);
   check_metric_operands(x_in, y_in, scale_in);
-  check_target(target_in, x_in);
+  check_target_shape(target_in, x_in);
   at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
   at::Tensor target = target_in.contiguous(), scale = scale_in.contiguous();
   const int64_t B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2);
@@ -90,7 +83,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
     c10::string_view metric_name) {
   Metric metric = parse_metric(metric_name);
   check_metric_operands(x_in, y_in, scale_in);
-  check_target(target_in, x_in);
+  check_target_shape(target_in, x_in);
   at::Tensor x = x_in.contiguous(), y = y_in.contiguous(), grad = grad_in.contiguous();
   at::Tensor target = target_in.contiguous(), scale = scale_in.contiguous();
   at::Tensor lse = lse_in.contiguous();

@@ -88,11 +88,40 @@ struct Similarity {
   static cudaStream_t stream() { return c10::cuda::getCurrentCUDAStream(); }
 };
 
+// Inputs and gradient buffers of a similarity backward, in the accumulation
+// dtype; `to_input_dtype` converts a gradient back.
+struct SimilarityBackward {
+  SimilarityGrads grads{};
+  at::Tensor grad, out, lse, row_weight, gx, gy, gscale, gvalues;
+  at::ScalarType dtype;
+
+  SimilarityBackward(const at::Tensor& grad_in, const Similarity& s) : dtype(s.x.scalar_type()) {
+    grad = grad_in.to(dtype).contiguous();
+    grads.grad = grad.const_data_ptr();
+    gx = at::zeros(s.x.sizes(), acc_options(s.x));
+    gy = at::zeros(s.y.sizes(), acc_options(s.x));
+    grads.grad_x = gx.mutable_data_ptr();
+    grads.grad_y = gy.mutable_data_ptr();
+    if (s.scale.defined()) {
+      gscale = at::zeros(s.scale.sizes(), acc_options(s.x));
+      grads.grad_scale = gscale.mutable_data_ptr();
+    }
+    if (s.values.defined()) {
+      gvalues = at::zeros(s.values.sizes(), acc_options(s.x));
+      grads.grad_values = gvalues.mutable_data_ptr();
+    }
+  }
+
+  at::Tensor in_acc(const at::Tensor& t) const { return t.to(gx.scalar_type()).contiguous(); }
+  void set_out(const at::Tensor& t) { out = in_acc(t); grads.out = out.const_data_ptr(); }
+  void set_lse(const at::Tensor& t) { lse = in_acc(t); grads.lse = lse.const_data_ptr(); }
+  void set_row_weight(const at::Tensor& t) { row_weight = in_acc(t); grads.row_weight = row_weight.const_data_ptr(); }
+  void run(SimilarityOp op, const Similarity& s) { cuda::similarity_backward(op, s.args, grads, s.stream()); }
+  at::Tensor to_input_dtype(const at::Tensor& t) const { return t.to(dtype); }
+};
+
 void check_target(const at::Tensor& target, const at::Tensor& x, int64_t N) {
-  check_index(target, "target", x);
-  TORCH_CHECK(target.dim() == 2 && target.size(0) == x.size(0) && target.size(1) == x.size(1),
-              "fastmeta: target must have shape [B, Q] = ", x.sizes().slice(0, 2), ", got ",
-              target.sizes());
+  check_target_shape(target, x);
   if (auto bad = first_true((target < 0) | (target >= N))) {
     TORCH_CHECK(false, "fastmeta: target[", bad->first, ", ", bad->second, "] = ",
                 target[bad->first][bad->second].item<int64_t>(), " is out of range for ", N,
@@ -117,14 +146,9 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward(const at::Tensor& 
                                                                c10::string_view metric) {
   c10::cuda::CUDAGuard guard(x.device());
   Similarity s(x, y, nullptr, nullptr, nullptr, metric);
-  at::Tensor g = grad.to(x.scalar_type()).contiguous();
-  at::Tensor gx = at::zeros(x.sizes(), acc_options(x)), gy = at::zeros(y.sizes(), acc_options(x));
-  SimilarityGrads grads{};
-  grads.grad = g.const_data_ptr();
-  grads.grad_x = gx.mutable_data_ptr();
-  grads.grad_y = gy.mutable_data_ptr();
-  cuda::similarity_backward(SimilarityOp::PairwiseDistance, s.args, grads, s.stream());
-  return {gx.to(x.scalar_type()), gy.to(x.scalar_type())};
+  SimilarityBackward bw(grad, s);
+  bw.run(SimilarityOp::PairwiseDistance, s);
+  return {bw.to_input_dtype(bw.gx), bw.to_input_dtype(bw.gy)};
 }
 
 at::Tensor similarity_log_softmax(const at::Tensor& x, const at::Tensor& y, const at::Tensor& scale,
@@ -145,21 +169,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_log_softmax_backward(
   check_metric_operands(x, y, scale);
   c10::cuda::CUDAGuard guard(x.device());
   Similarity s(x, y, &scale, nullptr, nullptr, metric);
-  at::Tensor g = grad.to(x.scalar_type()).contiguous();
-  at::Tensor out = log_probs.to(acc_options(x).dtype()).contiguous();
-  at::Tensor row_weight = g.to(out.scalar_type()).sum(-1).contiguous();
-  at::Tensor gx = at::zeros(x.sizes(), acc_options(x)), gy = at::zeros(y.sizes(), acc_options(x));
-  at::Tensor gscale = at::zeros(scale.sizes(), acc_options(x));
-  SimilarityGrads grads{};
-  grads.grad = g.const_data_ptr();
-  grads.out = out.const_data_ptr();
-  grads.row_weight = row_weight.const_data_ptr();
-  grads.grad_x = gx.mutable_data_ptr();
-  grads.grad_y = gy.mutable_data_ptr();
-  grads.grad_scale = gscale.mutable_data_ptr();
-  cuda::similarity_backward(SimilarityOp::LogSoftmax, s.args, grads, s.stream());
-  auto dtype = x.scalar_type();
-  return {gx.to(dtype), gy.to(dtype), gscale.to(dtype)};
+  SimilarityBackward bw(grad, s);
+  bw.set_out(log_probs);
+  bw.set_row_weight(bw.in_acc(bw.grad).sum(-1));
+  bw.run(SimilarityOp::LogSoftmax, s);
+  return {bw.to_input_dtype(bw.gx), bw.to_input_dtype(bw.gy), bw.to_input_dtype(bw.gscale)};
 }
 
 std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x, const at::Tensor& y,
@@ -179,30 +193,15 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x,
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& target,
-    const at::Tensor& scale, const at::Tensor& lse_in, c10::string_view metric) {
+    const at::Tensor& scale, const at::Tensor& lse, c10::string_view metric) {
   check_metric_operands(x, y, scale);
   c10::cuda::CUDAGuard guard(x.device());
   check_target(target, x, y.size(1));
   Similarity s(x, y, &scale, &target, nullptr, metric);
-  at::Tensor g = grad.to(x.scalar_type()).contiguous();
-  at::Tensor lse = lse_in.to(acc_options(x).dtype()).contiguous();
-  at::Tensor gx = at::zeros(x.sizes(), acc_options(x)), gy = at::zeros(y.sizes(), acc_options(x));
-  at::Tensor gscale = at::zeros(scale.sizes(), acc_options(x));
-  SimilarityGrads grads{};
-  grads.grad = g.const_data_ptr();
-  grads.lse = lse.const_data_ptr();
-  grads.grad_x = gx.mutable_data_ptr();
-  grads.grad_y = gy.mutable_data_ptr();
-  grads.grad_scale = gscale.mutable_data_ptr();
-  cuda::similarity_backward(SimilarityOp::CrossEntropy, s.args, grads, s.stream());
-  auto dtype = x.scalar_type();
-  return {gx.to(dtype), gy.to(dtype), gscale.to(dtype)};
-}
-
-void check_values(const at::Tensor& values, const at::Tensor& x, const at::Tensor& y) {
-  check_operand(values, "values", 3, x);
-  check_size(values, "values", 0, x.size(0), "the number of tasks B in x");
-  check_size(values, "values", 1, y.size(1), "the number of keys N in y");
+  SimilarityBackward bw(grad, s);
+  bw.set_lse(lse);
+  bw.run(SimilarityOp::CrossEntropy, s);
+  return {bw.to_input_dtype(bw.gx), bw.to_input_dtype(bw.gy), bw.to_input_dtype(bw.gscale)};
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x, const at::Tensor& y,
@@ -220,31 +219,19 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x, const 
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_backward(
-    const at::Tensor& grad, const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& x,
+    const at::Tensor& grad, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& x,
     const at::Tensor& y, const at::Tensor& values, const at::Tensor& scale, c10::string_view metric) {
   check_metric_operands(x, y, scale);
   check_values(values, x, y);
   c10::cuda::CUDAGuard guard(x.device());
   Similarity s(x, y, &scale, nullptr, &values, metric);
-  at::Tensor g = grad.to(x.scalar_type()).contiguous();
-  at::Tensor out = out_in.to(acc_options(x).dtype()).contiguous();
-  at::Tensor lse = lse_in.to(acc_options(x).dtype()).contiguous();
-  at::Tensor row_weight = (g.to(out.scalar_type()) * out).sum(-1).contiguous();
-  at::Tensor gx = at::zeros(x.sizes(), acc_options(x)), gy = at::zeros(y.sizes(), acc_options(x));
-  at::Tensor gvalues = at::zeros(values.sizes(), acc_options(x));
-  at::Tensor gscale = at::zeros(scale.sizes(), acc_options(x));
-  SimilarityGrads grads{};
-  grads.grad = g.const_data_ptr();
-  grads.out = out.const_data_ptr();
-  grads.lse = lse.const_data_ptr();
-  grads.row_weight = row_weight.const_data_ptr();
-  grads.grad_x = gx.mutable_data_ptr();
-  grads.grad_y = gy.mutable_data_ptr();
-  grads.grad_scale = gscale.mutable_data_ptr();
-  grads.grad_values = gvalues.mutable_data_ptr();
-  cuda::similarity_backward(SimilarityOp::AttentionReadout, s.args, grads, s.stream());
-  auto dtype = x.scalar_type();
-  return {gx.to(dtype), gy.to(dtype), gvalues.to(dtype), gscale.to(dtype)};
+  SimilarityBackward bw(grad, s);
+  bw.set_out(out);
+  bw.set_lse(lse);
+  bw.set_row_weight((bw.in_acc(bw.grad) * bw.out).sum(-1));
+  bw.run(SimilarityOp::AttentionReadout, s);
+  return {bw.to_input_dtype(bw.gx), bw.to_input_dtype(bw.gy), bw.to_input_dtype(bw.gvalues),
+          bw.to_input_dtype(bw.gscale)};
 }
 
 at::Tensor class_prototypes(const at::Tensor& support_in, const at::Tensor& labels_in, int64_t num_classes) {
@@ -286,15 +273,6 @@ at::Tensor class_prototypes_backward(const at::Tensor& grad_in, const at::Tensor
                             counts.const_data_ptr<int64_t>(), B, S, N, D, grad_support.mutable_data_ptr(),
                             stream);
   return grad_support.to(grad.scalar_type());
-}
-
-void check_pairs(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& same) {
-  check_operand(x1, "x1", 2, x1);
-  check_operand(x2, "x2", 2, x1);
-  check_operand(same, "same", 1, x1);
-  TORCH_CHECK(x1.sizes() == x2.sizes(), "fastmeta: x1 and x2 must have the same shape, got ",
-              x1.sizes(), " and ", x2.sizes());
-  check_size(same, "same", 0, x1.size(0), "the number of pairs in x1");
 }
 
 at::Tensor contrastive_loss(const at::Tensor& x1_in, const at::Tensor& x2_in, const at::Tensor& same_in,
