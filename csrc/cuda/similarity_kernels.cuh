@@ -96,7 +96,8 @@ similarity_forward_kernel(SimilarityArgs a, acc_t<T>* out, acc_t<T>* lse) {
   using A = acc_t<T>;
   __shared__ TileStorage<A> smem;
   const int r = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
-  const int64_t b = blockIdx.y, q = blockIdx.x * int64_t(kRows) + r;
+  const int64_t blocks = (a.Q + kRows - 1) / kRows;
+  const int64_t b = blockIdx.x / blocks, r0 = (blockIdx.x % blocks) * int64_t(kRows), q = r0 + r;
   const bool valid_q = q < a.Q;
   const int64_t row = b * a.Q + q;
   const T* x = static_cast<const T*>(a.x) + b * a.Q * a.D;
@@ -110,7 +111,7 @@ similarity_forward_kernel(SimilarityArgs a, acc_t<T>* out, acc_t<T>* lse) {
 
   for (int64_t n0 = 0; n0 < a.N; n0 += kCols) {
     A dots[kColsPerThread];
-    dot_tile(x, a.Q, blockIdx.x * int64_t(kRows), y, a.N, n0, a.D, smem, dots);
+    dot_tile(x, a.Q, r0, y, a.N, n0, a.D, smem, dots);
     A logits[kColsPerThread];
     A tile_max = neg_inf;
     for (int i = 0; i < kColsPerThread; ++i) {
@@ -202,9 +203,9 @@ similarity_backward_kernel(SimilarityArgs a, SimilarityGrads g) {
   __shared__ TileStorage<A> smem;
   __shared__ A probs[kRows][kCols + 1];
   const int r = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
-  const int64_t b = blockIdx.y;
   const int64_t own_count = KEY_SIDE ? a.N : a.Q, other_count = KEY_SIDE ? a.Q : a.N;
-  const int64_t own = blockIdx.x * int64_t(kRows) + r;
+  const int64_t blocks = (own_count + kRows - 1) / kRows;
+  const int64_t b = blockIdx.x / blocks, r0 = (blockIdx.x % blocks) * int64_t(kRows), own = r0 + r;
   const bool valid_own = own < own_count;
   const T* x = static_cast<const T*>(a.x) + b * a.Q * a.D;
   const T* y = static_cast<const T*>(a.y) + b * a.N * a.D;
@@ -212,13 +213,12 @@ similarity_backward_kernel(SimilarityArgs a, SimilarityGrads g) {
   const T* other_rows = KEY_SIDE ? x : y;
   const A* x_stat = static_cast<const A*>(a.x_stat) + b * a.Q;
   const A* y_stat = static_cast<const A*>(a.y_stat) + b * a.N;
-  const A own_stat = valid_own ? (KEY_SIDE ? y_stat : x_stat)[own] : A(0);
   A stat_grad = 0, scale_grad = 0;
   A* grad_own = static_cast<A*>(KEY_SIDE ? g.grad_y : g.grad_x) + (b * own_count + own) * a.D;
 
   for (int64_t c0 = 0; c0 < other_count; c0 += kCols) {
     A dots[kColsPerThread];
-    dot_tile(own_rows, own_count, blockIdx.x * int64_t(kRows), other_rows, other_count, c0, a.D, smem, dots);
+    dot_tile(own_rows, own_count, r0, other_rows, other_count, c0, a.D, smem, dots);
     for (int i = 0; i < kColsPerThread; ++i) {
       const int c = lane + kLanes * i;
       const int64_t other = c0 + c;
@@ -265,8 +265,7 @@ void launch_similarity_forward(const SimilarityArgs& a, void* out, void* lse, cu
   if (a.B == 0 || a.Q == 0) return;
   FASTMETA_DISPATCH_DTYPE(a.dtype, [&] {
     FASTMETA_DISPATCH_METRIC(a.metric, [&] {
-      dim3 grid(blocks_for(a.Q, kRows), static_cast<unsigned int>(a.B));
-      similarity_forward_kernel<OP, M, T><<<grid, kThreads, 0, stream>>>(
+      similarity_forward_kernel<OP, M, T><<<blocks_for(a.Q, kRows) * a.B, kThreads, 0, stream>>>(
           a, static_cast<acc_t<T>*>(out), static_cast<acc_t<T>*>(lse));
       check_launch("similarity_forward");
     });
@@ -280,12 +279,12 @@ void launch_similarity_backward(const SimilarityArgs& a, const SimilarityGrads& 
     FASTMETA_DISPATCH_METRIC(a.metric, [&] {
       if (a.Q > 0) {
         similarity_backward_kernel<OP, M, T, false>
-            <<<dim3(blocks_for(a.Q, kRows), a.B), kThreads, 0, stream>>>(a, g);
+            <<<blocks_for(a.Q, kRows) * a.B, kThreads, 0, stream>>>(a, g);
         check_launch("similarity_backward (queries)");
       }
       if (a.N > 0) {
         similarity_backward_kernel<OP, M, T, true>
-            <<<dim3(blocks_for(a.N, kRows), a.B), kThreads, 0, stream>>>(a, g);
+            <<<blocks_for(a.N, kRows) * a.B, kThreads, 0, stream>>>(a, g);
         check_launch("similarity_backward (keys)");
       }
     });
