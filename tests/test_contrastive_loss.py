@@ -44,7 +44,7 @@ def test_bad_arguments_name_the_argument():
         ops.contrastive_loss(x1, x2, same[:2])
     with pytest.raises(TypeError, match="same must be a bool or floating-point tensor"):
         ops.contrastive_loss(x1, x2, same.long())
-    with pytest.raises(TypeError, match="x2 has dtype torch.float64"):
+    with pytest.raises(TypeError, match="x2 has dtype torch.float64 but x1 has dtype torch.float32"):
         ops.contrastive_loss(x1, x2.double(), same)
     with pytest.raises(ValueError, match="unknown reduction 'avg'"):
         ops.contrastive_loss(x1, x2, same, reduction="avg")

@@ -12,17 +12,18 @@ REDUCTIONS = ("mean", "sum", "none")
 _CPU_UPCAST = (torch.float16, torch.bfloat16)
 
 
-def check_tensor(op: str, name: str, t, like: Optional[torch.Tensor] = None, floating: bool = True):
+def check_tensor(op: str, name: str, t, like: Optional[torch.Tensor] = None, floating: bool = True,
+                 like_name: str = "x"):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if floating and not t.is_floating_point():
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
     if like is not None:
         if t.device != like.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but x is on {like.device}; "
+            raise ValueError(f"{op}: {name} is on {t.device} but {like_name} is on {like.device}; "
                              "move them to the same device")
         if floating and t.dtype != like.dtype:
-            raise TypeError(f"{op}: {name} has dtype {t.dtype} but x has dtype {like.dtype}")
+            raise TypeError(f"{op}: {name} has dtype {t.dtype} but {like_name} has dtype {like.dtype}")
 
 
 def check_choice(op: str, name: str, value: str, choices: Sequence[str]):

@@ -25,7 +25,7 @@ def contrastive_loss(x1: torch.Tensor, x2: torch.Tensor, same: torch.Tensor, mar
     """
     op = "contrastive_loss"
     _common.check_tensor(op, "x1", x1)
-    _common.check_tensor(op, "x2", x2, like=x1)
+    _common.check_tensor(op, "x2", x2, like=x1, like_name="x1")
     _common.check_tensor(op, "same", same, floating=False)
     _common.check_choice(op, "reduction", reduction, _common.REDUCTIONS)
     if x1.dim() < 1 or x1.shape != x2.shape:
