@@ -14,20 +14,26 @@ namespace {
 
 constexpr int kWarpsPerBlock = 8;
 
-// One warp per row.
+// One warp per row, x's rows then y's, in one launch.
 template <Metric M, typename T>
-__global__ void row_stats_kernel(const T* v, int64_t rows, int64_t D, acc_t<T>* stat, acc_t<T>* coeff) {
+__global__ void row_stats_kernel(SimilarityArgs a) {
   using A = acc_t<T>;
-  const int64_t row = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / 32;
+  const int64_t x_rows = a.B * a.Q;
+  int64_t row = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  if (row >= rows) return;
+  if (row >= x_rows + a.B * a.N) return;
+  const bool is_x = row < x_rows;
+  row = is_x ? row : row - x_rows;
+  const T* v = static_cast<const T*>(is_x ? a.x : a.y) + row * a.D;
   A sum_squares = 0;
-  for (int64_t d = lane; d < D; d += 32) {
-    const A value = to_acc(v[row * D + d]);
+  for (int64_t d = lane; d < a.D; d += 32) {
+    const A value = to_acc(v[d]);
     sum_squares += value * value;
   }
   for (int offset = 16; offset > 0; offset >>= 1) sum_squares += __shfl_xor_sync(0xffffffffu, sum_squares, offset);
   if (lane == 0) {
+    A* stat = static_cast<A*>(is_x ? a.x_stat : a.y_stat);
+    A* coeff = static_cast<A*>(is_x ? a.x_coeff : a.y_coeff);
     stat[row] = row_stat<M>(sum_squares);
     coeff[row] = row_stat_coeff<M>(sum_squares, stat[row]);
   }
@@ -36,20 +42,12 @@ __global__ void row_stats_kernel(const T* v, int64_t rows, int64_t D, acc_t<T>* 
 }  // namespace
 
 void similarity_row_stats(const SimilarityArgs& a, cudaStream_t stream) {
+  const int64_t rows = a.B * (a.Q + a.N);
+  if (rows == 0) return;
   FASTMETA_DISPATCH_DTYPE(a.dtype, [&] {
     FASTMETA_DISPATCH_METRIC(a.metric, [&] {
-      using A = acc_t<T>;
-      const std::pair<const void*, int64_t> sides[2] = {{a.x, a.B * a.Q}, {a.y, a.B * a.N}};
-      void* stats[2] = {a.x_stat, a.y_stat};
-      void* coeffs[2] = {a.x_coeff, a.y_coeff};
-      for (int side = 0; side < 2; ++side) {
-        const int64_t rows = sides[side].second;
-        if (rows == 0) continue;
-        row_stats_kernel<M, T><<<blocks_for(rows, kWarpsPerBlock), kWarpsPerBlock * 32, 0, stream>>>(
-            static_cast<const T*>(sides[side].first), rows, a.D, static_cast<A*>(stats[side]),
-            static_cast<A*>(coeffs[side]));
-        check_launch("row_stats");
-      }
+      row_stats_kernel<M, T><<<blocks_for(rows, kWarpsPerBlock), kWarpsPerBlock * 32, 0, stream>>>(a);
+      check_launch("row_stats");
     });
   });
 }
