@@ -123,7 +123,8 @@ def test_opcheck_backward_ops(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_compile_fullgraph(device):
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_torch_compile_fullgraph(device, backend):
     x, y, scale, target, values = inputs(device)
     support = randn(2, 6, 3, dtype=torch.float64, device=device, requires_grad=True)
     labels = torch.tensor([[0, 1, 2, 0, 1, 2], [2, 1, 0, 0, 1, 2]], device=device)
@@ -137,7 +138,7 @@ def test_torch_compile_fullgraph(device):
         return loss + ops.contrastive_loss(x[0], x[1], torch.ones(4, dtype=x.dtype, device=device))
 
     args = (support, x, y, scale, values)
-    compiled = torch.compile(episode, fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(episode, fullgraph=True, backend=backend)
     expected = episode(*args)
     got = compiled(*args)
     torch.testing.assert_close(got, expected)
