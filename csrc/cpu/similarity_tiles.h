@@ -1,6 +1,7 @@
 // Building blocks of the CPU similarity kernels: row-major matrix products on
-// raw pointers (BLAS through ATen's cpublas), per-row statistics, a similarity
-// tile, and the vector-Jacobian product of a tile.
+// raw pointers (the BLAS inside PyTorch), per-row statistics, tiles of
+// similarities and logits, the vector-Jacobian product of a tile, and the
+// accumulation of gradients for the keys.
 //
 // All kernels work on one task b and a block of queries at a time, so that a
 // tile of logits stays in cache and nothing of size [Q, N] is allocated unless
@@ -9,13 +10,13 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
-#include <ATen/ops/empty_like.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
 
 #include <algorithm>
 #include <limits>
@@ -33,6 +34,7 @@ constexpr int64_t kKeyBlock = 512;
 // Keeps a parameter out of template argument deduction (so it accepts nullptr).
 template <typename T>
 using NoDeduce = typename std::common_type<T>::type;
+
 // Fortran BLAS, exported by the MKL or OpenBLAS that PyTorch's CPU library
 // links. Declared weak: where a PyTorch build does not export them, they are
 // null and the matrix products below fall back to at::mm.
