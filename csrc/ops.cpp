@@ -25,6 +25,10 @@ TORCH_LIBRARY(fastmeta, m) {
   m.def(
       "similarity_cross_entropy_backward(Tensor grad, Tensor x, Tensor y, Tensor target,"
       " Tensor scale, Tensor logsumexp, str metric) -> (Tensor, Tensor, Tensor)");
+  // The loss weight * sum_q loss_q of each task [B], and its gradients.
+  m.def(
+      "similarity_cross_entropy_with_grad(Tensor x, Tensor y, Tensor target, Tensor scale,"
+      " str metric, float weight) -> (Tensor loss, Tensor grad_x, Tensor grad_y, Tensor grad_scale)");
   m.def(
       "attention_readout(Tensor x, Tensor y, Tensor values, Tensor scale, str metric)"
       " -> (Tensor out, Tensor logsumexp)");

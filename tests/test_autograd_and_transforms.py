@@ -29,6 +29,10 @@ def functions(device, metric):
         "similarity_log_softmax": (lambda x, y, s: ops.similarity_log_softmax(x, y, metric, s), (x, y, scale)),
         "similarity_cross_entropy": (
             lambda x, y, s: ops.similarity_cross_entropy(x, y, target, metric, s, "none"), (x, y, scale)),
+        # A reduced loss with gradients and many keys takes the fused op.
+        "similarity_cross_entropy (fused)": (
+            lambda x, y, s: ops.similarity_cross_entropy(x, y.repeat(1, 43, 1), target, metric, s),
+            (x, y, scale)),
         "attention_readout": (lambda x, y, v, s: ops.attention_readout(x, y, v, metric, s), (x, y, values, scale)),
         "class_prototypes": (lambda s: ops.class_prototypes(s, labels, 3), (support,)),
         "contrastive_loss": (lambda a, b, s: ops.contrastive_loss(a, b, s, 1.5, "none"),
@@ -85,6 +89,7 @@ def opcheck_samples(device, dtype):
         samples += [
             (fm.similarity_log_softmax, (x, y, scale, metric)),
             (fm.similarity_cross_entropy, (x, y, target, scale, metric)),
+            (fm.similarity_cross_entropy_with_grad, (x, y, target, scale, metric, 0.1)),
             (fm.attention_readout, (x, y, values, scale, metric)),
         ]
     samples += [
@@ -172,3 +177,27 @@ def test_vmap_over_an_extra_leading_dimension(device):
         got = torch.func.vmap(fn, in_dims=in_dims)(*args)
         slices = [[a if d is None else a[i] for a, d in zip(args, in_dims)] for i in range(V)]
         torch.testing.assert_close(got, torch.stack([fn(*s) for s in slices]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_fused_forward_and_gradient_matches_the_two_pass_ops(device, reduction):
+    x, y, scale, target, _ = inputs(device, B=3, Q=70, N=600, D=7)
+    fused = ops.similarity_cross_entropy(x, y, target, "euclidean", scale, reduction)
+    two_pass = getattr(ops.similarity_cross_entropy(x, y, target, "euclidean", scale, "none"), reduction)()
+    torch.testing.assert_close(fused, two_pass, rtol=1e-12, atol=1e-12)
+    for a, b in zip(torch.autograd.grad(fused, (x, y, scale)), torch.autograd.grad(two_pass, (x, y, scale))):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_vmap_of_a_reduced_loss_that_needs_gradients(device):
+    x = randn(3, 2, 4, 5, dtype=torch.float64, device=device, requires_grad=True)
+    y = randn(3, 2, 300, 5, dtype=torch.float64, device=device)  # enough keys for the fused op
+    target = torch.randint(0, 300, (3, 2, 4), device=device)
+    losses = torch.func.vmap(lambda x, y, t: ops.similarity_cross_entropy(x, y, t, "cosine", 2.0))(x, y, target)
+    expected = torch.stack([reference.similarity_cross_entropy(x[i], y[i], target[i], "cosine", 2.0)
+                            for i in range(3)])
+    torch.testing.assert_close(losses, expected)
+    torch.testing.assert_close(torch.autograd.grad(losses.sum(), x)[0],
+                               torch.autograd.grad(expected.sum(), x)[0])

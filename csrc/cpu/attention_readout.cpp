@@ -143,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_bac
             for (int64_t j = 0; j < nb; ++j) w[j] *= sp[row];
             gsp[row] += gscale_acc;
           }
-          similarity_tile_vjp<M>(W.data(), S.data(), qb, nb, nb, xb, yp + (b * N + n0) * D, D, ax,
+          similarity_tile_vjp<M>(W.data(), nb, S.data(), nb, qb, nb, xb, yp + (b * N + n0) * D, D, ax,
                                  ay + b * N + n0, gxb, key_rows[0] + n0 * D, gx_stat,
                                  key_rows[1] + n0);
         }

@@ -70,7 +70,7 @@ std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward(
         }
         scalar_t* gxb = gxp + (b * Q + q0) * D;
         std::fill(gxb, gxb + (q1 - q0) * D, scalar_t(0));
-        similarity_tile_vjp<M>(W.data(), S.data(), qb, N, N, xb, yp + b * N * D, D, ax, ay + b * N,
+        similarity_tile_vjp<M>(W.data(), N, S.data(), N, qb, N, xb, yp + b * N * D, D, ax, ay + b * N,
                                gxb, key_rows[0], gx_stat, key_rows[1]);
         finish_row_stat_grad(gxb, xb, cx, gx_stat, qb, D);
       });

@@ -141,6 +141,29 @@ struct SoftmaxGradRow {
   }
 };
 
+// log sum_j exp(a * s[j]), without writing anything.
+struct ScaledLogSumExp {
+  template <typename T>
+  FASTMETA_INLINE static T run(const T* s, int64_t n, T a) {
+    T acc[kLanes];
+    for (int l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<T>::infinity();
+    int64_t j = 0;
+    for (; j + kLanes <= n; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) acc[l] = a * s[j + l] > acc[l] ? a * s[j + l] : acc[l];
+    for (; j < n; ++j) acc[0] = a * s[j] > acc[0] ? a * s[j] : acc[0];
+    T m = acc[0];
+    for (int l = 1; l < kLanes; ++l) m = acc[l] > m ? acc[l] : m;
+    if (m == -std::numeric_limits<T>::infinity()) return m;
+    T sum[kLanes] = {};
+    for (j = 0; j + kLanes <= n; j += kLanes)
+      for (int l = 0; l < kLanes; ++l) sum[l] += exp_fast(a * s[j + l] - m);
+    for (; j < n; ++j) sum[0] += exp_fast(a * s[j] - m);
+    T total = 0;
+    for (int l = 0; l < kLanes; ++l) total += sum[l];
+    return m + std::log(total);
+  }
+};
+
 // sum_j a[j] * b[j].
 struct Dot {
   template <typename T>

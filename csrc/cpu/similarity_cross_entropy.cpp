@@ -1,9 +1,13 @@
-// CPU kernels of fastmeta::similarity_cross_entropy and its backward: an online
-// log-sum-exp over tiles of keys, so no [B, Q, N] buffer is ever allocated.
+// CPU kernels of fastmeta::similarity_cross_entropy, its backward, and the fused
+// forward-and-gradient of its reduced loss: tiles of keys, so no [B, Q, N]
+// buffer is ever allocated.
 #include <torch/library.h>
 
 #include <cmath>
 #include <limits>
+#include <utility>
+
+#include <ATen/ops/sum.h>
 
 #include "../op_checks.h"
 #include "similarity_tiles.h"
@@ -77,75 +81,146 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x_
   return {loss, lse};
 }
 
+// The gradient of one block of queries (rows q0 .. q0 + qb of task b, arrays
+// below offset to row q0): gx rows, grad_scale, and the key gradients in
+// key_rows. `similarities(n0, nb)` gives the [qb, nb] similarities of keys
+// n0 .. n0 + nb and their leading dimension; g is d loss / d loss_row.
+template <Metric M, typename T, typename Similarities>
+void cross_entropy_block_grad(int64_t qb, int64_t N, int64_t D, const T* xb, const T* y,
+                              const T* ax, const T* cx, const T* ay, const T* scale, const T* g,
+                              const T* lse, const int64_t* target, T* gxb, T* gscale,
+                              T* const* key_rows, Similarities similarities) {
+  std::fill(gxb, gxb + qb * D, T(0));
+  T gx_stat[kQueryBlock] = {};
+  std::vector<T> W(qb * std::min(N, kKeyBlock));
+  for (int64_t i = 0; i < qb; ++i) gscale[i] = 0;
+  for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
+    const int64_t nb = std::min(kKeyBlock, N - n0);
+    const auto [S, lds] = similarities(n0, nb);
+    for (int64_t i = 0; i < qb; ++i) {
+      const T* s = S + i * lds;
+      T* w = W.data() + i * nb;
+      // d loss / d logit = g * (softmax - one_hot(target)); w is that times the scale.
+      T gscale_acc = g[i] * run_loop<SoftmaxGradRow>(w, s, nb, scale[i], lse[i], g[i] * scale[i]);
+      const int64_t t = target[i] - n0;
+      if (t >= 0 && t < nb) {
+        gscale_acc -= g[i] * s[t];
+        w[t] -= g[i] * scale[i];
+      }
+      gscale[i] += gscale_acc;
+    }
+    similarity_tile_vjp<M>(W.data(), nb, S, lds, qb, nb, xb, y + n0 * D, D, ax, ay + n0, gxb,
+                           key_rows[0] + n0 * D, gx_stat, key_rows[1] + n0);
+  }
+  finish_row_stat_grad(gxb, xb, cx, gx_stat, qb, D);
+}
+
+// Shared set-up of the two gradient kernels: checks, contiguous operands,
+// outputs, key statistics. run(M, scalar_t, keys, pointers...) does the rest.
+struct CrossEntropyGrad {
+  at::Tensor x, y, target, scale, gx, gy, gscale, ay, cy;
+  int64_t B, Q, N, D;
+  Metric metric;
+
+  CrossEntropyGrad(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& target_in,
+                   const at::Tensor& scale_in, c10::string_view metric_name)
+      : metric(parse_metric(metric_name)) {
+    check_metric_operands(x_in, y_in, scale_in);
+    check_target_shape(target_in, x_in);
+    x = x_in.contiguous();
+    y = y_in.contiguous();
+    target = target_in.contiguous();
+    scale = scale_in.contiguous();
+    B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2);
+    gx = at::empty_like(x);
+    gscale = at::empty({B, Q}, x.options());
+    ay = at::empty({B, N}, x.options());
+    cy = at::empty({B, N}, x.options());
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& y_in,
     const at::Tensor& target_in, const at::Tensor& scale_in, const at::Tensor& lse_in,
     c10::string_view metric_name) {
-  Metric metric = parse_metric(metric_name);
-  check_metric_operands(x_in, y_in, scale_in);
-  check_target_shape(target_in, x_in);
-  at::Tensor x = x_in.contiguous(), y = y_in.contiguous(), grad = grad_in.contiguous();
-  at::Tensor target = target_in.contiguous(), scale = scale_in.contiguous();
-  at::Tensor lse = lse_in.contiguous();
-  const int64_t B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2);
-  at::Tensor gx = at::empty_like(x), gy;
-  at::Tensor gscale = at::empty({B, Q}, x.options());
-  at::Tensor ay_t = at::empty({B, N}, x.options()), cy_t = at::empty({B, N}, x.options());
-  const int64_t* tp = target.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta::similarity_cross_entropy_backward", [&] {
-    KeyGradAccumulator<scalar_t> keys(B, Q, N, {D, 1}, x.options());
-    FASTMETA_DISPATCH_METRIC(metric, [&] {
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      const scalar_t* yp = y.const_data_ptr<scalar_t>();
-      const scalar_t* sp = scale.const_data_ptr<scalar_t>();
-      const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-      const scalar_t* lsep = lse.const_data_ptr<scalar_t>();
-      scalar_t* ay = ay_t.mutable_data_ptr<scalar_t>();
-      scalar_t* cy = cy_t.mutable_data_ptr<scalar_t>();
-      scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-      scalar_t* gsp = gscale.mutable_data_ptr<scalar_t>();
-      key_row_stats<M>(yp, B, N, D, ay, cy);
+  CrossEntropyGrad c(x_in, y_in, target_in, scale_in, metric_name);
+  at::Tensor grad = grad_in.contiguous(), lse = lse_in.contiguous();
+  const int64_t B = c.B, Q = c.Q, N = c.N, D = c.D;
+  const int64_t* tp = c.target.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "fastmeta::similarity_cross_entropy_backward", [&] {
+    KeyGradAccumulator<scalar_t> keys(B, Q, N, {D, 1}, c.x.options());
+    FASTMETA_DISPATCH_METRIC(c.metric, [&] {
+      const scalar_t* xp = c.x.const_data_ptr<scalar_t>();
+      const scalar_t* yp = c.y.const_data_ptr<scalar_t>();
+      const scalar_t* ay = c.ay.const_data_ptr<scalar_t>();
+      key_row_stats<M>(yp, B, N, D, c.ay.mutable_data_ptr<scalar_t>(), c.cy.mutable_data_ptr<scalar_t>());
       keys.run(Q, [&](int64_t b, int64_t q0, int64_t q1, scalar_t* const* key_rows) {
-        const int64_t qb = q1 - q0;
-        const scalar_t* xb = xp + (b * Q + q0) * D;
-        scalar_t* gxb = gxp + (b * Q + q0) * D;
-        std::fill(gxb, gxb + (q1 - q0) * D, scalar_t(0));
-        scalar_t ax[kQueryBlock], cx[kQueryBlock], gx_stat[kQueryBlock] = {};
+        const int64_t qb = q1 - q0, row = b * Q + q0;
+        const scalar_t* xb = xp + row * D;
+        scalar_t ax[kQueryBlock], cx[kQueryBlock];
         row_stats<M>(xb, qb, D, ax, cx);
-        for (int64_t i = 0; i < qb; ++i) {
-          check_target_value(tp[b * Q + q0 + i], b, q0 + i, N);
-          gsp[b * Q + q0 + i] = 0;
-        }
-        const int64_t tile = qb * std::min(N, kKeyBlock);
-        std::vector<scalar_t> S(tile), W(tile);
-        for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
-          const int64_t nb = std::min(kKeyBlock, N - n0);
-          similarity_tile<M>(xb, qb, yp + (b * N + n0) * D, nb, D, ax, ay + b * N + n0, S.data(),
-                             nb);
-          for (int64_t i = 0; i < qb; ++i) {
-            const int64_t row = b * Q + q0 + i;
-            const scalar_t sc = sp[row], g = gp[row], row_lse = lsep[row];
-            const scalar_t* s = S.data() + i * nb;
-            scalar_t* w = W.data() + i * nb;
-            // d loss / d logit = g * (softmax - one_hot(target)); w = that times sc.
-            scalar_t gscale_acc = g * run_loop<SoftmaxGradRow>(w, s, nb, sc, row_lse, g * sc);
-            const int64_t t = tp[row] - n0;
-            if (t >= 0 && t < nb) {
-              gscale_acc -= g * s[t];
-              w[t] -= g * sc;
-            }
-            gsp[row] += gscale_acc;
-          }
-          similarity_tile_vjp<M>(W.data(), S.data(), qb, nb, nb, xb, yp + (b * N + n0) * D, D, ax,
-                                 ay + b * N + n0, gxb, key_rows[0] + n0 * D, gx_stat,
-                                 key_rows[1] + n0);
-        }
-        finish_row_stat_grad(gxb, xb, cx, gx_stat, qb, D);
+        for (int64_t i = 0; i < qb; ++i) check_target_value(tp[row + i], b, q0 + i, N);
+        std::vector<scalar_t> S(qb * std::min(N, kKeyBlock));
+        cross_entropy_block_grad<M>(
+            qb, N, D, xb, yp + b * N * D, ax, cx, ay + b * N, c.scale.const_data_ptr<scalar_t>() + row,
+            grad.const_data_ptr<scalar_t>() + row, lse.const_data_ptr<scalar_t>() + row, tp + row,
+            c.gx.mutable_data_ptr<scalar_t>() + row * D, c.gscale.mutable_data_ptr<scalar_t>() + row,
+            key_rows, [&](int64_t n0, int64_t nb) {
+              similarity_tile<M>(xb, qb, yp + (b * N + n0) * D, nb, D, ax, ay + b * N + n0,
+                                 S.data(), nb);
+              return std::make_pair(static_cast<const scalar_t*>(S.data()), nb);
+            });
       });
     });
-    gy = key_grad(keys, y, cy_t);
+    c.gy = key_grad(keys, c.y, c.cy);
   });
-  return {gx, gy, gscale};
+  return {c.gx, c.gy, c.gscale};
+}
+
+// Forward and gradient at once, for a loss that is weight * the sum of the
+// per-query losses of each task: per task loss [B], and its gradients. The
+// similarities of a block of queries to all keys are computed once, kept in a
+// [64, N] buffer per thread, and used for the log-sum-exp and the gradient:
+// one matrix product fewer than forward and backward apart.
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_with_grad(
+    const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& target_in,
+    const at::Tensor& scale_in, c10::string_view metric_name, double weight) {
+  CrossEntropyGrad c(x_in, y_in, target_in, scale_in, metric_name);
+  const int64_t B = c.B, Q = c.Q, N = c.N, D = c.D;
+  const int64_t* tp = c.target.const_data_ptr<int64_t>();
+  at::Tensor row_loss = at::empty({B, Q}, c.x.options());
+  AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "fastmeta::similarity_cross_entropy_with_grad", [&] {
+    KeyGradAccumulator<scalar_t> keys(B, Q, N, {D, 1}, c.x.options());
+    FASTMETA_DISPATCH_METRIC(c.metric, [&] {
+      const scalar_t* xp = c.x.const_data_ptr<scalar_t>();
+      const scalar_t* yp = c.y.const_data_ptr<scalar_t>();
+      const scalar_t* sp = c.scale.const_data_ptr<scalar_t>();
+      const scalar_t* ay = c.ay.const_data_ptr<scalar_t>();
+      key_row_stats<M>(yp, B, N, D, c.ay.mutable_data_ptr<scalar_t>(), c.cy.mutable_data_ptr<scalar_t>());
+      keys.run(Q, [&](int64_t b, int64_t q0, int64_t q1, scalar_t* const* key_rows) {
+        const int64_t qb = q1 - q0, row = b * Q + q0;
+        const scalar_t* xb = xp + row * D;
+        scalar_t ax[kQueryBlock], cx[kQueryBlock], lse[kQueryBlock], g[kQueryBlock];
+        row_stats<M>(xb, qb, D, ax, cx);
+        std::vector<scalar_t> S(qb * N);
+        similarity_tile<M>(xb, qb, yp + b * N * D, N, D, ax, ay + b * N, S.data(), N);
+        for (int64_t i = 0; i < qb; ++i) {
+          check_target_value(tp[row + i], b, q0 + i, N);
+          lse[i] = run_loop<ScaledLogSumExp>(static_cast<const scalar_t*>(S.data() + i * N), N, sp[row + i]);
+          row_loss.mutable_data_ptr<scalar_t>()[row + i] = lse[i] - sp[row + i] * S[i * N + tp[row + i]];
+          g[i] = scalar_t(weight);
+        }
+        cross_entropy_block_grad<M>(
+            qb, N, D, xb, yp + b * N * D, ax, cx, ay + b * N, sp + row, g, lse, tp + row,
+            c.gx.mutable_data_ptr<scalar_t>() + row * D, c.gscale.mutable_data_ptr<scalar_t>() + row,
+            key_rows, [&](int64_t n0, int64_t) {
+              return std::make_pair(static_cast<const scalar_t*>(S.data() + n0), N);
+            });
+      });
+    });
+    c.gy = key_grad(keys, c.y, c.cy);
+  });
+  return {row_loss.sum(1).mul_(weight), c.gx, c.gy, c.gscale};
 }
 
 }  // namespace
@@ -153,6 +228,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
 TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
   m.impl("similarity_cross_entropy", &similarity_cross_entropy);
   m.impl("similarity_cross_entropy_backward", &similarity_cross_entropy_backward);
+  m.impl("similarity_cross_entropy_with_grad", &similarity_cross_entropy_with_grad);
 }
 
 }  // namespace fastmeta::cpu

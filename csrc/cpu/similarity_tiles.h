@@ -190,20 +190,21 @@ struct SimilarityVjpRow {
   }
 };
 
-// Vector-Jacobian product of a similarity tile. On entry W holds dL/dS for the
-// tile; it is overwritten. Accumulates the x.y part of the gradient into gx
-// [qb, D] and gy [nb, D], and the row-statistic parts into gx_stat [qb] and
-// gy_stat [nb]; `finish_row_stat_grad` applies those last.
+// Vector-Jacobian product of a similarity tile S [qb, nb] (leading dimension
+// lds). On entry W (leading dimension ldw) holds dL/dS for the tile; it is
+// overwritten. Accumulates the x.y part of the gradient into gx [qb, D] and gy
+// [nb, D], and the row-statistic parts into gx_stat [qb] and gy_stat [nb];
+// `finish_row_stat_grad` applies those last.
 template <Metric M, typename T>
-void similarity_tile_vjp(T* W, const T* S, int64_t qb, int64_t nb, int64_t ld, const T* x,
-                         const T* y, int64_t D, const T* ax, const T* ay, T* gx, T* gy,
+void similarity_tile_vjp(T* W, int64_t ldw, const T* S, int64_t lds, int64_t qb, int64_t nb,
+                         const T* x, const T* y, int64_t D, const T* ax, const T* ay, T* gx, T* gy,
                          T* gx_stat, T* gy_stat) {
   if constexpr (M != Metric::Dot) {
     for (int64_t i = 0; i < qb; ++i)
-      gx_stat[i] += run_loop<SimilarityVjpRow<M>>(W + i * ld, S + i * ld, nb, ax[i], ay, gy_stat);
+      gx_stat[i] += run_loop<SimilarityVjpRow<M>>(W + i * ldw, S + i * lds, nb, ax[i], ay, gy_stat);
   }
-  gemm_ab_acc(qb, D, nb, W, ld, y, D, gx, D);
-  gemm_atb_acc(nb, D, qb, W, ld, x, D, gy, D);
+  gemm_ab_acc(qb, D, nb, W, ldw, y, D, gx, D);
+  gemm_atb_acc(nb, D, qb, W, ldw, x, D, gy, D);
 }
 
 // g_r += v_r * coeff_r * stat_grad_r: the gradient through the row statistics.

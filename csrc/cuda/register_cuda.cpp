@@ -234,6 +234,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_bac
           bw.to_input_dtype(bw.gscale)};
 }
 
+// The CUDA kernels compute the reduced loss and its gradient as a forward and a
+// backward with a uniform output gradient (the CPU kernel fuses the two).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_with_grad(
+    const at::Tensor& x, const at::Tensor& y, const at::Tensor& target, const at::Tensor& scale,
+    c10::string_view metric, double weight) {
+  auto [loss, lse] = similarity_cross_entropy(x, y, target, scale, metric);
+  auto [gx, gy, gscale] =
+      similarity_cross_entropy_backward(at::full_like(loss, weight), x, y, target, scale, lse, metric);
+  at::Tensor task_loss = loss.to(lse.scalar_type()).sum(1).mul_(weight).to(x.scalar_type());
+  return {task_loss, gx, gy, gscale};
+}
+
 at::Tensor class_prototypes(const at::Tensor& support_in, const at::Tensor& labels_in, int64_t num_classes) {
   check_operand(support_in, "support", 3, support_in);
   check_index(labels_in, "labels", support_in);
@@ -314,6 +326,7 @@ TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {
   m.impl("similarity_log_softmax_backward", &similarity_log_softmax_backward);
   m.impl("similarity_cross_entropy", &similarity_cross_entropy);
   m.impl("similarity_cross_entropy_backward", &similarity_cross_entropy_backward);
+  m.impl("similarity_cross_entropy_with_grad", &similarity_cross_entropy_with_grad);
   m.impl("attention_readout", &attention_readout);
   m.impl("attention_readout_backward", &attention_readout_backward);
   m.impl("contrastive_loss", &contrastive_loss);

@@ -7,6 +7,12 @@ from .. import reference
 
 __all__ = ["similarity_cross_entropy"]
 
+# A reduced loss that needs gradients takes the fused forward-and-gradient op
+# for this many keys: it saves a [Q, N, D] matrix product but costs a pass over
+# the gradients (scaled by the output gradient), so it pays for many keys; and
+# it keeps a [64, N] buffer of similarities per thread, so it stops at 65536.
+FUSED_KEYS = range(256, 65536 + 1)
+
 
 def similarity_cross_entropy(x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
                              metric: str = "sqeuclidean", scale: Union[float, torch.Tensor] = 1.0,
@@ -44,8 +50,15 @@ def similarity_cross_entropy(x: torch.Tensor, y: torch.Tensor, target: torch.Ten
     if target.shape != want:
         raise ValueError(f"{op}: target must have shape {list(want)} (one class per query), "
                          f"got {list(target.shape)}")
-    loss, _ = torch.ops.fastmeta.similarity_cross_entropy(
-        a.x, a.y, target.unsqueeze(0) if a.unbatched else target, a.scale, metric)
+    target = target.unsqueeze(0) if a.unbatched else target
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a.x, a.y, a.scale))
+    queries = a.x.shape[0] * a.x.shape[1]
+    if reduction != "none" and needs_grad and queries > 0 and a.y.shape[1] in FUSED_KEYS:
+        weight = 1.0 if reduction == "sum" else 1.0 / queries
+        task_loss = torch.ops.fastmeta.similarity_cross_entropy_with_grad(
+            a.x, a.y, target, a.scale, metric, weight)[0]
+        return a.output(task_loss.sum())
+    loss, _ = torch.ops.fastmeta.similarity_cross_entropy(a.x, a.y, target, a.scale, metric)
     return a.output(_common.reduce_loss(loss, reduction))
 
 
@@ -79,8 +92,40 @@ def _reference_backward(grad, x, y, target, scale, logsumexp, metric):
         (x, y, scale), grad)
 
 
+@torch.library.register_fake("fastmeta::similarity_cross_entropy_with_grad")
+def _(x, y, target, scale, metric, weight):
+    torch._check(x.dim() == 3 and y.dim() == 3 and x.shape[2] == y.shape[2])
+    return x.new_empty(x.shape[0]), torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
+
+
+def _setup_context_with_grad(ctx, inputs, output):
+    x, y, target, scale, metric, weight = inputs
+    ctx.metric, ctx.weight = metric, weight
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(x, y, target, scale, *output[1:])
+
+
+def _backward_with_grad(ctx, grad_loss, *_unused):
+    x, y, target, scale, grad_x, grad_y, grad_scale = ctx.saved_tensors
+    if torch.is_grad_enabled():
+        # Double backward (create_graph): the gradient must itself be
+        # differentiable, so it is taken through the reference.
+        inputs = [t for t in (x, y, scale) if t.requires_grad]
+        task_loss = ctx.weight * reference.similarity_cross_entropy(
+            x, y, target, ctx.metric, scale, "none").sum(1)
+        found = iter(torch.autograd.grad(task_loss, inputs, grad_loss, create_graph=True))
+        grad_x, grad_y, grad_scale = (next(found) if t.requires_grad else None for t in (x, y, scale))
+        return grad_x, grad_y, None, grad_scale, None, None
+    per_task = grad_loss.view(-1, 1)
+    return (per_task.unsqueeze(-1) * grad_x, per_task.unsqueeze(-1) * grad_y, None,
+            per_task * grad_scale, None, None)
+
+
 torch.library.register_autograd("fastmeta::similarity_cross_entropy", _backward,
                                 setup_context=_setup_context)
+torch.library.register_autograd("fastmeta::similarity_cross_entropy_with_grad", _backward_with_grad,
+                                setup_context=_setup_context_with_grad)
+_common.register_vmap_over_tasks("similarity_cross_entropy_with_grad")
 _common.register_vmap_over_tasks("similarity_cross_entropy")
 _common.register_vmap_over_tasks("similarity_cross_entropy_backward")
 _common.register_reference_double_backward("similarity_cross_entropy_backward", _reference_backward)
