@@ -5,6 +5,7 @@
 
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <utility>
 
 #include <ATen/ops/sum.h>
@@ -115,8 +116,33 @@ void cross_entropy_block_grad(int64_t qb, int64_t N, int64_t D, const T* xb, con
   finish_row_stat_grad(gxb, xb, cx, gx_stat, qb, D);
 }
 
-// Shared set-up of the two gradient kernels: checks, contiguous operands,
-// outputs, key statistics. run(M, scalar_t, keys, pointers...) does the rest.
+// One block of queries of a gradient kernel: rows q0 .. q0 + qb of task b,
+// with their row statistics, and pointers offset to row q0 and to task b.
+template <Metric M, typename T>
+struct CrossEntropyBlock {
+  using Scalar = T;
+  int64_t b, q0, qb, row, N, D;
+  const T *xb, *y, *ay, *scale;
+  const int64_t* target;
+  T ax[kQueryBlock], cx[kQueryBlock];
+  T *gx, *gscale;
+  T* const* key_rows;
+
+  // S [qb, nb] (leading dimension ld): similarities to keys n0 .. n0 + nb.
+  void similarities(int64_t n0, int64_t nb, T* S, int64_t ld) const {
+    similarity_tile<M>(xb, qb, y + n0 * D, nb, D, ax, ay + n0, S, ld);
+  }
+
+  template <typename Similarities>
+  void grad(const T* g, const T* lse, Similarities similarities_of) {
+    cross_entropy_block_grad<M>(qb, N, D, xb, y, ax, cx, ay, scale, g, lse, target, gx, gscale,
+                                key_rows, similarities_of);
+  }
+};
+
+// What the two gradient kernels share: checks, contiguous operands, outputs,
+// key statistics, the loop over blocks of queries and the key gradients.
+// run(per_block) calls per_block(CrossEntropyBlock&) for every block.
 struct CrossEntropyGrad {
   at::Tensor x, y, target, scale, gx, gy, gscale, ay, cy;
   int64_t B, Q, N, D;
@@ -137,6 +163,34 @@ struct CrossEntropyGrad {
     ay = at::empty({B, N}, x.options());
     cy = at::empty({B, N}, x.options());
   }
+
+  template <typename PerBlock>
+  void run(PerBlock per_block) {
+    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta::similarity_cross_entropy gradient", [&] {
+      KeyGradAccumulator<scalar_t> keys(B, Q, N, {D, 1}, x.options());
+      FASTMETA_DISPATCH_METRIC(metric, [&] {
+        const scalar_t* yp = y.const_data_ptr<scalar_t>();
+        key_row_stats<M>(yp, B, N, D, ay.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>());
+        keys.run(Q, [&](int64_t b, int64_t q0, int64_t q1, scalar_t* const* key_rows) {
+          const int64_t row = b * Q + q0;
+          CrossEntropyBlock<M, scalar_t> block{b, q0, q1 - q0, row, N, D,
+                                               x.const_data_ptr<scalar_t>() + row * D,
+                                               yp + b * N * D,
+                                               ay.const_data_ptr<scalar_t>() + b * N,
+                                               scale.const_data_ptr<scalar_t>() + row,
+                                               target.const_data_ptr<int64_t>() + row,
+                                               {}, {},
+                                               gx.mutable_data_ptr<scalar_t>() + row * D,
+                                               gscale.mutable_data_ptr<scalar_t>() + row,
+                                               key_rows};
+          row_stats<M>(block.xb, block.qb, D, block.ax, block.cx);
+          for (int64_t i = 0; i < block.qb; ++i) check_target_value(block.target[i], b, q0 + i, N);
+          per_block(block);
+        });
+      });
+      gy = key_grad(keys, y, cy);
+    });
+  }
 };
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward(
@@ -145,34 +199,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
     c10::string_view metric_name) {
   CrossEntropyGrad c(x_in, y_in, target_in, scale_in, metric_name);
   at::Tensor grad = grad_in.contiguous(), lse = lse_in.contiguous();
-  const int64_t B = c.B, Q = c.Q, N = c.N, D = c.D;
-  const int64_t* tp = c.target.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "fastmeta::similarity_cross_entropy_backward", [&] {
-    KeyGradAccumulator<scalar_t> keys(B, Q, N, {D, 1}, c.x.options());
-    FASTMETA_DISPATCH_METRIC(c.metric, [&] {
-      const scalar_t* xp = c.x.const_data_ptr<scalar_t>();
-      const scalar_t* yp = c.y.const_data_ptr<scalar_t>();
-      const scalar_t* ay = c.ay.const_data_ptr<scalar_t>();
-      key_row_stats<M>(yp, B, N, D, c.ay.mutable_data_ptr<scalar_t>(), c.cy.mutable_data_ptr<scalar_t>());
-      keys.run(Q, [&](int64_t b, int64_t q0, int64_t q1, scalar_t* const* key_rows) {
-        const int64_t qb = q1 - q0, row = b * Q + q0;
-        const scalar_t* xb = xp + row * D;
-        scalar_t ax[kQueryBlock], cx[kQueryBlock];
-        row_stats<M>(xb, qb, D, ax, cx);
-        for (int64_t i = 0; i < qb; ++i) check_target_value(tp[row + i], b, q0 + i, N);
-        std::vector<scalar_t> S(qb * std::min(N, kKeyBlock));
-        cross_entropy_block_grad<M>(
-            qb, N, D, xb, yp + b * N * D, ax, cx, ay + b * N, c.scale.const_data_ptr<scalar_t>() + row,
-            grad.const_data_ptr<scalar_t>() + row, lse.const_data_ptr<scalar_t>() + row, tp + row,
-            c.gx.mutable_data_ptr<scalar_t>() + row * D, c.gscale.mutable_data_ptr<scalar_t>() + row,
-            key_rows, [&](int64_t n0, int64_t nb) {
-              similarity_tile<M>(xb, qb, yp + (b * N + n0) * D, nb, D, ax, ay + b * N + n0,
-                                 S.data(), nb);
-              return std::make_pair(static_cast<const scalar_t*>(S.data()), nb);
-            });
-      });
-    });
-    c.gy = key_grad(keys, c.y, c.cy);
+  c.run([&](auto& block) {
+    using T = typename std::decay_t<decltype(block)>::Scalar;
+    std::vector<T> S(block.qb * std::min(c.N, kKeyBlock));
+    block.grad(grad.const_data_ptr<T>() + block.row, lse.const_data_ptr<T>() + block.row,
+               [&](int64_t n0, int64_t nb) {
+                 block.similarities(n0, nb, S.data(), nb);
+                 return std::make_pair(static_cast<const T*>(S.data()), nb);
+               });
   });
   return {c.gx, c.gy, c.gscale};
 }
@@ -186,39 +220,23 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cross_entr
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& target_in,
     const at::Tensor& scale_in, c10::string_view metric_name, double weight) {
   CrossEntropyGrad c(x_in, y_in, target_in, scale_in, metric_name);
-  const int64_t B = c.B, Q = c.Q, N = c.N, D = c.D;
-  const int64_t* tp = c.target.const_data_ptr<int64_t>();
-  at::Tensor row_loss = at::empty({B, Q}, c.x.options());
-  AT_DISPATCH_FLOATING_TYPES(c.x.scalar_type(), "fastmeta::similarity_cross_entropy_with_grad", [&] {
-    KeyGradAccumulator<scalar_t> keys(B, Q, N, {D, 1}, c.x.options());
-    FASTMETA_DISPATCH_METRIC(c.metric, [&] {
-      const scalar_t* xp = c.x.const_data_ptr<scalar_t>();
-      const scalar_t* yp = c.y.const_data_ptr<scalar_t>();
-      const scalar_t* sp = c.scale.const_data_ptr<scalar_t>();
-      const scalar_t* ay = c.ay.const_data_ptr<scalar_t>();
-      key_row_stats<M>(yp, B, N, D, c.ay.mutable_data_ptr<scalar_t>(), c.cy.mutable_data_ptr<scalar_t>());
-      keys.run(Q, [&](int64_t b, int64_t q0, int64_t q1, scalar_t* const* key_rows) {
-        const int64_t qb = q1 - q0, row = b * Q + q0;
-        const scalar_t* xb = xp + row * D;
-        scalar_t ax[kQueryBlock], cx[kQueryBlock], lse[kQueryBlock], g[kQueryBlock];
-        row_stats<M>(xb, qb, D, ax, cx);
-        std::vector<scalar_t> S(qb * N);
-        similarity_tile<M>(xb, qb, yp + b * N * D, N, D, ax, ay + b * N, S.data(), N);
-        for (int64_t i = 0; i < qb; ++i) {
-          check_target_value(tp[row + i], b, q0 + i, N);
-          lse[i] = run_loop<ScaledLogSumExp>(static_cast<const scalar_t*>(S.data() + i * N), N, sp[row + i]);
-          row_loss.mutable_data_ptr<scalar_t>()[row + i] = lse[i] - sp[row + i] * S[i * N + tp[row + i]];
-          g[i] = scalar_t(weight);
-        }
-        cross_entropy_block_grad<M>(
-            qb, N, D, xb, yp + b * N * D, ax, cx, ay + b * N, sp + row, g, lse, tp + row,
-            c.gx.mutable_data_ptr<scalar_t>() + row * D, c.gscale.mutable_data_ptr<scalar_t>() + row,
-            key_rows, [&](int64_t n0, int64_t) {
-              return std::make_pair(static_cast<const scalar_t*>(S.data() + n0), N);
-            });
-      });
+  at::Tensor row_loss = at::empty({c.B, c.Q}, c.x.options());
+  const int64_t N = c.N;
+  c.run([&](auto& block) {
+    using T = typename std::decay_t<decltype(block)>::Scalar;
+    std::vector<T> S(block.qb * N);
+    block.similarities(0, N, S.data(), N);
+    T lse[kQueryBlock], g[kQueryBlock];
+    T* loss = row_loss.mutable_data_ptr<T>() + block.row;
+    for (int64_t i = 0; i < block.qb; ++i) {
+      const T* s = S.data() + i * N;
+      lse[i] = run_loop<ScaledLogSumExp>(s, N, block.scale[i]);
+      loss[i] = lse[i] - block.scale[i] * s[block.target[i]];
+      g[i] = T(weight);
+    }
+    block.grad(g, lse, [&](int64_t n0, int64_t) {
+      return std::make_pair(static_cast<const T*>(S.data() + n0), N);
     });
-    c.gy = key_grad(keys, c.y, c.cy);
   });
   return {row_loss.sum(1).mul_(weight), c.gx, c.gy, c.gscale};
 }
