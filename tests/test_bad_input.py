@@ -93,6 +93,12 @@ def test_raw_ops_check_their_arguments_too():
         torch.ops.fastmeta.attention_readout(x, y, values, torch.ones(2), "dot")
     with pytest.raises(RuntimeError, match=r"target must have shape \[B, Q\]"):
         torch.ops.fastmeta.similarity_cross_entropy(x, y, target[0], scale, "dot")
+    with pytest.raises(RuntimeError, match=r"target must have shape \[B, Q\]"):
+        torch.ops.fastmeta.similarity_cross_entropy_with_grad(x, y, target[0], scale, "dot", 1.0)
+    bad_target = target.clone()
+    bad_target[0, 3] = 9
+    with pytest.raises(RuntimeError, match=r"target\[0, 3\] = 9 is out of range for 5 classes"):
+        torch.ops.fastmeta.similarity_cross_entropy_with_grad(x, y, bad_target, scale, "dot", 1.0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
