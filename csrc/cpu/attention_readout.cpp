@@ -82,78 +82,43 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_bac
     const at::Tensor& grad_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& values_in,
     const at::Tensor& scale_in, c10::string_view metric_name) {
-  Metric metric = parse_metric(metric_name);
   check_metric_operands(x_in, y_in, scale_in);
   check_values(values_in, x_in, y_in);
-  at::Tensor x = x_in.contiguous(), y = y_in.contiguous(), scale = scale_in.contiguous();
-  at::Tensor values = values_in.contiguous(), grad = grad_in.contiguous();
-  at::Tensor out = out_in.contiguous(), lse = lse_in.contiguous();
-  const int64_t B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2), V = values.size(2);
-  at::Tensor gx = at::empty_like(x), gy, gvalues;
-  at::Tensor gscale = at::zeros({B, Q}, x.options());
-  at::Tensor ay_t = at::empty({B, N}, x.options()), cy_t = at::empty({B, N}, x.options());
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta::attention_readout_backward", [&] {
-    KeyGradAccumulator<scalar_t> keys(B, Q, N, {D, 1, V}, x.options());
-    FASTMETA_DISPATCH_METRIC(metric, [&] {
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      const scalar_t* yp = y.const_data_ptr<scalar_t>();
-      const scalar_t* vp = values.const_data_ptr<scalar_t>();
-      const scalar_t* sp = scale.const_data_ptr<scalar_t>();
-      const scalar_t* gp = grad.const_data_ptr<scalar_t>();
-      const scalar_t* op = out.const_data_ptr<scalar_t>();
-      const scalar_t* lsep = lse.const_data_ptr<scalar_t>();
-      scalar_t* ay = ay_t.mutable_data_ptr<scalar_t>();
-      scalar_t* cy = cy_t.mutable_data_ptr<scalar_t>();
-      scalar_t* gxp = gx.mutable_data_ptr<scalar_t>();
-      scalar_t* gsp = gscale.mutable_data_ptr<scalar_t>();
-      key_row_stats<M>(yp, B, N, D, ay, cy);
-      keys.run(Q, [&](int64_t b, int64_t q0, int64_t q1, scalar_t* const* key_rows) {
-        const int64_t qb = q1 - q0;
-        const scalar_t* xb = xp + (b * Q + q0) * D;
-        const scalar_t* gb = gp + (b * Q + q0) * V;
-        scalar_t* gxb = gxp + (b * Q + q0) * D;
-        std::fill(gxb, gxb + (q1 - q0) * D, scalar_t(0));
-        scalar_t ax[kQueryBlock], cx[kQueryBlock], gx_stat[kQueryBlock] = {};
-        scalar_t grad_dot_out[kQueryBlock];
-        row_stats<M>(xb, qb, D, ax, cx);
-        for (int64_t i = 0; i < qb; ++i) {
-          grad_dot_out[i] = row_dot(gb + i * V, op + (b * Q + q0 + i) * V, V);
-        }
-        const int64_t tile = qb * std::min(N, kKeyBlock);
-        std::vector<scalar_t> S(tile), P(tile), W(tile);
-        for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
-          const int64_t nb = std::min(kKeyBlock, N - n0);
-          const scalar_t* values_tile = vp + (b * N + n0) * V;
-          similarity_tile<M>(xb, qb, yp + (b * N + n0) * D, nb, D, ax, ay + b * N + n0, S.data(),
-                             nb);
-          std::copy(S.begin(), S.begin() + qb * nb, P.begin());
-          for (int64_t i = 0; i < qb; ++i) {
-            const int64_t row = b * Q + q0 + i;
-            exp_affine_sum(P.data() + i * nb, nb, sp[row], lsep[row]);
-          }
-          // W = d loss / d P = grad @ values_tile^T; values get P^T @ grad.
-          gemm_abt(qb, nb, V, gb, V, values_tile, V, W.data(), nb);
-          gemm_atb_acc(nb, V, qb, P.data(), nb, gb, V, key_rows[2] + n0 * V, V);
-          for (int64_t i = 0; i < qb; ++i) {
-            const int64_t row = b * Q + q0 + i;
-            scalar_t* w = W.data() + i * nb;
-            const scalar_t* p = P.data() + i * nb;
-            for (int64_t j = 0; j < nb; ++j) w[j] = p[j] * (w[j] - grad_dot_out[i]);
-            scalar_t gscale_acc = row_dot(w, S.data() + i * nb, nb);
-            for (int64_t j = 0; j < nb; ++j) w[j] *= sp[row];
-            gsp[row] += gscale_acc;
-          }
-          similarity_tile_vjp<M>(W.data(), nb, S.data(), nb, qb, nb, xb, yp + (b * N + n0) * D, D, ax,
-                                 ay + b * N + n0, gxb, key_rows[0] + n0 * D, gx_stat,
-                                 key_rows[1] + n0);
-        }
-        finish_row_stat_grad(gxb, xb, cx, gx_stat, qb, D);
-      });
-    });
-    gy = key_grad(keys, y, cy_t);
-    gvalues = keys.reduce(2);
+  at::Tensor scale = scale_in.contiguous(), values = values_in.contiguous();
+  at::Tensor grad = grad_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  const int64_t N = y_in.size(1), V = values.size(2);
+  at::Tensor gscale = at::zeros_like(scale);
+  auto g = similarity_backward(x_in.contiguous(), y_in.contiguous(), parse_metric(metric_name), {V},
+                               [&](auto& block) {
+    using T = typename std::decay_t<decltype(block)>::Scalar;
+    const T* sc = scale.const_data_ptr<T>() + block.row;
+    const T* row_lse = lse.const_data_ptr<T>() + block.row;
+    const T* grad_rows = grad.const_data_ptr<T>() + block.row * V;
+    const T* task_values = values.const_data_ptr<T>() + block.b * N * V;
+    T* gsc = gscale.mutable_data_ptr<T>() + block.row;
+    T grad_dot_out[kQueryBlock];
+    for (int64_t i = 0; i < block.qb; ++i)
+      grad_dot_out[i] = row_dot(grad_rows + i * V, out.const_data_ptr<T>() + (block.row + i) * V, V);
+    std::vector<T> P(block.S.size());
+    for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
+      const int64_t nb = std::min(kKeyBlock, N - n0);
+      const T* S = block.similarities(n0, nb);
+      std::copy(S, S + block.qb * nb, P.begin());
+      for (int64_t i = 0; i < block.qb; ++i) exp_affine_sum(P.data() + i * nb, nb, sc[i], row_lse[i]);
+      // W = d loss / d P = grad @ values_tile^T; values get P^T @ grad.
+      gemm_abt(block.qb, nb, V, grad_rows, V, task_values + n0 * V, V, block.W.data(), nb);
+      gemm_atb_acc(nb, V, block.qb, P.data(), nb, grad_rows, V, block.key_rows[2] + n0 * V, V);
+      for (int64_t i = 0; i < block.qb; ++i) {
+        T* w = block.W.data() + i * nb;
+        const T* p = P.data() + i * nb;
+        for (int64_t j = 0; j < nb; ++j) w[j] = p[j] * (w[j] - grad_dot_out[i]);
+        gsc[i] += row_dot(w, S + i * nb, nb);
+        for (int64_t j = 0; j < nb; ++j) w[j] *= sc[i];
+      }
+      block.apply(n0, nb, S, nb);
+    }
   });
-  return {gx, gy, gvalues, gscale};
+  return {g.gx, g.gy, g.extra[0], gscale};
 }
 
 }  // namespace

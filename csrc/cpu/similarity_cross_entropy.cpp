@@ -82,74 +82,35 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x_
   return {loss, lse};
 }
 
-// The gradient of one block of queries (rows q0 .. q0 + qb of task b, arrays
-// below offset to row q0): gx rows, grad_scale, and the key gradients in
-// key_rows. `similarities(n0, nb)` gives the [qb, nb] similarities of keys
-// n0 .. n0 + nb and their leading dimension; g is d loss / d loss_row.
-template <Metric M, typename T, typename Similarities>
-void cross_entropy_block_grad(int64_t qb, int64_t N, int64_t D, const T* xb, const T* y,
-                              const T* ax, const T* cx, const T* ay, const T* scale, const T* g,
-                              const T* lse, const int64_t* target, T* gxb, T* gscale,
-                              T* const* key_rows, Similarities similarities) {
-  std::fill(gxb, gxb + qb * D, T(0));
-  T gx_stat[kQueryBlock] = {};
-  std::vector<T> W(qb * std::min(N, kKeyBlock));
-  for (int64_t i = 0; i < qb; ++i) gscale[i] = 0;
-  for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
-    const int64_t nb = std::min(kKeyBlock, N - n0);
-    const auto [S, lds] = similarities(n0, nb);
-    for (int64_t i = 0; i < qb; ++i) {
-      const T* s = S + i * lds;
-      T* w = W.data() + i * nb;
-      // d loss / d logit = g * (softmax - one_hot(target)); w is that times the scale.
-      T gscale_acc = g[i] * run_loop<SoftmaxGradRow>(w, s, nb, scale[i], lse[i], g[i] * scale[i]);
-      const int64_t t = target[i] - n0;
-      if (t >= 0 && t < nb) {
-        gscale_acc -= g[i] * s[t];
-        w[t] -= g[i] * scale[i];
-      }
-      gscale[i] += gscale_acc;
+// Fills block.W for the tile of keys n0 .. n0 + nb with d loss / d s, from
+// the similarities S (leading dimension lds), and adds to grad_scale.
+// g is d loss / d loss_row; arrays are offset to the block's first row.
+template <typename Block, typename T>
+void cross_entropy_tile_grad(Block& block, int64_t n0, int64_t nb, const T* S, int64_t lds,
+                             const T* scale, const T* g, const T* lse, const int64_t* target,
+                             T* gscale) {
+  for (int64_t i = 0; i < block.qb; ++i) {
+    const T* s = S + i * lds;
+    T* w = block.W.data() + i * nb;
+    // d loss / d logit = g * (softmax - one_hot(target)); w is that times the scale.
+    T gscale_acc = g[i] * run_loop<SoftmaxGradRow>(w, s, nb, scale[i], lse[i], g[i] * scale[i]);
+    const int64_t t = target[i] - n0;
+    if (t >= 0 && t < nb) {
+      gscale_acc -= g[i] * s[t];
+      w[t] -= g[i] * scale[i];
     }
-    similarity_tile_vjp<M>(W.data(), nb, S, lds, qb, nb, xb, y + n0 * D, D, ax, ay + n0, gxb,
-                           key_rows[0] + n0 * D, gx_stat, key_rows[1] + n0);
+    gscale[i] += gscale_acc;
   }
-  finish_row_stat_grad(gxb, xb, cx, gx_stat, qb, D);
 }
 
-// One block of queries of a gradient kernel: rows q0 .. q0 + qb of task b,
-// with their row statistics, and pointers offset to row q0 and to task b.
-template <Metric M, typename T>
-struct CrossEntropyBlock {
-  using Scalar = T;
-  int64_t b, q0, qb, row, N, D;
-  const T *xb, *y, *ay, *scale;
-  const int64_t* target;
-  T ax[kQueryBlock], cx[kQueryBlock];
-  T *gx, *gscale;
-  T* const* key_rows;
-
-  // S [qb, nb] (leading dimension ld): similarities to keys n0 .. n0 + nb.
-  void similarities(int64_t n0, int64_t nb, T* S, int64_t ld) const {
-    similarity_tile<M>(xb, qb, y + n0 * D, nb, D, ax, ay + n0, S, ld);
-  }
-
-  template <typename Similarities>
-  void grad(const T* g, const T* lse, Similarities similarities_of) {
-    cross_entropy_block_grad<M>(qb, N, D, xb, y, ax, cx, ay, scale, g, lse, target, gx, gscale,
-                                key_rows, similarities_of);
-  }
-};
-
-// What the two gradient kernels share: checks, contiguous operands, outputs,
-// key statistics, the loop over blocks of queries and the key gradients.
-// run(per_block) calls per_block(CrossEntropyBlock&) for every block.
-struct CrossEntropyGrad {
-  at::Tensor x, y, target, scale, gx, gy, gscale, ay, cy;
-  int64_t B, Q, N, D;
+// What the two gradient kernels share besides similarity_backward: checks,
+// contiguous operands and the target check of each block.
+struct CrossEntropyOperands {
+  at::Tensor x, y, target, scale, gscale;
   Metric metric;
 
-  CrossEntropyGrad(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& target_in,
-                   const at::Tensor& scale_in, c10::string_view metric_name)
+  CrossEntropyOperands(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& target_in,
+                       const at::Tensor& scale_in, c10::string_view metric_name)
       : metric(parse_metric(metric_name)) {
     check_metric_operands(x_in, y_in, scale_in);
     check_target_shape(target_in, x_in);
@@ -157,39 +118,14 @@ struct CrossEntropyGrad {
     y = y_in.contiguous();
     target = target_in.contiguous();
     scale = scale_in.contiguous();
-    B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2);
-    gx = at::empty_like(x);
-    gscale = at::empty({B, Q}, x.options());
-    ay = at::empty({B, N}, x.options());
-    cy = at::empty({B, N}, x.options());
+    gscale = at::zeros_like(scale);
   }
 
-  template <typename PerBlock>
-  void run(PerBlock per_block) {
-    AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta::similarity_cross_entropy gradient", [&] {
-      KeyGradAccumulator<scalar_t> keys(B, Q, N, {D, 1}, x.options());
-      FASTMETA_DISPATCH_METRIC(metric, [&] {
-        const scalar_t* yp = y.const_data_ptr<scalar_t>();
-        key_row_stats<M>(yp, B, N, D, ay.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>());
-        keys.run(Q, [&](int64_t b, int64_t q0, int64_t q1, scalar_t* const* key_rows) {
-          const int64_t row = b * Q + q0;
-          CrossEntropyBlock<M, scalar_t> block{b, q0, q1 - q0, row, N, D,
-                                               x.const_data_ptr<scalar_t>() + row * D,
-                                               yp + b * N * D,
-                                               ay.const_data_ptr<scalar_t>() + b * N,
-                                               scale.const_data_ptr<scalar_t>() + row,
-                                               target.const_data_ptr<int64_t>() + row,
-                                               {}, {},
-                                               gx.mutable_data_ptr<scalar_t>() + row * D,
-                                               gscale.mutable_data_ptr<scalar_t>() + row,
-                                               key_rows};
-          row_stats<M>(block.xb, block.qb, D, block.ax, block.cx);
-          for (int64_t i = 0; i < block.qb; ++i) check_target_value(block.target[i], b, q0 + i, N);
-          per_block(block);
-        });
-      });
-      gy = key_grad(keys, y, cy);
-    });
+  template <typename Block>
+  const int64_t* checked_targets(const Block& block) const {
+    const int64_t* t = target.const_data_ptr<int64_t>() + block.row;
+    for (int64_t i = 0; i < block.qb; ++i) check_target_value(t[i], block.b, block.q0 + i, block.N);
+    return t;
   }
 };
 
@@ -197,18 +133,22 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& y_in,
     const at::Tensor& target_in, const at::Tensor& scale_in, const at::Tensor& lse_in,
     c10::string_view metric_name) {
-  CrossEntropyGrad c(x_in, y_in, target_in, scale_in, metric_name);
+  CrossEntropyOperands c(x_in, y_in, target_in, scale_in, metric_name);
   at::Tensor grad = grad_in.contiguous(), lse = lse_in.contiguous();
-  c.run([&](auto& block) {
+  auto g = similarity_backward(c.x, c.y, c.metric, {}, [&](auto& block) {
     using T = typename std::decay_t<decltype(block)>::Scalar;
-    std::vector<T> S(block.qb * std::min(c.N, kKeyBlock));
-    block.grad(grad.const_data_ptr<T>() + block.row, lse.const_data_ptr<T>() + block.row,
-               [&](int64_t n0, int64_t nb) {
-                 block.similarities(n0, nb, S.data(), nb);
-                 return std::make_pair(static_cast<const T*>(S.data()), nb);
-               });
+    const int64_t* target = c.checked_targets(block);
+    for (int64_t n0 = 0; n0 < block.N; n0 += kKeyBlock) {
+      const int64_t nb = std::min(kKeyBlock, block.N - n0);
+      const T* S = block.similarities(n0, nb);
+      cross_entropy_tile_grad(block, n0, nb, S, nb, c.scale.const_data_ptr<T>() + block.row,
+                              grad.const_data_ptr<T>() + block.row,
+                              lse.const_data_ptr<T>() + block.row, target,
+                              c.gscale.mutable_data_ptr<T>() + block.row);
+      block.apply(n0, nb, S, nb);
+    }
   });
-  return {c.gx, c.gy, c.gscale};
+  return {g.gx, g.gy, c.gscale};
 }
 
 // Forward and gradient at once, for a loss that is weight * the sum of the
@@ -219,26 +159,32 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_with_grad(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& target_in,
     const at::Tensor& scale_in, c10::string_view metric_name, double weight) {
-  CrossEntropyGrad c(x_in, y_in, target_in, scale_in, metric_name);
-  at::Tensor row_loss = at::empty({c.B, c.Q}, c.x.options());
-  const int64_t N = c.N;
-  c.run([&](auto& block) {
+  CrossEntropyOperands c(x_in, y_in, target_in, scale_in, metric_name);
+  at::Tensor row_loss = at::empty_like(c.scale);
+  auto g = similarity_backward(c.x, c.y, c.metric, {}, [&](auto& block) {
     using T = typename std::decay_t<decltype(block)>::Scalar;
+    const int64_t N = block.N;
+    const int64_t* target = c.checked_targets(block);
+    const T* sc = c.scale.const_data_ptr<T>() + block.row;
     std::vector<T> S(block.qb * N);
-    block.similarities(0, N, S.data(), N);
+    block.similarities_into(0, N, S.data(), N);
     T lse[kQueryBlock], g[kQueryBlock];
     T* loss = row_loss.mutable_data_ptr<T>() + block.row;
     for (int64_t i = 0; i < block.qb; ++i) {
       const T* s = S.data() + i * N;
-      lse[i] = run_loop<ScaledLogSumExp>(s, N, block.scale[i]);
-      loss[i] = lse[i] - block.scale[i] * s[block.target[i]];
+      lse[i] = run_loop<ScaledLogSumExp>(s, N, sc[i]);
+      loss[i] = lse[i] - sc[i] * s[target[i]];
       g[i] = T(weight);
     }
-    block.grad(g, lse, [&](int64_t n0, int64_t) {
-      return std::make_pair(static_cast<const T*>(S.data() + n0), N);
-    });
+    for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
+      const int64_t nb = std::min(kKeyBlock, N - n0);
+      cross_entropy_tile_grad(block, n0, nb, S.data() + n0, N, sc, static_cast<const T*>(g),
+                              static_cast<const T*>(lse), target,
+                              c.gscale.mutable_data_ptr<T>() + block.row);
+      block.apply(n0, nb, S.data() + n0, N);
+    }
   });
-  return {row_loss.sum(1).mul_(weight), c.gx, c.gy, c.gscale};
+  return {row_loss.sum(1).mul_(weight), g.gx, g.gy, c.gscale};
 }
 
 }  // namespace

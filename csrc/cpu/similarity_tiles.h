@@ -17,6 +17,7 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
 #include <limits>
@@ -322,6 +323,84 @@ at::Tensor key_grad(KeyGradAccumulator<T>& acc, const at::Tensor& y, const at::T
   finish_row_stat_grad(gy.mutable_data_ptr<T>(), y.const_data_ptr<T>(), cy.const_data_ptr<T>(),
                        gy_stat.const_data_ptr<T>(), y.size(0) * y.size(1), y.size(2));
   return gy;
+}
+
+// One block of queries of a similarity backward: rows q0 .. q0 + qb of task b.
+// For each tile of keys the op fills W [qb, nb] with d loss / d s (S, the
+// similarities, from `similarities` or its own source) and calls `apply`,
+// which adds the tile's part of the gradients for x and y.
+template <Metric M, typename T>
+struct SimilarityGradBlock {
+  using Scalar = T;
+  static constexpr Metric metric = M;
+  int64_t b, q0, qb, row, N, D;
+  const T *xb, *y, *ay;  // x rows of the block; y and its row statistics for task b
+  T* gx;                 // gradient rows of the block
+  T* const* key_rows;    // key gradients of task b: x.y part, row statistics, then the op's own
+  T ax[kQueryBlock], cx[kQueryBlock], gx_stat[kQueryBlock] = {};
+  std::vector<T> S, W;   // [qb, min(N, kKeyBlock)] tiles
+
+  SimilarityGradBlock(int64_t b_, int64_t q0_, int64_t qb_, int64_t Q, int64_t N_, int64_t D_,
+                      const T* x, const T* y_, const T* ay_, T* gx_, T* const* key_rows_)
+      : b(b_), q0(q0_), qb(qb_), row(b_ * Q + q0_), N(N_), D(D_), xb(x + row * D_), y(y_),
+        ay(ay_), gx(gx_ + row * D_), key_rows(key_rows_),
+        S(qb_ * std::min(N_, kKeyBlock)), W(S.size()) {
+    row_stats<M>(xb, qb, D, ax, cx);
+    std::fill(gx, gx + qb * D, T(0));
+  }
+
+  // Similarities of the block's queries to keys n0 .. n0 + nb, into S_out (leading dimension ld).
+  void similarities_into(int64_t n0, int64_t nb, T* S_out, int64_t ld) const {
+    similarity_tile<M>(xb, qb, y + n0 * D, nb, D, ax, ay + n0, S_out, ld);
+  }
+  const T* similarities(int64_t n0, int64_t nb) {
+    similarities_into(n0, nb, S.data(), nb);
+    return S.data();
+  }
+
+  // Adds the gradient of the tile of keys n0 .. n0 + nb, from W (leading
+  // dimension nb, overwritten) and its similarities S_tile (leading dimension lds).
+  void apply(int64_t n0, int64_t nb, const T* S_tile, int64_t lds) {
+    similarity_tile_vjp<M>(W.data(), nb, S_tile, lds, qb, nb, xb, y + n0 * D, D, ax, ay + n0, gx,
+                           key_rows[0] + n0 * D, gx_stat, key_rows[1] + n0);
+  }
+};
+
+// The gradients of a similarity op with respect to x and y (and `extra` more
+// per-key fields of the given widths, such as values): the set-up, the loop
+// over blocks of queries and the accumulation over blocks, shared by the ops.
+// per_block(SimilarityGradBlock&) does an op's own work for one block.
+struct SimilarityGradients {
+  at::Tensor gx, gy;
+  std::vector<at::Tensor> extra;
+};
+
+template <typename PerBlock>
+SimilarityGradients similarity_backward(const at::Tensor& x, const at::Tensor& y, Metric metric,
+                                        const std::vector<int64_t>& extra_widths,
+                                        PerBlock per_block) {
+  const int64_t B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2);
+  SimilarityGradients out{at::empty_like(x), at::Tensor(), {}};
+  at::Tensor ay = at::empty({B, N}, x.options()), cy = at::empty({B, N}, x.options());
+  std::vector<int64_t> widths = {D, 1};
+  widths.insert(widths.end(), extra_widths.begin(), extra_widths.end());
+  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta: similarity backward", [&] {
+    KeyGradAccumulator<scalar_t> keys(B, Q, N, widths, x.options());
+    FASTMETA_DISPATCH_METRIC(metric, [&] {
+      const scalar_t* yp = y.const_data_ptr<scalar_t>();
+      key_row_stats<M>(yp, B, N, D, ay.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>());
+      keys.run(Q, [&](int64_t b, int64_t q0, int64_t q1, scalar_t* const* key_rows) {
+        SimilarityGradBlock<M, scalar_t> block(b, q0, q1 - q0, Q, N, D, x.const_data_ptr<scalar_t>(),
+                                               yp + b * N * D, ay.const_data_ptr<scalar_t>() + b * N,
+                                               out.gx.mutable_data_ptr<scalar_t>(), key_rows);
+        per_block(block);
+        finish_row_stat_grad(block.gx, block.xb, block.cx, block.gx_stat, block.qb, D);
+      });
+    });
+    out.gy = key_grad(keys, y, cy);
+    for (size_t f = 0; f < extra_widths.size(); ++f) out.extra.push_back(keys.reduce(2 + f));
+  });
+  return out;
 }
 
 }  // namespace fastmeta::cpu
