@@ -176,32 +176,53 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_log_softmax_backward(
   return {bw.to_input_dtype(bw.gx), bw.to_input_dtype(bw.gy), bw.to_input_dtype(bw.gscale)};
 }
 
+// Checks, device guard and row statistics, done once per call of each
+// cross-entropy op; the forward and backward kernels below take them as given.
+struct CrossEntropyCall {
+  c10::cuda::CUDAGuard guard;
+  Similarity s;
+
+  CrossEntropyCall(const at::Tensor& x, const at::Tensor& y, const at::Tensor& target,
+                   const at::Tensor& scale, c10::string_view metric)
+      : guard(checked_device(x, y, target, scale)), s(x, y, &scale, &target, nullptr, metric) {}
+
+  static at::Device checked_device(const at::Tensor& x, const at::Tensor& y,
+                                   const at::Tensor& target, const at::Tensor& scale) {
+    check_metric_operands(x, y, scale);
+    check_target(target, x, y.size(1));
+    return x.device();
+  }
+
+  // Per-query losses and log-sum-exps, in the accumulation dtype.
+  std::pair<at::Tensor, at::Tensor> forward() const {
+    at::Tensor loss = at::empty({s.args.B, s.args.Q}, acc_options(s.x));
+    at::Tensor lse = at::empty({s.args.B, s.args.Q}, acc_options(s.x));
+    cuda::similarity_forward(SimilarityOp::CrossEntropy, s.args, loss.mutable_data_ptr(),
+                             lse.mutable_data_ptr(), s.stream());
+    return {loss, lse};
+  }
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor> backward(const at::Tensor& grad,
+                                                          const at::Tensor& lse) const {
+    SimilarityBackward bw(grad, s);
+    bw.set_lse(lse);
+    bw.run(SimilarityOp::CrossEntropy, s);
+    return {bw.to_input_dtype(bw.gx), bw.to_input_dtype(bw.gy), bw.to_input_dtype(bw.gscale)};
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x, const at::Tensor& y,
                                                             const at::Tensor& target,
                                                             const at::Tensor& scale,
                                                             c10::string_view metric) {
-  check_metric_operands(x, y, scale);
-  c10::cuda::CUDAGuard guard(x.device());
-  check_target(target, x, y.size(1));
-  Similarity s(x, y, &scale, &target, nullptr, metric);
-  at::Tensor loss = at::empty({s.args.B, s.args.Q}, acc_options(x));
-  at::Tensor lse = at::empty({s.args.B, s.args.Q}, acc_options(x));
-  cuda::similarity_forward(SimilarityOp::CrossEntropy, s.args, loss.mutable_data_ptr(), lse.mutable_data_ptr(),
-                     s.stream());
+  auto [loss, lse] = CrossEntropyCall(x, y, target, scale, metric).forward();
   return {loss.to(x.scalar_type()), lse};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& target,
     const at::Tensor& scale, const at::Tensor& lse, c10::string_view metric) {
-  check_metric_operands(x, y, scale);
-  c10::cuda::CUDAGuard guard(x.device());
-  check_target(target, x, y.size(1));
-  Similarity s(x, y, &scale, &target, nullptr, metric);
-  SimilarityBackward bw(grad, s);
-  bw.set_lse(lse);
-  bw.run(SimilarityOp::CrossEntropy, s);
-  return {bw.to_input_dtype(bw.gx), bw.to_input_dtype(bw.gy), bw.to_input_dtype(bw.gscale)};
+  return CrossEntropyCall(x, y, target, scale, metric).backward(grad, lse);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x, const at::Tensor& y,
@@ -235,14 +256,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_bac
 }
 
 // The CUDA kernels compute the reduced loss and its gradient as a forward and a
-// backward with a uniform output gradient (the CPU kernel fuses the two).
+// backward with a uniform output gradient (the CPU kernel fuses the two),
+// sharing the checks and row statistics.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_with_grad(
     const at::Tensor& x, const at::Tensor& y, const at::Tensor& target, const at::Tensor& scale,
     c10::string_view metric, double weight) {
-  auto [loss, lse] = similarity_cross_entropy(x, y, target, scale, metric);
-  auto [gx, gy, gscale] =
-      similarity_cross_entropy_backward(at::full_like(loss, weight), x, y, target, scale, lse, metric);
-  at::Tensor task_loss = loss.to(lse.scalar_type()).sum(1).mul_(weight).to(x.scalar_type());
+  CrossEntropyCall call(x, y, target, scale, metric);
+  auto [loss, lse] = call.forward();
+  auto [gx, gy, gscale] = call.backward(at::full_like(loss, weight), lse);
+  at::Tensor task_loss = loss.sum(1).mul_(weight).to(x.scalar_type());
   return {task_loss, gx, gy, gscale};
 }
 
