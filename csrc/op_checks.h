@@ -84,4 +84,28 @@ inline void check_pairs(const at::Tensor& x1, const at::Tensor& x2, const at::Te
   check_size(same, "same", 0, x1.size(0), "the number of pairs in x1");
 }
 
+// Coordinatewise LSTM operands: a gradient [P] and coordinate-minor state
+// [..., P] of the same dtype and device, and the flat shared weights.
+inline void check_coordinate_operands(const at::Tensor& grad, const at::Tensor& state,
+                                      int64_t state_dim, const at::Tensor& weights,
+                                      int64_t num_weights) {
+  TORCH_CHECK(at::isFloatingType(grad.scalar_type()),
+              "fastmeta: grad must be a floating-point tensor, got ", grad.scalar_type());
+  check_operand(grad, "grad", 1, grad);
+  check_operand(state, "state", state_dim, grad);
+  check_operand(weights, "weights", 1, grad);
+  check_size(state, "state", state_dim - 1, grad.size(0), "the number of coordinates P in grad");
+  check_size(weights, "weights", 0, num_weights, "the size the state's shape implies");
+}
+
+// The L2O cell's weights for L layers of H units: W_l [4H, in_l + H], b_l [4H], head [H + 1].
+inline int64_t l2o_num_weights(int64_t L, int64_t H) {
+  int64_t n = H + 1;
+  for (int64_t l = 0; l < L; ++l) n += 4 * H * ((l == 0 ? 2 : H) + H) + 4 * H;
+  return n;
+}
+
+// The meta-learner's weights: W [4H, 4 + H], b [4H], two gates of [H + 2] and [1].
+inline int64_t meta_lstm_num_weights(int64_t H) { return 4 * H * (4 + H) + 4 * H + 2 * (H + 3); }
+
 }  // namespace fastmeta

@@ -39,6 +39,23 @@ TORCH_LIBRARY(fastmeta, m) {
   m.def(
       "contrastive_loss_backward(Tensor grad, Tensor x1, Tensor x2, Tensor same, float margin)"
       " -> (Tensor, Tensor, Tensor)");
+  // Coordinatewise LSTM optimizers (layouts in csrc/math/lstm.h).
+  m.def(
+      "l2o_lstm_step(Tensor grad, Tensor state, Tensor weights, float preprocess_p,"
+      " float output_scale) -> (Tensor update, Tensor new_state)");
+  m.def(
+      "l2o_lstm_step_(Tensor(a!) param, Tensor grad, Tensor(b!) state, Tensor weights,"
+      " float preprocess_p, float output_scale) -> ()");
+  m.def(
+      "l2o_lstm_step_backward(Tensor grad_update, Tensor grad_state, Tensor grad, Tensor state,"
+      " Tensor weights, float preprocess_p, float output_scale) -> (Tensor, Tensor, Tensor)");
+  m.def(
+      "meta_lstm_step(Tensor grad, Tensor loss, Tensor theta, Tensor state, Tensor weights,"
+      " float preprocess_p) -> (Tensor theta_new, Tensor new_state)");
+  m.def(
+      "meta_lstm_step_backward(Tensor grad_theta, Tensor grad_state, Tensor grad, Tensor loss,"
+      " Tensor theta, Tensor state, Tensor weights, float preprocess_p)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 
 // The Python module fastmeta._C: loading it registers the ops above; its one

@@ -5,6 +5,7 @@ benchmarks. They materialise the full ``[B, Q, N]`` similarity matrix, and are
 twice differentiable.
 """
 
+import math
 from typing import Union
 
 import torch
@@ -18,6 +19,9 @@ __all__ = [
     "similarity_cross_entropy",
     "attention_readout",
     "contrastive_loss",
+    "log_sign_preprocess",
+    "l2o_lstm_step",
+    "meta_lstm_step",
 ]
 
 COSINE_EPS = 1e-8
@@ -103,3 +107,66 @@ def contrastive_loss(x1, x2, same, margin: float = 1.0, reduction: str = "mean")
     same = same.to(x1.dtype)
     loss = same * d**2 + (1 - same) * (margin - d).clamp_min(0) ** 2
     return _reduce(loss, reduction)
+
+
+def log_sign_preprocess(grad: torch.Tensor, preprocess_p: float = 10.0) -> torch.Tensor:
+    """Andrychowicz et al.'s gradient preprocessing: ``[..., 2]`` features
+    ``(log|g| / p, sign g)`` where ``|g| >= e^-p``, else ``(-1, e^p g)``."""
+    keep = grad.abs() >= math.exp(-preprocess_p)
+    log_part = grad.abs().clamp_min(math.exp(-preprocess_p)).log() / preprocess_p
+    first = torch.where(keep, log_part, -torch.ones_like(grad))
+    second = torch.where(keep, torch.where(grad > 0, 1.0, -1.0).to(grad.dtype),
+                         grad * math.exp(preprocess_p))
+    return torch.stack([first, second], -1)
+
+
+def _split(weights: torch.Tensor, sizes):
+    out, offset = [], 0
+    for shape in sizes:
+        n = math.prod(shape)
+        out.append(weights[offset:offset + n].view(shape))
+        offset += n
+    return out
+
+
+def l2o_lstm_step(grad: torch.Tensor, state: torch.Tensor, weights: torch.Tensor,
+                  preprocess_p: float = 10.0, output_scale: float = 0.1):
+    """One step of the coordinatewise LSTM optimizer as ``nn.LSTMCell`` calls
+    over P rows; grad ``[P]``, state ``[L, 2, H, P]``, flat weights as in
+    ``csrc/math/lstm.h``. Returns ``(update [P], new_state)``."""
+    num_layers, hidden = state.shape[0], state.shape[2]
+    x = log_sign_preprocess(grad, preprocess_p)
+    sizes = []
+    for layer in range(num_layers):
+        sizes += [(4 * hidden, (2 if layer == 0 else hidden) + hidden), (4 * hidden,)]
+    parts = _split(weights, sizes + [(1, hidden), (1,)])
+    new_state = []
+    for layer in range(num_layers):
+        w, b = parts[2 * layer], parts[2 * layer + 1]
+        inputs = x.shape[1]
+        h, c = torch.lstm_cell(x, (state[layer, 0].T, state[layer, 1].T), w[:, :inputs],
+                               w[:, inputs:], b, torch.zeros_like(b))
+        new_state.append(torch.stack([h.T, c.T]))
+        x = h
+    update = F.linear(x, parts[-2], parts[-1]).squeeze(-1) * output_scale
+    return update, torch.stack(new_state)
+
+
+def meta_lstm_step(grad: torch.Tensor, loss: torch.Tensor, theta: torch.Tensor, state: torch.Tensor,
+                   weights: torch.Tensor, preprocess_p: float = 10.0):
+    """One step of Ravi & Larochelle's meta-learner: an ``nn.LSTMCell`` over
+    (preprocessed grad, preprocessed loss) per coordinate, then
+    ``theta = f * theta_prev - i * grad``. grad, theta ``[P]``, loss ``[]``,
+    state ``[2H + 2, P]`` (h, c, f_prev, i_prev). Returns ``(theta, new_state)``."""
+    hidden = (state.shape[0] - 2) // 2
+    w, b, wf, bf, wi, bi = _split(weights, [(4 * hidden, 4 + hidden), (4 * hidden,), (hidden + 2,),
+                                            (1,), (hidden + 2,), (1,)])
+    x = torch.cat([log_sign_preprocess(grad, preprocess_p),
+                   log_sign_preprocess(loss, preprocess_p).expand(grad.shape[0], 2)], 1)
+    h, c = torch.lstm_cell(x, (state[:hidden].T, state[hidden:2 * hidden].T), w[:, :4], w[:, 4:], b,
+                           torch.zeros_like(b))
+    f_prev, i_prev = state[2 * hidden], state[2 * hidden + 1]
+    f = torch.sigmoid(h @ wf[:hidden] + wf[hidden] * theta + wf[hidden + 1] * f_prev + bf)
+    i = torch.sigmoid(h @ wi[:hidden] + wi[hidden] * theta + wi[hidden + 1] * i_prev + bi)
+    new_state = torch.cat([h.T, c.T, f.unsqueeze(0), i.unsqueeze(0)])
+    return f * theta - i * grad, new_state

@@ -15,11 +15,7 @@
 
 #include <cmath>
 
-#if defined(__CUDACC__)
-#define FASTMETA_HOST_DEVICE __host__ __device__ __forceinline__
-#else
-#define FASTMETA_HOST_DEVICE inline __attribute__((always_inline))
-#endif
+#include "common.h"
 
 namespace fastmeta {
 

@@ -2,12 +2,15 @@
 
 Each is a ``torch.ops.fastmeta`` custom op with CPU and CUDA kernels, autograd
 (backward kernels; double backward through the reference), ``torch.compile``
-support (fake implementations) and ``torch.func.vmap`` support.
+support (fake implementations) and, for the metric ops, ``torch.func.vmap``
+support.
 """
 
 from .attention_readout import attention_readout
 from .class_prototypes import class_prototypes
 from .contrastive_loss import contrastive_loss
+from .l2o_lstm_step import l2o_lstm_step, l2o_lstm_step_, l2o_num_weights
+from .meta_lstm_step import meta_lstm_num_weights, meta_lstm_step
 from .pairwise_distance import pairwise_distance
 from .similarity_cross_entropy import similarity_cross_entropy
 from .similarity_log_softmax import similarity_log_softmax
@@ -19,4 +22,9 @@ __all__ = [
     "similarity_cross_entropy",
     "attention_readout",
     "contrastive_loss",
+    "l2o_lstm_step",
+    "l2o_lstm_step_",
+    "l2o_num_weights",
+    "meta_lstm_step",
+    "meta_lstm_num_weights",
 ]

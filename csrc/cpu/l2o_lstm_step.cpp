@@ -1,0 +1,199 @@
+// CPU kernels of fastmeta::l2o_lstm_step (the coordinatewise LSTM optimizer of
+// Andrychowicz et al. 2016), its backward and its in-place form. grad [P],
+// state [L, 2, H, P]; layouts in csrc/math/lstm.h.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../op_checks.h"
+#include "lstm_chunks.h"
+
+namespace fastmeta::cpu {
+namespace {
+
+template <typename T>
+struct L2oCell {
+  int64_t L, H, P;
+  const T* weights;
+  LogSign<T> prep;
+  T scale;
+
+  int64_t in(int64_t l) const { return l == 0 ? 2 : H; }
+  int64_t layer_offset(int64_t l) const {
+    int64_t offset = 0;
+    for (int64_t m = 0; m < l; ++m) offset += 4 * H * (in(m) + H) + 4 * H;
+    return offset;
+  }
+  const T* W(int64_t l) const { return weights + layer_offset(l); }
+  const T* bias(int64_t l) const { return W(l) + 4 * H * (in(l) + H); }
+  int64_t head_offset() const { return layer_offset(L); }
+  // Offset of row k of h (which = 0) or c (which = 1) of layer l in the state.
+  int64_t row(int64_t l, int64_t which) const { return (l * 2 + which) * H * P; }
+};
+
+template <typename T>
+struct L2oChunk {
+  std::vector<LayerChunk<T>> layers;
+  std::vector<T> h_last, dh, dxh, du;
+
+  L2oChunk(int64_t L, int64_t H)
+      : h_last(H * kChunk), dh(H * kChunk), dxh(2 * H * kChunk + 2 * kChunk), du(kChunk) {
+    for (int64_t l = 0; l < L; ++l) layers.emplace_back(l == 0 ? 2 : H, H);
+  }
+  T* h_out(int64_t l) { return l + 1 < (int64_t)layers.size() ? layers[l + 1].input() : h_last.data(); }
+};
+
+template <typename T>
+L2oCell<T> make_cell(const at::Tensor& state, const at::Tensor& weights, double p, double scale) {
+  TORCH_CHECK(p > 0, "fastmeta: preprocess_p must be positive, got ", p);
+  return {state.size(0), state.size(2), state.size(3), weights.const_data_ptr<T>(),
+          LogSign<T>{T(p), T(std::exp(-p)), T(std::exp(p))}, T(scale)};
+}
+
+// The forward of coordinates [p0, p0 + n): fills the chunk's activations.
+template <typename T>
+void chunk_forward(const L2oCell<T>& cell, L2oChunk<T>& ws, const T* grad, const T* state,
+                   int64_t p0, int64_t n) {
+  T* x = ws.layers[0].input();
+  for (int64_t j = 0; j < n; ++j) cell.prep.features(grad[p0 + j], x[j], x[kChunk + j]);
+  for (int64_t l = 0; l < cell.L; ++l)
+    layer_forward(ws.layers[l], cell.W(l), cell.bias(l), state + cell.row(l, 0) + p0,
+                  state + cell.row(l, 1) + p0, cell.P, n, ws.h_out(l), kChunk);
+}
+
+// Writes the chunk's new state and update (update += when accumulate).
+template <typename T>
+void chunk_outputs(const L2oCell<T>& cell, L2oChunk<T>& ws, T* new_state, T* update, bool accumulate,
+                   int64_t p0, int64_t n) {
+  for (int64_t l = 0; l < cell.L; ++l) {
+    copy_rows(ws.h_out(l), kChunk, new_state + cell.row(l, 0) + p0, cell.P, cell.H, n);
+    copy_rows(ws.layers[l].c.data(), kChunk, new_state + cell.row(l, 1) + p0, cell.P, cell.H, n);
+  }
+  const T* head = cell.weights + cell.head_offset();
+  T* out = accumulate ? ws.du.data() : update + p0;
+  run_loop<WeightedRowSum>(head, ws.h_last.data(), cell.H, head[cell.H], cell.scale, out, n);
+  if (accumulate)
+    for (int64_t j = 0; j < n; ++j) update[p0 + j] += out[j];
+}
+
+template <typename T>
+void l2o_forward(const L2oCell<T>& cell, const T* grad, const T* state, T* new_state, T* update,
+                 bool accumulate) {
+  for_each_chunk(
+      cell.P, [&] { return L2oChunk<T>(cell.L, cell.H); },
+      [&](L2oChunk<T>& ws, int64_t p0, int64_t p1) {
+        chunk_forward(cell, ws, grad, state, p0, p1 - p0);
+        chunk_outputs(cell, ws, new_state, update, accumulate, p0, p1 - p0);
+      });
+}
+
+void check_l2o(const at::Tensor& grad, const at::Tensor& state, const at::Tensor& weights) {
+  TORCH_CHECK(state.dim() == 4 && state.size(1) == 2,
+              "fastmeta: state must have shape [num_layers, 2, hidden_size, P], got ", state.sizes());
+  check_coordinate_operands(grad, state, 4, weights, l2o_num_weights(state.size(0), state.size(2)));
+  TORCH_CHECK(state.size(0) >= 1, "fastmeta: the L2O cell needs at least one layer");
+}
+
+std::tuple<at::Tensor, at::Tensor> l2o_lstm_step(const at::Tensor& grad_in, const at::Tensor& state_in,
+                                                 const at::Tensor& weights_in, double p,
+                                                 double scale) {
+  check_l2o(grad_in, state_in, weights_in);
+  at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
+  at::Tensor weights = weights_in.contiguous();
+  at::Tensor update = at::empty_like(grad), new_state = at::empty_like(state);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::l2o_lstm_step", [&] {
+    l2o_forward(make_cell<scalar_t>(state, weights, p, scale), grad.const_data_ptr<scalar_t>(),
+                state.const_data_ptr<scalar_t>(), new_state.mutable_data_ptr<scalar_t>(),
+                update.mutable_data_ptr<scalar_t>(), false);
+  });
+  return {update, new_state};
+}
+
+// param += update, state = new state, in one pass; param and state must be contiguous.
+void l2o_lstm_step_(const at::Tensor& param, const at::Tensor& grad_in, const at::Tensor& state,
+                    const at::Tensor& weights_in, double p, double scale) {
+  check_l2o(grad_in, state, weights_in);
+  check_operand(param, "param", 1, grad_in);
+  check_size(param, "param", 0, grad_in.size(0), "the number of coordinates P in grad");
+  TORCH_CHECK(param.is_contiguous() && state.is_contiguous(),
+              "fastmeta: l2o_lstm_step_ needs contiguous param and state");
+  at::Tensor grad = grad_in.contiguous(), weights = weights_in.contiguous();
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::l2o_lstm_step_", [&] {
+    scalar_t* s = state.mutable_data_ptr<scalar_t>();
+    l2o_forward(make_cell<scalar_t>(state, weights, p, scale), grad.const_data_ptr<scalar_t>(), s, s,
+                param.mutable_data_ptr<scalar_t>(), true);
+  });
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> l2o_lstm_step_backward(
+    const at::Tensor& grad_update_in, const at::Tensor& grad_state_in, const at::Tensor& grad_in,
+    const at::Tensor& state_in, const at::Tensor& weights_in, double p, double scale) {
+  check_l2o(grad_in, state_in, weights_in);
+  check_operand(grad_update_in, "grad_update", 1, grad_in);
+  check_operand(grad_state_in, "grad_state", 4, grad_in);
+  TORCH_CHECK(grad_update_in.sizes() == grad_in.sizes() && grad_state_in.sizes() == state_in.sizes(),
+              "fastmeta: the output gradients must have the shapes of the outputs");
+  at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
+  at::Tensor weights = weights_in.contiguous(), grad_update = grad_update_in.contiguous();
+  at::Tensor grad_state = grad_state_in.contiguous();
+  at::Tensor d_grad = at::empty_like(grad), d_state = at::empty_like(state);
+  at::Tensor d_weights = at::empty_like(weights);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::l2o_lstm_step_backward", [&] {
+    using T = scalar_t;
+    const L2oCell<T> cell = make_cell<T>(state, weights, p, scale);
+    const int64_t L = cell.L, H = cell.H, P = cell.P, width = weights.numel();
+    const T* g = grad.const_data_ptr<T>();
+    const T* gu = grad_update.const_data_ptr<T>();
+    const T* gs = grad_state.const_data_ptr<T>();
+    T* dg = d_grad.mutable_data_ptr<T>();
+    T* ds = d_state.mutable_data_ptr<T>();
+    std::vector<T> partial(std::min(kMaxSlots, (P + kChunk - 1) / kChunk) * width, T(0));
+    const int64_t slots = for_each_slot(
+        P, [&] { return L2oChunk<T>(L, H); },
+        [&](L2oChunk<T>& ws, int64_t slot, int64_t p0, int64_t p1) {
+          const int64_t n = p1 - p0;
+          T* dw = partial.data() + slot * width;
+          chunk_forward(cell, ws, g, state.const_data_ptr<T>(), p0, n);
+          // The head: update = scale * (w . h_last + b).
+          const T* head = cell.weights + cell.head_offset();
+          T* dw_head = dw + cell.head_offset();
+          for (int64_t j = 0; j < n; ++j) ws.du[j] = cell.scale * gu[p0 + j];
+          for (int64_t k = 0; k < H; ++k) dw_head[k] += row_dot(ws.du.data(), ws.h_last.data() + k * kChunk, n);
+          dw_head[H] += row_sum(ws.du.data(), n);
+          copy_rows(gs + cell.row(L - 1, 0) + p0, P, ws.dh.data(), kChunk, H, n);
+          run_loop<AddOuter>(head, ws.du.data(), ws.dh.data(), H, n);
+          for (int64_t l = L - 1; l >= 0; --l) {
+            const int64_t in = cell.in(l);
+            const int64_t offset = cell.layer_offset(l);
+            layer_backward(ws.layers[l], cell.W(l), ws.dh.data(), gs + cell.row(l, 1) + p0,
+                           ds + cell.row(l, 1) + p0, P, n, ws.dxh.data(), dw + offset,
+                           dw + offset + 4 * H * (in + H));
+            copy_rows(ws.dxh.data() + in * kChunk, kChunk, ds + cell.row(l, 0) + p0, P, H, n);
+            if (l > 0) {
+              const T* upstream = gs + cell.row(l - 1, 0) + p0;
+              for (int64_t k = 0; k < H; ++k)
+                for (int64_t j = 0; j < n; ++j)
+                  ws.dh[k * kChunk + j] = upstream[k * P + j] + ws.dxh[k * kChunk + j];
+            } else {
+              for (int64_t j = 0; j < n; ++j)
+                dg[p0 + j] = cell.prep.backward(g[p0 + j], ws.dxh[j], ws.dxh[kChunk + j]);
+            }
+          }
+        });
+    sum_slots(partial, slots, width, d_weights.mutable_data_ptr<T>());
+  });
+  return {d_grad, d_state, d_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
+  m.impl("l2o_lstm_step", &l2o_lstm_step);
+  m.impl("l2o_lstm_step_", &l2o_lstm_step_);
+  m.impl("l2o_lstm_step_backward", &l2o_lstm_step_backward);
+}
+
+}  // namespace fastmeta::cpu

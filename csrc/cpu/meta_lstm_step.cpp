@@ -1,0 +1,208 @@
+// CPU kernels of fastmeta::meta_lstm_step (the LSTM meta-learner of Ravi &
+// Larochelle 2017) and its backward. grad, theta [P], loss [], state
+// [2H + 2, P]; layouts in csrc/math/lstm.h.
+#include <ATen/Dispatch.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <torch/library.h>
+
+#include <cmath>
+
+#include "../op_checks.h"
+#include "lstm_chunks.h"
+
+namespace fastmeta::cpu {
+namespace {
+
+constexpr int64_t kInputs = 4;  // preprocessed gradient and loss
+
+template <typename T>
+struct MetaCell {
+  int64_t H, P;
+  const T* weights;
+  LogSign<T> prep;
+  T loss;
+
+  const T* W() const { return weights; }
+  const T* bias() const { return weights + 4 * H * (kInputs + H); }
+  int64_t forget_offset() const { return 4 * H * (kInputs + H) + 4 * H; }
+  int64_t input_offset() const { return forget_offset() + H + 3; }
+  const T* forget() const { return weights + forget_offset(); }  // [H + 2] then bias
+  const T* input_gate() const { return weights + input_offset(); }
+  MetaGates<T> gates() const {
+    return {forget()[H], forget()[H + 1], input_gate()[H], input_gate()[H + 1]};
+  }
+};
+
+template <typename T>
+struct MetaChunk {
+  LayerChunk<T> layer;
+  std::vector<T> h, f, i, dh, dxh, d_pre_f, d_pre_i;
+
+  explicit MetaChunk(int64_t H)
+      : layer(kInputs, H), h(H * kChunk), f(kChunk), i(kChunk), dh(H * kChunk),
+        dxh((kInputs + H) * kChunk), d_pre_f(kChunk), d_pre_i(kChunk) {}
+};
+
+struct MetaUpdateForward {
+  // f, i: the gates' w[:H].h + b in, the gates out.
+  template <typename T>
+  FASTMETA_INLINE static void run(MetaGates<T> gates, T* f, T* i, const T* theta_prev,
+                                  const T* f_prev, const T* i_prev, const T* grad, T* theta,
+                                  int64_t n) {
+#pragma GCC ivdep
+    for (int64_t j = 0; j < n; ++j)
+      gates.forward(f[j], i[j], theta_prev[j], f_prev[j], i_prev[j], grad[j], f[j], i[j], theta[j]);
+  }
+};
+
+template <typename T>
+void chunk_forward(const MetaCell<T>& cell, MetaChunk<T>& ws, const T* grad, const T* theta,
+                   const T* state, int64_t p0, int64_t n, T* theta_out) {
+  const int64_t H = cell.H, P = cell.P;
+  T* x = ws.layer.input();
+  T l0, l1;
+  cell.prep.features(cell.loss, l0, l1);
+  for (int64_t j = 0; j < n; ++j) {
+    cell.prep.features(grad[p0 + j], x[j], x[kChunk + j]);
+    x[2 * kChunk + j] = l0;
+    x[3 * kChunk + j] = l1;
+  }
+  layer_forward(ws.layer, cell.W(), cell.bias(), state + p0, state + H * P + p0, P, n, ws.h.data(),
+                kChunk);
+  run_loop<WeightedRowSum>(cell.forget(), ws.h.data(), H, cell.forget()[H + 2], T(1), ws.f.data(), n);
+  run_loop<WeightedRowSum>(cell.input_gate(), ws.h.data(), H, cell.input_gate()[H + 2], T(1),
+                           ws.i.data(), n);
+  run_loop<MetaUpdateForward>(cell.gates(), ws.f.data(), ws.i.data(), theta + p0,
+                              state + 2 * H * P + p0, state + (2 * H + 1) * P + p0, grad + p0,
+                              theta_out, n);
+}
+
+void check_meta(const at::Tensor& grad, const at::Tensor& loss, const at::Tensor& theta,
+                const at::Tensor& state, const at::Tensor& weights) {
+  TORCH_CHECK(state.dim() == 2 && state.size(0) >= 2 && state.size(0) % 2 == 0,
+              "fastmeta: state must have shape [2 * hidden_size + 2, P], got ", state.sizes());
+  check_coordinate_operands(grad, state, 2, weights, meta_lstm_num_weights(state.size(0) / 2 - 1));
+  check_operand(loss, "loss", 0, grad);
+  check_operand(theta, "theta", 1, grad);
+  check_size(theta, "theta", 0, grad.size(0), "the number of coordinates P in grad");
+}
+
+template <typename T>
+MetaCell<T> make_cell(const at::Tensor& state, const at::Tensor& weights, const at::Tensor& loss,
+                      double p) {
+  TORCH_CHECK(p > 0, "fastmeta: preprocess_p must be positive, got ", p);
+  return {state.size(0) / 2 - 1, state.size(1), weights.const_data_ptr<T>(),
+          LogSign<T>{T(p), T(std::exp(-p)), T(std::exp(p))}, loss.item<T>()};
+}
+
+std::tuple<at::Tensor, at::Tensor> meta_lstm_step(const at::Tensor& grad_in, const at::Tensor& loss,
+                                                  const at::Tensor& theta_in,
+                                                  const at::Tensor& state_in,
+                                                  const at::Tensor& weights_in, double p) {
+  check_meta(grad_in, loss, theta_in, state_in, weights_in);
+  at::Tensor grad = grad_in.contiguous(), theta = theta_in.contiguous();
+  at::Tensor state = state_in.contiguous(), weights = weights_in.contiguous();
+  at::Tensor theta_new = at::empty_like(theta), new_state = at::empty_like(state);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::meta_lstm_step", [&] {
+    using T = scalar_t;
+    const MetaCell<T> cell = make_cell<T>(state, weights, loss, p);
+    const int64_t H = cell.H, P = cell.P;
+    T* out = new_state.mutable_data_ptr<T>();
+    for_each_chunk(
+        P, [&] { return MetaChunk<T>(H); },
+        [&](MetaChunk<T>& ws, int64_t p0, int64_t p1) {
+          const int64_t n = p1 - p0;
+          chunk_forward(cell, ws, grad.const_data_ptr<T>(), theta.const_data_ptr<T>(),
+                        state.const_data_ptr<T>(), p0, n, theta_new.mutable_data_ptr<T>() + p0);
+          copy_rows(ws.h.data(), kChunk, out + p0, P, H, n);
+          copy_rows(ws.layer.c.data(), kChunk, out + H * P + p0, P, H, n);
+          std::copy(ws.f.begin(), ws.f.begin() + n, out + 2 * H * P + p0);
+          std::copy(ws.i.begin(), ws.i.begin() + n, out + (2 * H + 1) * P + p0);
+        });
+  });
+  return {theta_new, new_state};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm_step_backward(
+    const at::Tensor& grad_theta_in, const at::Tensor& grad_state_in, const at::Tensor& grad_in,
+    const at::Tensor& loss, const at::Tensor& theta_in, const at::Tensor& state_in,
+    const at::Tensor& weights_in, double p) {
+  check_meta(grad_in, loss, theta_in, state_in, weights_in);
+  check_operand(grad_theta_in, "grad_theta", 1, grad_in);
+  check_operand(grad_state_in, "grad_state", 2, grad_in);
+  TORCH_CHECK(grad_theta_in.sizes() == theta_in.sizes() && grad_state_in.sizes() == state_in.sizes(),
+              "fastmeta: the output gradients must have the shapes of the outputs");
+  at::Tensor grad = grad_in.contiguous(), theta = theta_in.contiguous();
+  at::Tensor state = state_in.contiguous(), weights = weights_in.contiguous();
+  at::Tensor grad_theta = grad_theta_in.contiguous(), grad_state = grad_state_in.contiguous();
+  at::Tensor d_grad = at::empty_like(grad), d_theta = at::empty_like(theta);
+  at::Tensor d_state = at::empty_like(state), d_weights = at::empty_like(weights);
+  at::Tensor d_loss = at::empty_like(loss);
+  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::meta_lstm_step_backward", [&] {
+    using T = scalar_t;
+    const MetaCell<T> cell = make_cell<T>(state, weights, loss, p);
+    const MetaGates<T> gates = cell.gates();
+    const int64_t H = cell.H, P = cell.P, nw = weights.numel(), width = nw + 2;
+    const T* g = grad.const_data_ptr<T>();
+    const T* th = theta.const_data_ptr<T>();
+    const T* s = state.const_data_ptr<T>();
+    const T* gt = grad_theta.const_data_ptr<T>();
+    const T* gs = grad_state.const_data_ptr<T>();
+    T* dg = d_grad.mutable_data_ptr<T>();
+    T* dth = d_theta.mutable_data_ptr<T>();
+    T* ds = d_state.mutable_data_ptr<T>();
+    std::vector<T> partial(std::min(kMaxSlots, (P + kChunk - 1) / kChunk) * width, T(0));
+    const int64_t slots = for_each_slot(
+        P, [&] { return MetaChunk<T>(H); },
+        [&](MetaChunk<T>& ws, int64_t slot, int64_t p0, int64_t p1) {
+          const int64_t n = p1 - p0;
+          T* dw = partial.data() + slot * width;
+          chunk_forward(cell, ws, g, th, s, p0, n, dth + p0);  // theta_new is not needed
+          const T* f_prev = s + 2 * H * P + p0;
+          const T* i_prev = s + (2 * H + 1) * P + p0;
+          T* df_prev = ds + 2 * H * P + p0;
+          T* di_prev = ds + (2 * H + 1) * P + p0;
+          for (int64_t j = 0; j < n; ++j)
+            gates.backward(ws.f[j], ws.i[j], th[p0 + j], g[p0 + j], gt[p0 + j],
+                           gs[2 * H * P + p0 + j], gs[(2 * H + 1) * P + p0 + j], ws.d_pre_f[j],
+                           ws.d_pre_i[j], dth[p0 + j], df_prev[j], di_prev[j], dg[p0 + j]);
+          T* dwf = dw + cell.forget_offset();
+          T* dwi = dw + cell.input_offset();
+          for (int64_t k = 0; k < H; ++k) {
+            dwf[k] += row_dot(ws.d_pre_f.data(), ws.h.data() + k * kChunk, n);
+            dwi[k] += row_dot(ws.d_pre_i.data(), ws.h.data() + k * kChunk, n);
+          }
+          dwf[H] += row_dot(ws.d_pre_f.data(), th + p0, n);
+          dwi[H] += row_dot(ws.d_pre_i.data(), th + p0, n);
+          dwf[H + 1] += row_dot(ws.d_pre_f.data(), f_prev, n);
+          dwi[H + 1] += row_dot(ws.d_pre_i.data(), i_prev, n);
+          dwf[H + 2] += row_sum(ws.d_pre_f.data(), n);
+          dwi[H + 2] += row_sum(ws.d_pre_i.data(), n);
+          copy_rows(gs + p0, P, ws.dh.data(), kChunk, H, n);
+          run_loop<AddOuter>(cell.forget(), ws.d_pre_f.data(), ws.dh.data(), H, n);
+          run_loop<AddOuter>(cell.input_gate(), ws.d_pre_i.data(), ws.dh.data(), H, n);
+          layer_backward(ws.layer, cell.W(), ws.dh.data(), gs + H * P + p0, ds + H * P + p0, P, n,
+                         ws.dxh.data(), dw, dw + 4 * H * (kInputs + H));
+          copy_rows(ws.dxh.data() + kInputs * kChunk, kChunk, ds + p0, P, H, n);
+          for (int64_t j = 0; j < n; ++j)
+            dg[p0 + j] += cell.prep.backward(g[p0 + j], ws.dxh[j], ws.dxh[kChunk + j]);
+          dw[nw] += row_sum(ws.dxh.data() + 2 * kChunk, n);
+          dw[nw + 1] += row_sum(ws.dxh.data() + 3 * kChunk, n);
+        });
+    std::vector<T> total(width);
+    sum_slots(partial, slots, width, total.data());
+    std::copy(total.begin(), total.begin() + nw, d_weights.mutable_data_ptr<T>());
+    d_loss.fill_(cell.prep.backward(cell.loss, total[nw], total[nw + 1]));
+  });
+  return {d_grad, d_loss, d_theta, d_state, d_weights};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
+  m.impl("meta_lstm_step", &meta_lstm_step);
+  m.impl("meta_lstm_step_backward", &meta_lstm_step_backward);
+}
+
+}  // namespace fastmeta::cpu
