@@ -20,9 +20,12 @@ namespace fastmeta {
 // not vectorise; this does.
 FASTMETA_HOST_DEVICE float exp_polynomial(float x) {
   const float clamped = x < -87.0f ? -87.0f : (x > 88.0f ? 88.0f : x);
-  const float t = clamped * 1.44269504088896341f;
-  const int32_t n = static_cast<int32_t>(t + (t >= 0.0f ? 0.5f : -0.5f));
-  const float nf = static_cast<float>(n);
+  // Round t to the nearest integer by adding 1.5 * 2^23 (exact for |t| < 2^22).
+  const float shifted = clamped * 1.44269504088896341f + 12582912.0f;
+  int32_t shifted_bits;
+  std::memcpy(&shifted_bits, &shifted, sizeof(float));
+  const int32_t n = shifted_bits - 0x4B400000;
+  const float nf = shifted - 12582912.0f;
   const float r = clamped - nf * 0.693359375f + nf * 2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;

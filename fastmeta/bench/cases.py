@@ -13,6 +13,7 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
+from .. import nn as fnn
 from .. import ops, reference
 
 __all__ = ["Variant", "CASES", "build"]
@@ -107,10 +108,98 @@ def matching_readout(device: str) -> List[Variant]:
     return [Variant("matching_readout", "32x20-way 1-shot Q=300 D=64", fast, {"eager": eager})]
 
 
+def _lstm_cell_rows(lstm: "fnn.CoordinatewiseLSTM", grad, states):
+    """The nn.LSTMCell baseline: the L2O step over P rows, state as (h, c) [P, H] per layer."""
+    x = reference.log_sign_preprocess(grad, lstm.preprocess_p)
+    new_states = []
+    for cell, state in zip(lstm.cells, states):
+        h, c = cell(x, state)
+        new_states.append((h, c))
+        x = h
+    return lstm.head(x).squeeze(-1) * lstm.output_scale, new_states
+
+
+def lstm_step(device: str) -> List[Variant]:
+    """The coordinatewise 2-layer LSTM optimizer, H = 20, over P coordinates:
+    forward, and forward + backward (gradients for the weights and the
+    incoming state)."""
+    variants = []
+    sizes = (1 << 14, 1 << 20) + ((25 * (1 << 20),) if device == "cuda" else ())
+    for P in sizes:
+        g = torch.Generator().manual_seed(0)
+        lstm = fnn.CoordinatewiseLSTM().to(device)
+        grad = (torch.randn(P, generator=g) * 1e-3).to(device)
+        state = (0.1 * torch.randn(2, 2, 20, P, generator=g)).to(device).requires_grad_()
+        rows = [(state[l, 0].T.contiguous().requires_grad_(), state[l, 1].T.contiguous().requires_grad_())
+                for l in range(2)]
+        grad_update = torch.randn(P, generator=g).to(device)
+        grad_state = torch.randn(2, 2, 20, P, generator=g).to(device)
+        grad_rows = [t for l in range(2) for t in (grad_state[l, 0].T.contiguous(),
+                                                  grad_state[l, 1].T.contiguous())]
+        weights = list(lstm.parameters())
+        label = f"P={P // 1024}k" if P < 1 << 20 else f"P={P >> 20}M"
+
+        @torch.no_grad()
+        def fast_forward(lstm=lstm, grad=grad, state=state):
+            lstm(grad, state)
+
+        @torch.no_grad()
+        def cells_forward(lstm=lstm, grad=grad, rows=rows):
+            _lstm_cell_rows(lstm, grad, rows)
+
+        def fast_backward(lstm=lstm, grad=grad, state=state, gu=grad_update, gs=grad_state,
+                          weights=weights):
+            update, new_state = lstm(grad, state)
+            torch.autograd.grad((update, new_state), [state] + weights, (gu, gs))
+
+        def cells_backward(lstm=lstm, grad=grad, rows=rows, gu=grad_update, gs=grad_rows,
+                           weights=weights):
+            update, new_states = _lstm_cell_rows(lstm, grad, rows)
+            outputs = [update] + [t for hc in new_states for t in hc]
+            torch.autograd.grad(outputs, [t for hc in rows for t in hc] + weights, [gu] + gs)
+
+        variants.append(Variant("lstm_step", f"{label} forward", fast_forward,
+                                {"nn.LSTMCell": cells_forward}))
+        variants.append(Variant("lstm_step", f"{label} forward+backward", fast_backward,
+                                {"nn.LSTMCell": cells_backward}))
+    return variants
+
+
+def meta_lstm_step(device: str) -> List[Variant]:
+    """The Ravi & Larochelle meta-learner cell, H = 20, over P = 33k (a
+    conv4-32 learner) and 1M coordinates: forward + backward (gradients for
+    the weights, the incoming state and theta)."""
+    variants = []
+    for P in (33 * 1024, 1 << 20):
+        g = torch.Generator().manual_seed(0)
+        H = 20
+        weights = (0.1 * torch.randn(ops.meta_lstm_num_weights(H), generator=g)).to(device)
+        weights.requires_grad_()
+        grad = (torch.randn(P, generator=g) * 1e-3).to(device)
+        loss = torch.tensor(1.5, device=device)
+        theta = torch.randn(P, generator=g).to(device).requires_grad_()
+        state = (0.1 * torch.randn(2 * H + 2, P, generator=g)).to(device).requires_grad_()
+        grad_theta = torch.randn(P, generator=g).to(device)
+        grad_state = torch.randn(2 * H + 2, P, generator=g).to(device)
+
+        def run(step, grad=grad, loss=loss, theta=theta, state=state, weights=weights,
+                gt=grad_theta, gs=grad_state):
+            outputs = step(grad, loss, theta, state, weights)
+            torch.autograd.grad(outputs, (theta, state, weights), (gt, gs))
+
+        label = f"P={P // 1024}k" if P < 1 << 20 else f"P={P >> 20}M"
+        variants.append(Variant("meta_lstm_step", f"{label} forward+backward",
+                                lambda run=run: run(ops.meta_lstm_step),
+                                {"eager": lambda run=run: run(reference.meta_lstm_step)}))
+    return variants
+
+
 CASES: Dict[str, Callable[[str], List[Variant]]] = {
     "proto_episode": proto_episode,
     "proto_large_way": proto_large_way,
     "matching_readout": matching_readout,
+    "lstm_step": lstm_step,
+    "meta_lstm_step": meta_lstm_step,
 }
 
 

@@ -1,0 +1,5 @@
+"""Drop-in modules built on fastmeta's ops."""
+
+from .learned_optimizers import CoordinatewiseLSTM, MetaLearnerLSTM
+
+__all__ = ["CoordinatewiseLSTM", "MetaLearnerLSTM"]
