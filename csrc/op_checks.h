@@ -89,8 +89,8 @@ inline void check_pairs(const at::Tensor& x1, const at::Tensor& x2, const at::Te
 inline void check_coordinate_operands(const at::Tensor& grad, const at::Tensor& state,
                                       int64_t state_dim, const at::Tensor& weights,
                                       int64_t num_weights) {
-  TORCH_CHECK(at::isFloatingType(grad.scalar_type()),
-              "fastmeta: grad must be a floating-point tensor, got ", grad.scalar_type());
+  TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble,
+              "fastmeta: grad must be a float32 or float64 tensor, got ", grad.scalar_type());
   check_operand(grad, "grad", 1, grad);
   check_operand(state, "state", state_dim, grad);
   check_operand(weights, "weights", 1, grad);
@@ -107,5 +107,43 @@ inline int64_t l2o_num_weights(int64_t L, int64_t H) {
 
 // The meta-learner's weights: W [4H, 4 + H], b [4H], two gates of [H + 2] and [1].
 inline int64_t meta_lstm_num_weights(int64_t H) { return 4 * H * (4 + H) + 4 * H + 2 * (H + 3); }
+
+inline void check_l2o_operands(const at::Tensor& grad, const at::Tensor& state,
+                               const at::Tensor& weights, double preprocess_p) {
+  TORCH_CHECK(state.dim() == 4 && state.size(1) == 2 && state.size(0) >= 1,
+              "fastmeta: state must have shape [num_layers, 2, hidden_size, P], got ", state.sizes());
+  check_coordinate_operands(grad, state, 4, weights, l2o_num_weights(state.size(0), state.size(2)));
+  TORCH_CHECK(preprocess_p > 0, "fastmeta: preprocess_p must be positive, got ", preprocess_p);
+}
+
+// The in-place step updates param [P] and state, which must be contiguous.
+inline void check_l2o_in_place(const at::Tensor& param, const at::Tensor& grad,
+                               const at::Tensor& state, const at::Tensor& weights,
+                               double preprocess_p) {
+  check_l2o_operands(grad, state, weights, preprocess_p);
+  check_operand(param, "param", 1, grad);
+  check_size(param, "param", 0, grad.size(0), "the number of coordinates P in grad");
+  TORCH_CHECK(param.is_contiguous() && state.is_contiguous(),
+              "fastmeta: l2o_lstm_step_ needs contiguous param and state");
+}
+
+inline void check_meta_lstm_operands(const at::Tensor& grad, const at::Tensor& loss,
+                                     const at::Tensor& theta, const at::Tensor& state,
+                                     const at::Tensor& weights, double preprocess_p) {
+  TORCH_CHECK(state.dim() == 2 && state.size(0) >= 2 && state.size(0) % 2 == 0,
+              "fastmeta: state must have shape [2 * hidden_size + 2, P], got ", state.sizes());
+  check_coordinate_operands(grad, state, 2, weights, meta_lstm_num_weights(state.size(0) / 2 - 1));
+  check_operand(loss, "loss", 0, grad);
+  check_operand(theta, "theta", 1, grad);
+  check_size(theta, "theta", 0, grad.size(0), "the number of coordinates P in grad");
+  TORCH_CHECK(preprocess_p > 0, "fastmeta: preprocess_p must be positive, got ", preprocess_p);
+}
+
+// The output gradients of a backward op have the shapes of the op's outputs.
+inline void check_output_grad(const at::Tensor& g, const char* name, const at::Tensor& output) {
+  check_operand(g, name, output.dim(), output);
+  TORCH_CHECK(g.sizes() == output.sizes(), "fastmeta: ", name, " must have shape ", output.sizes(),
+              ", got ", g.sizes());
+}
 
 }  // namespace fastmeta

@@ -329,7 +329,7 @@ def test_bad_input_messages():
         torch.ops.fastmeta.l2o_lstm_step(grad, lstm.initial_state(torch.zeros(12)), weights, 10.0, 0.1)
     with pytest.raises(RuntimeError, match="preprocess_p must be positive"):
         torch.ops.fastmeta.l2o_lstm_step(grad, state, weights, 0.0, 0.1)
-    with pytest.raises(RuntimeError, match="grad must be a floating-point tensor"):
+    with pytest.raises(RuntimeError, match="grad must be a float32 or float64 tensor"):
         torch.ops.fastmeta.l2o_lstm_step(grad.long(), state, weights, 10.0, 0.1)
     learner = torch.nn.Linear(2, 2)
     meta = fastmeta.nn.MetaLearnerLSTM(learner, hidden_size=3)
@@ -338,5 +338,7 @@ def test_bad_input_messages():
         ops.meta_lstm_step(grad[:6], torch.ones(2), theta, meta.initial_state(theta), meta.flat_weights())
     with pytest.raises(ValueError, match="grad and theta must be flat"):
         ops.meta_lstm_step(grad, torch.tensor(1.0), theta, meta.initial_state(theta), meta.flat_weights())
+    with pytest.raises(TypeError, match="grad must be float32 or float64, got torch.float16"):
+        ops.l2o_lstm_step(grad.half(), state.half(), weights.half())
     with pytest.raises(ValueError, match="the learner has no parameters"):
         fastmeta.nn.MetaLearnerLSTM(torch.nn.ReLU())

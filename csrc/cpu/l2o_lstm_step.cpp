@@ -48,7 +48,6 @@ struct L2oChunk {
 
 template <typename T>
 L2oCell<T> make_cell(const at::Tensor& state, const at::Tensor& weights, double p, double scale) {
-  TORCH_CHECK(p > 0, "fastmeta: preprocess_p must be positive, got ", p);
   return {state.size(0), state.size(2), state.size(3), weights.const_data_ptr<T>(),
           LogSign<T>{T(p), T(std::exp(-p)), T(std::exp(p))}, T(scale)};
 }
@@ -90,17 +89,10 @@ void l2o_forward(const L2oCell<T>& cell, const T* grad, const T* state, T* new_s
       });
 }
 
-void check_l2o(const at::Tensor& grad, const at::Tensor& state, const at::Tensor& weights) {
-  TORCH_CHECK(state.dim() == 4 && state.size(1) == 2,
-              "fastmeta: state must have shape [num_layers, 2, hidden_size, P], got ", state.sizes());
-  check_coordinate_operands(grad, state, 4, weights, l2o_num_weights(state.size(0), state.size(2)));
-  TORCH_CHECK(state.size(0) >= 1, "fastmeta: the L2O cell needs at least one layer");
-}
-
 std::tuple<at::Tensor, at::Tensor> l2o_lstm_step(const at::Tensor& grad_in, const at::Tensor& state_in,
                                                  const at::Tensor& weights_in, double p,
                                                  double scale) {
-  check_l2o(grad_in, state_in, weights_in);
+  check_l2o_operands(grad_in, state_in, weights_in, p);
   at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
   at::Tensor weights = weights_in.contiguous();
   at::Tensor update = at::empty_like(grad), new_state = at::empty_like(state);
@@ -115,11 +107,7 @@ std::tuple<at::Tensor, at::Tensor> l2o_lstm_step(const at::Tensor& grad_in, cons
 // param += update, state = new state, in one pass; param and state must be contiguous.
 void l2o_lstm_step_(const at::Tensor& param, const at::Tensor& grad_in, const at::Tensor& state,
                     const at::Tensor& weights_in, double p, double scale) {
-  check_l2o(grad_in, state, weights_in);
-  check_operand(param, "param", 1, grad_in);
-  check_size(param, "param", 0, grad_in.size(0), "the number of coordinates P in grad");
-  TORCH_CHECK(param.is_contiguous() && state.is_contiguous(),
-              "fastmeta: l2o_lstm_step_ needs contiguous param and state");
+  check_l2o_in_place(param, grad_in, state, weights_in, p);
   at::Tensor grad = grad_in.contiguous(), weights = weights_in.contiguous();
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::l2o_lstm_step_", [&] {
     scalar_t* s = state.mutable_data_ptr<scalar_t>();
@@ -131,11 +119,9 @@ void l2o_lstm_step_(const at::Tensor& param, const at::Tensor& grad_in, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> l2o_lstm_step_backward(
     const at::Tensor& grad_update_in, const at::Tensor& grad_state_in, const at::Tensor& grad_in,
     const at::Tensor& state_in, const at::Tensor& weights_in, double p, double scale) {
-  check_l2o(grad_in, state_in, weights_in);
-  check_operand(grad_update_in, "grad_update", 1, grad_in);
-  check_operand(grad_state_in, "grad_state", 4, grad_in);
-  TORCH_CHECK(grad_update_in.sizes() == grad_in.sizes() && grad_state_in.sizes() == state_in.sizes(),
-              "fastmeta: the output gradients must have the shapes of the outputs");
+  check_l2o_operands(grad_in, state_in, weights_in, p);
+  check_output_grad(grad_update_in, "grad_update", grad_in);
+  check_output_grad(grad_state_in, "grad_state", state_in);
   at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
   at::Tensor weights = weights_in.contiguous(), grad_update = grad_update_in.contiguous();
   at::Tensor grad_state = grad_state_in.contiguous();

@@ -78,20 +78,9 @@ void chunk_forward(const MetaCell<T>& cell, MetaChunk<T>& ws, const T* grad, con
                               theta_out, n);
 }
 
-void check_meta(const at::Tensor& grad, const at::Tensor& loss, const at::Tensor& theta,
-                const at::Tensor& state, const at::Tensor& weights) {
-  TORCH_CHECK(state.dim() == 2 && state.size(0) >= 2 && state.size(0) % 2 == 0,
-              "fastmeta: state must have shape [2 * hidden_size + 2, P], got ", state.sizes());
-  check_coordinate_operands(grad, state, 2, weights, meta_lstm_num_weights(state.size(0) / 2 - 1));
-  check_operand(loss, "loss", 0, grad);
-  check_operand(theta, "theta", 1, grad);
-  check_size(theta, "theta", 0, grad.size(0), "the number of coordinates P in grad");
-}
-
 template <typename T>
 MetaCell<T> make_cell(const at::Tensor& state, const at::Tensor& weights, const at::Tensor& loss,
                       double p) {
-  TORCH_CHECK(p > 0, "fastmeta: preprocess_p must be positive, got ", p);
   return {state.size(0) / 2 - 1, state.size(1), weights.const_data_ptr<T>(),
           LogSign<T>{T(p), T(std::exp(-p)), T(std::exp(p))}, loss.item<T>()};
 }
@@ -100,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> meta_lstm_step(const at::Tensor& grad_in, con
                                                   const at::Tensor& theta_in,
                                                   const at::Tensor& state_in,
                                                   const at::Tensor& weights_in, double p) {
-  check_meta(grad_in, loss, theta_in, state_in, weights_in);
+  check_meta_lstm_operands(grad_in, loss, theta_in, state_in, weights_in, p);
   at::Tensor grad = grad_in.contiguous(), theta = theta_in.contiguous();
   at::Tensor state = state_in.contiguous(), weights = weights_in.contiguous();
   at::Tensor theta_new = at::empty_like(theta), new_state = at::empty_like(state);
@@ -128,11 +117,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm
     const at::Tensor& grad_theta_in, const at::Tensor& grad_state_in, const at::Tensor& grad_in,
     const at::Tensor& loss, const at::Tensor& theta_in, const at::Tensor& state_in,
     const at::Tensor& weights_in, double p) {
-  check_meta(grad_in, loss, theta_in, state_in, weights_in);
-  check_operand(grad_theta_in, "grad_theta", 1, grad_in);
-  check_operand(grad_state_in, "grad_state", 2, grad_in);
-  TORCH_CHECK(grad_theta_in.sizes() == theta_in.sizes() && grad_state_in.sizes() == state_in.sizes(),
-              "fastmeta: the output gradients must have the shapes of the outputs");
+  check_meta_lstm_operands(grad_in, loss, theta_in, state_in, weights_in, p);
+  check_output_grad(grad_theta_in, "grad_theta", theta_in);
+  check_output_grad(grad_state_in, "grad_state", state_in);
   at::Tensor grad = grad_in.contiguous(), theta = theta_in.contiguous();
   at::Tensor state = state_in.contiguous(), weights = weights_in.contiguous();
   at::Tensor grad_theta = grad_theta_in.contiguous(), grad_state = grad_state_in.contiguous();

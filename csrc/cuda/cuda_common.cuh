@@ -64,4 +64,15 @@ inline unsigned int blocks_for(int64_t n, int threads) {
     }                                                                        \
   }()
 
+// Calls body with T bound to float or double (the ops without half-precision kernels).
+#define FASTMETA_DISPATCH_FLOAT(dtype, ...)                                   \
+  [&] {                                                                      \
+    if ((dtype) == ::fastmeta::cuda::DType::Float64) {                       \
+      using T = double;                                                      \
+      return __VA_ARGS__();                                                  \
+    }                                                                        \
+    using T = float;                                                         \
+    return __VA_ARGS__();                                                    \
+  }()
+
 }  // namespace fastmeta::cuda

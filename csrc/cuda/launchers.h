@@ -86,4 +86,47 @@ void contrastive_loss_backward(DType dtype, const void* grad, const void* x1, co
                                void* grad_x1, void* grad_x2, void* grad_same,
                                cudaStream_t stream);
 
+// Coordinatewise LSTM optimizers, float32 and float64 (layouts in
+// math/lstm.h). grad [P], state [L, 2, H, P], flat weights.
+struct L2oArgs {
+  DType dtype;
+  int64_t L, H, P;
+  double preprocess_p, output_scale;
+  const void* grad;
+  const void* state;
+  const void* weights;
+};
+
+// Rows of the scratch buffer `partial` of the backward launchers: the
+// per-block weight-gradient sums.
+int64_t lstm_grad_blocks(int64_t P);
+
+// new_state may be state (the in-place step); update is written, or added to
+// when accumulate.
+void l2o_lstm_forward(const L2oArgs& a, void* new_state, void* update, bool accumulate,
+                      cudaStream_t stream);
+// partial: lstm_grad_blocks(P) x (number of weights) elements.
+void l2o_lstm_backward(const L2oArgs& a, const void* grad_update, const void* grad_state,
+                       void* d_grad, void* d_state, void* d_weights, void* partial,
+                       cudaStream_t stream);
+
+// Ravi & Larochelle meta-learner: grad, theta [P], loss [] (on the device),
+// state [2H + 2, P].
+struct MetaArgs {
+  DType dtype;
+  int64_t H, P;
+  double preprocess_p;
+  const void* grad;
+  const void* loss;
+  const void* theta;
+  const void* state;
+  const void* weights;
+};
+
+void meta_lstm_forward(const MetaArgs& a, void* theta_out, void* new_state, cudaStream_t stream);
+// partial: (lstm_grad_blocks(P) + 1) x (number of weights + 2) elements.
+void meta_lstm_backward(const MetaArgs& a, const void* grad_theta, const void* grad_state,
+                        void* d_grad, void* d_loss, void* d_theta, void* d_state, void* d_weights,
+                        void* partial, cudaStream_t stream);
+
 }  // namespace fastmeta::cuda

@@ -339,6 +339,94 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward(
 
 }  // namespace
 
+// Coordinatewise LSTM optimizers (float32 and float64).
+cuda::L2oArgs l2o_args(const at::Tensor& grad, const at::Tensor& state, const at::Tensor& weights,
+                       double p, double scale) {
+  return {dtype_of(grad), state.size(0), state.size(2), state.size(3), p, scale,
+          grad.const_data_ptr(), state.const_data_ptr(), weights.const_data_ptr()};
+}
+
+std::tuple<at::Tensor, at::Tensor> l2o_lstm_step(const at::Tensor& grad_in, const at::Tensor& state_in,
+                                                 const at::Tensor& weights_in, double p, double scale) {
+  check_l2o_operands(grad_in, state_in, weights_in, p);
+  c10::cuda::CUDAGuard guard(grad_in.device());
+  at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous(), weights = weights_in.contiguous();
+  at::Tensor update = at::empty_like(grad), new_state = at::empty_like(state);
+  cuda::l2o_lstm_forward(l2o_args(grad, state, weights, p, scale), new_state.mutable_data_ptr(),
+                         update.mutable_data_ptr(), false, c10::cuda::getCurrentCUDAStream());
+  return {update, new_state};
+}
+
+void l2o_lstm_step_(const at::Tensor& param, const at::Tensor& grad_in, const at::Tensor& state,
+                    const at::Tensor& weights_in, double p, double scale) {
+  check_l2o_in_place(param, grad_in, state, weights_in, p);
+  c10::cuda::CUDAGuard guard(grad_in.device());
+  at::Tensor grad = grad_in.contiguous(), weights = weights_in.contiguous();
+  cuda::l2o_lstm_forward(l2o_args(grad, state, weights, p, scale), state.mutable_data_ptr(),
+                         param.mutable_data_ptr(), true, c10::cuda::getCurrentCUDAStream());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> l2o_lstm_step_backward(
+    const at::Tensor& grad_update_in, const at::Tensor& grad_state_in, const at::Tensor& grad_in,
+    const at::Tensor& state_in, const at::Tensor& weights_in, double p, double scale) {
+  check_l2o_operands(grad_in, state_in, weights_in, p);
+  check_output_grad(grad_update_in, "grad_update", grad_in);
+  check_output_grad(grad_state_in, "grad_state", state_in);
+  c10::cuda::CUDAGuard guard(grad_in.device());
+  at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous(), weights = weights_in.contiguous();
+  at::Tensor d_grad = at::empty_like(grad), d_state = at::empty_like(state);
+  at::Tensor d_weights = at::empty_like(weights);
+  at::Tensor partial = at::empty({cuda::lstm_grad_blocks(grad.size(0)), weights.size(0)}, weights.options());
+  cuda::l2o_lstm_backward(l2o_args(grad, state, weights, p, scale),
+                          grad_update_in.contiguous().const_data_ptr(),
+                          grad_state_in.contiguous().const_data_ptr(), d_grad.mutable_data_ptr(),
+                          d_state.mutable_data_ptr(), d_weights.mutable_data_ptr(),
+                          partial.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream());
+  return {d_grad, d_state, d_weights};
+}
+
+cuda::MetaArgs meta_args(const at::Tensor& grad, const at::Tensor& loss, const at::Tensor& theta,
+                         const at::Tensor& state, const at::Tensor& weights, double p) {
+  return {dtype_of(grad), state.size(0) / 2 - 1, state.size(1), p, grad.const_data_ptr(),
+          loss.const_data_ptr(), theta.const_data_ptr(), state.const_data_ptr(), weights.const_data_ptr()};
+}
+
+std::tuple<at::Tensor, at::Tensor> meta_lstm_step(const at::Tensor& grad_in, const at::Tensor& loss_in,
+                                                  const at::Tensor& theta_in, const at::Tensor& state_in,
+                                                  const at::Tensor& weights_in, double p) {
+  check_meta_lstm_operands(grad_in, loss_in, theta_in, state_in, weights_in, p);
+  c10::cuda::CUDAGuard guard(grad_in.device());
+  at::Tensor grad = grad_in.contiguous(), loss = loss_in.contiguous(), theta = theta_in.contiguous();
+  at::Tensor state = state_in.contiguous(), weights = weights_in.contiguous();
+  at::Tensor theta_new = at::empty_like(theta), new_state = at::empty_like(state);
+  cuda::meta_lstm_forward(meta_args(grad, loss, theta, state, weights, p), theta_new.mutable_data_ptr(),
+                          new_state.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream());
+  return {theta_new, new_state};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm_step_backward(
+    const at::Tensor& grad_theta_in, const at::Tensor& grad_state_in, const at::Tensor& grad_in,
+    const at::Tensor& loss_in, const at::Tensor& theta_in, const at::Tensor& state_in,
+    const at::Tensor& weights_in, double p) {
+  check_meta_lstm_operands(grad_in, loss_in, theta_in, state_in, weights_in, p);
+  check_output_grad(grad_theta_in, "grad_theta", theta_in);
+  check_output_grad(grad_state_in, "grad_state", state_in);
+  c10::cuda::CUDAGuard guard(grad_in.device());
+  at::Tensor grad = grad_in.contiguous(), loss = loss_in.contiguous(), theta = theta_in.contiguous();
+  at::Tensor state = state_in.contiguous(), weights = weights_in.contiguous();
+  at::Tensor d_grad = at::empty_like(grad), d_loss = at::empty_like(loss), d_theta = at::empty_like(theta);
+  at::Tensor d_state = at::empty_like(state), d_weights = at::empty_like(weights);
+  at::Tensor partial =
+      at::empty({cuda::lstm_grad_blocks(grad.size(0)) + 1, weights.size(0) + 2}, weights.options());
+  cuda::meta_lstm_backward(meta_args(grad, loss, theta, state, weights, p),
+                           grad_theta_in.contiguous().const_data_ptr(),
+                           grad_state_in.contiguous().const_data_ptr(), d_grad.mutable_data_ptr(),
+                           d_loss.mutable_data_ptr(), d_theta.mutable_data_ptr(),
+                           d_state.mutable_data_ptr(), d_weights.mutable_data_ptr(),
+                           partial.mutable_data_ptr(), c10::cuda::getCurrentCUDAStream());
+  return {d_grad, d_loss, d_theta, d_state, d_weights};
+}
+
 TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {
   m.impl("pairwise_distance", &pairwise_distance);
   m.impl("pairwise_distance_backward", &pairwise_distance_backward);
@@ -349,6 +437,11 @@ TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {
   m.impl("similarity_cross_entropy", &similarity_cross_entropy);
   m.impl("similarity_cross_entropy_backward", &similarity_cross_entropy_backward);
   m.impl("similarity_cross_entropy_with_grad", &similarity_cross_entropy_with_grad);
+  m.impl("l2o_lstm_step", &l2o_lstm_step);
+  m.impl("l2o_lstm_step_", &l2o_lstm_step_);
+  m.impl("l2o_lstm_step_backward", &l2o_lstm_step_backward);
+  m.impl("meta_lstm_step", &meta_lstm_step);
+  m.impl("meta_lstm_step_backward", &meta_lstm_step_backward);
   m.impl("attention_readout", &attention_readout);
   m.impl("attention_readout_backward", &attention_readout_backward);
   m.impl("contrastive_loss", &contrastive_loss);

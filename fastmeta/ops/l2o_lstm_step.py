@@ -15,6 +15,8 @@ def l2o_num_weights(num_layers: int, hidden_size: int) -> int:
 
 def _check(op: str, grad, state, weights):
     _common.check_tensor(op, "grad", grad)
+    if grad.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: grad must be float32 or float64, got {grad.dtype}")
     _common.check_tensor(op, "state", state, like=grad, like_name="grad")
     _common.check_tensor(op, "weights", weights, like=grad, like_name="grad")
     if grad.dim() != 1:

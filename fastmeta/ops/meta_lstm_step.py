@@ -35,6 +35,8 @@ def meta_lstm_step(grad: torch.Tensor, loss: torch.Tensor, theta: torch.Tensor, 
     """
     op = "meta_lstm_step"
     _common.check_tensor(op, "grad", grad)
+    if grad.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"{op}: grad must be float32 or float64, got {grad.dtype}")
     for name, t in (("loss", loss), ("theta", theta), ("state", state), ("weights", weights)):
         _common.check_tensor(op, name, t, like=grad, like_name="grad")
     if grad.dim() != 1 or theta.shape != grad.shape:
