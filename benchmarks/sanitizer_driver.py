@@ -25,5 +25,19 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     labels = (torch.arange(11, device="cuda") % 4).expand(3, 11).contiguous()
     ops.class_prototypes(support, labels, 4).sum().backward()
     ops.contrastive_loss(x[0], x[1], (target[0] % 2).to(dtype)).backward()
+for dtype in (torch.float32, torch.float64):
+    # Coordinatewise LSTM ops: P not a multiple of the 64-coordinate block.
+    lstm = fastmeta.nn.CoordinatewiseLSTM(hidden_size=7, num_layers=2).to("cuda", dtype)
+    grad = 1e-3 * torch.randn(3, 67, device="cuda", dtype=dtype)
+    state = lstm.initial_state(grad).requires_grad_()
+    update, new_state = lstm(grad, state)
+    (update.sum() + new_state.sum()).backward()
+    param = torch.zeros(201, device="cuda", dtype=dtype)
+    ops.l2o_lstm_step_(param, grad.reshape(-1), new_state.detach().clone(), lstm.flat_weights().detach())
+    learner = torch.nn.Linear(13, 5).to("cuda", dtype)
+    meta = fastmeta.nn.MetaLearnerLSTM(learner, hidden_size=6).to("cuda", dtype)
+    theta, meta_state = meta(1e-3 * torch.randn(70, device="cuda", dtype=dtype),
+                             torch.tensor(0.5, device="cuda", dtype=dtype), meta.initial_params)
+    (theta.sum() + meta_state.sum()).backward()
 torch.cuda.synchronize()
 print("sanitizer driver: all kernels ran")

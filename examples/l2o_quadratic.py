@@ -6,7 +6,7 @@ within a 100-step horizon), then compares the mean loss after 100 steps on
 held-out quadratics with Adam, RMSprop, SGD and Nesterov momentum, each with
 its learning rate tuned on a grid (on separate validation quadratics).
 
-    python examples/l2o_quadratic.py [--meta-iterations 300]
+    python examples/l2o_quadratic.py [--meta-iterations 2000]
 """
 
 import argparse
@@ -68,7 +68,7 @@ LEARNING_RATES = [10 ** (e / 4) for e in range(-20, 5)]  # 1e-5 .. 10
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--meta-iterations", type=int, default=300,
+    parser.add_argument("--meta-iterations", type=int, default=2000,
                         help="horizons of 100 steps to meta-train on")
     parser.add_argument("--batch", type=int, default=128, help="quadratics per horizon")
     parser.add_argument("--seed", type=int, default=0)

@@ -8,7 +8,7 @@ backpropagated into the meta-learner's LSTM, its gates and the learner's
 learned initial parameters. Query accuracy on held-out tasks rises over
 meta-training.
 
-    python examples/meta_learner_fewshot.py [--meta-iterations 1000]
+    python examples/meta_learner_fewshot.py [--meta-iterations 500]
 """
 
 import argparse
@@ -46,7 +46,7 @@ def evaluate(meta, learner, tasks, steps):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--meta-iterations", type=int, default=1000)
+    parser.add_argument("--meta-iterations", type=int, default=500)
     parser.add_argument("--steps", type=int, default=5, help="adaptation steps T")
     parser.add_argument("--meta-batch", type=int, default=4, help="tasks per meta-update")
     parser.add_argument("--seed", type=int, default=0)
