@@ -1,5 +1,6 @@
 """The examples run end to end (a few meta-iterations each)."""
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
     ("meta_learner_fewshot.py", ["--meta-iterations", "50", "--meta-batch", "1"], "meta-iteration    50"),
 ])
 def test_example_runs(script, args, expect):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLES.parent), env.get("PYTHONPATH")]))
     result = subprocess.run([sys.executable, str(EXAMPLES / script), *args], capture_output=True,
-                            text=True, timeout=600)
+                            text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr
     assert expect in result.stdout
