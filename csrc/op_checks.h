@@ -6,6 +6,7 @@
 
 #include <string_view>
 
+#include "math/lstm.h"
 #include "math/similarity.h"
 
 namespace fastmeta {
@@ -98,21 +99,11 @@ inline void check_coordinate_operands(const at::Tensor& grad, const at::Tensor& 
   check_size(weights, "weights", 0, num_weights, "the size the state's shape implies");
 }
 
-// The L2O cell's weights for L layers of H units: W_l [4H, in_l + H], b_l [4H], head [H + 1].
-inline int64_t l2o_num_weights(int64_t L, int64_t H) {
-  int64_t n = H + 1;
-  for (int64_t l = 0; l < L; ++l) n += 4 * H * ((l == 0 ? 2 : H) + H) + 4 * H;
-  return n;
-}
-
-// The meta-learner's weights: W [4H, 4 + H], b [4H], two gates of [H + 2] and [1].
-inline int64_t meta_lstm_num_weights(int64_t H) { return 4 * H * (4 + H) + 4 * H + 2 * (H + 3); }
-
 inline void check_l2o_operands(const at::Tensor& grad, const at::Tensor& state,
                                const at::Tensor& weights, double preprocess_p) {
   TORCH_CHECK(state.dim() == 4 && state.size(1) == 2 && state.size(0) >= 1,
               "fastmeta: state must have shape [num_layers, 2, hidden_size, P], got ", state.sizes());
-  check_coordinate_operands(grad, state, 4, weights, l2o_num_weights(state.size(0), state.size(2)));
+  check_coordinate_operands(grad, state, 4, weights, L2oLayout{state.size(0), state.size(2), 0}.num_weights());
   TORCH_CHECK(preprocess_p > 0, "fastmeta: preprocess_p must be positive, got ", preprocess_p);
 }
 
@@ -132,7 +123,7 @@ inline void check_meta_lstm_operands(const at::Tensor& grad, const at::Tensor& l
                                      const at::Tensor& weights, double preprocess_p) {
   TORCH_CHECK(state.dim() == 2 && state.size(0) >= 2 && state.size(0) % 2 == 0,
               "fastmeta: state must have shape [2 * hidden_size + 2, P], got ", state.sizes());
-  check_coordinate_operands(grad, state, 2, weights, meta_lstm_num_weights(state.size(0) / 2 - 1));
+  check_coordinate_operands(grad, state, 2, weights, MetaLayout{state.size(0) / 2 - 1, 0}.num_weights());
   check_operand(loss, "loss", 0, grad);
   check_operand(theta, "theta", 1, grad);
   check_size(theta, "theta", 0, grad.size(0), "the number of coordinates P in grad");

@@ -15,23 +15,13 @@ namespace fastmeta::cpu {
 namespace {
 
 template <typename T>
-struct L2oCell {
-  int64_t L, H, P;
+struct L2oCell : L2oLayout {
   const T* weights;
   LogSign<T> prep;
   T scale;
 
-  int64_t in(int64_t l) const { return l == 0 ? 2 : H; }
-  int64_t layer_offset(int64_t l) const {
-    int64_t offset = 0;
-    for (int64_t m = 0; m < l; ++m) offset += 4 * H * (in(m) + H) + 4 * H;
-    return offset;
-  }
   const T* W(int64_t l) const { return weights + layer_offset(l); }
-  const T* bias(int64_t l) const { return W(l) + 4 * H * (in(l) + H); }
-  int64_t head_offset() const { return layer_offset(L); }
-  // Offset of row k of h (which = 0) or c (which = 1) of layer l in the state.
-  int64_t row(int64_t l, int64_t which) const { return (l * 2 + which) * H * P; }
+  const T* bias(int64_t l) const { return weights + bias_offset(l); }
 };
 
 template <typename T>
@@ -48,8 +38,8 @@ struct L2oChunk {
 
 template <typename T>
 L2oCell<T> make_cell(const at::Tensor& state, const at::Tensor& weights, double p, double scale) {
-  return {state.size(0), state.size(2), state.size(3), weights.const_data_ptr<T>(),
-          LogSign<T>{T(p), T(std::exp(-p)), T(std::exp(p))}, T(scale)};
+  return {{state.size(0), state.size(2), state.size(3)}, weights.const_data_ptr<T>(),
+          LogSign<T>::with_p(p), T(scale)};
 }
 
 // The forward of coordinates [p0, p0 + n): fills the chunk's activations.
@@ -153,10 +143,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> l2o_lstm_step_backward(
           run_loop<AddOuter>(head, ws.du.data(), ws.dh.data(), H, n);
           for (int64_t l = L - 1; l >= 0; --l) {
             const int64_t in = cell.in(l);
-            const int64_t offset = cell.layer_offset(l);
             layer_backward(ws.layers[l], cell.W(l), ws.dh.data(), gs + cell.row(l, 1) + p0,
-                           ds + cell.row(l, 1) + p0, P, n, ws.dxh.data(), dw + offset,
-                           dw + offset + 4 * H * (in + H));
+                           ds + cell.row(l, 1) + p0, P, n, ws.dxh.data(), dw + cell.layer_offset(l),
+                           dw + cell.bias_offset(l));
             copy_rows(ws.dxh.data() + in * kChunk, kChunk, ds + cell.row(l, 0) + p0, P, H, n);
             if (l > 0) {
               const T* upstream = gs + cell.row(l - 1, 0) + p0;

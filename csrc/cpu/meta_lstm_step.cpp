@@ -14,19 +14,16 @@
 namespace fastmeta::cpu {
 namespace {
 
-constexpr int64_t kInputs = 4;  // preprocessed gradient and loss
+constexpr int64_t kInputs = MetaLayout::kInputs;
 
 template <typename T>
-struct MetaCell {
-  int64_t H, P;
+struct MetaCell : MetaLayout {
   const T* weights;
   LogSign<T> prep;
   T loss;
 
   const T* W() const { return weights; }
-  const T* bias() const { return weights + 4 * H * (kInputs + H); }
-  int64_t forget_offset() const { return 4 * H * (kInputs + H) + 4 * H; }
-  int64_t input_offset() const { return forget_offset() + H + 3; }
+  const T* bias() const { return weights + bias_offset(); }
   const T* forget() const { return weights + forget_offset(); }  // [H + 2] then bias
   const T* input_gate() const { return weights + input_offset(); }
   MetaGates<T> gates() const {
@@ -81,8 +78,8 @@ void chunk_forward(const MetaCell<T>& cell, MetaChunk<T>& ws, const T* grad, con
 template <typename T>
 MetaCell<T> make_cell(const at::Tensor& state, const at::Tensor& weights, const at::Tensor& loss,
                       double p) {
-  return {state.size(0) / 2 - 1, state.size(1), weights.const_data_ptr<T>(),
-          LogSign<T>{T(p), T(std::exp(-p)), T(std::exp(p))}, loss.item<T>()};
+  return {{state.size(0) / 2 - 1, state.size(1)}, weights.const_data_ptr<T>(), LogSign<T>::with_p(p),
+          loss.item<T>()};
 }
 
 std::tuple<at::Tensor, at::Tensor> meta_lstm_step(const at::Tensor& grad_in, const at::Tensor& loss,
@@ -170,7 +167,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm
           run_loop<AddOuter>(cell.forget(), ws.d_pre_f.data(), ws.dh.data(), H, n);
           run_loop<AddOuter>(cell.input_gate(), ws.d_pre_i.data(), ws.dh.data(), H, n);
           layer_backward(ws.layer, cell.W(), ws.dh.data(), gs + H * P + p0, ds + H * P + p0, P, n,
-                         ws.dxh.data(), dw, dw + 4 * H * (kInputs + H));
+                         ws.dxh.data(), dw, dw + cell.bias_offset());
           copy_rows(ws.dxh.data() + kInputs * kChunk, kChunk, ds + p0, P, H, n);
           for (int64_t j = 0; j < n; ++j)
             dg[p0 + j] += cell.prep.backward(g[p0 + j], ws.dxh[j], ws.dxh[kChunk + j]);

@@ -5,19 +5,6 @@
 namespace fastmeta::cuda {
 namespace {
 
-struct L2oLayout {
-  int L, H;
-  int64_t P;
-  __host__ __device__ int in(int l) const { return l == 0 ? 2 : H; }
-  __host__ __device__ int width() const { return (H > 2 ? H : 2) + H; }  // the widest [input; h]
-  __host__ __device__ int64_t layer_offset(int l) const {
-    int64_t offset = 0;
-    for (int m = 0; m < l; ++m) offset += 4 * H * (in(m) + H) + 4 * H;
-    return offset;
-  }
-  __host__ __device__ int64_t row(int l, int which) const { return (int64_t(l) * 2 + which) * H * P; }
-};
-
 // One forward of layers 0 .. upto for this thread's coordinate (inputs read
 // only when active); leaves layer `upto`'s input, gates, c and h in the columns.
 template <typename T>
@@ -31,7 +18,7 @@ __device__ void l2o_forward_layers(const L2oLayout& lay, const T* w, const LogSi
       for (int k = 0; k < H; ++k) xh[k] = h[k];
     for (int k = 0; k < H; ++k) xh[in + k] = active ? state[lay.row(l, 0) + k * lay.P + p] : T(0);
     const T* W = w + lay.layer_offset(l);
-    lstm_layer_forward(W, W + 4 * H * (in + H), in, H, xh, state + lay.row(l, 1) + p, lay.P, active,
+    lstm_layer_forward(W, w + lay.bias_offset(l), in, H, xh, state + lay.row(l, 1) + p, lay.P, active,
                        gates, c, h);
   }
 }
@@ -44,7 +31,7 @@ __global__ void l2o_forward_kernel(L2oLayout lay, int64_t nw, LogSign<T> prep, T
   const int H = lay.H;
   T* w = reinterpret_cast<T*>(shared);
   Column<T> xh{w + nw};
-  Column<T> gates{xh.base + lay.width() * kLstmThreads};
+  Column<T> gates{xh.base + lay.widest() * kLstmThreads};
   Column<T> c{gates.base + 4 * H * kLstmThreads};
   Column<T> h{c.base + H * kLstmThreads};
   load_shared(w, weights, nw);
@@ -60,14 +47,14 @@ __global__ void l2o_forward_kernel(L2oLayout lay, int64_t nw, LogSign<T> prep, T
       for (int k = 0; k < H; ++k) xh[k] = h[k];
     for (int k = 0; k < H; ++k) xh[in + k] = state[lay.row(l, 0) + k * lay.P + p];
     const T* W = w + lay.layer_offset(l);
-    lstm_layer_forward(W, W + 4 * H * (in + H), in, H, xh, state + lay.row(l, 1) + p, lay.P, true,
+    lstm_layer_forward(W, w + lay.bias_offset(l), in, H, xh, state + lay.row(l, 1) + p, lay.P, true,
                        gates, c, h);
     for (int k = 0; k < H; ++k) {
       new_state[lay.row(l, 0) + k * lay.P + p] = h[k];
       new_state[lay.row(l, 1) + k * lay.P + p] = c[k];
     }
   }
-  const T* head = w + lay.layer_offset(lay.L);
+  const T* head = w + lay.head_offset();
   T u = head[H];
   for (int k = 0; k < H; ++k) u += head[k] * h[k];
   u *= scale;
@@ -80,7 +67,7 @@ __global__ void l2o_backward_kernel(L2oLayout lay, int64_t nw, LogSign<T> prep, 
                                     const T* grad_update, const T* grad_state, T* d_grad,
                                     T* d_state, T* partial) {
   extern __shared__ __align__(16) unsigned char shared[];
-  const int H = lay.H, K = lay.width();
+  const int H = lay.H, K = lay.widest();
   const int64_t P = lay.P;
   T* w = reinterpret_cast<T*>(shared);
   T* dw = w + nw;
@@ -94,7 +81,7 @@ __global__ void l2o_backward_kernel(L2oLayout lay, int64_t nw, LogSign<T> prep, 
   load_shared(w, weights, nw);
   load_shared(dw, static_cast<const T*>(nullptr), nw);
   __syncthreads();
-  const int64_t head = lay.layer_offset(lay.L);
+  const int64_t head = lay.head_offset();
   const int64_t tiles = (P + kLstmThreads - 1) / kLstmThreads;
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t p = tile * kLstmThreads + threadIdx.x;
@@ -110,7 +97,7 @@ __global__ void l2o_backward_kernel(L2oLayout lay, int64_t nw, LogSign<T> prep, 
       const int64_t offset = lay.layer_offset(l);
       lstm_layer_backward(w + offset, in, H, gates, c, state + lay.row(l, 1) + p, dh,
                           grad_state + lay.row(l, 1) + p, d_state + lay.row(l, 1) + p, P, active, dxh);
-      accumulate_weight_grad(dw + offset, dw + offset + 4 * H * (in + H), 4 * H, in + H, gates.base,
+      accumulate_weight_grad(dw + offset, dw + lay.bias_offset(l), 4 * H, in + H, gates.base,
                              xh.base);
       if (!active) continue;
       for (int k = 0; k < H; ++k) d_state[lay.row(l, 0) + k * P + p] = dxh[in + k];
@@ -127,12 +114,12 @@ __global__ void l2o_backward_kernel(L2oLayout lay, int64_t nw, LogSign<T> prep, 
 
 template <typename T>
 size_t forward_shared_bytes(const L2oLayout& lay, int64_t nw) {
-  return sizeof(T) * (nw + int64_t(kLstmThreads) * (lay.width() + 6 * lay.H));
+  return sizeof(T) * (nw + int64_t(kLstmThreads) * (lay.widest() + 6 * lay.H));
 }
 
 template <typename T>
 size_t backward_shared_bytes(const L2oLayout& lay, int64_t nw) {
-  return sizeof(T) * (2 * nw + int64_t(kLstmThreads) * (2 * lay.width() + 8 * lay.H + 1));
+  return sizeof(T) * (2 * nw + int64_t(kLstmThreads) * (2 * lay.widest() + 8 * lay.H + 1));
 }
 
 }  // namespace
@@ -145,13 +132,13 @@ int64_t lstm_grad_blocks(int64_t P) {
 void l2o_lstm_forward(const L2oArgs& a, void* new_state, void* update, bool accumulate,
                       cudaStream_t stream) {
   if (a.P == 0) return;
-  const L2oLayout lay{static_cast<int>(a.L), static_cast<int>(a.H), a.P};
-  const int64_t nw = lay.layer_offset(lay.L) + lay.H + 1;
+  const L2oLayout lay{a.L, a.H, a.P};
+  const int64_t nw = lay.num_weights();
   FASTMETA_DISPATCH_FLOAT(a.dtype, [&] {
     const size_t bytes = forward_shared_bytes<T>(lay, nw);
     set_shared_memory(l2o_forward_kernel<T>, bytes, "l2o_lstm_step");
     l2o_forward_kernel<T><<<blocks_for(a.P, kLstmThreads), kLstmThreads, bytes, stream>>>(
-        lay, nw, log_sign_as<T>(a.preprocess_p), T(a.output_scale), static_cast<const T*>(a.grad),
+        lay, nw, LogSign<T>::with_p(a.preprocess_p), T(a.output_scale), static_cast<const T*>(a.grad),
         static_cast<const T*>(a.state), static_cast<const T*>(a.weights), static_cast<T*>(new_state),
         static_cast<T*>(update), accumulate);
     check_launch("l2o_lstm_step");
@@ -161,15 +148,15 @@ void l2o_lstm_forward(const L2oArgs& a, void* new_state, void* update, bool accu
 void l2o_lstm_backward(const L2oArgs& a, const void* grad_update, const void* grad_state,
                        void* d_grad, void* d_state, void* d_weights, void* partial,
                        cudaStream_t stream) {
-  const L2oLayout lay{static_cast<int>(a.L), static_cast<int>(a.H), a.P};
-  const int64_t nw = lay.layer_offset(lay.L) + lay.H + 1;
+  const L2oLayout lay{a.L, a.H, a.P};
+  const int64_t nw = lay.num_weights();
   const int64_t blocks = lstm_grad_blocks(a.P);
   FASTMETA_DISPATCH_FLOAT(a.dtype, [&] {
     if (blocks > 0) {
       const size_t bytes = backward_shared_bytes<T>(lay, nw);
       set_shared_memory(l2o_backward_kernel<T>, bytes, "l2o_lstm_step backward");
       l2o_backward_kernel<T><<<static_cast<unsigned int>(blocks), kLstmThreads, bytes, stream>>>(
-          lay, nw, log_sign_as<T>(a.preprocess_p), T(a.output_scale), static_cast<const T*>(a.grad),
+          lay, nw, LogSign<T>::with_p(a.preprocess_p), T(a.output_scale), static_cast<const T*>(a.grad),
           static_cast<const T*>(a.state), static_cast<const T*>(a.weights),
           static_cast<const T*>(grad_update), static_cast<const T*>(grad_state),
           static_cast<T*>(d_grad), static_cast<T*>(d_state), static_cast<T*>(partial));

@@ -124,9 +124,4 @@ void set_shared_memory(Kernel kernel, size_t bytes, const char* op) {
 }
 
 
-template <typename T>
-LogSign<T> log_sign_as(double p) {
-  return {T(p), T(std::exp(-p)), T(std::exp(p))};
-}
-
 }  // namespace fastmeta::cuda

@@ -5,16 +5,7 @@
 namespace fastmeta::cuda {
 namespace {
 
-constexpr int kInputs = 4;  // preprocessed gradient and loss
-
-struct MetaLayout {
-  int H;
-  int64_t P;
-  __host__ __device__ int64_t bias_offset() const { return 4 * H * (kInputs + H); }
-  __host__ __device__ int64_t forget_offset() const { return bias_offset() + 4 * H; }
-  __host__ __device__ int64_t input_offset() const { return forget_offset() + H + 3; }
-  __host__ __device__ int64_t num_weights() const { return input_offset() + H + 3; }
-};
+constexpr int kInputs = MetaLayout::kInputs;
 
 // The LSTM layer and both gates for this thread's coordinate; returns f and i.
 template <typename T>
@@ -142,13 +133,13 @@ __global__ void meta_loss_grad_kernel(LogSign<T> prep, const T* loss, const T* t
 
 void meta_lstm_forward(const MetaArgs& a, void* theta_out, void* new_state, cudaStream_t stream) {
   if (a.P == 0) return;
-  const MetaLayout lay{static_cast<int>(a.H), a.P};
+  const MetaLayout lay{a.H, a.P};
   FASTMETA_DISPATCH_FLOAT(a.dtype, [&] {
     const size_t bytes =
         sizeof(T) * (lay.num_weights() + int64_t(kLstmThreads) * (kInputs + 7 * lay.H));
     set_shared_memory(meta_forward_kernel<T>, bytes, "meta_lstm_step");
     meta_forward_kernel<T><<<blocks_for(a.P, kLstmThreads), kLstmThreads, bytes, stream>>>(
-        lay, log_sign_as<T>(a.preprocess_p), static_cast<const T*>(a.grad),
+        lay, LogSign<T>::with_p(a.preprocess_p), static_cast<const T*>(a.grad),
         static_cast<const T*>(a.loss), static_cast<const T*>(a.theta), static_cast<const T*>(a.state),
         static_cast<const T*>(a.weights), static_cast<T*>(theta_out), static_cast<T*>(new_state));
     check_launch("meta_lstm_step");
@@ -158,7 +149,7 @@ void meta_lstm_forward(const MetaArgs& a, void* theta_out, void* new_state, cuda
 void meta_lstm_backward(const MetaArgs& a, const void* grad_theta, const void* grad_state,
                         void* d_grad, void* d_loss, void* d_theta, void* d_state, void* d_weights,
                         void* partial, cudaStream_t stream) {
-  const MetaLayout lay{static_cast<int>(a.H), a.P};
+  const MetaLayout lay{a.H, a.P};
   const int64_t nw = lay.num_weights(), blocks = lstm_grad_blocks(a.P);
   FASTMETA_DISPATCH_FLOAT(a.dtype, [&] {
     T* rows = static_cast<T*>(partial);
@@ -168,7 +159,7 @@ void meta_lstm_backward(const MetaArgs& a, const void* grad_theta, const void* g
                                                          (2 * (kInputs + lay.H) + 8 * lay.H + 4));
       set_shared_memory(meta_backward_kernel<T>, bytes, "meta_lstm_step backward");
       meta_backward_kernel<T><<<static_cast<unsigned int>(blocks), kLstmThreads, bytes, stream>>>(
-          lay, log_sign_as<T>(a.preprocess_p), static_cast<const T*>(a.grad),
+          lay, LogSign<T>::with_p(a.preprocess_p), static_cast<const T*>(a.grad),
           static_cast<const T*>(a.loss), static_cast<const T*>(a.theta),
           static_cast<const T*>(a.state), static_cast<const T*>(a.weights),
           static_cast<const T*>(grad_theta), static_cast<const T*>(grad_state),
@@ -179,7 +170,7 @@ void meta_lstm_backward(const MetaArgs& a, const void* grad_theta, const void* g
         rows, static_cast<int>(blocks), nw + 2, totals);
     check_launch("meta_lstm_step backward (weight gradients)");
     cudaMemcpyAsync(d_weights, totals, sizeof(T) * nw, cudaMemcpyDeviceToDevice, stream);
-    meta_loss_grad_kernel<T><<<1, 1, 0, stream>>>(log_sign_as<T>(a.preprocess_p),
+    meta_loss_grad_kernel<T><<<1, 1, 0, stream>>>(LogSign<T>::with_p(a.preprocess_p),
                                                   static_cast<const T*>(a.loss), totals, nw,
                                                   static_cast<T*>(d_loss));
     check_launch("meta_lstm_step backward (loss gradient)");

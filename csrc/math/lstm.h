@@ -31,12 +31,45 @@ FASTMETA_HOST_DEVICE T tanh_fast(T x) {
   return T(1) - T(2) / (T(1) + exp_fast(T(2) * x));
 }
 
+// Where things are in the flat weights and the state of the L2O cell.
+struct L2oLayout {
+  int64_t L, H, P;
+
+  FASTMETA_HOST_DEVICE int64_t in(int64_t l) const { return l == 0 ? 2 : H; }
+  FASTMETA_HOST_DEVICE int64_t widest() const { return (H > 2 ? H : 2) + H; }  // of [input; h]
+  FASTMETA_HOST_DEVICE int64_t layer_offset(int64_t l) const {
+    int64_t offset = 0;
+    for (int64_t m = 0; m < l; ++m) offset += 4 * H * (in(m) + H) + 4 * H;
+    return offset;
+  }
+  FASTMETA_HOST_DEVICE int64_t bias_offset(int64_t l) const {
+    return layer_offset(l) + 4 * H * (in(l) + H);
+  }
+  FASTMETA_HOST_DEVICE int64_t head_offset() const { return layer_offset(L); }
+  FASTMETA_HOST_DEVICE int64_t num_weights() const { return head_offset() + H + 1; }
+  // Offset of row 0 of h (which = 0) or c (which = 1) of layer l in the state.
+  FASTMETA_HOST_DEVICE int64_t row(int64_t l, int64_t which) const { return (l * 2 + which) * H * P; }
+};
+
+// The same for the meta-learner, whose LSTM layer reads 4 inputs.
+struct MetaLayout {
+  static constexpr int64_t kInputs = 4;  // the preprocessed gradient and loss
+  int64_t H, P;
+
+  FASTMETA_HOST_DEVICE int64_t bias_offset() const { return 4 * H * (kInputs + H); }
+  FASTMETA_HOST_DEVICE int64_t forget_offset() const { return bias_offset() + 4 * H; }
+  FASTMETA_HOST_DEVICE int64_t input_offset() const { return forget_offset() + H + 3; }
+  FASTMETA_HOST_DEVICE int64_t num_weights() const { return input_offset() + H + 3; }
+};
+
 // "log_sign" gradient preprocessing (Andrychowicz et al. 2016, appendix A):
 // (log|g| / p, sign g) where |g| >= e^-p, else (-1, e^p g). `threshold` is
 // e^-p and `exp_p` is e^p.
 template <typename T>
 struct LogSign {
   T p, threshold, exp_p;
+
+  static LogSign with_p(double p) { return {T(p), T(std::exp(-p)), T(std::exp(p))}; }
 
   FASTMETA_HOST_DEVICE void features(T g, T& f0, T& f1) const {
     const T a = g < T(0) ? -g : g;
