@@ -21,6 +21,7 @@ __all__ = [
     "contrastive_loss",
     "log_sign_preprocess",
     "l2o_lstm_step",
+    "l2o_lstm_cells",
     "meta_lstm_step",
 ]
 
@@ -150,6 +151,19 @@ def l2o_lstm_step(grad: torch.Tensor, state: torch.Tensor, weights: torch.Tensor
         x = h
     update = F.linear(x, parts[-2], parts[-1]).squeeze(-1) * output_scale
     return update, torch.stack(new_state)
+
+
+def l2o_lstm_cells(lstm, grad: torch.Tensor, states):
+    """The step of a ``fastmeta.nn.CoordinatewiseLSTM`` written the way PyTorch
+    L2O ports run it: its ``nn.LSTMCell`` layers over P rows, with state
+    ``[(h, c)]`` of ``[P, H]`` per layer. Returns ``(update [P], new_states)``."""
+    x = log_sign_preprocess(grad, lstm.preprocess_p)
+    new_states = []
+    for cell, state in zip(lstm.cells, states):
+        h, c = cell(x, state)
+        new_states.append((h, c))
+        x = h
+    return lstm.head(x).squeeze(-1) * lstm.output_scale, new_states
 
 
 def meta_lstm_step(grad: torch.Tensor, loss: torch.Tensor, theta: torch.Tensor, state: torch.Tensor,

@@ -148,17 +148,6 @@ def test_nan_gradient_stays_in_its_coordinate():
     assert torch.isfinite(update[:300]).all() and torch.isfinite(update[301:]).all()
 
 
-def lstm_cell_rows(lstm, grad, states):
-    """Andrychowicz et al.'s step written as nn.LSTMCell over P rows (what PyTorch ports do)."""
-    x = reference.log_sign_preprocess(grad, lstm.preprocess_p)
-    new_states = []
-    for cell, state in zip(lstm.cells, states):
-        h, c = cell(x, state)
-        new_states.append((h, c))
-        x = h
-    return lstm.head(x).squeeze(-1) * lstm.output_scale, new_states
-
-
 def test_unroll_through_module_equals_lstm_cells():
     """Values and meta-gradients of a 6-step unroll on a quadratic, float64."""
     torch.manual_seed(0)
@@ -181,7 +170,7 @@ def test_unroll_through_module_equals_lstm_cells():
     def by_cells(g, state):
         if state is None:
             state = [(g.new_zeros(10, 8), g.new_zeros(10, 8)) for _ in range(2)]
-        return lstm_cell_rows(lstm, g, state)
+        return reference.l2o_lstm_cells(lstm, g, state)
 
     fused = unroll(lstm)
     fused_grads = torch.autograd.grad(fused, list(lstm.parameters()))

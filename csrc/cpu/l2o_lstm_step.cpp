@@ -30,7 +30,7 @@ struct L2oChunk {
   std::vector<T> h_last, dh, dxh, du;
 
   L2oChunk(int64_t L, int64_t H)
-      : h_last(H * kChunk), dh(H * kChunk), dxh(2 * H * kChunk + 2 * kChunk), du(kChunk) {
+      : h_last(H * kChunk), dh(H * kChunk), dxh(L2oLayout{L, H, 0}.widest() * kChunk), du(kChunk) {
     for (int64_t l = 0; l < L; ++l) layers.emplace_back(l == 0 ? 2 : H, H);
   }
   T* h_out(int64_t l) { return l + 1 < (int64_t)layers.size() ? layers[l + 1].input() : h_last.data(); }
@@ -126,12 +126,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> l2o_lstm_step_backward(
     const T* gs = grad_state.const_data_ptr<T>();
     T* dg = d_grad.mutable_data_ptr<T>();
     T* ds = d_state.mutable_data_ptr<T>();
-    std::vector<T> partial(std::min(kMaxSlots, (P + kChunk - 1) / kChunk) * width, T(0));
-    const int64_t slots = for_each_slot(
-        P, [&] { return L2oChunk<T>(L, H); },
-        [&](L2oChunk<T>& ws, int64_t slot, int64_t p0, int64_t p1) {
+    sum_over_slots(
+        P, width, d_weights.mutable_data_ptr<T>(), [&] { return L2oChunk<T>(L, H); },
+        [&](L2oChunk<T>& ws, T* dw, int64_t p0, int64_t p1) {
           const int64_t n = p1 - p0;
-          T* dw = partial.data() + slot * width;
           chunk_forward(cell, ws, g, state.const_data_ptr<T>(), p0, n);
           // The head: update = scale * (w . h_last + b).
           const T* head = cell.weights + cell.head_offset();
@@ -158,7 +156,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> l2o_lstm_step_backward(
             }
           }
         });
-    sum_slots(partial, slots, width, d_weights.mutable_data_ptr<T>());
   });
   return {d_grad, d_state, d_weights};
 }

@@ -5,9 +5,8 @@
 // (BLAS) followed by vectorised per-unit loops over the chunk. Nothing of
 // size P x 4H is ever allocated.
 //
-// Reductions over coordinates (the weight gradients) are summed per "slot", a
-// range of whole chunks fixed by P alone, and then over slots in order, so
-// results do not depend on the number of threads.
+// Reductions over coordinates (the weight gradients) go through
+// sum_over_slots, so results do not depend on the number of threads.
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -164,27 +163,23 @@ void for_each_chunk(int64_t P, Make make, F fn) {
   });
 }
 
-// Runs fn(workspace, slot, begin, end) for the chunks of [0, P), grouped into
-// at most kMaxSlots slots fixed by P alone; returns the number of slots. fn
-// adds the slot's part of each reduction to the slot's own partial results.
-template <typename Make, typename F>
-int64_t for_each_slot(int64_t P, Make make, F fn) {
+// A sum over the coordinates [0, P) of `width` values, written to out: fn(workspace,
+// partial, begin, end) adds the part of chunk [begin, end) to `partial`. Chunks
+// are grouped into at most kMaxSlots slots fixed by P alone, each with its own
+// partial sums, which are added in order, so the result does not depend on the
+// number of threads.
+template <typename T, typename Make, typename F>
+void sum_over_slots(int64_t P, int64_t width, T* out, Make make, F fn) {
   const int64_t chunks = (P + kChunk - 1) / kChunk;
   const int64_t slots = std::min(chunks, kMaxSlots);
-  if (slots == 0) return 0;
-  const int64_t per_slot = (chunks + slots - 1) / slots;
+  std::vector<T> partial(slots * width, T(0));
+  const int64_t per_slot = slots == 0 ? 0 : (chunks + slots - 1) / slots;
   at::parallel_for(0, slots, 1, [&](int64_t first, int64_t last) {
     auto workspace = make();
     for (int64_t s = first; s < last; ++s)
       for (int64_t c = s * per_slot; c < std::min(chunks, (s + 1) * per_slot); ++c)
-        fn(workspace, s, c * kChunk, std::min(P, (c + 1) * kChunk));
+        fn(workspace, partial.data() + s * width, c * kChunk, std::min(P, (c + 1) * kChunk));
   });
-  return slots;
-}
-
-// Sums `slots` rows of `width` partial results, in order, into out.
-template <typename T>
-void sum_slots(const std::vector<T>& partial, int64_t slots, int64_t width, T* out) {
   std::fill(out, out + width, T(0));
   for (int64_t s = 0; s < slots; ++s)
     for (int64_t w = 0; w < width; ++w) out[w] += partial[s * width + w];

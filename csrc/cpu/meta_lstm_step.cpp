@@ -136,12 +136,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm
     T* dg = d_grad.mutable_data_ptr<T>();
     T* dth = d_theta.mutable_data_ptr<T>();
     T* ds = d_state.mutable_data_ptr<T>();
-    std::vector<T> partial(std::min(kMaxSlots, (P + kChunk - 1) / kChunk) * width, T(0));
-    const int64_t slots = for_each_slot(
-        P, [&] { return MetaChunk<T>(H); },
-        [&](MetaChunk<T>& ws, int64_t slot, int64_t p0, int64_t p1) {
+    std::vector<T> total(width);
+    sum_over_slots(
+        P, width, total.data(), [&] { return MetaChunk<T>(H); },
+        [&](MetaChunk<T>& ws, T* dw, int64_t p0, int64_t p1) {
           const int64_t n = p1 - p0;
-          T* dw = partial.data() + slot * width;
           chunk_forward(cell, ws, g, th, s, p0, n, dth + p0);  // theta_new is not needed
           const T* f_prev = s + 2 * H * P + p0;
           const T* i_prev = s + (2 * H + 1) * P + p0;
@@ -174,8 +173,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm
           dw[nw] += row_sum(ws.dxh.data() + 2 * kChunk, n);
           dw[nw + 1] += row_sum(ws.dxh.data() + 3 * kChunk, n);
         });
-    std::vector<T> total(width);
-    sum_slots(partial, slots, width, total.data());
     std::copy(total.begin(), total.begin() + nw, d_weights.mutable_data_ptr<T>());
     d_loss.fill_(cell.prep.backward(cell.loss, total[nw], total[nw + 1]));
   });

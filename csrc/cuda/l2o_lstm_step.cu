@@ -6,20 +6,28 @@ namespace fastmeta::cuda {
 namespace {
 
 // One forward of layers 0 .. upto for this thread's coordinate (inputs read
-// only when active); leaves layer `upto`'s input, gates, c and h in the columns.
+// only when active); leaves layer `upto`'s input, gates, c and h in the columns,
+// and writes each layer's h and c to new_state unless it is null. Everything a
+// layer reads from the state is read before it is written, so new_state may
+// be state (the in-place step).
 template <typename T>
 __device__ void l2o_forward_layers(const L2oLayout& lay, const T* w, const LogSign<T>& prep,
                                    const T* grad, const T* state, int64_t p, bool active, int upto,
-                                   Column<T> xh, Column<T> gates, Column<T> c, Column<T> h) {
+                                   Column<T> xh, Column<T> gates, Column<T> c, Column<T> h,
+                                   T* new_state) {
   prep.features(active ? grad[p] : T(0), xh[0], xh[1]);
   for (int l = 0; l <= upto; ++l) {
     const int in = lay.in(l), H = lay.H;
     if (l > 0)
       for (int k = 0; k < H; ++k) xh[k] = h[k];
     for (int k = 0; k < H; ++k) xh[in + k] = active ? state[lay.row(l, 0) + k * lay.P + p] : T(0);
-    const T* W = w + lay.layer_offset(l);
-    lstm_layer_forward(W, w + lay.bias_offset(l), in, H, xh, state + lay.row(l, 1) + p, lay.P, active,
-                       gates, c, h);
+    lstm_layer_forward(w + lay.layer_offset(l), w + lay.bias_offset(l), in, H, xh,
+                       state + lay.row(l, 1) + p, lay.P, active, gates, c, h);
+    if (new_state == nullptr) continue;
+    for (int k = 0; k < H; ++k) {
+      new_state[lay.row(l, 0) + k * lay.P + p] = h[k];
+      new_state[lay.row(l, 1) + k * lay.P + p] = c[k];
+    }
   }
 }
 
@@ -38,22 +46,7 @@ __global__ void l2o_forward_kernel(L2oLayout lay, int64_t nw, LogSign<T> prep, T
   __syncthreads();
   const int64_t p = blockIdx.x * int64_t(kLstmThreads) + threadIdx.x;
   if (p >= lay.P) return;
-  prep.features(grad[p], xh[0], xh[1]);
-  for (int l = 0; l < lay.L; ++l) {
-    // Everything this layer reads from the state is read before it is written,
-    // so new_state may be state (the in-place step).
-    const int in = lay.in(l);
-    if (l > 0)
-      for (int k = 0; k < H; ++k) xh[k] = h[k];
-    for (int k = 0; k < H; ++k) xh[in + k] = state[lay.row(l, 0) + k * lay.P + p];
-    const T* W = w + lay.layer_offset(l);
-    lstm_layer_forward(W, w + lay.bias_offset(l), in, H, xh, state + lay.row(l, 1) + p, lay.P, true,
-                       gates, c, h);
-    for (int k = 0; k < H; ++k) {
-      new_state[lay.row(l, 0) + k * lay.P + p] = h[k];
-      new_state[lay.row(l, 1) + k * lay.P + p] = c[k];
-    }
-  }
+  l2o_forward_layers(lay, w, prep, grad, state, p, true, lay.L - 1, xh, gates, c, h, new_state);
   const T* head = w + lay.head_offset();
   T u = head[H];
   for (int k = 0; k < H; ++k) u += head[k] * h[k];
@@ -86,13 +79,16 @@ __global__ void l2o_backward_kernel(L2oLayout lay, int64_t nw, LogSign<T> prep, 
   for (int64_t tile = blockIdx.x; tile < tiles; tile += gridDim.x) {
     const int64_t p = tile * kLstmThreads + threadIdx.x;
     const bool active = p < P;
-    l2o_forward_layers(lay, w, prep, grad, state, p, active, lay.L - 1, xh, gates, c, h);
+    l2o_forward_layers(lay, w, prep, grad, state, p, active, lay.L - 1, xh, gates, c, h,
+                       static_cast<T*>(nullptr));
     du[0] = active ? scale * grad_update[p] : T(0);
     for (int k = 0; k < H; ++k)
       dh[k] = active ? w[head + k] * du[0] + grad_state[lay.row(lay.L - 1, 0) + k * P + p] : T(0);
     accumulate_weight_grad(dw + head, dw + head + H, 1, H, du.base, h.base);
     for (int l = lay.L - 1; l >= 0; --l) {
-      if (l < lay.L - 1) l2o_forward_layers(lay, w, prep, grad, state, p, active, l, xh, gates, c, h);
+      if (l < lay.L - 1)
+        l2o_forward_layers(lay, w, prep, grad, state, p, active, l, xh, gates, c, h,
+                           static_cast<T*>(nullptr));
       const int in = lay.in(l);
       const int64_t offset = lay.layer_offset(l);
       lstm_layer_backward(w + offset, in, H, gates, c, state + lay.row(l, 1) + p, dh,

@@ -108,17 +108,6 @@ def matching_readout(device: str) -> List[Variant]:
     return [Variant("matching_readout", "32x20-way 1-shot Q=300 D=64", fast, {"eager": eager})]
 
 
-def _lstm_cell_rows(lstm: "fnn.CoordinatewiseLSTM", grad, states):
-    """The nn.LSTMCell baseline: the L2O step over P rows, state as (h, c) [P, H] per layer."""
-    x = reference.log_sign_preprocess(grad, lstm.preprocess_p)
-    new_states = []
-    for cell, state in zip(lstm.cells, states):
-        h, c = cell(x, state)
-        new_states.append((h, c))
-        x = h
-    return lstm.head(x).squeeze(-1) * lstm.output_scale, new_states
-
-
 def lstm_step(device: str) -> List[Variant]:
     """The coordinatewise 2-layer LSTM optimizer, H = 20, over P coordinates:
     forward, and forward + backward (gradients for the weights and the
@@ -145,7 +134,7 @@ def lstm_step(device: str) -> List[Variant]:
 
         @torch.no_grad()
         def cells_forward(lstm=lstm, grad=grad, rows=rows):
-            _lstm_cell_rows(lstm, grad, rows)
+            reference.l2o_lstm_cells(lstm, grad, rows)
 
         def fast_backward(lstm=lstm, grad=grad, state=state, gu=grad_update, gs=grad_state,
                           weights=weights):
@@ -154,7 +143,7 @@ def lstm_step(device: str) -> List[Variant]:
 
         def cells_backward(lstm=lstm, grad=grad, rows=rows, gu=grad_update, gs=grad_rows,
                            weights=weights):
-            update, new_states = _lstm_cell_rows(lstm, grad, rows)
+            update, new_states = reference.l2o_lstm_cells(lstm, grad, rows)
             outputs = [update] + [t for hc in new_states for t in hc]
             torch.autograd.grad(outputs, [t for hc in rows for t in hc] + weights, [gu] + gs)
 

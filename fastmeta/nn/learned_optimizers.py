@@ -55,14 +55,14 @@ class CoordinatewiseLSTM(nn.Module):
         return grad.new_zeros(self.num_layers, 2, self.hidden_size, grad.numel())
 
     def forward(self, grad: torch.Tensor, state: Optional[torch.Tensor] = None):
+        flat = _flat(grad, "CoordinatewiseLSTM")
         weights = self.flat_weights()
-        if isinstance(grad, torch.Tensor) and grad.is_floating_point() and grad.dtype != weights.dtype:
+        if flat.dtype != weights.dtype:
             raise TypeError(f"CoordinatewiseLSTM: grad has dtype {grad.dtype} but the LSTM's weights "
                             f"are {weights.dtype}; convert one of them (e.g. lstm.to({grad.dtype}))")
-        if state is None and isinstance(grad, torch.Tensor):
+        if state is None:
             state = self.initial_state(grad)
-        update, state = ops.l2o_lstm_step(_flat(grad, "CoordinatewiseLSTM"), state, weights,
-                                          self.preprocess_p, self.output_scale)
+        update, state = ops.l2o_lstm_step(flat, state, weights, self.preprocess_p, self.output_scale)
         return update.view(grad.shape), state
 
     def extra_repr(self) -> str:

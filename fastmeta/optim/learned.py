@@ -42,7 +42,7 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     raise RuntimeError("LearnedOptimizer does not support sparse gradients")
                 key = (param.dtype, param.device)
                 if key not in weights:
-                    weights[key] = self.lstm.flat_weights().detach().to(param.dtype).to(param.device)
+                    weights[key] = self.lstm.flat_weights().detach().to(param.device, param.dtype)
                 state = self.state[param]
                 if "lstm_state" not in state:
                     state["lstm_state"] = self.lstm.initial_state(param.detach())
@@ -76,8 +76,7 @@ def truncated_unrolls(lstm: CoordinatewiseLSTM, loss_fn: Callable[..., torch.Ten
         >>> for meta_loss in truncated_unrolls(lstm, f, theta0):
         ...     meta_opt.zero_grad(); meta_loss.backward(); meta_opt.step()
     """
-    single = isinstance(params, torch.Tensor)
-    params = [params] if single else list(params)
+    params = [params] if isinstance(params, torch.Tensor) else list(params)
     if horizon < 1 or unroll < 1:
         raise ValueError(f"truncated_unrolls: horizon and unroll must be positive, got {horizon} "
                          f"and {unroll}")
