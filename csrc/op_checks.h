@@ -7,6 +7,7 @@
 #include <string_view>
 
 #include "math/lstm.h"
+#include "math/mlp.h"
 #include "math/similarity.h"
 
 namespace fastmeta {
@@ -135,6 +136,64 @@ inline void check_output_grad(const at::Tensor& g, const char* name, const at::T
   check_operand(g, name, output.dim(), output);
   TORCH_CHECK(g.sizes() == output.sizes(), "fastmeta: ", name, " must have shape ", output.sizes(),
               ", got ", g.sizes());
+}
+
+// The operands of mlp_task_derivatives: params [T, P], x [T, N, width[0]],
+// target [T, N, C] (MSE) or int64 labels [T, N] (cross-entropy), direction
+// [T, P] or undefined. Returns the learner's shape.
+inline MlpShape check_mlp_operands(const at::Tensor& params, const at::Tensor& x,
+                                   const at::Tensor& target, const at::Tensor& direction,
+                                   at::IntArrayRef widths, c10::ArrayRef<c10::string_view> activations,
+                                   c10::string_view loss) {
+  TORCH_CHECK(params.scalar_type() == at::kFloat || params.scalar_type() == at::kDouble,
+              "fastmeta: params must be float32 or float64, got ", params.scalar_type());
+  check_operand(params, "params", 2, params);
+  check_operand(x, "x", 3, params);
+  check_size(x, "x", 0, params.size(0), "the number of tasks T in params");
+  const int64_t layers = static_cast<int64_t>(widths.size()) - 1;
+  TORCH_CHECK(layers >= 1 && layers <= kMaxMlpLayers, "fastmeta: the learner must have 1 to ",
+              kMaxMlpLayers, " linear layers, got widths ", widths);
+  TORCH_CHECK(static_cast<int64_t>(activations.size()) == layers, "fastmeta: ", layers,
+              " linear layers need ", layers, " activations, got ", activations.size());
+  MlpShape s{};
+  s.layers = static_cast<int>(layers);
+  for (int64_t l = 0; l <= layers; ++l) {
+    TORCH_CHECK(widths[l] >= 1, "fastmeta: layer widths must be positive, got ", widths);
+    s.width[l] = widths[l];
+  }
+  for (int64_t l = 0; l < layers; ++l) {
+    const c10::string_view f = activations[l];
+    s.activation[l] = f == "identity" ? Activation::Identity
+                      : f == "relu"   ? Activation::ReLU
+                      : f == "tanh"   ? Activation::Tanh
+                      : f == "sigmoid" ? Activation::Sigmoid
+                      : f == "elu"    ? Activation::ELU
+                                      : static_cast<Activation>(-1);
+    TORCH_CHECK(static_cast<int>(s.activation[l]) >= 0, "fastmeta: unknown activation '", f,
+                "'; expected one of 'identity', 'relu', 'tanh', 'sigmoid', 'elu'");
+  }
+  TORCH_CHECK(loss == "mse" || loss == "cross_entropy", "fastmeta: unknown loss '", loss,
+              "'; expected 'mse' or 'cross_entropy'");
+  s.loss = loss == "mse" ? MlpLoss::MSE : MlpLoss::CrossEntropy;
+  s.N = x.size(1);
+  check_size(params, "params", 1, s.num_params(), "the number of parameters of the learner");
+  check_size(x, "x", 2, s.width[0], "the learner's input size");
+  if (s.loss == MlpLoss::MSE) {
+    check_operand(target, "target", 3, params);
+    check_size(target, "target", 2, s.outputs(), "the learner's output size");
+  } else {
+    check_index(target, "target", params);
+    TORCH_CHECK(target.dim() == 2, "fastmeta: cross-entropy targets must be labels [T, N], got shape ",
+                target.sizes());
+  }
+  check_size(target, "target", 0, x.size(0), "the number of tasks T in x");
+  check_size(target, "target", 1, s.N, "the number of points N in x");
+  if (direction.defined()) {
+    check_operand(direction, "direction", 2, params);
+    check_size(direction, "direction", 0, params.size(0), "the number of tasks T in params");
+    check_size(direction, "direction", 1, params.size(1), "the number of parameters P");
+  }
+  return s;
 }
 
 }  // namespace fastmeta

@@ -56,6 +56,14 @@ TORCH_LIBRARY(fastmeta, m) {
       "meta_lstm_step_backward(Tensor grad_theta, Tensor grad_state, Tensor grad, Tensor loss,"
       " Tensor theta, Tensor state, Tensor weights, float preprocess_p)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Batched second-order MAML (csrc/math/mlp.h): for T tasks of an MLP
+  // learner, each task's loss, its gradient with respect to the task's
+  // parameters (and, with input_grad, its inputs), and with a direction the
+  // Hessian-vector products. Outputs not asked for are empty.
+  m.def(
+      "mlp_task_derivatives(Tensor params, Tensor x, Tensor target, Tensor? direction,"
+      " int[] widths, str[] activations, str loss, bool input_grad)"
+      " -> (Tensor loss, Tensor grad, Tensor grad_input, Tensor hvp, Tensor hvp_input)");
 }
 
 // The Python module fastmeta._C: loading it registers the ops above; its one

@@ -23,6 +23,9 @@ __all__ = [
     "l2o_lstm_step",
     "l2o_lstm_cells",
     "meta_lstm_step",
+    "task_derivatives",
+    "mlp_forward",
+    "mlp_task_derivatives",
 ]
 
 COSINE_EPS = 1e-8
@@ -184,3 +187,79 @@ def meta_lstm_step(grad: torch.Tensor, loss: torch.Tensor, theta: torch.Tensor, 
     i = torch.sigmoid(h @ wi[:hidden] + wi[hidden] * theta + wi[hidden + 1] * i_prev + bi)
     new_state = torch.cat([h.T, c.T, f.unsqueeze(0), i.unsqueeze(0)])
     return f * theta - i * grad, new_state
+
+
+def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
+                     direction=None, input_grad: bool = False):
+    """Per-task loss, gradient and Hessian-vector product through torch.func.
+
+    ``loss_fn(params, x, target)`` is one task's scalar loss; ``params``,
+    ``x``, ``target`` and ``direction`` carry the tasks on dim 0. The
+    Hessian-vector product is forward-over-reverse (``jvp`` of ``grad``),
+    vmapped over tasks; where PyTorch's forward-mode AD fails on the loss
+    (``F.mse_loss`` in PyTorch 2.13 raises "ZeroTensors are immutable"), it is
+    reverse-over-reverse (``vjp`` of ``grad``) instead. Returns
+    ``(loss [T], grad, grad_input, hvp, hvp_input)`` like
+    ``torch.ops.fastmeta.mlp_task_derivatives``: ``grad_input`` is
+    d loss / d x, ``hvp_input`` is (d^2 loss / d x d params) direction, and
+    outputs not asked for are ``None``.
+    """
+    from torch.func import grad_and_value, jvp, vjp, vmap
+
+    def gradient(p, xt, tt):
+        return grad_and_value(lambda p_, x_: loss_fn(p_, x_, tt), argnums=(0, 1))(p, xt)
+
+    def forward_over_reverse(p, xt, tt, v):
+        return jvp(lambda p_: gradient(p_, xt, tt), (p,), (v,))
+
+    def reverse_over_reverse(p, xt, tt, v):
+        (grads, loss), pullback = vjp(lambda p_, x_: gradient(p_, x_, tt), p, xt)
+        return (grads, loss), pullback(((v, torch.zeros_like(xt)), torch.zeros_like(loss)))
+
+    if direction is None:
+        (grad, grad_x), loss = vmap(gradient)(params, x, target)
+        return loss, grad, grad_x if input_grad else None, None, None
+    try:
+        ((grad, grad_x), loss), ((hvp, hvp_x), _) = vmap(forward_over_reverse)(
+            params, x, target, direction)
+    except RuntimeError as error:
+        if "ZeroTensors are immutable" not in str(error):
+            raise
+        ((grad, grad_x), loss), (hvp, hvp_x) = vmap(reverse_over_reverse)(
+            params, x, target, direction)
+    return (loss, grad, grad_x if input_grad else None, hvp, hvp_x if input_grad else None)
+
+
+_MLP_ACTIVATIONS = {
+    "identity": lambda z: z,
+    "relu": torch.relu,
+    "tanh": torch.tanh,
+    "sigmoid": torch.sigmoid,
+    "elu": F.elu,
+}
+
+
+def mlp_forward(params: torch.Tensor, x: torch.Tensor, widths, activations) -> torch.Tensor:
+    """One task of an MLP learner with flat parameters (per layer W, then b)."""
+    offset, a = 0, x
+    for n_in, n_out, f in zip(widths[:-1], widths[1:], activations):
+        W = params[offset:offset + n_out * n_in].view(n_out, n_in)
+        b = params[offset + n_out * n_in:offset + n_out * (n_in + 1)]
+        offset += n_out * (n_in + 1)
+        a = _MLP_ACTIVATIONS[f](a @ W.T + b)
+    return a
+
+
+def mlp_task_derivatives(params, x, target, direction, widths, activations, loss,
+                         input_grad):
+    """``torch.ops.fastmeta.mlp_task_derivatives`` through torch.func (empty
+    tensors for the outputs not asked for, as the op)."""
+    def task_loss(p, xt, tt):
+        out = mlp_forward(p, xt, widths, activations)
+        # (out - t)^2 rather than F.mse_loss, which forward-mode AD does not support here.
+        return ((out - tt) ** 2).mean() if loss == "mse" else F.cross_entropy(out, tt)
+
+    out = task_derivatives(task_loss, params, x, target, direction, input_grad)
+    empty = (params.new_empty(0, params.shape[1]), x.new_empty(0, *x.shape[1:]))
+    return (out[0], out[1], empty[1] if out[2] is None else out[2],
+            empty[0] if out[3] is None else out[3], empty[1] if out[4] is None else out[4])

@@ -1,0 +1,160 @@
+// CPU kernel of fastmeta::mlp_task_derivatives: per-task loss, gradient and
+// Hessian-vector product of an MLP learner (csrc/math/mlp.h), one task per
+// thread at a time, each task's loops compiled for the widest vector
+// instruction set of this CPU.
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "../op_checks.h"
+#include "row_math.h"
+
+namespace fastmeta::cpu {
+namespace {
+
+// y[0, n) += a * x[0, n)
+template <typename T>
+FASTMETA_INLINE void axpy(T* __restrict__ y, T a, const T* __restrict__ x, int64_t n) {
+  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+}
+
+// The team of mlp_task on the CPU: one thread runs the whole task. Products
+// are dot products along contiguous rows (linear) or row updates (backprop,
+// outer), so every inner loop reads memory in order and vectorises.
+struct SerialTeam {
+  template <typename F>
+  FASTMETA_INLINE void for_each(int64_t n, F f) {
+    for (int64_t i = 0; i < n; ++i) f(i);
+  }
+  FASTMETA_INLINE void sync() {}
+
+  template <typename T>
+  FASTMETA_INLINE void linear(T* out, const T* in1, const T* W1, const T* in2, const T* W2,
+                              const T* bias, int64_t N, int64_t n_in, int64_t n_out) {
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < n_out; ++j) {
+        T acc = bias[j] + Dot::run(in1 + i * n_in, W1 + j * n_in, n_in);
+        if (in2) acc += Dot::run(in2 + i * n_in, W2 + j * n_in, n_in);
+        out[i * n_out + j] = acc;
+      }
+  }
+
+  template <typename T>
+  FASTMETA_INLINE void backprop(T* out, const T* D1, const T* W1, const T* D2, const T* W2,
+                                int64_t N, int64_t n_in, int64_t n_out) {
+    for (int64_t i = 0; i < N; ++i) {
+      T* row = out + i * n_in;
+      for (int64_t k = 0; k < n_in; ++k) row[k] = 0;
+      for (int64_t j = 0; j < n_out; ++j) {
+        axpy(row, D1[i * n_out + j], W1 + j * n_in, n_in);
+        if (D2) axpy(row, D2[i * n_out + j], W2 + j * n_in, n_in);
+      }
+    }
+  }
+
+  template <typename T>
+  FASTMETA_INLINE void outer(T* gW, T* gb, const T* D1, const T* in1, const T* D2, const T* in2,
+                             int64_t N, int64_t n_in, int64_t n_out) {
+    for (int64_t j = 0; j < n_out; ++j) {
+      T* row = gW + j * n_in;
+      for (int64_t k = 0; k < n_in; ++k) row[k] = 0;
+      T bias = 0;
+      for (int64_t i = 0; i < N; ++i) {
+        axpy(row, D1[i * n_out + j], in1 + i * n_in, n_in);
+        if (D2) axpy(row, D2[i * n_out + j], in2 + i * n_in, n_in);
+        bias += D1[i * n_out + j];
+      }
+      gb[j] = bias;
+    }
+  }
+};
+
+template <typename T>
+struct MlpBatch {
+  MlpShape shape;
+  const T *params, *x, *y, *direction;
+  const int64_t* labels;
+  T *loss, *grad, *grad_input, *hvp, *hvp_input;
+};
+
+// Tasks [t0, t1) of a batch, with one workspace.
+struct MlpTasks {
+  template <typename T>
+  FASTMETA_INLINE static void run(MlpBatch<T> b, int64_t t0, int64_t t1, T* work) {
+    const MlpShape& s = b.shape;
+    const int64_t P = s.num_params(), X = s.N * s.width[0], C = s.outputs();
+    SerialTeam team;
+    for (int64_t t = t0; t < t1; ++t) {
+      MlpTaskArgs<T> a{b.params + t * P,
+                       b.x + t * X,
+                       b.y ? b.y + t * s.N * C : nullptr,
+                       b.labels ? b.labels + t * s.N : nullptr,
+                       b.direction ? b.direction + t * P : nullptr,
+                       b.loss + t,
+                       b.grad + t * P,
+                       b.grad_input ? b.grad_input + t * X : nullptr,
+                       b.hvp ? b.hvp + t * P : nullptr,
+                       b.hvp_input ? b.hvp_input + t * X : nullptr,
+                       work};
+      mlp_task(s, a, team);
+    }
+  }
+};
+
+template <typename T>
+T* data_or_null(const at::Tensor& t) {
+  return t.numel() ? t.mutable_data_ptr<T>() : nullptr;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_task_derivatives(
+    const at::Tensor& params_in, const at::Tensor& x_in, const at::Tensor& target_in,
+    const std::optional<at::Tensor>& direction_in, at::IntArrayRef widths,
+    c10::ArrayRef<c10::string_view> activations, c10::string_view loss_name, bool input_grad) {
+  const at::Tensor direction = direction_in.has_value() ? direction_in->contiguous() : at::Tensor();
+  const MlpShape s =
+      check_mlp_operands(params_in, x_in, target_in, direction, widths, activations, loss_name);
+  const at::Tensor params = params_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor target = target_in.contiguous();
+  const int64_t T_ = params.size(0), P = params.size(1);
+  if (s.loss == MlpLoss::CrossEntropy) {
+    const int64_t* labels = target.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < target.numel(); ++i)
+      TORCH_CHECK(labels[i] >= 0 && labels[i] < s.outputs(), "fastmeta: target[", i / s.N, ", ",
+                  i % s.N, "] = ", labels[i], " is out of range for ", s.outputs(), " classes");
+  }
+  const auto opts = params.options();
+  at::Tensor loss = at::empty({T_}, opts), grad = at::empty({T_, P}, opts);
+  at::Tensor grad_x = at::empty({input_grad ? T_ : 0, s.N, s.width[0]}, opts);
+  at::Tensor hvp = at::empty({direction.defined() ? T_ : 0, P}, opts);
+  at::Tensor hvp_x = at::empty({direction.defined() && input_grad ? T_ : 0, s.N, s.width[0]}, opts);
+  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "mlp_task_derivatives", [&] {
+    const bool mse = s.loss == MlpLoss::MSE;
+    MlpBatch<scalar_t> b{s,
+                         params.const_data_ptr<scalar_t>(),
+                         x.const_data_ptr<scalar_t>(),
+                         mse ? target.const_data_ptr<scalar_t>() : nullptr,
+                         direction.defined() ? direction.const_data_ptr<scalar_t>() : nullptr,
+                         mse ? nullptr : target.const_data_ptr<int64_t>(),
+                         loss.mutable_data_ptr<scalar_t>(),
+                         grad.mutable_data_ptr<scalar_t>(),
+                         data_or_null<scalar_t>(grad_x),
+                         data_or_null<scalar_t>(hvp),
+                         data_or_null<scalar_t>(hvp_x)};
+    at::parallel_for(0, T_, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<scalar_t> work(s.workspace_size());
+      run_loop<MlpTasks>(b, t0, t1, work.data());
+    });
+  });
+  return {loss, grad, grad_x, hvp, hvp_x};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
+  m.impl("mlp_task_derivatives", &mlp_task_derivatives);
+}
+
+}  // namespace fastmeta::cpu
