@@ -7,6 +7,8 @@
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <type_traits>
 #include <vector>
 
 #include "../op_checks.h"
@@ -15,58 +17,96 @@
 namespace fastmeta::cpu {
 namespace {
 
-// y[0, n) += a * x[0, n)
+// sum_r coef[r * coef_stride] * rows[r * row_stride + k], r < count.
 template <typename T>
-FASTMETA_INLINE void axpy(T* __restrict__ y, T a, const T* __restrict__ x, int64_t n) {
-  for (int64_t k = 0; k < n; ++k) y[k] += a * x[k];
+struct RowCombination {
+  const T* coef;
+  int64_t coef_stride;
+  const T* rows;
+  int64_t row_stride;
+  int64_t count;
+};
+
+// out[k0 + l] = init (or 0) + first + second, l < kWidth, accumulated in registers.
+template <int64_t kWidth, typename T>
+FASTMETA_INLINE void combine_block(T* __restrict__ out, int64_t k0, const T* init,
+                                   const RowCombination<T>& first, const RowCombination<T>& second) {
+  T acc[kWidth];
+  for (int64_t l = 0; l < kWidth; ++l) acc[l] = init ? init[k0 + l] : T(0);
+  for (int64_t r = 0; r < first.count; ++r) {
+    const T a = first.coef[r * first.coef_stride];
+    const T* row = first.rows + r * first.row_stride + k0;
+    for (int64_t l = 0; l < kWidth; ++l) acc[l] += a * row[l];
+  }
+  for (int64_t r = 0; r < second.count; ++r) {
+    const T a = second.coef[r * second.coef_stride];
+    const T* row = second.rows + r * second.row_stride + k0;
+    for (int64_t l = 0; l < kWidth; ++l) acc[l] += a * row[l];
+  }
+  for (int64_t l = 0; l < kWidth; ++l) out[k0 + l] = acc[l];
 }
 
-// The team of mlp_task on the CPU: one thread runs the whole task. Products
-// are dot products along contiguous rows (linear) or row updates (backprop,
-// outer), so every inner loop reads memory in order and vectorises.
+// out[k] = init[k] (or 0) + first[k] + second[k] for k < n, in blocks of
+// kBlock outputs. A last partial block is recomputed overlapping the one
+// before (out aliases no operand).
+template <typename T>
+FASTMETA_INLINE void combine_rows(T* out, int64_t n, const T* init, const RowCombination<T>& first,
+                                  const RowCombination<T>& second) {
+  constexpr int64_t kBlock = 16;
+  if (n < kBlock) {
+    for (int64_t k = 0; k < n; ++k) combine_block<1>(out, k, init, first, second);
+    return;
+  }
+  for (int64_t k0 = 0; k0 + kBlock <= n; k0 += kBlock) combine_block<kBlock>(out, k0, init, first, second);
+  if (n % kBlock) combine_block<kBlock>(out, n - kBlock, init, first, second);
+}
+
+// The team of mlp_task on the CPU: one thread runs the whole task. Every
+// product is written as rows of the output combining rows of an operand
+// (combine_rows), so inner loops read memory in order and vectorise; linear
+// first transposes its weights into the team's scratch for that.
+template <typename T>
 struct SerialTeam {
+  T* transposed;  // [2, largest layer's weights]
+  int64_t stride;
+
   template <typename F>
   FASTMETA_INLINE void for_each(int64_t n, F f) {
     for (int64_t i = 0; i < n; ++i) f(i);
   }
   FASTMETA_INLINE void sync() {}
 
-  template <typename T>
+  FASTMETA_INLINE const T* transpose(int which, const T* W, int64_t n_in, int64_t n_out) {
+    T* Wt = transposed + which * stride;
+    for (int64_t j = 0; j < n_out; ++j)
+      for (int64_t k = 0; k < n_in; ++k) Wt[k * n_out + j] = W[j * n_in + k];
+    return Wt;
+  }
+
   FASTMETA_INLINE void linear(T* out, const T* in1, const T* W1, const T* in2, const T* W2,
                               const T* bias, int64_t N, int64_t n_in, int64_t n_out) {
+    const T* W1t = transpose(0, W1, n_in, n_out);
+    const T* W2t = in2 ? transpose(1, W2, n_in, n_out) : nullptr;
     for (int64_t i = 0; i < N; ++i)
-      for (int64_t j = 0; j < n_out; ++j) {
-        T acc = bias[j] + Dot::run(in1 + i * n_in, W1 + j * n_in, n_in);
-        if (in2) acc += Dot::run(in2 + i * n_in, W2 + j * n_in, n_in);
-        out[i * n_out + j] = acc;
-      }
+      combine_rows(out + i * n_out, n_out, bias, {in1 + i * n_in, 1, W1t, n_out, n_in},
+                   {in2 + i * n_in, 1, W2t, n_out, in2 ? n_in : 0});
   }
 
-  template <typename T>
   FASTMETA_INLINE void backprop(T* out, const T* D1, const T* W1, const T* D2, const T* W2,
                                 int64_t N, int64_t n_in, int64_t n_out) {
-    for (int64_t i = 0; i < N; ++i) {
-      T* row = out + i * n_in;
-      for (int64_t k = 0; k < n_in; ++k) row[k] = 0;
-      for (int64_t j = 0; j < n_out; ++j) {
-        axpy(row, D1[i * n_out + j], W1 + j * n_in, n_in);
-        if (D2) axpy(row, D2[i * n_out + j], W2 + j * n_in, n_in);
-      }
-    }
+    for (int64_t i = 0; i < N; ++i)
+      combine_rows(out + i * n_in, n_in, static_cast<const T*>(nullptr),
+                   {D1 + i * n_out, 1, W1, n_in, n_out},
+                   {D2 + i * n_out, 1, W2, n_in, D2 ? n_out : 0});
   }
 
-  template <typename T>
   FASTMETA_INLINE void outer(T* gW, T* gb, const T* D1, const T* in1, const T* D2, const T* in2,
                              int64_t N, int64_t n_in, int64_t n_out) {
     for (int64_t j = 0; j < n_out; ++j) {
-      T* row = gW + j * n_in;
-      for (int64_t k = 0; k < n_in; ++k) row[k] = 0;
+      combine_rows(gW + j * n_in, n_in, static_cast<const T*>(nullptr),
+                   {D1 + j, n_out, in1, n_in, N}, {D2 + j, n_out, in2, n_in, D2 ? N : 0});
       T bias = 0;
-      for (int64_t i = 0; i < N; ++i) {
-        axpy(row, D1[i * n_out + j], in1 + i * n_in, n_in);
-        if (D2) axpy(row, D2[i * n_out + j], in2 + i * n_in, n_in);
-        bias += D1[i * n_out + j];
-      }
+      for (int64_t i = 0; i < N; ++i) bias += D1[i * n_out + j];
       gb[j] = bias;
     }
   }
@@ -86,7 +126,10 @@ struct MlpTasks {
   FASTMETA_INLINE static void run(MlpBatch<T> b, int64_t t0, int64_t t1, T* work) {
     const MlpShape& s = b.shape;
     const int64_t P = s.num_params(), X = s.N * s.width[0], C = s.outputs();
-    SerialTeam team;
+    int64_t largest = 0;
+    for (int l = 0; l < s.layers; ++l) largest = std::max(largest, s.width[l] * s.width[l + 1]);
+    std::vector<T> transposed(2 * largest);
+    SerialTeam<T> team{transposed.data(), largest};
     for (int64_t t = t0; t < t1; ++t) {
       MlpTaskArgs<T> a{b.params + t * P,
                        b.x + t * X,
