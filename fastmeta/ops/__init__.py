@@ -11,6 +11,7 @@ from .class_prototypes import class_prototypes
 from .contrastive_loss import contrastive_loss
 from .l2o_lstm_step import l2o_lstm_step, l2o_lstm_step_, l2o_num_weights
 from .meta_lstm_step import meta_lstm_num_weights, meta_lstm_step
+from .mlp_task_derivatives import mlp_task_derivatives
 from .pairwise_distance import pairwise_distance
 from .similarity_cross_entropy import similarity_cross_entropy
 from .similarity_log_softmax import similarity_log_softmax
@@ -27,4 +28,5 @@ __all__ = [
     "l2o_num_weights",
     "meta_lstm_step",
     "meta_lstm_num_weights",
+    "mlp_task_derivatives",
 ]
