@@ -4,7 +4,7 @@ from ._extension import load as _load
 
 _C, _build_config = _load()
 
-from . import nn, ops, optim, reference  # noqa: E402
+from . import algorithms, data, functional, nn, ops, optim, reference  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["nn", "ops", "optim", "reference", "__version__"]
+__all__ = ["algorithms", "data", "functional", "nn", "ops", "optim", "reference", "__version__"]

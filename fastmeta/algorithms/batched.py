@@ -1,0 +1,199 @@
+"""Batched MAML (MAML, FOMAML, Meta-SGD, ANIL heads) and Reptile: all tasks of a
+meta-batch adapted at once."""
+
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from .. import _build_config
+from ..functional import (Loss, _loss_fn, flat_to_dict, maml_query_loss, mlp_derivatives,
+                          mlp_structure, module_derivatives)
+
+__all__ = ["BatchedMAML", "Reptile"]
+
+
+def _check_tasks(name: str, **tensors: torch.Tensor):
+    """All tensors are [T, N, ...] with the same T, and the support set is not empty."""
+    for key, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name}: {key} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() < 2:
+            raise ValueError(f"{name}: {key} must be [T, N, ...] (tasks, points), got shape "
+                             f"{list(t.shape)}")
+    counts = {key: t.shape[0] for key, t in tensors.items()}
+    if len(set(counts.values())) > 1:
+        raise ValueError(f"{name}: the number of tasks differs between "
+                         + ", ".join(f"{k} ({v})" for k, v in counts.items()))
+    if "x_support" in tensors and tensors["x_support"].shape[1] == 0:
+        raise ValueError(f"{name}: the support set is empty (x_support has 0 points per task)")
+
+
+class _TaskBatchLearner(nn.Module):
+    """What BatchedMAML and Reptile share: the learner as flat parameters,
+    the choice of derivatives (fused MLP kernels or torch.func), and per-task
+    adaptation for evaluation."""
+
+    def __init__(self, module: nn.Module, inner_steps: int, loss: Loss):
+        super().__init__()
+        if inner_steps < 0:
+            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+        self.module = module
+        self.inner_steps = int(inner_steps)
+        self.loss = loss
+        _loss_fn(loss)  # rejects unknown loss names
+        self._mlp = None if callable(loss) else mlp_structure(module)
+
+    @property
+    def fused(self) -> bool:
+        """Whether the learner is an MLP the fused kernels support (with this loss)."""
+        return self._mlp is not None
+
+    def derivatives(self, x: torch.Tensor):
+        """The derivatives function for inputs ``x``: fused where supported."""
+        theta = next(self.module.parameters())
+        on_fused_device = x.device.type == "cpu" or (x.device.type == "cuda" and
+                                                     _build_config.WITH_CUDA)
+        if (self._mlp is not None and x.dim() == 3 and on_fused_device
+                and theta.dtype in (torch.float32, torch.float64)):
+            return mlp_derivatives(*self._mlp, self.loss)
+        return module_derivatives(self.module, self.loss)
+
+    def flat_parameters(self) -> torch.Tensor:
+        """The module's parameters as one flat vector (differentiable)."""
+        return torch.cat([p.reshape(-1) for p in self.module.parameters()])
+
+    def _inner_lr(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _frozen_mask(self, theta: torch.Tensor) -> Optional[torch.Tensor]:
+        """1 for parameters that adapt, 0 for those that do not require grad; None if all adapt."""
+        params = list(self.module.parameters())
+        if all(p.requires_grad for p in params):
+            return None
+        return torch.cat([torch.full((p.numel(),), float(p.requires_grad), dtype=theta.dtype,
+                                     device=theta.device) for p in params])
+
+    def _step_size(self, theta: torch.Tensor) -> torch.Tensor:
+        lr = self._inner_lr().to(theta.device, theta.dtype)
+        mask = self._frozen_mask(theta)
+        return lr if mask is None else lr * mask
+
+    def _adapted(self, x: torch.Tensor, y: torch.Tensor, steps: int):
+        """(theta [P], per-task adapted parameters [T, P], the support loss [T] before each step)."""
+        theta = self.flat_parameters()
+        lr = self._step_size(theta)
+        derivatives = self.derivatives(x)
+        thetas, losses = theta.expand(x.shape[0], -1).contiguous(), []
+        for _ in range(steps):
+            loss, grad = derivatives(thetas, x, y)[:2]
+            losses.append(loss)
+            thetas = thetas - lr * grad
+        return theta, thetas, losses
+
+    @torch.no_grad()
+    def adapt(self, x_support: torch.Tensor, y_support: torch.Tensor,
+              steps: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """Per-task adapted parameters ``{name: [T, *shape]}`` after ``steps``
+        (default ``inner_steps``) inner steps, without meta-gradients; use
+        with ``torch.func.functional_call`` or :meth:`predict`."""
+        _check_tasks(type(self).__name__, x_support=x_support, y_support=y_support)
+        steps = self.inner_steps if steps is None else steps
+        return flat_to_dict(self.module, self._adapted(x_support, y_support, steps)[1])
+
+    @torch.no_grad()
+    def predict(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
+                steps: Optional[int] = None) -> torch.Tensor:
+        """The adapted learners' outputs on ``x_query`` ``[T, ...]``."""
+        _check_tasks(type(self).__name__, x_support=x_support, y_support=y_support,
+                     x_query=x_query)
+        params = self.adapt(x_support, y_support, steps)
+        return torch.func.vmap(lambda p, x: torch.func.functional_call(self.module, p, (x,)))(
+            params, x_query)
+
+
+class BatchedMAML(_TaskBatchLearner):
+    """Second-order MAML over a batch of tasks at once.
+
+    ``bm(x_support, y_support, x_query, y_query)`` on ``[T, ...]`` tensors
+    adapts a copy of the module to each task with ``inner_steps`` gradient
+    steps on its support set and returns the mean query loss over tasks;
+    ``.backward()`` gives the exact meta-gradient (through Hessian-vector
+    products, :func:`fastmeta.functional.maml_query_loss`) of the module's
+    parameters, of the inputs (ANIL: a feature extractor before the head) and,
+    with ``learn_inner_lr``, of the learning rates.
+
+    If the module is an MLP (``nn.Sequential`` of ``nn.Linear`` with bias and
+    ReLU, Tanh, Sigmoid, ELU), the loss is ``"mse"`` or ``"cross_entropy"``
+    and inputs are ``[T, N, features]``, the fused kernels compute every
+    task's derivatives at once; otherwise torch.func does (``.fused`` says
+    which).
+
+    Args:
+        module: the learner; the meta-parameters are its initial parameters.
+            Parameters that do not require grad are not adapted.
+        inner_lr: the inner learning rate (the initial one with ``learn_inner_lr``).
+        inner_steps: the number of inner gradient steps.
+        first_order: FOMAML: the inner gradients count as constants.
+        learn_inner_lr: Meta-SGD: one learnable learning rate per parameter
+            entry, the parameters ``inner_lrs`` of this module.
+        loss: ``"mse"`` (mean over points and outputs), ``"cross_entropy"``
+            (targets are int64 labels ``[T, N]``) or ``loss(outputs, targets)``
+            for one task.
+    """
+
+    def __init__(self, module: nn.Module, inner_lr: float, inner_steps: int = 1,
+                 first_order: bool = False, learn_inner_lr: bool = False, loss: Loss = "mse"):
+        super().__init__(module, inner_steps, loss)
+        self.first_order = bool(first_order)
+        self.learn_inner_lr = bool(learn_inner_lr)
+        if learn_inner_lr:
+            self.inner_lrs = nn.ParameterList(
+                [nn.Parameter(torch.full_like(p, float(inner_lr))) for p in module.parameters()])
+        else:
+            self.inner_lr = float(inner_lr)
+
+    def _inner_lr(self) -> torch.Tensor:
+        if self.learn_inner_lr:
+            return torch.cat([lr.reshape(-1) for lr in self.inner_lrs])
+        return torch.tensor(self.inner_lr)
+
+    def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
+                y_query: torch.Tensor) -> torch.Tensor:
+        """The mean over tasks of the query loss after adaptation."""
+        _check_tasks("BatchedMAML", x_support=x_support, y_support=y_support, x_query=x_query,
+                     y_query=y_query)
+        theta = self.flat_parameters()
+        lr = self._step_size(theta)
+        losses = maml_query_loss(self.derivatives(x_support), theta, lr, x_support, y_support,
+                                 x_query, y_query, self.inner_steps, self.first_order)
+        return losses.mean()
+
+
+class Reptile(_TaskBatchLearner):
+    """Reptile (Nichol et al. 2018), batched: each task's copy takes
+    ``inner_steps`` SGD steps on its data, then ``step`` moves the module
+    towards their mean: theta <- theta + outer_lr * mean_t(theta_t - theta).
+
+    ``reptile.step(x, y)`` on ``[T, N, ...]`` tensors updates the module's
+    parameters in place (no optimizer needed) and returns the tasks' mean
+    loss before adaptation (None with no inner steps).
+    """
+
+    def __init__(self, module: nn.Module, inner_lr: float, inner_steps: int = 5,
+                 outer_lr: float = 0.1, loss: Loss = "mse"):
+        super().__init__(module, inner_steps, loss)
+        self.inner_lr = float(inner_lr)
+        self.outer_lr = float(outer_lr)
+
+    def _inner_lr(self) -> torch.Tensor:
+        return torch.tensor(self.inner_lr)
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        _check_tasks("Reptile", x_support=x, y_support=y)
+        theta, thetas, losses = self._adapted(x, y, self.inner_steps)
+        new_theta = theta + self.outer_lr * (thetas.mean(0) - theta)
+        for name, value in flat_to_dict(self.module, new_theta).items():
+            self.module.get_parameter(name).copy_(value)
+        return losses[0].mean() if losses else None

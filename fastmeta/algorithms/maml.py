@@ -1,0 +1,169 @@
+"""MAML and Meta-SGD with learn2learn's per-task interface (``clone`` / ``adapt``)."""
+
+from typing import Iterable, List, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["MAML", "MetaSGD", "clone_module", "update_module"]
+
+
+def clone_module(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
+    """A copy of ``module`` whose parameters and buffers are differentiable
+    clones of the original's: gradients through the copy reach the original.
+    Shared parameters stay shared."""
+    memo = {} if memo is None else memo
+    clone = module.__new__(type(module))
+    clone.__dict__ = module.__dict__.copy()
+    clone._parameters = module._parameters.copy()
+    clone._buffers = module._buffers.copy()
+    clone._modules = module._modules.copy()
+    # Buffers that do not require grad (running statistics) stay shared, as in learn2learn.
+    for store, all_cloned in ((clone._parameters, True), (clone._buffers, False)):
+        for key, t in store.items():
+            if t is not None and (all_cloned or t.requires_grad):
+                if id(t) not in memo:
+                    memo[id(t)] = t.clone()
+                store[key] = memo[id(t)]
+    for key, child in clone._modules.items():
+        if child is not None:
+            clone._modules[key] = clone_module(child, memo)
+    if hasattr(clone, "flatten_parameters"):  # RNNs keep a flat weight view
+        clone = clone._apply(lambda t: t)
+    return clone
+
+
+def update_module(module: nn.Module, updates: Optional[List[Optional[torch.Tensor]]] = None,
+                  memo: Optional[dict] = None) -> nn.Module:
+    """Replaces each parameter p of ``module`` (in ``parameters()`` order) by
+    ``p + update``, differentiably; a None update leaves p. Without
+    ``updates``, uses each parameter's ``.update`` attribute."""
+    if updates is not None:
+        params = list(module.parameters())
+        if len(updates) != len(params):
+            raise ValueError(f"update_module: {len(updates)} updates for {len(params)} parameters")
+        for p, u in zip(params, updates):
+            p.update = u
+    return _apply_updates(module, {} if memo is None else memo)
+
+
+def _apply_updates(module: nn.Module, memo: dict) -> nn.Module:
+    for key, p in module._parameters.items():
+        if p is None:
+            continue
+        if id(p) in memo:
+            module._parameters[key] = memo[id(p)]
+        elif getattr(p, "update", None) is not None:
+            memo[id(p)] = module._parameters[key] = p + p.update
+        else:
+            memo[id(p)] = p
+    for child in module._modules.values():
+        if child is not None:
+            _apply_updates(child, memo)
+    if hasattr(module, "flatten_parameters"):
+        module._apply(lambda t: t)
+    return module
+
+
+def _gradients(loss: torch.Tensor, params: List[torch.Tensor], second_order: bool,
+               allow_unused: bool, allow_nograd: bool) -> List[Optional[torch.Tensor]]:
+    """d loss / d params, None for parameters without one (where allowed)."""
+    if not allow_nograd:
+        frozen = [i for i, p in enumerate(params) if not p.requires_grad]
+        if frozen:
+            raise RuntimeError(
+                f"MAML.adapt: parameters {frozen} (in parameters() order) do not require grad; "
+                "pass allow_nograd=True to adapt only the others")
+    wanted = [p for p in params if p.requires_grad]
+    try:
+        grads = torch.autograd.grad(loss, wanted, retain_graph=second_order,
+                                    create_graph=second_order, allow_unused=allow_unused)
+    except RuntimeError as error:
+        if "appears to not have been used in the graph" in str(error):
+            raise RuntimeError("MAML.adapt: a parameter was not used to compute the loss; pass "
+                               "allow_unused=True to leave such parameters unchanged") from error
+        raise
+    it = iter(grads)
+    return [next(it) if p.requires_grad else None for p in params]
+
+
+class MAML(nn.Module):
+    """Model-Agnostic Meta-Learning (Finn et al. 2017), learn2learn's interface.
+
+    ``learner = maml.clone()`` gives a differentiable copy of the module;
+    ``learner.adapt(loss)`` takes one gradient step
+    ``p <- p - lr * d loss / d p`` in place, keeping the graph (second order)
+    unless ``first_order``. Gradients of a loss of the adapted learner reach
+    the original module's parameters.
+
+    Args:
+        module: the learner.
+        lr: the inner (fast-adaptation) learning rate.
+        first_order: FOMAML: adapt without differentiating through the gradients.
+        allow_unused: let ``adapt`` skip parameters the loss does not use
+            (default: ``allow_nograd``); otherwise that raises.
+        allow_nograd: let ``adapt`` skip parameters that do not require grad;
+            otherwise that raises.
+    """
+
+    def __init__(self, module: nn.Module, lr: float, first_order: bool = False,
+                 allow_unused: Optional[bool] = None, allow_nograd: bool = False):
+        super().__init__()
+        self.module = module
+        self.lr = lr
+        self.first_order = first_order
+        self.allow_nograd = allow_nograd
+        self.allow_unused = allow_nograd if allow_unused is None else allow_unused
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def adapt(self, loss: torch.Tensor, first_order: Optional[bool] = None,
+              allow_unused: Optional[bool] = None, allow_nograd: Optional[bool] = None):
+        """One inner gradient step on ``loss``, in place."""
+        first_order = self.first_order if first_order is None else first_order
+        allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
+        allow_unused = self.allow_unused if allow_unused is None else allow_unused
+        params = list(self.module.parameters())
+        grads = _gradients(loss, params, not first_order, allow_unused, allow_nograd)
+        self.module = update_module(self.module,
+                                    [None if g is None else -self.lr * g for g in grads])
+
+    def clone(self, first_order: Optional[bool] = None, allow_unused: Optional[bool] = None,
+              allow_nograd: Optional[bool] = None) -> "MAML":
+        """A differentiable copy to adapt to one task; the original is unchanged."""
+        return MAML(clone_module(self.module), lr=self.lr,
+                    first_order=self.first_order if first_order is None else first_order,
+                    allow_unused=self.allow_unused if allow_unused is None else allow_unused,
+                    allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd)
+
+
+class MetaSGD(nn.Module):
+    """Meta-SGD (Li et al. 2017), learn2learn's interface: MAML with a learned
+    learning rate per parameter entry (``lrs``, initialised to ``lr``)."""
+
+    def __init__(self, module: nn.Module, lr: float = 1.0, first_order: bool = False,
+                 lrs: Optional[Iterable[torch.Tensor]] = None):
+        super().__init__()
+        self.module = module
+        if lrs is None:
+            lrs = [nn.Parameter(torch.ones_like(p) * lr) for p in module.parameters()]
+        self.lrs = nn.ParameterList(lrs) if not isinstance(lrs, nn.ParameterList) else lrs
+        self.first_order = first_order
+
+    def forward(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def clone(self) -> "MetaSGD":
+        """A differentiable copy (module and learning rates) to adapt to one task."""
+        return MetaSGD(clone_module(self.module), lrs=clone_module(self.lrs),
+                       first_order=self.first_order)
+
+    def adapt(self, loss: torch.Tensor, first_order: Optional[bool] = None):
+        """One inner step ``p <- p - lr_p * d loss / d p``, in place."""
+        first_order = self.first_order if first_order is None else first_order
+        params = list(self.module.parameters())
+        grads = torch.autograd.grad(loss, params, retain_graph=not first_order,
+                                    create_graph=not first_order)
+        self.module = update_module(self.module,
+                                    [-lr * g for lr, g in zip(self.lrs.parameters(), grads)])
