@@ -26,6 +26,8 @@ __all__ = [
     "task_derivatives",
     "mlp_forward",
     "mlp_task_derivatives",
+    "maml_query_losses_loop",
+    "maml_query_losses_vmap",
 ]
 
 COSINE_EPS = 1e-8
@@ -263,3 +265,51 @@ def mlp_task_derivatives(params, x, target, direction, widths, activations, loss
     empty = (params.new_empty(0, params.shape[1]), x.new_empty(0, *x.shape[1:]))
     return (out[0], out[1], empty[1] if out[2] is None else out[2],
             empty[0] if out[3] is None else out[3], empty[1] if out[4] is None else out[4])
+
+
+def _named(module, params):
+    return dict(zip((name for name, _ in module.named_parameters()), params))
+
+
+def maml_query_losses_loop(module, loss_fn, inner_lr, steps: int, x_support, y_support, x_query,
+                           y_query, first_order: bool = False):
+    """MAML as learn2learn and higher run it: a Python loop over tasks, each
+    adapted with ``torch.autograd.grad(create_graph=True)``. ``inner_lr`` is a
+    float or a list of per-parameter tensors (Meta-SGD). Returns the query
+    losses ``[T]``, differentiable by double backward."""
+    params = list(module.parameters())
+    lrs = inner_lr if isinstance(inner_lr, (list, tuple)) else [inner_lr] * len(params)
+    losses = []
+    for t in range(x_support.shape[0]):
+        fast = params
+        for _ in range(steps):
+            out = torch.func.functional_call(module, _named(module, fast), (x_support[t],))
+            grads = torch.autograd.grad(loss_fn(out, y_support[t]), fast,
+                                        create_graph=not first_order)
+            fast = [p - lr * g for p, lr, g in zip(fast, lrs, grads)]
+        out = torch.func.functional_call(module, _named(module, fast), (x_query[t],))
+        losses.append(loss_fn(out, y_query[t]))
+    return torch.stack(losses)
+
+
+def maml_query_losses_vmap(module, loss_fn, inner_lr, steps: int, x_support, y_support, x_query,
+                           y_query):
+    """MAML vectorised with torch.func: ``grad`` for the inner steps, ``vmap``
+    over tasks. Returns the query losses ``[T]``."""
+    from torch.func import functional_call, grad, vmap
+
+    params = dict(module.named_parameters())
+    lrs = (dict(zip(params, inner_lr)) if isinstance(inner_lr, (list, tuple))
+           else dict.fromkeys(params, inner_lr))
+
+    def task_loss(p, x, y):
+        return loss_fn(functional_call(module, p, (x,)), y)
+
+    def one_task(xs, ys, xq, yq):
+        fast = params
+        for _ in range(steps):
+            grads = grad(task_loss)(fast, xs, ys)
+            fast = {name: fast[name] - lrs[name] * grads[name] for name in fast}
+        return task_loss(fast, xq, yq)
+
+    return vmap(one_task)(x_support, y_support, x_query, y_query)

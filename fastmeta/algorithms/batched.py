@@ -156,7 +156,7 @@ class BatchedMAML(_TaskBatchLearner):
     def _inner_lr(self) -> torch.Tensor:
         if self.learn_inner_lr:
             return torch.cat([lr.reshape(-1) for lr in self.inner_lrs])
-        return torch.tensor(self.inner_lr)
+        return torch.tensor(self.inner_lr, dtype=torch.float64)
 
     def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
                 y_query: torch.Tensor) -> torch.Tensor:
@@ -187,7 +187,7 @@ class Reptile(_TaskBatchLearner):
         self.outer_lr = float(outer_lr)
 
     def _inner_lr(self) -> torch.Tensor:
-        return torch.tensor(self.inner_lr)
+        return torch.tensor(self.inner_lr, dtype=torch.float64)
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
