@@ -25,7 +25,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import reference
-from .ops.mlp_task_derivatives import MLP_LOSSES, mlp_task_derivatives
+from .ops import _common
+from .ops.mlp_task_derivatives import MLP_LOSSES
 
 __all__ = [
     "batched_hvp",
@@ -94,9 +95,13 @@ def mlp_derivatives(widths: Sequence[int], activations: Sequence[str], loss: str
     """The derivatives function of an MLP learner: the fused kernels
     (``fastmeta.ops.mlp_task_derivatives``)."""
 
+    _common.check_choice("mlp_derivatives", "loss", loss, MLP_LOSSES)
+    widths, activations = list(widths), list(activations)
+
     def derivatives(params, x, target, direction=None, input_grad=False):
-        out = mlp_task_derivatives(params, x, target, direction, widths=widths,
-                                   activations=activations, loss=loss, input_grad=input_grad)
+        # The op checks its operands.
+        out = torch.ops.fastmeta.mlp_task_derivatives(params, x, target, direction, widths,
+                                                      activations, loss, input_grad)
         return out[0], out[1], out[2] if input_grad else None, \
             None if direction is None else out[3], \
             out[4] if input_grad and direction is not None else None

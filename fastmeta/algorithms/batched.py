@@ -49,41 +49,34 @@ class _TaskBatchLearner(nn.Module):
         """Whether the learner is an MLP the fused kernels support (with this loss)."""
         return self._mlp is not None
 
-    def derivatives(self, x: torch.Tensor):
-        """The derivatives function for inputs ``x``: fused where supported."""
-        theta = next(self.module.parameters())
+    def derivatives(self, x: torch.Tensor, dtype: torch.dtype):
+        """The derivatives function for inputs ``x`` and parameters of
+        ``dtype``: the fused kernels where they support the learner."""
         on_fused_device = x.device.type == "cpu" or (x.device.type == "cuda" and
                                                      _build_config.WITH_CUDA)
         if (self._mlp is not None and x.dim() == 3 and on_fused_device
-                and theta.dtype in (torch.float32, torch.float64)):
+                and dtype in (torch.float32, torch.float64)):
             return mlp_derivatives(*self._mlp, self.loss)
         return module_derivatives(self.module, self.loss)
-
-    def flat_parameters(self) -> torch.Tensor:
-        """The module's parameters as one flat vector (differentiable)."""
-        return torch.cat([p.reshape(-1) for p in self.module.parameters()])
 
     def _inner_lr(self) -> torch.Tensor:
         raise NotImplementedError
 
-    def _frozen_mask(self, theta: torch.Tensor) -> Optional[torch.Tensor]:
-        """1 for parameters that adapt, 0 for those that do not require grad; None if all adapt."""
+    def _flat_parameters_and_step_size(self):
+        """The module's parameters as one flat vector theta [P] (differentiable)
+        and the inner learning rate, 0 for parameters that do not require grad."""
         params = list(self.module.parameters())
-        if all(p.requires_grad for p in params):
-            return None
-        return torch.cat([torch.full((p.numel(),), float(p.requires_grad), dtype=theta.dtype,
-                                     device=theta.device) for p in params])
-
-    def _step_size(self, theta: torch.Tensor) -> torch.Tensor:
+        theta = torch.cat([p.reshape(-1) for p in params])
         lr = self._inner_lr().to(theta.device, theta.dtype)
-        mask = self._frozen_mask(theta)
-        return lr if mask is None else lr * mask
+        if not all(p.requires_grad for p in params):
+            lr = lr * torch.cat([torch.full((p.numel(),), float(p.requires_grad), dtype=theta.dtype,
+                                            device=theta.device) for p in params])
+        return theta, lr
 
     def _adapted(self, x: torch.Tensor, y: torch.Tensor, steps: int):
         """(theta [P], per-task adapted parameters [T, P], the support loss [T] before each step)."""
-        theta = self.flat_parameters()
-        lr = self._step_size(theta)
-        derivatives = self.derivatives(x)
+        theta, lr = self._flat_parameters_and_step_size()
+        derivatives = self.derivatives(x, theta.dtype)
         thetas, losses = theta.expand(x.shape[0], -1).contiguous(), []
         for _ in range(steps):
             loss, grad = derivatives(thetas, x, y)[:2]
@@ -163,9 +156,8 @@ class BatchedMAML(_TaskBatchLearner):
         """The mean over tasks of the query loss after adaptation."""
         _check_tasks("BatchedMAML", x_support=x_support, y_support=y_support, x_query=x_query,
                      y_query=y_query)
-        theta = self.flat_parameters()
-        lr = self._step_size(theta)
-        losses = maml_query_loss(self.derivatives(x_support), theta, lr, x_support, y_support,
+        theta, lr = self._flat_parameters_and_step_size()
+        losses = maml_query_loss(self.derivatives(x_support, theta.dtype), theta, lr, x_support, y_support,
                                  x_query, y_query, self.inner_steps, self.first_order)
         return losses.mean()
 

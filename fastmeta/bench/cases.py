@@ -13,8 +13,12 @@ from typing import Callable, Dict, List
 import torch
 import torch.nn.functional as F
 
+from torch import nn
+
 from .. import nn as fnn
 from .. import ops, reference
+from ..algorithms import BatchedMAML
+from ..data import sinusoid_tasks
 
 __all__ = ["Variant", "CASES", "build"]
 
@@ -183,12 +187,77 @@ def meta_lstm_step(device: str) -> List[Variant]:
     return variants
 
 
+def _maml_variants(case: str, label: str, net: nn.Module, loss: str, inner_lr: float, steps: int,
+                   tasks) -> Variant:
+    """BatchedMAML against the per-task create_graph loop and torch.func, all
+    computing the meta-gradient of the module's parameters."""
+    params = list(net.parameters())
+    bm = BatchedMAML(net, inner_lr, steps, loss=loss)
+    loss_fn = F.mse_loss if loss == "mse" else F.cross_entropy
+
+    def baseline(query_losses):
+        return lambda: torch.autograd.grad(
+            query_losses(net, loss_fn, inner_lr, steps, *tasks).mean(), params)
+
+    return Variant(case, label, lambda: torch.autograd.grad(bm(*tasks), params),
+                   {"per-task loop": baseline(reference.maml_query_losses_loop),
+                    "torch.func vmap": baseline(reference.maml_query_losses_vmap)})
+
+
+def maml_sinusoid(device: str) -> List[Variant]:
+    """Second-order MAML meta-gradient: MLP 1-40-40-1 ReLU, 25 sinusoid tasks
+    of 10 support and 10 query points, 1 and 5 inner steps (fused path)."""
+    variants = []
+    for steps in (1, 5):
+        torch.manual_seed(0)
+        net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
+                            nn.Linear(40, 1)).to(device)
+        tasks = sinusoid_tasks(25, 10, num_query=10, generator=torch.Generator().manual_seed(0),
+                               device=device)
+        variants.append(_maml_variants("maml_sinusoid", f"{steps} inner step{'s' * (steps > 1)}",
+                                       net, "mse", 0.01, steps, tasks))
+    return variants
+
+
+def conv4(channels: int, filters: int, size: int, ways: int) -> nn.Module:
+    """The conv4 learner of MAML: four blocks of 3x3 convolution, batch norm
+    (batch statistics), ReLU and 2x2 max-pooling, then a linear classifier."""
+    layers, c = [], channels
+    for _ in range(4):
+        layers += [nn.Conv2d(c, filters, 3, padding=1),
+                   nn.BatchNorm2d(filters, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
+        c, size = filters, size // 2
+    return nn.Sequential(*layers, nn.Flatten(), nn.Linear(filters * size * size, ways))
+
+
+def maml_conv4(device: str) -> List[Variant]:
+    """Second-order MAML meta-gradient of a conv4 learner: 4 tasks, 5-way
+    1-shot with 15 queries per class, 5 inner steps (generic path): 28x28x1
+    with 64 filters and 84x84x3 with 32 filters."""
+    variants = []
+    ways, queries = 5, 15
+    for channels, filters, size in ((1, 64, 28), (3, 32, 84)):
+        torch.manual_seed(0)
+        net = conv4(channels, filters, size, ways).to(device)
+        g = torch.Generator().manual_seed(0)
+        x_support = torch.randn(4, ways, channels, size, size, generator=g).to(device)
+        x_query = torch.randn(4, ways * queries, channels, size, size, generator=g).to(device)
+        y_support = torch.arange(ways, device=device).expand(4, -1).contiguous()
+        y_query = torch.arange(ways, device=device).repeat_interleave(queries).expand(4, -1)
+        tasks = (x_support, y_support, x_query, y_query.contiguous())
+        variants.append(_maml_variants("maml_conv4", f"{size}x{size}x{channels} {filters} filters",
+                                       net, "cross_entropy", 0.4, 5, tasks))
+    return variants
+
+
 CASES: Dict[str, Callable[[str], List[Variant]]] = {
     "proto_episode": proto_episode,
     "proto_large_way": proto_large_way,
     "matching_readout": matching_readout,
     "lstm_step": lstm_step,
     "meta_lstm_step": meta_lstm_step,
+    "maml_sinusoid": maml_sinusoid,
+    "maml_conv4": maml_conv4,
 }
 
 
