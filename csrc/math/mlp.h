@@ -30,7 +30,7 @@ constexpr int kMaxMlpLayers = 8;
 template <typename T>
 FASTMETA_HOST_DEVICE T activate(Activation f, T z) {
   switch (f) {
-    case Activation::ReLU: return z > T(0) ? z : T(0);
+    case Activation::ReLU: return z < T(0) ? T(0) : z;  // NaN stays NaN
     case Activation::Tanh: return std::tanh(z);
     case Activation::Sigmoid: return T(1) / (T(1) + std::exp(-z));
     case Activation::ELU: return z > T(0) ? z : std::expm1(z);
@@ -42,7 +42,7 @@ FASTMETA_HOST_DEVICE T activate(Activation f, T z) {
 template <typename T>
 FASTMETA_HOST_DEVICE T activation_slope(Activation f, T a) {
   switch (f) {
-    case Activation::ReLU: return a > T(0) ? T(1) : T(0);
+    case Activation::ReLU: return a <= T(0) ? T(0) : T(1);
     case Activation::Tanh: return T(1) - a * a;
     case Activation::Sigmoid: return a * (T(1) - a);
     case Activation::ELU: return a > T(0) ? T(1) : a + T(1);
@@ -50,13 +50,13 @@ FASTMETA_HOST_DEVICE T activation_slope(Activation f, T a) {
   }
 }
 
-// f''(z), from a = f(z).
+// f''(z), from a = f(z); elu''(0) = 0, as PyTorch's double backward.
 template <typename T>
 FASTMETA_HOST_DEVICE T activation_curvature(Activation f, T a) {
   switch (f) {
     case Activation::Tanh: return T(-2) * a * (T(1) - a * a);
     case Activation::Sigmoid: return a * (T(1) - a) * (T(1) - T(2) * a);
-    case Activation::ELU: return a > T(0) ? T(0) : a + T(1);
+    case Activation::ELU: return a >= T(0) ? T(0) : a + T(1);
     default: return T(0);
   }
 }

@@ -1,0 +1,478 @@
+"""Batched second-order MAML: the fused MLP derivatives op against torch.func,
+the meta-gradient engine against PyTorch's double backward, the algorithms
+(learn2learn-style MAML / MetaSGD, BatchedMAML, Reptile) and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import fastmeta
+from fastmeta import functional, reference
+from fastmeta.algorithms import MAML, BatchedMAML, MetaSGD, Reptile
+from fastmeta.data import sinusoid_tasks
+from fastmeta.testing import DEVICES, FLOAT_DTYPES, assert_close_to_reference
+
+# (widths, activations, loss): odd widths, widths around the 16-wide CPU
+# blocks, width 1, one layer and eight.
+MLPS = [
+    ([1, 40, 40, 1], ["relu", "relu", "identity"], "mse"),
+    ([3, 17, 16, 5], ["tanh", "sigmoid", "identity"], "cross_entropy"),
+    ([2, 33, 4], ["elu", "tanh"], "mse"),
+    ([7, 1, 3], ["sigmoid", "elu"], "cross_entropy"),
+    ([5, 2], ["identity"], "mse"),
+    ([4] + [6] * 7 + [3], ["tanh", "relu", "elu", "sigmoid"] * 2, "cross_entropy"),
+]
+TASKS = [(5, 10), (1, 1), (0, 3), (3, 33)]  # (T, N)
+
+
+def num_params(widths):
+    return sum(o * (i + 1) for i, o in zip(widths[:-1], widths[1:]))
+
+
+def mlp_operands(widths, loss, T, N, dtype, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    P = num_params(widths)
+
+    def randn(*shape, scale=1.0):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).to(device, dtype)
+
+    params = randn(T, P, scale=0.7)
+    x = randn(T, N, widths[0])
+    target = randn(T, N, widths[-1]) if loss == "mse" else \
+        torch.randint(0, widths[-1], (T, N), generator=g).to(device)
+    return params, x, target, randn(T, P)
+
+
+def mlp_module(widths, activations, dtype=torch.float64):
+    layers = []
+    classes = {"relu": nn.ReLU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "elu": nn.ELU}
+    for n_in, n_out, f in zip(widths[:-1], widths[1:], activations):
+        layers.append(nn.Linear(n_in, n_out))
+        if f != "identity":
+            layers.append(classes[f]())
+    return nn.Sequential(*layers).to(dtype)
+
+
+# --- the fused op -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("widths,activations,loss", MLPS)
+@pytest.mark.parametrize("T,N", TASKS)
+def test_mlp_derivatives_match_torch_func(widths, activations, loss, T, N, dtype, device):
+    params, x, target, direction = mlp_operands(widths, loss, T, N, dtype, device)
+    for d, input_grad in ((None, False), (direction, True), (direction, False), (None, True)):
+        got = fastmeta.ops.mlp_task_derivatives(params, x, target, d, widths=widths,
+                                                activations=activations, loss=loss,
+                                                input_grad=input_grad)
+        want = reference.mlp_task_derivatives(params.double(), x.double(), target,
+                                              None if d is None else d.double(), widths,
+                                              activations, loss, input_grad)
+        for name, a, b in zip(("loss", "grad", "grad_input", "hvp", "hvp_input"), got, want):
+            assert a.shape == b.shape, name
+            assert_close_to_reference(a, b, dtype, msg=f"{name} differs")
+
+
+def test_mlp_derivatives_hvp_equals_the_autograd_hessian():
+    widths, activations = [3, 5, 2], ["sigmoid", "identity"]
+    params, x, target, direction = mlp_operands(widths, "mse", 2, 4, torch.float64, "cpu")
+    hvp = fastmeta.ops.mlp_task_derivatives(params, x, target, direction, widths=widths,
+                                            activations=activations)[3]
+    for t in range(2):
+        hessian = torch.autograd.functional.hessian(
+            lambda p: F.mse_loss(reference.mlp_forward(p, x[t], widths, activations), target[t]),
+            params[t])
+        torch.testing.assert_close(hvp[t], hessian @ direction[t], rtol=1e-10, atol=1e-12)
+
+
+def test_mlp_derivatives_kinks_follow_pytorch():
+    """relu'(0) = 0 and elu'(0) = 1, as PyTorch's autograd."""
+    widths = [1, 1]
+    params = torch.tensor([[1.0, 0.0]], dtype=torch.float64)  # z = x
+    x = torch.zeros(1, 1, 1, dtype=torch.float64)
+    target = torch.ones(1, 1, 1, dtype=torch.float64)
+    for f in ("relu", "elu"):
+        got = fastmeta.ops.mlp_task_derivatives(params, x, target, torch.ones_like(params),
+                                                widths=widths, activations=[f], input_grad=True)
+        want = reference.mlp_task_derivatives(params, x, target, torch.ones_like(params), widths,
+                                              [f], "mse", True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b)
+
+
+def test_mlp_derivatives_opcheck():
+    for widths, activations, loss in MLPS[:3]:
+        params, x, target, direction = mlp_operands(widths, loss, 3, 5, torch.float64, "cpu")
+        for d in (None, direction):
+            torch.library.opcheck(torch.ops.fastmeta.mlp_task_derivatives,
+                                  (params, x, target, d, widths, activations, loss, True))
+
+
+def test_mlp_derivatives_non_contiguous_inputs():
+    widths, activations = [3, 8, 2], ["tanh", "identity"]
+    params, x, target, direction = mlp_operands(widths, "mse", 4, 6, torch.float64, "cpu")
+    x_strided = x.transpose(1, 2).contiguous().transpose(1, 2)
+    params_strided = params.t().contiguous().t()
+    got = fastmeta.ops.mlp_task_derivatives(params_strided, x_strided, target, direction,
+                                            widths=widths, activations=activations)
+    want = fastmeta.ops.mlp_task_derivatives(params, x, target, direction, widths=widths,
+                                             activations=activations)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b)
+
+
+def test_mlp_derivatives_nan_stays_in_its_task():
+    widths, activations = [2, 4, 1], ["relu", "identity"]
+    params, x, target, direction = mlp_operands(widths, "mse", 3, 5, torch.float64, "cpu")
+    x[1, 2, 0] = float("nan")
+    loss, grad, _, hvp, _ = fastmeta.ops.mlp_task_derivatives(params, x, target, direction,
+                                                              widths=widths, activations=activations)
+    assert loss[1].isnan() and loss[[0, 2]].isfinite().all()
+    assert grad[[0, 2]].isfinite().all() and hvp[[0, 2]].isfinite().all()
+
+
+# --- the meta-gradient engine -------------------------------------------------------------------
+
+def double_backward_meta_gradient(net, loss, lr, steps, tasks, weights, wrt):
+    """The meta-gradient by PyTorch's double backward, task by task."""
+    criterion = functional._loss_fn(loss)
+    theta, lr_t = wrt[0], wrt[1]
+    x_s, y_s, x_q, y_q = tasks
+    losses = []
+    for t in range(x_s.shape[0]):
+        p = theta
+        for _ in range(steps):
+            out = torch.func.functional_call(net, functional.flat_to_dict(net, p), (x_s[t],))
+            g, = torch.autograd.grad(criterion(out, y_s[t]), p, create_graph=True)
+            p = p - lr_t * g
+        out = torch.func.functional_call(net, functional.flat_to_dict(net, p), (x_q[t],))
+        losses.append(criterion(out, y_q[t]))
+    losses = torch.stack(losses)
+    return losses, torch.autograd.grad((losses * weights).sum(), wrt, allow_unused=True)
+
+
+def relative_error(a, b):
+    if b is None:
+        return 0.0 if a is None or not a.any() else float("inf")
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+@pytest.mark.parametrize("path", ["fused", "generic"])
+@pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
+@pytest.mark.parametrize("meta_sgd", [False, True])
+@pytest.mark.parametrize("steps", [0, 1, 2, 5])
+def test_engine_equals_double_backward(path, loss, meta_sgd, steps):
+    """float64, relative error below 1e-9 for theta, the learning rates and
+    both inputs (the ANIL pattern: features from a body network)."""
+    torch.manual_seed(steps)
+    net = mlp_module([2, 9, 7, 3], ["tanh", "elu", "identity"])
+    T, n_s, n_q = 4, 5, 7
+    x_s = torch.randn(T, n_s, 2, dtype=torch.float64, requires_grad=True)
+    x_q = torch.randn(T, n_q, 2, dtype=torch.float64, requires_grad=True)
+    y_s = torch.randn(T, n_s, 3, dtype=torch.float64) if loss == "mse" else torch.randint(0, 3, (T, n_s))
+    y_q = torch.randn(T, n_q, 3, dtype=torch.float64) if loss == "mse" else torch.randint(0, 3, (T, n_q))
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).requires_grad_()
+    lr = (0.05 + 0.4 * torch.rand(theta.numel(), dtype=torch.float64) if meta_sgd
+          else torch.tensor(0.3, dtype=torch.float64)).requires_grad_()
+    weights = torch.rand(T, dtype=torch.float64)
+    wrt = [theta, lr, x_s, x_q]
+    want_losses, want = double_backward_meta_gradient(net, loss, lr, steps, (x_s, y_s, x_q, y_q),
+                                                      weights, wrt)
+    derivatives = (functional.mlp_derivatives(*functional.mlp_structure(net), loss) if path == "fused"
+                   else functional.module_derivatives(net, loss))
+    losses = functional.maml_query_loss(derivatives, theta, lr, x_s, y_s, x_q, y_q, steps)
+    got = torch.autograd.grad((losses * weights).sum(), wrt, allow_unused=True)
+    torch.testing.assert_close(losses, want_losses, rtol=1e-12, atol=0)
+    for name, a, b in zip(("theta", "lr", "x_support", "x_query"), got, want):
+        assert relative_error(a, b) < 1e-9, (name, relative_error(a, b))
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("learn_inner_lr", [False, True])
+def test_batched_maml_equals_the_per_task_loop(fused, learn_inner_lr):
+    torch.manual_seed(0)
+    net = mlp_module([1, 12, 12, 1], ["relu", "relu", "identity"])
+    tasks = sinusoid_tasks(6, 5, num_query=8, dtype=torch.float64)
+    loss = "mse" if fused else (lambda out, y: ((out - y) ** 2).mean())
+    bm = BatchedMAML(net, 0.02, inner_steps=3, learn_inner_lr=learn_inner_lr, loss=loss)
+    assert bm.fused == fused
+    bm(*tasks).backward()
+    lrs = list(bm.inner_lrs) if learn_inner_lr else 0.02
+    want_loss = reference.maml_query_losses_loop(net, F.mse_loss, lrs, 3, *tasks).mean()
+    wrt = list(net.parameters()) + (lrs if learn_inner_lr else [])
+    want = torch.autograd.grad(want_loss, wrt)
+    for p, w in zip(wrt, want):
+        assert relative_error(p.grad, w) < 1e-9
+
+
+def test_first_order_batched_maml_equals_the_per_task_loop():
+    torch.manual_seed(0)
+    net = mlp_module([1, 10, 1], ["tanh", "identity"])
+    tasks = sinusoid_tasks(5, 4, num_query=6, dtype=torch.float64)
+    BatchedMAML(net, 0.1, inner_steps=2, first_order=True)(*tasks).backward()
+    want = torch.autograd.grad(
+        reference.maml_query_losses_loop(net, F.mse_loss, 0.1, 2, *tasks, first_order=True).mean(),
+        list(net.parameters()))
+    for p, w in zip(net.parameters(), want):
+        assert relative_error(p.grad, w) < 1e-9
+
+
+def test_batched_maml_generic_path_for_a_conv_learner():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)).double()
+    x_s, x_q = torch.randn(2, 4, 1, 6, 6, dtype=torch.float64), torch.randn(2, 8, 1, 6, 6, dtype=torch.float64)
+    y_s, y_q = torch.arange(4).repeat(2, 1), torch.arange(4).repeat(2, 2)
+    bm = BatchedMAML(net, 0.5, inner_steps=2, loss="cross_entropy")
+    assert not bm.fused
+    bm(x_s, y_s, x_q, y_q).backward()
+    want = torch.autograd.grad(reference.maml_query_losses_loop(
+        net, F.cross_entropy, 0.5, 2, x_s, y_s, x_q, y_q).mean(), list(net.parameters()))
+    for p, w in zip(net.parameters(), want):
+        assert relative_error(p.grad, w) < 1e-9
+
+
+def test_anil_head_adaptation_trains_the_body():
+    """ANIL: BatchedMAML on the head, features from a body the outer loop trains."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(3, 8), nn.ReLU()).double()
+    head = nn.Linear(8, 2).double()
+    x_s, x_q = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 6, 3, dtype=torch.float64)
+    y_s, y_q = torch.randint(0, 2, (3, 4)), torch.randint(0, 2, (3, 6))
+    BatchedMAML(head, 0.3, inner_steps=2, loss="cross_entropy")(body(x_s), y_s, body(x_q), y_q).backward()
+
+    def per_task():
+        losses = []
+        for t in range(3):
+            fast = list(head.parameters())
+            for _ in range(2):
+                out = torch.func.functional_call(head, dict(zip(["weight", "bias"], fast)), body(x_s[t]))
+                grads = torch.autograd.grad(F.cross_entropy(out, y_s[t]), fast, create_graph=True)
+                fast = [p - 0.3 * g for p, g in zip(fast, grads)]
+            out = torch.func.functional_call(head, dict(zip(["weight", "bias"], fast)), body(x_q[t]))
+            losses.append(F.cross_entropy(out, y_q[t]))
+        return torch.stack(losses).mean()
+
+    params = list(body.parameters()) + list(head.parameters())
+    for p, w in zip(params, torch.autograd.grad(per_task(), params)):
+        assert relative_error(p.grad, w) < 1e-9
+
+
+def test_batched_maml_does_not_adapt_frozen_parameters():
+    torch.manual_seed(0)
+    net = mlp_module([1, 6, 1], ["relu", "identity"])
+    net[0].weight.requires_grad_(False)
+    tasks = sinusoid_tasks(3, 5, num_query=5, dtype=torch.float64)
+    bm = BatchedMAML(net, 0.1, inner_steps=2)
+    adapted = bm.adapt(tasks[0], tasks[1])
+    assert torch.equal(adapted["0.weight"], net[0].weight.expand(3, -1, -1))
+    assert not torch.equal(adapted["0.bias"], net[0].bias.expand(3, -1))
+    bm(*tasks).backward()
+    assert net[0].weight.grad is None and net[0].bias.grad is not None
+
+
+def test_adapt_and_predict_match_manual_adaptation():
+    torch.manual_seed(0)
+    net = mlp_module([1, 8, 1], ["tanh", "identity"])
+    x_s, y_s, x_q, _ = sinusoid_tasks(3, 5, num_query=4, dtype=torch.float64)
+    bm = BatchedMAML(net, 0.05, inner_steps=3)
+    predictions = bm.predict(x_s, y_s, x_q)
+    for t in range(3):
+        fast = [p.detach().clone().requires_grad_() for p in net.parameters()]
+        for _ in range(3):
+            out = torch.func.functional_call(net, dict(zip(["0.weight", "0.bias", "2.weight", "2.bias"], fast)), x_s[t])
+            grads = torch.autograd.grad(F.mse_loss(out, y_s[t]), fast)
+            fast = [(p - 0.05 * g).detach().requires_grad_() for p, g in zip(fast, grads)]
+        want = torch.func.functional_call(net, dict(zip(["0.weight", "0.bias", "2.weight", "2.bias"], fast)), x_q[t])
+        torch.testing.assert_close(predictions[t], want)
+
+
+def test_reptile_moves_towards_the_mean_adapted_parameters():
+    torch.manual_seed(0)
+    net = mlp_module([1, 8, 1], ["relu", "identity"])
+    x, y = sinusoid_tasks(4, 6, dtype=torch.float64)
+    reptile = Reptile(net, inner_lr=0.05, inner_steps=3, outer_lr=0.5)
+    before = {n: p.detach().clone() for n, p in net.named_parameters()}
+    adapted = reptile.adapt(x, y)
+    initial = reptile.step(x, y)
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(p.detach(), before[name] + 0.5 * (adapted[name].mean(0) - before[name]))
+    want = torch.stack([F.mse_loss(torch.func.functional_call(net, before, (x[t],)), y[t])
+                        for t in range(4)]).mean()
+    torch.testing.assert_close(initial, want)
+
+
+def test_batched_hvp_equals_per_task_hessians():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
+    params, _ = torch.func.stack_module_state([net, mlp_module([2, 3, 1], ["tanh", "identity"])])
+    vector = {n: torch.randn_like(p) for n, p in params.items()}
+    x, y = torch.randn(2, 5, 2, dtype=torch.float64), torch.randn(2, 5, 1, dtype=torch.float64)
+    loss, grad, hvp = functional.batched_hvp(net, params, vector, x, y, F.mse_loss)
+    names = list(params)
+    for t in range(2):
+        flat = torch.cat([params[n][t].reshape(-1) for n in names])
+        f = lambda p: F.mse_loss(torch.func.functional_call(net, functional.flat_to_dict(net, p), (x[t],)), y[t])
+        h = torch.autograd.functional.hessian(f, flat)
+        v = torch.cat([vector[n][t].reshape(-1) for n in names])
+        torch.testing.assert_close(torch.cat([hvp[n][t].reshape(-1) for n in names]), h @ v)
+        torch.testing.assert_close(loss[t], f(flat))
+
+
+def test_sinusoid_tasks():
+    x_s, y_s, x_q, y_q, amp, phase = sinusoid_tasks(50, 10, num_query=7, return_parameters=True,
+                                                    generator=torch.Generator().manual_seed(0))
+    assert x_s.shape == (50, 10, 1) and y_q.shape == (50, 7, 1)
+    assert x_s.min() >= -5 and x_s.max() <= 5
+    assert amp.min() >= 0.1 and amp.max() <= 5 and phase.min() >= 0 and phase.max() <= torch.pi
+    torch.testing.assert_close(y_s, amp.view(-1, 1, 1) * torch.sin(x_s - phase.view(-1, 1, 1)))
+
+
+# --- learn2learn-style MAML and MetaSGD ---------------------------------------------------------
+
+def test_maml_clone_adapt_and_meta_gradient():
+    torch.manual_seed(0)
+    net = mlp_module([1, 8, 1], ["relu", "identity"])
+    maml = MAML(net, lr=0.1)
+    before = [p.detach().clone() for p in net.parameters()]
+    x_s, y_s, x_q, y_q = sinusoid_tasks(3, 5, num_query=5, dtype=torch.float64)
+    total = 0
+    for t in range(3):
+        learner = maml.clone()
+        support_loss = F.mse_loss(learner(x_s[t]), y_s[t])
+        grads = torch.autograd.grad(support_loss, list(learner.parameters()), retain_graph=True)
+        old = [p.detach().clone() for p in learner.parameters()]
+        learner.adapt(support_loss)
+        for p, o, g in zip(learner.parameters(), old, grads):
+            torch.testing.assert_close(p.detach(), o - 0.1 * g)  # adapt updates
+        total = total + F.mse_loss(learner(x_q[t]), y_q[t])
+    for p, b in zip(net.parameters(), before):
+        assert torch.equal(p.detach(), b)  # clone leaves the original unchanged
+    (total / 3).backward()
+    want = torch.autograd.grad(
+        reference.maml_query_losses_loop(net, F.mse_loss, 0.1, 1, x_s, y_s, x_q, y_q).mean(),
+        list(net.parameters()))
+    for p, w in zip(net.parameters(), want):
+        assert relative_error(p.grad, w) < 1e-12
+
+
+def test_maml_first_order_uses_the_adapted_gradient():
+    torch.manual_seed(0)
+    net = mlp_module([1, 8, 1], ["tanh", "identity"])
+    x_s, y_s, x_q, y_q = sinusoid_tasks(1, 5, num_query=5, dtype=torch.float64)
+    learner = MAML(net, lr=0.1, first_order=True).clone()
+    learner.adapt(F.mse_loss(learner(x_s[0]), y_s[0]))
+    F.mse_loss(learner(x_q[0]), y_q[0]).backward()
+    adapted = {n: p.detach().requires_grad_() for n, p in learner.module.named_parameters()}
+    want = torch.autograd.grad(F.mse_loss(torch.func.functional_call(net, adapted, (x_q[0],)), y_q[0]),
+                               list(adapted.values()))
+    for p, w in zip(net.parameters(), want):
+        torch.testing.assert_close(p.grad, w)
+
+
+def test_maml_unused_parameters_raise_unless_allowed():
+    net = nn.ModuleDict({"used": nn.Linear(2, 1), "unused": nn.Linear(2, 1)})
+    x = torch.randn(4, 2)
+    learner = MAML(net, lr=0.1).clone()
+    with pytest.raises(RuntimeError, match="allow_unused=True"):
+        learner.adapt(learner.module["used"](x).pow(2).mean())
+    learner = MAML(net, lr=0.1, allow_unused=True).clone()
+    learner.adapt(learner.module["used"](x).pow(2).mean())
+    assert torch.equal(learner.module["unused"].weight, net["unused"].weight)
+    assert not torch.equal(learner.module["used"].weight, net["used"].weight)
+
+
+def test_maml_parameters_without_grad_raise_unless_allowed():
+    net = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 1))
+    net[0].weight.requires_grad_(False)
+    x = torch.randn(4, 2)
+    learner = MAML(net, lr=0.1).clone()
+    with pytest.raises(RuntimeError, match="do not require grad.*allow_nograd=True"):
+        learner.adapt(learner(x).pow(2).mean())
+    learner = MAML(net, lr=0.1, allow_nograd=True).clone()
+    learner.adapt(learner(x).pow(2).mean())
+    assert torch.equal(learner.module[0].weight, net[0].weight)
+
+
+def test_meta_sgd_learns_its_learning_rates():
+    torch.manual_seed(0)
+    net = mlp_module([1, 8, 1], ["relu", "identity"])
+    meta = MetaSGD(net, lr=0.05)
+    x_s, y_s, x_q, y_q = sinusoid_tasks(2, 5, num_query=5, dtype=torch.float64)
+    total = 0
+    for t in range(2):
+        learner = meta.clone()
+        learner.adapt(F.mse_loss(learner(x_s[t]), y_s[t]))
+        total = total + F.mse_loss(learner(x_q[t]), y_q[t])
+    (total / 2).backward()
+    lrs = list(meta.lrs)
+    want = torch.autograd.grad(
+        reference.maml_query_losses_loop(net, F.mse_loss, lrs, 1, x_s, y_s, x_q, y_q).mean(),
+        list(net.parameters()) + lrs)
+    for p, w in zip(list(net.parameters()) + lrs, want):
+        assert relative_error(p.grad, w) < 1e-12
+
+
+# --- bad input ----------------------------------------------------------------------------------
+
+def sinusoid_bm():
+    return BatchedMAML(nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1)), 0.01)
+
+
+def test_bad_input_task_count_mismatch():
+    x_s, y_s, x_q, y_q = sinusoid_tasks(4, 5, num_query=5)
+    with pytest.raises(ValueError, match=r"number of tasks differs.*x_query \(3\)"):
+        sinusoid_bm()(x_s, y_s, x_q[:3], y_q[:3])
+
+
+def test_bad_input_unknown_loss():
+    with pytest.raises(ValueError, match="unknown loss 'hinge'"):
+        BatchedMAML(nn.Linear(1, 1), 0.01, loss="hinge")
+    with pytest.raises(ValueError, match="unknown loss 'l1'"):
+        fastmeta.ops.mlp_task_derivatives(torch.zeros(1, 2), torch.zeros(1, 1, 1), torch.zeros(1, 1, 1),
+                                          widths=[1, 1], activations=["identity"], loss="l1")
+
+
+def test_bad_input_empty_support_set():
+    x_s, y_s, x_q, y_q = sinusoid_tasks(2, 0, num_query=5)
+    with pytest.raises(ValueError, match="support set is empty"):
+        sinusoid_bm()(x_s, y_s, x_q, y_q)
+
+
+def test_bad_input_targets_that_require_grad():
+    x_s, y_s, x_q, y_q = sinusoid_tasks(2, 3, num_query=3)
+    with pytest.raises(ValueError, match="targets that require grad"):
+        sinusoid_bm()(x_s, y_s.requires_grad_(), x_q, y_q)
+
+
+def test_bad_input_labels_out_of_range():
+    bm = BatchedMAML(nn.Linear(3, 4), 0.1, loss="cross_entropy")
+    x = torch.randn(2, 5, 3)
+    labels = torch.randint(0, 4, (2, 5))
+    labels[1, 3] = 4
+    with pytest.raises(RuntimeError, match=r"target\[1, 3\] = 4 is out of range for 4 classes"):
+        bm(x, labels, x, labels.clamp(max=3))
+    with pytest.raises(RuntimeError, match="must have dtype torch.int64"):
+        bm(x, labels.float(), x, labels)
+
+
+def test_bad_input_op_operands():
+    op = torch.ops.fastmeta.mlp_task_derivatives
+    params, x, target = torch.zeros(2, 9), torch.zeros(2, 3, 2), torch.zeros(2, 3, 1)
+    widths, acts = [2, 2, 1], ["relu", "identity"]
+    with pytest.raises(RuntimeError, match="params has size 8 in dimension 1 but the number of parameters"):
+        op(params[:, :8], x, target, None, widths, acts, "mse", False)
+    with pytest.raises(RuntimeError, match="x must have dtype Double"):
+        op(params.double(), x, target, None, widths, acts, "mse", False)
+    with pytest.raises(RuntimeError, match="unknown activation 'gelu'"):
+        op(params, x, target, None, widths, ["gelu", "identity"], "mse", False)
+    with pytest.raises(RuntimeError, match="2 linear layers need 2 activations"):
+        op(params, x, target, None, widths, ["relu"], "mse", False)
+    with pytest.raises(RuntimeError, match="target has size 2 in dimension 2"):
+        op(params, x, torch.zeros(2, 3, 2), None, widths, acts, "mse", False)
+    with pytest.raises(RuntimeError, match="direction has size 3 in dimension 0"):
+        op(params, x, target, torch.zeros(3, 9), widths, acts, "mse", False)
+    with pytest.raises(RuntimeError, match="params must be float32 or float64"):
+        op(params.half(), x.half(), target.half(), None, widths, acts, "mse", False)
+    with pytest.raises(RuntimeError, match="1 to 8 linear layers"):
+        op(params, x, target, None, [2], [], "mse", False)
