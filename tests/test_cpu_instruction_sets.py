@@ -31,6 +31,16 @@ SCRIPT = textwrap.dedent("""
             want = torch.autograd.grad(case(reference, x64, y64, metric), (x64, y64))
             for g, w in zip(got, want):
                 assert_close_to_reference(g, w, torch.float32)
+    widths, activations = [3, 40, 17, 2], ["relu", "tanh", "identity"]
+    P = sum(o * (i + 1) for i, o in zip(widths[:-1], widths[1:]))
+    params, direction = torch.randn(5, P), torch.randn(5, P)
+    x, target = torch.randn(5, 9, 3), torch.randn(5, 9, 2)
+    got = ops.mlp_task_derivatives(params, x, target, direction, widths=widths,
+                                   activations=activations, input_grad=True)
+    want = reference.mlp_task_derivatives(params.double(), x.double(), target.double(),
+                                          direction.double(), widths, activations, "mse", True)
+    for g, w in zip(got, want):
+        assert_close_to_reference(g, w, torch.float32)
     print("ok")
 """)
 
