@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "../math/mlp.h"
 #include "../math/similarity.h"
 
 namespace fastmeta::cuda {
@@ -128,5 +129,29 @@ void meta_lstm_forward(const MetaArgs& a, void* theta_out, void* new_state, cuda
 void meta_lstm_backward(const MetaArgs& a, const void* grad_theta, const void* grad_state,
                         void* d_grad, void* d_loss, void* d_theta, void* d_state, void* d_weights,
                         void* partial, cudaStream_t stream);
+
+// Batched MLP derivatives (math/mlp.h): one block per task. Outputs that
+// are not wanted are null; all floating operands are of `dtype` (float32 or
+// float64).
+struct MlpArgs {
+  DType dtype;
+  MlpShape shape;
+  int64_t T;
+  const void* params;     // [T, P]
+  const void* x;          // [T, N, width[0]]
+  const void* y;          // [T, N, C] (MSE) or null
+  const int64_t* labels;  // [T, N] (cross-entropy) or null
+  const void* direction;  // [T, P] or null
+  void* loss;             // [T]
+  void* grad;             // [T, P]
+  void* grad_input;       // [T, N, width[0]]
+  void* hvp;              // [T, P]
+  void* hvp_input;        // [T, N, width[0]]
+};
+
+// Bytes of global scratch the kernel needs: 0 when a task's workspace fits
+// in the shared memory of one block on the current device.
+int64_t mlp_global_workspace_bytes(const MlpArgs& a);
+void mlp_task_derivatives(const MlpArgs& a, void* global_workspace, cudaStream_t stream);
 
 }  // namespace fastmeta::cuda
