@@ -39,5 +39,15 @@ for dtype in (torch.float32, torch.float64):
     theta, meta_state = meta(1e-3 * torch.randn(70, device="cuda", dtype=dtype),
                              torch.tensor(0.5, device="cuda", dtype=dtype), meta.initial_params)
     (theta.sum() + meta_state.sum()).backward()
+    # Batched MAML: the fused MLP kernel (shared-memory workspace, and a
+    # global one for a learner too wide for shared memory), through BatchedMAML.
+    for widths, points in (([1, 40, 40, 1], 10), ([3, 1024, 3], 600)):
+        layers = [torch.nn.Linear(widths[0], widths[1]), torch.nn.Tanh(),
+                  torch.nn.Linear(widths[1], widths[2])]
+        net = torch.nn.Sequential(*layers).to("cuda", dtype)
+        bm = fastmeta.algorithms.BatchedMAML(net, 0.01, inner_steps=2)
+        x = torch.randn(5, points, widths[0], device="cuda", dtype=dtype)
+        y = torch.randn(5, points, widths[-1], device="cuda", dtype=dtype)
+        bm(x, y, x, y).backward()
 torch.cuda.synchronize()
 print("sanitizer driver: all kernels ran")
