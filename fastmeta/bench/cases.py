@@ -206,16 +206,17 @@ def _maml_variants(case: str, label: str, net: nn.Module, loss: str, inner_lr: f
 
 def maml_sinusoid(device: str) -> List[Variant]:
     """Second-order MAML meta-gradient: MLP 1-40-40-1 ReLU, 25 sinusoid tasks
-    of 10 support and 10 query points, 1 and 5 inner steps (fused path)."""
+    of 10 support and 10 query points, 1 and 5 inner steps (fused path); and
+    1000 tasks, where peak memory is large enough to measure on the CPU."""
     variants = []
-    for steps in (1, 5):
+    for tasks_per_batch, steps in ((25, 1), (25, 5), (1000, 5)):
         torch.manual_seed(0)
         net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
                             nn.Linear(40, 1)).to(device)
-        tasks = sinusoid_tasks(25, 10, num_query=10, generator=torch.Generator().manual_seed(0),
-                               device=device)
-        variants.append(_maml_variants("maml_sinusoid", f"{steps} inner step{'s' * (steps > 1)}",
-                                       net, "mse", 0.01, steps, tasks))
+        tasks = sinusoid_tasks(tasks_per_batch, 10, num_query=10,
+                               generator=torch.Generator().manual_seed(0), device=device)
+        label = f"T={tasks_per_batch} {steps} inner step{'s' * (steps > 1)}"
+        variants.append(_maml_variants("maml_sinusoid", label, net, "mse", 0.01, steps, tasks))
     return variants
 
 
