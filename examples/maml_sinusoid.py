@@ -12,7 +12,6 @@ a plot of a few adapted fits (SVG).
 """
 
 import argparse
-import math
 import os
 import time
 
