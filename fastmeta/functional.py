@@ -164,41 +164,44 @@ class _InnerLoop(torch.autograd.Function):
     @staticmethod
     def forward(ctx, derivatives, steps, first_order, theta0, lr, x_s, y_s, x_q, y_q):
         theta = theta0.expand(x_s.shape[0], -1).contiguous()
-        trajectory, support_grads = [], []
+        # Second order keeps theta_0 .. theta_{K-1} and recomputes the support
+        # gradients in the backward; first order keeps only the gradients.
+        kept = []
         for _ in range(steps):
             _, grad, *_ = derivatives(theta, x_s, y_s)
-            trajectory.append(theta)
-            support_grads.append(grad)
-            theta = theta - lr * grad
+            kept.append(grad if first_order else theta)
+            theta = torch.addcmul(theta, lr, grad, value=-1)
         loss, grad_q, grad_x_q, _, _ = derivatives(theta, x_q, y_q,
                                                    input_grad=ctx.needs_input_grad[7])
         ctx.derivatives, ctx.steps, ctx.first_order = derivatives, steps, first_order
-        # First order keeps the support gradients; second order recomputes them.
-        kept = support_grads if first_order else trajectory
+        # Internal tensors, released one by one as the backward goes.
+        ctx.kept = kept
         ctx.save_for_backward(lr, x_s, y_s, grad_q,
-                              grad_x_q if grad_x_q is not None else x_q.new_empty(0), *kept)
+                              grad_x_q if grad_x_q is not None else x_q.new_empty(0))
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        lr, x_s, y_s, grad_q, grad_x_q, *kept = ctx.saved_tensors
+        lr, x_s, y_s, grad_q, grad_x_q = ctx.saved_tensors
+        kept, ctx.kept = ctx.kept, None
         _, _, _, need_theta, need_lr, need_x_s, _, need_x_q, _ = ctx.needs_input_grad
         v = grad_q * grad_loss[:, None]
         d_lr = torch.zeros_like(lr) if need_lr else None
         d_x_s = torch.zeros_like(x_s) if need_x_s and not ctx.first_order else None
         for k in reversed(range(ctx.steps)):
             if ctx.first_order:
-                grad = kept[k]
+                grad = kept.pop()
             else:
-                _, grad, _, hvp, hvp_x = ctx.derivatives(kept[k], x_s, y_s, lr * v,
+                _, grad, _, hvp, hvp_x = ctx.derivatives(kept.pop(), x_s, y_s, lr * v,
                                                          input_grad=d_x_s is not None)
             if need_lr:
                 d_lr -= (v * grad).sum_to_size(lr.shape)
             if not ctx.first_order:
-                v = v - hvp
+                v.sub_(hvp)
                 if d_x_s is not None:
                     d_x_s -= hvp_x
+            del grad
         d_x_q = grad_x_q * grad_loss.view(-1, *[1] * (grad_x_q.dim() - 1)) if need_x_q else None
         return (None, None, None, v.sum(0) if need_theta else None, d_lr, d_x_s, None, d_x_q,
                 None)

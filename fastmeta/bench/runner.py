@@ -2,6 +2,7 @@
 memory of one call."""
 
 import json
+import ctypes
 import platform
 import statistics
 import time
@@ -41,11 +42,23 @@ def _status_kib(field: str) -> int:
         return next(int(line.split()[1]) for line in f if line.startswith(field + ":"))
 
 
+def _release_free_heap():
+    """Returns the C heap's free pages to the system (glibc malloc_trim), so
+    that buffers a call gets from memory earlier calls freed count in the
+    resident set again."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def peak_memory_mib(fn: Callable[[], None], device: str) -> Optional[float]:
     """Peak memory one call adds above what was in use when it started, in MiB:
     on CUDA from the caching allocator's statistics; on the CPU from the
     resident set's high-water mark, reset before the call (Linux only)."""
     fn()  # warm: one-time allocations are not the call's
+    if device != "cuda":
+        _release_free_heap()
     if device == "cuda":
         torch.cuda.synchronize()
         base = torch.cuda.memory_allocated()
