@@ -185,6 +185,10 @@ class _InnerLoop(torch.autograd.Function):
     def backward(ctx, grad_loss):
         lr, x_s, y_s, grad_q, grad_x_q = ctx.saved_tensors
         kept, ctx.kept = ctx.kept, None
+        if kept is None:
+            raise RuntimeError("maml_query_loss: the inner trajectory was released by an earlier "
+                               "backward; backward through it once per forward (retain_graph is "
+                               "not supported)")
         _, _, _, need_theta, need_lr, need_x_s, _, need_x_q, _ = ctx.needs_input_grad
         v = grad_q * grad_loss[:, None]
         d_lr = torch.zeros_like(lr) if need_lr else None

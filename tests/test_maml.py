@@ -476,3 +476,11 @@ def test_bad_input_op_operands():
         op(params.half(), x.half(), target.half(), None, widths, acts, "mse", False)
     with pytest.raises(RuntimeError, match="1 to 8 linear layers"):
         op(params, x, target, None, [2], [], "mse", False)
+
+
+def test_a_second_backward_is_a_clear_error():
+    x_s, y_s, x_q, y_q = sinusoid_tasks(2, 3, num_query=3)
+    loss = sinusoid_bm()(x_s, y_s, x_q, y_q)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="backward through it once per forward"):
+        loss.backward()
