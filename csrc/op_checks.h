@@ -2,8 +2,12 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
+#include <optional>
+#include <tuple>
 #include <string_view>
 
 #include "math/lstm.h"
@@ -195,5 +199,43 @@ inline MlpShape check_mlp_operands(const at::Tensor& params, const at::Tensor& x
   }
   return s;
 }
+
+// mlp_task_derivatives' operands, checked and contiguous, and its outputs;
+// the outputs not asked for have 0 tasks.
+struct MlpOperands {
+  MlpShape shape;
+  at::Tensor params, x, target, direction;  // direction undefined without one
+  at::Tensor loss, grad, grad_input, hvp, hvp_input;
+
+  std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
+    return {loss, grad, grad_input, hvp, hvp_input};
+  }
+};
+
+inline MlpOperands mlp_operands(const at::Tensor& params, const at::Tensor& x,
+                                const at::Tensor& target,
+                                const std::optional<at::Tensor>& direction,
+                                at::IntArrayRef widths,
+                                c10::ArrayRef<c10::string_view> activations,
+                                c10::string_view loss, bool input_grad) {
+  MlpOperands o;
+  o.direction = direction.has_value() ? direction->contiguous() : at::Tensor();
+  o.shape = check_mlp_operands(params, x, target, o.direction, widths, activations, loss);
+  o.params = params.contiguous();
+  o.x = x.contiguous();
+  o.target = target.contiguous();
+  const int64_t T = o.params.size(0), P = o.params.size(1), N = o.shape.N;
+  const int64_t with_input = input_grad ? T : 0, with_direction = o.direction.defined() ? T : 0;
+  const auto options = o.params.options();
+  o.loss = at::empty({T}, options);
+  o.grad = at::empty({T, P}, options);
+  o.grad_input = at::empty({with_input, N, o.shape.width[0]}, options);
+  o.hvp = at::empty({with_direction, P}, options);
+  o.hvp_input = at::empty({std::min(with_input, with_direction), N, o.shape.width[0]}, options);
+  return o;
+}
+
+// The data of an output, or null for one not asked for.
+inline void* data_or_null(const at::Tensor& t) { return t.numel() ? t.mutable_data_ptr() : nullptr; }
 
 }  // namespace fastmeta

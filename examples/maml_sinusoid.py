@@ -59,8 +59,8 @@ def svg_plot(path: str, curves, title: str):
         lines = [f'<polyline fill="none" stroke="{colours[name]}" stroke-width="1.5" points="'
                  + " ".join(point(x, y) for x, y in zip(xs, ys)) + '"/>'
                  for name, ys in [("truth", truth)] + list(fits.items())]
-        dots = [f'<circle cx="{point(x, y).split(",")[0]}" cy="{point(x, y).split(",")[1]}" r="3"/>'
-                for x, y in support]
+        dots = [f'<circle cx="{cx}" cy="{cy}" r="3"/>'
+                for cx, cy in (point(x, y).split(",") for x, y in support)]
         panels.append(f'<g transform="translate({i * width},20)"><rect width="{width}" '
                       f'height="{height}" fill="none" stroke="#ccc"/>' + "".join(lines + dots) + "</g>")
     legend = " ".join(f'<tspan fill="{c}">{name}</tspan>' for name, c in colours.items())

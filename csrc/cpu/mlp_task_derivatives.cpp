@@ -147,51 +147,38 @@ struct MlpTasks {
   }
 };
 
-template <typename T>
-T* data_or_null(const at::Tensor& t) {
-  return t.numel() ? t.mutable_data_ptr<T>() : nullptr;
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_task_derivatives(
-    const at::Tensor& params_in, const at::Tensor& x_in, const at::Tensor& target_in,
-    const std::optional<at::Tensor>& direction_in, at::IntArrayRef widths,
-    c10::ArrayRef<c10::string_view> activations, c10::string_view loss_name, bool input_grad) {
-  const at::Tensor direction = direction_in.has_value() ? direction_in->contiguous() : at::Tensor();
-  const MlpShape s =
-      check_mlp_operands(params_in, x_in, target_in, direction, widths, activations, loss_name);
-  const at::Tensor params = params_in.contiguous(), x = x_in.contiguous();
-  const at::Tensor target = target_in.contiguous();
-  const int64_t T_ = params.size(0), P = params.size(1);
-  if (s.loss == MlpLoss::CrossEntropy) {
-    const int64_t* labels = target.const_data_ptr<int64_t>();
-    for (int64_t i = 0; i < target.numel(); ++i)
+    const at::Tensor& params, const at::Tensor& x, const at::Tensor& target,
+    const std::optional<at::Tensor>& direction, at::IntArrayRef widths,
+    c10::ArrayRef<c10::string_view> activations, c10::string_view loss, bool input_grad) {
+  const MlpOperands o =
+      mlp_operands(params, x, target, direction, widths, activations, loss, input_grad);
+  const MlpShape& s = o.shape;
+  const bool mse = s.loss == MlpLoss::MSE;
+  if (!mse) {
+    const int64_t* labels = o.target.const_data_ptr<int64_t>();
+    for (int64_t i = 0; i < o.target.numel(); ++i)
       TORCH_CHECK(labels[i] >= 0 && labels[i] < s.outputs(), "fastmeta: target[", i / s.N, ", ",
                   i % s.N, "] = ", labels[i], " is out of range for ", s.outputs(), " classes");
   }
-  const auto opts = params.options();
-  at::Tensor loss = at::empty({T_}, opts), grad = at::empty({T_, P}, opts);
-  at::Tensor grad_x = at::empty({input_grad ? T_ : 0, s.N, s.width[0]}, opts);
-  at::Tensor hvp = at::empty({direction.defined() ? T_ : 0, P}, opts);
-  at::Tensor hvp_x = at::empty({direction.defined() && input_grad ? T_ : 0, s.N, s.width[0]}, opts);
-  AT_DISPATCH_FLOATING_TYPES(params.scalar_type(), "mlp_task_derivatives", [&] {
-    const bool mse = s.loss == MlpLoss::MSE;
+  AT_DISPATCH_FLOATING_TYPES(o.params.scalar_type(), "mlp_task_derivatives", [&] {
     MlpBatch<scalar_t> b{s,
-                         params.const_data_ptr<scalar_t>(),
-                         x.const_data_ptr<scalar_t>(),
-                         mse ? target.const_data_ptr<scalar_t>() : nullptr,
-                         direction.defined() ? direction.const_data_ptr<scalar_t>() : nullptr,
-                         mse ? nullptr : target.const_data_ptr<int64_t>(),
-                         loss.mutable_data_ptr<scalar_t>(),
-                         grad.mutable_data_ptr<scalar_t>(),
-                         data_or_null<scalar_t>(grad_x),
-                         data_or_null<scalar_t>(hvp),
-                         data_or_null<scalar_t>(hvp_x)};
-    at::parallel_for(0, T_, 1, [&](int64_t t0, int64_t t1) {
+                         o.params.const_data_ptr<scalar_t>(),
+                         o.x.const_data_ptr<scalar_t>(),
+                         mse ? o.target.const_data_ptr<scalar_t>() : nullptr,
+                         o.direction.defined() ? o.direction.const_data_ptr<scalar_t>() : nullptr,
+                         mse ? nullptr : o.target.const_data_ptr<int64_t>(),
+                         o.loss.mutable_data_ptr<scalar_t>(),
+                         o.grad.mutable_data_ptr<scalar_t>(),
+                         static_cast<scalar_t*>(data_or_null(o.grad_input)),
+                         static_cast<scalar_t*>(data_or_null(o.hvp)),
+                         static_cast<scalar_t*>(data_or_null(o.hvp_input))};
+    at::parallel_for(0, o.params.size(0), 1, [&](int64_t t0, int64_t t1) {
       std::vector<scalar_t> work(s.workspace_size());
       run_loop<MlpTasks>(b, t0, t1, work.data());
     });
   });
-  return {loss, grad, grad_x, hvp, hvp_x};
+  return o.outputs();
 }
 
 }  // namespace

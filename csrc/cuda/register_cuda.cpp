@@ -428,47 +428,37 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_task_derivatives(
-    const at::Tensor& params_in, const at::Tensor& x_in, const at::Tensor& target_in,
-    const std::optional<at::Tensor>& direction_in, at::IntArrayRef widths,
-    c10::ArrayRef<c10::string_view> activations, c10::string_view loss_name, bool input_grad) {
-  const at::Tensor direction = direction_in.has_value() ? direction_in->contiguous() : at::Tensor();
-  const MlpShape s =
-      check_mlp_operands(params_in, x_in, target_in, direction, widths, activations, loss_name);
-  c10::cuda::CUDAGuard guard(params_in.device());
-  const at::Tensor params = params_in.contiguous(), x = x_in.contiguous();
-  const at::Tensor target = target_in.contiguous();
+    const at::Tensor& params, const at::Tensor& x, const at::Tensor& target,
+    const std::optional<at::Tensor>& direction, at::IntArrayRef widths,
+    c10::ArrayRef<c10::string_view> activations, c10::string_view loss, bool input_grad) {
+  const MlpOperands o =
+      mlp_operands(params, x, target, direction, widths, activations, loss, input_grad);
+  const MlpShape& s = o.shape;
+  c10::cuda::CUDAGuard guard(o.params.device());
   const bool mse = s.loss == MlpLoss::MSE;
-  if (!mse && target.numel() > 0) {
-    const auto [low, high] = at::aminmax(target);
+  if (!mse && o.target.numel() > 0) {
+    const auto [low, high] = at::aminmax(o.target);
     const int64_t lo = low.item<int64_t>(), hi = high.item<int64_t>();
     TORCH_CHECK(lo >= 0 && hi < s.outputs(), "fastmeta: target contains label ",
                 lo < 0 ? lo : hi, ", out of range for ", s.outputs(), " classes");
   }
-  const int64_t T = params.size(0), P = params.size(1);
-  const auto opts = params.options();
-  at::Tensor loss = at::empty({T}, opts), grad = at::empty({T, P}, opts);
-  at::Tensor grad_x = at::empty({input_grad ? T : 0, s.N, s.width[0]}, opts);
-  at::Tensor hvp = at::empty({direction.defined() ? T : 0, P}, opts);
-  at::Tensor hvp_x = at::empty({direction.defined() && input_grad ? T : 0, s.N, s.width[0]}, opts);
-  auto data_or_null = [](at::Tensor& t) { return t.numel() ? t.mutable_data_ptr() : nullptr; };
-  cuda::MlpArgs args{dtype_of(params),
+  cuda::MlpArgs args{dtype_of(o.params),
                      s,
-                     T,
-                     params.const_data_ptr(),
-                     x.const_data_ptr(),
-                     mse ? target.const_data_ptr() : nullptr,
-                     mse ? nullptr : target.const_data_ptr<int64_t>(),
-                     direction.defined() ? direction.const_data_ptr() : nullptr,
-                     loss.mutable_data_ptr(),
-                     grad.mutable_data_ptr(),
-                     data_or_null(grad_x),
-                     data_or_null(hvp),
-                     data_or_null(hvp_x)};
+                     o.params.size(0),
+                     o.params.const_data_ptr(),
+                     o.x.const_data_ptr(),
+                     mse ? o.target.const_data_ptr() : nullptr,
+                     mse ? nullptr : o.target.const_data_ptr<int64_t>(),
+                     o.direction.defined() ? o.direction.const_data_ptr() : nullptr,
+                     o.loss.mutable_data_ptr(),
+                     o.grad.mutable_data_ptr(),
+                     data_or_null(o.grad_input),
+                     data_or_null(o.hvp),
+                     data_or_null(o.hvp_input)};
   const int64_t scratch_bytes = cuda::mlp_global_workspace_bytes(args);
-  at::Tensor scratch = at::empty({scratch_bytes}, opts.dtype(at::kByte));
-  cuda::mlp_task_derivatives(args, scratch_bytes ? scratch.mutable_data_ptr() : nullptr,
-                             c10::cuda::getCurrentCUDAStream());
-  return {loss, grad, grad_x, hvp, hvp_x};
+  at::Tensor scratch = at::empty({scratch_bytes}, o.params.options().dtype(at::kByte));
+  cuda::mlp_task_derivatives(args, data_or_null(scratch), c10::cuda::getCurrentCUDAStream());
+  return o.outputs();
 }
 
 TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {

@@ -42,25 +42,27 @@ class _TaskBatchLearner(nn.Module):
         self.inner_steps = int(inner_steps)
         self.loss = loss
         _loss_fn(loss)  # rejects unknown loss names
-        self._mlp = None if callable(loss) else mlp_structure(module)
+        mlp = None if callable(loss) else mlp_structure(module)
+        self._fused_derivatives = None if mlp is None else mlp_derivatives(*mlp, loss)
 
     @property
     def fused(self) -> bool:
         """Whether the learner is an MLP the fused kernels support (with this loss)."""
-        return self._mlp is not None
+        return self._fused_derivatives is not None
 
     def derivatives(self, x: torch.Tensor, dtype: torch.dtype):
         """The derivatives function for inputs ``x`` and parameters of
         ``dtype``: the fused kernels where they support the learner."""
         on_fused_device = x.device.type == "cpu" or (x.device.type == "cuda" and
                                                      _build_config.WITH_CUDA)
-        if (self._mlp is not None and x.dim() == 3 and on_fused_device
+        if (self.fused and x.dim() == 3 and on_fused_device
                 and dtype in (torch.float32, torch.float64)):
-            return mlp_derivatives(*self._mlp, self.loss)
+            return self._fused_derivatives
         return module_derivatives(self.module, self.loss)
 
     def _inner_lr(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The inner learning rate: 0-dimensional, or flat [P] (Meta-SGD)."""
+        return torch.tensor(self.inner_lr, dtype=torch.float64)
 
     def _flat_parameters_and_step_size(self):
         """The module's parameters as one flat vector theta [P] (differentiable)
@@ -149,7 +151,7 @@ class BatchedMAML(_TaskBatchLearner):
     def _inner_lr(self) -> torch.Tensor:
         if self.learn_inner_lr:
             return torch.cat([lr.reshape(-1) for lr in self.inner_lrs])
-        return torch.tensor(self.inner_lr, dtype=torch.float64)
+        return super()._inner_lr()
 
     def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
                 y_query: torch.Tensor) -> torch.Tensor:
@@ -177,9 +179,6 @@ class Reptile(_TaskBatchLearner):
         super().__init__(module, inner_steps, loss)
         self.inner_lr = float(inner_lr)
         self.outer_lr = float(outer_lr)
-
-    def _inner_lr(self) -> torch.Tensor:
-        return torch.tensor(self.inner_lr, dtype=torch.float64)
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
