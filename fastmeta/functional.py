@@ -163,7 +163,7 @@ class _InnerLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, derivatives, steps, first_order, theta0, lr, x_s, y_s, x_q, y_q):
-        theta = theta0.expand(x_s.shape[0], -1).contiguous()
+        theta = theta0.expand(x_s.shape[0], -1)  # a view: theta_0 is kept as theta0
         # Second order keeps theta_0 .. theta_{K-1} and recomputes the support
         # gradients in the backward; first order keeps only the gradients.
         kept = []
@@ -174,30 +174,23 @@ class _InnerLoop(torch.autograd.Function):
         loss, grad_q, grad_x_q, _, _ = derivatives(theta, x_q, y_q,
                                                    input_grad=ctx.needs_input_grad[7])
         ctx.derivatives, ctx.steps, ctx.first_order = derivatives, steps, first_order
-        # Internal tensors, released one by one as the backward goes.
-        ctx.kept = kept
         ctx.save_for_backward(lr, x_s, y_s, grad_q,
-                              grad_x_q if grad_x_q is not None else x_q.new_empty(0))
+                              grad_x_q if grad_x_q is not None else x_q.new_empty(0), *kept)
         return loss
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
-        lr, x_s, y_s, grad_q, grad_x_q = ctx.saved_tensors
-        kept, ctx.kept = ctx.kept, None
-        if kept is None:
-            raise RuntimeError("maml_query_loss: the inner trajectory was released by an earlier "
-                               "backward; backward through it once per forward (retain_graph is "
-                               "not supported)")
+        lr, x_s, y_s, grad_q, grad_x_q, *kept = ctx.saved_tensors
         _, _, _, need_theta, need_lr, need_x_s, _, need_x_q, _ = ctx.needs_input_grad
         v = grad_q * grad_loss[:, None]
         d_lr = torch.zeros_like(lr) if need_lr else None
         d_x_s = torch.zeros_like(x_s) if need_x_s and not ctx.first_order else None
         for k in reversed(range(ctx.steps)):
             if ctx.first_order:
-                grad = kept.pop()
+                grad = kept[k]
             else:
-                _, grad, _, hvp, hvp_x = ctx.derivatives(kept.pop(), x_s, y_s, lr * v,
+                _, grad, _, hvp, hvp_x = ctx.derivatives(kept[k], x_s, y_s, lr * v,
                                                          input_grad=d_x_s is not None)
             if need_lr:
                 d_lr -= (v * grad).sum_to_size(lr.shape)
@@ -205,7 +198,6 @@ class _InnerLoop(torch.autograd.Function):
                 v.sub_(hvp)
                 if d_x_s is not None:
                     d_x_s -= hvp_x
-            del grad
         d_x_q = grad_x_q * grad_loss.view(-1, *[1] * (grad_x_q.dim() - 1)) if need_x_q else None
         return (None, None, None, v.sum(0) if need_theta else None, d_lr, d_x_s, None, d_x_q,
                 None)

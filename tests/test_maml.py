@@ -478,9 +478,37 @@ def test_bad_input_op_operands():
         op(params, x, target, None, [2], [], "mse", False)
 
 
-def test_a_second_backward_is_a_clear_error():
+def test_a_retained_graph_gives_the_same_meta_gradient_twice():
     x_s, y_s, x_q, y_q = sinusoid_tasks(2, 3, num_query=3)
-    loss = sinusoid_bm()(x_s, y_s, x_q, y_q)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="backward through it once per forward"):
-        loss.backward()
+    bm = sinusoid_bm()
+    loss = bm(x_s, y_s, x_q, y_q)
+    first = torch.autograd.grad(loss, list(bm.parameters()), retain_graph=True)
+    second = torch.autograd.grad(loss, list(bm.parameters()))
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("path", ["fused", "generic"])
+@pytest.mark.parametrize("first_order", [False, True])
+def test_engine_gradcheck(path, first_order):
+    """torch.autograd.gradcheck (float64) of the engine's meta-gradient with
+    respect to theta, per-parameter learning rates and both inputs."""
+    torch.manual_seed(0)
+    net = mlp_module([2, 5, 3], ["tanh", "identity"])
+    derivatives = (functional.mlp_derivatives(*functional.mlp_structure(net), "cross_entropy")
+                   if path == "fused" else functional.module_derivatives(net, "cross_entropy"))
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).requires_grad_()
+    lr = (0.1 + 0.2 * torch.rand(theta.numel(), dtype=torch.float64)).requires_grad_()
+    x_s = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
+    x_q = torch.randn(3, 5, 2, dtype=torch.float64, requires_grad=True)
+    y_s, y_q = torch.randint(0, 3, (3, 4)), torch.randint(0, 3, (3, 5))
+
+    def query_losses(theta, lr, x_s, x_q):
+        return functional.maml_query_loss(derivatives, theta, lr, x_s, y_s, x_q, y_q, 2,
+                                          first_order)
+
+    if first_order:  # FOMAML's gradient is not the true one; check it is the first-order one
+        losses = query_losses(theta, lr, x_s, x_q)
+        assert torch.autograd.grad(losses.sum(), x_s, allow_unused=True)[0] is None
+        return
+    assert torch.autograd.gradcheck(query_losses, (theta, lr, x_s, x_q))
