@@ -204,7 +204,10 @@ inline MlpShape check_mlp_operands(const at::Tensor& params, const at::Tensor& x
 // the outputs not asked for have 0 tasks.
 struct MlpOperands {
   MlpShape shape;
+  // params' rows are contiguous but may repeat: params_stride is the row
+  // stride (0 for the initial parameters expanded over tasks).
   at::Tensor params, x, target, direction;  // direction undefined without one
+  int64_t params_stride;
   at::Tensor loss, grad, grad_input, hvp, hvp_input;
 
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> outputs() const {
@@ -221,7 +224,8 @@ inline MlpOperands mlp_operands(const at::Tensor& params, const at::Tensor& x,
   MlpOperands o;
   o.direction = direction.has_value() ? direction->contiguous() : at::Tensor();
   o.shape = check_mlp_operands(params, x, target, o.direction, widths, activations, loss);
-  o.params = params.contiguous();
+  o.params = params.stride(1) == 1 ? params : params.contiguous();
+  o.params_stride = o.params.stride(0);
   o.x = x.contiguous();
   o.target = target.contiguous();
   const int64_t T = o.params.size(0), P = o.params.size(1), N = o.shape.N;

@@ -184,20 +184,24 @@ class _InnerLoop(torch.autograd.Function):
         lr, x_s, y_s, grad_q, grad_x_q, *kept = ctx.saved_tensors
         _, _, _, need_theta, need_lr, need_x_s, _, need_x_q, _ = ctx.needs_input_grad
         v = grad_q * grad_loss[:, None]
+        # With a scalar lr, H (lr v) = lr H v: the product is scaled, v is not copied.
+        scalar_lr = lr.dim() == 0
+        hvp_scale = lr if scalar_lr else lr.new_ones(())
         d_lr = torch.zeros_like(lr) if need_lr else None
         d_x_s = torch.zeros_like(x_s) if need_x_s and not ctx.first_order else None
         for k in reversed(range(ctx.steps)):
             if ctx.first_order:
                 grad = kept[k]
             else:
-                _, grad, _, hvp, hvp_x = ctx.derivatives(kept[k], x_s, y_s, lr * v,
+                _, grad, _, hvp, hvp_x = ctx.derivatives(kept[k], x_s, y_s,
+                                                         v if scalar_lr else lr * v,
                                                          input_grad=d_x_s is not None)
             if need_lr:
                 d_lr -= (v * grad).sum_to_size(lr.shape)
             if not ctx.first_order:
-                v.sub_(hvp)
+                v.addcmul_(hvp, hvp_scale, value=-1)
                 if d_x_s is not None:
-                    d_x_s -= hvp_x
+                    d_x_s.addcmul_(hvp_x, hvp_scale, value=-1)
         d_x_q = grad_x_q * grad_loss.view(-1, *[1] * (grad_x_q.dim() - 1)) if need_x_q else None
         return (None, None, None, v.sum(0) if need_theta else None, d_lr, d_x_s, None, d_x_q,
                 None)

@@ -122,6 +122,19 @@ def test_mlp_derivatives_non_contiguous_inputs():
         torch.testing.assert_close(a, b)
 
 
+def test_mlp_derivatives_take_expanded_parameters_without_a_copy():
+    """The engine passes the initial parameters expanded over tasks (row stride 0)."""
+    widths, activations = [3, 8, 2], ["elu", "identity"]
+    params, x, target, direction = mlp_operands(widths, "mse", 4, 6, torch.float64, "cpu")
+    expanded = params[0].expand(4, -1)
+    got = fastmeta.ops.mlp_task_derivatives(expanded, x, target, direction, widths=widths,
+                                            activations=activations, input_grad=True)
+    want = fastmeta.ops.mlp_task_derivatives(expanded.contiguous(), x, target, direction,
+                                             widths=widths, activations=activations, input_grad=True)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_mlp_derivatives_nan_stays_in_its_task():
     widths, activations = [2, 4, 1], ["relu", "identity"]
     params, x, target, direction = mlp_operands(widths, "mse", 3, 5, torch.float64, "cpu")

@@ -116,6 +116,7 @@ template <typename T>
 struct MlpBatch {
   MlpShape shape;
   const T *params, *x, *y, *direction;
+  int64_t params_stride;
   const int64_t* labels;
   T *loss, *grad, *grad_input, *hvp, *hvp_input;
 };
@@ -131,7 +132,7 @@ struct MlpTasks {
     std::vector<T> transposed(2 * largest);
     SerialTeam<T> team{transposed.data(), largest};
     for (int64_t t = t0; t < t1; ++t) {
-      MlpTaskArgs<T> a{b.params + t * P,
+      MlpTaskArgs<T> a{b.params + t * b.params_stride,
                        b.x + t * X,
                        b.y ? b.y + t * s.N * C : nullptr,
                        b.labels ? b.labels + t * s.N : nullptr,
@@ -167,6 +168,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_task_
                          o.x.const_data_ptr<scalar_t>(),
                          mse ? o.target.const_data_ptr<scalar_t>() : nullptr,
                          o.direction.defined() ? o.direction.const_data_ptr<scalar_t>() : nullptr,
+                         o.params_stride,
                          mse ? nullptr : o.target.const_data_ptr<int64_t>(),
                          o.loss.mutable_data_ptr<scalar_t>(),
                          o.grad.mutable_data_ptr<scalar_t>(),

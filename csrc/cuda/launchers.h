@@ -137,7 +137,8 @@ struct MlpArgs {
   DType dtype;
   MlpShape shape;
   int64_t T;
-  const void* params;     // [T, P]
+  const void* params;     // [T, P], rows params_stride apart
+  int64_t params_stride;
   const void* x;          // [T, N, width[0]]
   const void* y;          // [T, N, C] (MSE) or null
   const int64_t* labels;  // [T, N] (cross-entropy) or null

@@ -78,7 +78,7 @@ __global__ void __launch_bounds__(kMlpThreads)
   extern __shared__ __align__(16) unsigned char shared[];
   const MlpShape& s = a.shape;
   const int64_t t = blockIdx.x, P = s.num_params(), X = s.N * s.width[0];
-  MlpTaskArgs<T> task{task_ptr<T>(a.params, t, P),
+  MlpTaskArgs<T> task{task_ptr<T>(a.params, t, a.params_stride),
                       task_ptr<T>(a.x, t, X),
                       task_ptr<T>(a.y, t, s.N * s.outputs()),
                       a.labels ? a.labels + t * s.N : nullptr,

@@ -446,6 +446,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_task_
                      s,
                      o.params.size(0),
                      o.params.const_data_ptr(),
+                     o.params_stride,
                      o.x.const_data_ptr(),
                      mse ? o.target.const_data_ptr() : nullptr,
                      mse ? nullptr : o.target.const_data_ptr<int64_t>(),
