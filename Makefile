@@ -36,16 +36,18 @@ cuda-check:
 	cmake -S . -B build/cuda-check -DCMAKE_BUILD_TYPE=Release
 	cmake --build build/cuda-check --parallel
 
-# Syntax-checks the PyTorch-facing CUDA glue (csrc/cuda/register_cuda.cpp)
-# against the installed PyTorch's headers, on a machine without CUDA PyTorch:
-# a CPU wheel lacks one generated CUDA header, stubbed here as empty.
+# Syntax-checks the PyTorch-facing CUDA glue (csrc/cuda/*_glue.cpp) against
+# the installed PyTorch's headers, on a machine without CUDA PyTorch: a CPU
+# wheel lacks one generated CUDA header, stubbed here as empty.
 cuda-glue-check: install
 	mkdir -p build/glue-stub/c10/cuda/impl
 	touch build/glue-stub/c10/cuda/impl/cuda_cmake_macros.h
 	TORCH_INC=$$($(BIN)/python -c "import torch.utils.cpp_extension as c; print(' '.join('-I' + p for p in c.include_paths()))"); \
 	PY_INC=$$($(BIN)/python -c "import sysconfig; print(sysconfig.get_paths()['include'])"); \
-	$${CXX:-g++} -std=c++20 -fsyntax-only -Wall -Ibuild/glue-stub $$TORCH_INC -I$$PY_INC \
-	  -I$${CUDA_HOME:-/usr/local/cuda}/include csrc/cuda/register_cuda.cpp
+	for glue in csrc/cuda/*_glue.cpp; do \
+	    $${CXX:-g++} -std=c++20 -fsyntax-only -Wall -Ibuild/glue-stub $$TORCH_INC -I$$PY_INC \
+	      -I$${CUDA_HOME:-/usr/local/cuda}/include $$glue || exit 1; \
+	  done
 
 # On a machine with a GPU: build, CUDA tests, CUDA benchmarks, compute-sanitizer.
 gpu:

@@ -1,5 +1,7 @@
 // Op schemas: every fastmeta op is declared here, once. Device kernels register
-// implementations in csrc/cpu/*.cpp and csrc/cuda/register_cuda.cpp.
+// implementations beside their kernels: csrc/cpu/<op>.cpp, and the CUDA glue
+// of each op family in csrc/cuda/<family>_glue.cpp. Each op family checks its
+// operands in one prologue, csrc/operands/<family>.h, which both call.
 //
 // The ops take the canonical batched form ([B, Q, D] queries, [B, N, D] keys,
 // per-query scale [B, Q], per-query losses); the Python wrappers in

@@ -1,6 +1,7 @@
 """The ``fastmeta`` command: ``fastmeta info`` and ``fastmeta bench``."""
 
 import argparse
+import os
 import sys
 
 import torch
@@ -44,6 +45,12 @@ def main(argv=None) -> int:
 
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: no GPU is available")
+    if args.json:
+        folder = os.path.dirname(os.path.abspath(args.json))
+        if not os.path.isdir(folder):
+            parser.error(f"--json {args.json}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            parser.error(f"--json {args.json}: the folder {folder} is not writable")
     names = args.cases or list(cases.CASES)
     try:
         rows = runner.run(names, args.device, memory=not args.no_memory)

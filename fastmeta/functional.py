@@ -1,32 +1,17 @@
-"""Batched Hessian-vector products and the meta-gradient engine of second-order MAML.
+"""Batched Hessian-vector products and the meta-gradient engine of
+second-order MAML, under their public names. The engine lives with the
+algorithms it serves, in :mod:`fastmeta.algorithms.engine`."""
 
-The exact MAML meta-gradient needs only Hessian-vector products along the
-inner trajectory. For K inner steps theta_{k+1} = theta_k - lr * g(theta_k)
-(``lr`` a scalar or per-parameter tensor, Meta-SGD), the gradient of the query
-loss L_q(theta_K) is the reverse recursion
-
-    v_K = grad L_q(theta_K),   v_k = v_{k+1} - H(theta_k) (lr * v_{k+1}),
-
-the gradient with respect to theta_0 is v_0, and with respect to lr it is
--sum_k v_{k+1} * g(theta_k). :func:`maml_query_loss` runs it keeping only the
-K parameter vectors of the trajectory, never a graph of graphs.
-
-Per-task derivatives come from a *derivatives* function
-``(params [T, P], x, target, direction=None, input_grad=False) ->
-(loss [T], grad, grad_input, hvp, hvp_input)``: :func:`mlp_derivatives` (the
-fused kernels, for MLP learners) or :func:`module_derivatives` (torch.func,
-for any module).
-"""
-
-from typing import Callable, Dict, Optional, Sequence, Tuple, Union
-
-import torch
-import torch.nn.functional as F
-from torch import nn
-
-from . import reference
-from .ops import _common
-from .ops.mlp_task_derivatives import MLP_LOSSES
+from .algorithms.engine import (  # noqa: F401
+    _loss_fn,
+    batched_hvp,
+    flat_to_dict,
+    maml_query_loss,
+    mlp_derivatives,
+    mlp_structure,
+    module_derivatives,
+    task_derivatives,
+)
 
 __all__ = [
     "batched_hvp",
@@ -35,191 +20,5 @@ __all__ = [
     "module_derivatives",
     "mlp_structure",
     "flat_to_dict",
+    "task_derivatives",
 ]
-
-Loss = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
-_MODULE_ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ELU: "elu",
-                       nn.Identity: "identity"}
-
-
-def _loss_fn(loss: Loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    if callable(loss):
-        return loss
-    if loss == "mse":
-        # (out - y)^2 rather than F.mse_loss, which PyTorch's forward-mode AD fails on.
-        return lambda out, y: ((out - y) ** 2).mean()
-    if loss == "cross_entropy":
-        return F.cross_entropy
-    raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(map(repr, MLP_LOSSES))} "
-                     "or a callable (outputs, targets) -> scalar loss")
-
-
-def flat_to_dict(module: nn.Module, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
-    """Splits flat parameters ``[..., P]`` (the module's parameters in order,
-    each flattened) into a dict of ``[..., *shape]`` tensors for
-    ``torch.func.functional_call``."""
-    out, offset = {}, 0
-    for name, p in module.named_parameters():
-        out[name] = flat[..., offset:offset + p.numel()].reshape(*flat.shape[:-1], *p.shape)
-        offset += p.numel()
-    return out
-
-
-def mlp_structure(module: nn.Module) -> Optional[Tuple[list, list]]:
-    """``(widths, activations)`` of an MLP the fused kernels support: an
-    ``nn.Linear`` or an ``nn.Sequential`` of ``nn.Linear`` layers (with bias),
-    each followed by at most one of ReLU, Tanh, Sigmoid, ELU (alpha 1) or
-    Identity; None for any other module."""
-    layers = list(module) if isinstance(module, nn.Sequential) else [module]
-    widths, activations = [], []
-    for layer in layers:
-        if isinstance(layer, nn.Linear) and layer.bias is not None:
-            if widths and widths[-1] != layer.in_features:
-                return None
-            widths[-1:] = [layer.in_features, layer.out_features]
-            activations.append("identity")
-        elif type(layer) in _MODULE_ACTIVATIONS and activations and activations[-1] == "identity":
-            if isinstance(layer, nn.ELU) and layer.alpha != 1.0:
-                return None
-            activations[-1] = _MODULE_ACTIVATIONS[type(layer)]
-        elif isinstance(layer, nn.Identity):
-            continue
-        else:
-            return None
-    if not activations or len(activations) > 8:
-        return None
-    return widths, activations
-
-
-def mlp_derivatives(widths: Sequence[int], activations: Sequence[str], loss: str):
-    """The derivatives function of an MLP learner: the fused kernels
-    (``fastmeta.ops.mlp_task_derivatives``)."""
-
-    _common.check_choice("mlp_derivatives", "loss", loss, MLP_LOSSES)
-    widths, activations = list(widths), list(activations)
-
-    def derivatives(params, x, target, direction=None, input_grad=False):
-        # The op checks its operands.
-        out = torch.ops.fastmeta.mlp_task_derivatives(params, x, target, direction, widths,
-                                                      activations, loss, input_grad)
-        return out[0], out[1], out[2] if input_grad else None, \
-            None if direction is None else out[3], \
-            out[4] if input_grad and direction is not None else None
-
-    return derivatives
-
-
-def module_derivatives(module: nn.Module, loss: Loss):
-    """The derivatives function of any module through torch.func:
-    forward-over-reverse Hessian-vector products, vmapped over tasks. The
-    flat parameters follow ``module.parameters()``."""
-    criterion = _loss_fn(loss)
-
-    def task_loss(p, x, y):
-        return criterion(torch.func.functional_call(module, flat_to_dict(module, p), (x,)), y)
-
-    def derivatives(params, x, target, direction=None, input_grad=False):
-        return reference.task_derivatives(task_loss, params, x, target, direction, input_grad)
-
-    return derivatives
-
-
-def batched_hvp(module: nn.Module, params: Dict[str, torch.Tensor],
-                vector: Dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor,
-                loss: Loss = "mse"):
-    """Per-task Hessian-vector products of a per-task loss, for any module.
-
-    Args:
-        module: the learner; its parameters give the names and shapes.
-        params: per-task parameters, ``{name: [T, *shape]}`` (as from
-            ``torch.func.stack_module_state``).
-        vector: the vectors, like ``params``.
-        x, target: ``[T, ...]`` inputs and targets.
-        loss: ``"mse"``, ``"cross_entropy"`` or ``loss(outputs, targets)``.
-
-    Returns:
-        ``(loss [T], grad, hvp)``: the loss, its gradient and the product of
-        its Hessian with ``vector``, gradients as dicts like ``params``.
-        Computed through torch.func (forward-over-reverse), vmapped over tasks.
-    """
-    names = [name for name, _ in module.named_parameters()]
-    if set(params) != set(names) or set(vector) != set(names):
-        raise ValueError(f"batched_hvp: params and vector must have the module's parameter names "
-                         f"{names}; got {sorted(params)} and {sorted(vector)}")
-    T = x.shape[0]
-    for name in names:
-        for what, t in (("params", params[name]), ("vector", vector[name])):
-            if t.dim() == 0 or t.shape[0] != T:
-                raise ValueError(f"batched_hvp: {what}[{name!r}] must be [T = {T}, ...] like x, "
-                                 f"got shape {list(t.shape)}")
-    flat = torch.cat([params[n].reshape(T, -1) for n in names], 1)
-    direction = torch.cat([vector[n].reshape(T, -1) for n in names], 1)
-    value, grad, _, hvp, _ = module_derivatives(module, loss)(flat, x, target, direction)
-    return value, flat_to_dict(module, grad), flat_to_dict(module, hvp)
-
-
-class _InnerLoop(torch.autograd.Function):
-    """Query losses after K inner steps; the backward is the reverse recursion."""
-
-    @staticmethod
-    def forward(ctx, derivatives, steps, first_order, theta0, lr, x_s, y_s, x_q, y_q):
-        theta = theta0.expand(x_s.shape[0], -1)  # a view: theta_0 is kept as theta0
-        # Second order keeps theta_0 .. theta_{K-1} and recomputes the support
-        # gradients in the backward; first order keeps only the gradients.
-        kept = []
-        for _ in range(steps):
-            _, grad, *_ = derivatives(theta, x_s, y_s)
-            kept.append(grad if first_order else theta)
-            theta = torch.addcmul(theta, lr, grad, value=-1)
-        loss, grad_q, grad_x_q, _, _ = derivatives(theta, x_q, y_q,
-                                                   input_grad=ctx.needs_input_grad[7])
-        ctx.derivatives, ctx.steps, ctx.first_order = derivatives, steps, first_order
-        ctx.save_for_backward(lr, x_s, y_s, grad_q,
-                              grad_x_q if grad_x_q is not None else x_q.new_empty(0), *kept)
-        return loss
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        lr, x_s, y_s, grad_q, grad_x_q, *kept = ctx.saved_tensors
-        _, _, _, need_theta, need_lr, need_x_s, _, need_x_q, _ = ctx.needs_input_grad
-        v = grad_q * grad_loss[:, None]
-        # With a scalar lr, H (lr v) = lr H v: the product is scaled, v is not copied.
-        scalar_lr = lr.dim() == 0
-        hvp_scale = lr if scalar_lr else lr.new_ones(())
-        d_lr = torch.zeros_like(lr) if need_lr else None
-        d_x_s = torch.zeros_like(x_s) if need_x_s and not ctx.first_order else None
-        for k in reversed(range(ctx.steps)):
-            if ctx.first_order:
-                grad = kept[k]
-            else:
-                _, grad, _, hvp, hvp_x = ctx.derivatives(kept[k], x_s, y_s,
-                                                         v if scalar_lr else lr * v,
-                                                         input_grad=d_x_s is not None)
-            if need_lr:
-                d_lr -= (v * grad).sum_to_size(lr.shape)
-            if not ctx.first_order:
-                v.addcmul_(hvp, hvp_scale, value=-1)
-                if d_x_s is not None:
-                    d_x_s.addcmul_(hvp_x, hvp_scale, value=-1)
-        d_x_q = grad_x_q * grad_loss.view(-1, *[1] * (grad_x_q.dim() - 1)) if need_x_q else None
-        return (None, None, None, v.sum(0) if need_theta else None, d_lr, d_x_s, None, d_x_q,
-                None)
-
-
-def maml_query_loss(derivatives, theta: torch.Tensor, lr: torch.Tensor, x_support: torch.Tensor,
-                    y_support: torch.Tensor, x_query: torch.Tensor, y_query: torch.Tensor,
-                    steps: int = 1, first_order: bool = False) -> torch.Tensor:
-    """Per-task query losses ``[T]`` after ``steps`` inner gradient steps.
-
-    Every task starts from the flat parameters ``theta [P]`` and takes steps
-    ``theta - lr * grad L_support``, ``lr`` a 0-dimensional or ``[P]`` tensor.
-    Differentiable with respect to ``theta``, ``lr``, ``x_support`` and
-    ``x_query`` through the reverse recursion (module docstring); with
-    ``first_order`` the support gradients count as constants (FOMAML).
-    Targets get no gradient.
-    """
-    if y_support.requires_grad or y_query.requires_grad:
-        raise ValueError("maml_query_loss: targets that require grad are not supported; detach them")
-    return _InnerLoop.apply(derivatives, int(steps), bool(first_order), theta, lr, x_support,
-                            y_support, x_query, y_query)

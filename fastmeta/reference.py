@@ -11,6 +11,8 @@ from typing import Union
 import torch
 import torch.nn.functional as F
 
+from .ops._common import reduce_loss
+
 __all__ = [
     "pairwise_distance",
     "class_prototypes",
@@ -23,7 +25,6 @@ __all__ = [
     "l2o_lstm_step",
     "l2o_lstm_cells",
     "meta_lstm_step",
-    "task_derivatives",
     "mlp_forward",
     "mlp_task_derivatives",
     "maml_query_losses_loop",
@@ -75,14 +76,6 @@ def _logits(x, y, metric, scale) -> torch.Tensor:
     return similarity(x, y, metric) * (scale.unsqueeze(-1) if scale.dim() else scale)
 
 
-def _reduce(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
-
-
 def class_prototypes(support: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     one_hot = F.one_hot(labels, num_classes).to(support.dtype)  # [..., S, N]
     counts = one_hot.sum(-2)
@@ -101,7 +94,7 @@ def similarity_cross_entropy(x, y, target, metric: str = "sqeuclidean",
                              scale: Union[float, torch.Tensor] = 1.0, reduction: str = "mean"):
     logits = _logits(x, y, metric, scale)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
-    return _reduce(loss.view(target.shape), reduction)
+    return reduce_loss(loss.view(target.shape), reduction)
 
 
 def attention_readout(x, y, values, metric: str = "cosine", scale: Union[float, torch.Tensor] = 1.0):
@@ -112,7 +105,7 @@ def contrastive_loss(x1, x2, same, margin: float = 1.0, reduction: str = "mean")
     d = _safe_sqrt(((x1 - x2) ** 2).sum(-1))
     same = same.to(x1.dtype)
     loss = same * d**2 + (1 - same) * (margin - d).clamp_min(0) ** 2
-    return _reduce(loss, reduction)
+    return reduce_loss(loss, reduction)
 
 
 def log_sign_preprocess(grad: torch.Tensor, preprocess_p: float = 10.0) -> torch.Tensor:
@@ -191,47 +184,6 @@ def meta_lstm_step(grad: torch.Tensor, loss: torch.Tensor, theta: torch.Tensor, 
     return f * theta - i * grad, new_state
 
 
-def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
-                     direction=None, input_grad: bool = False):
-    """Per-task loss, gradient and Hessian-vector product through torch.func.
-
-    ``loss_fn(params, x, target)`` is one task's scalar loss; ``params``,
-    ``x``, ``target`` and ``direction`` carry the tasks on dim 0. The
-    Hessian-vector product is forward-over-reverse (``jvp`` of ``grad``),
-    vmapped over tasks; where PyTorch's forward-mode AD fails on the loss
-    (``F.mse_loss`` in PyTorch 2.13 raises "ZeroTensors are immutable"), it is
-    reverse-over-reverse (``vjp`` of ``grad``) instead. Returns
-    ``(loss [T], grad, grad_input, hvp, hvp_input)`` like
-    ``torch.ops.fastmeta.mlp_task_derivatives``: ``grad_input`` is
-    d loss / d x, ``hvp_input`` is (d^2 loss / d x d params) direction, and
-    outputs not asked for are ``None``.
-    """
-    from torch.func import grad_and_value, jvp, vjp, vmap
-
-    def gradient(p, xt, tt):
-        return grad_and_value(lambda p_, x_: loss_fn(p_, x_, tt), argnums=(0, 1))(p, xt)
-
-    def forward_over_reverse(p, xt, tt, v):
-        return jvp(lambda p_: gradient(p_, xt, tt), (p,), (v,))
-
-    def reverse_over_reverse(p, xt, tt, v):
-        (grads, loss), pullback = vjp(lambda p_, x_: gradient(p_, x_, tt), p, xt)
-        return (grads, loss), pullback(((v, torch.zeros_like(xt)), torch.zeros_like(loss)))
-
-    if direction is None:
-        (grad, grad_x), loss = vmap(gradient)(params, x, target)
-        return loss, grad, grad_x if input_grad else None, None, None
-    try:
-        ((grad, grad_x), loss), ((hvp, hvp_x), _) = vmap(forward_over_reverse)(
-            params, x, target, direction)
-    except RuntimeError as error:
-        if "ZeroTensors are immutable" not in str(error):
-            raise
-        ((grad, grad_x), loss), (hvp, hvp_x) = vmap(reverse_over_reverse)(
-            params, x, target, direction)
-    return (loss, grad, grad_x if input_grad else None, hvp, hvp_x if input_grad else None)
-
-
 _MLP_ACTIVATIONS = {
     "identity": lambda z: z,
     "relu": torch.relu,
@@ -254,17 +206,34 @@ def mlp_forward(params: torch.Tensor, x: torch.Tensor, widths, activations) -> t
 
 def mlp_task_derivatives(params, x, target, direction, widths, activations, loss,
                          input_grad):
-    """``torch.ops.fastmeta.mlp_task_derivatives`` through torch.func (empty
-    tensors for the outputs not asked for, as the op)."""
-    def task_loss(p, xt, tt):
+    """``torch.ops.fastmeta.mlp_task_derivatives`` task by task with
+    ``torch.autograd`` (the Hessian-vector product by double backward), with
+    empty tensors for the outputs not asked for, as the op."""
+    T, N = x.shape[:2]
+    losses, grads, grads_x, hvps, hvps_x = [], [], [], [], []
+    for t in range(T):
+        p, xt = params[t].detach().requires_grad_(), x[t].detach().requires_grad_()
         out = mlp_forward(p, xt, widths, activations)
-        # (out - t)^2 rather than F.mse_loss, which forward-mode AD does not support here.
-        return ((out - tt) ** 2).mean() if loss == "mse" else F.cross_entropy(out, tt)
+        value = ((out - target[t]) ** 2).mean() if loss == "mse" else F.cross_entropy(out, target[t])
+        grad, grad_x = torch.autograd.grad(value, (p, xt), create_graph=direction is not None)
+        losses.append(value.detach())
+        grads.append(grad.detach())
+        grads_x.append(grad_x.detach())
+        if direction is not None:
+            hvp, hvp_x = torch.autograd.grad(grad, (p, xt), direction[t], allow_unused=True)
+            hvps.append(torch.zeros_like(p) if hvp is None else hvp)
+            hvps_x.append(torch.zeros_like(xt) if hvp_x is None else hvp_x)
 
-    out = task_derivatives(task_loss, params, x, target, direction, input_grad)
-    empty = (params.new_empty(0, params.shape[1]), x.new_empty(0, *x.shape[1:]))
-    return (out[0], out[1], empty[1] if out[2] is None else out[2],
-            empty[0] if out[3] is None else out[3], empty[1] if out[4] is None else out[4])
+    def stacked(rows, shape):
+        return torch.stack(rows) if rows else params.new_empty(0, *shape)
+
+    P, features = params.shape[1], x.shape[2:]
+    with_x, with_hvp = input_grad, direction is not None
+    return (stacked(losses, ()) if T else params.new_empty(0),
+            stacked(grads, (P,)),
+            stacked(grads_x, (N, *features)) if with_x else x.new_empty(0, N, *features),
+            stacked(hvps, (P,)) if with_hvp else params.new_empty(0, P),
+            stacked(hvps_x, (N, *features)) if with_x and with_hvp else x.new_empty(0, N, *features))
 
 
 def _named(module, params):

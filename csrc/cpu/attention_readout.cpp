@@ -5,7 +5,7 @@
 #include <cmath>
 #include <limits>
 
-#include "../op_checks.h"
+#include "../operands/metric.h"
 #include "similarity_tiles.h"
 
 namespace fastmeta::cpu {
@@ -15,18 +15,15 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in,
                                                      const at::Tensor& y_in,
                                                      const at::Tensor& values_in,
                                                      const at::Tensor& scale_in,
-                                                     c10::string_view metric_name) {
-  Metric metric = parse_metric(metric_name);
-  check_metric_operands(x_in, y_in, scale_in);
-  check_values(values_in, x_in, y_in);
-  at::Tensor x = x_in.contiguous(), y = y_in.contiguous(), scale = scale_in.contiguous();
-  at::Tensor values = values_in.contiguous();
-  const int64_t B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2), V = values.size(2);
+                                                     c10::string_view metric) {
+  const SimilarityOperands o = readout_operands(x_in, y_in, values_in, scale_in, metric);
+  const at::Tensor &x = o.x, &y = o.y, &scale = o.scale, &values = o.values;
+  const int64_t B = o.B, Q = o.Q, N = o.N, D = o.D, V = o.V;
   at::Tensor out = at::zeros({B, Q, V}, x.options());
   at::Tensor lse = at::empty({B, Q}, x.options());
   at::Tensor ay_t = at::empty({B, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta::attention_readout", [&] {
-    FASTMETA_DISPATCH_METRIC(metric, [&] {
+    FASTMETA_DISPATCH_METRIC(o.metric, [&] {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const scalar_t* yp = y.const_data_ptr<scalar_t>();
       const scalar_t* vp = values.const_data_ptr<scalar_t>();
@@ -39,27 +36,16 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in,
         const int64_t qb = q1 - q0;
         const scalar_t* xb = xp + (b * Q + q0) * D;
         scalar_t* ob = op + (b * Q + q0) * V;
-        scalar_t ax[kQueryBlock], running_max[kQueryBlock], running_sum[kQueryBlock],
-            tile_max[kQueryBlock];
+        scalar_t ax[kQueryBlock], tile_max[kQueryBlock];
         row_stats<M>(xb, qb, D, ax, nullptr);
-        for (int64_t i = 0; i < qb; ++i) {
-          running_max[i] = -std::numeric_limits<scalar_t>::infinity();
-          running_sum[i] = 0;
-        }
+        OnlineSoftmax<scalar_t> softmax(qb);
         std::vector<scalar_t> P(qb * std::min(N, kKeyBlock));
         for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
           const int64_t nb = std::min(kKeyBlock, N - n0);
           logits_tile<M>(xb, qb, yp + (b * N + n0) * D, nb, D, ax, ay + b * N + n0,
                          sp + b * Q + q0, P.data(), nb, tile_max);
           for (int64_t i = 0; i < qb; ++i) {
-            scalar_t* p = P.data() + i * nb;
-            const scalar_t new_max = std::max(running_max[i], tile_max[i]);
-            // The tile's weights are exp(logit - new_max); earlier tiles are rescaled.
-            const scalar_t rescale = new_max == -std::numeric_limits<scalar_t>::infinity()
-                                         ? scalar_t(1)
-                                         : std::exp(running_max[i] - new_max);
-            running_sum[i] = running_sum[i] * rescale + exp_affine_sum(p, nb, scalar_t(1), new_max);
-            running_max[i] = new_max;
+            const scalar_t rescale = softmax.add(i, P.data() + i * nb, nb, tile_max[i]);
             if (rescale != scalar_t(1)) {
               for (int64_t v = 0; v < V; ++v) ob[i * V + v] *= rescale;
             }
@@ -67,9 +53,9 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in,
           gemm_ab_acc(qb, V, nb, P.data(), nb, vp + (b * N + n0) * V, V, ob, V);
         }
         for (int64_t i = 0; i < qb; ++i) {
-          lsep[b * Q + q0 + i] = running_max[i] + std::log(running_sum[i]);
+          lsep[b * Q + q0 + i] = softmax.logsumexp(i);
           if (N == 0) continue;
-          const scalar_t inv = scalar_t(1) / running_sum[i];
+          const scalar_t inv = scalar_t(1) / softmax.sum[i];
           for (int64_t v = 0; v < V; ++v) ob[i * V + v] *= inv;
         }
       });
@@ -81,15 +67,13 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_backward(
     const at::Tensor& grad_in, const at::Tensor& out_in, const at::Tensor& lse_in,
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& values_in,
-    const at::Tensor& scale_in, c10::string_view metric_name) {
-  check_metric_operands(x_in, y_in, scale_in);
-  check_values(values_in, x_in, y_in);
-  at::Tensor scale = scale_in.contiguous(), values = values_in.contiguous();
-  at::Tensor grad = grad_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
-  const int64_t N = y_in.size(1), V = values.size(2);
+    const at::Tensor& scale_in, c10::string_view metric) {
+  const SimilarityOperands o = readout_backward_operands(grad_in, out_in, lse_in, x_in, y_in,
+                                                         values_in, scale_in, metric);
+  const at::Tensor &scale = o.scale, &values = o.values, &grad = o.grad, &out = o.out, &lse = o.lse;
+  const int64_t N = o.N, V = o.V;
   at::Tensor gscale = at::zeros_like(scale);
-  auto g = similarity_backward(x_in.contiguous(), y_in.contiguous(), parse_metric(metric_name), {V},
-                               [&](auto& block) {
+  auto g = similarity_backward(o, {V}, [&](auto& block) {
     using T = typename std::decay_t<decltype(block)>::Scalar;
     const T* sc = scale.const_data_ptr<T>() + block.row;
     const T* row_lse = lse.const_data_ptr<T>() + block.row;

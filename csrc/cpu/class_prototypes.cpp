@@ -7,7 +7,7 @@
 
 #include <vector>
 
-#include "../op_checks.h"
+#include "../operands/metric.h"
 
 namespace fastmeta::cpu {
 namespace {
@@ -31,11 +31,9 @@ std::vector<int64_t> class_counts(const int64_t* labels, int64_t b, int64_t S,
 
 at::Tensor class_prototypes(const at::Tensor& support_in, const at::Tensor& labels_in,
                             int64_t num_classes) {
-  check_operand(support_in, "support", 3, support_in);
-  check_index(labels_in, "labels", support_in);
-  TORCH_CHECK(num_classes >= 0, "fastmeta: num_classes must be >= 0, got ", num_classes);
-  at::Tensor support = support_in.contiguous(), labels = labels_in.contiguous();
-  const int64_t B = support.size(0), S = support.size(1), D = support.size(2);
+  const PrototypeOperands o = prototype_operands(support_in, labels_in, num_classes);
+  const at::Tensor &support = o.rows, &labels = o.labels;
+  const int64_t B = o.B, S = o.S, D = o.D;
   at::Tensor out = at::zeros({B, num_classes, D}, support.options());
   const int64_t* lp = labels.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(support.scalar_type(), "fastmeta::class_prototypes", [&] {
@@ -61,9 +59,9 @@ at::Tensor class_prototypes(const at::Tensor& support_in, const at::Tensor& labe
 }
 
 at::Tensor class_prototypes_backward(const at::Tensor& grad_in, const at::Tensor& labels_in) {
-  at::Tensor grad = grad_in.contiguous(), labels = labels_in.contiguous();
-  const int64_t B = grad.size(0), num_classes = grad.size(1), D = grad.size(2);
-  const int64_t S = labels.size(1);
+  const PrototypeOperands o = prototype_backward_operands(grad_in, labels_in);
+  const at::Tensor &grad = o.rows, &labels = o.labels;
+  const int64_t B = o.B, num_classes = o.N, D = o.D, S = o.S;
   at::Tensor grad_support = at::empty({B, S, D}, grad.options());
   const int64_t* lp = labels.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::class_prototypes_backward", [&] {

@@ -8,7 +8,7 @@
 
 #include <cmath>
 
-#include "../op_checks.h"
+#include "../operands/metric.h"
 
 namespace fastmeta::cpu {
 namespace {
@@ -22,9 +22,9 @@ T pair_distance(const T* a, const T* b, int64_t D) {
 
 at::Tensor contrastive_loss(const at::Tensor& x1_in, const at::Tensor& x2_in,
                             const at::Tensor& same_in, double margin) {
-  check_pairs(x1_in, x2_in, same_in);
-  at::Tensor x1 = x1_in.contiguous(), x2 = x2_in.contiguous(), same = same_in.contiguous();
-  const int64_t M = x1.size(0), D = x1.size(1);
+  const PairOperands o = pair_operands(x1_in, x2_in, same_in);
+  const at::Tensor &x1 = o.x1, &x2 = o.x2, &same = o.same;
+  const int64_t M = o.M, D = o.D;
   at::Tensor loss = at::empty({M}, x1.options());
   AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "fastmeta::contrastive_loss", [&] {
     const scalar_t* ap = x1.const_data_ptr<scalar_t>();
@@ -44,10 +44,9 @@ at::Tensor contrastive_loss(const at::Tensor& x1_in, const at::Tensor& x2_in,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward(
     const at::Tensor& grad_in, const at::Tensor& x1_in, const at::Tensor& x2_in,
     const at::Tensor& same_in, double margin) {
-  check_pairs(x1_in, x2_in, same_in);
-  at::Tensor x1 = x1_in.contiguous(), x2 = x2_in.contiguous(), same = same_in.contiguous();
-  at::Tensor grad = grad_in.contiguous();
-  const int64_t M = x1.size(0), D = x1.size(1);
+  const PairOperands o = pair_backward_operands(grad_in, x1_in, x2_in, same_in);
+  const at::Tensor &x1 = o.x1, &x2 = o.x2, &same = o.same, &grad = o.grad;
+  const int64_t M = o.M, D = o.D;
   at::Tensor g1 = at::empty_like(x1), g2 = at::empty_like(x2), gsame = at::empty_like(same);
   AT_DISPATCH_FLOATING_TYPES(x1.scalar_type(), "fastmeta::contrastive_loss_backward", [&] {
     const scalar_t* ap = x1.const_data_ptr<scalar_t>();

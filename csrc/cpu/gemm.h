@@ -6,14 +6,17 @@
 #include <ATen/ops/from_blob.h>
 #include <ATen/ops/mm.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 namespace fastmeta::cpu {
 
 // Fortran BLAS, exported by the MKL or OpenBLAS that PyTorch's CPU library
 // links. Declared weak: where a PyTorch build does not export them, they are
-// null and the matrix products below fall back to at::mm.
+// null and the matrix products below fall back to at::mm, as they do for
+// sizes the BLAS's 32-bit integers cannot hold.
 extern "C" {
 void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
             const float*, const int*, const float*, const int*, const float*, float*,
@@ -38,7 +41,8 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* 
   auto blas = [] {
     if constexpr (std::is_same_v<T, float>) return sgemm_; else return dgemm_;
   }();
-  if (blas != nullptr) {
+  constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
+  if (blas != nullptr && std::max({m, n, k, lda, ldb, ldc}) <= kMaxInt) {
     // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T.
     const char ta = trans_b ? 'T' : 'N', tb = trans_a ? 'T' : 'N';
     const int mi = n, ni = m, ki = k, ldai = ldb, ldbi = lda, ldci = ldc;

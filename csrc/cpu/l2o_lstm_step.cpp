@@ -8,7 +8,7 @@
 
 #include <cmath>
 
-#include "../op_checks.h"
+#include "../operands/lstm.h"
 #include "lstm_chunks.h"
 
 namespace fastmeta::cpu {
@@ -37,9 +37,8 @@ struct L2oChunk {
 };
 
 template <typename T>
-L2oCell<T> make_cell(const at::Tensor& state, const at::Tensor& weights, double p, double scale) {
-  return {{state.size(0), state.size(2), state.size(3)}, weights.const_data_ptr<T>(),
-          LogSign<T>::with_p(p), T(scale)};
+L2oCell<T> make_cell(const L2oOperands& o, double p, double scale) {
+  return {o.layout, o.weights.const_data_ptr<T>(), LogSign<T>::with_p(p), T(scale)};
 }
 
 // The forward of coordinates [p0, p0 + n): fills the chunk's activations.
@@ -82,13 +81,11 @@ void l2o_forward(const L2oCell<T>& cell, const T* grad, const T* state, T* new_s
 std::tuple<at::Tensor, at::Tensor> l2o_lstm_step(const at::Tensor& grad_in, const at::Tensor& state_in,
                                                  const at::Tensor& weights_in, double p,
                                                  double scale) {
-  check_l2o_operands(grad_in, state_in, weights_in, p);
-  at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
-  at::Tensor weights = weights_in.contiguous();
-  at::Tensor update = at::empty_like(grad), new_state = at::empty_like(state);
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::l2o_lstm_step", [&] {
-    l2o_forward(make_cell<scalar_t>(state, weights, p, scale), grad.const_data_ptr<scalar_t>(),
-                state.const_data_ptr<scalar_t>(), new_state.mutable_data_ptr<scalar_t>(),
+  const L2oOperands o = l2o_operands(grad_in, state_in, weights_in, p);
+  at::Tensor update = at::empty_like(o.grad), new_state = at::empty_like(o.state);
+  AT_DISPATCH_FLOATING_TYPES(o.grad.scalar_type(), "fastmeta::l2o_lstm_step", [&] {
+    l2o_forward(make_cell<scalar_t>(o, p, scale), o.grad.const_data_ptr<scalar_t>(),
+                o.state.const_data_ptr<scalar_t>(), new_state.mutable_data_ptr<scalar_t>(),
                 update.mutable_data_ptr<scalar_t>(), false);
   });
   return {update, new_state};
@@ -97,11 +94,10 @@ std::tuple<at::Tensor, at::Tensor> l2o_lstm_step(const at::Tensor& grad_in, cons
 // param += update, state = new state, in one pass; param and state must be contiguous.
 void l2o_lstm_step_(const at::Tensor& param, const at::Tensor& grad_in, const at::Tensor& state,
                     const at::Tensor& weights_in, double p, double scale) {
-  check_l2o_in_place(param, grad_in, state, weights_in, p);
-  at::Tensor grad = grad_in.contiguous(), weights = weights_in.contiguous();
-  AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::l2o_lstm_step_", [&] {
+  const L2oOperands o = l2o_in_place_operands(param, grad_in, state, weights_in, p);
+  AT_DISPATCH_FLOATING_TYPES(o.grad.scalar_type(), "fastmeta::l2o_lstm_step_", [&] {
     scalar_t* s = state.mutable_data_ptr<scalar_t>();
-    l2o_forward(make_cell<scalar_t>(state, weights, p, scale), grad.const_data_ptr<scalar_t>(), s, s,
+    l2o_forward(make_cell<scalar_t>(o, p, scale), o.grad.const_data_ptr<scalar_t>(), s, s,
                 param.mutable_data_ptr<scalar_t>(), true);
   });
 }
@@ -109,17 +105,15 @@ void l2o_lstm_step_(const at::Tensor& param, const at::Tensor& grad_in, const at
 std::tuple<at::Tensor, at::Tensor, at::Tensor> l2o_lstm_step_backward(
     const at::Tensor& grad_update_in, const at::Tensor& grad_state_in, const at::Tensor& grad_in,
     const at::Tensor& state_in, const at::Tensor& weights_in, double p, double scale) {
-  check_l2o_operands(grad_in, state_in, weights_in, p);
-  check_output_grad(grad_update_in, "grad_update", grad_in);
-  check_output_grad(grad_state_in, "grad_state", state_in);
-  at::Tensor grad = grad_in.contiguous(), state = state_in.contiguous();
-  at::Tensor weights = weights_in.contiguous(), grad_update = grad_update_in.contiguous();
-  at::Tensor grad_state = grad_state_in.contiguous();
+  const L2oOperands o =
+      l2o_backward_operands(grad_update_in, grad_state_in, grad_in, state_in, weights_in, p);
+  const at::Tensor &grad = o.grad, &state = o.state, &weights = o.weights;
+  const at::Tensor &grad_update = o.grad_update, &grad_state = o.grad_state;
   at::Tensor d_grad = at::empty_like(grad), d_state = at::empty_like(state);
   at::Tensor d_weights = at::empty_like(weights);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::l2o_lstm_step_backward", [&] {
     using T = scalar_t;
-    const L2oCell<T> cell = make_cell<T>(state, weights, p, scale);
+    const L2oCell<T> cell = make_cell<T>(o, p, scale);
     const int64_t L = cell.L, H = cell.H, P = cell.P, width = weights.numel();
     const T* g = grad.const_data_ptr<T>();
     const T* gu = grad_update.const_data_ptr<T>();

@@ -8,7 +8,7 @@
 
 #include <cmath>
 
-#include "../op_checks.h"
+#include "../operands/lstm.h"
 #include "lstm_chunks.h"
 
 namespace fastmeta::cpu {
@@ -76,23 +76,20 @@ void chunk_forward(const MetaCell<T>& cell, MetaChunk<T>& ws, const T* grad, con
 }
 
 template <typename T>
-MetaCell<T> make_cell(const at::Tensor& state, const at::Tensor& weights, const at::Tensor& loss,
-                      double p) {
-  return {{state.size(0) / 2 - 1, state.size(1)}, weights.const_data_ptr<T>(), LogSign<T>::with_p(p),
-          loss.item<T>()};
+MetaCell<T> make_cell(const MetaOperands& o, double p) {
+  return {o.layout, o.weights.const_data_ptr<T>(), LogSign<T>::with_p(p), o.loss.item<T>()};
 }
 
 std::tuple<at::Tensor, at::Tensor> meta_lstm_step(const at::Tensor& grad_in, const at::Tensor& loss,
                                                   const at::Tensor& theta_in,
                                                   const at::Tensor& state_in,
                                                   const at::Tensor& weights_in, double p) {
-  check_meta_lstm_operands(grad_in, loss, theta_in, state_in, weights_in, p);
-  at::Tensor grad = grad_in.contiguous(), theta = theta_in.contiguous();
-  at::Tensor state = state_in.contiguous(), weights = weights_in.contiguous();
+  const MetaOperands o = meta_operands(grad_in, loss, theta_in, state_in, weights_in, p);
+  const at::Tensor &grad = o.grad, &theta = o.theta, &state = o.state;
   at::Tensor theta_new = at::empty_like(theta), new_state = at::empty_like(state);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::meta_lstm_step", [&] {
     using T = scalar_t;
-    const MetaCell<T> cell = make_cell<T>(state, weights, loss, p);
+    const MetaCell<T> cell = make_cell<T>(o, p);
     const int64_t H = cell.H, P = cell.P;
     T* out = new_state.mutable_data_ptr<T>();
     for_each_chunk(
@@ -114,18 +111,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm
     const at::Tensor& grad_theta_in, const at::Tensor& grad_state_in, const at::Tensor& grad_in,
     const at::Tensor& loss, const at::Tensor& theta_in, const at::Tensor& state_in,
     const at::Tensor& weights_in, double p) {
-  check_meta_lstm_operands(grad_in, loss, theta_in, state_in, weights_in, p);
-  check_output_grad(grad_theta_in, "grad_theta", theta_in);
-  check_output_grad(grad_state_in, "grad_state", state_in);
-  at::Tensor grad = grad_in.contiguous(), theta = theta_in.contiguous();
-  at::Tensor state = state_in.contiguous(), weights = weights_in.contiguous();
-  at::Tensor grad_theta = grad_theta_in.contiguous(), grad_state = grad_state_in.contiguous();
+  const MetaOperands o = meta_backward_operands(grad_theta_in, grad_state_in, grad_in, loss,
+                                                theta_in, state_in, weights_in, p);
+  const at::Tensor &grad = o.grad, &theta = o.theta, &state = o.state, &weights = o.weights;
+  const at::Tensor &grad_theta = o.grad_theta, &grad_state = o.grad_state;
   at::Tensor d_grad = at::empty_like(grad), d_theta = at::empty_like(theta);
   at::Tensor d_state = at::empty_like(state), d_weights = at::empty_like(weights);
   at::Tensor d_loss = at::empty_like(loss);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::meta_lstm_step_backward", [&] {
     using T = scalar_t;
-    const MetaCell<T> cell = make_cell<T>(state, weights, loss, p);
+    const MetaCell<T> cell = make_cell<T>(o, p);
     const MetaGates<T> gates = cell.gates();
     const int64_t H = cell.H, P = cell.P, nw = weights.numel(), width = nw + 2;
     const T* g = grad.const_data_ptr<T>();

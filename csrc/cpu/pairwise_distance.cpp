@@ -1,23 +1,20 @@
 // CPU kernels of fastmeta::pairwise_distance and its backward.
 #include <torch/library.h>
 
-#include "../op_checks.h"
+#include "../operands/metric.h"
 #include "similarity_tiles.h"
 
 namespace fastmeta::cpu {
 namespace {
 
 at::Tensor pairwise_distance(const at::Tensor& x_in, const at::Tensor& y_in,
-                             c10::string_view metric_name) {
-  Metric metric = parse_metric(metric_name);
-  TORCH_CHECK(metric != Metric::Dot, "fastmeta: pairwise_distance has no 'dot' metric");
-  check_operand(x_in, "x", 3, x_in);
-  check_operand(y_in, "y", 3, x_in);
-  at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
-  const int64_t B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2);
+                             c10::string_view metric) {
+  const SimilarityOperands o = pairwise_distance_operands(x_in, y_in, metric);
+  const at::Tensor &x = o.x, &y = o.y;
+  const int64_t B = o.B, Q = o.Q, N = o.N, D = o.D;
   at::Tensor out = at::empty({B, Q, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta::pairwise_distance", [&] {
-    FASTMETA_DISPATCH_METRIC(metric, [&] {
+    FASTMETA_DISPATCH_METRIC(o.metric, [&] {
       at::Tensor ay_t = at::empty({B, N}, x.options());
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const scalar_t* yp = y.const_data_ptr<scalar_t>();
@@ -39,11 +36,12 @@ at::Tensor pairwise_distance(const at::Tensor& x_in, const at::Tensor& y_in,
 
 std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward(
     const at::Tensor& grad_in, const at::Tensor& distance_in, const at::Tensor& x_in,
-    const at::Tensor& y_in, c10::string_view metric_name) {
-  at::Tensor grad = grad_in.contiguous(), distance = distance_in.contiguous();
-  const int64_t N = y_in.size(1);
-  auto g = similarity_backward(x_in.contiguous(), y_in.contiguous(), parse_metric(metric_name), {},
-                               [&](auto& block) {
+    const at::Tensor& y_in, c10::string_view metric) {
+  const SimilarityOperands o =
+      pairwise_distance_backward_operands(grad_in, distance_in, x_in, y_in, metric);
+  const at::Tensor &grad = o.grad, &distance = o.out;
+  const int64_t N = o.N;
+  auto g = similarity_backward(o, {}, [&](auto& block) {
     using T = typename std::decay_t<decltype(block)>::Scalar;
     constexpr Metric M = std::decay_t<decltype(block)>::metric;
     for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {

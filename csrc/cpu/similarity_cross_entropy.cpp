@@ -10,7 +10,7 @@
 
 #include <ATen/ops/sum.h>
 
-#include "../op_checks.h"
+#include "../operands/metric.h"
 #include "similarity_tiles.h"
 
 namespace fastmeta::cpu {
@@ -25,22 +25,18 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x_
                                                             const at::Tensor& y_in,
                                                             const at::Tensor& target_in,
                                                             const at::Tensor& scale_in,
-                                                            c10::string_view metric_name) {
-  Metric metric = parse_metric(metric_name);
-  check_metric_operands(x_in, y_in, scale_in);
-  check_target_shape(target_in, x_in);
-  at::Tensor x = x_in.contiguous(), y = y_in.contiguous();
-  at::Tensor target = target_in.contiguous(), scale = scale_in.contiguous();
-  const int64_t B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2);
-  at::Tensor loss = at::empty({B, Q}, x.options());
-  at::Tensor lse = at::empty({B, Q}, x.options());
-  at::Tensor ay_t = at::empty({B, N}, x.options());
-  const int64_t* tp = target.const_data_ptr<int64_t>();
-  AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta::similarity_cross_entropy", [&] {
-    FASTMETA_DISPATCH_METRIC(metric, [&] {
-      const scalar_t* xp = x.const_data_ptr<scalar_t>();
-      const scalar_t* yp = y.const_data_ptr<scalar_t>();
-      const scalar_t* sp = scale.const_data_ptr<scalar_t>();
+                                                            c10::string_view metric) {
+  const SimilarityOperands o = cross_entropy_operands(x_in, y_in, target_in, scale_in, metric);
+  const int64_t B = o.B, Q = o.Q, N = o.N, D = o.D;
+  at::Tensor loss = at::empty({B, Q}, o.x.options());
+  at::Tensor lse = at::empty({B, Q}, o.x.options());
+  at::Tensor ay_t = at::empty({B, N}, o.x.options());
+  const int64_t* tp = o.target.const_data_ptr<int64_t>();
+  AT_DISPATCH_FLOATING_TYPES(o.x.scalar_type(), "fastmeta::similarity_cross_entropy", [&] {
+    FASTMETA_DISPATCH_METRIC(o.metric, [&] {
+      const scalar_t* xp = o.x.const_data_ptr<scalar_t>();
+      const scalar_t* yp = o.y.const_data_ptr<scalar_t>();
+      const scalar_t* sp = o.scale.const_data_ptr<scalar_t>();
       scalar_t* ay = ay_t.mutable_data_ptr<scalar_t>();
       scalar_t* lossp = loss.mutable_data_ptr<scalar_t>();
       scalar_t* lsep = lse.mutable_data_ptr<scalar_t>();
@@ -48,14 +44,10 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x_
       for_each_query_block(B, Q, [&](int64_t b, int64_t q0, int64_t q1) {
         const int64_t qb = q1 - q0;
         const scalar_t* xb = xp + (b * Q + q0) * D;
-        scalar_t ax[kQueryBlock], running_max[kQueryBlock], running_sum[kQueryBlock],
-            target_logit[kQueryBlock], tile_max[kQueryBlock];
+        scalar_t ax[kQueryBlock], target_logit[kQueryBlock], tile_max[kQueryBlock];
         row_stats<M>(xb, qb, D, ax, nullptr);
-        for (int64_t i = 0; i < qb; ++i) {
-          check_target_value(tp[b * Q + q0 + i], b, q0 + i, N);
-          running_max[i] = -std::numeric_limits<scalar_t>::infinity();
-          running_sum[i] = 0;
-        }
+        for (int64_t i = 0; i < qb; ++i) check_target_value(tp[b * Q + q0 + i], b, q0 + i, N);
+        OnlineSoftmax<scalar_t> softmax(qb);
         std::vector<scalar_t> S(qb * std::min(N, kKeyBlock));
         for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
           const int64_t nb = std::min(kKeyBlock, N - n0);
@@ -63,17 +55,13 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x_
                          sp + b * Q + q0, S.data(), nb, tile_max);
           for (int64_t i = 0; i < qb; ++i) {
             scalar_t* logits = S.data() + i * nb;
-            const scalar_t new_max = std::max(running_max[i], tile_max[i]);
             const int64_t t = tp[b * Q + q0 + i] - n0;
             if (t >= 0 && t < nb) target_logit[i] = logits[t];
-            if (new_max == -std::numeric_limits<scalar_t>::infinity()) continue;
-            running_sum[i] = running_sum[i] * std::exp(running_max[i] - new_max) +
-                             exp_affine_sum(logits, nb, scalar_t(1), new_max);
-            running_max[i] = new_max;
+            softmax.add(i, logits, nb, tile_max[i]);
           }
         }
         for (int64_t i = 0; i < qb; ++i) {
-          lsep[b * Q + q0 + i] = running_max[i] + std::log(running_sum[i]);
+          lsep[b * Q + q0 + i] = softmax.logsumexp(i);
           lossp[b * Q + q0 + i] = lsep[b * Q + q0 + i] - target_logit[i];
         }
       });
@@ -103,52 +91,35 @@ void cross_entropy_tile_grad(Block& block, int64_t n0, int64_t nb, const T* S, i
   }
 }
 
-// What the two gradient kernels share besides similarity_backward: checks,
-// contiguous operands and the target check of each block.
-struct CrossEntropyOperands {
-  at::Tensor x, y, target, scale, gscale;
-  Metric metric;
-
-  CrossEntropyOperands(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& target_in,
-                       const at::Tensor& scale_in, c10::string_view metric_name)
-      : metric(parse_metric(metric_name)) {
-    check_metric_operands(x_in, y_in, scale_in);
-    check_target_shape(target_in, x_in);
-    x = x_in.contiguous();
-    y = y_in.contiguous();
-    target = target_in.contiguous();
-    scale = scale_in.contiguous();
-    gscale = at::zeros_like(scale);
-  }
-
-  template <typename Block>
-  const int64_t* checked_targets(const Block& block) const {
-    const int64_t* t = target.const_data_ptr<int64_t>() + block.row;
-    for (int64_t i = 0; i < block.qb; ++i) check_target_value(t[i], block.b, block.q0 + i, block.N);
-    return t;
-  }
-};
+// The targets of a block of queries, checked.
+template <typename Block>
+const int64_t* checked_targets(const SimilarityOperands& o, const Block& block) {
+  const int64_t* t = o.target.const_data_ptr<int64_t>() + block.row;
+  for (int64_t i = 0; i < block.qb; ++i) check_target_value(t[i], block.b, block.q0 + i, block.N);
+  return t;
+}
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward(
     const at::Tensor& grad_in, const at::Tensor& x_in, const at::Tensor& y_in,
     const at::Tensor& target_in, const at::Tensor& scale_in, const at::Tensor& lse_in,
-    c10::string_view metric_name) {
-  CrossEntropyOperands c(x_in, y_in, target_in, scale_in, metric_name);
-  at::Tensor grad = grad_in.contiguous(), lse = lse_in.contiguous();
-  auto g = similarity_backward(c.x, c.y, c.metric, {}, [&](auto& block) {
+    c10::string_view metric) {
+  const SimilarityOperands o =
+      cross_entropy_backward_operands(grad_in, x_in, y_in, target_in, scale_in, lse_in, metric);
+  at::Tensor gscale = at::zeros_like(o.scale);
+  auto g = similarity_backward(o, {}, [&](auto& block) {
     using T = typename std::decay_t<decltype(block)>::Scalar;
-    const int64_t* target = c.checked_targets(block);
+    const int64_t* target = checked_targets(o, block);
     for (int64_t n0 = 0; n0 < block.N; n0 += kKeyBlock) {
       const int64_t nb = std::min(kKeyBlock, block.N - n0);
       const T* S = block.similarities(n0, nb);
-      cross_entropy_tile_grad(block, n0, nb, S, nb, c.scale.const_data_ptr<T>() + block.row,
-                              grad.const_data_ptr<T>() + block.row,
-                              lse.const_data_ptr<T>() + block.row, target,
-                              c.gscale.mutable_data_ptr<T>() + block.row);
+      cross_entropy_tile_grad(block, n0, nb, S, nb, o.scale.const_data_ptr<T>() + block.row,
+                              o.grad.const_data_ptr<T>() + block.row,
+                              o.lse.const_data_ptr<T>() + block.row, target,
+                              gscale.mutable_data_ptr<T>() + block.row);
       block.apply(n0, nb, S, nb);
     }
   });
-  return {g.gx, g.gy, c.gscale};
+  return {g.gx, g.gy, gscale};
 }
 
 // Forward and gradient at once, for a loss that is weight * the sum of the
@@ -158,14 +129,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
 // one matrix product fewer than forward and backward apart.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_with_grad(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& target_in,
-    const at::Tensor& scale_in, c10::string_view metric_name, double weight) {
-  CrossEntropyOperands c(x_in, y_in, target_in, scale_in, metric_name);
-  at::Tensor row_loss = at::empty_like(c.scale);
-  auto g = similarity_backward(c.x, c.y, c.metric, {}, [&](auto& block) {
+    const at::Tensor& scale_in, c10::string_view metric, double weight) {
+  const SimilarityOperands o = cross_entropy_operands(x_in, y_in, target_in, scale_in, metric);
+  at::Tensor row_loss = at::empty_like(o.scale), gscale = at::zeros_like(o.scale);
+  auto g = similarity_backward(o, {}, [&](auto& block) {
     using T = typename std::decay_t<decltype(block)>::Scalar;
     const int64_t N = block.N;
-    const int64_t* target = c.checked_targets(block);
-    const T* sc = c.scale.const_data_ptr<T>() + block.row;
+    const int64_t* target = checked_targets(o, block);
+    const T* sc = o.scale.const_data_ptr<T>() + block.row;
     std::vector<T> S(block.qb * N);
     block.similarities_into(0, N, S.data(), N);
     T lse[kQueryBlock], g[kQueryBlock];
@@ -180,11 +151,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cross_entr
       const int64_t nb = std::min(kKeyBlock, N - n0);
       cross_entropy_tile_grad(block, n0, nb, S.data() + n0, N, sc, static_cast<const T*>(g),
                               static_cast<const T*>(lse), target,
-                              c.gscale.mutable_data_ptr<T>() + block.row);
+                              gscale.mutable_data_ptr<T>() + block.row);
       block.apply(n0, nb, S.data() + n0, N);
     }
   });
-  return {row_loss.sum(1).mul_(weight), g.gx, g.gy, c.gscale};
+  return {row_loss.sum(1).mul_(weight), g.gx, g.gy, gscale};
 }
 
 }  // namespace

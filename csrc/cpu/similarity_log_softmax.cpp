@@ -4,22 +4,21 @@
 #include <cmath>
 #include <limits>
 
-#include "../op_checks.h"
+#include "../operands/metric.h"
 #include "similarity_tiles.h"
 
 namespace fastmeta::cpu {
 namespace {
 
 at::Tensor similarity_log_softmax(const at::Tensor& x_in, const at::Tensor& y_in,
-                                  const at::Tensor& scale_in, c10::string_view metric_name) {
-  Metric metric = parse_metric(metric_name);
-  check_metric_operands(x_in, y_in, scale_in);
-  at::Tensor x = x_in.contiguous(), y = y_in.contiguous(), scale = scale_in.contiguous();
-  const int64_t B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2);
+                                  const at::Tensor& scale_in, c10::string_view metric) {
+  const SimilarityOperands o = log_softmax_operands(x_in, y_in, scale_in, metric);
+  const at::Tensor &x = o.x, &y = o.y, &scale = o.scale;
+  const int64_t B = o.B, Q = o.Q, N = o.N, D = o.D;
   at::Tensor out = at::empty({B, Q, N}, x.options());
   at::Tensor ay_t = at::empty({B, N}, x.options());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta::similarity_log_softmax", [&] {
-    FASTMETA_DISPATCH_METRIC(metric, [&] {
+    FASTMETA_DISPATCH_METRIC(o.metric, [&] {
       const scalar_t* xp = x.const_data_ptr<scalar_t>();
       const scalar_t* yp = y.const_data_ptr<scalar_t>();
       const scalar_t* sp = scale.const_data_ptr<scalar_t>();
@@ -52,14 +51,13 @@ at::Tensor similarity_log_softmax(const at::Tensor& x_in, const at::Tensor& y_in
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_log_softmax_backward(
     const at::Tensor& grad_in, const at::Tensor& log_probs_in, const at::Tensor& x_in,
-    const at::Tensor& y_in, const at::Tensor& scale_in, c10::string_view metric_name) {
-  check_metric_operands(x_in, y_in, scale_in);
-  at::Tensor scale = scale_in.contiguous(), grad = grad_in.contiguous();
-  at::Tensor log_probs = log_probs_in.contiguous();
-  const int64_t N = y_in.size(1);
+    const at::Tensor& y_in, const at::Tensor& scale_in, c10::string_view metric) {
+  const SimilarityOperands o =
+      log_softmax_backward_operands(grad_in, log_probs_in, x_in, y_in, scale_in, metric);
+  const at::Tensor &scale = o.scale, &grad = o.grad, &log_probs = o.out;
+  const int64_t N = o.N;
   at::Tensor gscale = at::zeros_like(scale);
-  auto g = similarity_backward(x_in.contiguous(), y_in.contiguous(), parse_metric(metric_name), {},
-                               [&](auto& block) {
+  auto g = similarity_backward(o, {}, [&](auto& block) {
     using T = typename std::decay_t<decltype(block)>::Scalar;
     const T* sc = scale.const_data_ptr<T>() + block.row;
     const T* grad_rows = grad.const_data_ptr<T>() + block.row * N;

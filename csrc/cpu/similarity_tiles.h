@@ -22,6 +22,7 @@
 #include <vector>
 
 #include "../math/similarity.h"
+#include "../operands/metric.h"
 #include "gemm.h"
 #include "row_math.h"
 
@@ -94,6 +95,36 @@ void logits_tile(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, cons
   for (int64_t i = 0; i < qb; ++i)
     row_max[i] = run_loop<LogitsRowMax<M>>(L + i * ld, nb, ax[i], ay, scale[i]);
 }
+
+// The online softmax of a block of queries over tiles of keys: per row, the
+// running maximum of the logits and the running sum of exp(logit - maximum),
+// so that no [Q, N] buffer is needed.
+template <typename T>
+struct OnlineSoftmax {
+  T max[kQueryBlock], sum[kQueryBlock];
+
+  explicit OnlineSoftmax(int64_t rows) {
+    std::fill(max, max + rows, -std::numeric_limits<T>::infinity());
+    std::fill(sum, sum + rows, T(0));
+  }
+
+  // Adds row i of a tile: its logits (whose maximum is tile_max, NaN skipped)
+  // become the weights exp(logit - running maximum); returns the factor by
+  // which what earlier tiles added must be rescaled.
+  T add(int64_t i, T* logits, int64_t n, T tile_max) {
+    const T new_max = std::max(max[i], tile_max);
+    if (new_max == -std::numeric_limits<T>::infinity()) {  // no finite logit yet
+      std::fill(logits, logits + n, T(0));
+      return T(1);
+    }
+    const T rescale = std::exp(max[i] - new_max);
+    sum[i] = sum[i] * rescale + exp_affine_sum(logits, n, T(1), new_max);
+    max[i] = new_max;
+    return rescale;
+  }
+
+  T logsumexp(int64_t i) const { return max[i] + std::log(sum[i]); }
+};
 
 // One row of similarity_tile_vjp: w[j] *= d s / d(x.y), gy_stat[j] += w[j] *
 // d s / d ay; returns sum_j w[j] * d s / d ax.
@@ -307,17 +338,18 @@ struct SimilarityGradients {
 };
 
 template <typename PerBlock>
-SimilarityGradients similarity_backward(const at::Tensor& x, const at::Tensor& y, Metric metric,
+SimilarityGradients similarity_backward(const SimilarityOperands& o,
                                         const std::vector<int64_t>& extra_widths,
                                         PerBlock per_block) {
-  const int64_t B = x.size(0), Q = x.size(1), N = y.size(1), D = x.size(2);
+  const at::Tensor &x = o.x, &y = o.y;
+  const int64_t B = o.B, Q = o.Q, N = o.N, D = o.D;
   SimilarityGradients out{at::empty_like(x), at::Tensor(), {}};
   at::Tensor ay = at::empty({B, N}, x.options()), cy = at::empty({B, N}, x.options());
   std::vector<int64_t> widths = {D, 1};
   widths.insert(widths.end(), extra_widths.begin(), extra_widths.end());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta: similarity backward", [&] {
     KeyGradAccumulator<scalar_t> keys(B, Q, N, widths, x.options());
-    FASTMETA_DISPATCH_METRIC(metric, [&] {
+    FASTMETA_DISPATCH_METRIC(o.metric, [&] {
       const scalar_t* yp = y.const_data_ptr<scalar_t>();
       key_row_stats<M>(yp, B, N, D, ay.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>());
       keys.run(Q, [&](int64_t b, int64_t q0, int64_t q1, scalar_t* const* key_rows) {

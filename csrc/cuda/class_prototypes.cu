@@ -6,12 +6,12 @@ namespace {
 
 constexpr int kThreads = 256;
 
-// One block per task: counts its labels (out-of-range labels are skipped;
-// the glue has checked them).
+// One block per task: counts its labels, which must be in [0, N).
 __global__ void count_labels_kernel(const int64_t* labels, int64_t S, int64_t N, int64_t* counts) {
   const int64_t b = blockIdx.x;
   for (int64_t s = threadIdx.x; s < S; s += blockDim.x) {
     const int64_t c = labels[b * S + s];
+    FASTMETA_DEVICE_ASSERT(c >= 0 && c < N && "class_prototypes: a label is out of range");
     if (c >= 0 && c < N) atomicAdd(reinterpret_cast<unsigned long long*>(counts + b * N + c), 1ull);
   }
 }
@@ -26,7 +26,8 @@ __global__ void prototypes_kernel(const T* support, const int64_t* labels, const
   acc_t<T> sum = 0;
   for (int64_t s = 0; s < S; ++s)
     if (labels[b * S + s] == c) sum += to_acc(support[(b * S + s) * D + d]);
-  out[i] = counts[b * N + c] > 0 ? sum / acc_t<T>(counts[b * N + c]) : acc_t<T>(0);
+  FASTMETA_DEVICE_ASSERT(counts[b * N + c] > 0 && "class_prototypes: a class has no support examples");
+  out[i] = sum / acc_t<T>(counts[b * N + c]);
 }
 
 template <typename T>
@@ -37,6 +38,7 @@ __global__ void prototypes_backward_kernel(const T* grad, const int64_t* labels,
   if (i >= B * S * D) return;
   const int64_t d = i % D, s = (i / D) % S, b = i / (S * D);
   const int64_t c = labels[b * S + s];
+  if (c < 0 || c >= N) return;  // count_labels_kernel has asserted
   grad_support[i] = to_acc(grad[(b * N + c) * D + d]) / acc_t<T>(counts[b * N + c]);
 }
 
@@ -45,7 +47,7 @@ __global__ void prototypes_backward_kernel(const T* grad, const int64_t* labels,
 void class_label_counts(const int64_t* labels, int64_t B, int64_t S, int64_t N, int64_t* counts,
                         cudaStream_t stream) {
   if (B == 0 || S == 0) return;
-  count_labels_kernel<<<static_cast<unsigned int>(B), kThreads, 0, stream>>>(labels, S, N, counts);
+  count_labels_kernel<<<grid_blocks(B), kThreads, 0, stream>>>(labels, S, N, counts);
   check_launch("class_label_counts");
 }
 

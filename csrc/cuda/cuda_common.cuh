@@ -6,6 +6,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cassert>
 #include <stdexcept>
 #include <string>
 
@@ -37,9 +38,32 @@ inline void check_launch(const char* kernel) {
   }
 }
 
-inline unsigned int blocks_for(int64_t n, int threads) {
-  return static_cast<unsigned int>((n + threads - 1) / threads);
+// A grid of `blocks` blocks, or an error where that is more than one launch
+// can have (never a silently truncated grid).
+inline unsigned int grid_blocks(int64_t blocks) {
+  constexpr int64_t kMaxBlocks = 2147483647;  // gridDim.x limit
+  if (blocks > kMaxBlocks) {
+    throw std::runtime_error("fastmeta: the operands are too large for one CUDA launch (" +
+                             std::to_string(blocks) + " blocks, at most 2^31 - 1)");
+  }
+  return static_cast<unsigned int>(blocks);
 }
+
+inline unsigned int blocks_for(int64_t n, int threads) { return grid_blocks((n + threads - 1) / threads); }
+
+// A device-side assertion for what depends on tensor values (labels,
+// targets), as PyTorch's own kernels do: checking them on the host would
+// wait for the GPU on every call. A failed assertion stops the kernel; the
+// error surfaces at the next synchronisation.
+#if defined(NDEBUG)  // <cassert> declares it only without NDEBUG
+extern "C" __host__ __device__ void __assert_fail(const char* assertion, const char* file,
+                                                  unsigned int line, const char* function) noexcept
+    __attribute__((__noreturn__));
+#endif
+#define FASTMETA_DEVICE_ASSERT(cond)                                           \
+  do {                                                                         \
+    if (!(cond)) __assert_fail(#cond, __FILE__, __LINE__, __PRETTY_FUNCTION__); \
+  } while (0)
 
 // Calls body with T bound to the element type of `dtype`.
 #define FASTMETA_DISPATCH_DTYPE(dtype, ...)                                   \

@@ -151,7 +151,7 @@ void l2o_lstm_backward(const L2oArgs& a, const void* grad_update, const void* gr
     if (blocks > 0) {
       const size_t bytes = backward_shared_bytes<T>(lay, nw);
       set_shared_memory(l2o_backward_kernel<T>, bytes, "l2o_lstm_step backward");
-      l2o_backward_kernel<T><<<static_cast<unsigned int>(blocks), kLstmThreads, bytes, stream>>>(
+      l2o_backward_kernel<T><<<grid_blocks(blocks), kLstmThreads, bytes, stream>>>(
           lay, nw, LogSign<T>::with_p(a.preprocess_p), T(a.output_scale), static_cast<const T*>(a.grad),
           static_cast<const T*>(a.state), static_cast<const T*>(a.weights),
           static_cast<const T*>(grad_update), static_cast<const T*>(grad_state),

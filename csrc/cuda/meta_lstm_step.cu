@@ -158,7 +158,7 @@ void meta_lstm_backward(const MetaArgs& a, const void* grad_theta, const void* g
       const size_t bytes = sizeof(T) * (2 * nw + 2 + int64_t(kLstmThreads) *
                                                          (2 * (kInputs + lay.H) + 8 * lay.H + 4));
       set_shared_memory(meta_backward_kernel<T>, bytes, "meta_lstm_step backward");
-      meta_backward_kernel<T><<<static_cast<unsigned int>(blocks), kLstmThreads, bytes, stream>>>(
+      meta_backward_kernel<T><<<grid_blocks(blocks), kLstmThreads, bytes, stream>>>(
           lay, LogSign<T>::with_p(a.preprocess_p), static_cast<const T*>(a.grad),
           static_cast<const T*>(a.loss), static_cast<const T*>(a.theta),
           static_cast<const T*>(a.state), static_cast<const T*>(a.weights),

@@ -90,6 +90,10 @@ __global__ void __launch_bounds__(kMlpThreads)
                       task_ptr<T>(a.hvp_input, t, X),
                       global_workspace ? global_workspace + t * s.workspace_size()
                                        : reinterpret_cast<T*>(shared)};
+  if (task.labels)
+    for (int64_t i = threadIdx.x; i < s.N; i += blockDim.x)
+      FASTMETA_DEVICE_ASSERT(task.labels[i] >= 0 && task.labels[i] < s.outputs() &&
+                             "mlp_task_derivatives: a label is out of range");
   BlockTeam<T> team;
   mlp_task(s, task, team);
 }
@@ -118,7 +122,7 @@ void mlp_task_derivatives(const MlpArgs& a, void* global_workspace, cudaStream_t
     if (shared_bytes > 48 * 1024)
       cudaFuncSetAttribute(mlp_task_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(shared_bytes));
-    mlp_task_kernel<T><<<static_cast<unsigned int>(a.T), kMlpThreads,
+    mlp_task_kernel<T><<<grid_blocks(a.T), kMlpThreads,
                          static_cast<size_t>(shared_bytes), stream>>>(
         a, static_cast<T*>(global_workspace));
     check_launch("mlp_task_derivatives");

@@ -7,26 +7,39 @@ import torch
 from torch import nn
 
 from .. import _build_config
-from ..functional import (Loss, _loss_fn, flat_to_dict, maml_query_loss, mlp_derivatives,
+from .engine import (Loss, _loss_fn, flat_to_dict, maml_query_loss, mlp_derivatives,
                           mlp_structure, module_derivatives)
 
 __all__ = ["BatchedMAML", "Reptile"]
 
 
-def _check_tasks(name: str, **tensors: torch.Tensor):
-    """All tensors are [T, N, ...] with the same T, and the support set is not empty."""
+def _check_tasks(name: str, device: torch.device, **tensors: torch.Tensor):
+    """All tensors are [T, N, ...] with the same T > 0, on the module's
+    device, and the support and query sets are not empty."""
     for key, t in tensors.items():
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {key} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 2:
             raise ValueError(f"{name}: {key} must be [T, N, ...] (tasks, points), got shape "
                              f"{list(t.shape)}")
+        if t.device != device:
+            raise ValueError(f"{name}: {key} is on {t.device} but the module's parameters are on "
+                             f"{device}; move them to the same device")
     counts = {key: t.shape[0] for key, t in tensors.items()}
     if len(set(counts.values())) > 1:
         raise ValueError(f"{name}: the number of tasks differs between "
                          + ", ".join(f"{k} ({v})" for k, v in counts.items()))
-    if "x_support" in tensors and tensors["x_support"].shape[1] == 0:
-        raise ValueError(f"{name}: the support set is empty (x_support has 0 points per task)")
+    if 0 in counts.values():
+        raise ValueError(f"{name}: there are no tasks (T = 0); pass at least one task")
+    for key, what in (("x_support", "support"), ("x_query", "query")):
+        if key in tensors and tensors[key].shape[1] == 0:
+            raise ValueError(f"{name}: the {what} set is empty ({key} has 0 points per task)")
+
+
+def _check_steps(name: str, steps) -> int:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"{name}: the number of inner steps must be an int >= 0, got {steps!r}")
+    return steps
 
 
 class _TaskBatchLearner(nn.Module):
@@ -36,29 +49,49 @@ class _TaskBatchLearner(nn.Module):
 
     def __init__(self, module: nn.Module, inner_steps: int, loss: Loss):
         super().__init__()
-        if inner_steps < 0:
-            raise ValueError(f"inner_steps must be >= 0, got {inner_steps}")
+        name = type(self).__name__
+        if not isinstance(module, nn.Module):
+            raise TypeError(f"{name}: module must be an nn.Module, got {type(module).__name__}")
+        if not any(True for _ in module.parameters()):
+            raise ValueError(f"{name}: the module has no parameters to adapt")
         self.module = module
-        self.inner_steps = int(inner_steps)
+        self.inner_steps = _check_steps(name, inner_steps)
         self.loss = loss
         _loss_fn(loss)  # rejects unknown loss names
-        mlp = None if callable(loss) else mlp_structure(module)
-        self._fused_derivatives = None if mlp is None else mlp_derivatives(*mlp, loss)
+        self._fused_cache = None
+
+    def _fused_derivatives(self):
+        """The fused kernels' derivatives function, or None where they would
+        not reproduce the module exactly. Checked at every call, since hooks
+        and parametrizations can be added to the module at any time."""
+        mlp = None if callable(self.loss) else mlp_structure(self.module)
+        if mlp is None:
+            return None
+        key = (tuple(mlp[0]), tuple(mlp[1]))
+        if self._fused_cache is None or self._fused_cache[0] != key:
+            self._fused_cache = (key, mlp_derivatives(*mlp, self.loss))
+        return self._fused_cache[1]
 
     @property
     def fused(self) -> bool:
-        """Whether the learner is an MLP the fused kernels support (with this loss)."""
-        return self._fused_derivatives is not None
+        """Whether the learner is an MLP the fused kernels compute exactly
+        (with this loss): exactly ``nn.Linear`` layers and supported
+        activations, without hooks, parametrizations or tied weights."""
+        return self._fused_derivatives() is not None
 
     def derivatives(self, x: torch.Tensor, dtype: torch.dtype):
         """The derivatives function for inputs ``x`` and parameters of
         ``dtype``: the fused kernels where they support the learner."""
+        fused = self._fused_derivatives()
         on_fused_device = x.device.type == "cpu" or (x.device.type == "cuda" and
                                                      _build_config.WITH_CUDA)
-        if (self.fused and x.dim() == 3 and on_fused_device
+        if (fused is not None and x.dim() == 3 and on_fused_device
                 and dtype in (torch.float32, torch.float64)):
-            return self._fused_derivatives
+            return fused
         return module_derivatives(self.module, self.loss)
+
+    def _device(self) -> torch.device:
+        return next(self.module.parameters()).device
 
     def _inner_lr(self) -> torch.Tensor:
         """The inner learning rate: 0-dimensional, or flat [P] (Meta-SGD)."""
@@ -92,15 +125,16 @@ class _TaskBatchLearner(nn.Module):
         """Per-task adapted parameters ``{name: [T, *shape]}`` after ``steps``
         (default ``inner_steps``) inner steps, without meta-gradients; use
         with ``torch.func.functional_call`` or :meth:`predict`."""
-        _check_tasks(type(self).__name__, x_support=x_support, y_support=y_support)
-        steps = self.inner_steps if steps is None else steps
+        name = type(self).__name__
+        _check_tasks(name, self._device(), x_support=x_support, y_support=y_support)
+        steps = self.inner_steps if steps is None else _check_steps(name, steps)
         return flat_to_dict(self.module, self._adapted(x_support, y_support, steps)[1])
 
     @torch.no_grad()
     def predict(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
                 steps: Optional[int] = None) -> torch.Tensor:
         """The adapted learners' outputs on ``x_query`` ``[T, ...]``."""
-        _check_tasks(type(self).__name__, x_support=x_support, y_support=y_support,
+        _check_tasks(type(self).__name__, self._device(), x_support=x_support, y_support=y_support,
                      x_query=x_query)
         params = self.adapt(x_support, y_support, steps)
         return torch.func.vmap(lambda p, x: torch.func.functional_call(self.module, p, (x,)))(
@@ -118,11 +152,11 @@ class BatchedMAML(_TaskBatchLearner):
     parameters, of the inputs (ANIL: a feature extractor before the head) and,
     with ``learn_inner_lr``, of the learning rates.
 
-    If the module is an MLP (``nn.Sequential`` of ``nn.Linear`` with bias and
-    ReLU, Tanh, Sigmoid, ELU), the loss is ``"mse"`` or ``"cross_entropy"``
-    and inputs are ``[T, N, features]``, the fused kernels compute every
-    task's derivatives at once; otherwise torch.func does (``.fused`` says
-    which).
+    If the module is an MLP (``nn.Sequential`` of exactly ``nn.Linear`` with
+    bias and ReLU, Tanh, Sigmoid, ELU, without hooks, parametrizations or
+    tied weights), the loss is ``"mse"`` or ``"cross_entropy"`` and inputs
+    are ``[T, N, features]``, the fused kernels compute every task's
+    derivatives at once; otherwise torch.func does (``.fused`` says which).
 
     Args:
         module: the learner; the meta-parameters are its initial parameters.
@@ -156,8 +190,8 @@ class BatchedMAML(_TaskBatchLearner):
     def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
                 y_query: torch.Tensor) -> torch.Tensor:
         """The mean over tasks of the query loss after adaptation."""
-        _check_tasks("BatchedMAML", x_support=x_support, y_support=y_support, x_query=x_query,
-                     y_query=y_query)
+        _check_tasks("BatchedMAML", self._device(), x_support=x_support, y_support=y_support,
+                     x_query=x_query, y_query=y_query)
         theta, lr = self._flat_parameters_and_step_size()
         losses = maml_query_loss(self.derivatives(x_support, theta.dtype), theta, lr, x_support, y_support,
                                  x_query, y_query, self.inner_steps, self.first_order)
@@ -182,7 +216,7 @@ class Reptile(_TaskBatchLearner):
 
     @torch.no_grad()
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        _check_tasks("Reptile", x_support=x, y_support=y)
+        _check_tasks("Reptile", self._device(), x_support=x, y_support=y)
         theta, thetas, losses = self._adapted(x, y, self.inner_steps)
         new_theta = theta + self.outer_lr * (thetas.mean(0) - theta)
         for name, value in flat_to_dict(self.module, new_theta).items():

@@ -65,9 +65,15 @@ def _apply_updates(module: nn.Module, memo: dict) -> nn.Module:
     return module
 
 
+def _check_has_parameters(owner: str, params: List[torch.Tensor]):
+    if not params:
+        raise ValueError(f"{owner}.adapt: the module has no parameters to adapt")
+
+
 def _gradients(loss: torch.Tensor, params: List[torch.Tensor], second_order: bool,
                allow_unused: bool, allow_nograd: bool) -> List[Optional[torch.Tensor]]:
     """d loss / d params, None for parameters without one (where allowed)."""
+    _check_has_parameters("MAML", params)
     if not allow_nograd:
         frozen = [i for i, p in enumerate(params) if not p.requires_grad]
         if frozen:
@@ -163,6 +169,7 @@ class MetaSGD(nn.Module):
         """One inner step ``p <- p - lr_p * d loss / d p``, in place."""
         first_order = self.first_order if first_order is None else first_order
         params = list(self.module.parameters())
+        _check_has_parameters("MetaSGD", params)
         grads = torch.autograd.grad(loss, params, retain_graph=not first_order,
                                     create_graph=not first_order)
         self.module = update_module(self.module,

@@ -62,6 +62,12 @@ class CoordinatewiseLSTM(nn.Module):
                             f"are {weights.dtype}; convert one of them (e.g. lstm.to({grad.dtype}))")
         if state is None:
             state = self.initial_state(grad)
+        own = (self.num_layers, self.hidden_size)
+        if isinstance(state, torch.Tensor) and state.dim() == 4 and (state.shape[0], state.shape[2]) != own:
+            raise ValueError(f"CoordinatewiseLSTM: state has shape {list(state.shape)}, the state of "
+                             f"an LSTM with num_layers = {state.shape[0]} and hidden_size = "
+                             f"{state.shape[2]}, but this one has num_layers = {own[0]} and "
+                             f"hidden_size = {own[1]}")
         update, state = ops.l2o_lstm_step(flat, state, weights, self.preprocess_p, self.output_scale)
         return update.view(grad.shape), state
 

@@ -94,11 +94,53 @@ def metric_operands(op: str, x, y, metric: str, scale: Union[float, torch.Tensor
 
 
 def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
+    """``loss`` reduced as a PyTorch loss's ``reduction`` says."""
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def check_raw_operands(op: str, *operands) -> dict:
+    """The checks of a raw op's fake implementation, as its kernels make them
+    (``csrc/operands/``): same device, dtypes, ranks, and sizes that agree.
+
+    Each operand is ``(name, tensor, dims, dtype)``: ``dims`` names each
+    dimension with a letter (a digit is a fixed size) and a letter's sizes
+    must agree across operands; ``dtype`` is a ``torch.dtype`` or None for the
+    dtype of the first operand, which must be floating. Returns the size of
+    each letter.
+    """
+    first_name, first = operands[0][0], operands[0][1]
+    torch._check(first.is_floating_point(),
+                 lambda: f"fastmeta::{op}: {first_name} must be a floating-point tensor, got {first.dtype}")
+    sizes = {}
+    for name, t, dims, dtype in operands:
+        want = first.dtype if dtype is None else dtype
+        torch._check(t.device == first.device,
+                     lambda: f"fastmeta::{op}: {name} must be on {first.device} like {first_name}, "
+                             f"got {t.device}")
+        torch._check(t.dtype == want, lambda: f"fastmeta::{op}: {name} must have dtype {want}, got {t.dtype}")
+        torch._check(t.dim() == len(dims),
+                     lambda: f"fastmeta::{op}: {name} must have {len(dims)} dimensions "
+                             f"[{', '.join(dims)}], got shape {list(t.shape)}")
+        for i, (letter, size) in enumerate(zip(dims, t.shape)):
+            if letter.isdigit():
+                torch._check(size == int(letter), lambda: f"fastmeta::{op}: {name} must have size "
+                             f"{letter} in dimension {i}, got shape {list(t.shape)}")
+            elif letter in sizes:
+                other_name, other = sizes[letter]
+                torch._check(size == other, lambda: f"fastmeta::{op}: {name} has {letter} = {size} in "
+                             f"dimension {i} but {other_name} has {letter} = {other}")
+            else:
+                sizes[letter] = (name, size)
+    return {letter: size for letter, (_, size) in sizes.items()}
+
+
+def check_raw_metric(op: str, metric: str, metrics: Sequence[str] = METRICS):
+    torch._check(metric in metrics, lambda: f"fastmeta::{op}: unknown metric {metric!r}; expected one "
+                 f"of {', '.join(map(repr, metrics))}")
 
 
 def register_vmap_over_tasks(op_name: str):

@@ -43,15 +43,25 @@ def attention_readout(x: torch.Tensor, y: torch.Tensor, values: torch.Tensor, me
     return a.output(out)
 
 
+def _check_raw(op, metric, x, y, values, scale, *per_query):
+    _common.check_raw_metric(op, metric)
+    return _common.check_raw_operands(op, ("x", x, "BQD", None), ("y", y, "BND", None),
+                                      ("values", values, "BNV", None),
+                                      ("scale", scale, "BQ", None), *per_query)
+
+
 @torch.library.register_fake("fastmeta::attention_readout")
 def _(x, y, values, scale, metric):
-    torch._check(x.dim() == 3 and y.dim() == 3 and values.dim() == 3)
-    return (x.new_empty(x.shape[0], x.shape[1], values.shape[2]),
+    size = _check_raw("attention_readout", metric, x, y, values, scale)
+    return (x.new_empty(size["B"], size["Q"], size["V"]),
             x.new_empty(x.shape[:2], dtype=_common.accumulate_dtype(x.dtype)))
 
 
 @torch.library.register_fake("fastmeta::attention_readout_backward")
 def _(grad, out, logsumexp, x, y, values, scale, metric):
+    _check_raw("attention_readout_backward", metric, x, y, values, scale,
+               ("grad", grad, "BQV", None), ("out", out, "BQV", None),
+               ("logsumexp", logsumexp, "BQ", _common.accumulate_dtype(x.dtype)))
     return (torch.empty_like(x), torch.empty_like(y), torch.empty_like(values),
             torch.empty_like(scale))
 

@@ -47,13 +47,18 @@ def class_prototypes(support: torch.Tensor, labels: torch.Tensor, num_classes: i
 
 @torch.library.register_fake("fastmeta::class_prototypes")
 def _(support, labels, num_classes):
-    torch._check(support.dim() == 3 and labels.dim() == 2)
-    return support.new_empty(support.shape[0], num_classes, support.shape[2])
+    op = "class_prototypes"
+    size = _common.check_raw_operands(op, ("support", support, "BSD", None),
+                                      ("labels", labels, "BS", torch.int64))
+    torch._check(num_classes >= 0, lambda: f"fastmeta::{op}: num_classes must be >= 0, got {num_classes}")
+    return support.new_empty(size["B"], num_classes, size["D"])
 
 
 @torch.library.register_fake("fastmeta::class_prototypes_backward")
 def _(grad, labels):
-    return grad.new_empty(grad.shape[0], labels.shape[1], grad.shape[2])
+    size = _common.check_raw_operands("class_prototypes_backward", ("grad", grad, "BND", None),
+                                      ("labels", labels, "BS", torch.int64))
+    return grad.new_empty(size["B"], size["S"], size["D"])
 
 
 def _setup_context(ctx, inputs, output):

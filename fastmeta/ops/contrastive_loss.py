@@ -49,14 +49,20 @@ def contrastive_loss(x1: torch.Tensor, x2: torch.Tensor, same: torch.Tensor, mar
     return _common.reduce_loss(loss.view(pairs_shape), reduction).to(x1.dtype)
 
 
+def _check_raw(op, x1, x2, same, *per_pair):
+    return _common.check_raw_operands(op, ("x1", x1, "MD", None), ("x2", x2, "MD", None),
+                                      ("same", same, "M", None), *per_pair)
+
+
 @torch.library.register_fake("fastmeta::contrastive_loss")
 def _(x1, x2, same, margin):
-    torch._check(x1.dim() == 2 and x2.dim() == 2 and same.dim() == 1)
+    _check_raw("contrastive_loss", x1, x2, same)
     return x1.new_empty(x1.shape[0])
 
 
 @torch.library.register_fake("fastmeta::contrastive_loss_backward")
 def _(grad, x1, x2, same, margin):
+    _check_raw("contrastive_loss_backward", x1, x2, same, ("grad", grad, "M", None))
     return torch.empty_like(x1), torch.empty_like(x2), torch.empty_like(same)
 
 

@@ -29,9 +29,10 @@ def _check(op: str, grad, state, weights):
                          f"P = {grad.shape[0]}; each parameter needs its own state")
     expected = l2o_num_weights(state.shape[0], state.shape[2])
     if weights.shape != (expected,):
-        raise ValueError(f"{op}: weights must be a flat tensor of {expected} values for "
-                         f"num_layers = {state.shape[0]}, hidden_size = {state.shape[2]}; got shape "
-                         f"{list(weights.shape)}")
+        raise ValueError(f"{op}: weights must be a flat tensor of {expected} values for the "
+                         f"state's num_layers = {state.shape[0]} and hidden_size = {state.shape[2]} "
+                         f"(state of shape {list(state.shape)}), got shape {list(weights.shape)}; "
+                         "are the state and the weights from the same LSTM?")
 
 
 def l2o_lstm_step(grad: torch.Tensor, state: torch.Tensor, weights: torch.Tensor,
@@ -78,18 +79,38 @@ def l2o_lstm_step_(param: torch.Tensor, grad: torch.Tensor, state: torch.Tensor,
                                           float(output_scale))
 
 
+def _check_raw(op, grad, state, weights, preprocess_p, *others):
+    torch._check(grad.dtype in (torch.float32, torch.float64),
+                 lambda: f"fastmeta::{op}: grad must be a float32 or float64 tensor, got {grad.dtype}")
+    size = _common.check_raw_operands(op, ("grad", grad, "P", None), ("state", state, "L2HP", None),
+                                      ("weights", weights, "W", None), *others)
+    torch._check(size["L"] >= 1 and size["H"] >= 1,
+                 lambda: f"fastmeta::{op}: state must have shape [num_layers, 2, hidden_size, P], "
+                         f"got {list(state.shape)}")
+    expected = l2o_num_weights(size["L"], size["H"])
+    torch._check(size["W"] == expected,
+                 lambda: f"fastmeta::{op}: a state of shape {list(state.shape)} needs {expected} "
+                         f"weights, but weights has {size['W']}; are the state and the weights from "
+                         "the same LSTM?")
+    torch._check(preprocess_p > 0, lambda: f"fastmeta::{op}: preprocess_p must be positive")
+
+
 @torch.library.register_fake("fastmeta::l2o_lstm_step")
 def _(grad, state, weights, preprocess_p, output_scale):
+    _check_raw("l2o_lstm_step", grad, state, weights, preprocess_p)
     return torch.empty_like(grad), torch.empty_like(state)
 
 
 @torch.library.register_fake("fastmeta::l2o_lstm_step_")
 def _(param, grad, state, weights, preprocess_p, output_scale):
+    _check_raw("l2o_lstm_step_", grad, state, weights, preprocess_p, ("param", param, "P", None))
     return None
 
 
 @torch.library.register_fake("fastmeta::l2o_lstm_step_backward")
 def _(grad_update, grad_state, grad, state, weights, preprocess_p, output_scale):
+    _check_raw("l2o_lstm_step_backward", grad, state, weights, preprocess_p,
+               ("grad_update", grad_update, "P", None), ("grad_state", grad_state, "L2HP", None))
     return torch.empty_like(grad), torch.empty_like(state), torch.empty_like(weights)
 
 

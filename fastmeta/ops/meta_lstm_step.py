@@ -58,13 +58,33 @@ def meta_lstm_step(grad: torch.Tensor, loss: torch.Tensor, theta: torch.Tensor, 
     return torch.ops.fastmeta.meta_lstm_step(grad, loss, theta, state, weights, float(preprocess_p))
 
 
+def _check_raw(op, grad, loss, theta, state, weights, preprocess_p, *others):
+    torch._check(grad.dtype in (torch.float32, torch.float64),
+                 lambda: f"fastmeta::{op}: grad must be a float32 or float64 tensor, got {grad.dtype}")
+    size = _common.check_raw_operands(op, ("grad", grad, "P", None), ("loss", loss, "", None),
+                                      ("theta", theta, "P", None), ("state", state, "SP", None),
+                                      ("weights", weights, "W", None), *others)
+    torch._check(size["S"] >= 4 and size["S"] % 2 == 0,
+                 lambda: f"fastmeta::{op}: state must have shape [2 * hidden_size + 2, P], got "
+                         f"{list(state.shape)}")
+    expected = meta_lstm_num_weights(size["S"] // 2 - 1)
+    torch._check(size["W"] == expected,
+                 lambda: f"fastmeta::{op}: a state of shape {list(state.shape)} needs {expected} "
+                         f"weights, but weights has {size['W']}; are the state and the weights from "
+                         "the same meta-learner?")
+    torch._check(preprocess_p > 0, lambda: f"fastmeta::{op}: preprocess_p must be positive")
+
+
 @torch.library.register_fake("fastmeta::meta_lstm_step")
 def _(grad, loss, theta, state, weights, preprocess_p):
+    _check_raw("meta_lstm_step", grad, loss, theta, state, weights, preprocess_p)
     return torch.empty_like(theta), torch.empty_like(state)
 
 
 @torch.library.register_fake("fastmeta::meta_lstm_step_backward")
 def _(grad_theta, grad_state, grad, loss, theta, state, weights, preprocess_p):
+    _check_raw("meta_lstm_step_backward", grad, loss, theta, state, weights, preprocess_p,
+               ("grad_theta", grad_theta, "P", None), ("grad_state", grad_state, "SP", None))
     return (torch.empty_like(grad), torch.empty_like(loss), torch.empty_like(theta),
             torch.empty_like(state), torch.empty_like(weights))
 

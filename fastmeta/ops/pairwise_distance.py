@@ -31,14 +31,21 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, metric: str = "sqeuclide
     return a.output(torch.ops.fastmeta.pairwise_distance(a.x, a.y, metric))
 
 
+def _check_raw(op, metric, x, y, *outputs):
+    _common.check_raw_metric(op, metric, _common.DISTANCE_METRICS)
+    return _common.check_raw_operands(op, ("x", x, "BQD", None), ("y", y, "BND", None),
+                                      *((name, t, "BQN", None) for name, t in outputs))
+
+
 @torch.library.register_fake("fastmeta::pairwise_distance")
 def _(x, y, metric):
-    torch._check(x.dim() == 3 and y.dim() == 3 and x.shape[2] == y.shape[2])
-    return x.new_empty(x.shape[0], x.shape[1], y.shape[1])
+    size = _check_raw("pairwise_distance", metric, x, y)
+    return x.new_empty(size["B"], size["Q"], size["N"])
 
 
 @torch.library.register_fake("fastmeta::pairwise_distance_backward")
 def _(grad, distance, x, y, metric):
+    _check_raw("pairwise_distance_backward", metric, x, y, ("grad", grad), ("distance", distance))
     return torch.empty_like(x), torch.empty_like(y)
 
 

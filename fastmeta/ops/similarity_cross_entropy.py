@@ -62,14 +62,24 @@ def similarity_cross_entropy(x: torch.Tensor, y: torch.Tensor, target: torch.Ten
     return a.output(_common.reduce_loss(loss, reduction))
 
 
+def _check_raw(op, metric, x, y, target, scale, *per_query):
+    _common.check_raw_metric(op, metric)
+    return _common.check_raw_operands(op, ("x", x, "BQD", None), ("y", y, "BND", None),
+                                      ("target", target, "BQ", torch.int64),
+                                      ("scale", scale, "BQ", None), *per_query)
+
+
 @torch.library.register_fake("fastmeta::similarity_cross_entropy")
 def _(x, y, target, scale, metric):
-    torch._check(x.dim() == 3 and y.dim() == 3 and x.shape[2] == y.shape[2])
+    _check_raw("similarity_cross_entropy", metric, x, y, target, scale)
     return x.new_empty(x.shape[:2]), x.new_empty(x.shape[:2], dtype=_common.accumulate_dtype(x.dtype))
 
 
 @torch.library.register_fake("fastmeta::similarity_cross_entropy_backward")
 def _(grad, x, y, target, scale, logsumexp, metric):
+    _check_raw("similarity_cross_entropy_backward", metric, x, y, target, scale,
+               ("grad", grad, "BQ", None),
+               ("logsumexp", logsumexp, "BQ", _common.accumulate_dtype(x.dtype)))
     return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
 
 
@@ -94,7 +104,7 @@ def _reference_backward(grad, x, y, target, scale, logsumexp, metric):
 
 @torch.library.register_fake("fastmeta::similarity_cross_entropy_with_grad")
 def _(x, y, target, scale, metric, weight):
-    torch._check(x.dim() == 3 and y.dim() == 3 and x.shape[2] == y.shape[2])
+    _check_raw("similarity_cross_entropy_with_grad", metric, x, y, target, scale)
     return x.new_empty(x.shape[0]), torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
 
 

@@ -34,14 +34,23 @@ def similarity_log_softmax(x: torch.Tensor, y: torch.Tensor, metric: str = "sqeu
     return a.output(torch.ops.fastmeta.similarity_log_softmax(a.x, a.y, a.scale, metric))
 
 
+def _check_raw(op, metric, x, y, scale, *outputs):
+    _common.check_raw_metric(op, metric)
+    return _common.check_raw_operands(op, ("x", x, "BQD", None), ("y", y, "BND", None),
+                                      ("scale", scale, "BQ", None),
+                                      *((name, t, "BQN", None) for name, t in outputs))
+
+
 @torch.library.register_fake("fastmeta::similarity_log_softmax")
 def _(x, y, scale, metric):
-    torch._check(x.dim() == 3 and y.dim() == 3 and x.shape[2] == y.shape[2])
-    return x.new_empty(x.shape[0], x.shape[1], y.shape[1])
+    size = _check_raw("similarity_log_softmax", metric, x, y, scale)
+    return x.new_empty(size["B"], size["Q"], size["N"])
 
 
 @torch.library.register_fake("fastmeta::similarity_log_softmax_backward")
 def _(grad, log_probs, x, y, scale, metric):
+    _check_raw("similarity_log_softmax_backward", metric, x, y, scale, ("grad", grad),
+               ("log_probs", log_probs))
     return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
 
 

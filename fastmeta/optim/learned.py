@@ -40,6 +40,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
                     continue
                 if param.grad.is_sparse:
                     raise RuntimeError("LearnedOptimizer does not support sparse gradients")
+                if param.dtype not in (torch.float32, torch.float64):
+                    raise TypeError(f"LearnedOptimizer: a parameter has dtype {param.dtype}; the "
+                                    "coordinatewise LSTM kernels take float32 and float64 parameters")
                 key = (param.dtype, param.device)
                 if key not in weights:
                     weights[key] = self.lstm.flat_weights().detach().to(param.device, param.dtype)
