@@ -1,8 +1,12 @@
 """Helpers for fastmeta's tests: devices, dtypes and tolerances."""
 
+import subprocess
+import sys
+
 import torch
 
-__all__ = ["DEVICES", "FLOAT_DTYPES", "dtypes_for", "assert_close_to_reference", "randn"]
+__all__ = ["DEVICES", "FLOAT_DTYPES", "dtypes_for", "assert_close_to_reference", "randn",
+           "run_until_device_assertion"]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float32, torch.float64]
@@ -36,3 +40,13 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor, dtyp
     magnitude = expected.abs().max().item() if expected.numel() else 1.0
     torch.testing.assert_close(actual.double().cpu(), expected.cpu(), rtol=rtol,
                                atol=atol * max(1.0, magnitude), equal_nan=True, msg=msg or None)
+
+
+def run_until_device_assertion(code: str) -> str:
+    """Runs Python ``code`` in a new process and returns its output, which
+    must end in a failed CUDA device-side assertion (that ends the process's
+    CUDA context, so it cannot run in the test process)."""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "device-side assert" in output, output[-2000:]
+    return output

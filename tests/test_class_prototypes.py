@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from fastmeta import ops, reference
-from fastmeta.testing import DEVICES, assert_close_to_reference, dtypes_for, randn
+from fastmeta.testing import (DEVICES, assert_close_to_reference, dtypes_for, randn,
+                              run_until_device_assertion)
 
 
 def labels_covering_all_classes(B, S, N, device):
@@ -39,21 +40,34 @@ def test_unbatched(device):
                               reference.class_prototypes(support, labels, 5), torch.float64)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_class_without_support_names_task_and_class(device):
-    support = randn(3, 4, 2, device=device)
-    labels = torch.tensor([[0, 1, 2, 0], [0, 1, 1, 0], [2, 1, 0, 0]], device=device)
+def test_class_without_support_names_task_and_class():
+    support = randn(3, 4, 2)
+    labels = torch.tensor([[0, 1, 2, 0], [0, 1, 1, 0], [2, 1, 0, 0]])
     with pytest.raises(RuntimeError, match="class 2 has no support examples in task 1"):
         ops.class_prototypes(support, labels, 3)
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_label_out_of_range(device):
-    support = randn(1, 3, 2, device=device)
+def test_label_out_of_range():
+    support = randn(1, 3, 2)
     for bad in (3, -1):
-        labels = torch.tensor([[0, bad, 2]], device=device)
+        labels = torch.tensor([[0, bad, 2]])
         with pytest.raises(RuntimeError, match=rf"labels\[0, 1\] = {bad} is out of range for num_classes = 3"):
             ops.class_prototypes(support, labels, 3)
+
+
+# On CUDA, label values are device-side assertions (no host synchronisation
+# per call), which end the process's CUDA context: each runs in a subprocess.
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("labels,message", [
+    ("[[0, 1, 2, 0], [0, 1, 1, 0]]", "a class has no support examples"),
+    ("[[0, 3, 2, 1]]", "a label is out of range"),
+])
+def test_bad_labels_on_cuda_are_device_side_assertions(labels, message):
+    output = run_until_device_assertion(
+        f"import torch, fastmeta; labels = torch.tensor({labels}, device='cuda'); "
+        "support = torch.randn(*labels.shape, 2, device='cuda'); "
+        "fastmeta.ops.class_prototypes(support, labels, 3); torch.cuda.synchronize()")
+    assert message in output
 
 
 def test_bad_arguments_name_the_argument():
