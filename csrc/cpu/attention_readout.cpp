@@ -36,22 +36,18 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in,
         const int64_t qb = q1 - q0;
         const scalar_t* xb = xp + (b * Q + q0) * D;
         scalar_t* ob = op + (b * Q + q0) * V;
-        scalar_t ax[kQueryBlock], tile_max[kQueryBlock];
+        scalar_t ax[kQueryBlock];
         row_stats<M>(xb, qb, D, ax, nullptr);
-        OnlineSoftmax<scalar_t> softmax(qb);
-        std::vector<scalar_t> P(qb * std::min(N, kKeyBlock));
-        for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
-          const int64_t nb = std::min(kKeyBlock, N - n0);
-          logits_tile<M>(xb, qb, yp + (b * N + n0) * D, nb, D, ax, ay + b * N + n0,
-                         sp + b * Q + q0, P.data(), nb, tile_max);
-          for (int64_t i = 0; i < qb; ++i) {
-            const scalar_t rescale = softmax.add(i, P.data() + i * nb, nb, tile_max[i]);
-            if (rescale != scalar_t(1)) {
-              for (int64_t v = 0; v < V; ++v) ob[i * V + v] *= rescale;
-            }
-          }
-          gemm_ab_acc(qb, V, nb, P.data(), nb, vp + (b * N + n0) * V, V, ob, V);
-        }
+        const auto softmax = online_softmax_over_keys<M>(
+            xb, qb, ax, yp + b * N * D, ay + b * N, N, D, sp + b * Q + q0,
+            [](int64_t, int64_t, const scalar_t*) {},
+            [&](int64_t n0, int64_t nb, const scalar_t* weights, const scalar_t* rescale) {
+              for (int64_t i = 0; i < qb; ++i) {
+                if (rescale[i] == scalar_t(1)) continue;
+                for (int64_t v = 0; v < V; ++v) ob[i * V + v] *= rescale[i];
+              }
+              gemm_ab_acc(qb, V, nb, weights, nb, vp + (b * N + n0) * V, V, ob, V);
+            });
         for (int64_t i = 0; i < qb; ++i) {
           lsep[b * Q + q0 + i] = softmax.logsumexp(i);
           if (N == 0) continue;

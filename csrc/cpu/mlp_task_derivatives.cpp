@@ -176,8 +176,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_task_
                          static_cast<scalar_t*>(data_or_null(o.hvp)),
                          static_cast<scalar_t*>(data_or_null(o.hvp_input))};
     at::parallel_for(0, o.params.size(0), 1, [&](int64_t t0, int64_t t1) {
-      at::Tensor work = at::empty({s.workspace_size()}, o.params.options());
-      run_loop<MlpTasks>(b, t0, t1, work.mutable_data_ptr<scalar_t>());
+      std::vector<scalar_t> work(s.workspace_size());
+      run_loop<MlpTasks>(b, t0, t1, work.data());
     });
   });
   return o.outputs();

@@ -44,22 +44,18 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x_
       for_each_query_block(B, Q, [&](int64_t b, int64_t q0, int64_t q1) {
         const int64_t qb = q1 - q0;
         const scalar_t* xb = xp + (b * Q + q0) * D;
-        scalar_t ax[kQueryBlock], target_logit[kQueryBlock], tile_max[kQueryBlock];
+        const int64_t* targets = tp + b * Q + q0;
+        scalar_t ax[kQueryBlock], target_logit[kQueryBlock];
         row_stats<M>(xb, qb, D, ax, nullptr);
-        for (int64_t i = 0; i < qb; ++i) check_target_value(tp[b * Q + q0 + i], b, q0 + i, N);
-        OnlineSoftmax<scalar_t> softmax(qb);
-        std::vector<scalar_t> S(qb * std::min(N, kKeyBlock));
-        for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
-          const int64_t nb = std::min(kKeyBlock, N - n0);
-          logits_tile<M>(xb, qb, yp + (b * N + n0) * D, nb, D, ax, ay + b * N + n0,
-                         sp + b * Q + q0, S.data(), nb, tile_max);
-          for (int64_t i = 0; i < qb; ++i) {
-            scalar_t* logits = S.data() + i * nb;
-            const int64_t t = tp[b * Q + q0 + i] - n0;
-            if (t >= 0 && t < nb) target_logit[i] = logits[t];
-            softmax.add(i, logits, nb, tile_max[i]);
-          }
-        }
+        for (int64_t i = 0; i < qb; ++i) check_target_value(targets[i], b, q0 + i, N);
+        const auto softmax = online_softmax_over_keys<M>(
+            xb, qb, ax, yp + b * N * D, ay + b * N, N, D, sp + b * Q + q0,
+            [&](int64_t n0, int64_t nb, const scalar_t* logits) {
+              for (int64_t i = 0; i < qb; ++i)
+                if (targets[i] >= n0 && targets[i] < n0 + nb)
+                  target_logit[i] = logits[i * nb + targets[i] - n0];
+            },
+            [](int64_t, int64_t, const scalar_t*, const scalar_t*) {});
         for (int64_t i = 0; i < qb; ++i) {
           lsep[b * Q + q0 + i] = softmax.logsumexp(i);
           lossp[b * Q + q0 + i] = lsep[b * Q + q0 + i] - target_logit[i];

@@ -126,6 +126,29 @@ struct OnlineSoftmax {
   T logsumexp(int64_t i) const { return max[i] + std::log(sum[i]); }
 };
 
+// The online softmax of a block of queries xb [qb, D] (row statistics ax)
+// over the keys y [N, D] of their task (row statistics ay), a tile of
+// kKeyBlock keys at a time: on_logits(n0, nb, L) sees each tile's logits
+// L [qb, nb], then on_weights(n0, nb, W, rescale) its weights
+// exp(logit - running maximum) and the factors rescale [qb] by which what
+// earlier tiles added must be multiplied.
+template <Metric M, typename T, typename OnLogits, typename OnWeights>
+OnlineSoftmax<T> online_softmax_over_keys(const T* xb, int64_t qb, const T* ax, const T* y,
+                                          const T* ay, int64_t N, int64_t D, const T* scale,
+                                          OnLogits on_logits, OnWeights on_weights) {
+  OnlineSoftmax<T> softmax(qb);
+  std::vector<T> tile(qb * std::min(N, kKeyBlock));
+  T tile_max[kQueryBlock], rescale[kQueryBlock];
+  for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
+    const int64_t nb = std::min(kKeyBlock, N - n0);
+    logits_tile<M>(xb, qb, y + n0 * D, nb, D, ax, ay + n0, scale, tile.data(), nb, tile_max);
+    on_logits(n0, nb, static_cast<const T*>(tile.data()));
+    for (int64_t i = 0; i < qb; ++i) rescale[i] = softmax.add(i, tile.data() + i * nb, nb, tile_max[i]);
+    on_weights(n0, nb, static_cast<const T*>(tile.data()), static_cast<const T*>(rescale));
+  }
+  return softmax;
+}
+
 // One row of similarity_tile_vjp: w[j] *= d s / d(x.y), gy_stat[j] += w[j] *
 // d s / d ay; returns sum_j w[j] * d s / d ax.
 template <Metric M>

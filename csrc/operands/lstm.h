@@ -4,7 +4,6 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/empty_like.h>
 
 #include "../math/lstm.h"
 #include "common.h"
@@ -43,6 +42,18 @@ inline int64_t meta_num_weights(int64_t H) {
   return MetaLayout{H, 0}.num_weights();
 }
 
+// The gradients of a step's outputs: a per-coordinate one [P] like grad, and
+// that of the new state, shaped like the state.
+inline void check_output_grads(const at::Tensor& grad_out, const char* name,
+                               const at::Tensor& grad_state, const at::Tensor& grad,
+                               const at::Tensor& state) {
+  check_operand(grad_out, name, 1, grad);
+  check_size(grad_out, name, 0, grad.size(0), "the number of coordinates P in grad");
+  check_operand(grad_state, "grad_state", state.dim(), grad);
+  TORCH_CHECK(grad_state.sizes() == state.sizes(), "fastmeta: grad_state must have the shape of "
+              "state ", state.sizes(), ", got ", grad_state.sizes());
+}
+
 inline void check_preprocess_p(double p) {
   TORCH_CHECK(p > 0, "fastmeta: preprocess_p must be positive, got ", p);
 }
@@ -72,11 +83,7 @@ inline L2oOperands l2o_backward_operands(const at::Tensor& grad_update,
                                          const at::Tensor& state, const at::Tensor& weights,
                                          double preprocess_p) {
   L2oOperands o = l2o_operands(grad, state, weights, preprocess_p);
-  check_operand(grad_update, "grad_update", 1, grad);
-  check_size(grad_update, "grad_update", 0, o.layout.P, "the number of coordinates P in grad");
-  check_operand(grad_state, "grad_state", 4, grad);
-  TORCH_CHECK(grad_state.sizes() == state.sizes(), "fastmeta: grad_state must have the shape of "
-              "state ", state.sizes(), ", got ", grad_state.sizes());
+  check_output_grads(grad_update, "grad_update", grad_state, grad, state);
   o.grad_update = grad_update.contiguous();
   o.grad_state = grad_state.contiguous();
   return o;
@@ -130,11 +137,7 @@ inline MetaOperands meta_backward_operands(const at::Tensor& grad_theta,
                                            const at::Tensor& state, const at::Tensor& weights,
                                            double preprocess_p) {
   MetaOperands o = meta_operands(grad, loss, theta, state, weights, preprocess_p);
-  check_operand(grad_theta, "grad_theta", 1, grad);
-  check_size(grad_theta, "grad_theta", 0, o.layout.P, "the number of coordinates P in grad");
-  check_operand(grad_state, "grad_state", 2, grad);
-  TORCH_CHECK(grad_state.sizes() == state.sizes(), "fastmeta: grad_state must have the shape of "
-              "state ", state.sizes(), ", got ", grad_state.sizes());
+  check_output_grads(grad_theta, "grad_theta", grad_state, grad, state);
   o.grad_theta = grad_theta.contiguous();
   o.grad_state = grad_state.contiguous();
   return o;

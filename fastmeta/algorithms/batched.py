@@ -190,9 +190,9 @@ class BatchedMAML(_TaskBatchLearner):
     def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
                 y_query: torch.Tensor) -> torch.Tensor:
         """The mean over tasks of the query loss after adaptation."""
-        _check_tasks("BatchedMAML", self._device(), x_support=x_support, y_support=y_support,
-                     x_query=x_query, y_query=y_query)
         theta, lr = self._flat_parameters_and_step_size()
+        _check_tasks("BatchedMAML", theta.device, x_support=x_support, y_support=y_support,
+                     x_query=x_query, y_query=y_query)
         losses = maml_query_loss(self.derivatives(x_support, theta.dtype), theta, lr, x_support, y_support,
                                  x_query, y_query, self.inner_steps, self.first_order)
         return losses.mean()

@@ -26,6 +26,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as module_hooks
 
 from ..ops import _common
 from ..ops.mlp_task_derivatives import MLP_LOSSES
@@ -68,37 +69,35 @@ def flat_to_dict(module: nn.Module, flat: torch.Tensor) -> Dict[str, torch.Tenso
     return out
 
 
-def _plain(module: nn.Module) -> bool:
-    """Whether calling ``module`` runs just its class's ``forward``: no hooks
-    of its own or global ones, no parametrizations."""
-    from torch.nn.modules import module as module_hooks
-    from torch.nn.utils import parametrize
+_GLOBAL_HOOKS = (module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks,
+                 module_hooks._global_backward_hooks, module_hooks._global_backward_pre_hooks)
 
-    own = (module._forward_hooks, module._forward_pre_hooks, module._backward_hooks,
-           module._backward_pre_hooks)
-    shared = (module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks,
-              module_hooks._global_backward_hooks, module_hooks._global_backward_pre_hooks)
-    return not any(own) and not any(shared) and not parametrize.is_parametrized(module)
+
+def _has_hooks(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks)
 
 
 def mlp_structure(module: nn.Module) -> Optional[Tuple[list, list]]:
     """``(widths, activations)`` of an MLP whose computation the fused kernels
     reproduce exactly: an ``nn.Linear`` or an ``nn.Sequential`` of
-    ``nn.Linear`` layers with bias (exactly those classes, not subclasses),
-    each followed by at most one of ReLU, Tanh, Sigmoid, ELU (alpha 1) or
-    Identity, with no hooks, parametrizations or shared parameters; None for
-    any other module."""
-    layers = list(module) if type(module) is nn.Sequential else [module]
-    if not all(_plain(m) for m in [module] + layers):
+    ``nn.Linear`` layers with bias (exactly those classes, not subclasses;
+    a parametrized layer, spectral norm say, has a class of its own), each
+    followed by at most one of ReLU, Tanh, Sigmoid, ELU (alpha 1) or
+    Identity, with no hooks and no shared parameters; None for any other
+    module. Cheap enough to check at every call."""
+    layers = list(module._modules.values()) if type(module) is nn.Sequential else [module]
+    if any(_GLOBAL_HOOKS) or _has_hooks(module) or any(_has_hooks(m) for m in layers):
         return None
     widths, activations, seen = [], [], set()
     for layer in layers:
-        if type(layer) is nn.Linear and layer.bias is not None:
-            if widths and widths[-1] != layer.in_features:
+        if type(layer) is nn.Linear:
+            weight, bias = layer._parameters["weight"], layer._parameters["bias"]
+            if bias is None or (widths and widths[-1] != layer.in_features):
                 return None
-            if id(layer.weight) in seen or id(layer.bias) in seen:
+            if id(weight) in seen or id(bias) in seen:
                 return None  # tied weights
-            seen.update((id(layer.weight), id(layer.bias)))
+            seen.update((id(weight), id(bias)))
             widths[-1:] = [layer.in_features, layer.out_features]
             activations.append("identity")
         elif type(layer) in _MODULE_ACTIVATIONS and activations and activations[-1] == "identity":
