@@ -7,8 +7,9 @@ Each op is described by a valid call: its tensor operands with named
 dimensions, and its other arguments. A probe changes one thing:
 
 - a tensor's rank, one of its dimensions (to 0 or one more), its dtype or its
-  device (``meta`` among CPU tensors): an error is required wherever the
-  changed dimension is tied to another operand or to the other arguments;
+  device (``meta`` among CPU tensors; with a GPU, CPU among CUDA tensors): an
+  error is required wherever the changed dimension is tied to another operand
+  or to the other arguments;
 - a tensor made non-contiguous: the op must run;
 - one dimension set to 0 in every operand at once: the op must run or raise;
 - an argument that is not a tensor (metric, sizes, constants): an error.
@@ -139,6 +140,10 @@ def probes(name):
         yield (f"{operand}: dtype {wrong}", build(name, change=on(operand, lambda t: t.to(wrong))),
                "run" if alone and kind == "float" else "error")
         yield f"{operand}: on the meta device", build(name, change=on(operand, lambda t: t.to("meta"))), "error"
+        if torch.cuda.is_available():
+            def cpu_among_cuda(n, t, operand=operand):
+                return t if n == operand else t.cuda()
+            yield f"{operand}: on the CPU, the others on CUDA", build(name, change=cpu_among_cuda), "error"
         if kind in ("float", "acc") and operand == operands[0][0]:
             yield f"{operand}: dtype torch.float16", build(name, change=on(operand, lambda t: t.half())), "error"
         for i, d in enumerate(dims):

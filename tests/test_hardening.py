@@ -209,6 +209,12 @@ def test_batched_algorithms_on_a_module_without_parameters(algorithm):
         algorithm(nn.ReLU(), 0.1)
 
 
+def test_batched_hvp_of_a_module_without_parameters():
+    x = torch.randn(2, 3, 1)
+    with pytest.raises(ValueError, match="batched_hvp: the module has no parameters"):
+        fastmeta.functional.batched_hvp(nn.ReLU(), {}, {}, x, x)
+
+
 def test_state_of_another_lstm_is_blamed_on_the_state():
     small, large = fastmeta.nn.CoordinatewiseLSTM(hidden_size=4), fastmeta.nn.CoordinatewiseLSTM(hidden_size=6)
     grad = torch.randn(10)

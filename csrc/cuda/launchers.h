@@ -1,6 +1,6 @@
 // Host entry points of the CUDA kernels. This header and the .cu files use no
 // PyTorch headers (raw pointers, sizes, cudaStream_t), so the kernels compile
-// with nvcc alone; register_cuda.cpp is the PyTorch-facing glue.
+// with nvcc alone; the <family>_glue.cpp files are the PyTorch-facing glue.
 //
 // Floating inputs are of `dtype`; every floating output and the row
 // statistics are of the accumulation type (float, or double for float64
@@ -24,6 +24,7 @@ enum class DType { Float32, Float64, Float16, BFloat16 };
 enum class SimilarityOp { PairwiseDistance, LogSoftmax, CrossEntropy, AttentionReadout };
 
 // Operands of a similarity op; pointers that an op does not use may be null.
+// Cross-entropy targets out of range fail a device-side assertion.
 struct SimilarityArgs {
   DType dtype;
   Metric metric;
@@ -67,8 +68,9 @@ void similarity_backward(SimilarityOp op, const SimilarityArgs& a, const Similar
                          cudaStream_t stream);
 
 // class_prototypes: class_label_counts fills counts [B, N] (int64, zeroed by
-// the caller; out-of-range labels are skipped, the glue checks them), which
-// the forward (prototypes [B, N, D], acc) and backward use.
+// the caller), which the forward (prototypes [B, N, D], acc) and backward
+// use. Labels out of range and classes without examples fail device-side
+// assertions.
 void class_label_counts(const int64_t* labels, int64_t B, int64_t S, int64_t N, int64_t* counts,
                         cudaStream_t stream);
 void class_prototypes_forward(DType dtype, const void* support, const int64_t* labels,

@@ -1,6 +1,7 @@
-// PyTorch glue of the CUDA similarity kernels (similarity.cu): the ops
-// pairwise_distance, similarity_log_softmax, similarity_cross_entropy (and its
-// fused forward-and-gradient form) and attention_readout, forward and backward.
+// PyTorch glue of the CUDA similarity kernels (similarity_forward.cu,
+// similarity_backward.cu): the ops pairwise_distance, similarity_log_softmax,
+// similarity_cross_entropy (and its fused forward-and-gradient form) and
+// attention_readout, forward and backward.
 #include <torch/library.h>
 
 #include <tuple>

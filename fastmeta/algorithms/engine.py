@@ -206,6 +206,8 @@ def batched_hvp(module: nn.Module, params: Dict[str, torch.Tensor],
         Computed through torch.func (forward-over-reverse), vmapped over tasks.
     """
     names = [name for name, _ in module.named_parameters()]
+    if not names:
+        raise ValueError("batched_hvp: the module has no parameters")
     if set(params) != set(names) or set(vector) != set(names):
         raise ValueError(f"batched_hvp: params and vector must have the module's parameter names "
                          f"{names}; got {sorted(params)} and {sorted(vector)}")
