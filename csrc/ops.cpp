@@ -10,6 +10,8 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "math/lstm.h"
+
 TORCH_LIBRARY(fastmeta, m) {
   m.def("pairwise_distance(Tensor x, Tensor y, str metric) -> Tensor");
   m.def(
@@ -68,8 +70,9 @@ TORCH_LIBRARY(fastmeta, m) {
       " -> (Tensor loss, Tensor grad, Tensor grad_input, Tensor hvp, Tensor hvp_input)");
 }
 
-// The Python module fastmeta._C: loading it registers the ops above; its one
-// function reports how the extension was built.
+// The Python module fastmeta._C: loading it registers the ops above; its
+// functions report how the extension was built and how the CUDA L2O kernels
+// lay out their shared memory (tested on any machine).
 PYBIND11_MODULE(_C, m) {
   m.def("build_info", [] {
     pybind11::dict info;
@@ -81,4 +84,12 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return info;
   }, "The PyTorch version this extension was built against, and its CUDA support.");
+  m.def("l2o_shared_plan", [](int64_t num_layers, int64_t hidden_size, bool backward,
+                              int64_t element_bytes, int64_t limit_bytes) {
+    const auto plan = fastmeta::L2oSharedPlan::choose({num_layers, hidden_size, 0}, fastmeta::kLstmThreads,
+                                                      backward, element_bytes, limit_bytes);
+    return pybind11::make_tuple(plan.weights_shared, plan.grads_shared, plan.bytes);
+  }, "Where the CUDA L2O kernels keep weights and weight gradients for a device with "
+     "limit_bytes of shared memory per block: (weights_shared, grads_shared, bytes), bytes -1 "
+     "where nothing fits.");
 }

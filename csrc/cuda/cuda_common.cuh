@@ -38,6 +38,14 @@ inline void check_launch(const char* kernel) {
   }
 }
 
+// The most dynamic shared memory a block can opt in to on the current device.
+inline int64_t max_shared_bytes() {
+  int device = 0, bytes = 0;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  return bytes;
+}
+
 // A grid of `blocks` blocks, or an error where that is more than one launch
 // can have (never a silently truncated grid).
 inline unsigned int grid_blocks(int64_t blocks) {

@@ -15,7 +15,10 @@ __device__ void l2o_forward_layers(const L2oLayout& lay, const T* w, const LogSi
                                    const T* grad, const T* state, int64_t p, bool active, int upto,
                                    Column<T> xh, Column<T> gates, Column<T> c, Column<T> h,
                                    T* new_state) {
-  prep.features(active ? grad[p] : T(0), xh[0], xh[1]);
+  // Padding lanes (p >= P) take features 0, not those of a zero gradient,
+  // which are NaN where e^p overflows (0 * inf).
+  if (active) prep.features(grad[p], xh[0], xh[1]);
+  else xh[0] = xh[1] = T(0);
   for (int l = 0; l <= upto; ++l) {
     const int in = lay.in(l), H = lay.H;
     if (l > 0)
@@ -32,17 +35,21 @@ __device__ void l2o_forward_layers(const L2oLayout& lay, const T* w, const LogSi
 }
 
 template <typename T>
-__global__ void l2o_forward_kernel(L2oLayout lay, int64_t nw, LogSign<T> prep, T scale,
-                                   const T* grad, const T* state, const T* weights, T* new_state,
-                                   T* update, bool accumulate) {
+__global__ void l2o_forward_kernel(L2oLayout lay, int64_t nw, L2oSharedPlan plan, LogSign<T> prep,
+                                   T scale, const T* grad, const T* state, const T* weights,
+                                   T* new_state, T* update, bool accumulate) {
   extern __shared__ __align__(16) unsigned char shared[];
   const int H = lay.H;
-  T* w = reinterpret_cast<T*>(shared);
-  Column<T> xh{w + nw};
+  T* next = reinterpret_cast<T*>(shared);
+  const T* w = plan.weights_shared ? next : weights;
+  if (plan.weights_shared) {
+    load_shared(next, weights, nw);
+    next += nw;
+  }
+  Column<T> xh{next};
   Column<T> gates{xh.base + lay.widest() * kLstmThreads};
   Column<T> c{gates.base + 4 * H * kLstmThreads};
   Column<T> h{c.base + H * kLstmThreads};
-  load_shared(w, weights, nw);
   __syncthreads();
   const int64_t p = blockIdx.x * int64_t(kLstmThreads) + threadIdx.x;
   if (p >= lay.P) return;
@@ -55,24 +62,32 @@ __global__ void l2o_forward_kernel(L2oLayout lay, int64_t nw, LogSign<T> prep, T
 }
 
 template <typename T>
-__global__ void l2o_backward_kernel(L2oLayout lay, int64_t nw, LogSign<T> prep, T scale,
-                                    const T* grad, const T* state, const T* weights,
+__global__ void l2o_backward_kernel(L2oLayout lay, int64_t nw, L2oSharedPlan plan, LogSign<T> prep,
+                                    T scale, const T* grad, const T* state, const T* weights,
                                     const T* grad_update, const T* grad_state, T* d_grad,
                                     T* d_state, T* partial) {
   extern __shared__ __align__(16) unsigned char shared[];
   const int H = lay.H, K = lay.widest();
   const int64_t P = lay.P;
-  T* w = reinterpret_cast<T*>(shared);
-  T* dw = w + nw;
-  Column<T> xh{dw + nw};
+  // The weights and this block's weight gradients: in shared memory, or
+  // (where it is too small, see L2oSharedPlan) the weights in global memory
+  // and the gradients summed in this block's row of `partial`.
+  T* next = reinterpret_cast<T*>(shared);
+  const T* w = plan.weights_shared ? next : weights;
+  if (plan.weights_shared) {
+    load_shared(next, weights, nw);
+    next += nw;
+  }
+  T* dw = plan.grads_shared ? next : partial + blockIdx.x * nw;
+  if (plan.grads_shared) next += nw;
+  for (int64_t i = threadIdx.x; i < nw; i += blockDim.x) dw[i] = T(0);
+  Column<T> xh{next};
   Column<T> gates{xh.base + K * kLstmThreads};
   Column<T> c{gates.base + 4 * H * kLstmThreads};
   Column<T> h{c.base + H * kLstmThreads};
   Column<T> dh{h.base + H * kLstmThreads};
   Column<T> dxh{dh.base + H * kLstmThreads};
   Column<T> du{dxh.base + K * kLstmThreads};
-  load_shared(w, weights, nw);
-  load_shared(dw, static_cast<const T*>(nullptr), nw);
   __syncthreads();
   const int64_t head = lay.head_offset();
   const int64_t tiles = (P + kLstmThreads - 1) / kLstmThreads;
@@ -104,18 +119,24 @@ __global__ void l2o_backward_kernel(L2oLayout lay, int64_t nw, LogSign<T> prep, 
       }
     }
   }
+  if (!plan.grads_shared) return;
   __syncthreads();
   for (int64_t i = threadIdx.x; i < nw; i += blockDim.x) partial[blockIdx.x * nw + i] = dw[i];
 }
 
+// The layout of a kernel's memory on this device (error if nothing fits).
 template <typename T>
-size_t forward_shared_bytes(const L2oLayout& lay, int64_t nw) {
-  return sizeof(T) * (nw + int64_t(kLstmThreads) * (lay.widest() + 6 * lay.H));
-}
-
-template <typename T>
-size_t backward_shared_bytes(const L2oLayout& lay, int64_t nw) {
-  return sizeof(T) * (2 * nw + int64_t(kLstmThreads) * (2 * lay.widest() + 8 * lay.H + 1));
+L2oSharedPlan shared_plan(const L2oLayout& lay, bool backward, const char* op) {
+  const L2oSharedPlan plan =
+      L2oSharedPlan::choose(lay, kLstmThreads, backward, sizeof(T), max_shared_bytes());
+  if (plan.bytes < 0) {
+    throw std::runtime_error(
+        std::string("fastmeta: ") + op + " needs " +
+        std::to_string(sizeof(T) * L2oSharedPlan::elements(lay, kLstmThreads, backward, false, false)) +
+        " bytes of shared memory per block even with the weights in global memory, more than this "
+        "GPU's " + std::to_string(max_shared_bytes()) + "; use a smaller hidden_size");
+  }
+  return plan;
 }
 
 }  // namespace
@@ -131,10 +152,10 @@ void l2o_lstm_forward(const L2oArgs& a, void* new_state, void* update, bool accu
   const L2oLayout lay{a.L, a.H, a.P};
   const int64_t nw = lay.num_weights();
   FASTMETA_DISPATCH_FLOAT(a.dtype, [&] {
-    const size_t bytes = forward_shared_bytes<T>(lay, nw);
-    set_shared_memory(l2o_forward_kernel<T>, bytes, "l2o_lstm_step");
-    l2o_forward_kernel<T><<<blocks_for(a.P, kLstmThreads), kLstmThreads, bytes, stream>>>(
-        lay, nw, LogSign<T>::with_p(a.preprocess_p), T(a.output_scale), static_cast<const T*>(a.grad),
+    const L2oSharedPlan plan = shared_plan<T>(lay, false, "l2o_lstm_step");
+    set_shared_memory(l2o_forward_kernel<T>, plan.bytes, "l2o_lstm_step");
+    l2o_forward_kernel<T><<<blocks_for(a.P, kLstmThreads), kLstmThreads, plan.bytes, stream>>>(
+        lay, nw, plan, LogSign<T>::with_p(a.preprocess_p), T(a.output_scale), static_cast<const T*>(a.grad),
         static_cast<const T*>(a.state), static_cast<const T*>(a.weights), static_cast<T*>(new_state),
         static_cast<T*>(update), accumulate);
     check_launch("l2o_lstm_step");
@@ -149,10 +170,10 @@ void l2o_lstm_backward(const L2oArgs& a, const void* grad_update, const void* gr
   const int64_t blocks = lstm_grad_blocks(a.P);
   FASTMETA_DISPATCH_FLOAT(a.dtype, [&] {
     if (blocks > 0) {
-      const size_t bytes = backward_shared_bytes<T>(lay, nw);
-      set_shared_memory(l2o_backward_kernel<T>, bytes, "l2o_lstm_step backward");
-      l2o_backward_kernel<T><<<grid_blocks(blocks), kLstmThreads, bytes, stream>>>(
-          lay, nw, LogSign<T>::with_p(a.preprocess_p), T(a.output_scale), static_cast<const T*>(a.grad),
+      const L2oSharedPlan plan = shared_plan<T>(lay, true, "l2o_lstm_step backward");
+      set_shared_memory(l2o_backward_kernel<T>, plan.bytes, "l2o_lstm_step backward");
+      l2o_backward_kernel<T><<<grid_blocks(blocks), kLstmThreads, plan.bytes, stream>>>(
+          lay, nw, plan, LogSign<T>::with_p(a.preprocess_p), T(a.output_scale), static_cast<const T*>(a.grad),
           static_cast<const T*>(a.state), static_cast<const T*>(a.weights),
           static_cast<const T*>(grad_update), static_cast<const T*>(grad_state),
           static_cast<T*>(d_grad), static_cast<T*>(d_state), static_cast<T*>(partial));

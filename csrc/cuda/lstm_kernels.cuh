@@ -16,7 +16,6 @@
 
 namespace fastmeta::cuda {
 
-constexpr int kLstmThreads = 64;
 constexpr int kLstmGradBlocks = 256;
 
 // This thread's column of a [rows, kLstmThreads] shared-memory matrix.
@@ -112,9 +111,7 @@ __global__ void lstm_sum_partials(const T* partial, int blocks, int64_t width, T
 // where the device has less.
 template <typename Kernel>
 void set_shared_memory(Kernel kernel, size_t bytes, const char* op) {
-  int device = 0, limit = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const int64_t limit = max_shared_bytes();
   if (bytes > static_cast<size_t>(limit)) {
     throw std::runtime_error(std::string("fastmeta: ") + op + " needs " + std::to_string(bytes) +
                              " bytes of shared memory per block for these weights, more than this "

@@ -16,8 +16,14 @@ __device__ void meta_forward(const MetaLayout& lay, const T* w, const LogSign<T>
   const int H = lay.H;
   const int64_t P = lay.P;
   const T g = active ? grad[p] : T(0);
-  prep.features(g, xh[0], xh[1]);
-  prep.features(loss, xh[2], xh[3]);
+  // Padding lanes (p >= P) take features 0, not those of a zero gradient,
+  // which are NaN where e^p overflows (0 * inf).
+  if (active) {
+    prep.features(g, xh[0], xh[1]);
+    prep.features(loss, xh[2], xh[3]);
+  } else {
+    xh[0] = xh[1] = xh[2] = xh[3] = T(0);
+  }
   for (int k = 0; k < H; ++k) xh[kInputs + k] = active ? state[k * P + p] : T(0);
   lstm_layer_forward(w, w + lay.bias_offset(), kInputs, H, xh, state + H * P + p, P, active, gates, c,
                      h);

@@ -100,13 +100,6 @@ __global__ void __launch_bounds__(kMlpThreads)
 
 int64_t element_size(DType dtype) { return dtype == DType::Float64 ? 8 : 4; }
 
-int64_t max_shared_bytes() {
-  int device = 0, bytes = 0;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
-  return bytes;
-}
-
 }  // namespace
 
 int64_t mlp_global_workspace_bytes(const MlpArgs& a) {

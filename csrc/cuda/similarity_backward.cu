@@ -95,7 +95,11 @@ similarity_backward_kernel(SimilarityArgs a, SimilarityGrads g) {
   if (!valid_own) return;
   const A coeff = (KEY_SIDE ? static_cast<const A*>(a.y_coeff) + b * a.N
                             : static_cast<const A*>(a.x_coeff) + b * a.Q)[own];
-  for (int64_t d = lane; d < a.D; d += kLanes) grad_own[d] += coeff * stat_grad * to_acc(own_rows[own * a.D + d]);
+  // Skipped where the factor is 0, as on the CPU: an infinite entry would
+  // otherwise turn 0 * inf into NaN.
+  const A factor = coeff * stat_grad;
+  if (factor != A(0))
+    for (int64_t d = lane; d < a.D; d += kLanes) grad_own[d] += factor * to_acc(own_rows[own * a.D + d]);
   if (!KEY_SIDE && OP != SimilarityOp::PairwiseDistance && lane == 0)
     static_cast<A*>(g.grad_scale)[b * a.Q + own] = scale_grad;
 }

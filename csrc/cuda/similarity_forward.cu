@@ -7,26 +7,26 @@
 namespace fastmeta::cuda {
 namespace {
 
-constexpr int kWarpsPerBlock = 8;
+constexpr int kRowStatThreads = 128;
 
-// One warp per row, x's rows then y's, in one launch.
+// One thread per row, x's rows then y's, in one launch. |v|^2 is one chain of
+// fused multiply-adds over d = 0, 1, ..., D - 1, the order of dot_tile's dot
+// products, so that the distance of a row to itself is exactly 0.
 template <Metric M, typename T>
 __global__ void row_stats_kernel(SimilarityArgs a) {
   using A = acc_t<T>;
   const int64_t x_rows = a.B * a.Q;
-  int64_t row = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / 32;
-  const int lane = threadIdx.x % 32;
+  int64_t row = blockIdx.x * int64_t(kRowStatThreads) + threadIdx.x;
   if (row >= x_rows + a.B * a.N) return;
   const bool is_x = row < x_rows;
   row = is_x ? row : row - x_rows;
   const T* v = static_cast<const T*>(is_x ? a.x : a.y) + row * a.D;
   A sum_squares = 0;
-  for (int64_t d = lane; d < a.D; d += 32) {
+  for (int64_t d = 0; d < a.D; ++d) {
     const A value = to_acc(v[d]);
-    sum_squares += value * value;
+    sum_squares = fma(value, value, sum_squares);
   }
-  for (int offset = 16; offset > 0; offset >>= 1) sum_squares += __shfl_xor_sync(0xffffffffu, sum_squares, offset);
-  if (lane == 0) {
+  {
     A* stat = static_cast<A*>(is_x ? a.x_stat : a.y_stat);
     A* coeff = static_cast<A*>(is_x ? a.x_coeff : a.y_coeff);
     stat[row] = row_stat<M>(sum_squares);
@@ -72,12 +72,12 @@ similarity_forward_kernel(SimilarityArgs a, acc_t<T>* out, acc_t<T>* lse) {
         if constexpr (OP == SimilarityOp::LogSoftmax) {
           if (valid) out[row * a.N + n] = logits[i];
         }
-        tile_max = logits[i] > tile_max ? logits[i] : tile_max;
+        tile_max = nan_max(logits[i], tile_max);
       }
     }
     if constexpr (OP != SimilarityOp::PairwiseDistance) {
       tile_max = group_max(tile_max);
-      const A new_max = tile_max > running_max ? tile_max : running_max;
+      const A new_max = nan_max(tile_max, running_max);
       const A rescale = running_max == neg_inf ? A(0) : exp_acc(running_max - new_max);
       A tile_sum = 0;
       for (int i = 0; i < kColsPerThread; ++i) {
@@ -134,7 +134,7 @@ void similarity_row_stats(const SimilarityArgs& a, cudaStream_t stream) {
   if (rows == 0) return;
   FASTMETA_DISPATCH_DTYPE(a.dtype, [&] {
     FASTMETA_DISPATCH_METRIC(a.metric, [&] {
-      row_stats_kernel<M, T><<<blocks_for(rows, kWarpsPerBlock), kWarpsPerBlock * 32, 0, stream>>>(a);
+      row_stats_kernel<M, T><<<blocks_for(rows, kRowStatThreads), kRowStatThreads, 0, stream>>>(a);
       check_launch("row_stats");
     });
   });

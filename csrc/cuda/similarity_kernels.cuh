@@ -24,12 +24,17 @@ constexpr int kChunk = 32;
 constexpr int kThreads = kRows * kLanes;
 constexpr int kColsPerThread = kCols / kLanes;
 
+// max(a, b) where NaN wins, so that a row with a NaN logit has NaN results
+// (as on the CPU and in PyTorch) rather than weights of 0.
+template <typename A>
+__device__ __forceinline__ A nan_max(A a, A b) {
+  return (a > b || a != a) ? a : b;
+}
+
 template <typename A>
 __device__ __forceinline__ A group_max(A v) {
-  for (int offset = kLanes / 2; offset > 0; offset >>= 1) {
-    A other = __shfl_xor_sync(0xffffffffu, v, offset, kLanes);
-    v = other > v ? other : v;
-  }
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1)
+    v = nan_max(__shfl_xor_sync(0xffffffffu, v, offset, kLanes), v);
   return v;
 }
 
@@ -52,7 +57,10 @@ struct TileStorage {
 };
 
 // dots[i] = row(r0 + r) . col(c0 + lane + kLanes * i), for rows of `rows`
-// [num_rows, D] and `cols` [num_cols, D]; out-of-range entries are 0.
+// [num_rows, D] and `cols` [num_cols, D]; out-of-range entries are 0. Each
+// dot product is one chain of fused multiply-adds over d = 0, 1, ..., D - 1,
+// the order in which the row statistics sum |v|^2, so that a row's distance
+// to itself is exactly 0.
 template <typename T, typename A>
 __device__ void dot_tile(const T* rows, int64_t num_rows, int64_t r0, const T* cols,
                          int64_t num_cols, int64_t c0, int64_t D, TileStorage<A>& smem,
@@ -71,7 +79,7 @@ __device__ void dot_tile(const T* rows, int64_t num_rows, int64_t r0, const T* c
     __syncthreads();
     for (int dd = 0; dd < kChunk; ++dd) {
       const A v = smem.rows[r][dd];
-      for (int i = 0; i < kColsPerThread; ++i) dots[i] += v * smem.cols[lane + kLanes * i][dd];
+      for (int i = 0; i < kColsPerThread; ++i) dots[i] = fma(v, smem.cols[lane + kLanes * i][dd], dots[i]);
     }
     __syncthreads();
   }

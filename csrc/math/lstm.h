@@ -51,6 +51,42 @@ struct L2oLayout {
   FASTMETA_HOST_DEVICE int64_t row(int64_t l, int64_t which) const { return (l * 2 + which) * H * P; }
 };
 
+// Coordinates per block of the CUDA LSTM kernels (one thread each).
+constexpr int kLstmThreads = 64;
+
+// Where the CUDA L2O kernels keep the shared weights and, in the backward,
+// the block's weight gradients: in shared memory where it holds them (fastest),
+// else in global memory (the weights read through the cache; the gradients
+// summed straight into the block's row of partial sums). One plan, used by the
+// launcher to size and choose, and by the kernels to lay out their memory.
+struct L2oSharedPlan {
+  bool weights_shared = true, grads_shared = true;
+  int64_t bytes = -1;  // dynamic shared memory per block; -1: does not fit
+
+  // Elements per block: the weights and gradients kept there, then per
+  // coordinate the columns of the kernel: forward [input; h] (K), gates (4H),
+  // c, h (H each); backward also dh (H), d[input; h] (K) and d update (1).
+  static int64_t elements(const L2oLayout& lay, int64_t threads, bool backward,
+                          bool weights_shared, bool grads_shared) {
+    const int64_t nw = lay.num_weights(), K = lay.widest(), H = lay.H;
+    const int64_t columns = backward ? 2 * K + 7 * H + 1 : K + 6 * H;
+    return (weights_shared ? nw : 0) + (backward && grads_shared ? nw : 0) + threads * columns;
+  }
+
+  // The fastest layout that fits in `limit_bytes` per block: everything in
+  // shared memory, then the gradients in global memory, then the weights too.
+  static L2oSharedPlan choose(const L2oLayout& lay, int64_t threads, bool backward,
+                              int64_t element_bytes, int64_t limit_bytes) {
+    for (int level = 0; level < 3; ++level) {
+      const bool weights_shared = level < 2, grads_shared = backward && level == 0;
+      const int64_t bytes =
+          element_bytes * elements(lay, threads, backward, weights_shared, grads_shared);
+      if (bytes <= limit_bytes) return {weights_shared, grads_shared, bytes};
+    }
+    return {false, false, -1};
+  }
+};
+
 // The same for the meta-learner, whose LSTM layer reads 4 inputs.
 struct MetaLayout {
   static constexpr int64_t kInputs = 4;  // the preprocessed gradient and loss
