@@ -16,18 +16,34 @@ __global__ void count_labels_kernel(const int64_t* labels, int64_t S, int64_t N,
   }
 }
 
-// One thread per (task, class, feature): the mean over that class's examples.
+// One thread per (task, class): the indices of the class's examples, in
+// order, from offsets[b, c] on in the task's row of members [B, S].
+__global__ void class_members_kernel(const int64_t* labels, const int64_t* offsets, int64_t B,
+                                     int64_t S, int64_t N, int64_t* members) {
+  const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
+  if (i >= B * N) return;
+  const int64_t b = i / N, c = i % N;
+  int64_t k = offsets[i];
+  for (int64_t s = 0; s < S; ++s)
+    if (labels[b * S + s] == c) members[b * S + k++] = s;
+}
+
+// One thread per (task, class, feature): the mean over that class's examples,
+// read through its member list, so the work is O(B S D) (consecutive threads
+// read consecutive features), not a scan of every label per output.
 template <typename T>
-__global__ void prototypes_kernel(const T* support, const int64_t* labels, const int64_t* counts,
-                                  int64_t B, int64_t S, int64_t N, int64_t D, acc_t<T>* out) {
+__global__ void prototypes_kernel(const T* support, const int64_t* members, const int64_t* offsets,
+                                  const int64_t* counts, int64_t B, int64_t S, int64_t N, int64_t D,
+                                  acc_t<T>* out) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= B * N * D) return;
-  const int64_t d = i % D, c = (i / D) % N, b = i / (N * D);
+  const int64_t d = i % D, bc = i / D, b = bc / N;
+  const int64_t count = counts[bc];
+  FASTMETA_DEVICE_ASSERT(count > 0 && "class_prototypes: a class has no support examples");
+  const int64_t* member = members + b * S + offsets[bc];
   acc_t<T> sum = 0;
-  for (int64_t s = 0; s < S; ++s)
-    if (labels[b * S + s] == c) sum += to_acc(support[(b * S + s) * D + d]);
-  FASTMETA_DEVICE_ASSERT(counts[b * N + c] > 0 && "class_prototypes: a class has no support examples");
-  out[i] = sum / acc_t<T>(counts[b * N + c]);
+  for (int64_t k = 0; k < count; ++k) sum += to_acc(support[(b * S + member[k]) * D + d]);
+  out[i] = sum / acc_t<T>(count);
 }
 
 template <typename T>
@@ -51,13 +67,22 @@ void class_label_counts(const int64_t* labels, int64_t B, int64_t S, int64_t N, 
   check_launch("class_label_counts");
 }
 
-void class_prototypes_forward(DType dtype, const void* support, const int64_t* labels,
-                              const int64_t* counts, int64_t B, int64_t S, int64_t N, int64_t D,
-                              void* out, cudaStream_t stream) {
+void class_members(const int64_t* labels, const int64_t* offsets, int64_t B, int64_t S, int64_t N,
+                   int64_t* members, cudaStream_t stream) {
+  if (B * N == 0) return;
+  class_members_kernel<<<blocks_for(B * N, kThreads), kThreads, 0, stream>>>(labels, offsets, B, S,
+                                                                              N, members);
+  check_launch("class_members");
+}
+
+void class_prototypes_forward(DType dtype, const void* support, const int64_t* members,
+                              const int64_t* offsets, const int64_t* counts, int64_t B, int64_t S,
+                              int64_t N, int64_t D, void* out, cudaStream_t stream) {
   if (B * N * D == 0) return;
   FASTMETA_DISPATCH_DTYPE(dtype, [&] {
     prototypes_kernel<T><<<blocks_for(B * N * D, kThreads), kThreads, 0, stream>>>(
-        static_cast<const T*>(support), labels, counts, B, S, N, D, static_cast<acc_t<T>*>(out));
+        static_cast<const T*>(support), members, offsets, counts, B, S, N, D,
+        static_cast<acc_t<T>*>(out));
     check_launch("class_prototypes");
   });
 }

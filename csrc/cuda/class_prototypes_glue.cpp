@@ -21,10 +21,15 @@ at::Tensor class_prototypes(const at::Tensor& support, const at::Tensor& labels,
   const PrototypeOperands o = prototype_operands(support, labels, num_classes);
   c10::cuda::CUDAGuard guard(support.device());
   const at::Tensor counts = label_counts(o);
+  const at::Tensor offsets = (counts.cumsum(1) - counts).contiguous();
+  at::Tensor members = at::empty({o.B, o.S}, o.labels.options());
+  cuda::class_members(o.labels.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(), o.B,
+                      o.S, o.N, members.mutable_data_ptr<int64_t>(), current_stream());
   at::Tensor out = at::empty({o.B, o.N, o.D}, acc_options(support));
   cuda::class_prototypes_forward(dtype_of(support), o.rows.const_data_ptr(),
-                           o.labels.const_data_ptr<int64_t>(), counts.const_data_ptr<int64_t>(), o.B,
-                           o.S, o.N, o.D, out.mutable_data_ptr(), current_stream());
+                                 members.const_data_ptr<int64_t>(), offsets.const_data_ptr<int64_t>(),
+                                 counts.const_data_ptr<int64_t>(), o.B, o.S, o.N, o.D,
+                                 out.mutable_data_ptr(), current_stream());
   return out.to(support.scalar_type());
 }
 

@@ -73,9 +73,14 @@ void similarity_backward(SimilarityOp op, const SimilarityArgs& a, const Similar
 // assertions.
 void class_label_counts(const int64_t* labels, int64_t B, int64_t S, int64_t N, int64_t* counts,
                         cudaStream_t stream);
-void class_prototypes_forward(DType dtype, const void* support, const int64_t* labels,
-                              const int64_t* counts, int64_t B, int64_t S, int64_t N, int64_t D,
-                              void* out, cudaStream_t stream);
+// class_members lists each task's examples by class into members [B, S]:
+// class c's indices, in order, from offsets[b, c] (the exclusive prefix sum
+// of counts over classes, from the caller) on.
+void class_members(const int64_t* labels, const int64_t* offsets, int64_t B, int64_t S, int64_t N,
+                   int64_t* members, cudaStream_t stream);
+void class_prototypes_forward(DType dtype, const void* support, const int64_t* members,
+                              const int64_t* offsets, const int64_t* counts, int64_t B, int64_t S,
+                              int64_t N, int64_t D, void* out, cudaStream_t stream);
 void class_prototypes_backward(DType dtype, const void* grad, const int64_t* labels,
                                const int64_t* counts, int64_t B, int64_t S, int64_t N, int64_t D,
                                void* grad_support, cudaStream_t stream);
