@@ -10,6 +10,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cpu/row_math.h"
 #include "math/lstm.h"
 
 TORCH_LIBRARY(fastmeta, m) {
@@ -71,8 +72,9 @@ TORCH_LIBRARY(fastmeta, m) {
 }
 
 // The Python module fastmeta._C: loading it registers the ops above; its
-// functions report how the extension was built and how the CUDA L2O kernels
-// lay out their shared memory (tested on any machine).
+// functions report how the extension was built, which vector instructions the
+// CPU kernels use, and how the CUDA L2O kernels lay out their shared memory
+// (tested on any machine).
 PYBIND11_MODULE(_C, m) {
   m.def("build_info", [] {
     pybind11::dict info;
@@ -84,6 +86,18 @@ PYBIND11_MODULE(_C, m) {
 #endif
     return info;
   }, "The PyTorch version this extension was built against, and its CUDA support.");
+  m.def("cpu_isa", [] {
+#if defined(__x86_64__)
+    switch (fastmeta::cpu::cpu_isa()) {
+      case fastmeta::cpu::Isa::Avx512: return "avx512";
+      case fastmeta::cpu::Isa::Avx2: return "avx2";
+      default: return "baseline";
+    }
+#else
+    return "portable";
+#endif
+  }, "The vector instructions the CPU kernels' row loops run with: 'avx512', 'avx2' or "
+     "'baseline' (FASTMETA_CPU_ISA caps it), or 'portable' off x86-64.");
   m.def("l2o_shared_plan", [](int64_t num_layers, int64_t hidden_size, bool backward,
                               int64_t element_bytes, int64_t limit_bytes) {
     const auto plan = fastmeta::L2oSharedPlan::choose({num_layers, hidden_size, 0}, fastmeta::kLstmThreads,

@@ -19,6 +19,8 @@ def info() -> str:
         + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
         f"CUDA kernels compiled in: {'yes' if build['with_cuda'] else 'no'}"
         + (f", architectures: {_build_config.CUDA_ARCHS or 'PyTorch default'}" if build["with_cuda"] else ""),
+        f"CPU kernels (similarity, LSTM, MLP families) use: {fastmeta._C.cpu_isa()} vector "
+        "instructions (FASTMETA_CPU_ISA=avx2|baseline caps them)",
         "ops run on: CPU kernels for CPU tensors"
         + ("; CUDA kernels for CUDA tensors" if build["with_cuda"] else
            "; CUDA tensors are not supported by this build (rebuild with nvcc and a CUDA PyTorch)"),
@@ -58,7 +60,8 @@ def main(argv=None) -> int:
         parser.error(str(error))
     machine = runner.machine()
     print(f"fastmeta bench on {args.device}: {machine['cpu']}"
-          + (f", {machine['gpu']}" if args.device == "cuda" else f", {machine['threads']} threads")
+          + (f", {machine['gpu']}" if args.device == "cuda"
+             else f", {machine['threads']} threads, {machine['cpu_isa']} CPU kernels")
           + f", PyTorch {machine['torch']}, {machine['date']}")
     print(runner.format_table(rows))
     if args.json:

@@ -1,6 +1,7 @@
 """The package around the kernels: the extension loader, `fastmeta info` and `fastmeta bench`."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -41,12 +42,23 @@ def test_module_entry_point_runs_info():
     assert result.returncode == 0 and "CUDA kernels compiled in:" in result.stdout
 
 
+def test_info_names_the_cpu_instruction_set_and_its_cap():
+    capped = subprocess.run([sys.executable, "-m", "fastmeta", "info"], capture_output=True, text=True,
+                            env={**os.environ, "FASTMETA_CPU_ISA": "baseline"})
+    assert capped.returncode == 0
+    assert ("use: baseline vector instructions" in capped.stdout
+            or "use: portable vector instructions" in capped.stdout)
+
+
 def test_bench_command_prints_a_table_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
     assert main(["bench", "--case", "proto_episode", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "proto_episode" in out and "speedup" in out
-    results = json.loads(path.read_text())["results"]
+    assert "avx" in out or "baseline CPU kernels" in out or "portable CPU kernels" in out
+    written = json.loads(path.read_text())
+    assert written["machine"]["cpu_isa"] == fastmeta._C.cpu_isa()
+    results = written["results"]
     assert {r["baseline"] for r in results} == {"eager (cdist)", "eager (matmul)"}
     for r in results:
         assert r["fastmeta_ms"] > 0 and r["baseline_ms"] > 0

@@ -94,8 +94,11 @@ def run(names: List[str], device: str, memory: bool = True) -> List[Dict]:
 
 
 def machine() -> Dict:
+    import fastmeta
+
     info = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+            "cpu_isa": fastmeta._C.cpu_isa()}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
