@@ -5,6 +5,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <string>
+
 #include "../math/lstm.h"
 #include "common.h"
 
