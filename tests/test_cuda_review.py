@@ -151,11 +151,14 @@ def test_l2o_step_at_the_default_and_the_largest_hidden_size_matches_the_referen
     state = 0.1 * torch.randn(2, 2, H, 130, device="cuda", dtype=dtype)
     weights = lstm.flat_weights().detach()
     tensors = [t.clone().requires_grad_() for t in (grad, state, weights)]
+    ref_tensors = [t.detach().double().requires_grad_() for t in tensors]
     got = ops.l2o_lstm_step(*tensors)
-    want = reference.l2o_lstm_step(*[t.detach().double().requires_grad_() for t in tensors])
+    want = reference.l2o_lstm_step(*ref_tensors)
+    got_grads = torch.autograd.grad(got[0].sum() + got[1].sum(), tensors)
+    want_grads = torch.autograd.grad(want[0].sum() + want[1].sum(), ref_tensors)
     tol = 1e-9 if dtype == torch.float64 else 2e-4
-    for a, b in zip(got, want):
-        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol)
+    for a, b in zip(list(got) + list(got_grads), list(want) + list(want_grads)):
+        torch.testing.assert_close(a.double(), b, rtol=tol, atol=tol * max(1.0, b.abs().max().item()))
 
 
 # Finding 5: padding lanes (P not a multiple of 64) computed 0 * e^p = NaN for
