@@ -165,6 +165,15 @@ def test_huge_mlp_widths_are_an_error_not_an_overflow():
                                                     ["relu"] * (len(widths) - 1), "mse", False)
 
 
+def test_an_mlp_workspace_beyond_memory_is_a_clear_error():
+    hidden, N = 2**24, 2**20  # valid sizes, but 6 N (hidden + 1) activations are 400 TB
+    params = torch.zeros(1, 3 * hidden + 1)
+    x, y = torch.zeros(1, N, 1), torch.zeros(1, N, 1)
+    with pytest.raises(RuntimeError, match="not enough memory for the workspace of a task"):
+        torch.ops.fastmeta.mlp_task_derivatives(params, x, y, None, [1, hidden, 1],
+                                                ["relu", "identity"], "mse", False)
+
+
 def test_more_classes_than_support_examples_is_an_error_not_an_allocation():
     support = torch.randn(2, 4, 3, dtype=torch.float64)
     labels = torch.arange(4).repeat(2, 1)
