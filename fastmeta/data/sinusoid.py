@@ -1,4 +1,4 @@
-"""Task samplers for meta-learning experiments."""
+"""MAML's sinusoid regression tasks."""
 
 import math
 from typing import Optional, Tuple

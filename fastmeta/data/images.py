@@ -1,0 +1,248 @@
+"""Labelled images held as one tensor, read from class-per-folder trees with
+Pillow, and cached decoded."""
+
+import hashlib
+import io
+import os
+import warnings
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import torch
+
+__all__ = ["LabelledImages", "ImageFolder", "cache_dir"]
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+SPLITS = ("train", "val", "test")
+
+
+def cache_dir() -> Path:
+    """Where decoded datasets are cached when the data's own folder is
+    read-only: ``$FASTMETA_CACHE``, else ``~/.cache/fastmeta``."""
+    return Path(os.environ.get("FASTMETA_CACHE", Path.home() / ".cache" / "fastmeta"))
+
+
+class LabelledImages(torch.utils.data.Dataset):
+    """Images ``[N, C, H, W]`` held as one tensor (``uint8``, or floating),
+    with integer class labels ``[N]`` in ``0..num_classes-1``.
+
+    Indexing returns ``(image, label)`` with the image as floats in [0, 1]
+    (``uint8`` images are divided by 255); ``get_labels()`` is easyfsl's
+    interface. :class:`~fastmeta.data.EpisodeSampler` gathers episodes from
+    the tensor directly, on whatever device it lives.
+
+    Example:
+        >>> images = torch.randint(0, 256, (6, 1, 4, 4), dtype=torch.uint8)
+        >>> data = LabelledImages(images, torch.tensor([0, 0, 1, 1, 2, 2]))
+        >>> train, test = data.split((2, 1), seed=0)
+        >>> train.num_classes, len(test)
+        (2, 2)
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
+                 class_names: Optional[Sequence[str]] = None):
+        if not isinstance(images, torch.Tensor) or images.dim() != 4:
+            raise ValueError("LabelledImages: images must be a tensor [N, C, H, W], got "
+                             f"{getattr(images, 'shape', type(images).__name__)}")
+        labels = torch.as_tensor(labels)
+        if labels.dim() != 1 or labels.numel() != images.shape[0]:
+            raise ValueError(f"LabelledImages: labels must have shape [{images.shape[0]}] (one per "
+                             f"image), got {list(labels.shape)}")
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"LabelledImages: labels must be integers, got {labels.dtype}")
+        num_classes = int(labels.max()) + 1 if labels.numel() else 0
+        if labels.numel() and int(labels.min()) < 0:
+            raise ValueError("LabelledImages: labels must be >= 0")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"LabelledImages: {len(class_names)} class names for "
+                             f"{num_classes} classes")
+        self.images = images
+        self.labels = labels.to(device=images.device, dtype=torch.long)
+        self.class_names = (list(class_names) if class_names is not None
+                            else [str(c) for c in range(num_classes)])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> Tuple[torch.Tensor, int]:
+        return as_float_images(self.images[index]), int(self.labels[index])
+
+    def get_labels(self) -> List[int]:
+        return self.labels.tolist()
+
+    def to(self, device) -> "LabelledImages":
+        return LabelledImages(self.images.to(device), self.labels.to(device), self.class_names)
+
+    def select_classes(self, classes: Sequence[int]) -> "LabelledImages":
+        """The images of ``classes``, relabelled ``0..len(classes)-1`` in that order."""
+        classes = torch.as_tensor(list(classes), dtype=torch.long)
+        relabel = torch.full((max(self.num_classes, 1),), -1, dtype=torch.long)
+        relabel[classes] = torch.arange(len(classes))
+        new_labels = relabel[self.labels.cpu()]
+        keep = (new_labels >= 0).nonzero().squeeze(1)
+        return LabelledImages(self.images[keep.to(self.images.device)], new_labels[keep],
+                              [self.class_names[c] for c in classes.tolist()])
+
+    def split(self, sizes: Sequence[Union[int, float]], seed: int = 0) -> Tuple["LabelledImages", ...]:
+        """Splits the classes (not the images) into disjoint parts, in a random
+        order fixed by ``seed``: ``sizes`` are class counts, or fractions
+        summing to at most 1 (the last part then takes the rounding)."""
+        order = torch.randperm(self.num_classes, generator=torch.Generator().manual_seed(seed))
+        counts = _split_counts(sizes, self.num_classes)
+        bounds = np.cumsum([0] + counts)
+        return tuple(self.select_classes(sorted(order[a:b].tolist()))
+                     for a, b in zip(bounds[:-1], bounds[1:]))
+
+    def with_rotations(self) -> "LabelledImages":
+        """Four classes per class: the images rotated by 0, 90, 180 and 270
+        degrees (as Omniglot is augmented in the literature); class
+        ``4 c + k`` is class ``c`` rotated by ``90 k`` degrees."""
+        rotated = torch.stack([torch.rot90(self.images, k, dims=(2, 3)) for k in range(4)], 1)
+        labels = (4 * self.labels[:, None] + torch.arange(4, device=self.labels.device)).flatten()
+        names = [f"{name}/rot{90 * k}" for name in self.class_names for k in range(4)]
+        return LabelledImages(rotated.flatten(0, 1), labels, names)
+
+    def choose_split(self, split: Optional[str], fractions: Sequence[float],
+                     seed: int) -> "LabelledImages":
+        """The ``"train"``, ``"val"`` or ``"test"`` part of :meth:`split`, or all for None."""
+        if split is None:
+            return self
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
+        if len(fractions) != 3:
+            raise ValueError(f"split_fractions must be three fractions (train, val, test), got "
+                             f"{tuple(fractions)}")
+        return self.split(fractions, seed)[SPLITS.index(split)]
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({len(self)} images of {tuple(self.images.shape[1:])}, "
+                f"{self.num_classes} classes, {self.images.dtype}, {self.images.device})")
+
+
+def _split_counts(sizes, total: int) -> List[int]:
+    sizes = list(sizes)
+    if not sizes or any(s < 0 for s in sizes):
+        raise ValueError(f"split sizes must be non-negative, got {sizes}")
+    if all(isinstance(s, int) for s in sizes):
+        counts = sizes
+    else:
+        if sum(sizes) > 1 + 1e-9:
+            raise ValueError(f"split fractions must sum to at most 1, got {sizes}")
+        counts = [int(round(s * total)) for s in sizes]
+        counts[-1] = min(counts[-1], total - sum(counts[:-1]))
+        if abs(sum(sizes) - 1) < 1e-9:
+            counts[-1] = total - sum(counts[:-1])
+    if sum(counts) > total:
+        raise ValueError(f"split sizes {sizes} ask for {sum(counts)} classes; there are {total}")
+    return counts
+
+
+def as_float_images(images: torch.Tensor) -> torch.Tensor:
+    return images.float().div_(255) if images.dtype == torch.uint8 else images
+
+
+def decode_image(data: bytes, size: Tuple[int, int], mode: str) -> np.ndarray:
+    """One image file's bytes, decoded by Pillow, converted to ``mode`` ("L"
+    or "RGB") and resized to ``size`` (width, height): ``uint8 [C, H, W]``."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as image:
+        image = image.convert(mode)
+        if image.size != size:
+            image = image.resize(size, Image.Resampling.BILINEAR)
+        array = np.asarray(image, dtype=np.uint8)
+    return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
+
+
+def cached(key_parts: Sequence, name: str, preferred_dir: Optional[Path],
+           build: Callable[[], dict]) -> dict:
+    """``build()``'s tensors, cached in ``preferred_dir`` (or :func:`cache_dir`
+    when that is not writable) under a name hashed from ``key_parts``; a
+    corrupted cache is rebuilt with a warning. Written atomically."""
+    digest = hashlib.sha256(repr(list(key_parts)).encode()).hexdigest()[:16]
+    file_name = f"{name}-{digest}.pt"
+    candidates = [d for d in (preferred_dir, cache_dir()) if d is not None and _writable(d)]
+    for directory in candidates:
+        path = directory / file_name
+        if path.exists():
+            try:
+                return torch.load(path, weights_only=True)
+            except Exception as error:  # a truncated or foreign file: rebuild it
+                warnings.warn(f"ignoring the unreadable cache {path} ({error}); rebuilding it")
+    content = build()
+    for directory in candidates:
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            temporary = directory / f".{file_name}.{os.getpid()}.tmp"
+            torch.save(content, temporary)
+            os.replace(temporary, directory / file_name)
+            break
+        except OSError:
+            continue
+    return content
+
+
+def _writable(directory: Path) -> bool:
+    """Whether ``directory`` (or its nearest existing parent) may be written:
+    permission bits are honoured even for root, so data marked read-only
+    stays untouched."""
+    while not directory.exists():
+        directory = directory.parent
+    return os.access(directory, os.W_OK) and bool(directory.stat().st_mode & 0o222)
+
+
+class ImageFolder(LabelledImages):
+    """A class-per-folder image dataset, ``root/<class>/<image>`` (the
+    mini-ImageNet layout: point ``root`` at its ``train``, ``val`` or ``test``
+    folder), decoded with Pillow, resized to ``image_size``, held as one
+    ``uint8`` tensor, and cached decoded.
+
+    Classes are numbered in the sorted order of their folder names.
+
+    Args:
+        root: the folder holding one sub-folder per class.
+        image_size: side of the square images (or ``(height, width)``).
+        channels: 3 (RGB) or 1 (greyscale).
+        cache: keep the decoded tensor in ``root/.fastmeta-cache`` (or
+            :func:`cache_dir` when ``root`` is read-only) for fast reloads.
+
+    Example:
+        >>> train = ImageFolder("mini-imagenet/train", image_size=84)  # doctest: +SKIP
+    """
+
+    def __init__(self, root: Union[str, Path], image_size: Union[int, Tuple[int, int]] = 84,
+                 channels: int = 3, cache: bool = True):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"ImageFolder: {root} is not a folder; expected "
+                                    f"{root}/<class>/<image>.jpg, one folder per class")
+        if channels not in (1, 3):
+            raise ValueError(f"ImageFolder: channels must be 1 or 3, got {channels}")
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+        files = [sorted(f for f in (root / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+                 for c in classes]
+        if not classes:
+            raise FileNotFoundError(f"ImageFolder: no class folders in {root}; expected "
+                                    f"{root}/<class>/<image>.jpg, one folder per class")
+        empty = [c for c, class_files in zip(classes, files) if not class_files]
+        if empty:
+            raise FileNotFoundError(f"ImageFolder: class folder(s) {empty[:5]} in {root} hold no "
+                                    f"images ({', '.join(IMAGE_SUFFIXES)})")
+        mode = "RGB" if channels == 3 else "L"
+
+        def build():
+            images = [decode_image(f.read_bytes(), (width, height), mode)
+                      for class_files in files for f in class_files]
+            labels = [c for c, class_files in enumerate(files) for _ in class_files]
+            return {"images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels)}
+
+        key = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for fs in files for f in fs]
+        content = (cached([key, height, width, mode], "folder", root / ".fastmeta-cache", build)
+                   if cache else build())
+        super().__init__(content["images"], content["labels"], classes)
