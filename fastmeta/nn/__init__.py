@@ -1,5 +1,15 @@
-"""Drop-in modules built on fastmeta's ops."""
+"""Drop-in modules built on fastmeta's ops: backbones, the metric-based
+few-shot classifiers (easyfsl's interface, plus a batched one) and learned
+optimizers."""
 
+from .backbones import Conv4, ResNet12
+from .few_shot import FewShotClassifier
 from .learned_optimizers import CoordinatewiseLSTM, MetaLearnerLSTM
+from .matching import MatchingNetworks
+from .prototypical import PrototypicalNetworks
+from .relation import RelationModule, RelationNetworks
+from .siamese import SiameseNetworks
 
-__all__ = ["CoordinatewiseLSTM", "MetaLearnerLSTM"]
+__all__ = ["Conv4", "CoordinatewiseLSTM", "FewShotClassifier", "MatchingNetworks",
+           "MetaLearnerLSTM", "PrototypicalNetworks", "RelationModule", "RelationNetworks",
+           "ResNet12", "SiameseNetworks"]

@@ -1,0 +1,159 @@
+"""What every metric-based few-shot classifier shares: the backbone call, the
+stored support set, the shapes of scores, and the batched episode form."""
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["FewShotClassifier"]
+
+
+class FewShotClassifier(nn.Module):
+    """Base of the metric-based methods, with easyfsl's interface and a
+    batched one.
+
+    easyfsl's: ``process_support_set(support_images, support_labels)`` embeds
+    and stores one episode's support set (labels in ``0..ways-1``), then
+    ``forward(query_images)`` returns scores ``[Q, ways]``.
+
+    Batched: ``score_episodes(support [B, S, ...], support_labels [B, S],
+    query [B, Q, ...])`` returns scores ``[B, Q, ways]`` for B episodes at
+    once (the backbone runs once on all their images, so its batch norm
+    statistics are over the whole batch), and ``loss(...)`` the method's
+    training loss. Unbatched episodes (``[S, ...]``, ``[S]``, ``[Q, ...]``)
+    are accepted too.
+
+    A method implements ``prepare_support`` (support features ``[B, S, ...]``
+    and labels to whatever it keeps, e.g. prototypes) and ``score_queries``.
+    """
+
+    #: dimensions of one image's features: 1 (vectors) or 3 (feature maps)
+    feature_dims = 1
+
+    def __init__(self, backbone: Optional[nn.Module] = None, use_softmax: bool = False):
+        super().__init__()
+        self.backbone = backbone if backbone is not None else nn.Identity()
+        self.use_softmax = use_softmax
+        self.support_state: Any = None
+
+    def prepare_support(self, features: torch.Tensor, labels: torch.Tensor, ways: int) -> Any:
+        raise NotImplementedError
+
+    def score_queries(self, support_state: Any, query_features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def compute_features(self, images: torch.Tensor) -> torch.Tensor:
+        """The backbone's features of ``images [n, ...]``, checked to be one
+        flat vector per image (or one feature map, for relation networks)."""
+        features = self.backbone(images)
+        if features.dim() != 1 + self.feature_dims:
+            expected = ("one flat feature vector per image, [n, D]" if self.feature_dims == 1 else
+                        "one feature map per image, [n, C, h, w]")
+            raise ValueError(f"{type(self).__name__}: the backbone must return {expected}; got "
+                             f"shape {list(features.shape)}")
+        return features
+
+    def process_support_set(self, support_images: torch.Tensor, support_labels: torch.Tensor):
+        """Embeds one episode's support set ``[S, ...]`` with labels ``[S]`` in
+        ``0..ways-1`` (every class present) and keeps what ``forward`` needs."""
+        labels = torch.as_tensor(support_labels, device=support_images.device)
+        if labels.dim() != 1 or labels.shape[0] != support_images.shape[0]:
+            raise ValueError(f"{type(self).__name__}: support_labels must have shape "
+                             f"[{support_images.shape[0]}], got {list(labels.shape)}")
+        ways = self._ways(labels[None], None)
+        self.support_state = self.prepare_support(self.compute_features(support_images)[None],
+                                                  labels[None], ways)
+
+    def forward(self, query_images: torch.Tensor) -> torch.Tensor:
+        """Scores ``[Q, ways]`` of ``query_images [Q, ...]`` against the support
+        set given to :meth:`process_support_set`."""
+        if self.support_state is None:
+            raise RuntimeError(f"{type(self).__name__}: call process_support_set(support_images, "
+                               "support_labels) before forward(query_images)")
+        scores = self.score_queries(self.support_state, self.compute_features(query_images)[None])[0]
+        return scores.softmax(-1) if self.use_softmax else scores
+
+    def score_episodes(self, support: torch.Tensor, support_labels: torch.Tensor,
+                       query: torch.Tensor, ways: Optional[int] = None) -> torch.Tensor:
+        """Scores ``[B, Q, ways]`` of B episodes (``[Q, ways]`` for one
+        unbatched episode). ``ways`` defaults to the largest label + 1."""
+        state, query_features, batched = self.embed_episodes(support, support_labels, query, ways)
+        scores = self.score_queries(state, query_features)
+        scores = scores.softmax(-1) if self.use_softmax else scores
+        return scores if batched else scores[0]
+
+    def loss(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
+             query_labels: torch.Tensor, ways: Optional[int] = None) -> torch.Tensor:
+        """The method's training loss, averaged over the queries of the
+        episodes: here the cross-entropy of the scores."""
+        state, query_features, batched = self.embed_episodes(support, support_labels, query, ways)
+        scores = self.score_queries(state, query_features)
+        targets = self.batched_query_labels(query_labels, scores.shape[:-1], batched)
+        return F.cross_entropy(scores.flatten(0, 1), targets.flatten())
+
+    def embed_episodes(self, support: torch.Tensor, support_labels: torch.Tensor,
+                       query: torch.Tensor, ways: Optional[int] = None):
+        """``(support state, query features [B, Q, ...], batched)``: the
+        episodes checked, embedded by the backbone in one call each, and the
+        support prepared."""
+        batched = self._check_episode(support, support_labels, query)
+        if not batched:
+            support, support_labels, query = support[None], support_labels[None], query[None]
+        state = self.prepare_support(self._embed(support), support_labels,
+                                     self._ways(support_labels, ways))
+        return state, self._embed(query), batched
+
+    def batched_query_labels(self, query_labels: torch.Tensor, shape, batched: bool) -> torch.Tensor:
+        """``query_labels`` checked against the queries' shape ``[B, Q]``, batched."""
+        query_labels = query_labels if batched else query_labels[None]
+        if tuple(query_labels.shape) != tuple(shape):
+            raise ValueError(f"{type(self).__name__}: query_labels must have shape "
+                             f"{list(shape) if batched else list(shape[1:])}, got "
+                             f"{list(query_labels.shape if batched else query_labels.shape[1:])}")
+        if query_labels.is_floating_point() or query_labels.dtype == torch.bool:
+            raise TypeError(f"{type(self).__name__}: query_labels must be integers, got "
+                            f"{query_labels.dtype}")
+        return query_labels
+
+    def _embed(self, images: torch.Tensor) -> torch.Tensor:
+        features = self.compute_features(images.flatten(0, 1))
+        return features.unflatten(0, images.shape[:2])
+
+    def _check_episode(self, support, support_labels, query) -> bool:
+        name = type(self).__name__
+        batched = support_labels.dim() == 2
+        if support_labels.dim() not in (1, 2):
+            raise ValueError(f"{name}: support_labels must be [B, S] (or [S]), got shape "
+                             f"{list(support_labels.shape)}")
+        if tuple(support.shape[:support_labels.dim()]) != tuple(support_labels.shape):
+            raise ValueError(f"{name}: support {list(support.shape)} and support_labels "
+                             f"{list(support_labels.shape)} disagree on the episode shape")
+        if batched and query.shape[0] != support.shape[0]:
+            raise ValueError(f"{name}: query has {query.shape[0]} episodes, support "
+                             f"{support.shape[0]}")
+        if query.shape[support_labels.dim():] != support.shape[support_labels.dim():]:
+            raise ValueError(f"{name}: query images {list(query.shape)} and support images "
+                             f"{list(support.shape)} differ in shape")
+        return batched
+
+    def _ways(self, labels: torch.Tensor, ways: Optional[int]) -> int:
+        """Checks episode labels ``[B, S]``: integers in ``0..ways-1``, every
+        class present in every episode."""
+        name = type(self).__name__
+        if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
+            raise TypeError(f"{name}: support_labels must be integers, got {labels.dtype}")
+        if labels.numel() == 0:
+            raise ValueError(f"{name}: the support set is empty")
+        low, high = (int(v) for v in labels.aminmax())
+        ways = high + 1 if ways is None else ways
+        if low < 0 or high >= ways:
+            raise ValueError(f"{name}: support_labels must lie in 0..{ways - 1} (labels "
+                             f"remapped per episode), got values in {low}..{high}")
+        counts = torch.zeros(labels.shape[0], ways, dtype=torch.long, device=labels.device)
+        counts.scatter_add_(1, labels.long(), torch.ones_like(labels, dtype=torch.long))
+        if bool((counts == 0).any()):
+            raise ValueError(f"{name}: every class 0..{ways - 1} needs at least one support "
+                             "example in every episode; some class has none")
+        return ways

@@ -1,0 +1,108 @@
+"""Relation networks (Sung et al. 2018) with a separable first relation layer."""
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .. import ops
+from .few_shot import FewShotClassifier
+
+__all__ = ["RelationModule", "RelationNetworks"]
+
+
+class RelationModule(nn.Module):
+    """Sung et al.'s relation module: on the concatenation ``[prototype map,
+    query map]`` (``2 C`` channels), two blocks of 3x3 convolution, batch
+    norm, ReLU and max-pooling (the second pooling global, so any map size
+    works), then ``C -> hidden_units`` ReLU ``-> 1`` sigmoid: a relation
+    score in (0, 1).
+
+    ``forward(pairs [n, 2C, h, w])`` is the concatenation form;
+    :meth:`pair_scores` gives every (query, prototype) pair's score without
+    building the concatenations: the first convolution is linear, so it is
+    applied once to the N prototype maps (its first ``C`` input channels) and
+    once to the Q query maps (the other ``C``) and the two halves are added
+    per pair: N + Q maps through the largest convolution instead of N x Q.
+    """
+
+    def __init__(self, feature_channels: int, hidden_units: int = 8):
+        super().__init__()
+        C = feature_channels
+        self.first = nn.Conv2d(2 * C, C, 3, padding=1)
+        self.rest = nn.Sequential(
+            nn.BatchNorm2d(C), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C), nn.ReLU(), nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(), nn.Linear(C, hidden_units), nn.ReLU(), nn.Linear(hidden_units, 1),
+            nn.Sigmoid())
+
+    def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        return self.rest(self.first(pairs)).squeeze(-1)
+
+    def pair_scores(self, prototypes: torch.Tensor, queries: torch.Tensor) -> torch.Tensor:
+        """Scores ``[B, Q, N]`` of ``queries [B, Q, C, h, w]`` against
+        ``prototypes [B, N, C, h, w]``, equal to ``forward`` on every pair."""
+        B, N, C = prototypes.shape[:3]
+        Q = queries.shape[1]
+        conv = self.first
+        prototype_half = F.conv2d(prototypes.flatten(0, 1), conv.weight[:, :C], conv.bias,
+                                  conv.stride, conv.padding, conv.dilation)
+        query_half = F.conv2d(queries.flatten(0, 1), conv.weight[:, C:], None,
+                              conv.stride, conv.padding, conv.dilation)
+        pairs = (query_half.unflatten(0, (B, Q, 1)) + prototype_half.unflatten(0, (B, 1, N)))
+        return self.rest(pairs.flatten(0, 2)).view(B, Q, N)
+
+
+class RelationNetworks(FewShotClassifier):
+    """Relation networks (Sung et al. 2018): a learned relation module scores
+    each (class prototype, query) pair of feature maps; prototypes are the
+    class means of the support maps (sums in the paper; equal for 1 shot).
+    Trained with the mean squared error to the one-hot labels (:meth:`loss`).
+
+    With the default :class:`RelationModule` the first relation layer is
+    separable (see :meth:`RelationModule.pair_scores`); any other
+    ``relation_module`` gets the concatenation of every pair, as easyfsl.
+
+    Args:
+        backbone: maps images to feature maps ``[n, C, h, w]`` (e.g.
+            ``Conv4(1, pooled_blocks=2, flatten=False)``).
+        feature_dimension: ``C``.
+        relation_module: maps pairs ``[n, 2C, h, w]`` to scores ``[n]``.
+
+    Example:
+        >>> model = RelationNetworks(Conv4(1, pooled_blocks=2, flatten=False), feature_dimension=64)
+        >>> model.process_support_set(torch.rand(5, 1, 28, 28), torch.arange(5))
+        >>> model(torch.rand(3, 1, 28, 28)).shape
+        torch.Size([3, 5])
+    """
+
+    feature_dims = 3
+
+    def __init__(self, backbone: Optional[nn.Module] = None, *, feature_dimension: int,
+                 relation_module: Optional[nn.Module] = None, use_softmax: bool = False):
+        super().__init__(backbone, use_softmax)
+        self.feature_dimension = feature_dimension
+        self.relation_module = relation_module or RelationModule(feature_dimension)
+
+    def prepare_support(self, features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
+        if features.shape[2] != self.feature_dimension:
+            raise ValueError(f"RelationNetworks: the backbone returns {features.shape[2]} channels, "
+                             f"feature_dimension is {self.feature_dimension}")
+        prototypes = ops.class_prototypes(features.flatten(2), labels, ways)
+        return prototypes.unflatten(2, features.shape[2:])
+
+    def score_queries(self, prototypes: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.relation_module, RelationModule):
+            return self.relation_module.pair_scores(prototypes, query_features)
+        B, Q, N = query_features.shape[0], query_features.shape[1], prototypes.shape[1]
+        pairs = torch.cat([prototypes[:, None].expand(B, Q, *prototypes.shape[1:]),
+                           query_features[:, :, None].expand(B, Q, N, *query_features.shape[2:])], 3)
+        return self.relation_module(pairs.flatten(0, 2)).view(B, Q, N)
+
+    def loss(self, support, support_labels, query, query_labels, ways=None) -> torch.Tensor:
+        """Mean squared error of the relation scores to the one-hot labels."""
+        prototypes, query_features, batched = self.embed_episodes(support, support_labels, query, ways)
+        scores = self.score_queries(prototypes, query_features)
+        targets = self.batched_query_labels(query_labels, scores.shape[:-1], batched)
+        return F.mse_loss(scores, F.one_hot(targets.long(), scores.shape[-1]).to(scores.dtype))
