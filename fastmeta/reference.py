@@ -28,6 +28,11 @@ __all__ = [
     "mlp_forward",
     "mlp_task_derivatives",
     "maml_query_losses_loop",
+    "prototypical_scores",
+    "matching_scores",
+    "relation_scores",
+    "siamese_scores",
+    "sample_episode_loop",
     "maml_query_losses_vmap",
 ]
 
@@ -282,3 +287,87 @@ def maml_query_losses_vmap(module, loss_fn, inner_lr, steps: int, x_support, y_s
         return task_loss(fast, xq, yq)
 
     return vmap(one_task)(x_support, y_support, x_query, y_query)
+
+
+# The metric-based few-shot methods, one episode at a time, as easyfsl and most
+# published code write them: the baselines of the module benchmarks and the
+# oracles of the module tests.
+
+def _class_means(features: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    ways = len(torch.unique(labels))
+    return torch.stack([features[labels == c].mean(0) for c in range(ways)])
+
+
+def prototypical_scores(backbone, support, support_labels, query, metric: str = "euclidean"):
+    """Prototypical networks' scores ``[Q, ways]``: minus the (squared)
+    Euclidean distance of each query's features to each class mean."""
+    prototypes = _class_means(backbone(support), support_labels)
+    distance = torch.cdist(backbone(query), prototypes)
+    return -(distance ** 2 if metric == "sqeuclidean" else distance)
+
+
+def matching_scores(backbone, support_encoder, query_encoder, support, support_labels, query):
+    """Matching networks' log-probabilities ``[Q, ways]`` with full-context
+    embeddings (bidirectional LSTM over the support set, attention LSTM for
+    the queries, one step per support example)."""
+    support_features, query_features = backbone(support), backbone(query)
+    D = support_features.shape[1]
+    both = support_encoder(support_features[None])[0][0]
+    support_features = support_features + both[:, :D] + both[:, D:]
+    hidden, cell = query_features, torch.zeros_like(query_features)
+    for _ in range(len(support_features)):
+        attention = torch.softmax(hidden @ support_features.T, dim=1)
+        read = attention @ support_features
+        hidden, cell = query_encoder(torch.cat([query_features, read], 1), (hidden, cell))
+        hidden = hidden + query_features
+    attention = torch.softmax(hidden @ F.normalize(support_features, dim=1).T, dim=1)
+    one_hot = F.one_hot(support_labels, len(torch.unique(support_labels))).to(attention.dtype)
+    return (attention @ one_hot + 1e-6).log()
+
+
+def relation_scores(backbone, relation_module, support, support_labels, query):
+    """Relation networks' scores ``[Q, ways]``: the relation module on the
+    concatenation [class-mean feature map, query feature map] of every pair."""
+    prototypes = _class_means(backbone(support), support_labels)
+    query_features = backbone(query)
+    Q, N = len(query_features), len(prototypes)
+    pairs = torch.cat([prototypes[None].expand(Q, *prototypes.shape),
+                       query_features[:, None].expand(Q, N, *query_features.shape[1:])], 2)
+    return relation_module(pairs.flatten(0, 1)).view(Q, N)
+
+
+def siamese_scores(backbone, verifier, support, support_labels, query):
+    """Siamese one-shot scores ``[Q, ways]``: each class's best verification
+    score among its support examples; ``verifier`` maps ``|f(x) - f(y)|`` to
+    a logit (Koch et al.), or None for minus the Euclidean distance."""
+    support_features, query_features = backbone(support), backbone(query)
+    if verifier is None:
+        pairs = -torch.cdist(query_features, support_features)
+    else:
+        pairs = verifier((query_features[:, None] - support_features[None]).abs()).squeeze(-1)
+    ways = len(torch.unique(support_labels))
+    return torch.stack([pairs[:, support_labels == c].amax(1) for c in range(ways)], 1)
+
+
+def sample_episode_loop(dataset, ways: int, shots: int, queries: int, generator=None):
+    """One episode drawn as easyfsl's TaskSampler and collate do: classes and
+    examples picked per class in Python, each example fetched by
+    ``dataset[i]``, then stacked. Returns (support, support labels, query,
+    query labels) with labels remapped to ``0..ways-1``."""
+    labels = dataset.get_labels()
+    by_class = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(label, []).append(index)
+    classes = list(by_class)
+    chosen = torch.randperm(len(classes), generator=generator)[:ways].tolist()
+    support, support_labels, query, query_labels = [], [], [], []
+    for new_label, c in enumerate(chosen):
+        members = by_class[classes[c]]
+        picked = torch.randperm(len(members), generator=generator)[:shots + queries].tolist()
+        for k, position in enumerate(picked):
+            image, _ = dataset[members[position]]
+            (support if k < shots else query).append(image)
+            (support_labels if k < shots else query_labels).append(new_label)
+    return (torch.stack(support), torch.tensor(support_labels), torch.stack(query),
+            torch.tensor(query_labels))
+
