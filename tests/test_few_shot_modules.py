@@ -108,6 +108,24 @@ def test_batched_episodes_equal_per_episode_reference(method, batch, ways, shots
     torch.testing.assert_close(model.score_episodes(support[0], support_labels[0], query[0]), expected[0])
 
 
+@pytest.mark.parametrize("method", range(len(METHODS)), ids=METHODS)
+def test_batched_episodes_in_train_mode_equal_each_episode_alone(method):
+    """Batch norm in train mode: each episode's statistics are its own, as
+    easyfsl's; with all episodes in one backbone call they span the batch."""
+    model, reference_scores, image = models()[method]
+    model.backbone = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
+                                   *([] if image[1] == 5 else [nn.Flatten(), nn.Linear(27, 6)])).double()
+    if hasattr(model, "relation_module"):
+        model.backbone[0] = nn.Conv2d(1, 4, 3, padding=1).double()
+        model.backbone[1] = nn.BatchNorm2d(4).double()
+    model.train()
+    support, support_labels, query, _ = episode(3, 2, 4, image, batch=3)
+    expected = torch.stack([reference_scores(support[b], support_labels[b], query[b]) for b in range(3)])
+    torch.testing.assert_close(model.score_episodes(support, support_labels, query), expected)
+    model.episodes_per_call = None
+    assert not torch.allclose(model.score_episodes(support, support_labels, query), expected)
+
+
 def test_prototypical_loss_is_fused_cross_entropy_of_scores():
     for metric in ("sqeuclidean", "euclidean", "cosine"):
         model = PrototypicalNetworks(mlp_backbone(), metric=metric)

@@ -18,7 +18,7 @@ from torch import nn
 from .. import nn as fnn
 from .. import ops, reference
 from ..algorithms import BatchedMAML
-from ..data import sinusoid_tasks
+from ..data import EpisodeSampler, LabelledImages, sinusoid_tasks
 
 __all__ = ["Variant", "CASES", "build"]
 
@@ -251,6 +251,152 @@ def maml_conv4(device: str) -> List[Variant]:
     return variants
 
 
+def _episode_images(batch, ways, shots, queries, image_shape, device, generator):
+    support = torch.rand(batch, ways * shots, *image_shape, generator=generator).to(device)
+    query = torch.rand(batch, ways * queries, *image_shape, generator=generator).to(device)
+    support_labels = torch.arange(ways, device=device).repeat_interleave(shots).expand(batch, -1)
+    query_labels = torch.arange(ways, device=device).repeat_interleave(queries).expand(batch, -1)
+    return support, support_labels.contiguous(), query, query_labels.contiguous()
+
+
+def _training_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+    """One whole training step: forward, backward and an Adam update."""
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn().backward()
+        optimizer.step()
+    return step
+
+
+def _module_variants(case, label, model, reference_scores, loss_of_scores, episodes, head_only):
+    """A whole training step of ``model`` (its batched ``loss``) against the
+    easyfsl-style formulation run episode by episode, as easyfsl runs it.
+    With ``head_only``, the backbone is the identity and the episodes are
+    features that require grad."""
+    support, support_labels, query, query_labels = episodes
+    batch = support.shape[0]
+
+    def eager_loss():
+        return sum(loss_of_scores(reference_scores(support[b], support_labels[b], query[b]),
+                                  query_labels[b]) for b in range(batch)) / batch
+
+    fast = lambda: model.loss(support, support_labels, query, query_labels)  # noqa: E731
+    if head_only:
+        leaves = [support, query, *model.parameters()]
+        return Variant(case, label + " head", lambda: _backward(fast(), *leaves),
+                       {"eager (easyfsl)": lambda: _backward(eager_loss(), *leaves)})
+    return Variant(case, label, _training_step(model, fast),
+                   {"eager (easyfsl)": _training_step(model, eager_loss)})
+
+
+def _cross_entropy(scores, labels):
+    return F.cross_entropy(scores, labels)
+
+
+def protonet_step(device: str) -> List[Variant]:
+    """Prototypical networks, Conv4 on 28x28x1: 60-way 5-shot 5-query (Snell
+    et al.'s training episodes) and 32 episodes of 5-way 1-shot 15-query;
+    whole training step, and the head alone on 64-d features."""
+    variants = []
+    for batch, ways, shots, queries in ((1, 60, 5, 5), (32, 5, 1, 15)):
+        label = f"{batch}x{ways}-way {shots}+{queries}"
+        for head_only in (False, True):
+            g = torch.Generator().manual_seed(0)
+            torch.manual_seed(0)
+            backbone = nn.Identity() if head_only else fnn.Conv4(1)
+            model = fnn.PrototypicalNetworks(backbone).to(device)
+            episodes = _episode_images(batch, ways, shots, queries, (64,) if head_only else (1, 28, 28),
+                                       device, g)
+            if head_only:
+                episodes[0].requires_grad_()
+                episodes[2].requires_grad_()
+            variants.append(_module_variants(
+                "protonet_step", label, model,
+                lambda s, l, q, m=model: reference.prototypical_scores(m.backbone, s, l, q, "sqeuclidean"),
+                _cross_entropy, episodes, head_only))
+        if device == "cpu" and batch > 1:
+            # what a user who batches by hand would write: one backbone call
+            base = variants[-2]
+            support, support_labels, query, query_labels = _episode_images(
+                batch, ways, shots, queries, (1, 28, 28), device, torch.Generator().manual_seed(0))
+            torch.manual_seed(0)
+            net = fnn.Conv4(1).to(device)
+
+            def batched_eager():
+                s = net(support.flatten(0, 1)).view(batch, ways, shots, -1).mean(2)
+                q = net(query.flatten(0, 1)).view(batch, ways * queries, -1)
+                logits = -torch.cdist(q, s) ** 2
+                return F.cross_entropy(logits.flatten(0, 1), query_labels.flatten())
+            base.baselines["eager (batched by hand)"] = _training_step(net, batched_eager)
+    return variants
+
+
+def relation_step(device: str) -> List[Variant]:
+    """Relation networks on Conv4 feature maps (28x28x1 -> 64x7x7): 5-way
+    1-shot 19-query and 20-way 1-shot 10-query; whole training step, and the
+    head (prototypes and relation module) alone."""
+    variants = []
+    for ways, queries in ((5, 19), (20, 10)):
+        for head_only in (False, True):
+            g = torch.Generator().manual_seed(0)
+            torch.manual_seed(0)
+            backbone = nn.Identity() if head_only else fnn.Conv4(1, pooled_blocks=2, flatten=False)
+            model = fnn.RelationNetworks(backbone, feature_dimension=64).to(device)
+            episodes = _episode_images(1, ways, 1, queries, (64, 7, 7) if head_only else (1, 28, 28),
+                                       device, g)
+            if head_only:
+                episodes[0].requires_grad_()
+                episodes[2].requires_grad_()
+
+            def mse(scores, labels):
+                return F.mse_loss(scores, F.one_hot(labels, scores.shape[-1]).to(scores.dtype))
+            variants.append(_module_variants(
+                "relation_step", f"{ways}-way 1+{queries}", model,
+                lambda s, l, q, m=model: reference.relation_scores(m.backbone, m.relation_module, s, l, q),
+                mse, episodes, head_only))
+    return variants
+
+
+def matching_fce_step(device: str) -> List[Variant]:
+    """Matching networks with full-context embeddings, Conv4 on 28x28x1,
+    20-way 1-shot 15-query; whole training step, and the head (support and
+    attention LSTMs and the readouts) alone on 64-d features."""
+    variants = []
+    for head_only in (False, True):
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        model = fnn.MatchingNetworks(nn.Identity() if head_only else fnn.Conv4(1),
+                                     feature_dimension=64).to(device)
+        episodes = _episode_images(1, 20, 1, 15, (64,) if head_only else (1, 28, 28), device, g)
+        if head_only:
+            episodes[0].requires_grad_()
+            episodes[2].requires_grad_()
+        variants.append(_module_variants(
+            "matching_fce_step", "20-way 1+15", model,
+            lambda s, l, q, m=model: reference.matching_scores(m.backbone, m.support_encoder,
+                                                               m.query_encoder, s, l, q),
+            lambda scores, labels: F.nll_loss(scores, labels), episodes, head_only))
+    return variants
+
+
+def episode_sampling(device: str) -> List[Variant]:
+    """32 episodes of 5-way 1-shot 15-query drawn from a 32,000-image
+    in-memory dataset (1600 classes of 20 images, 28x28): the vectorised
+    sampler against easyfsl's per-example sampling and collate."""
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (32000, 1, 28, 28), generator=g, dtype=torch.uint8)
+    data = LabelledImages(images.to(device), torch.arange(1600).repeat_interleave(20))
+    sampler = EpisodeSampler(data, 5, 1, 15, episodes_per_batch=32, seed=0)
+
+    def loop():
+        for _ in range(32):
+            reference.sample_episode_loop(data, 5, 1, 15, generator=g)
+    return [Variant("episode_sampling", "32x5-way 1+15 of 32,000 images", sampler.sample,
+                    {"per-example loop (easyfsl)": loop})]
+
+
 CASES: Dict[str, Callable[[str], List[Variant]]] = {
     "proto_episode": proto_episode,
     "proto_large_way": proto_large_way,
@@ -259,6 +405,10 @@ CASES: Dict[str, Callable[[str], List[Variant]]] = {
     "meta_lstm_step": meta_lstm_step,
     "maml_sinusoid": maml_sinusoid,
     "maml_conv4": maml_conv4,
+    "protonet_step": protonet_step,
+    "relation_step": relation_step,
+    "matching_fce_step": matching_fce_step,
+    "episode_sampling": episode_sampling,
 }
 
 

