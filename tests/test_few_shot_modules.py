@@ -1,6 +1,8 @@
 """The backbones and the metric-based few-shot modules against their
 plain-PyTorch (easyfsl-style) formulations in fastmeta.reference."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -163,22 +165,56 @@ def test_losses_of_the_other_methods():
     assert pairs.shape == () and pairs.requires_grad
 
 
-@pytest.mark.parametrize("size, channels", [(1, 3), (5, 4), (7, 2), (6, 1)])
-def test_separable_relation_layer_equals_concatenation(size, channels):
+@pytest.mark.parametrize("size, channels, momentum", [(1, 3, 0.1), (5, 4, None), (7, 2, 0.5),
+                                                      (6, 1, 0.1)])
+def test_separable_relation_layer_equals_concatenation(size, channels, momentum):
+    """The separable first convolution and batch norm equal the concatenation
+    form: scores, gradients, running statistics, and in eval mode."""
     torch.manual_seed(size)
     module = RelationModule(channels, hidden_units=3).double()
+    module.rest[0].momentum = momentum
+    with torch.no_grad():
+        module.rest[0].weight.uniform_(0.5, 1.5)
+        module.rest[0].bias.uniform_(-0.5, 0.5)
+    twin = copy.deepcopy(module)
     prototypes = torch.randn(2, 3, channels, size, size, **DOUBLE, requires_grad=True)
     queries = torch.randn(2, 4, channels, size, size, **DOUBLE, requires_grad=True)
-    separable = module.pair_scores(prototypes, queries)
-    pairs = torch.cat([prototypes[:, None].expand(2, 4, 3, channels, size, size),
-                       queries[:, :, None].expand(2, 4, 3, channels, size, size)], 3)
-    concatenated = module(pairs.flatten(0, 2)).view(2, 4, 3)
-    torch.testing.assert_close(separable, concatenated, rtol=1e-10, atol=1e-12)
+
+    def concatenation(m):
+        pairs = torch.cat([prototypes[:, None].expand(2, 4, 3, channels, size, size),
+                           queries[:, :, None].expand(2, 4, 3, channels, size, size)], 3)
+        return m(pairs.flatten(0, 2)).view(2, 4, 3)
+    for _ in range(2):
+        separable, concatenated = module.pair_scores(prototypes, queries), concatenation(twin)
+        torch.testing.assert_close(separable, concatenated, rtol=1e-10, atol=1e-12)
+    for name in ("running_mean", "running_var", "num_batches_tracked"):
+        torch.testing.assert_close(getattr(module.rest[0], name), getattr(twin.rest[0], name))
     weights = torch.randn_like(separable)
     a = torch.autograd.grad((separable * weights).sum(), [prototypes, queries, *module.parameters()])
-    b = torch.autograd.grad((concatenated * weights).sum(), [prototypes, queries, *module.parameters()])
+    b = torch.autograd.grad((concatenated * weights).sum(), [prototypes, queries, *twin.parameters()])
     for x, y in zip(a, b):
         torch.testing.assert_close(x, y, rtol=1e-9, atol=1e-11)
+    module.eval()
+    twin.eval()
+    torch.testing.assert_close(module.pair_scores(prototypes, queries), concatenation(twin))
+
+
+def test_separable_batch_norm_rejects_a_single_value_per_channel():
+    module = RelationModule(2).double()
+    with pytest.raises(ValueError, match="more than 1 value per channel when training, got 1"):
+        module.pair_scores(torch.randn(1, 1, 2, 1, 1, **DOUBLE), torch.randn(1, 1, 2, 1, 1, **DOUBLE))
+
+
+def test_custom_query_encoder_uses_the_step_by_step_attention_lstm():
+    class MyCell(nn.LSTMCell):
+        pass
+    torch.manual_seed(1)
+    model = MatchingNetworks(mlp_backbone(), feature_dimension=6, query_encoder=MyCell(12, 6)).double()
+    support, support_labels, query, _ = episode(4, 2, 3, (1, 3, 3))
+    model.process_support_set(support, support_labels)
+    expected = reference.matching_scores(model.backbone, model.support_encoder, model.query_encoder,
+                                         support, support_labels, query)
+    torch.testing.assert_close(model(query), expected, rtol=1e-9, atol=1e-10)
 
 
 def test_custom_relation_module_uses_the_concatenation():
