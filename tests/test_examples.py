@@ -8,11 +8,19 @@ from pathlib import Path
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+SHARED_OMNIGLOT = EXAMPLES.parents[1] / "shared" / "data" / "omniglot"
 
 
 @pytest.mark.parametrize("script, args, expect", [
     ("l2o_quadratic.py", ["--meta-iterations", "2", "--batch", "8"], "Mean loss after 100 steps"),
     ("meta_learner_fewshot.py", ["--meta-iterations", "50", "--meta-batch", "1"], "meta-iteration    50"),
+    ("metric_fewshot.py", ["--method", "relation", "--steps", "3", "--test-episodes", "20"],
+     "| relation | chars | 5-way 5-shot |"),
+    pytest.param("metric_fewshot.py", ["--method", "protonet", "--data", "omniglot", "--steps", "3",
+                                       "--ways", "5", "--test-episodes", "20"],
+                 "| protonet | omniglot | 5-way 1-shot |", marks=pytest.mark.skipif(
+                     not (SHARED_OMNIGLOT / "images_background_small1.zip").exists(),
+                     reason=f"the Omniglot subsets are not at {SHARED_OMNIGLOT}")),
     ("maml_sinusoid.py", ["--iterations", "20", "--eval-tasks", "20", "--out", "{tmp}"], "| Meta-SGD |"),
 ])
 def test_example_runs(script, args, expect, tmp_path):
