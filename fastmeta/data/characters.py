@@ -17,7 +17,7 @@ __all__ = ["Characters"]
 RENDER_SIZE = 64
 GLYPH_BOX = 40          # the glyph's longer side, in pixels of the render canvas
 THUMBNAIL = 16          # resolution at which near-identical glyphs are merged
-DUPLICATE_DISTANCE = 0.9  # RMS thumbnail difference (0..255 scale / 255 * 16) below which glyphs merge
+DUPLICATE_DISTANCE = 0.9  # L2 distance of thumbnails (pixels in [0, 1]) below which glyphs merge
 MIN_ALPHABET = 10
 FORMAT_VERSION = 1      # bump when the rendering changes, to invalidate caches
 
@@ -130,8 +130,7 @@ def _unique_glyphs(font_path: str):
 def _distinct(glyphs: torch.Tensor) -> List[int]:
     """Indices of glyphs that differ from every earlier kept glyph."""
     small = F.adaptive_avg_pool2d(glyphs[:, None], THUMBNAIL).flatten(1)
-    distance = torch.cdist(small, small) / THUMBNAIL
-    close = (distance < DUPLICATE_DISTANCE / THUMBNAIL).numpy()
+    close = (torch.cdist(small, small) < DUPLICATE_DISTANCE).numpy()
     kept = np.zeros(len(glyphs), dtype=bool)
     for i in range(len(glyphs)):
         kept[i] = not close[i, :i][kept[:i]].any()
