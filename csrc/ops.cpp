@@ -44,6 +44,17 @@ TORCH_LIBRARY(fastmeta, m) {
   m.def(
       "contrastive_loss_backward(Tensor grad, Tensor x1, Tensor x2, Tensor same, float margin)"
       " -> (Tensor, Tensor, Tensor)");
+  // Matching networks' attention LSTM (full-context query embeddings), K steps:
+  // the final hidden state and, for the backward, each step's input hidden
+  // state, cell state, attention and activated gates.
+  m.def(
+      "matching_attention_lstm(Tensor query, Tensor support, Tensor weight_ih, Tensor weight_hh,"
+      " Tensor bias, int steps) -> (Tensor hidden, Tensor hiddens, Tensor cells, Tensor attention,"
+      " Tensor gates)");
+  m.def(
+      "matching_attention_lstm_backward(Tensor grad, Tensor query, Tensor support,"
+      " Tensor weight_ih, Tensor weight_hh, Tensor hiddens, Tensor cells, Tensor attention,"
+      " Tensor gates) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Coordinatewise LSTM optimizers (layouts in csrc/math/lstm.h).
   m.def(
       "l2o_lstm_step(Tensor grad, Tensor state, Tensor weights, float preprocess_p,"

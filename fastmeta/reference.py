@@ -28,6 +28,7 @@ __all__ = [
     "mlp_forward",
     "mlp_task_derivatives",
     "maml_query_losses_loop",
+    "matching_attention_lstm",
     "prototypical_scores",
     "matching_scores",
     "relation_scores",
@@ -304,6 +305,21 @@ def prototypical_scores(backbone, support, support_labels, query, metric: str = 
     prototypes = _class_means(backbone(support), support_labels)
     distance = torch.cdist(backbone(query), prototypes)
     return -(distance ** 2 if metric == "sqeuclidean" else distance)
+
+
+def matching_attention_lstm(query, support, weight_ih, weight_hh, bias=None, steps=None):
+    """Matching networks' attention LSTM, step by step: read the support set
+    by dot-product attention, then an ``nn.LSTMCell`` step on [query, read]
+    with the query added back to the hidden state."""
+    hidden, cell = query, torch.zeros_like(query)
+    for _ in range(support.shape[1] if steps is None else steps):
+        read = torch.softmax(hidden @ support.transpose(1, 2), -1) @ support
+        gates = torch.cat([query, read], -1) @ weight_ih.T + hidden @ weight_hh.T
+        gates = gates if bias is None else gates + bias
+        i, f, g, o = gates.chunk(4, -1)
+        cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+        hidden = torch.sigmoid(o) * torch.tanh(cell) + query
+    return hidden
 
 
 def matching_scores(backbone, support_encoder, query_encoder, support, support_labels, query):

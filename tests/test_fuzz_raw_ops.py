@@ -24,7 +24,7 @@ import pytest
 import torch
 
 SIZES = {"B": 2, "Q": 3, "N": 4, "D": 5, "V": 6, "M": 3, "S": 5, "C": 3, "P": 7, "L": 2, "H": 3,
-         "T": 2, "I": 2, "O": 3}
+         "T": 2, "I": 2, "O": 3, "A": 2}
 HIDDEN = {"I": 2, "O": 3}  # the MLP learner below: widths [I, 4, O]
 MLP_PARAMS = 4 * (2 + 1) + 3 * (4 + 1)
 
@@ -50,6 +50,8 @@ PAIRS = [("x1", "MD", "float"), ("x2", "MD", "float"), ("same", "M", "float")]
 L2O = [("grad", "P", "float"), ("state", "L2HP", "float"), ("weights", "W", "float")]
 META = [("grad", "P", "float"), ("loss", "", "float"), ("theta", "P", "float"),
         ("state", "RP", "float"), ("weights", "U", "float")]
+ATTENTION_LSTM = [("query", "BQD", "float"), ("support", "BSD", "float"),
+                  ("weight_ih", "FE", "float"), ("weight_hh", "FD", "float")]
 MLP = [("params", "TK", "float"), ("x", "TNI", "float"), ("target", "TNO", "float"),
        ("direction", "TK", "float")]
 OPS = {
@@ -77,6 +79,10 @@ OPS = {
     "meta_lstm_step": (META, (10.0,), "RU"),
     "meta_lstm_step_backward": ([("grad_theta", "P", "float"), ("grad_state", "RP", "float")] + META,
                                 (10.0,), "RU"),
+    "matching_attention_lstm": (ATTENTION_LSTM + [("bias", "F", "float")], (2,), "A"),
+    "matching_attention_lstm_backward": ([("grad", "BQD", "float")] + ATTENTION_LSTM + [
+        ("hiddens", "ABQD", "float"), ("cells", "ABQD", "float"), ("attention", "ABQS", "float"),
+        ("gates", "ABQF", "float")], (), ""),
     "mlp_task_derivatives": (MLP, ([2, 4, 3], ["tanh", "identity"], "mse", True), "KIO"),
 }
 # Invalid non-tensor arguments: (position among the arguments, value).
@@ -87,6 +93,7 @@ BAD_ARGUMENTS = {
     "class_prototypes": [(0, -1), (0, 2**62), (0, 6)],
     "l2o_lstm_step": [(0, 0.0), (0, -1.0)],
     "meta_lstm_step_backward": [(0, 0.0)],
+    "matching_attention_lstm": [(0, -1)],
     "mlp_task_derivatives": [(0, [2, 4, 4]), (0, [2**40, 2**40, 3]), (0, [2, 2**62, 3]), (0, []),
                              (0, [2] * 10 + [3]), (1, ["tanh"]), (1, ["gelu", "identity"]),
                              (2, "hinge")],
@@ -97,7 +104,8 @@ def size_of(letter, sizes):
     if letter.isdigit():
         return int(letter)
     return {"W": l2o_weights(sizes["L"], sizes["H"]), "R": 2 * sizes["H"] + 2,
-            "U": meta_weights(sizes["H"]), "K": MLP_PARAMS}.get(letter, sizes.get(letter))
+            "U": meta_weights(sizes["H"]), "K": MLP_PARAMS, "F": 4 * sizes["D"],
+            "E": 2 * sizes["D"]}.get(letter, sizes.get(letter))
 
 
 def make(kind, shape, sizes, generator):

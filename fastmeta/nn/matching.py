@@ -22,7 +22,7 @@ class MatchingNetworks(FewShotClassifier):
     c))``, ``h = h + f(x)``. The query's class probabilities are attention
     over the support labels, ``softmax(h normalize(g)^T) onehot(y)``, and
     the scores are their logarithm (plus 1e-6, as in easyfsl). Every
-    attention read is one fused ``attention_readout``.
+    final attention read is one fused ``attention_readout``.
 
     As easyfsl, the attention is the dot product with the normalised support
     embeddings (the paper's cosine times the query's norm). :meth:`loss` is
@@ -74,44 +74,18 @@ class MatchingNetworks(FewShotClassifier):
         return (probabilities + 1e-6).log()
 
     def _attention_lstm(self, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        if type(self.query_encoder) is nn.LSTMCell:
-            return self._attention_lstm_cell(support, query)
+        cell = self.query_encoder
+        if type(cell) is nn.LSTMCell:
+            bias = cell.bias_ih + cell.bias_hh if cell.bias else None
+            return ops.matching_attention_lstm(query, support, cell.weight_ih, cell.weight_hh, bias)
         B, Q, D = query.shape
         flat_query = query.reshape(B * Q, D)
-        hidden, cell = flat_query, torch.zeros_like(flat_query)
+        hidden, state = flat_query, torch.zeros_like(flat_query)
         for _ in range(support.shape[1]):
             read = ops.attention_readout(hidden.view(B, Q, D), support, support, metric="dot")
-            hidden, cell = self.query_encoder(torch.cat([flat_query, read.reshape(B * Q, D)], 1),
-                                              (hidden, cell))
+            hidden, state = cell(torch.cat([flat_query, read.reshape(B * Q, D)], 1), (hidden, state))
             hidden = hidden + flat_query
         return hidden.view(B, Q, D)
-
-    def _attention_lstm_cell(self, support: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
-        """The attention LSTM with ``nn.LSTMCell``'s equations, reorganised:
-        the read ``r = a g`` enters the gates only through ``W_r r = a (g
-        W_r^T)``, so ``g W_r^T`` ``[S, 4D]`` and the query's input term
-        ``f W_f^T + b`` are computed once, and each step is one product of
-        ``h`` with ``[W_hh^T, g^T]`` (recurrent gates and attention logits
-        together), a softmax over S and one ``[Q, S] x [S, 4D]`` product:
-        half the multiply-adds of the per-step form and a third of its
-        operations."""
-        cell_module, D = self.query_encoder, query.shape[-1]
-        weight_query, weight_read = cell_module.weight_ih[:, :D], cell_module.weight_ih[:, D:]
-        bias = (cell_module.bias_ih + cell_module.bias_hh) if cell_module.bias else 0
-        constant = query @ weight_query.T + bias                      # [B, Q, 4D]
-        support_gates = support @ weight_read.T                         # [B, S, 4D]
-        hidden_and_keys = torch.cat([cell_module.weight_hh.T.expand(len(support), -1, -1),
-                                     support.transpose(1, 2)], 2)       # [B, D, 4D + S]
-        hidden, cell = query, torch.zeros_like(query)
-        for _ in range(support.shape[1]):
-            both = torch.bmm(hidden, hidden_and_keys)
-            attention = torch.softmax(both[..., 4 * D:], -1)
-            gates = torch.baddbmm(constant + both[..., :4 * D], attention, support_gates)
-            input_forget = torch.sigmoid(gates[..., :2 * D])
-            cell = torch.addcmul(input_forget[..., D:] * cell, input_forget[..., :D],
-                                 torch.tanh(gates[..., 2 * D:3 * D]))
-            hidden = torch.addcmul(query, torch.sigmoid(gates[..., 3 * D:]), torch.tanh(cell))
-        return hidden
 
     def loss(self, support, support_labels, query, query_labels, ways=None) -> torch.Tensor:
         """Negative log-likelihood of the attention's class probabilities."""

@@ -9,6 +9,7 @@ support.
 from .attention_readout import attention_readout
 from .class_prototypes import class_prototypes
 from .contrastive_loss import contrastive_loss
+from .matching_attention_lstm import matching_attention_lstm
 from .l2o_lstm_step import l2o_lstm_step, l2o_lstm_step_, l2o_num_weights
 from .meta_lstm_step import meta_lstm_num_weights, meta_lstm_step
 from .mlp_task_derivatives import mlp_task_derivatives
@@ -23,6 +24,7 @@ __all__ = [
     "similarity_cross_entropy",
     "attention_readout",
     "contrastive_loss",
+    "matching_attention_lstm",
     "l2o_lstm_step",
     "l2o_lstm_step_",
     "l2o_num_weights",

@@ -1,0 +1,87 @@
+"""fastmeta.ops.matching_attention_lstm against its step-by-step reference."""
+
+import pytest
+import torch
+
+from fastmeta import ops, reference
+from fastmeta.ops.matching_attention_lstm import _composite
+from fastmeta.testing import DEVICES, assert_close_to_reference
+
+
+def operands(B, Q, S, D, dtype=torch.float64, device="cpu", bias=True, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(B, Q, D), (B, S, D), (4 * D, 2 * D), (4 * D, D)] + ([(4 * D,)] if bias else [])
+    return [(0.5 * torch.randn(*s, generator=g, dtype=torch.float64)).to(device, dtype).requires_grad_()
+            for s in shapes]
+
+
+SHAPES = [(2, 3, 4, 5, None), (1, 1, 1, 1, 1), (3, 7, 5, 6, 0), (2, 0, 3, 4, 2), (2, 3, 0, 4, 2),
+          (3, 5, 2, 3, 7), (1, 300, 20, 64, None), (4, 17, 9, 13, 3)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("B, Q, S, D, steps", SHAPES)
+def test_matches_reference_values_and_gradients(device, dtype, B, Q, S, D, steps):
+    inputs = operands(B, Q, S, D, dtype, device)
+    out = ops.matching_attention_lstm(*inputs, steps=steps)
+    expected = reference.matching_attention_lstm(*[t.detach().double().requires_grad_() for t in inputs],
+                                                 steps=steps)
+    assert out.shape == (B, Q, D) and out.dtype == dtype
+    assert_close_to_reference(out, expected, dtype)
+    if out.numel():
+        weights = torch.randn_like(expected)
+        got = torch.autograd.grad((out * weights.to(dtype)).sum(), inputs, allow_unused=True)
+        leaves = [t.detach().double().requires_grad_() for t in inputs]
+        want = torch.autograd.grad(
+            (reference.matching_attention_lstm(*leaves, steps=steps) * weights).sum(), leaves,
+            allow_unused=True)
+        for a, b in zip(got, want):
+            assert_close_to_reference(a, torch.zeros_like(a.double()) if b is None else b, dtype)
+
+
+@pytest.mark.parametrize("B, Q, S, D, steps", [(2, 3, 4, 5, None), (1, 2, 1, 2, 3), (2, 3, 2, 3, 0)])
+def test_gradcheck(B, Q, S, D, steps):
+    inputs = operands(B, Q, S, D)
+    assert torch.autograd.gradcheck(lambda *t: ops.matching_attention_lstm(*t, steps=steps), inputs)
+
+
+def test_without_bias_and_the_composite_path_of_other_devices():
+    inputs = operands(2, 4, 3, 5, bias=False)
+    expected = reference.matching_attention_lstm(*inputs)
+    torch.testing.assert_close(ops.matching_attention_lstm(*inputs), expected)
+    zeros = torch.zeros(20, dtype=torch.float64)
+    torch.testing.assert_close(_composite(*inputs, zeros, 3), expected)
+
+
+def test_opcheck():
+    for shape, steps in (((2, 3, 4, 5), 3), ((1, 2, 1, 2), 0)):
+        inputs = [t.detach().requires_grad_() for t in operands(*shape)]
+        torch.library.opcheck(torch.ops.fastmeta.matching_attention_lstm, (*inputs, steps))
+
+
+def test_bad_input_messages():
+    q, s, wi, wh, b = operands(2, 3, 4, 5)
+    with pytest.raises(ValueError, match=r"query must be \[B, Q, D\] and support \[B, S, D\]"):
+        ops.matching_attention_lstm(q[0], s, wi, wh, b)
+    with pytest.raises(ValueError, match=r"query must be \[B, Q, D\] and support \[B, S, D\]"):
+        ops.matching_attention_lstm(q, s[:, :, :4], wi, wh, b)
+    with pytest.raises(ValueError, match=r"weight_ih must be \[20, 10\] and weight_hh \[20, 5\]"):
+        ops.matching_attention_lstm(q, s, wi[:, :9], wh, b)
+    with pytest.raises(ValueError, match=r"bias must be \[20\], got \[19\]"):
+        ops.matching_attention_lstm(q, s, wi, wh, b[:19])
+    with pytest.raises(ValueError, match="steps must be an integer >= 0, got -1"):
+        ops.matching_attention_lstm(q, s, wi, wh, b, steps=-1)
+    with pytest.raises(TypeError, match="weight_hh has dtype torch.float32 but query has dtype torch.float64"):
+        ops.matching_attention_lstm(q, s, wi, wh.float(), b)
+    with pytest.raises(TypeError, match="query must be a floating-point tensor"):
+        ops.matching_attention_lstm(q.long(), s, wi, wh, b)
+    with pytest.raises(ValueError, match="support is on meta but query is on cpu"):
+        ops.matching_attention_lstm(q, s.to("meta"), wi, wh, b)
+    with pytest.raises(RuntimeError, match="weight_ih has size 10 in dimension 0 but 4 x the "
+                                           "feature size is 20"):
+        torch.ops.fastmeta.matching_attention_lstm(q.detach(), s.detach(), wi.detach().T, wh.detach(),
+                                                   b.detach(), 2)
+    with pytest.raises(RuntimeError, match="fastmeta: steps must be >= 0, got -2"):
+        torch.ops.fastmeta.matching_attention_lstm(q.detach(), s.detach(), wi.detach(), wh.detach(),
+                                                   b.detach(), -2)
