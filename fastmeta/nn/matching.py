@@ -19,10 +19,11 @@ class MatchingNetworks(FewShotClassifier):
     support set, ``g(x_i) = x_i + h_fw_i + h_bw_i``; each query's by an
     attention LSTM that reads the support set for ``S`` steps (the number of
     support examples): ``r = softmax(h g^T) g``, ``h, c = LSTM([f(x), r], (h,
-    c))``, ``h = h + f(x)``. The query's class probabilities are attention
-    over the support labels, ``softmax(h normalize(g)^T) onehot(y)``, and
-    the scores are their logarithm (plus 1e-6, as in easyfsl). Every
-    final attention read is one fused ``attention_readout``.
+    c))``, ``h = h + f(x)``: with the default ``nn.LSTMCell``, one fused
+    ``matching_attention_lstm`` call. The query's class probabilities are
+    attention over the support labels, ``softmax(h normalize(g)^T)
+    onehot(y)``, one fused ``attention_readout``, and the scores are their
+    logarithm (plus 1e-6, as in easyfsl).
 
     As easyfsl, the attention is the dot product with the normalised support
     embeddings (the paper's cosine times the query's norm). :meth:`loss` is
