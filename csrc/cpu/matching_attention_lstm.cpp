@@ -131,6 +131,7 @@ matching_attention_lstm_backward(const at::Tensor& grad_in, const at::Tensor& qu
   const at::Tensor &query = o.query, &support = o.support;
   const at::Tensor weight_query = o.weight_ih.narrow(1, 0, D);
   const at::Tensor weight_read = o.weight_ih.narrow(1, D, D);
+  // Recomputed rather than saved: [B, S, 4D] is one small product.
   const at::Tensor support_gates = at::matmul(support, weight_read.t());
   const at::Tensor keys_t =
       at::cat({o.weight_hh.unsqueeze(0).expand({B, 4 * D, D}), support}, 1);  // [B, 4D + S, D]

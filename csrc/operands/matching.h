@@ -67,7 +67,7 @@ inline AttentionLstmOperands attention_lstm_backward_operands(
   for (int64_t dim = 0; dim < 3; ++dim) {
     check_size(grad, "grad", dim, query.size(dim), "query's");
   }
-  const int64_t rows[4] = {o.K, o.B, o.Q, 0};
+  const int64_t rows[3] = {o.K, o.B, o.Q};
   for (int64_t dim = 0; dim < 3; ++dim) {
     check_size(hiddens, "hiddens", dim, rows[dim], "the steps, episodes and queries");
     check_size(cells, "cells", dim, rows[dim], "the steps, episodes and queries");

@@ -251,9 +251,13 @@ def maml_conv4(device: str) -> List[Variant]:
     return variants
 
 
-def _episode_images(batch, ways, shots, queries, image_shape, device, generator):
+def _episode_images(batch, ways, shots, queries, image_shape, device, generator,
+                    requires_grad=False):
+    """Random episodes (images, or features with ``requires_grad``), labels grouped by class."""
     support = torch.rand(batch, ways * shots, *image_shape, generator=generator).to(device)
     query = torch.rand(batch, ways * queries, *image_shape, generator=generator).to(device)
+    support.requires_grad_(requires_grad)
+    query.requires_grad_(requires_grad)
     support_labels = torch.arange(ways, device=device).repeat_interleave(shots).expand(batch, -1)
     query_labels = torch.arange(ways, device=device).repeat_interleave(queries).expand(batch, -1)
     return support, support_labels.contiguous(), query, query_labels.contiguous()
@@ -308,10 +312,7 @@ def protonet_step(device: str) -> List[Variant]:
             backbone = nn.Identity() if head_only else fnn.Conv4(1)
             model = fnn.PrototypicalNetworks(backbone).to(device)
             episodes = _episode_images(batch, ways, shots, queries, (64,) if head_only else (1, 28, 28),
-                                       device, g)
-            if head_only:
-                episodes[0].requires_grad_()
-                episodes[2].requires_grad_()
+                                       device, g, requires_grad=head_only)
             variants.append(_module_variants(
                 "protonet_step", label, model,
                 lambda s, l, q, m=model: reference.prototypical_scores(m.backbone, s, l, q, "sqeuclidean"),
@@ -345,10 +346,7 @@ def relation_step(device: str) -> List[Variant]:
             backbone = nn.Identity() if head_only else fnn.Conv4(1, pooled_blocks=2, flatten=False)
             model = fnn.RelationNetworks(backbone, feature_dimension=64).to(device)
             episodes = _episode_images(1, ways, 1, queries, (64, 7, 7) if head_only else (1, 28, 28),
-                                       device, g)
-            if head_only:
-                episodes[0].requires_grad_()
-                episodes[2].requires_grad_()
+                                       device, g, requires_grad=head_only)
 
             def mse(scores, labels):
                 return F.mse_loss(scores, F.one_hot(labels, scores.shape[-1]).to(scores.dtype))
@@ -369,10 +367,8 @@ def matching_fce_step(device: str) -> List[Variant]:
         torch.manual_seed(0)
         model = fnn.MatchingNetworks(nn.Identity() if head_only else fnn.Conv4(1),
                                      feature_dimension=64).to(device)
-        episodes = _episode_images(1, 20, 1, 15, (64,) if head_only else (1, 28, 28), device, g)
-        if head_only:
-            episodes[0].requires_grad_()
-            episodes[2].requires_grad_()
+        episodes = _episode_images(1, 20, 1, 15, (64,) if head_only else (1, 28, 28), device, g,
+                                   requires_grad=head_only)
         variants.append(_module_variants(
             "matching_fce_step", "20-way 1+15", model,
             lambda s, l, q, m=model: reference.matching_scores(m.backbone, m.support_encoder,

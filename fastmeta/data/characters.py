@@ -70,10 +70,8 @@ class Characters(LabelledImages):
         key = [FORMAT_VERSION, os.path.getsize(font), pillow_version, torch.__version__.split("+")[0],
                image_size, examples_per_class, seed]
         content = cached(key, "characters", None, build) if cache else build()
-        data = LabelledImages(content["images"], content["labels"], content["names"])
-        data = data.choose_split(split, split_fractions, split_seed)
-        if rotations:
-            data = data.with_rotations()
+        data = LabelledImages(content["images"], content["labels"], content["names"]).choose_split(
+            split, split_fractions, split_seed, rotations)
         super().__init__(data.images, data.labels, data.class_names)
 
     @property

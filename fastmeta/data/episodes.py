@@ -4,6 +4,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
+from ..ops._common import check_integer_labels
 from .images import as_float_images
 
 __all__ = ["Episode", "EpisodeSampler"]
@@ -86,8 +87,7 @@ class EpisodeSampler:
         if labels.dim() != 1:
             raise ValueError(f"EpisodeSampler: labels must be one-dimensional, got shape "
                              f"{list(labels.shape)}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"EpisodeSampler: labels must be integers, got {labels.dtype}")
+        check_integer_labels("EpisodeSampler", "labels", labels)
         labels = labels.cpu()
         class_ids, per_example_class, counts = torch.unique(labels, return_inverse=True,
                                                             return_counts=True)

@@ -11,6 +11,8 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
+from ..ops._common import check_integer_labels
+
 __all__ = ["LabelledImages", "ImageFolder", "cache_dir"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -49,8 +51,7 @@ class LabelledImages(torch.utils.data.Dataset):
         if labels.dim() != 1 or labels.numel() != images.shape[0]:
             raise ValueError(f"LabelledImages: labels must have shape [{images.shape[0]}] (one per "
                              f"image), got {list(labels.shape)}")
-        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-            raise TypeError(f"LabelledImages: labels must be integers, got {labels.dtype}")
+        check_integer_labels("LabelledImages", "labels", labels)
         num_classes = int(labels.max()) + 1 if labels.numel() else 0
         if labels.numel() and int(labels.min()) < 0:
             raise ValueError("LabelledImages: labels must be >= 0")
@@ -107,17 +108,20 @@ class LabelledImages(torch.utils.data.Dataset):
         names = [f"{name}/rot{90 * k}" for name in self.class_names for k in range(4)]
         return LabelledImages(rotated.flatten(0, 1), labels, names)
 
-    def choose_split(self, split: Optional[str], fractions: Sequence[float],
-                     seed: int) -> "LabelledImages":
-        """The ``"train"``, ``"val"`` or ``"test"`` part of :meth:`split`, or all for None."""
-        if split is None:
-            return self
-        if split not in SPLITS:
-            raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
-        if len(fractions) != 3:
-            raise ValueError(f"split_fractions must be three fractions (train, val, test), got "
-                             f"{tuple(fractions)}")
-        return self.split(fractions, seed)[SPLITS.index(split)]
+    def choose_split(self, split: Optional[str], fractions: Sequence[float], seed: int,
+                     rotations: bool = False) -> "LabelledImages":
+        """The ``"train"``, ``"val"`` or ``"test"`` part of :meth:`split` (all
+        for None), with :meth:`with_rotations` applied after the split when
+        ``rotations``."""
+        part = self
+        if split is not None:
+            if split not in SPLITS:
+                raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
+            if len(fractions) != 3:
+                raise ValueError(f"split_fractions must be three fractions (train, val, test), got "
+                                 f"{tuple(fractions)}")
+            part = self.split(fractions, seed)[SPLITS.index(split)]
+        return part.with_rotations() if rotations else part
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({len(self)} images of {tuple(self.images.shape[1:])}, "

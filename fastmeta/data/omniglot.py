@@ -71,10 +71,8 @@ class Omniglot(LabelledImages):
 
         key = [(str(s), s.stat().st_size, s.stat().st_mtime_ns) for s in sources] + [image_size]
         content = cached(key, "omniglot", root / ".fastmeta-cache", build) if cache else build()
-        data = LabelledImages(content["images"], content["labels"], content["names"])
-        data = data.choose_split(split, split_fractions, split_seed)
-        if rotations:
-            data = data.with_rotations()
+        data = LabelledImages(content["images"], content["labels"], content["names"]).choose_split(
+            split, split_fractions, split_seed, rotations)
         super().__init__(data.images, data.labels, data.class_names)
 
 

@@ -7,6 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..ops._common import check_integer_labels
+
 __all__ = ["FewShotClassifier"]
 
 
@@ -31,7 +33,9 @@ class FewShotClassifier(nn.Module):
     faster choice on a GPU.
 
     A method implements ``prepare_support`` (support features ``[B, S, ...]``
-    and labels to whatever it keeps, e.g. prototypes) and ``score_queries``.
+    and labels to whatever it keeps, e.g. prototypes) and ``score_queries``,
+    and its training loss in ``loss_of_scores`` (or ``loss``, where the loss
+    does not go through the scores).
     """
 
     #: dimensions of one image's features: 1 (vectors) or 3 (feature maps)
@@ -94,18 +98,22 @@ class FewShotClassifier(nn.Module):
 
     def loss(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
              query_labels: torch.Tensor, ways: Optional[int] = None) -> torch.Tensor:
-        """The method's training loss, averaged over the queries of the
-        episodes: here the cross-entropy of the scores."""
+        """The method's training loss over the queries of the episodes:
+        :meth:`loss_of_scores` of their scores."""
         state, query_features, batched = self.embed_episodes(support, support_labels, query, ways)
         scores = self.score_queries(state, query_features)
-        targets = self.batched_query_labels(query_labels, scores.shape[:-1], batched)
-        return F.cross_entropy(scores.flatten(0, 1), targets.flatten())
+        return self.loss_of_scores(scores, self.batched_query_labels(query_labels, scores.shape[:-1],
+                                                                     batched))
+
+    def loss_of_scores(self, scores: torch.Tensor, query_labels: torch.Tensor) -> torch.Tensor:
+        """The loss of scores ``[B, Q, ways]`` for labels ``[B, Q]``: here
+        their cross-entropy, averaged over the queries."""
+        return F.cross_entropy(scores.flatten(0, 1), query_labels.flatten())
 
     def embed_episodes(self, support: torch.Tensor, support_labels: torch.Tensor,
                        query: torch.Tensor, ways: Optional[int] = None):
         """``(support state, query features [B, Q, ...], batched)``: the
-        episodes checked, embedded by the backbone in one call each, and the
-        support prepared."""
+        episodes checked, embedded by the backbone, and the support prepared."""
         batched = self._check_episode(support, support_labels, query)
         if not batched:
             support, support_labels, query = support[None], support_labels[None], query[None]
@@ -120,9 +128,7 @@ class FewShotClassifier(nn.Module):
             raise ValueError(f"{type(self).__name__}: query_labels must have shape "
                              f"{list(shape) if batched else list(shape[1:])}, got "
                              f"{list(query_labels.shape if batched else query_labels.shape[1:])}")
-        if query_labels.is_floating_point() or query_labels.dtype == torch.bool:
-            raise TypeError(f"{type(self).__name__}: query_labels must be integers, got "
-                            f"{query_labels.dtype}")
+        check_integer_labels(type(self).__name__, "query_labels", query_labels)
         return query_labels
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
@@ -157,8 +163,7 @@ class FewShotClassifier(nn.Module):
         """Checks episode labels ``[B, S]``: integers in ``0..ways-1``, every
         class present in every episode."""
         name = type(self).__name__
-        if labels.is_floating_point() or labels.dtype == torch.bool or labels.is_complex():
-            raise TypeError(f"{name}: support_labels must be integers, got {labels.dtype}")
+        check_integer_labels(name, "support_labels", labels)
         if labels.numel() == 0:
             raise ValueError(f"{name}: the support set is empty")
         low, high = (int(v) for v in labels.aminmax())

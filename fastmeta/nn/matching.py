@@ -88,9 +88,6 @@ class MatchingNetworks(FewShotClassifier):
             hidden = hidden + flat_query
         return hidden.view(B, Q, D)
 
-    def loss(self, support, support_labels, query, query_labels, ways=None) -> torch.Tensor:
+    def loss_of_scores(self, scores: torch.Tensor, query_labels: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood of the attention's class probabilities."""
-        state, query_features, batched = self.embed_episodes(support, support_labels, query, ways)
-        scores = self.score_queries(state, query_features)
-        targets = self.batched_query_labels(query_labels, scores.shape[:-1], batched)
-        return F.nll_loss(scores.flatten(0, 1), targets.flatten())
+        return F.nll_loss(scores.flatten(0, 1), query_labels.flatten())

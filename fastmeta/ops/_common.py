@@ -26,6 +26,12 @@ def check_tensor(op: str, name: str, t, like: Optional[torch.Tensor] = None, flo
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but {like_name} has dtype {like.dtype}")
 
 
+def check_integer_labels(owner: str, name: str, labels: torch.Tensor):
+    """Class labels must have an integer dtype (not floating, complex or bool)."""
+    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+        raise TypeError(f"{owner}: {name} must be integers, got {labels.dtype}")
+
+
 def check_choice(op: str, name: str, value: str, choices: Sequence[str]):
     if value not in choices:
         raise ValueError(f"{op}: unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
