@@ -55,6 +55,12 @@ TORCH_LIBRARY(fastmeta, m) {
       "matching_attention_lstm_backward(Tensor grad, Tensor query, Tensor support,"
       " Tensor weight_ih, Tensor weight_hh, Tensor hiddens, Tensor cells, Tensor attention,"
       " Tensor gates) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Relation networks' pair pooling: relu(max_pool2d(q_i + p_j, 2, ceil_mode))
+  // of every (query, prototype) pair of maps, channels last.
+  m.def("relation_pair_pool(Tensor queries, Tensor prototypes) -> Tensor");
+  m.def(
+      "relation_pair_pool_backward(Tensor grad, Tensor queries, Tensor prototypes)"
+      " -> (Tensor, Tensor)");
   // Coordinatewise LSTM optimizers (layouts in csrc/math/lstm.h).
   m.def(
       "l2o_lstm_step(Tensor grad, Tensor state, Tensor weights, float preprocess_p,"

@@ -31,6 +31,7 @@ __all__ = [
     "matching_attention_lstm",
     "prototypical_scores",
     "matching_scores",
+    "relation_pair_pool",
     "relation_scores",
     "siamese_scores",
     "sample_episode_loop",
@@ -339,6 +340,19 @@ def matching_scores(backbone, support_encoder, query_encoder, support, support_l
     attention = torch.softmax(hidden @ F.normalize(support_features, dim=1).T, dim=1)
     one_hot = F.one_hot(support_labels, len(torch.unique(support_labels))).to(attention.dtype)
     return (attention @ one_hot + 1e-6).log()
+
+
+def relation_pair_pool(queries: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    """``relu(max_pool2d(q_i + p_j, 2, ceil_mode=True))`` of every pair of
+    ``queries [B, Q, H, W, C]`` and ``prototypes [B, N, H, W, C]`` (channels
+    last), built pair by pair: ``[B, Q, N, ceil(H/2), ceil(W/2), C]``."""
+    B, Q, H, W, C = queries.shape
+    N = prototypes.shape[1]
+    pairs = (queries[:, :, None] + prototypes[:, None]).reshape(B * Q * N, H, W, C)
+    if pairs.numel() == 0:  # max_pool2d refuses empty maps; the pooled maps are empty too
+        return pairs.reshape(B, Q, N, (H + 1) // 2, (W + 1) // 2, C)
+    pooled = F.max_pool2d(pairs.permute(0, 3, 1, 2), 2, ceil_mode=True).relu()
+    return pooled.permute(0, 2, 3, 1).reshape(B, Q, N, (H + 1) // 2, (W + 1) // 2, C)
 
 
 def relation_scores(backbone, relation_module, support, support_labels, query):

@@ -11,6 +11,7 @@ from torch import nn
 from fastmeta import reference
 from fastmeta.nn import (Conv4, MatchingNetworks, PrototypicalNetworks, RelationModule,
                          RelationNetworks, ResNet12, SiameseNetworks)
+from fastmeta.nn.relation import _is_relu_pool
 from fastmeta.testing import DEVICES
 
 DOUBLE = dict(dtype=torch.float64)
@@ -165,14 +166,19 @@ def test_losses_of_the_other_methods():
     assert pairs.shape == () and pairs.requires_grad
 
 
-@pytest.mark.parametrize("size, channels, momentum", [(1, 3, 0.1), (5, 4, None), (7, 2, 0.5),
-                                                      (6, 1, 0.1)])
-def test_separable_relation_layer_equals_concatenation(size, channels, momentum):
-    """The separable first convolution and batch norm equal the concatenation
+@pytest.mark.parametrize("size, channels, momentum, pool", [
+    (1, 3, 0.1, None), (5, 4, None, None), (7, 2, 0.5, None), (6, 1, 0.1, None),
+    (6, 3, 0.1, nn.MaxPool2d(2)), (7, 2, 0.1, nn.MaxPool2d(3, 1, padding=1))])
+def test_separable_relation_layer_equals_concatenation(size, channels, momentum, pool):
+    """The separable first convolution and batch norm (and, with the default
+    pooling, the fused ReLU and pooling of the pairs) equal the concatenation
     form: scores, gradients, running statistics, and in eval mode."""
     torch.manual_seed(size)
     module = RelationModule(channels, hidden_units=3).double()
     module.rest[0].momentum = momentum
+    if pool is not None:
+        module.rest[2] = pool
+    assert _is_relu_pool(module.rest[1:3]) == (pool is None)
     with torch.no_grad():
         module.rest[0].weight.uniform_(0.5, 1.5)
         module.rest[0].bias.uniform_(-0.5, 0.5)

@@ -24,7 +24,7 @@ import pytest
 import torch
 
 SIZES = {"B": 2, "Q": 3, "N": 4, "D": 5, "V": 6, "M": 3, "S": 5, "C": 3, "P": 7, "L": 2, "H": 3,
-         "T": 2, "I": 2, "O": 3, "A": 2}
+         "T": 2, "I": 2, "O": 3, "A": 2, "Y": 5, "Z": 4}
 HIDDEN = {"I": 2, "O": 3}  # the MLP learner below: widths [I, 4, O]
 MLP_PARAMS = 4 * (2 + 1) + 3 * (4 + 1)
 
@@ -41,7 +41,8 @@ def meta_weights(H):
 # is (name, dims, kind): kind "float" (the op's dtype), "acc" (the
 # accumulation dtype: float32 here), "index" (int64 values in range) or
 # "labels" (each of C classes present). A dimension is a letter of SIZES, a
-# digit (a fixed size) or "W"/"R" (the flat weights of the two LSTM cells).
+# digit (a fixed size), "W"/"R" (the flat weights of the two LSTM cells) or "G"/"J" (half of
+# "Y"/"Z", rounded up: the pooled maps).
 METRIC = ("sqeuclidean",)
 X, Y = ("x", "BQD", "float"), ("y", "BND", "float")
 SCALE, TARGET = ("scale", "BQ", "float"), ("target", "BQ", "index")
@@ -52,6 +53,7 @@ META = [("grad", "P", "float"), ("loss", "", "float"), ("theta", "P", "float"),
         ("state", "RP", "float"), ("weights", "U", "float")]
 ATTENTION_LSTM = [("query", "BQD", "float"), ("support", "BSD", "float"),
                   ("weight_ih", "FE", "float"), ("weight_hh", "FD", "float")]
+MAPS = [("queries", "BQYZC", "float"), ("prototypes", "BNYZC", "float")]
 MLP = [("params", "TK", "float"), ("x", "TNI", "float"), ("target", "TNO", "float"),
        ("direction", "TK", "float")]
 OPS = {
@@ -83,6 +85,8 @@ OPS = {
     "matching_attention_lstm_backward": ([("grad", "BQD", "float")] + ATTENTION_LSTM + [
         ("hiddens", "ABQD", "float"), ("cells", "ABQD", "float"), ("attention", "ABQS", "float"),
         ("gates", "ABQF", "float")], (), ""),
+    "relation_pair_pool": (MAPS, (), ""),
+    "relation_pair_pool_backward": ([("grad", "BQNGJC", "float")] + MAPS, (), "GJ"),
     "mlp_task_derivatives": (MLP, ([2, 4, 3], ["tanh", "identity"], "mse", True), "KIO"),
 }
 # Invalid non-tensor arguments: (position among the arguments, value).
@@ -105,7 +109,8 @@ def size_of(letter, sizes):
         return int(letter)
     return {"W": l2o_weights(sizes["L"], sizes["H"]), "R": 2 * sizes["H"] + 2,
             "U": meta_weights(sizes["H"]), "K": MLP_PARAMS, "F": 4 * sizes["D"],
-            "E": 2 * sizes["D"]}.get(letter, sizes.get(letter))
+            "E": 2 * sizes["D"], "G": (sizes["Y"] + 1) // 2,
+            "J": (sizes["Z"] + 1) // 2}.get(letter, sizes.get(letter))
 
 
 def make(kind, shape, sizes, generator):

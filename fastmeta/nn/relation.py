@@ -48,10 +48,11 @@ class RelationModule(nn.Module):
         its statistics over all pairs follow from the two halves' (a pair's
         mean is the sum of the halves' means; its variance adds the halves'
         variances and their per-position covariance of episode means), and
-        normalising a sum is the sum of the halves shifted and scaled. So the
-        N x Q pair maps are built once, by the addition ahead of the ReLU,
-        channels last (pooling and convolving them is several times faster so
-        on the CPU)."""
+        normalising a sum is the sum of the halves shifted and scaled. The
+        ReLU and max-pooling that follow take each pair's sum of halves in one
+        op (:func:`fastmeta.ops.relation_pair_pool`), so the N x Q pair maps
+        are only built pooled, channels last (convolving them is several times
+        faster so on the CPU)."""
         B, N, C = prototypes.shape[:3]
         Q = queries.shape[1]
         conv = self.first
@@ -64,9 +65,25 @@ class RelationModule(nn.Module):
             query_half, prototype_half = separable_batch_norm(rest[0], query_half, prototype_half)
             rest = rest[1:]
         channels_last = (0, 1, 3, 4, 2)
-        pairs = (query_half.permute(channels_last)[:, :, None]
-                 + prototype_half.permute(channels_last)[:, None])   # [B, Q, N, h, w, C]
+        query_half = query_half.permute(channels_last)
+        prototype_half = prototype_half.permute(channels_last)
+        if _is_relu_pool(rest[:2]):
+            pairs = ops.relation_pair_pool(query_half, prototype_half)  # [B, Q, N, h', w', C]
+            rest = rest[2:]
+        else:
+            pairs = query_half[:, :, None] + prototype_half[:, None]   # [B, Q, N, h, w, C]
         return rest(pairs.flatten(0, 2).permute(0, 3, 1, 2)).view(B, Q, N)
+
+
+def _is_relu_pool(layers: nn.Sequential) -> bool:
+    """Whether ``layers`` are a ReLU and a 2x2 max-pooling with ceil mode,
+    the block :func:`fastmeta.ops.relation_pair_pool` fuses."""
+    if len(layers) < 2 or not isinstance(layers[0], nn.ReLU) or not isinstance(layers[1], nn.MaxPool2d):
+        return False
+    pool = layers[1]
+    window = [pool.kernel_size, pool.stride, pool.padding, pool.dilation]
+    window = [v if isinstance(v, tuple) else (v, v) for v in window]
+    return window == [(2, 2), (2, 2), (0, 0), (1, 1)] and pool.ceil_mode and not pool.return_indices
 
 
 def separable_batch_norm(norm: nn.BatchNorm2d, queries: torch.Tensor, prototypes: torch.Tensor):

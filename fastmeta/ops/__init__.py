@@ -14,6 +14,7 @@ from .l2o_lstm_step import l2o_lstm_step, l2o_lstm_step_, l2o_num_weights
 from .meta_lstm_step import meta_lstm_num_weights, meta_lstm_step
 from .mlp_task_derivatives import mlp_task_derivatives
 from .pairwise_distance import pairwise_distance
+from .relation_pair_pool import relation_pair_pool
 from .similarity_cross_entropy import similarity_cross_entropy
 from .similarity_log_softmax import similarity_log_softmax
 
@@ -25,6 +26,7 @@ __all__ = [
     "attention_readout",
     "contrastive_loss",
     "matching_attention_lstm",
+    "relation_pair_pool",
     "l2o_lstm_step",
     "l2o_lstm_step_",
     "l2o_num_weights",
