@@ -4,7 +4,9 @@ from ._extension import load as _load
 
 _C, _build_config = _load()
 
-from . import algorithms, data, functional, nn, ops, optim, reference  # noqa: E402
+from . import algorithms, data, functional, nn, ops, optim, reference, training  # noqa: E402
+from .training import load_checkpoint  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["algorithms", "data", "functional", "nn", "ops", "optim", "reference", "__version__"]
+__all__ = ["algorithms", "data", "functional", "nn", "ops", "optim", "reference", "training",
+           "load_checkpoint", "__version__"]

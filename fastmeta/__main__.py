@@ -1,4 +1,4 @@
-"""The ``fastmeta`` command: ``fastmeta info`` and ``fastmeta bench``."""
+"""The ``fastmeta`` command: ``info``, ``bench``, ``train`` and ``evaluate``."""
 
 import argparse
 import os
@@ -38,8 +38,12 @@ def main(argv=None) -> int:
                        help="a case to run (repeatable); default: all")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    add_train_parser(sub)
+    add_evaluate_parser(sub)
     args = parser.parse_args(argv)
 
+    if args.command in ("train", "evaluate"):
+        return run_training_command(sub.choices[args.command], args)
     if args.command == "info":
         print(info())
         return 0
@@ -67,6 +71,99 @@ def main(argv=None) -> int:
     if args.json:
         runner.write_json(args.json, rows)
     return 0
+
+
+# flag: (type, help); each is a Config field (dashes for underscores)
+TRAIN_FLAGS = {
+    "data": (str, "chars (built-in, the default), omniglot[:PATH] or folder:PATH"),
+    "ways": (int, "classes per episode"), "shots": (int, "support examples per class"),
+    "queries": (int, "query examples per class"), "meta-batch": (int, "tasks per step"),
+    "steps": (int, "meta-training steps"), "backbone": (str, "conv4 or resnet12"),
+    "lr": (float, "the meta-optimizer's learning rate (Adam)"),
+    "lr-decay-every": (int, "halve the learning rate every this many steps (0: never)"),
+    "inner-lr": (float, "MAML family, Reptile: the inner learning rate"),
+    "inner-steps": (int, "inner steps in meta-training"),
+    "test-inner-steps": (int, "inner steps at validation and test"),
+    "outer-lr": (float, "Reptile: the step towards the adapted parameters"),
+    "device": (str, "cpu, cuda or cuda:N"), "seed": (int, "the run's seed"),
+    "validate-every": (int, "steps between validations"),
+    "val-episodes": (int, "validation episodes"),
+    "checkpoint-every": (int, "steps between checkpoints"),
+    "log-every": (int, "steps between lines of metrics.jsonl"),
+    "image-size": (int, "side of the square images"),
+}
+
+
+def add_train_parser(sub):
+    from fastmeta.training import METHODS
+
+    train = sub.add_parser("train", help="meta-train a method; resumable; runs under torchrun")
+    train.add_argument("method", nargs="?", help=f"one of: {', '.join(METHODS)}")
+    for flag, (kind, text) in TRAIN_FLAGS.items():
+        train.add_argument(f"--{flag}", type=kind, help=text)
+    train.add_argument("--config", metavar="FILE", help="a TOML file of settings (flags override it)")
+    train.add_argument("--out", metavar="DIR", help="the run folder (default runs/METHOD-DATA-WAYSwSHOTSs)")
+    train.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_evaluate_parser(sub):
+    evaluate = sub.add_parser("evaluate", help="test accuracy of a run: mean and 95%% CI")
+    evaluate.add_argument("run", help="a run folder or a checkpoint file")
+    evaluate.add_argument("--episodes", type=int, default=600)
+    evaluate.add_argument("--ways", type=int, help="default: the run's")
+    evaluate.add_argument("--shots", type=int, help="default: the run's")
+    evaluate.add_argument("--queries", type=int, default=15)
+    evaluate.add_argument("--split", choices=["test", "val", "train"], default="test")
+    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--device", help="default: the run's")
+
+
+def run_training_command(parser, args) -> int:
+    """``fastmeta train`` and ``fastmeta evaluate``: a bad configuration, data
+    folder or checkpoint is one line on stderr and exit status 2."""
+    import dataclasses
+    import json
+    from pathlib import Path
+
+    from fastmeta import training
+
+    try:
+        if args.command == "evaluate":
+            result = training.evaluate(args.run, args.episodes, args.ways, args.shots, args.queries,
+                                       args.split, args.seed, args.device)
+            print(f"{result['method']} on {result['data']}, {result['split']} classes, "
+                  f"{result['ways']}-way {result['shots']}-shot: {result['accuracy']:.2f}% "
+                  f"+- {result['ci95']:.2f} (95% CI over {result['episodes']} episodes, "
+                  f"step {result['step']})")
+            if Path(args.run).is_dir():
+                with open(Path(args.run) / "evaluation.jsonl", "a") as f:
+                    f.write(json.dumps(result) + "\n")
+            return 0
+        flags = {flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in TRAIN_FLAGS}
+        if args.resume:
+            saved = training.run.read_checkpoint(args.resume)["config"]
+            if args.method not in (None, saved["method"]):
+                parser.error(f"{args.resume} is a {saved['method']} run, not {args.method}")
+            config = training.config.checked({**saved, **{k: v for k, v in flags.items() if v is not None}})
+            out = Path(args.resume)
+        else:
+            if args.method is None:
+                parser.error("give a METHOD, or --resume DIR")
+            config = training.make_config(args.method, args.config, **flags)
+            out = Path(args.out or f"runs/{config.method}-{config.data.partition(':')[0]}-"
+                                   f"{config.ways}w{config.shots}s")
+        if out.exists() and not out.is_dir():
+            parser.error(f"--out {out} is a file, not a folder")
+        print(f"fastmeta train {config.method}: run folder {out}; "
+              + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items() if k != "method"))
+        trained = training.train(config, out, resume=bool(args.resume), progress=not args.no_progress)
+        print(f"done: {trained.step} steps in {out}; test with fastmeta evaluate {out}")
+        return 0
+    except KeyboardInterrupt as stop:
+        return 143 if str(stop) == "SIGTERM" else 130
+    except (training.ConfigError, training.CheckpointError, FileNotFoundError) as error:
+        parser.error(str(error).splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -222,3 +222,17 @@ class Reptile(_TaskBatchLearner):
         for name, value in flat_to_dict(self.module, new_theta).items():
             self.module.get_parameter(name).copy_(value)
         return losses[0].mean() if losses else None
+
+    @torch.no_grad()
+    def accumulate_grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Reptile's step as a gradient, for an optimizer (and an all-reduce
+        across processes): adds ``theta - mean_t(theta_t)`` to each
+        parameter's ``.grad``, so that SGD with learning rate ``outer_lr``
+        makes :meth:`step`'s update. Returns the tasks' mean loss before
+        adaptation (None with no inner steps)."""
+        _check_tasks("Reptile", self._device(), x_support=x, y_support=y)
+        theta, thetas, losses = self._adapted(x, y, self.inner_steps)
+        for name, value in flat_to_dict(self.module, theta - thetas.mean(0)).items():
+            param = self.module.get_parameter(name)
+            param.grad = value.clone() if param.grad is None else param.grad + value
+        return losses[0].mean() if losses else None
