@@ -18,7 +18,7 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet numpy pybind11 ninja setuptools wheel pytest pytest-benchmark hypothesis pillow matplotlib
+	$(BIN)/python -m pip install --quiet numpy pybind11 ninja setuptools wheel pytest pytest-benchmark hypothesis pillow matplotlib tqdm
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)

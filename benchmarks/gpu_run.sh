@@ -45,7 +45,7 @@ else
   fi
 fi
 
-if timeout 120 "$PY" -m fastmeta bench --device cuda --json "$OUT/bench_cuda.json" \
+if timeout 120 "$PY" -m fastmeta bench --device cuda --all --json "$OUT/bench_cuda.json" \
     > "$OUT/bench_cuda.txt" 2>&1; then
   record bench ok "$OUT/bench_cuda.txt"
 else

@@ -35,7 +35,9 @@ def main(argv=None) -> int:
     bench = sub.add_parser("bench", help="run the benchmark cases and print a table")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     bench.add_argument("--case", action="append", dest="cases", metavar="NAME",
-                       help="a case to run (repeatable); default: all")
+                       help="a case to run (repeatable); default: a representative subset "
+                            "that runs in a few minutes on a 2-core CPU")
+    bench.add_argument("--all", action="store_true", help="run every case")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     add_train_parser(sub)
@@ -43,7 +45,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.command in ("train", "evaluate"):
-        return run_training_command(sub.choices[args.command], args)
+        return run_training_command(args)
     if args.command == "info":
         print(info())
         return 0
@@ -57,17 +59,21 @@ def main(argv=None) -> int:
             parser.error(f"--json {args.json}: the folder {folder} does not exist")
         if not os.access(folder, os.W_OK):
             parser.error(f"--json {args.json}: the folder {folder} is not writable")
-    names = args.cases or list(cases.CASES)
-    try:
-        rows = runner.run(names, args.device, memory=not args.no_memory)
-    except ValueError as error:
-        parser.error(str(error))
+    names = list(cases.CASES) if args.all else args.cases or list(cases.DEFAULT_CASES)
+    unknown = [n for n in names if n not in cases.CASES]
+    if unknown:
+        parser.error(f"unknown benchmark case(s) {unknown}; known: {sorted(cases.CASES)}")
     machine = runner.machine()
     print(f"fastmeta bench on {args.device}: {machine['cpu']}"
           + (f", {machine['gpu']}" if args.device == "cuda"
              else f", {machine['threads']} threads, {machine['cpu_isa']} CPU kernels")
           + f", PyTorch {machine['torch']}, {machine['date']}")
-    print(runner.format_table(rows))
+    print(f"cases: {', '.join(names)}" + ("" if args.all or args.cases else " (--all for every case)"))
+    print(runner.format_header(), flush=True)
+    rows = []
+    for row in runner.run(names, args.device, memory=not args.no_memory, progress=True):
+        rows.append(row)
+        print(runner.format_row(row), flush=True)
     if args.json:
         runner.write_json(args.json, rows)
     return 0
@@ -119,9 +125,13 @@ def add_evaluate_parser(sub):
     evaluate.add_argument("--device", help="default: the run's")
 
 
-def run_training_command(parser, args) -> int:
+def run_training_command(args) -> int:
     """``fastmeta train`` and ``fastmeta evaluate``: a bad configuration, data
     folder or checkpoint is one line on stderr and exit status 2."""
+    def fail(message: str) -> int:
+        print(f"fastmeta {args.command}: error: {message}", file=sys.stderr)
+        return 2
+
     import dataclasses
     import json
     from pathlib import Path
@@ -144,17 +154,17 @@ def run_training_command(parser, args) -> int:
         if args.resume:
             saved = training.run.read_checkpoint(args.resume)["config"]
             if args.method not in (None, saved["method"]):
-                parser.error(f"{args.resume} is a {saved['method']} run, not {args.method}")
+                return fail(f"{args.resume} is a {saved['method']} run, not {args.method}")
             config = training.config.checked({**saved, **{k: v for k, v in flags.items() if v is not None}})
             out = Path(args.resume)
         else:
             if args.method is None:
-                parser.error("give a METHOD, or --resume DIR")
+                return fail("give a METHOD, or --resume DIR")
             config = training.make_config(args.method, args.config, **flags)
             out = Path(args.out or f"runs/{config.method}-{config.data.partition(':')[0]}-"
                                    f"{config.ways}w{config.shots}s")
         if out.exists() and not out.is_dir():
-            parser.error(f"--out {out} is a file, not a folder")
+            return fail(f"--out {out} is a file, not a folder")
         print(f"fastmeta train {config.method}: run folder {out}; "
               + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items() if k != "method"))
         trained = training.train(config, out, resume=bool(args.resume), progress=not args.no_progress)
@@ -163,7 +173,7 @@ def run_training_command(parser, args) -> int:
     except KeyboardInterrupt as stop:
         return 143 if str(stop) == "SIGTERM" else 130
     except (training.ConfigError, training.CheckpointError, FileNotFoundError) as error:
-        parser.error(str(error).splitlines()[0])
+        return fail(str(error).splitlines()[0])
 
 
 if __name__ == "__main__":

@@ -69,3 +69,22 @@ def test_bench_rejects_an_unknown_case(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--case", "no_such_case"])
     assert "unknown benchmark case" in capsys.readouterr().err
+
+
+def test_bench_prints_each_row_as_measured_and_defaults_to_a_subset(monkeypatch, capsys):
+    from fastmeta.bench import cases, runner
+
+    assert set(cases.DEFAULT_CASES) < set(cases.CASES)
+    printed_before = []
+
+    def fake_run(names, device, memory, progress):
+        assert names == cases.DEFAULT_CASES
+        for name in names:
+            printed_before.append(capsys.readouterr().out)  # what was printed before this row
+            yield {"case": name, "shape": "s", "device": device, "fastmeta_ms": 1.0, "baseline": "b",
+                   "baseline_ms": 2.0, "speedup": 2.0, "fastmeta_peak_mib": None, "baseline_peak_mib": None}
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    assert main(["bench"]) == 0
+    assert "(--all for every case)" in printed_before[0] and "speedup" in printed_before[0]
+    assert printed_before[1].startswith(cases.DEFAULT_CASES[0])  # the first row came out on its own

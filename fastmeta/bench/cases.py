@@ -20,7 +20,7 @@ from .. import ops, reference
 from ..algorithms import BatchedMAML
 from ..data import EpisodeSampler, LabelledImages, sinusoid_tasks
 
-__all__ = ["Variant", "CASES", "build"]
+__all__ = ["Variant", "CASES", "DEFAULT_CASES", "build"]
 
 
 @dataclass
@@ -406,6 +406,13 @@ CASES: Dict[str, Callable[[str], List[Variant]]] = {
     "matching_fce_step": matching_fce_step,
     "episode_sampling": episode_sampling,
 }
+
+
+# What `fastmeta bench` runs by default: one case of each kernel family and
+# method, a few minutes on a 2-core CPU (--all adds lstm_step, proto_large_way,
+# maml_conv4 and protonet_step, the long ones).
+DEFAULT_CASES = ["proto_episode", "matching_readout", "meta_lstm_step", "maml_sinusoid",
+                 "relation_step", "matching_fce_step", "episode_sampling"]
 
 
 def build(names, device: str) -> List[Variant]:

@@ -6,13 +6,13 @@ import ctypes
 import platform
 import statistics
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional
 
 import torch
 
 from . import cases
 
-__all__ = ["time_callable", "run", "format_table"]
+__all__ = ["time_callable", "run", "format_header", "format_row"]
 
 
 def time_callable(fn: Callable[[], None], device: str, min_time: float = 1.0,
@@ -76,21 +76,23 @@ def peak_memory_mib(fn: Callable[[], None], device: str) -> Optional[float]:
         return None
 
 
-def run(names: List[str], device: str, memory: bool = True) -> List[Dict]:
-    rows = []
-    for variant in cases.build(names, device):
-        fast_s = time_callable(variant.fastmeta, device)
-        fast_mib = peak_memory_mib(variant.fastmeta, device) if memory else None
-        for name, baseline in variant.baselines.items():
-            base_s = time_callable(baseline, device)
-            rows.append({
-                "case": variant.case, "shape": variant.label, "device": device,
-                "fastmeta_ms": fast_s * 1e3, "baseline": name, "baseline_ms": base_s * 1e3,
-                "speedup": base_s / fast_s,
-                "fastmeta_peak_mib": fast_mib,
-                "baseline_peak_mib": peak_memory_mib(baseline, device) if memory else None,
-            })
-    return rows
+def run(names: List[str], device: str, memory: bool = True, progress: bool = False) -> Iterator[Dict]:
+    """Measures the cases ``names`` and yields each row as soon as it is measured."""
+    from tqdm import tqdm
+
+    for name in tqdm(names, desc="bench", unit="case", disable=not progress, leave=False):
+        for variant in cases.build([name], device):
+            fast_s = time_callable(variant.fastmeta, device)
+            fast_mib = peak_memory_mib(variant.fastmeta, device) if memory else None
+            for baseline_name, baseline in variant.baselines.items():
+                base_s = time_callable(baseline, device)
+                yield {
+                    "case": variant.case, "shape": variant.label, "device": device,
+                    "fastmeta_ms": fast_s * 1e3, "baseline": baseline_name,
+                    "baseline_ms": base_s * 1e3, "speedup": base_s / fast_s,
+                    "fastmeta_peak_mib": fast_mib,
+                    "baseline_peak_mib": peak_memory_mib(baseline, device) if memory else None,
+                }
 
 
 def machine() -> Dict:
@@ -109,18 +111,26 @@ def machine() -> Dict:
     return info
 
 
-def format_table(rows: List[Dict]) -> str:
+HEADER = ["case", "shape", "fastmeta ms", "baseline", "baseline ms", "speedup", "fastmeta MiB",
+          "baseline MiB"]
+WIDTHS = [18, 30, 11, 26, 11, 8, 12, 12]  # fixed, so rows print as they are measured
+
+
+def format_header() -> str:
+    return "\n".join([_line(HEADER), "-+-".join("-" * w for w in WIDTHS)])
+
+
+def format_row(r: Dict) -> str:
     def mib(v):
         return "-" if v is None else f"{v:.0f}"
 
-    header = ["case", "shape", "fastmeta ms", "baseline", "baseline ms", "speedup",
-              "fastmeta MiB", "baseline MiB"]
-    body = [[r["case"], r["shape"], f"{r['fastmeta_ms']:.2f}", r["baseline"], f"{r['baseline_ms']:.2f}",
-             f"{r['speedup']:.2f}x", mib(r["fastmeta_peak_mib"]), mib(r["baseline_peak_mib"])] for r in rows]
-    widths = [max(len(str(line[i])) for line in [header] + body) for i in range(len(header))]
-    lines = [" | ".join(str(c).ljust(w) for c, w in zip(line, widths)) for line in [header] + body]
-    lines.insert(1, "-+-".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return _line([r["case"], r["shape"], f"{r['fastmeta_ms']:.2f}", r["baseline"],
+                  f"{r['baseline_ms']:.2f}", f"{r['speedup']:.2f}x", mib(r["fastmeta_peak_mib"]),
+                  mib(r["baseline_peak_mib"])])
+
+
+def _line(cells) -> str:
+    return " | ".join(str(c).ljust(w) for c, w in zip(cells, WIDTHS)).rstrip()
 
 
 def write_json(path: str, rows: List[Dict]):

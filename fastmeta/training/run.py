@@ -57,6 +57,19 @@ def load_data(config: Config, split: str) -> LabelledImages:
     return data.to(config.device)
 
 
+def check_ways(data: LabelledImages, ways: int, split: str):
+    if data.num_classes < ways:
+        raise ConfigError(f"{ways}-way episodes need {ways} classes, but the {split} split has "
+                          f"{data.num_classes}")
+
+
+def episode_sampler(data: LabelledImages, ways: int, shots: int, queries: int, **options):
+    try:
+        return EpisodeSampler(data, ways, shots, queries, **options)
+    except ValueError as error:  # e.g. a class with fewer than shots + queries examples
+        raise ConfigError(str(error)) from None
+
+
 def task_seed(seed: int, step: int, task: int) -> int:
     """The seed of task ``task`` of step ``step``: episodes depend on the
     run's seed and on nothing else (not on the number of processes, nor on
@@ -69,11 +82,8 @@ class Episodes:
     """Episodes of a dataset, task ``t`` of step ``s`` drawn from its own seed."""
 
     def __init__(self, data: LabelledImages, ways: int, shots: int, queries: int, seed: int):
-        if data.num_classes < ways:
-            raise ConfigError(f"{ways}-way episodes need {ways} classes, but the data has "
-                              f"{data.num_classes}")
         self.generator = torch.Generator()
-        self.sampler = EpisodeSampler(data, ways, shots, queries, generator=self.generator)
+        self.sampler = episode_sampler(data, ways, shots, queries, generator=self.generator)
         self.seed = seed
 
     def tasks(self, step: int, first: int, count: int) -> Episode:
@@ -135,6 +145,15 @@ def all_reduce_gradients(model: torch.nn.Module, weight: float):
             offset += b.numel()
 
 
+def all_reduce_mean(loss: torch.Tensor, acc: Optional[torch.Tensor]):
+    """The mean over the processes of the loss (and accuracy) for the logs."""
+    both = torch.stack([loss.detach().float().reshape(()),
+                        (loss.new_tensor(-1.0) if acc is None else acc).float().reshape(()).to(loss.device)])
+    dist.all_reduce(both)
+    both /= dist.get_world_size()
+    return both[0], None if acc is None else both[1]
+
+
 # ---------------------------------------------------------------- evaluation
 
 
@@ -149,10 +168,7 @@ def confidence_interval(accuracies: torch.Tensor):
 def episode_accuracies(method: Method, data: LabelledImages, ways: int, shots: int, queries: int,
                        episodes: int, seed: int, batch: int = 25) -> torch.Tensor:
     """Each episode's query accuracy, over ``episodes`` episodes of ``data``."""
-    if data.num_classes < ways:
-        raise ConfigError(f"{ways}-way episodes need {ways} classes, but the held-out data has "
-                          f"{data.num_classes}")
-    sampler = EpisodeSampler(data, ways, shots, queries, episodes_per_batch=batch, seed=seed)
+    sampler = episode_sampler(data, ways, shots, queries, episodes_per_batch=batch, seed=seed)
     training = method.model.training
     method.model.eval()
     accuracies: List[torch.Tensor] = []
@@ -311,6 +327,8 @@ def train(config: Config, out: Union[str, Path], resume: bool = False, progress:
     random.seed(config.seed)
     np.random.seed(config.seed)
     train_data, val_data = load_data(config, "train"), load_data(config, "val")
+    check_ways(train_data, config.ways, "train")
+    check_ways(val_data, config.ways, "val")
     episodes = Episodes(train_data, config.ways, config.shots, config.queries, config.seed)
     method = build_method(config, train_data.images.shape[1:])
     optimizer = method.optimizer()
@@ -353,6 +371,7 @@ def train(config: Config, out: Union[str, Path], resume: bool = False, progress:
             loss, acc = method.compute_gradients(e)
             if processes.world > 1:
                 all_reduce_gradients(method.model, 1.0 / processes.world)
+                loss, acc = all_reduce_mean(loss, acc)
             optimizer.step()
             schedule.step()
             step += 1
@@ -391,6 +410,7 @@ def evaluate(path: Union[str, Path], episodes: int = 600, ways: Optional[int] = 
         raise ConfigError(f"{config.method} was trained with a {config.ways}-way classifier; "
                           f"it evaluates {config.ways}-way episodes only, got ways={ways}")
     data = load_data(config, split)
+    check_ways(data, ways, split)
     accuracies = episode_accuracies(trained.method, data, ways, shots, queries, episodes, seed)
     mean, ci = confidence_interval(accuracies)
     return {"method": config.method, "data": config.data, "split": split, "ways": ways,
