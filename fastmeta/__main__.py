@@ -91,6 +91,8 @@ TRAIN_FLAGS = {
     "inner-steps": (int, "inner steps in meta-training"),
     "test-inner-steps": (int, "inner steps at validation and test"),
     "outer-lr": (float, "Reptile: the step towards the adapted parameters"),
+    "lam": (float, "iMAML: the proximal regularisation"),
+    "cg-steps": (int, "iMAML: conjugate-gradient iterations"),
     "device": (str, "cpu, cuda or cuda:N"), "seed": (int, "the run's seed"),
     "validate-every": (int, "steps between validations"),
     "val-episodes": (int, "validation episodes"),

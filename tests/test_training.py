@@ -101,6 +101,7 @@ def test_bad_configurations_get_one_line_and_status_2(tmp_path, capsys):
     assert "unknown data 'imagenet'" in error_of(["train", "protonet", "--data", "imagenet", *out], capsys)
     assert "unknown backbone 'vgg'" in error_of(["train", "maml", "--backbone", "vgg", *out], capsys)
     assert "meta_batch must be >= 1, got 0" in error_of(["train", "maml", "--meta-batch", "0", *out], capsys)
+    assert "lam must be > 0, got -1.0" in error_of(["train", "imaml", "--lam", "-1", *out], capsys)
     config = tmp_path / "run.toml"
     config.write_text("ways = 5\nlearning_rate = 0.1\n")
     assert "unknown configuration key(s) ['learning_rate']" in error_of(

@@ -2,12 +2,12 @@
 
 ``MAML`` and ``MetaSGD`` follow learn2learn's interface and semantics, so
 ``import fastmeta.algorithms as algorithms`` replaces ``learn2learn.algorithms``
-in existing per-task scripts. ``BatchedMAML`` (MAML, FOMAML, Meta-SGD, ANIL)
-and ``Reptile`` adapt all tasks of a meta-batch at once, through the fused MLP
+in existing per-task scripts. ``BatchedMAML`` (MAML, FOMAML, Meta-SGD, ANIL),
+``Reptile`` and ``iMAML`` (implicit MAML) adapt all tasks of a meta-batch at once, through the fused MLP
 kernels where the learner is an MLP and torch.func otherwise.
 """
 
-from .batched import BatchedMAML, Reptile
+from .batched import BatchedMAML, Reptile, iMAML
 from .maml import MAML, MetaSGD, clone_module, update_module
 
-__all__ = ["MAML", "MetaSGD", "BatchedMAML", "Reptile", "clone_module", "update_module"]
+__all__ = ["MAML", "MetaSGD", "BatchedMAML", "Reptile", "iMAML", "clone_module", "update_module"]

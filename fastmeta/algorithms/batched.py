@@ -7,10 +7,11 @@ import torch
 from torch import nn
 
 from .. import _build_config
-from .engine import (Loss, _loss_fn, flat_to_dict, maml_query_loss, mlp_derivatives,
+from .engine import (Loss, _loss_fn, _proximal_descent, flat_to_dict, implicit_query_loss,
+                     maml_query_loss, mlp_derivatives,
                           mlp_structure, module_derivatives)
 
-__all__ = ["BatchedMAML", "Reptile"]
+__all__ = ["BatchedMAML", "Reptile", "iMAML"]
 
 
 def _check_tasks(name: str, device: torch.device, **tensors: torch.Tensor):
@@ -236,3 +237,53 @@ class Reptile(_TaskBatchLearner):
             param = self.module.get_parameter(name)
             param.grad = value.clone() if param.grad is None else param.grad + value
         return losses[0].mean() if losses else None
+
+
+class iMAML(_TaskBatchLearner):
+    """Implicit MAML (Rajeswaran et al. 2019) over a batch of tasks at once.
+
+    Each task's parameters phi take ``inner_steps`` gradient steps of size
+    ``inner_lr`` on the proximal problem L_support(phi) + lam/2 ||phi -
+    theta||^2 from theta; ``imaml(x_support, y_support, x_query, y_query)``
+    returns the mean query loss at phi, and ``.backward()`` gives the module's
+    parameters the implicit meta-gradient mean_t (I + H_t / lam)^-1 grad
+    L_query(phi_t), from ``cg_steps`` of conjugate gradient on batched
+    Hessian-vector products (the fused MLP kernels where they apply,
+    torch.func otherwise). Only phi is kept: memory does not grow with
+    ``inner_steps``. ``adapt`` and ``predict`` solve the same proximal problem.
+
+    Args:
+        module: the learner; theta is its parameters.
+        inner_lr: the inner step size.
+        inner_steps: gradient steps on the inner problem.
+        lam: the proximal regularisation lambda (> 0).
+        cg_steps: conjugate-gradient iterations (>= 1).
+        loss: ``"mse"``, ``"cross_entropy"`` or ``loss(outputs, targets)``.
+    """
+
+    def __init__(self, module: nn.Module, inner_lr: float, inner_steps: int = 16, lam: float = 2.0,
+                 cg_steps: int = 5, loss: Loss = "mse"):
+        super().__init__(module, inner_steps, loss)
+        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam > 0:
+            raise ValueError(f"iMAML: lam must be a number > 0, got {lam!r}")
+        if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
+            raise ValueError(f"iMAML: cg_steps must be an int >= 1, got {cg_steps!r}")
+        self.inner_lr, self.lam, self.cg_steps = float(inner_lr), float(lam), cg_steps
+
+    def _adapted(self, x: torch.Tensor, y: torch.Tensor, steps: int):
+        theta, lr = self._flat_parameters_and_step_size()
+        phi = _proximal_descent(self.derivatives(x, theta.dtype), theta, lr, self.lam, x, y, steps)
+        return theta, phi, []
+
+    def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
+                y_query: torch.Tensor) -> torch.Tensor:
+        """The mean over tasks of the query loss at the inner solutions."""
+        theta, lr = self._flat_parameters_and_step_size()
+        _check_tasks("iMAML", theta.device, x_support=x_support, y_support=y_support,
+                     x_query=x_query, y_query=y_query)
+        if y_support.requires_grad or y_query.requires_grad:
+            raise ValueError("iMAML: targets that require grad are not supported; detach them")
+        losses = implicit_query_loss(self.derivatives(x_support, theta.dtype), theta, lr, x_support,
+                                     y_support, x_query, y_query, self.inner_steps, self.lam,
+                                     self.cg_steps)
+        return losses.mean()

@@ -34,6 +34,7 @@ from ..ops.mlp_task_derivatives import MLP_LOSSES
 __all__ = [
     "batched_hvp",
     "maml_query_loss",
+    "implicit_query_loss",
     "mlp_derivatives",
     "module_derivatives",
     "mlp_structure",
@@ -288,3 +289,75 @@ def maml_query_loss(derivatives, theta: torch.Tensor, lr: torch.Tensor, x_suppor
         raise ValueError("maml_query_loss: targets that require grad are not supported; detach them")
     return _InnerLoop.apply(derivatives, int(steps), bool(first_order), theta, lr, x_support,
                             y_support, x_query, y_query)
+
+
+def _proximal_descent(derivatives, theta: torch.Tensor, lr: torch.Tensor, lam: float,
+                      x_s: torch.Tensor, y_s: torch.Tensor, steps: int) -> torch.Tensor:
+    """iMAML's inner problem: ``steps`` gradient steps on each task's
+    L_support(phi) + lam/2 ||phi - theta||^2 from phi = theta; ``[T, P]``."""
+    phi = theta.expand(x_s.shape[0], -1)
+    for _ in range(steps):
+        _, grad, *_ = derivatives(phi, x_s, y_s)
+        phi = phi - lr * (grad + lam * (phi - theta))
+    return phi
+
+
+def conjugate_gradient(apply, b: torch.Tensor, steps: int) -> torch.Tensor:
+    """``steps`` iterations of conjugate gradient on A u = b for each row of
+    ``b [T, P]`` (A symmetric positive definite, ``apply(u) = A u`` row by
+    row), from u = 0. A row whose residual reaches 0 stays where it is."""
+    u = torch.zeros_like(b)
+    r = b.clone()
+    p = r.clone()
+    rr = (r * r).sum(1, keepdim=True)
+    for _ in range(steps):
+        ap = apply(p)
+        curvature = (p * ap).sum(1, keepdim=True)
+        alpha = torch.where(curvature != 0, rr / torch.where(curvature != 0, curvature, 1), 0)
+        u = u + alpha * p
+        r = r - alpha * ap
+        rr_next = (r * r).sum(1, keepdim=True)
+        beta = torch.where(rr != 0, rr_next / torch.where(rr != 0, rr, 1), 0)
+        p = r + beta * p
+        rr = rr_next
+    return u
+
+
+class _ImplicitLoop(torch.autograd.Function):
+    """Query losses after the proximal inner problem; the backward is the
+    implicit meta-gradient (I + H / lam)^-1 grad L_query(phi), by conjugate
+    gradient on Hessian-vector products at phi. Only phi is kept, so memory
+    does not grow with the number of inner steps."""
+
+    @staticmethod
+    def forward(ctx, derivatives, steps, lam, cg_steps, theta, lr, x_s, y_s, x_q, y_q):
+        phi = _proximal_descent(derivatives, theta, lr, lam, x_s, y_s, steps)
+        loss, grad_q, *_ = derivatives(phi, x_q, y_q)
+        ctx.derivatives, ctx.lam, ctx.cg_steps = derivatives, lam, cg_steps
+        ctx.save_for_backward(phi, grad_q, x_s, y_s)
+        return loss
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        phi, grad_q, x_s, y_s = ctx.saved_tensors
+
+        def apply(u):  # (I + H(phi) / lam) u, per task
+            return u + ctx.derivatives(phi, x_s, y_s, u)[3] / ctx.lam
+
+        v = conjugate_gradient(apply, grad_q * grad_loss[:, None], ctx.cg_steps)
+        return None, None, None, None, v.sum(0), None, None, None, None, None
+
+
+def implicit_query_loss(derivatives, theta: torch.Tensor, lr: torch.Tensor, x_support: torch.Tensor,
+                        y_support: torch.Tensor, x_query: torch.Tensor, y_query: torch.Tensor,
+                        steps: int, lam: float, cg_steps: int) -> torch.Tensor:
+    """Per-task query losses ``[T]`` of implicit MAML (Rajeswaran et al.
+    2019): each task's phi approximately minimises L_support(phi) + lam/2
+    ||phi - theta||^2 (``steps`` gradient steps of size ``lr`` from theta),
+    and the gradient with respect to ``theta`` is the implicit one, (I + H /
+    lam)^-1 grad L_query(phi) with H the support loss's Hessian at phi,
+    solved by ``cg_steps`` of conjugate gradient. Only ``theta`` gets a
+    gradient (not ``lr``, the inputs or the targets)."""
+    return _ImplicitLoop.apply(derivatives, int(steps), float(lam), int(cg_steps), theta, lr,
+                               x_support, y_support, x_query, y_query)

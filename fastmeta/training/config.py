@@ -30,6 +30,8 @@ class Config:
     inner_steps: int = 1
     test_inner_steps: int = 3
     outer_lr: float = 1.0  # Reptile's step towards the adapted parameters
+    lam: float = 2.0  # iMAML's proximal regularisation
+    cg_steps: int = 5  # iMAML's conjugate-gradient iterations
     device: str = "cpu"
     seed: int = 0
     validate_every: int = 500
@@ -52,11 +54,12 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "fomaml": dict(meta_batch=32),
     "metasgd": dict(meta_batch=32),                               # Li et al.
     "anil": dict(meta_batch=32),                                  # Raghu et al.
+    "imaml": dict(meta_batch=32, inner_lr=0.1, inner_steps=16, test_inner_steps=16),  # Rajeswaran et al.
     "reptile": dict(meta_batch=5, inner_lr=0.1, inner_steps=5, test_inner_steps=10),  # Nichol et al.
     "meta-lstm": dict(meta_batch=4, inner_steps=5, test_inner_steps=5),  # Ravi & Larochelle
 }
 BACKBONES = ("conv4", "resnet12")
-POSITIVE = ("ways", "shots", "meta_batch", "validate_every", "val_episodes", "checkpoint_every",
+POSITIVE = ("ways", "shots", "meta_batch", "cg_steps", "validate_every", "val_episodes", "checkpoint_every",
             "log_every", "image_size")
 
 
@@ -95,6 +98,8 @@ def checked(values: Dict[str, Any]) -> Config:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
     if config.queries < 1:
         raise ConfigError("queries must be >= 1 (the loss is computed on the queries)")
+    if not config.lam > 0:
+        raise ConfigError(f"lam must be > 0, got {config.lam}")
     if config.backbone not in BACKBONES:
         raise ConfigError(f"unknown backbone {config.backbone!r}; choose one of {', '.join(BACKBONES)}")
     kind = config.data.partition(":")[0]

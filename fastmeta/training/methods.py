@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..algorithms import BatchedMAML, Reptile
+from ..algorithms import BatchedMAML, Reptile, iMAML
 from ..data import Episode
 from ..nn import (Conv4, MatchingNetworks, MetaLearnerLSTM, PrototypicalNetworks, RelationNetworks,
                   ResNet12, SiameseNetworks)
@@ -108,13 +108,17 @@ class MetricMethod(Method):
 
 
 class MAMLMethod(Method):
-    """MAML, first-order MAML and Meta-SGD: BatchedMAML on a backbone and a
-    linear classifier, batch norm on each task's batch."""
+    """MAML, first-order MAML and Meta-SGD (BatchedMAML), and iMAML, on a
+    backbone and a linear classifier, batch norm on each task's batch."""
 
     def __init__(self, config: Config, image_shape):
         super().__init__(config, image_shape)
         net = batch_statistics_only(backbone(config, image_shape[0]))
         learner = nn.Sequential(net, nn.Linear(output_shape(net, image_shape)[0], config.ways))
+        if config.method == "imaml":
+            self.model = iMAML(learner, config.inner_lr, config.inner_steps, config.lam,
+                               config.cg_steps, loss="cross_entropy")
+            return
         self.model = BatchedMAML(learner, config.inner_lr, config.inner_steps,
                                  first_order=config.method == "fomaml",
                                  learn_inner_lr=config.method == "metasgd", loss="cross_entropy")
@@ -221,7 +225,7 @@ class MetaLstmMethod(Method):
 
 METHOD_CLASSES = {"protonet": MetricMethod, "matching": MetricMethod, "relation": MetricMethod,
                   "siamese": MetricMethod, "maml": MAMLMethod, "fomaml": MAMLMethod,
-                  "metasgd": MAMLMethod, "anil": AnilMethod, "reptile": ReptileMethod,
+                  "metasgd": MAMLMethod, "imaml": MAMLMethod, "anil": AnilMethod, "reptile": ReptileMethod,
                   "meta-lstm": MetaLstmMethod}
 
 
