@@ -9,7 +9,8 @@ from torch import nn
 
 import fastmeta
 from fastmeta import functional, reference
-from fastmeta.algorithms import MAML, BatchedMAML, MetaSGD, Reptile
+from fastmeta.algorithms import (MAML, BatchedMAML, MetaSGD, Reptile, clone_module, maml_update,
+                                 meta_sgd_update)
 from fastmeta.data import sinusoid_tasks
 from fastmeta.testing import DEVICES, FLOAT_DTYPES, assert_close_to_reference
 
@@ -525,3 +526,68 @@ def test_engine_gradcheck(path, first_order):
         assert torch.autograd.grad(losses.sum(), x_s, allow_unused=True)[0] is None
         return
     assert torch.autograd.gradcheck(query_losses, (theta, lr, x_s, x_q))
+
+
+class WithFeatures(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.features = nn.Linear(3, 4)
+        self.head = nn.Linear(4, 2)
+        self.scale = 2.0
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.features(x))) * self.scale
+
+
+@pytest.mark.parametrize("wrapper", [lambda m: MAML(m, lr=0.1), lambda m: MetaSGD(m, lr=0.1)])
+def test_wrappers_pass_the_module_attributes_through(wrapper):
+    model = WithFeatures()
+    learner = wrapper(model)
+    assert learner.features is model.features and learner.scale == 2.0
+    clone = learner.clone()
+    assert isinstance(clone.features, nn.Linear) and clone.head.out_features == 2
+    with pytest.raises(AttributeError, match="no_such_thing"):
+        learner.no_such_thing
+
+
+def test_meta_sgd_keeps_non_leaf_learning_rates_in_the_graph():
+    torch.manual_seed(0)
+    net = WithFeatures()
+    base = nn.Parameter(torch.tensor(0.1))
+    lrs = [base * torch.ones_like(p) for p in net.parameters()]
+    meta = MetaSGD(net, lrs=lrs)
+    assert all(a is b for a, b in zip(meta.lrs, lrs))
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    learner = meta.clone()
+    learner.adapt(F.mse_loss(learner(x), y))
+    F.mse_loss(learner(x), y).backward()
+    # d/d base of L(theta - base * g) is -g . grad L(theta'), the same for every entry's rate
+    assert base.grad is not None and base.grad.abs() > 0
+    with pytest.raises(ValueError, match="MetaSGD: 1 learning rates for the module's 4 parameters"):
+        MetaSGD(net, lrs=lrs[:1])
+
+
+def test_functional_updates_equal_the_wrappers_steps():
+    torch.manual_seed(0)
+    x, y = torch.randn(5, 3), torch.randn(5, 2)
+    net = WithFeatures()
+    stepped = MAML(net, lr=0.3).clone()
+    stepped.adapt(F.mse_loss(stepped(x), y))
+    functional = clone_module(net)
+    grads = torch.autograd.grad(F.mse_loss(functional(x), y), list(functional.parameters()),
+                                create_graph=True)
+    maml_update(functional, 0.3, grads)
+    for a, b in zip(stepped.parameters(), functional.parameters()):
+        torch.testing.assert_close(a, b)
+    lrs = [torch.full_like(p, 0.05 * (i + 1)) for i, p in enumerate(net.parameters())]
+    meta = MetaSGD(net, lrs=[lr.clone() for lr in lrs]).clone()
+    meta.adapt(F.mse_loss(meta(x), y))
+    functional = clone_module(net)
+    grads = torch.autograd.grad(F.mse_loss(functional(x), y), list(functional.parameters()))
+    meta_sgd_update(functional, lrs, grads)
+    for a, b in zip(meta.parameters(), functional.parameters()):
+        torch.testing.assert_close(a, b)
+    with pytest.raises(ValueError, match="grads: 3 given for the model's 4 parameters"):
+        maml_update(clone_module(net), 0.1, grads[:3])
+    with pytest.raises(ValueError, match="lrs: 2 given for the model's 4 parameters"):
+        meta_sgd_update(clone_module(net), lrs[:2], grads)

@@ -8,6 +8,7 @@ kernels where the learner is an MLP and torch.func otherwise.
 """
 
 from .batched import BatchedMAML, Reptile, iMAML
-from .maml import MAML, MetaSGD, clone_module, update_module
+from .maml import MAML, MetaSGD, clone_module, maml_update, meta_sgd_update, update_module
 
-__all__ = ["MAML", "MetaSGD", "BatchedMAML", "Reptile", "iMAML", "clone_module", "update_module"]
+__all__ = ["MAML", "MetaSGD", "BatchedMAML", "Reptile", "iMAML", "clone_module", "update_module",
+           "maml_update", "meta_sgd_update"]

@@ -5,7 +5,7 @@ from typing import Iterable, List, Optional
 import torch
 from torch import nn
 
-__all__ = ["MAML", "MetaSGD", "clone_module", "update_module"]
+__all__ = ["MAML", "MetaSGD", "clone_module", "update_module", "maml_update", "meta_sgd_update"]
 
 
 def clone_module(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
@@ -65,6 +65,52 @@ def _apply_updates(module: nn.Module, memo: dict) -> nn.Module:
     return module
 
 
+def maml_update(model: nn.Module, lr: float, grads: Optional[List[Optional[torch.Tensor]]] = None
+                ) -> nn.Module:
+    """learn2learn's functional MAML step: each parameter p of ``model`` (in
+    ``parameters()`` order) becomes ``p - lr * grad``, differentiably, in
+    place; a None gradient leaves p. Without ``grads``, applies each
+    parameter's ``.update``. Returns ``model``."""
+    if grads is None:
+        return update_module(model)
+    return update_module(model, [None if g is None else -lr * g for g in _matched(model, grads, "grads")])
+
+
+def meta_sgd_update(model: nn.Module, lrs: Optional[List[torch.Tensor]] = None,
+                    grads: Optional[List[Optional[torch.Tensor]]] = None) -> nn.Module:
+    """learn2learn's functional Meta-SGD step: each parameter p becomes ``p -
+    lr_p * grad_p`` (``lrs`` and ``grads`` in ``parameters()`` order),
+    differentiably, in place. Without both, applies each parameter's
+    ``.update``. Returns ``model``."""
+    if lrs is None or grads is None:
+        return update_module(model)
+    lrs = _matched(model, lrs, "lrs")
+    return update_module(model, [None if g is None else -lr * g
+                                 for lr, g in zip(lrs, _matched(model, grads, "grads"))])
+
+
+def _matched(model: nn.Module, values, name: str) -> list:
+    values = list(values)
+    count = len(list(model.parameters()))
+    if len(values) != count:
+        raise ValueError(f"{name}: {len(values)} given for the model's {count} parameters")
+    return values
+
+
+class _Learner(nn.Module):
+    """learn2learn's wrappers pass unknown attributes through to the
+    wrapped module (``learner.features`` is ``learner.module.features``)."""
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            module = self.__dict__["_modules"].get("module")
+            if module is None:
+                raise
+            return getattr(module, name)
+
+
 def _check_has_parameters(owner: str, params: List[torch.Tensor]):
     if not params:
         raise ValueError(f"{owner}.adapt: the module has no parameters to adapt")
@@ -93,7 +139,7 @@ def _gradients(loss: torch.Tensor, params: List[torch.Tensor], second_order: boo
     return [next(it) if p.requires_grad else None for p in params]
 
 
-class MAML(nn.Module):
+class MAML(_Learner):
     """Model-Agnostic Meta-Learning (Finn et al. 2017), learn2learn's interface.
 
     ``learner = maml.clone()`` gives a differentiable copy of the module;
@@ -144,17 +190,29 @@ class MAML(nn.Module):
                     allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd)
 
 
-class MetaSGD(nn.Module):
+class MetaSGD(_Learner):
     """Meta-SGD (Li et al. 2017), learn2learn's interface: MAML with a learned
-    learning rate per parameter entry (``lrs``, initialised to ``lr``)."""
+    learning rate per parameter entry (``lrs``, initialised to ``lr``).
+
+    ``lrs`` given as tensors that are not leaves (a learning rate computed by
+    another module, or a clone's) are kept as they are, so gradients flow
+    through them; leaf tensors become this module's parameters."""
 
     def __init__(self, module: nn.Module, lr: float = 1.0, first_order: bool = False,
                  lrs: Optional[Iterable[torch.Tensor]] = None):
         super().__init__()
         self.module = module
         if lrs is None:
-            lrs = [nn.Parameter(torch.ones_like(p) * lr) for p in module.parameters()]
-        self.lrs = nn.ParameterList(lrs) if not isinstance(lrs, nn.ParameterList) else lrs
+            lrs = [torch.ones_like(p) * lr for p in module.parameters()]
+        lrs = list(lrs)
+        if len(lrs) != len(list(module.parameters())):
+            raise ValueError(f"MetaSGD: {len(lrs)} learning rates for the module's "
+                             f"{len(list(module.parameters()))} parameters")
+        if all(lr.grad_fn is None for lr in lrs):
+            self.lrs = nn.ParameterList([lr if isinstance(lr, nn.Parameter) else nn.Parameter(lr)
+                                         for lr in lrs])
+        else:
+            self.lrs = lrs  # non-leaf: kept in the graph, not registered as parameters
         self.first_order = first_order
 
     def forward(self, *args, **kwargs):
@@ -162,7 +220,7 @@ class MetaSGD(nn.Module):
 
     def clone(self) -> "MetaSGD":
         """A differentiable copy (module and learning rates) to adapt to one task."""
-        return MetaSGD(clone_module(self.module), lrs=clone_module(self.lrs),
+        return MetaSGD(clone_module(self.module), lrs=[lr.clone() for lr in self.lrs],
                        first_order=self.first_order)
 
     def adapt(self, loss: torch.Tensor, first_order: Optional[bool] = None):
@@ -172,5 +230,4 @@ class MetaSGD(nn.Module):
         _check_has_parameters("MetaSGD", params)
         grads = torch.autograd.grad(loss, params, retain_graph=not first_order,
                                     create_graph=not first_order)
-        self.module = update_module(self.module,
-                                    [-lr * g for lr, g in zip(self.lrs.parameters(), grads)])
+        self.module = update_module(self.module, [-lr * g for lr, g in zip(self.lrs, grads)])
