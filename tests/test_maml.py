@@ -2,6 +2,8 @@
 the meta-gradient engine against PyTorch's double backward, the algorithms
 (learn2learn-style MAML / MetaSGD, BatchedMAML, Reptile) and bad input."""
 
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,6 +15,8 @@ from fastmeta.algorithms import (MAML, BatchedMAML, MetaSGD, Reptile, clone_modu
                                  meta_sgd_update)
 from fastmeta.data import sinusoid_tasks
 from fastmeta.testing import DEVICES, FLOAT_DTYPES, assert_close_to_reference
+
+DOUBLE = dict(dtype=torch.float64)
 
 # (widths, activations, loss): odd widths, widths around the 16-wide CPU
 # blocks, width 1, one layer and eight.
@@ -591,3 +595,43 @@ def test_functional_updates_equal_the_wrappers_steps():
         maml_update(clone_module(net), 0.1, grads[:3])
     with pytest.raises(ValueError, match="lrs: 2 given for the model's 4 parameters"):
         meta_sgd_update(clone_module(net), lrs[:2], grads)
+
+
+def conv_learner_with_batch_norm(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
+                         nn.Linear(3 * 4 * 4, 2)).double()
+
+
+@pytest.mark.parametrize("steps", [1, 5])
+@pytest.mark.parametrize("learn_inner_lr", [False, True])
+def test_batched_maml_with_a_default_batch_norm_equals_the_per_task_loop(steps, learn_inner_lr):
+    """A default nn.BatchNorm2d (running statistics tracked, training mode):
+    each task is normalised with its own batch statistics, the meta-gradient
+    equals double backward through the per-task loop (float64), and the
+    running statistics take one update per task from its support set."""
+    net = conv_learner_with_batch_norm()
+    twin, stats_twin = copy.deepcopy(net), copy.deepcopy(net)
+    g = torch.Generator().manual_seed(3)
+    x_s, x_q = torch.randn(3, 4, 1, 6, 6, generator=g, **DOUBLE), torch.randn(3, 6, 1, 6, 6, generator=g, **DOUBLE)
+    y_s, y_q = torch.randint(0, 2, (3, 4), generator=g), torch.randint(0, 2, (3, 6), generator=g)
+    bm = BatchedMAML(net, 0.3, steps, learn_inner_lr=learn_inner_lr, loss="cross_entropy")
+    loss = bm(x_s, y_s, x_q, y_q)
+    wrt = list(net.parameters()) + (list(bm.inner_lrs) if learn_inner_lr else [])
+    got = torch.autograd.grad(loss, wrt)
+    lrs = [lr.detach().clone().requires_grad_() for lr in bm.inner_lrs] if learn_inner_lr else 0.3
+    want_loss = reference.maml_query_losses_loop(twin, F.cross_entropy, lrs, steps, x_s, y_s, x_q, y_q).mean()
+    want = torch.autograd.grad(want_loss, list(twin.parameters()) + (lrs if learn_inner_lr else []))
+    torch.testing.assert_close(loss, want_loss, rtol=1e-12, atol=0)
+    # all gradients together: the convolution's bias before batch norm has a
+    # zero gradient in exact arithmetic (rounding noise on both sides)
+    got, want = torch.cat([a.reshape(-1) for a in got]), torch.cat([b.reshape(-1) for b in want])
+    assert ((got - want).norm() / want.norm()).item() < 1e-9
+    with torch.no_grad():
+        for task in x_s:
+            stats_twin(task)
+    for name in ("1.running_mean", "1.running_var", "1.num_batches_tracked"):
+        torch.testing.assert_close(net.get_buffer(name), stats_twin.get_buffer(name))
+    net.eval()  # running statistics then normalise, inside the transforms too
+    assert torch.isfinite(bm(x_s, y_s, x_q, y_q))
+    assert net[1].num_batches_tracked.item() == 3

@@ -91,6 +91,17 @@ class _TaskBatchLearner(nn.Module):
             return fused
         return module_derivatives(self.module, self.loss)
 
+    @torch.no_grad()
+    def _update_running_statistics(self, x: torch.Tensor):
+        """Batch norm's running statistics (training mode, tracked) take one
+        update per task from its support set at the meta-parameters, task
+        after task, as a per-task loop's first forward makes; the adapted
+        forwards inside the transforms use batch statistics only."""
+        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+               for m in self.module.modules()):
+            for task in x:
+                self.module(task)
+
     def _device(self) -> torch.device:
         return next(self.module.parameters()).device
 
@@ -196,6 +207,7 @@ class BatchedMAML(_TaskBatchLearner):
                      x_query=x_query, y_query=y_query)
         losses = maml_query_loss(self.derivatives(x_support, theta.dtype), theta, lr, x_support, y_support,
                                  x_query, y_query, self.inner_steps, self.first_order)
+        self._update_running_statistics(x_support)
         return losses.mean()
 
 
@@ -219,6 +231,7 @@ class Reptile(_TaskBatchLearner):
     def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         _check_tasks("Reptile", self._device(), x_support=x, y_support=y)
         theta, thetas, losses = self._adapted(x, y, self.inner_steps)
+        self._update_running_statistics(x)
         new_theta = theta + self.outer_lr * (thetas.mean(0) - theta)
         for name, value in flat_to_dict(self.module, new_theta).items():
             self.module.get_parameter(name).copy_(value)
@@ -233,6 +246,7 @@ class Reptile(_TaskBatchLearner):
         adaptation (None with no inner steps)."""
         _check_tasks("Reptile", self._device(), x_support=x, y_support=y)
         theta, thetas, losses = self._adapted(x, y, self.inner_steps)
+        self._update_running_statistics(x)
         for name, value in flat_to_dict(self.module, theta - thetas.mean(0)).items():
             param = self.module.get_parameter(name)
             param.grad = value.clone() if param.grad is None else param.grad + value
@@ -286,4 +300,5 @@ class iMAML(_TaskBatchLearner):
         losses = implicit_query_loss(self.derivatives(x_support, theta.dtype), theta, lr, x_support,
                                      y_support, x_query, y_query, self.inner_steps, self.lam,
                                      self.cg_steps)
+        self._update_running_statistics(x_support)
         return losses.mean()

@@ -135,16 +135,44 @@ def mlp_derivatives(widths: Sequence[int], activations: Sequence[str], loss: str
 def module_derivatives(module: nn.Module, loss: Loss):
     """The derivatives function of any module through torch.func:
     forward-over-reverse Hessian-vector products, vmapped over tasks. The
-    flat parameters follow ``module.parameters()``."""
+    flat parameters follow ``module.parameters()``. Batch norm in training
+    mode normalises each task with its own batch statistics and leaves the
+    running statistics alone (see :func:`batch_statistics`)."""
     criterion = _loss_fn(loss)
 
     def task_loss(p, x, y):
         return criterion(torch.func.functional_call(module, flat_to_dict(module, p), (x,)), y)
 
     def derivatives(params, x, target, direction=None, input_grad=False):
-        return task_derivatives(task_loss, params, x, target, direction, input_grad)
+        with batch_statistics(module):
+            return task_derivatives(task_loss, params, x, target, direction, input_grad)
 
     return derivatives
+
+
+class batch_statistics:
+    """Within it, the batch-norm layers of ``module`` that are training and
+    track running statistics normalise with batch statistics only and do not
+    update their running statistics: the in-place update is what torch.func's
+    transforms refuse ("would mutate a captured Tensor"). The layers are as
+    before on exit."""
+
+    def __init__(self, module: nn.Module):
+        self.layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+                       and m.training and m.track_running_stats]
+        self.saved = []
+
+    def __enter__(self):
+        for m in self.layers:
+            self.saved.append((m.running_mean, m.running_var, m.num_batches_tracked))
+            m.running_mean = m.running_var = m.num_batches_tracked = None
+            m.track_running_stats = False
+
+    def __exit__(self, *exc):
+        for m, (mean, var, count) in zip(self.layers, self.saved):
+            m.running_mean, m.running_var, m.num_batches_tracked = mean, var, count
+            m.track_running_stats = True
+        self.saved = []
 
 
 def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
