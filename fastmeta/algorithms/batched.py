@@ -124,12 +124,12 @@ class _TaskBatchLearner(nn.Module):
         """(theta [P], per-task adapted parameters [T, P], the support loss [T] before each step)."""
         theta, lr = self._flat_parameters_and_step_size()
         derivatives = self.derivatives(x, theta.dtype)
-        thetas, losses = theta.expand(x.shape[0], -1).contiguous(), []
+        thetas, losses = theta, []  # shared by every task until the first step
         for _ in range(steps):
             loss, grad = derivatives(thetas, x, y)[:2]
             losses.append(loss)
             thetas = thetas - lr * grad
-        return theta, thetas, losses
+        return theta, thetas.expand(x.shape[0], -1), losses
 
     @torch.no_grad()
     def adapt(self, x_support: torch.Tensor, y_support: torch.Tensor,
@@ -287,7 +287,7 @@ class iMAML(_TaskBatchLearner):
     def _adapted(self, x: torch.Tensor, y: torch.Tensor, steps: int):
         theta, lr = self._flat_parameters_and_step_size()
         phi = _proximal_descent(self.derivatives(x, theta.dtype), theta, lr, self.lam, x, y, steps)
-        return theta, phi, []
+        return theta, phi.expand(x.shape[0], -1), []
 
     def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
                 y_query: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,10 @@ the gradient with respect to theta_0 is v_0, and with respect to lr it is
 K parameter vectors of the trajectory, never a graph of graphs.
 
 Per-task derivatives come from a *derivatives* function
-``(params [T, P], x, target, direction=None, input_grad=False) ->
-(loss [T], grad, grad_input, hvp, hvp_input)``: :func:`mlp_derivatives` (the
+``(params, x, target, direction=None, input_grad=False) ->
+(loss [T], grad, grad_input, hvp, hvp_input)``, ``params`` per task ``[T, P]``
+or ``[P]`` shared by every task (the first inner step, where torch.func then
+runs each layer once on all tasks' inputs instead of per-task weights): :func:`mlp_derivatives` (the
 fused kernels, for MLP learners) or :func:`module_derivatives` (torch.func,
 for any module, through :func:`task_derivatives`).
 
@@ -122,6 +124,8 @@ def mlp_derivatives(widths: Sequence[int], activations: Sequence[str], loss: str
     widths, activations = list(widths), list(activations)
 
     def derivatives(params, x, target, direction=None, input_grad=False):
+        if params.dim() == 1:
+            params = params.expand(x.shape[0], -1)
         # The op checks its operands.
         out = torch.ops.fastmeta.mlp_task_derivatives(params, x, target, direction, widths,
                                                       activations, loss, input_grad)
@@ -179,8 +183,9 @@ def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: tor
                      direction=None, input_grad: bool = False):
     """Per-task loss, gradient and Hessian-vector product through torch.func.
 
-    ``loss_fn(params, x, target)`` is one task's scalar loss; ``params``,
-    ``x``, ``target`` and ``direction`` carry the tasks on dim 0. The
+    ``loss_fn(params, x, target)`` is one task's scalar loss; ``x``,
+    ``target`` and ``direction`` carry the tasks on dim 0, and ``params``
+    too unless it is one vector ``[P]`` shared by every task. The
     Hessian-vector product is forward-over-reverse (``jvp`` of ``grad``),
     vmapped over tasks; where PyTorch's forward-mode AD fails on the loss
     (``F.mse_loss`` in PyTorch 2.13 raises "ZeroTensors are immutable"), it is
@@ -202,17 +207,18 @@ def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: tor
         (grads, loss), pullback = vjp(lambda p_, x_: gradient(p_, x_, tt), p, xt)
         return (grads, loss), pullback(((v, torch.zeros_like(xt)), torch.zeros_like(loss)))
 
+    shared = None if params.dim() == 1 else 0
     if direction is None:
-        (grad, grad_x), loss = vmap(gradient)(params, x, target)
+        (grad, grad_x), loss = vmap(gradient, in_dims=(shared, 0, 0))(params, x, target)
         return loss, grad, grad_x if input_grad else None, None, None
     try:
-        ((grad, grad_x), loss), ((hvp, hvp_x), _) = vmap(forward_over_reverse)(
-            params, x, target, direction)
+        ((grad, grad_x), loss), ((hvp, hvp_x), _) = vmap(
+            forward_over_reverse, in_dims=(shared, 0, 0, 0))(params, x, target, direction)
     except RuntimeError as error:
         if "ZeroTensors are immutable" not in str(error):
             raise
-        ((grad, grad_x), loss), (hvp, hvp_x) = vmap(reverse_over_reverse)(
-            params, x, target, direction)
+        ((grad, grad_x), loss), (hvp, hvp_x) = vmap(
+            reverse_over_reverse, in_dims=(shared, 0, 0, 0))(params, x, target, direction)
     return (loss, grad, grad_x if input_grad else None, hvp, hvp_x if input_grad else None)
 
 
@@ -257,7 +263,7 @@ class _InnerLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, derivatives, steps, first_order, theta0, lr, x_s, y_s, x_q, y_q):
-        theta = theta0.expand(x_s.shape[0], -1)  # a view: theta_0 is kept as theta0
+        theta = theta0  # [P], shared by every task until the first step
         # Second order keeps theta_0 .. theta_{K-1} and recomputes the support
         # gradients in the backward; first order keeps only the gradients.
         kept = []
@@ -323,7 +329,7 @@ def _proximal_descent(derivatives, theta: torch.Tensor, lr: torch.Tensor, lam: f
                       x_s: torch.Tensor, y_s: torch.Tensor, steps: int) -> torch.Tensor:
     """iMAML's inner problem: ``steps`` gradient steps on each task's
     L_support(phi) + lam/2 ||phi - theta||^2 from phi = theta; ``[T, P]``."""
-    phi = theta.expand(x_s.shape[0], -1)
+    phi = theta
     for _ in range(steps):
         _, grad, *_ = derivatives(phi, x_s, y_s)
         phi = phi - lr * (grad + lam * (phi - theta))
