@@ -36,6 +36,7 @@ __all__ = [
     "siamese_scores",
     "sample_episode_loop",
     "maml_query_losses_vmap",
+    "imaml_meta_gradient_loop",
 ]
 
 COSINE_EPS = 1e-8
@@ -289,6 +290,53 @@ def maml_query_losses_vmap(module, loss_fn, inner_lr, steps: int, x_support, y_s
         return task_loss(fast, xq, yq)
 
     return vmap(one_task)(x_support, y_support, x_query, y_query)
+
+
+def imaml_meta_gradient_loop(module, loss_fn, inner_lr, steps: int, lam: float, cg_steps: int,
+                             x_support, y_support, x_query, y_query):
+    """iMAML's meta-gradient written plainly, task by task: ``steps``
+    gradient steps on the proximal problem, then conjugate gradient on
+    (I + H / lam) v = grad L_query(phi), each Hessian-vector product a double
+    backward through the support loss. Returns the mean over tasks of v, as
+    one tensor per parameter."""
+    theta = [p.detach() for p in module.parameters()]
+    total = [torch.zeros_like(p) for p in theta]
+    tasks = x_support.shape[0]
+
+    def loss_at(params, x, y):
+        return loss_fn(torch.func.functional_call(module, _named(module, params), (x,)), y)
+
+    for t in range(tasks):
+        phi = [p.clone() for p in theta]
+        for _ in range(steps):
+            leaves = [p.requires_grad_() for p in phi]
+            grads = torch.autograd.grad(loss_at(leaves, x_support[t], y_support[t]), leaves)
+            phi = [(p - inner_lr * (g + lam * (p - p0))).detach()
+                   for p, g, p0 in zip(leaves, grads, theta)]
+        leaves = [p.requires_grad_() for p in phi]
+        b = torch.autograd.grad(loss_at(leaves, x_query[t], y_query[t]), leaves)
+        support_grads = torch.autograd.grad(loss_at(leaves, x_support[t], y_support[t]), leaves,
+                                            create_graph=True)
+
+        def apply(u):
+            hvp = torch.autograd.grad(support_grads, leaves, u, retain_graph=True)
+            return [ui + h / lam for ui, h in zip(u, hvp)]
+
+        def dot(a, c):
+            return sum((ai * ci).sum() for ai, ci in zip(a, c))
+
+        u = [torch.zeros_like(g) for g in b]
+        r, d = list(b), list(b)
+        rr = dot(r, r)
+        for _ in range(cg_steps):
+            ad = apply(d)
+            alpha = rr / dot(d, ad)
+            u = [ui + alpha * di for ui, di in zip(u, d)]
+            r = [ri - alpha * ai for ri, ai in zip(r, ad)]
+            rr, rr_old = dot(r, r), rr
+            d = [ri + (rr / rr_old) * di for ri, di in zip(r, d)]
+        total = [s + ui / tasks for s, ui in zip(total, u)]
+    return total
 
 
 # The metric-based few-shot methods, one episode at a time, as easyfsl and most

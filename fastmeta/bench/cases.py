@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import nn as fnn
 from .. import ops, reference
-from ..algorithms import BatchedMAML
+from ..algorithms import BatchedMAML, iMAML
 from ..data import EpisodeSampler, LabelledImages, sinusoid_tasks
 
 __all__ = ["Variant", "CASES", "DEFAULT_CASES", "build"]
@@ -231,23 +231,72 @@ def conv4(channels: int, filters: int, size: int, ways: int) -> nn.Module:
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(filters * size * size, ways))
 
 
+def _conv4_tasks(channels, filters, size, tasks, device, ways=5, queries=15):
+    torch.manual_seed(0)
+    net = conv4(channels, filters, size, ways).to(device)
+    g = torch.Generator().manual_seed(0)
+    x_support = torch.randn(tasks, ways, channels, size, size, generator=g).to(device)
+    x_query = torch.randn(tasks, ways * queries, channels, size, size, generator=g).to(device)
+    y_support = torch.arange(ways, device=device).expand(tasks, -1).contiguous()
+    y_query = torch.arange(ways, device=device).repeat_interleave(queries).expand(tasks, -1)
+    return net, (x_support, y_support, x_query, y_query.contiguous())
+
+
 def maml_conv4(device: str) -> List[Variant]:
-    """Second-order MAML meta-gradient of a conv4 learner: 4 tasks, 5-way
-    1-shot with 15 queries per class, 5 inner steps (generic path): 28x28x1
-    with 64 filters and 84x84x3 with 32 filters."""
+    """MAML meta-gradients of a conv4 learner (generic path), 5-way 1-shot
+    with 15 queries per class, 28x28x1 with 64 filters and 84x84x3 with 32
+    filters, 4 tasks of 5 inner steps and 32 tasks of 1: second order against
+    the per-task loop and torch.func; first order and ANIL (the head adapted,
+    the body's features computed once for all tasks on both sides) against
+    their per-task loops."""
     variants = []
-    ways, queries = 5, 15
     for channels, filters, size in ((1, 64, 28), (3, 32, 84)):
-        torch.manual_seed(0)
-        net = conv4(channels, filters, size, ways).to(device)
-        g = torch.Generator().manual_seed(0)
-        x_support = torch.randn(4, ways, channels, size, size, generator=g).to(device)
-        x_query = torch.randn(4, ways * queries, channels, size, size, generator=g).to(device)
-        y_support = torch.arange(ways, device=device).expand(4, -1).contiguous()
-        y_query = torch.arange(ways, device=device).repeat_interleave(queries).expand(4, -1)
-        tasks = (x_support, y_support, x_query, y_query.contiguous())
-        variants.append(_maml_variants("maml_conv4", f"{size}x{size}x{channels} {filters} filters",
-                                       net, "cross_entropy", 0.4, 5, tasks))
+        for tasks, steps in ((4, 5), (32, 1)):
+            net, data = _conv4_tasks(channels, filters, size, tasks, device)
+            label = f"{size}x{size}x{channels} {filters}f T={tasks} K={steps}"
+            variants.append(_maml_variants("maml_conv4", label, net, "cross_entropy", 0.4, steps, data))
+            params = list(net.parameters())
+            first = BatchedMAML(net, 0.4, steps, first_order=True, loss="cross_entropy")
+            variants.append(Variant(
+                "maml_conv4", label + " first order", lambda m=first, d=data, p=params:
+                torch.autograd.grad(m(*d), p),
+                {"per-task loop": lambda d=data, p=params, n=net, k=steps: torch.autograd.grad(
+                    reference.maml_query_losses_loop(n, F.cross_entropy, 0.4, k, *d,
+                                                     first_order=True).mean(), p)}))
+            body, head = net[:-1], nn.Sequential(net[-1])
+            anil = BatchedMAML(head, 0.4, steps, loss="cross_entropy")
+
+            def features(images, body=body):
+                return body(images.flatten(0, 1)).unflatten(0, images.shape[:2])
+
+            def anil_fast(d=data, m=anil, p=params):
+                return torch.autograd.grad(m(features(d[0]), d[1], features(d[2]), d[3]), p)
+
+            def anil_loop(d=data, h=head, p=params, k=steps):
+                losses = reference.maml_query_losses_loop(h, F.cross_entropy, 0.4, k, features(d[0]),
+                                                          d[1], features(d[2]), d[3])
+                return torch.autograd.grad(losses.mean(), p)
+            variants.append(Variant("maml_conv4", label + " ANIL", anil_fast,
+                                    {"per-task loop": anil_loop}))
+    return variants
+
+
+def imaml_conv4(device: str) -> List[Variant]:
+    """iMAML's meta-gradient of the 28x28x1 64-filter conv4 learner, 4 tasks
+    of 5-way 1-shot with 15 queries per class, 5 conjugate-gradient steps,
+    5 and 16 inner steps: BatchedMAML-style batched Hessian-vector products
+    against the plain computation, task by task, each product a double
+    backward."""
+    variants = []
+    for steps in (5, 16):
+        net, data = _conv4_tasks(1, 64, 28, 4, device)
+        params = list(net.parameters())
+        imaml = iMAML(net, 0.1, steps, lam=2.0, cg_steps=5, loss="cross_entropy")
+        variants.append(Variant(
+            "imaml_conv4", f"28x28x1 64f T=4 K={steps} CG=5",
+            lambda m=imaml, d=data, p=params: torch.autograd.grad(m(*d), p),
+            {"plain, task by task": lambda n=net, d=data, k=steps: reference.imaml_meta_gradient_loop(
+                n, F.cross_entropy, 0.1, k, 2.0, 5, *d)}))
     return variants
 
 
@@ -401,6 +450,7 @@ CASES: Dict[str, Callable[[str], List[Variant]]] = {
     "meta_lstm_step": meta_lstm_step,
     "maml_sinusoid": maml_sinusoid,
     "maml_conv4": maml_conv4,
+    "imaml_conv4": imaml_conv4,
     "protonet_step": protonet_step,
     "relation_step": relation_step,
     "matching_fce_step": matching_fce_step,
@@ -410,7 +460,7 @@ CASES: Dict[str, Callable[[str], List[Variant]]] = {
 
 # What `fastmeta bench` runs by default: one case of each kernel family and
 # method, a few minutes on a 2-core CPU (--all adds lstm_step, proto_large_way,
-# maml_conv4 and protonet_step, the long ones).
+# maml_conv4, imaml_conv4 and protonet_step, the long ones).
 DEFAULT_CASES = ["proto_episode", "matching_readout", "meta_lstm_step", "maml_sinusoid",
                  "relation_step", "matching_fce_step", "episode_sampling"]
 
