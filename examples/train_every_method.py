@@ -25,6 +25,7 @@ SETTINGS = {
     "maml": dict(ways=5, shots=1, queries=5, meta_batch=8),
     "fomaml": dict(ways=5, shots=1, queries=5, meta_batch=8),
     "metasgd": dict(ways=5, shots=1, queries=5, meta_batch=8),
+    "imaml": dict(ways=5, shots=1, queries=5, meta_batch=8, inner_steps=8, test_inner_steps=8),
     "anil": dict(ways=5, shots=1, queries=5, meta_batch=8),
     "reptile": dict(ways=5, shots=1, queries=5, meta_batch=5),
     "meta-lstm": dict(ways=5, shots=1, queries=5, meta_batch=4),
