@@ -635,3 +635,23 @@ def test_batched_maml_with_a_default_batch_norm_equals_the_per_task_loop(steps, 
     net.eval()  # running statistics then normalise, inside the transforms too
     assert torch.isfinite(bm(x_s, y_s, x_q, y_q))
     assert net[1].num_batches_tracked.item() == 3
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_task_derivatives_one_task_at_a_time_equal_the_vmapped_ones(shared):
+    """On the CPU a convolutional learner's tasks are computed one after the
+    other (grouped convolutions are slower there); both ways agree."""
+    net = conv_learner_with_batch_norm()
+    engine = functional
+    theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()])
+    params = theta if shared else theta + 0.01 * torch.randn(3, theta.numel(), **DOUBLE)
+    x, y = torch.randn(3, 4, 1, 6, 6, **DOUBLE), torch.randint(0, 2, (3, 4))
+    direction = torch.randn(3, theta.numel(), **DOUBLE)
+
+    def task_loss(p, xt, yt):
+        return F.cross_entropy(torch.func.functional_call(net, engine.flat_to_dict(net, p), (xt,)), yt)
+    with engine.batch_statistics(net):
+        a = engine.task_derivatives(task_loss, params, x, y, direction, True, vectorize=True)
+        b = engine.task_derivatives(task_loss, params, x, y, direction, True, vectorize=False)
+    for u, v in zip(a, b):
+        torch.testing.assert_close(u, v)

@@ -42,6 +42,8 @@ __all__ = [
     "mlp_structure",
     "flat_to_dict",
     "task_derivatives",
+    "batch_statistics",
+    "conjugate_gradient",
 ]
 
 Loss = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
@@ -147,9 +149,16 @@ def module_derivatives(module: nn.Module, loss: Loss):
     def task_loss(p, x, y):
         return criterion(torch.func.functional_call(module, flat_to_dict(module, p), (x,)), y)
 
+    # On the CPU, torch.func's batching rule runs a convolution with per-task
+    # weights as one grouped convolution, several times slower than a plain
+    # convolution per task (32 tasks of a conv4 learner: 4x), so convolutional
+    # learners there take the tasks one at a time where their weights differ.
+    convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
+
     def derivatives(params, x, target, direction=None, input_grad=False):
+        vectorize = not (convolutional and x.device.type == "cpu")
         with batch_statistics(module):
-            return task_derivatives(task_loss, params, x, target, direction, input_grad)
+            return task_derivatives(task_loss, params, x, target, direction, input_grad, vectorize)
 
     return derivatives
 
@@ -180,7 +189,7 @@ class batch_statistics:
 
 
 def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
-                     direction=None, input_grad: bool = False):
+                     direction=None, input_grad: bool = False, vectorize: bool = True):
     """Per-task loss, gradient and Hessian-vector product through torch.func.
 
     ``loss_fn(params, x, target)`` is one task's scalar loss; ``x``,
@@ -193,9 +202,22 @@ def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: tor
     ``(loss [T], grad, grad_input, hvp, hvp_input)`` like
     ``torch.ops.fastmeta.mlp_task_derivatives``: ``grad_input`` is
     d loss / d x, ``hvp_input`` is (d^2 loss / d x d params) direction, and
-    outputs not asked for are ``None``.
+    outputs not asked for are ``None``. Without ``vectorize``, tasks whose
+    parameters differ are computed one after the other instead of vmapped.
     """
-    from torch.func import grad_and_value, jvp, vjp, vmap
+    from torch.func import grad_and_value, jvp, vjp
+    from torch.utils._pytree import tree_map
+
+    def vmap(fn, in_dims):
+        # Shared parameters: vmap runs each layer once on all tasks' inputs.
+        if vectorize or in_dims[0] is None:
+            return torch.func.vmap(fn, in_dims=in_dims)
+
+        def one_by_one(*args):
+            outs = [fn(*(a if d is None else a[t] for a, d in zip(args, in_dims)))
+                    for t in range(args[1].shape[0])]
+            return tree_map(lambda *parts: torch.stack(parts), *outs)
+        return one_by_one
 
     def gradient(p, xt, tt):
         return grad_and_value(lambda p_, x_: loss_fn(p_, x_, tt), argnums=(0, 1))(p, xt)

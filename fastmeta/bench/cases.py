@@ -269,10 +269,10 @@ def maml_conv4(device: str) -> List[Variant]:
             def features(images, body=body):
                 return body(images.flatten(0, 1)).unflatten(0, images.shape[:2])
 
-            def anil_fast(d=data, m=anil, p=params):
+            def anil_fast(d=data, m=anil, p=params, features=features):
                 return torch.autograd.grad(m(features(d[0]), d[1], features(d[2]), d[3]), p)
 
-            def anil_loop(d=data, h=head, p=params, k=steps):
+            def anil_loop(d=data, h=head, p=params, k=steps, features=features):
                 losses = reference.maml_query_losses_loop(h, F.cross_entropy, 0.4, k, features(d[0]),
                                                           d[1], features(d[2]), d[3])
                 return torch.autograd.grad(losses.mean(), p)
