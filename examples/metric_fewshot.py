@@ -12,7 +12,6 @@ validation / test characters; training characters are augmented with their
 """
 
 import argparse
-import math
 import time
 from pathlib import Path
 
@@ -20,8 +19,8 @@ import torch
 
 from fastmeta.data import Characters, EpisodeSampler, Omniglot
 from fastmeta.nn import Conv4, PrototypicalNetworks, RelationNetworks
+from fastmeta.training.run import SHARED_OMNIGLOT, confidence_interval
 
-SHARED_OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
 PAPER = {("protonet", 1): 98.8, ("protonet", 5): 99.7, ("relation", 1): 99.6, ("relation", 5): 99.8}
 
 
@@ -51,12 +50,6 @@ def evaluate(model, data, ways: int, shots: int, episodes: int, seed: int):
         accuracies += (scores.argmax(-1) == e.query_labels).float().mean(1).tolist()
     model.train()
     return torch.tensor(accuracies[:episodes])
-
-
-def confidence_interval(accuracies: torch.Tensor):
-    """Mean and 95% confidence half-width, in percent."""
-    mean = accuracies.mean().item() * 100
-    return mean, 1.96 * accuracies.std().item() * 100 / math.sqrt(len(accuracies))
 
 
 def main(argv=None):

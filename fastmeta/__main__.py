@@ -79,36 +79,39 @@ def main(argv=None) -> int:
     return 0
 
 
-# flag: (type, help); each is a Config field (dashes for underscores)
+# flag: help; each is a Config field (dashes for underscores), whose type it takes
 TRAIN_FLAGS = {
-    "data": (str, "chars (built-in, the default), omniglot[:PATH] or folder:PATH"),
-    "ways": (int, "classes per episode"), "shots": (int, "support examples per class"),
-    "queries": (int, "query examples per class"), "meta-batch": (int, "tasks per step"),
-    "steps": (int, "meta-training steps"), "backbone": (str, "conv4 or resnet12"),
-    "lr": (float, "the meta-optimizer's learning rate (Adam)"),
-    "lr-decay-every": (int, "halve the learning rate every this many steps (0: never)"),
-    "inner-lr": (float, "MAML family, Reptile: the inner learning rate"),
-    "inner-steps": (int, "inner steps in meta-training"),
-    "test-inner-steps": (int, "inner steps at validation and test"),
-    "outer-lr": (float, "Reptile: the step towards the adapted parameters"),
-    "lam": (float, "iMAML: the proximal regularisation"),
-    "cg-steps": (int, "iMAML: conjugate-gradient iterations"),
-    "device": (str, "cpu, cuda or cuda:N"), "seed": (int, "the run's seed"),
-    "validate-every": (int, "steps between validations"),
-    "val-episodes": (int, "validation episodes"),
-    "checkpoint-every": (int, "steps between checkpoints"),
-    "log-every": (int, "steps between lines of metrics.jsonl"),
-    "image-size": (int, "side of the square images"),
+    "data": "chars (built-in, the default), omniglot[:PATH] or folder:PATH",
+    "ways": "classes per episode", "shots": "support examples per class",
+    "queries": "query examples per class", "meta-batch": "tasks per step",
+    "steps": "meta-training steps", "backbone": "conv4 or resnet12",
+    "lr": "the meta-optimizer's learning rate (Adam)",
+    "lr-decay-every": "halve the learning rate every this many steps (0: never)",
+    "inner-lr": "MAML family, Reptile: the inner learning rate",
+    "inner-steps": "inner steps in meta-training",
+    "test-inner-steps": "inner steps at validation and test",
+    "outer-lr": "Reptile: the step towards the adapted parameters",
+    "lam": "iMAML: the proximal regularisation",
+    "cg-steps": "iMAML: conjugate-gradient iterations",
+    "device": "cpu, cuda or cuda:N", "seed": "the run's seed",
+    "validate-every": "steps between validations",
+    "val-episodes": "validation episodes",
+    "checkpoint-every": "steps between checkpoints",
+    "log-every": "steps between lines of metrics.jsonl",
+    "image-size": "side of the square images",
 }
 
 
 def add_train_parser(sub):
-    from fastmeta.training import METHODS
+    import dataclasses
 
+    from fastmeta.training import METHODS, Config
+
+    kinds = {f.name: f.type for f in dataclasses.fields(Config)}
     train = sub.add_parser("train", help="meta-train a method; resumable; runs under torchrun")
     train.add_argument("method", nargs="?", help=f"one of: {', '.join(METHODS)}")
-    for flag, (kind, text) in TRAIN_FLAGS.items():
-        train.add_argument(f"--{flag}", type=kind, help=text)
+    for flag, text in TRAIN_FLAGS.items():
+        train.add_argument(f"--{flag}", type=kinds[flag.replace("-", "_")], help=text)
     train.add_argument("--config", metavar="FILE", help="a TOML file of settings (flags override it)")
     train.add_argument("--out", metavar="DIR", help="the run folder (default runs/METHOD-DATA-WAYSwSHOTSs)")
     train.add_argument("--resume", metavar="DIR", help="continue the run saved in DIR")

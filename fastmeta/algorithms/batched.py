@@ -8,8 +8,8 @@ from torch import nn
 
 from .. import _build_config
 from .engine import (Loss, _loss_fn, _proximal_descent, flat_to_dict, implicit_query_loss,
-                     maml_query_loss, mlp_derivatives,
-                          mlp_structure, module_derivatives)
+                     maml_query_loss, mlp_derivatives, mlp_structure, module_derivatives,
+                     tracking_batch_norms)
 
 __all__ = ["BatchedMAML", "Reptile", "iMAML"]
 
@@ -97,8 +97,7 @@ class _TaskBatchLearner(nn.Module):
         update per task from its support set at the meta-parameters, task
         after task, as a per-task loop's first forward makes; the adapted
         forwards inside the transforms use batch statistics only."""
-        if any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
-               for m in self.module.modules()):
+        if tracking_batch_norms(self.module):
             for task in x:
                 self.module(task)
 
@@ -227,15 +226,21 @@ class Reptile(_TaskBatchLearner):
         self.inner_lr = float(inner_lr)
         self.outer_lr = float(outer_lr)
 
-    @torch.no_grad()
-    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def _mean_adapted(self, x: torch.Tensor, y: torch.Tensor):
+        """(theta [P], the tasks' mean adapted parameters [P], their mean loss
+        before adaptation or None with no inner steps)."""
         _check_tasks("Reptile", self._device(), x_support=x, y_support=y)
         theta, thetas, losses = self._adapted(x, y, self.inner_steps)
         self._update_running_statistics(x)
-        new_theta = theta + self.outer_lr * (thetas.mean(0) - theta)
+        return theta, thetas.mean(0), losses[0].mean() if losses else None
+
+    @torch.no_grad()
+    def step(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        theta, mean, loss = self._mean_adapted(x, y)
+        new_theta = theta + self.outer_lr * (mean - theta)
         for name, value in flat_to_dict(self.module, new_theta).items():
             self.module.get_parameter(name).copy_(value)
-        return losses[0].mean() if losses else None
+        return loss
 
     @torch.no_grad()
     def accumulate_grad(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -244,13 +249,11 @@ class Reptile(_TaskBatchLearner):
         parameter's ``.grad``, so that SGD with learning rate ``outer_lr``
         makes :meth:`step`'s update. Returns the tasks' mean loss before
         adaptation (None with no inner steps)."""
-        _check_tasks("Reptile", self._device(), x_support=x, y_support=y)
-        theta, thetas, losses = self._adapted(x, y, self.inner_steps)
-        self._update_running_statistics(x)
-        for name, value in flat_to_dict(self.module, theta - thetas.mean(0)).items():
+        theta, mean, loss = self._mean_adapted(x, y)
+        for name, value in flat_to_dict(self.module, theta - mean).items():
             param = self.module.get_parameter(name)
             param.grad = value.clone() if param.grad is None else param.grad + value
-        return losses[0].mean() if losses else None
+        return loss
 
 
 class iMAML(_TaskBatchLearner):

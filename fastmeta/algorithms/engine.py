@@ -163,6 +163,12 @@ def module_derivatives(module: nn.Module, loss: Loss):
     return derivatives
 
 
+def tracking_batch_norms(module: nn.Module) -> list:
+    """The batch-norm layers of ``module`` that are training and update running statistics."""
+    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+            and m.training and m.track_running_stats]
+
+
 class batch_statistics:
     """Within it, the batch-norm layers of ``module`` that are training and
     track running statistics normalise with batch statistics only and do not
@@ -171,8 +177,7 @@ class batch_statistics:
     before on exit."""
 
     def __init__(self, module: nn.Module):
-        self.layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-                       and m.training and m.track_running_stats]
+        self.layers = tracking_batch_norms(module)
         self.saved = []
 
     def __enter__(self):

@@ -45,6 +45,13 @@ def batch_statistics_only(module: nn.Module) -> nn.Module:
     return module
 
 
+def adapted_classifier(config: Config, image_shape) -> nn.Sequential:
+    """What the optimisation-based methods adapt: the backbone, normalising
+    with batch statistics only, and a linear ``ways``-way classifier."""
+    net = batch_statistics_only(backbone(config, image_shape[0]))
+    return nn.Sequential(net, nn.Linear(output_shape(net, image_shape)[0], config.ways))
+
+
 def accuracy(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (scores.argmax(-1) == labels).float().mean()
 
@@ -113,8 +120,7 @@ class MAMLMethod(Method):
 
     def __init__(self, config: Config, image_shape):
         super().__init__(config, image_shape)
-        net = batch_statistics_only(backbone(config, image_shape[0]))
-        learner = nn.Sequential(net, nn.Linear(output_shape(net, image_shape)[0], config.ways))
+        learner = adapted_classifier(config, image_shape)
         if config.method == "imaml":
             self.model = iMAML(learner, config.inner_lr, config.inner_steps, config.lam,
                                config.cg_steps, loss="cross_entropy")
@@ -172,8 +178,7 @@ class ReptileMethod(Method):
 
     def __init__(self, config: Config, image_shape):
         super().__init__(config, image_shape)
-        net = batch_statistics_only(backbone(config, image_shape[0]))
-        learner = nn.Sequential(net, nn.Linear(output_shape(net, image_shape)[0], config.ways))
+        learner = adapted_classifier(config, image_shape)
         self.model = Reptile(learner, config.inner_lr, config.inner_steps, config.outer_lr,
                              loss="cross_entropy")
 
@@ -197,8 +202,7 @@ class MetaLstmMethod(Method):
 
     def __init__(self, config: Config, image_shape):
         super().__init__(config, image_shape)
-        net = batch_statistics_only(backbone(config, image_shape[0]))
-        self.learner = nn.Sequential(net, nn.Linear(output_shape(net, image_shape)[0], config.ways))
+        self.learner = adapted_classifier(config, image_shape)
         self.model = MetaLearnerLSTM(self.learner)
 
     def _query_logits(self, e: Episode, task: int, steps: int) -> torch.Tensor:
