@@ -61,6 +61,18 @@ TORCH_LIBRARY(fastmeta, m) {
   m.def(
       "relation_pair_pool_backward(Tensor grad, Tensor queries, Tensor prototypes)"
       " -> (Tensor, Tensor)");
+  // MANN's LRUA memory over T steps (csrc/math/mann.h): the reads, and for
+  // the backward the memory and read weights after each step and each step's
+  // least-used slots; the usage after the last step.
+  m.def(
+      "mann_memory(Tensor memory, Tensor usage, Tensor read_weights, Tensor keys,"
+      " Tensor write_gates, Tensor key_strengths, float decay) -> (Tensor reads, Tensor memories,"
+      " Tensor read_weight_history, Tensor usage_out, Tensor least_used)");
+  m.def(
+      "mann_memory_backward(Tensor grad_reads, Tensor grad_memories, Tensor grad_read_weights,"
+      " Tensor memory, Tensor read_weights, Tensor keys, Tensor write_gates, Tensor key_strengths,"
+      " Tensor memories, Tensor read_weight_history, Tensor least_used)"
+      " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Coordinatewise LSTM optimizers (layouts in csrc/math/lstm.h).
   m.def(
       "l2o_lstm_step(Tensor grad, Tensor state, Tensor weights, float preprocess_p,"

@@ -27,6 +27,7 @@ __all__ = [
     "meta_lstm_step",
     "mlp_forward",
     "mlp_task_derivatives",
+    "mann_memory",
     "maml_query_losses_loop",
     "matching_attention_lstm",
     "prototypical_scores",
@@ -449,3 +450,47 @@ def sample_episode_loop(dataset, ways: int, shots: int, queries: int, generator=
     return (torch.stack(support), torch.tensor(support_labels), torch.stack(query),
             torch.tensor(query_labels))
 
+
+
+def _mann_steps(memory, usage, read_weights, keys, write_gates, key_strengths, decay, slots=None):
+    """The LRUA steps of :func:`mann_memory`; with ``slots [B, T, n]`` the
+    least-used slots are taken from there instead of from the usage.
+    Returns the reads, the memory and read weights after each step, the
+    final usage and the least-used slots of each step."""
+    B, S, W = memory.shape
+    T, H = keys.shape[1], keys.shape[2]
+    n = min(H, S)
+    reads, memories, history, chosen = [], [], [], []
+    for t in range(T):
+        least = torch.sort(usage, dim=1, stable=True).indices[:, :n] if slots is None else slots[:, t]
+        chosen.append(least)
+        least_used = torch.zeros_like(usage).scatter(1, least, 1.0)
+        keep = torch.ones_like(usage).scatter(1, least[:, :1], 0.0)
+        gate = write_gates[:, t, :, None]
+        write = gate * read_weights + (1 - gate) * least_used[:, None, :]  # [B, H, S]
+        memory = memory * keep[..., None] + write.transpose(1, 2) @ keys[:, t]
+        read_weights = torch.softmax(key_strengths[:, t, :, None] * _cosine(keys[:, t], memory), -1)
+        reads.append(read_weights @ memory)
+        memories.append(memory)
+        history.append(read_weights)
+        usage = (decay * usage + (read_weights + write).sum(1)).detach()
+    def stacked(steps, *shape):
+        return torch.stack(steps, 1) if steps else memory.new_zeros(B, 0, *shape)
+    least = torch.stack(chosen, 1) if chosen else usage.new_zeros(B, 0, n, dtype=torch.long)
+    return stacked(reads, H, W), stacked(memories, S, W), stacked(history, H, S), usage, least
+
+
+def mann_memory(memory, usage, read_weights, keys, write_gates, key_strengths=1.0, decay=0.95):
+    """MANN's least-recently-used-access memory (Santoro et al. 2016), step
+    by step as an eager implementation writes it: the least-used slots by a
+    stable sort of the usage, the write, the cosine-softmax read and the
+    usage update of each step. Returns ``(reads, memory, usage,
+    read_weights)`` as :func:`fastmeta.ops.mann_memory`."""
+    from .ops.mann_memory import MannMemoryOutput
+    if not isinstance(key_strengths, torch.Tensor):
+        key_strengths = torch.full_like(write_gates, float(key_strengths))
+    reads, memories, history, usage, _ = _mann_steps(memory, usage, read_weights, keys, write_gates,
+                                                     key_strengths, decay)
+    if keys.shape[1] == 0:
+        return MannMemoryOutput(reads, memory, usage, read_weights)
+    return MannMemoryOutput(reads, memories[:, -1], usage, history[:, -1])

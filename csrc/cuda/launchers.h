@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "../math/mann.h"
 #include "../math/mlp.h"
 #include "../math/similarity.h"
 
@@ -161,5 +162,30 @@ struct MlpArgs {
 // in the shared memory of one block on the current device.
 int64_t mlp_global_workspace_bytes(const MlpArgs& a);
 void mlp_task_derivatives(const MlpArgs& a, void* global_workspace, cudaStream_t stream);
+
+// MANN's LRUA memory over T steps (math/mann.h), float32 or float64 only:
+// one thread per episode, its scratch in `scratch` [B, sizes.*_scratch()].
+struct MannArgs {
+  DType dtype;
+  MannSizes sizes;
+  int64_t B;
+  const void* memory;        // [B, S, W]
+  const void* usage;         // [B, S]
+  const void* read_weights;  // [B, H, S]
+  const void* keys;          // [B, T, H, W]
+  const void* gates;         // [B, T, H]
+  const void* strengths;     // [B, T, H]
+};
+
+void mann_memory_forward(const MannArgs& a, double decay, void* reads, void* memories,
+                         void* history, void* usage_out, int64_t* slots, void* scratch,
+                         cudaStream_t stream);
+
+// Slots out of range fail a device-side assertion.
+void mann_memory_backward(const MannArgs& a, const void* grad_reads, const void* grad_memories,
+                          const void* grad_history, const void* memories, const void* history,
+                          const int64_t* slots, void* grad_memory, void* grad_read_weights,
+                          void* grad_keys, void* grad_gates, void* grad_strengths, void* scratch,
+                          cudaStream_t stream);
 
 }  // namespace fastmeta::cuda

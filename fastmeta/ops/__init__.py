@@ -9,6 +9,7 @@ support.
 from .attention_readout import attention_readout
 from .class_prototypes import class_prototypes
 from .contrastive_loss import contrastive_loss
+from .mann_memory import MannMemoryOutput, mann_memory
 from .matching_attention_lstm import matching_attention_lstm
 from .l2o_lstm_step import l2o_lstm_step, l2o_lstm_step_, l2o_num_weights
 from .meta_lstm_step import meta_lstm_num_weights, meta_lstm_step
@@ -26,6 +27,8 @@ __all__ = [
     "attention_readout",
     "contrastive_loss",
     "matching_attention_lstm",
+    "mann_memory",
+    "MannMemoryOutput",
     "relation_pair_pool",
     "l2o_lstm_step",
     "l2o_lstm_step_",
