@@ -61,15 +61,16 @@ TORCH_LIBRARY(fastmeta, m) {
   m.def(
       "relation_pair_pool_backward(Tensor grad, Tensor queries, Tensor prototypes)"
       " -> (Tensor, Tensor)");
-  // MANN's LRUA memory over T steps (csrc/math/mann.h): the reads, and for
-  // the backward the memory and read weights after each step and each step's
-  // least-used slots; the usage after the last step.
+  // MANN's LRUA memory over T steps (csrc/math/mann.h): the reads and the
+  // state after the last step, and for the backward the memory and read
+  // weights after each step and each step's least-used slots.
   m.def(
       "mann_memory(Tensor memory, Tensor usage, Tensor read_weights, Tensor keys,"
-      " Tensor write_gates, Tensor key_strengths, float decay) -> (Tensor reads, Tensor memories,"
-      " Tensor read_weight_history, Tensor usage_out, Tensor least_used)");
+      " Tensor write_gates, Tensor key_strengths, float decay) -> (Tensor reads,"
+      " Tensor memory_out, Tensor read_weights_out, Tensor usage_out, Tensor memories,"
+      " Tensor read_weight_history, Tensor least_used)");
   m.def(
-      "mann_memory_backward(Tensor grad_reads, Tensor grad_memories, Tensor grad_read_weights,"
+      "mann_memory_backward(Tensor grad_reads, Tensor grad_memory, Tensor grad_read_weights,"
       " Tensor memory, Tensor read_weights, Tensor keys, Tensor write_gates, Tensor key_strengths,"
       " Tensor memories, Tensor read_weight_history, Tensor least_used)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");

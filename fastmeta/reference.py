@@ -28,6 +28,7 @@ __all__ = [
     "mlp_forward",
     "mlp_task_derivatives",
     "mann_memory",
+    "mann_logits",
     "maml_query_losses_loop",
     "matching_attention_lstm",
     "prototypical_scores",
@@ -494,3 +495,25 @@ def mann_memory(memory, usage, read_weights, keys, write_gates, key_strengths=1.
     if keys.shape[1] == 0:
         return MannMemoryOutput(reads, memory, usage, read_weights)
     return MannMemoryOutput(reads, memories[:, -1], usage, history[:, -1])
+
+
+def mann_logits(model, inputs, labels):
+    """:class:`fastmeta.nn.MANN`'s logits written as an eager implementation
+    runs it: one step at a time, an LSTM cell, then the memory step
+    (:func:`mann_memory` with one key per head), then the classifier."""
+    x = model.controller_inputs(inputs, labels)
+    lstm = model.controller
+    hidden = x.new_zeros(x.shape[0], lstm.hidden_size)
+    cell = torch.zeros_like(hidden)
+    memory, usage, read_weights = model.initial_state(x.shape[0], x)
+    logits = []
+    for t in range(x.shape[1]):
+        gates = x[:, t] @ lstm.weight_ih_l0.T + lstm.bias_ih_l0 + hidden @ lstm.weight_hh_l0.T + lstm.bias_hh_l0
+        i, f, g, o = gates.chunk(4, -1)
+        cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
+        hidden = torch.sigmoid(o) * torch.tanh(cell)
+        keys, write_gates, strengths = model.head_outputs(hidden[:, None])
+        reads, memory, usage, read_weights = mann_memory(memory, usage, read_weights, keys, write_gates,
+                                                         strengths, model.decay)
+        logits.append(model.classifier(torch.cat([hidden, reads.flatten(1)], -1)))
+    return torch.stack(logits, 1) if logits else x.new_zeros(*x.shape[:2], model.num_classes)

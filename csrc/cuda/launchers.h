@@ -177,14 +177,16 @@ struct MannArgs {
   const void* strengths;     // [B, T, H]
 };
 
-void mann_memory_forward(const MannArgs& a, double decay, void* reads, void* memories,
-                         void* history, void* usage_out, int64_t* slots, void* scratch,
-                         cudaStream_t stream);
+void mann_memory_forward(const MannArgs& a, double decay, void* reads, void* memory_out,
+                         void* weights_out, void* usage_out, void* memories, void* history,
+                         int64_t* slots, void* scratch, cudaStream_t stream);
 
-// Slots out of range fail a device-side assertion.
-void mann_memory_backward(const MannArgs& a, const void* grad_reads, const void* grad_memories,
-                          const void* grad_history, const void* memories, const void* history,
-                          const int64_t* slots, void* grad_memory, void* grad_read_weights,
+// Gradients of the reads [B, T, H, W] and of the final memory [B, S, W] and
+// read weights [B, H, S]; a.memory and a.usage are unused. Slots out of
+// range fail a device-side assertion.
+void mann_memory_backward(const MannArgs& a, const void* grad_reads, const void* grad_memory,
+                          const void* grad_weights, const void* memories, const void* history,
+                          const int64_t* slots, void* grad_memory0, void* grad_weights0,
                           void* grad_keys, void* grad_gates, void* grad_strengths, void* scratch,
                           cudaStream_t stream);
 

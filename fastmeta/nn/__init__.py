@@ -5,11 +5,12 @@ optimizers."""
 from .backbones import Conv4, ResNet12
 from .few_shot import FewShotClassifier
 from .learned_optimizers import CoordinatewiseLSTM, MetaLearnerLSTM
+from .mann import MANN
 from .matching import MatchingNetworks
 from .prototypical import PrototypicalNetworks
 from .relation import RelationModule, RelationNetworks
 from .siamese import SiameseNetworks
 
-__all__ = ["Conv4", "CoordinatewiseLSTM", "FewShotClassifier", "MatchingNetworks",
+__all__ = ["Conv4", "CoordinatewiseLSTM", "FewShotClassifier", "MANN", "MatchingNetworks",
            "MetaLearnerLSTM", "PrototypicalNetworks", "RelationModule", "RelationNetworks",
            "ResNet12", "SiameseNetworks"]

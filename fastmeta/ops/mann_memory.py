@@ -87,11 +87,10 @@ def mann_memory(memory: torch.Tensor, usage: torch.Tensor, read_weights: torch.T
         return MannMemoryOutput(keys.new_zeros(B, 0, H, W), memory, usage, read_weights)
     dtype = memory.dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    reads, memories, history, usage_out, _ = torch.ops.fastmeta.mann_memory(
+    reads, memory, read_weights, usage, *_ = torch.ops.fastmeta.mann_memory(
         *(t.to(work) for t in (memory, usage.detach(), read_weights, keys, write_gates, key_strengths)),
         float(decay))
-    return MannMemoryOutput(reads.to(dtype), memories[:, -1].to(dtype), usage_out.to(dtype),
-                            history[:, -1].to(dtype))
+    return MannMemoryOutput(reads.to(dtype), memory.to(dtype), usage.to(dtype), read_weights.to(dtype))
 
 
 def _check_raw(op, memory, read_weights, keys, write_gates, key_strengths, *others):
@@ -111,17 +110,18 @@ def _(memory, usage, read_weights, keys, write_gates, key_strengths, decay):
     z = _check_raw("mann_memory", memory, read_weights, keys, write_gates, key_strengths,
                    ("usage", usage, "BS", None))
     B, T, S, W, H = z["B"], z["T"], z["S"], z["W"], z["H"]
-    return (memory.new_empty(B, T, H, W), memory.new_empty(B, T, S, W), memory.new_empty(B, T, H, S),
-            memory.new_empty(B, S), memory.new_empty(B, T, min(H, S), dtype=torch.long))
+    return (memory.new_empty(B, T, H, W), memory.new_empty(B, S, W), memory.new_empty(B, H, S),
+            memory.new_empty(B, S), memory.new_empty(B, T, S, W), memory.new_empty(B, T, H, S),
+            memory.new_empty(B, T, min(H, S), dtype=torch.long))
 
 
 @torch.library.register_fake("fastmeta::mann_memory_backward")
-def _(grad_reads, grad_memories, grad_read_weights, memory, read_weights, keys, write_gates,
+def _(grad_reads, grad_memory, grad_read_weights, memory, read_weights, keys, write_gates,
       key_strengths, memories, read_weight_history, least_used):
-    z = _check_raw("mann_memory_backward", memory, read_weights, keys, write_gates, key_strengths,
-                   ("grad_reads", grad_reads, "BTHW", None), ("grad_memories", grad_memories, "BTSW", None),
-                   ("grad_read_weights", grad_read_weights, "BTHS", None),
-                   ("memories", memories, "BTSW", None),
+    z = _check_raw("mann_memory_backward", memory, read_weights, keys, write_gates,
+                   key_strengths, ("grad_memory", grad_memory, "BSW", None),
+                   ("grad_read_weights", grad_read_weights, "BHS", None),
+                   ("grad_reads", grad_reads, "BTHW", None), ("memories", memories, "BTSW", None),
                    ("read_weight_history", read_weight_history, "BTHS", None),
                    ("least_used", least_used, "BTL", torch.long))
     torch._check(z["L"] == min(z["H"], z["S"]),
@@ -133,35 +133,35 @@ def _(grad_reads, grad_memories, grad_read_weights, memory, read_weights, keys, 
 
 def _setup_context(ctx, inputs, output):
     memory, _, read_weights, keys, write_gates, key_strengths, _ = inputs
-    _, memories, history, usage_out, least_used = output
-    ctx.mark_non_differentiable(usage_out, least_used)
+    _, _, _, usage_out, memories, history, least_used = output
+    ctx.mark_non_differentiable(usage_out, memories, history, least_used)
+    ctx.set_materialize_grads(False)  # no [B, T, S, W] of zeros for the saved memories
     ctx.save_for_backward(memory, read_weights, keys, write_gates, key_strengths, memories, history,
                           least_used)
 
 
-def _backward(ctx, grad_reads, grad_memories, grad_history, _grad_usage, _grad_least_used):
+def _backward(ctx, grad_reads, grad_memory, grad_read_weights, *_):
     memory, read_weights, keys, write_gates, key_strengths, memories, history, least_used = \
         ctx.saved_tensors
     grads = [torch.zeros_like(like) if g is None else g
-             for g, like in ((grad_reads, keys), (grad_memories, memories), (grad_history, history))]
+             for g, like in ((grad_reads, keys), (grad_memory, memory), (grad_read_weights, read_weights))]
     g_memory, g_weights, g_keys, g_gates, g_strengths = torch.ops.fastmeta.mann_memory_backward(
         *grads, memory, read_weights, keys, write_gates, key_strengths, memories, history, least_used)
     return g_memory, None, g_weights, g_keys, g_gates, g_strengths, None
 
 
-def _reference_backward(grad_reads, grad_memories, grad_read_weights, memory, read_weights, keys,
+def _reference_backward(grad_reads, grad_memory, grad_read_weights, memory, read_weights, keys,
                         write_gates, key_strengths, memories, read_weight_history, least_used):
+    """The backward op's outputs as differentiable PyTorch operations: the
+    steps rerun with the recorded least-used slots."""
     from ..reference import _mann_steps
     primals = (memory, read_weights, keys, write_gates, key_strengths)
-
-    def steps(memory, read_weights, keys, write_gates, key_strengths):
-        usage = memory.new_zeros(memory.shape[:2])
-        reads, memories, history, _, _ = _mann_steps(memory, usage, read_weights, keys, write_gates,
-                                                     key_strengths, 0.0, slots=least_used)
-        return reads, memories, history
-
-    outputs = steps(*primals)
-    grads = torch.autograd.grad(outputs, primals, (grad_reads, grad_memories, grad_read_weights),
+    if keys.shape[1] == 0:
+        return grad_memory, grad_read_weights, *(torch.zeros_like(p) for p in primals[2:])
+    reads, memories, history, _, _ = _mann_steps(memory, memory.new_zeros(memory.shape[:2]),
+                                                 *primals[1:], 0.0, slots=least_used)
+    grads = torch.autograd.grad((reads, memories[:, -1], history[:, -1]), primals,
+                                (grad_reads, grad_memory, grad_read_weights),
                                 create_graph=True, allow_unused=True)
     return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(primals, grads))
 
