@@ -54,6 +54,8 @@ META = [("grad", "P", "float"), ("loss", "", "float"), ("theta", "P", "float"),
 ATTENTION_LSTM = [("query", "BQD", "float"), ("support", "BSD", "float"),
                   ("weight_ih", "FE", "float"), ("weight_hh", "FD", "float")]
 MAPS = [("queries", "BQYZC", "float"), ("prototypes", "BNYZC", "float")]
+MANN_STATE = [("read_weights", "BHS", "float"), ("keys", "BTHD", "float"),
+              ("write_gates", "BTH", "float"), ("key_strengths", "BTH", "float")]
 MLP = [("params", "TK", "float"), ("x", "TNI", "float"), ("target", "TNO", "float"),
        ("direction", "TK", "float")]
 OPS = {
@@ -87,6 +89,12 @@ OPS = {
         ("gates", "ABQF", "float")], (), ""),
     "relation_pair_pool": (MAPS, (), ""),
     "relation_pair_pool_backward": ([("grad", "BQNGJC", "float")] + MAPS, (), "GJ"),
+    "mann_memory": ([("memory", "BSD", "float"), ("usage", "BS", "float")] + MANN_STATE, (0.95,), ""),
+    "mann_memory_backward": ([("grad_reads", "BTHD", "float"), ("grad_memory", "BSD", "float"),
+                              ("grad_read_weights", "BHS", "float"), ("memory", "BSD", "float")]
+                             + MANN_STATE + [("memories", "BTSD", "float"),
+                                             ("read_weight_history", "BTHS", "float"),
+                                             ("least_used", "BTH", "index")], (), ""),
     "mlp_task_derivatives": (MLP, ([2, 4, 3], ["tanh", "identity"], "mse", True), "KIO"),
 }
 # Invalid non-tensor arguments: (position among the arguments, value).

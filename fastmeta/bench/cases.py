@@ -426,6 +426,25 @@ def matching_fce_step(device: str) -> List[Variant]:
     return variants
 
 
+def mann_episode(device: str) -> List[Variant]:
+    """MANN (Santoro et al. 2016): 16 episodes of 5 classes x 10 examples (50
+    steps), 20x20 inputs, LSTM controller of 200, 4 read heads, 128 x 40
+    memory; forward and backward of the whole batch."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = fnn.MANN(400, 5).to(device)
+    inputs = torch.rand(16, 50, 1, 20, 20, generator=g).to(device)
+    labels = torch.stack([torch.arange(5).repeat_interleave(10)[torch.randperm(50, generator=g)]
+                          for _ in range(16)]).to(device)
+    params = list(model.parameters())
+
+    def eager():
+        logits = reference.mann_logits(model, inputs, labels)
+        _backward(F.cross_entropy(logits.flatten(0, 1), labels.flatten()), *params)
+    return [Variant("mann_episode", "16x50 steps, 4 heads, 128x40",
+                    lambda: _backward(model.loss(inputs, labels), *params), {"eager LRUA": eager})]
+
+
 def episode_sampling(device: str) -> List[Variant]:
     """32 episodes of 5-way 1-shot 15-query drawn from a 32,000-image
     in-memory dataset (1600 classes of 20 images, 28x28): the vectorised
@@ -455,6 +474,7 @@ CASES: Dict[str, Callable[[str], List[Variant]]] = {
     "relation_step": relation_step,
     "matching_fce_step": matching_fce_step,
     "episode_sampling": episode_sampling,
+    "mann_episode": mann_episode,
 }
 
 
@@ -462,7 +482,7 @@ CASES: Dict[str, Callable[[str], List[Variant]]] = {
 # method, a few minutes on a 2-core CPU (--all adds lstm_step, proto_large_way,
 # maml_conv4, imaml_conv4 and protonet_step, the long ones).
 DEFAULT_CASES = ["proto_episode", "matching_readout", "meta_lstm_step", "maml_sinusoid",
-                 "relation_step", "matching_fce_step", "episode_sampling"]
+                 "relation_step", "matching_fce_step", "episode_sampling", "mann_episode"]
 
 
 def build(names, device: str) -> List[Variant]:
