@@ -197,6 +197,21 @@ def test_mann_sees_each_label_one_step_late():
     assert not torch.allclose(a[:, 4:], b[:, 4:])
 
 
+def test_a_label_of_minus_one_is_not_shown_and_not_a_target():
+    model = mann()
+    x, y = episodes(B=2, T=6)
+    hidden = y.clone()
+    hidden[:, 3] = -1
+    zero_label = model.controller_inputs(x, hidden)[:, 4, -5:]
+    assert (zero_label == 0).all()
+    logits = model(x, hidden)
+    keep = hidden.flatten() >= 0
+    want = torch.nn.functional.cross_entropy(logits.flatten(0, 1)[keep], y.flatten()[keep])
+    torch.testing.assert_close(model.loss(x, hidden), want)
+    torch.testing.assert_close(model.loss(x, hidden, targets=y),
+                               torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()))
+
+
 def test_mann_nan_stays_in_its_episode():
     model = mann()
     x, y = episodes()
@@ -208,8 +223,11 @@ def test_mann_nan_stays_in_its_episode():
 def test_mann_bad_input_messages():
     model = mann()
     x, y = episodes()
-    with pytest.raises(ValueError, match=r"labels must be in 0..4 \(num_classes = 5\), got values in 1..7"):
+    with pytest.raises(ValueError, match=r"labels must be in 0..4 \(num_classes = 5\), or -1 for a "
+                                         r"label not shown; got values in 1..7"):
         model(x, torch.where(y == 0, 7, y))
+    with pytest.raises(ValueError, match=r"got values in -2..4"):
+        model(x, torch.where(y == 0, -2, y))
     with pytest.raises(ValueError, match=r"labels must be \[B, T\] = \[3, 12\] like inputs' first two "
                                          r"dimensions, got \[2, 12\]"):
         model(x, y[:2])

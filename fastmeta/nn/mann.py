@@ -19,7 +19,8 @@ class MANN(nn.Module):
     Each episode is a sequence of examples; at step ``t`` the LSTM controller
     reads the example's features and the one-hot label of step ``t - 1`` (the
     label arrives one step late), and the model predicts the label of step
-    ``t``. From the controller's output, each of ``read_heads`` heads emits a
+    ``t``. A label of -1 is never shown (the next step reads zeros): that is
+    how a few-shot episode's queries follow its support examples. From the controller's output, each of ``read_heads`` heads emits a
     key (tanh), a write gate ``sigmoid(alpha)`` and a key strength
     (softplus, as the Neural Turing Machine's; the paper's reads correspond
     to strength 1). The memory ``[B, memory_slots, memory_width]`` is
@@ -77,16 +78,17 @@ class MANN(nn.Module):
         if list(labels.shape) != [B, T]:
             raise ValueError(f"MANN: labels must be [B, T] = {[B, T]} like inputs' first two "
                              f"dimensions, got {list(labels.shape)}")
-        if labels.numel() and (labels.min() < 0 or labels.max() >= self.num_classes):
+        if labels.numel() and (labels.min() < -1 or labels.max() >= self.num_classes):
             raise ValueError(f"MANN: labels must be in 0..{self.num_classes - 1} (num_classes = "
-                             f"{self.num_classes}), got values in {labels.min().item()}.."
-                             f"{labels.max().item()}")
+                             f"{self.num_classes}), or -1 for a label not shown; got values in "
+                             f"{labels.min().item()}..{labels.max().item()}")
         features = self.embedding(inputs.flatten(0, 1)) if B * T else \
             inputs.new_zeros(0, self.input_size)
         if features.dim() != 2 or features.shape[1] != self.input_size:
             raise ValueError(f"MANN: each example must give input_size = {self.input_size} features "
                              f"after the embedding, got shape {list(features.shape[1:])}")
-        previous = F.one_hot(labels, self.num_classes).to(features.dtype).roll(1, dims=1)
+        shown = F.one_hot(labels.clamp_min(0), self.num_classes) * (labels >= 0)[..., None]
+        previous = shown.to(features.dtype).roll(1, dims=1)
         previous[:, :1] = 0
         return torch.cat([features.view(B, T, -1), previous], -1)
 
@@ -113,7 +115,10 @@ class MANN(nn.Module):
                                  self.decay)
         return self.classifier(torch.cat([hidden, memory.reads.flatten(2)], -1))
 
-    def loss(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Cross-entropy of every step's prediction, averaged."""
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor,
+             targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Cross-entropy of every step's prediction of ``targets`` (default:
+        ``labels``), averaged; targets of -1 are left out."""
         logits = self(inputs, labels)
-        return F.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        targets = labels if targets is None else targets
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)

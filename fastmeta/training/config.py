@@ -57,6 +57,7 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "imaml": dict(meta_batch=32, inner_lr=0.1, inner_steps=16, test_inner_steps=16),  # Rajeswaran et al.
     "reptile": dict(meta_batch=5, inner_lr=0.1, inner_steps=5, test_inner_steps=10),  # Nichol et al.
     "meta-lstm": dict(meta_batch=4, inner_steps=5, test_inner_steps=5),  # Ravi & Larochelle
+    "mann": dict(meta_batch=16, shots=9, queries=1),              # Santoro et al.: 5 x 10 steps
 }
 BACKBONES = ("conv4", "resnet12")
 POSITIVE = ("ways", "shots", "meta_batch", "cg_steps", "validate_every", "val_episodes", "checkpoint_every",

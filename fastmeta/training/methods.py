@@ -10,8 +10,8 @@ from torch import nn
 
 from ..algorithms import BatchedMAML, Reptile, iMAML
 from ..data import Episode
-from ..nn import (Conv4, MatchingNetworks, MetaLearnerLSTM, PrototypicalNetworks, RelationNetworks,
-                  ResNet12, SiameseNetworks)
+from ..nn import (MANN, Conv4, MatchingNetworks, MetaLearnerLSTM, PrototypicalNetworks,
+                  RelationNetworks, ResNet12, SiameseNetworks)
 from .config import Config
 
 __all__ = ["Method", "build_method"]
@@ -227,10 +227,46 @@ class MetaLstmMethod(Method):
                                 for task in range(e.support.shape[0])]).argmax(-1)
 
 
+class MannMethod(Method):
+    """MANN (Santoro et al.) on episodes as sequences: the support examples
+    in random order, each label shown one step late, then the queries, whose
+    labels are never shown; trained on every step's prediction, as the
+    paper, and evaluated on the queries."""
+
+    def __init__(self, config: Config, image_shape):
+        super().__init__(config, image_shape)
+        self.model = MANN(int(torch.Size(image_shape).numel()), config.ways)
+
+    def _sequence(self, e: Episode, generator: Optional[torch.Generator] = None):
+        order = torch.rand(e.support_labels.shape, device=e.support.device,
+                           generator=generator).argsort(1)
+        support = e.support.gather(1, order.view(*order.shape, *[1] * (e.support.dim() - 2))
+                                   .expand_as(e.support))
+        labels = e.support_labels.gather(1, order)
+        inputs = torch.cat([support, e.query], 1)
+        hidden = torch.full_like(e.query_labels, -1)
+        return inputs, torch.cat([labels, hidden], 1), torch.cat([labels, e.query_labels], 1)
+
+    def compute_gradients(self, e: Episode):
+        inputs, shown, targets = self._sequence(e)
+        logits = self.model(inputs, shown)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        loss.backward()
+        queries = e.query_labels.shape[1]
+        return loss.detach(), accuracy(logits[:, -queries:].detach(), e.query_labels)
+
+    @torch.no_grad()
+    def predict(self, e: Episode) -> torch.Tensor:
+        # a fixed order of the support examples: evaluation leaves the training RNG alone
+        generator = torch.Generator(e.support.device).manual_seed(0)
+        inputs, shown, _ = self._sequence(e, generator)
+        return self.model(inputs, shown)[:, -e.query.shape[1]:].argmax(-1)
+
+
 METHOD_CLASSES = {"protonet": MetricMethod, "matching": MetricMethod, "relation": MetricMethod,
                   "siamese": MetricMethod, "maml": MAMLMethod, "fomaml": MAMLMethod,
                   "metasgd": MAMLMethod, "imaml": MAMLMethod, "anil": AnilMethod, "reptile": ReptileMethod,
-                  "meta-lstm": MetaLstmMethod}
+                  "meta-lstm": MetaLstmMethod, "mann": MannMethod}
 
 
 def build_method(config: Config, image_shape) -> Method:
