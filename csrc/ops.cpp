@@ -74,6 +74,14 @@ TORCH_LIBRARY(fastmeta, m) {
       " Tensor memory, Tensor read_weights, Tensor keys, Tensor write_gates, Tensor key_strengths,"
       " Tensor memories, Tensor read_weight_history, Tensor least_used)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  // Few-shot GNN adjacency (csrc/math/gnn.h): softmax over j != i of an MLP
+  // (leaky ReLU between layers, one output) on |x_i - x_j|, per episode.
+  m.def(
+      "gnn_adjacency(Tensor nodes, Tensor[] weights, Tensor[] biases, float negative_slope)"
+      " -> Tensor");
+  m.def(
+      "gnn_adjacency_backward(Tensor grad, Tensor adjacency, Tensor nodes, Tensor[] weights,"
+      " Tensor[] biases, float negative_slope) -> (Tensor, Tensor[], Tensor[])");
   // Coordinatewise LSTM optimizers (layouts in csrc/math/lstm.h).
   m.def(
       "l2o_lstm_step(Tensor grad, Tensor state, Tensor weights, float preprocess_p,"

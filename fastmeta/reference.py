@@ -28,6 +28,7 @@ __all__ = [
     "mlp_forward",
     "mlp_task_derivatives",
     "mann_memory",
+    "gnn_adjacency",
     "mann_logits",
     "maml_query_losses_loop",
     "matching_attention_lstm",
@@ -517,3 +518,19 @@ def mann_logits(model, inputs, labels):
                                                          strengths, model.decay)
         logits.append(model.classifier(torch.cat([hidden, reads.flatten(1)], -1)))
     return torch.stack(logits, 1) if logits else x.new_zeros(*x.shape[:2], model.num_classes)
+
+
+def gnn_adjacency(nodes, weights, biases, negative_slope=0.01):
+    """The few-shot GNN adjacency as an eager implementation computes it:
+    ``|x_i - x_j|`` for every pair ``[B, n, n, F]``, the MLP on it, and a
+    softmax over the other nodes."""
+    B, n, _ = nodes.shape
+    hidden = (nodes[:, :, None] - nodes[:, None]).abs()
+    for layer, (weight, bias) in enumerate(zip(weights, biases)):
+        hidden = F.linear(hidden, weight, bias)
+        if layer < len(weights) - 1:
+            hidden = F.leaky_relu(hidden, negative_slope)
+    self = torch.eye(n, dtype=torch.bool, device=nodes.device)
+    if n < 2:
+        return hidden[..., 0] * 0
+    return torch.softmax(hidden[..., 0].masked_fill(self, float("-inf")), -1).masked_fill(self, 0)

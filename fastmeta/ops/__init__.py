@@ -11,6 +11,7 @@ from .class_prototypes import class_prototypes
 from .contrastive_loss import contrastive_loss
 from .mann_memory import MannMemoryOutput, mann_memory
 from .matching_attention_lstm import matching_attention_lstm
+from .gnn_adjacency import gnn_adjacency
 from .l2o_lstm_step import l2o_lstm_step, l2o_lstm_step_, l2o_num_weights
 from .meta_lstm_step import meta_lstm_num_weights, meta_lstm_step
 from .mlp_task_derivatives import mlp_task_derivatives
@@ -28,6 +29,7 @@ __all__ = [
     "contrastive_loss",
     "matching_attention_lstm",
     "mann_memory",
+    "gnn_adjacency",
     "MannMemoryOutput",
     "relation_pair_pool",
     "l2o_lstm_step",

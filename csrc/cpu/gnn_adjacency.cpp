@@ -1,0 +1,221 @@
+// CPU kernels of fastmeta::gnn_adjacency (math in csrc/math/gnn.h): the
+// pairwise MLP runs on tiles of unordered pairs (i < j, across episodes), each
+// layer one matrix product on the tile, so the [B, n, n, F] differences and
+// the hidden activations exist only for one tile at a time; the logits of a
+// pair fill both (i, j) and (j, i), then each row takes its softmax. The
+// backward recomputes each tile's activations and accumulates the weights'
+// and nodes' gradients per thread.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <mutex>
+#include <vector>
+
+#include "../math/gnn.h"
+#include "../operands/gnn.h"
+#include "gemm.h"
+#include "row_math.h"
+
+namespace fastmeta::cpu {
+namespace {
+
+constexpr int64_t kTilePairs = 128;
+
+// The unordered pairs of a tile, (episode, i, j) each, and their |x_i - x_j|.
+template <typename T>
+struct Tile {
+  int64_t count = 0;
+  std::vector<int64_t> b, i, j;
+  Tile() : b(kTilePairs), i(kTilePairs), j(kTilePairs) {}
+
+  void load(const GnnOperands& o, int64_t first, int64_t total, const T* nodes, T* diff) {
+    const int64_t per_episode = o.n * (o.n - 1) / 2, F = o.F;
+    count = std::min(kTilePairs, total - first);
+    int64_t eb = first / per_episode, ei, ej;
+    pair_of(first % per_episode, o.n, ei, ej);
+    for (int64_t r = 0; r < count; ++r) {
+      b[r] = eb, i[r] = ei, j[r] = ej;
+      const T* xi = nodes + (eb * o.n + ei) * F;
+      const T* xj = nodes + (eb * o.n + ej) * F;
+      T* d = diff + r * F;
+      for (int64_t c = 0; c < F; ++c) d[c] = std::abs(xi[c] - xj[c]);
+      if (++ej == o.n) {
+        if (++ei == o.n - 1) ++eb, ei = 0;
+        ej = ei + 1;
+      }
+    }
+  }
+};
+
+// The hidden layers on a tile: acts[l] [count, H_l] from acts[l-1]; acts[0]
+// holds the differences. Returns the last hidden activations.
+template <typename T>
+void hidden_layers(const GnnOperands& o, int64_t count, std::vector<T*>& acts, T slope) {
+  const int64_t L = o.weights.size();
+  for (int64_t l = 1; l < L; ++l) {
+    const int64_t in = o.widths[l - 1], out = o.widths[l];
+    gemm_abt(count, out, in, acts[l - 1], in, o.weights[l - 1].const_data_ptr<T>(), in, acts[l], out);
+    const T* bias = o.biases[l - 1].const_data_ptr<T>();
+    for (int64_t r = 0; r < count; ++r) {
+      T* a = acts[l] + r * out;
+      for (int64_t c = 0; c < out; ++c) a[c] = leaky_relu(a[c] + bias[c], slope);
+    }
+  }
+}
+
+// The scratch of one tile: every layer's activations (only two are needed
+// forward, all of them backward) and two gradient buffers.
+template <typename T>
+struct TileScratch {
+  std::vector<T> storage;
+  std::vector<T*> acts;
+  T *grad_a, *grad_b;
+  explicit TileScratch(const GnnOperands& o) {
+    const int64_t L = o.weights.size();
+    int64_t total = 2 * kTilePairs * o.max_width();
+    for (int64_t l = 0; l < L; ++l) total += kTilePairs * o.widths[l];
+    storage.resize(total);
+    T* p = storage.data();
+    for (int64_t l = 0; l < L; ++l) acts.push_back(p), p += kTilePairs * o.widths[l];
+    grad_a = p, grad_b = p + kTilePairs * o.max_width();
+  }
+};
+
+at::Tensor gnn_adjacency(const at::Tensor& nodes, at::TensorList weights, at::TensorList biases,
+                         double negative_slope) {
+  const GnnOperands o = gnn_operands(nodes, weights, biases, negative_slope);
+  const int64_t B = o.B, n = o.n, L = o.weights.size(), H = o.widths[L - 1];
+  const int64_t total = B * (n * (n - 1) / 2), tiles = (total + kTilePairs - 1) / kTilePairs;
+  at::Tensor adjacency = at::empty({B, n, n}, o.nodes.options());
+  AT_DISPATCH_FLOATING_TYPES(o.nodes.scalar_type(), "fastmeta::gnn_adjacency", [&] {
+    using T = scalar_t;
+    const T slope = T(negative_slope);
+    T* logits = adjacency.mutable_data_ptr<T>();
+    const T* last = o.weights[L - 1].const_data_ptr<T>();
+    const T last_bias = o.biases[L - 1].const_data_ptr<T>()[0];
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      TileScratch<T> scratch(o);
+      Tile<T> tile;
+      for (int64_t t = begin; t < end; ++t) {
+        tile.load(o, t * kTilePairs, total, o.nodes.const_data_ptr<T>(), scratch.acts[0]);
+        hidden_layers(o, tile.count, scratch.acts, slope);
+        for (int64_t r = 0; r < tile.count; ++r) {
+          const T logit = row_dot(scratch.acts[L - 1] + r * H, last, H) + last_bias;
+          logits[(tile.b[r] * n + tile.i[r]) * n + tile.j[r]] = logit;
+          logits[(tile.b[r] * n + tile.j[r]) * n + tile.i[r]] = logit;
+        }
+      }
+    });
+    at::parallel_for(0, B * n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) adjacency_row(logits + row * n, row % n, n);
+    });
+  });
+  return adjacency;
+}
+
+std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adjacency_backward(
+    const at::Tensor& grad, const at::Tensor& adjacency, const at::Tensor& nodes,
+    at::TensorList weights, at::TensorList biases, double negative_slope) {
+  const GnnOperands o = gnn_backward_operands(grad, adjacency, nodes, weights, biases, negative_slope);
+  const int64_t B = o.B, n = o.n, F = o.F, L = o.weights.size();
+  const int64_t total = B * (n * (n - 1) / 2), tiles = (total + kTilePairs - 1) / kTilePairs;
+  at::Tensor grad_logits = o.grad.clone();
+  at::Tensor grad_nodes = at::zeros_like(o.nodes);
+  std::vector<at::Tensor> grad_weights, grad_biases;
+  for (int64_t l = 0; l < L; ++l) {
+    grad_weights.push_back(at::zeros_like(o.weights[l]));
+    grad_biases.push_back(at::zeros_like(o.biases[l]));
+  }
+  std::mutex reduce;
+  AT_DISPATCH_FLOATING_TYPES(o.nodes.scalar_type(), "fastmeta::gnn_adjacency_backward", [&] {
+    using T = scalar_t;
+    const T slope = T(negative_slope);
+    T* gl = grad_logits.mutable_data_ptr<T>();
+    const T* a = o.adjacency.const_data_ptr<T>();
+    at::parallel_for(0, B * n, 64, [&](int64_t begin, int64_t end) {
+      for (int64_t row = begin; row < end; ++row) adjacency_row_backward(a + row * n, gl + row * n, n);
+    });
+    const T* x = o.nodes.const_data_ptr<T>();
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      TileScratch<T> scratch(o);
+      Tile<T> tile;
+      std::vector<at::Tensor> gw, gb;  // this thread's sums
+      for (int64_t l = 0; l < L; ++l) {
+        gw.push_back(at::zeros_like(o.weights[l]));
+        gb.push_back(at::zeros_like(o.biases[l]));
+      }
+      std::vector<T> gx(B * n * F, T(0)), pair_grad(kTilePairs);
+      for (int64_t t = begin; t < end; ++t) {
+        tile.load(o, t * kTilePairs, total, x, scratch.acts[0]);
+        hidden_layers(o, tile.count, scratch.acts, slope);
+        const int64_t count = tile.count, H = o.widths[L - 1];
+        // The last layer: one output per pair, from both (i, j) and (j, i).
+        const T* w_last = o.weights[L - 1].const_data_ptr<T>();
+        T* gw_last = gw[L - 1].mutable_data_ptr<T>();
+        T g_bias = 0;
+        T* g = scratch.grad_a;
+        for (int64_t r = 0; r < count; ++r) {
+          const int64_t b = tile.b[r], i = tile.i[r], j = tile.j[r];
+          const T gp = gl[(b * n + i) * n + j] + gl[(b * n + j) * n + i];
+          pair_grad[r] = gp;
+          g_bias += gp;
+          const T* act = scratch.acts[L - 1] + r * H;
+          for (int64_t c = 0; c < H; ++c) {
+            g[r * H + c] = gp * w_last[c];
+            gw_last[c] += gp * act[c];
+          }
+        }
+        gb[L - 1].mutable_data_ptr<T>()[0] += g_bias;
+        // The hidden layers, last first: g is d loss / d acts[l].
+        for (int64_t l = L - 1; l >= 1; --l) {
+          const int64_t in = o.widths[l - 1], out = o.widths[l];
+          const T* act = scratch.acts[l];
+          T* gbias = gb[l - 1].mutable_data_ptr<T>();
+          for (int64_t r = 0; r < count; ++r) {
+            for (int64_t c = 0; c < out; ++c) {
+              g[r * out + c] *= leaky_relu_grad(act[r * out + c], slope);
+              gbias[c] += g[r * out + c];
+            }
+          }
+          gemm_atb_acc(out, in, count, g, out, scratch.acts[l - 1], in,
+                       gw[l - 1].mutable_data_ptr<T>(), in);
+          T* g_in = g == scratch.grad_a ? scratch.grad_b : scratch.grad_a;
+          gemm(false, false, count, in, out, g, out, o.weights[l - 1].const_data_ptr<T>(), in, T(0),
+               g_in, in);
+          g = g_in;
+        }
+        // |x_i - x_j|: g is d loss / d the differences.
+        for (int64_t r = 0; r < count; ++r) {
+          const int64_t b = tile.b[r];
+          const T* xi = x + (b * n + tile.i[r]) * F;
+          const T* xj = x + (b * n + tile.j[r]) * F;
+          T* gi = gx.data() + (b * n + tile.i[r]) * F;
+          T* gj = gx.data() + (b * n + tile.j[r]) * F;
+          for (int64_t c = 0; c < F; ++c) {
+            const T v = g[r * F + c] * abs_diff_grad(xi[c], xj[c]);
+            gi[c] += v;
+            gj[c] -= v;
+          }
+        }
+      }
+      std::lock_guard<std::mutex> lock(reduce);
+      T* gn = grad_nodes.mutable_data_ptr<T>();
+      for (int64_t e = 0; e < B * n * F; ++e) gn[e] += gx[e];
+      for (int64_t l = 0; l < L; ++l) {
+        grad_weights[l].add_(gw[l]);
+        grad_biases[l].add_(gb[l]);
+      }
+    });
+  });
+  return {grad_nodes, grad_weights, grad_biases};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
+  m.impl("gnn_adjacency", &gnn_adjacency);
+  m.impl("gnn_adjacency_backward", &gnn_adjacency_backward);
+}
+
+}  // namespace fastmeta::cpu

@@ -1,0 +1,70 @@
+// Operand prologue of the few-shot GNN adjacency (fastmeta::gnn_adjacency
+// and its backward): nodes [B, n, F]; an MLP of L layers applied to
+// |x_i - x_j|, weights[l] [H_l, H_{l-1}] and biases[l] [H_l] with H_0 = F
+// and H_L = 1; the backward's grad and adjacency are [B, n, n].
+#pragma once
+
+#include <vector>
+
+#include "common.h"
+
+namespace fastmeta {
+
+struct GnnOperands {
+  int64_t B = 0, n = 0, F = 0;
+  std::vector<int64_t> widths;  // H_0 = F, ..., H_L = 1
+  at::Tensor nodes, grad, adjacency;
+  std::vector<at::Tensor> weights, biases;
+  int64_t max_width() const {
+    int64_t w = 0;
+    for (int64_t h : widths) w = h > w ? h : w;
+    return w;
+  }
+};
+
+inline GnnOperands gnn_operands(const at::Tensor& nodes, at::TensorList weights,
+                                at::TensorList biases, double negative_slope) {
+  GnnOperands o;
+  TORCH_CHECK(nodes.scalar_type() == at::kFloat || nodes.scalar_type() == at::kDouble,
+              "fastmeta: nodes must have dtype float32 or float64, got ", nodes.scalar_type());
+  check_operand(nodes, "nodes", 3, nodes);
+  TORCH_CHECK(!weights.empty(), "fastmeta: the adjacency MLP needs at least one layer");
+  TORCH_CHECK(weights.size() == biases.size(), "fastmeta: got ", weights.size(), " weights but ",
+              biases.size(), " biases");
+  TORCH_CHECK(negative_slope >= 0, "fastmeta: negative_slope must be >= 0, got ", negative_slope);
+  o.B = nodes.size(0), o.n = nodes.size(1), o.F = nodes.size(2);
+  o.widths.push_back(o.F);
+  for (size_t l = 0; l < weights.size(); ++l) {
+    check_operand(weights[l], "weights[l]", 2, nodes);
+    check_operand(biases[l], "biases[l]", 1, nodes);
+    TORCH_CHECK(weights[l].size(1) == o.widths.back(), "fastmeta: weights[", l, "] must have ",
+                o.widths.back(), " columns (the previous layer's width), got shape ",
+                weights[l].sizes());
+    TORCH_CHECK(biases[l].size(0) == weights[l].size(0), "fastmeta: biases[", l, "] must have ",
+                weights[l].size(0), " elements like weights[", l, "]'s rows, got shape ",
+                biases[l].sizes());
+    o.widths.push_back(weights[l].size(0));
+    o.weights.push_back(weights[l].contiguous());
+    o.biases.push_back(biases[l].contiguous());
+  }
+  TORCH_CHECK(o.widths.back() == 1, "fastmeta: the adjacency MLP's last layer must have one "
+              "output, got ", o.widths.back());
+  o.nodes = nodes.contiguous();
+  return o;
+}
+
+inline GnnOperands gnn_backward_operands(const at::Tensor& grad, const at::Tensor& adjacency,
+                                         const at::Tensor& nodes, at::TensorList weights,
+                                         at::TensorList biases, double negative_slope) {
+  GnnOperands o = gnn_operands(nodes, weights, biases, negative_slope);
+  for (const auto& [t, name] : {std::pair{&grad, "grad"}, std::pair{&adjacency, "adjacency"}}) {
+    check_operand(*t, name, 3, nodes);
+    TORCH_CHECK(t->sizes() == at::IntArrayRef({o.B, o.n, o.n}), "fastmeta: ", name,
+                " must have shape [B, n, n] = [", o.B, ", ", o.n, ", ", o.n, "], got ", t->sizes());
+  }
+  o.grad = grad.contiguous();
+  o.adjacency = adjacency.contiguous();
+  return o;
+}
+
+}  // namespace fastmeta

@@ -1,0 +1,150 @@
+from typing import Sequence
+
+import torch
+
+from . import _common
+
+__all__ = ["gnn_adjacency"]
+
+
+def gnn_adjacency(nodes: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
+                  negative_slope: float = 0.01) -> torch.Tensor:
+    """The learned adjacency of few-shot GNNs (Garcia & Bruna 2018), fused:
+    ``A[b, i, j] = softmax_{j != i}(mlp(|x_i - x_j|))`` and ``A[b, i, i] = 0``,
+    where ``mlp`` is linear layers (``weights[l] [H_l, H_{l-1}]``,
+    ``biases[l] [H_l]``, the last with one output) with leaky ReLU between
+    them.
+
+    The MLP runs on tiles of node pairs, once per unordered pair (it is
+    symmetric), so the ``[B, n, n, F]`` differences and ``[B, n, n, H]``
+    activations an eager implementation keeps never exist; the backward
+    recomputes each tile. CPU kernel, forward and backward; on other devices
+    the eager formulation (:func:`fastmeta.reference.gnn_adjacency`) runs.
+
+    Args:
+        nodes: ``[B, n, F]``, each episode's node features.
+        weights, biases: the MLP's layers, ``F -> H_1 -> ... -> 1``.
+        negative_slope: the leaky ReLUs' slope (>= 0).
+
+    Returns:
+        ``[B, n, n]``, rows summing to 1 over the other nodes (0 for a
+        one-node episode); differentiable in nodes, weights and biases
+        (twice, through the eager formulation).
+
+    Example:
+        >>> mlp = [torch.nn.Linear(69, 138), torch.nn.Linear(138, 1)]
+        >>> A = fastmeta.ops.gnn_adjacency(torch.randn(32, 6, 69), [m.weight for m in mlp],
+        ...                                [m.bias for m in mlp])
+        >>> A.shape
+        torch.Size([32, 6, 6])
+    """
+    op = "gnn_adjacency"
+    _common.check_tensor(op, "nodes", nodes)
+    weights, biases = list(weights), list(biases)
+    for name, ts in (("weights", weights), ("biases", biases)):
+        for l, t in enumerate(ts):
+            _common.check_tensor(op, f"{name}[{l}]", t, like=nodes, like_name="nodes")
+    if nodes.dim() != 3:
+        raise ValueError(f"{op}: nodes must be [B, n, F], got shape {list(nodes.shape)}")
+    if not weights or len(weights) != len(biases):
+        raise ValueError(f"{op}: weights and biases must be one per layer, at least one; got "
+                         f"{len(weights)} weights and {len(biases)} biases")
+    width = nodes.shape[2]
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        if w.dim() != 2 or w.shape[1] != width or list(b.shape) != [w.shape[0]]:
+            raise ValueError(f"{op}: weights[{l}] must be [H, {width}] and biases[{l}] [H] (layer {l} "
+                             f"takes {width} features), got {list(w.shape)} and {list(b.shape)}")
+        width = w.shape[0]
+    if width != 1:
+        raise ValueError(f"{op}: the last layer must have one output, got weights[-1] of shape "
+                         f"{list(weights[-1].shape)}")
+    if negative_slope < 0:
+        raise ValueError(f"{op}: negative_slope must be >= 0, got {negative_slope}")
+    if nodes.device.type != "cpu":
+        from .. import reference
+        return reference.gnn_adjacency(nodes, weights, biases, negative_slope)
+    dtype = nodes.dtype
+    work = torch.float64 if dtype == torch.float64 else torch.float32
+    return torch.ops.fastmeta.gnn_adjacency(nodes.to(work), [w.to(work) for w in weights],
+                                            [b.to(work) for b in biases], float(negative_slope)).to(dtype)
+
+
+def _check_raw(op, nodes, weights, biases, negative_slope):
+    sizes = _common.check_raw_operands(op, ("nodes", nodes, "BNF", None))
+    torch._check(nodes.dtype in (torch.float32, torch.float64),
+                 lambda: f"fastmeta::{op}: nodes must have dtype float32 or float64, got {nodes.dtype}")
+    torch._check(len(weights) >= 1 and len(weights) == len(biases),
+                 lambda: f"fastmeta::{op}: got {len(weights)} weights and {len(biases)} biases")
+    torch._check(negative_slope >= 0, lambda: f"fastmeta::{op}: negative_slope must be >= 0")
+    width = sizes["F"]
+    for l, (w, b) in enumerate(zip(weights, biases)):
+        _common.check_raw_operands(op, ("nodes", nodes, "BNF", None), (f"weights[{l}]", w, "HI", None),
+                                   (f"biases[{l}]", b, "H", None))
+        torch._check(w.shape[1] == width, lambda: f"fastmeta::{op}: weights[{l}] must have {width} columns")
+        width = w.shape[0]
+    torch._check(width == 1, lambda: f"fastmeta::{op}: the last layer must have one output")
+    return sizes
+
+
+@torch.library.register_fake("fastmeta::gnn_adjacency")
+def _(nodes, weights, biases, negative_slope):
+    z = _check_raw("gnn_adjacency", nodes, weights, biases, negative_slope)
+    return nodes.new_empty(z["B"], z["N"], z["N"])
+
+
+@torch.library.register_fake("fastmeta::gnn_adjacency_backward")
+def _(grad, adjacency, nodes, weights, biases, negative_slope):
+    z = _check_raw("gnn_adjacency_backward", nodes, weights, biases, negative_slope)
+    for name, t in (("grad", grad), ("adjacency", adjacency)):
+        _common.check_raw_operands("gnn_adjacency_backward", ("nodes", nodes, "BNF", None),
+                                   (name, t, "BNN", None))
+    return (torch.empty_like(nodes), [torch.empty_like(w) for w in weights],
+            [torch.empty_like(b) for b in biases])
+
+
+def _setup_context(ctx, inputs, output):
+    nodes, weights, biases, negative_slope = inputs
+    ctx.layers = len(weights)
+    ctx.negative_slope = negative_slope
+    ctx.save_for_backward(output, nodes, *weights, *biases)
+
+
+def _backward(ctx, grad):
+    adjacency, nodes, *layers = ctx.saved_tensors
+    weights, biases = layers[:ctx.layers], layers[ctx.layers:]
+    grad_nodes, grad_weights, grad_biases = torch.ops.fastmeta.gnn_adjacency_backward(
+        grad, adjacency, nodes, weights, biases, ctx.negative_slope)
+    return grad_nodes, grad_weights, grad_biases, None
+
+
+def _setup_double(ctx, inputs, output):
+    grad, _, nodes, weights, biases, negative_slope = inputs
+    ctx.layers = len(weights)
+    ctx.negative_slope = negative_slope
+    ctx.save_for_backward(grad, nodes, *weights, *biases)
+
+
+def _double_backward(ctx, grad_grad_nodes, grad_grad_weights, grad_grad_biases):
+    """The backward's own gradient, through the eager formulation (it builds
+    the [B, n, n, F] differences, only while this runs)."""
+    from .. import reference
+    saved = [t.detach().requires_grad_() for t in ctx.saved_tensors]
+    grad, nodes, layers = saved[0], saved[1], saved[2:]
+    weights, biases = layers[:ctx.layers], layers[ctx.layers:]
+    params = [nodes, *weights, *biases]
+    cotangents = [grad_grad_nodes, *(grad_grad_weights or [None] * ctx.layers),
+                  *(grad_grad_biases or [None] * ctx.layers)]
+    with torch.enable_grad():
+        adjacency = reference.gnn_adjacency(nodes, weights, biases, ctx.negative_slope)
+        first = torch.autograd.grad(adjacency, params, grad, create_graph=True, allow_unused=True)
+        pairs = [(f, c) for f, c in zip(first, cotangents)
+                 if f is not None and c is not None and f.requires_grad]
+        found = torch.autograd.grad([f for f, _ in pairs], saved, [c for _, c in pairs],
+                                    allow_unused=True) if pairs else [None] * len(saved)
+    found = list(found)
+    return (found[0], None, found[1], found[2:2 + ctx.layers], found[2 + ctx.layers:], None)
+
+
+torch.library.register_autograd("fastmeta::gnn_adjacency", _backward, setup_context=_setup_context)
+torch.library.register_autograd("fastmeta::gnn_adjacency_backward", _double_backward,
+                                setup_context=_setup_double)
