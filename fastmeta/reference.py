@@ -29,6 +29,7 @@ __all__ = [
     "mlp_task_derivatives",
     "mann_memory",
     "gnn_adjacency",
+    "gnn_logits",
     "mann_logits",
     "maml_query_losses_loop",
     "matching_attention_lstm",
@@ -534,3 +535,12 @@ def gnn_adjacency(nodes, weights, biases, negative_slope=0.01):
     if n < 2:
         return hidden[..., 0] * 0
     return torch.softmax(hidden[..., 0].masked_fill(self, float("-inf")), -1).masked_fill(self, 0)
+
+
+def gnn_logits(model, nodes):
+    """:class:`fastmeta.nn.FewShotGNN`'s last-node logits ``[G, ways]`` of
+    graphs ``nodes [G, n, F]``, with the eager adjacency (the ``[G, n, n,
+    F]`` pair differences and the MLP's activations held in full)."""
+    for metric, conv in zip(model.metrics, model.convs):
+        nodes = torch.cat([nodes, conv(nodes, metric.adjacency(nodes, gnn_adjacency))], -1)
+    return model.last(nodes, model.metrics[-1].adjacency(nodes, gnn_adjacency))[:, -1]

@@ -56,6 +56,7 @@ ATTENTION_LSTM = [("query", "BQD", "float"), ("support", "BSD", "float"),
 MAPS = [("queries", "BQYZC", "float"), ("prototypes", "BNYZC", "float")]
 MANN_STATE = [("read_weights", "BHS", "float"), ("keys", "BTHD", "float"),
               ("write_gates", "BTH", "float"), ("key_strengths", "BTH", "float")]
+GNN_LAYERS = ([torch.randn(3, 5), torch.randn(1, 3)], [torch.randn(3), torch.randn(1)], 0.01)
 MLP = [("params", "TK", "float"), ("x", "TNI", "float"), ("target", "TNO", "float"),
        ("direction", "TK", "float")]
 OPS = {
@@ -95,6 +96,9 @@ OPS = {
                              + MANN_STATE + [("memories", "BTSD", "float"),
                                              ("read_weight_history", "BTHS", "float"),
                                              ("least_used", "BTH", "index")], (), ""),
+    "gnn_adjacency": ([("nodes", "BND", "float")], GNN_LAYERS, "D"),
+    "gnn_adjacency_backward": ([("grad", "BNN", "float"), ("adjacency", "BNN", "float"),
+                                ("nodes", "BND", "float")], GNN_LAYERS, "D"),
     "mlp_task_derivatives": (MLP, ([2, 4, 3], ["tanh", "identity"], "mse", True), "KIO"),
 }
 # Invalid non-tensor arguments: (position among the arguments, value).
@@ -106,6 +110,8 @@ BAD_ARGUMENTS = {
     "l2o_lstm_step": [(0, 0.0), (0, -1.0)],
     "meta_lstm_step_backward": [(0, 0.0)],
     "matching_attention_lstm": [(0, -1)],
+    "gnn_adjacency": [(0, []), (2, -1.0), (0, [torch.randn(3, 4), torch.randn(1, 3)]),
+                      (0, [torch.randn(3, 5), torch.randn(2, 3)]), (1, [torch.randn(3)])],
     "mlp_task_derivatives": [(0, [2, 4, 4]), (0, [2**40, 2**40, 3]), (0, [2, 2**62, 3]), (0, []),
                              (0, [2] * 10 + [3]), (1, ["tanh"]), (1, ["gelu", "identity"]),
                              (2, "hinge")],
@@ -157,7 +163,9 @@ def probes(name):
         if dims:
             yield f"{operand}: one dimension less", build(name, change=on(operand, lambda t: t[..., 0])), "error"
         wrong = torch.int32 if kind in ("index", "labels") else torch.float64
-        alone = sum(k in ("float", "acc") for _, _, k in operands) == 1  # any floating dtype will do
+        layers = any(isinstance(a, list) and a and isinstance(a[0], torch.Tensor) for a in arguments)
+        # any floating dtype will do, unless tensors among the arguments fix it
+        alone = sum(k in ("float", "acc") for _, _, k in operands) == 1 and not layers
         yield (f"{operand}: dtype {wrong}", build(name, change=on(operand, lambda t: t.to(wrong))),
                "run" if alone and kind == "float" else "error")
         yield f"{operand}: on the meta device", build(name, change=on(operand, lambda t: t.to("meta"))), "error"

@@ -445,6 +445,32 @@ def mann_episode(device: str) -> List[Variant]:
                     lambda: _backward(model.loss(inputs, labels), *params), {"eager LRUA": eager})]
 
 
+def gnn_episode(device: str) -> List[Variant]:
+    """Few-shot GNN (Garcia & Bruna 2018) on 64-d embeddings, 32 episodes of
+    one query each (the paper's training episodes): 5-way 1-shot (6-node
+    graphs) and 20-way 5-shot (101 nodes); two graph layers and the last,
+    metric MLPs of widths [2, 2, 1, 1] x the node width; forward and
+    backward."""
+    def variant(ways: int, shots: int) -> Variant:
+        g = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        model = fnn.FewShotGNN(feature_dimension=64, ways=ways).to(device)
+        support, support_labels, _, _ = _episode_images(32, ways, shots, 0, (64,), device, g,
+                                                        requires_grad=True)
+        query = torch.randn(32, 1, 64, generator=g).to(device).requires_grad_()
+        query_labels = torch.randint(0, ways, (32, 1), generator=g).to(device)
+        leaves = [support, query, *model.parameters()]
+
+        def eager():
+            graphs = model.query_graphs(model.prepare_support(support, support_labels, ways), query)
+            logits = reference.gnn_logits(model, graphs)
+            _backward(F.cross_entropy(logits, query_labels.flatten()), *leaves)
+        return Variant("gnn_episode", f"32x{ways}-way {shots}-shot, 1 query",
+                       lambda: _backward(model.loss(support, support_labels, query, query_labels), *leaves),
+                       {"eager [B, n, n, D]": eager})
+    return [variant(5, 1), variant(20, 5)]
+
+
 def episode_sampling(device: str) -> List[Variant]:
     """32 episodes of 5-way 1-shot 15-query drawn from a 32,000-image
     in-memory dataset (1600 classes of 20 images, 28x28): the vectorised
@@ -475,12 +501,13 @@ CASES: Dict[str, Callable[[str], List[Variant]]] = {
     "matching_fce_step": matching_fce_step,
     "episode_sampling": episode_sampling,
     "mann_episode": mann_episode,
+    "gnn_episode": gnn_episode,
 }
 
 
 # What `fastmeta bench` runs by default: one case of each kernel family and
 # method, a few minutes on a 2-core CPU (--all adds lstm_step, proto_large_way,
-# maml_conv4, imaml_conv4 and protonet_step, the long ones).
+# maml_conv4, imaml_conv4, protonet_step and gnn_episode, the long ones).
 DEFAULT_CASES = ["proto_episode", "matching_readout", "meta_lstm_step", "maml_sinusoid",
                  "relation_step", "matching_fce_step", "episode_sampling", "mann_episode"]
 

@@ -4,6 +4,7 @@ optimizers."""
 
 from .backbones import Conv4, ResNet12
 from .few_shot import FewShotClassifier
+from .gnn import FewShotGNN
 from .learned_optimizers import CoordinatewiseLSTM, MetaLearnerLSTM
 from .mann import MANN
 from .matching import MatchingNetworks
@@ -11,6 +12,6 @@ from .prototypical import PrototypicalNetworks
 from .relation import RelationModule, RelationNetworks
 from .siamese import SiameseNetworks
 
-__all__ = ["Conv4", "CoordinatewiseLSTM", "FewShotClassifier", "MANN", "MatchingNetworks",
+__all__ = ["Conv4", "CoordinatewiseLSTM", "FewShotClassifier", "FewShotGNN", "MANN", "MatchingNetworks",
            "MetaLearnerLSTM", "PrototypicalNetworks", "RelationModule", "RelationNetworks",
            "ResNet12", "SiameseNetworks"]
