@@ -30,6 +30,7 @@ __all__ = [
     "mann_memory",
     "gnn_adjacency",
     "gnn_logits",
+    "metanet_scores",
     "mann_logits",
     "maml_query_losses_loop",
     "matching_attention_lstm",
@@ -544,3 +545,42 @@ def gnn_logits(model, nodes):
     for metric, conv in zip(model.metrics, model.convs):
         nodes = torch.cat([nodes, conv(nodes, metric.adjacency(nodes, gnn_adjacency))], -1)
     return model.last(nodes, model.metrics[-1].adjacency(nodes, gnn_adjacency))[:, -1]
+
+
+def metanet_scores(model, support_features, support_labels, query_features):
+    """:class:`fastmeta.nn.MetaNetwork`'s query logits ``[B, Q, ways]``
+    written as an eager implementation runs it: episode by episode, one
+    ``autograd.grad`` per support example, one base-learner call per query."""
+    H, D = model.base_hidden.weight.shape
+    C = model.ways
+
+    def meta(learner, grad):
+        return learner(log_sign_preprocess(grad)).squeeze(-1)
+
+    episodes = []
+    for h_s, labels, h_q in zip(support_features, support_labels, query_features):
+        with torch.enable_grad():
+            weight = model.embedding.weight.detach().clone().requires_grad_()
+            keys = F.relu(h_s.detach() @ weight.T + model.embedding.bias.detach())
+            means = torch.stack([keys[labels == c].mean(0) for c in range(C)])
+            loss = F.cross_entropy(-torch.cdist(keys, means) ** 2, labels, reduction="sum")
+            task_fast = meta(model.task_learner, torch.autograd.grad(loss, weight)[0])
+        values = []
+        for x, y in zip(h_s, labels):
+            with torch.enable_grad():
+                w1 = model.base_hidden.weight.detach().clone().requires_grad_()
+                w2 = model.base_out.weight.detach().clone().requires_grad_()
+                units = F.relu(x.detach() @ w1.T + model.base_hidden.bias)
+                logit = units @ w2.T + model.base_out.bias
+                g1, g2 = torch.autograd.grad(F.cross_entropy(logit[None], y[None]), (w1, w2))
+            values.append(torch.cat([meta(model.example_learner, g1).flatten(),
+                                     meta(model.example_learner, g2).flatten()]))
+        keys = F.relu(model.embedding(h_s)) + F.relu(h_s @ task_fast.T)
+        reads = F.relu(model.embedding(h_q)) + F.relu(h_q @ task_fast.T)
+        fast = attention_readout(reads, keys, torch.stack(values), "cosine")
+        logits = []
+        for x, f in zip(h_q, fast):
+            units = F.relu(model.base_hidden(x)) + F.relu(f[:H * D].view(H, D) @ x)
+            logits.append(model.base_out(units) + f[H * D:].view(C, H) @ units)
+        episodes.append(torch.stack(logits))
+    return torch.stack(episodes)

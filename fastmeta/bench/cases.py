@@ -471,6 +471,23 @@ def gnn_episode(device: str) -> List[Variant]:
     return [variant(5, 1), variant(20, 5)]
 
 
+def metanet_episode(device: str) -> List[Variant]:
+    """Meta Networks (Munkhdalai & Yu 2017) on 64-d embeddings: 32 episodes
+    of 5-way 1-shot 15-query; forward and backward."""
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = fnn.MetaNetwork(feature_dimension=64, ways=5).to(device)
+    support, support_labels, query, query_labels = _episode_images(32, 5, 1, 15, (64,), device, g,
+                                                                   requires_grad=True)
+    leaves = [support, query, *model.parameters()]
+
+    def eager():
+        scores = reference.metanet_scores(model, support, support_labels, query)
+        _backward(F.cross_entropy(scores.flatten(0, 1), query_labels.flatten()), *leaves)
+    return [Variant("metanet_episode", "32x5-way 1+15", lambda: _backward(
+        model.loss(support, support_labels, query, query_labels), *leaves), {"eager": eager})]
+
+
 def episode_sampling(device: str) -> List[Variant]:
     """32 episodes of 5-way 1-shot 15-query drawn from a 32,000-image
     in-memory dataset (1600 classes of 20 images, 28x28): the vectorised
@@ -502,6 +519,7 @@ CASES: Dict[str, Callable[[str], List[Variant]]] = {
     "episode_sampling": episode_sampling,
     "mann_episode": mann_episode,
     "gnn_episode": gnn_episode,
+    "metanet_episode": metanet_episode,
 }
 
 
@@ -509,7 +527,8 @@ CASES: Dict[str, Callable[[str], List[Variant]]] = {
 # method, a few minutes on a 2-core CPU (--all adds lstm_step, proto_large_way,
 # maml_conv4, imaml_conv4, protonet_step and gnn_episode, the long ones).
 DEFAULT_CASES = ["proto_episode", "matching_readout", "meta_lstm_step", "maml_sinusoid",
-                 "relation_step", "matching_fce_step", "episode_sampling", "mann_episode"]
+                 "relation_step", "matching_fce_step", "episode_sampling", "mann_episode",
+                 "metanet_episode"]
 
 
 def build(names, device: str) -> List[Variant]:

@@ -8,10 +8,11 @@ from .gnn import FewShotGNN
 from .learned_optimizers import CoordinatewiseLSTM, MetaLearnerLSTM
 from .mann import MANN
 from .matching import MatchingNetworks
+from .metanet import MetaNetwork
 from .prototypical import PrototypicalNetworks
 from .relation import RelationModule, RelationNetworks
 from .siamese import SiameseNetworks
 
 __all__ = ["Conv4", "CoordinatewiseLSTM", "FewShotClassifier", "FewShotGNN", "MANN", "MatchingNetworks",
-           "MetaLearnerLSTM", "PrototypicalNetworks", "RelationModule", "RelationNetworks",
+           "MetaLearnerLSTM", "MetaNetwork", "PrototypicalNetworks", "RelationModule", "RelationNetworks",
            "ResNet12", "SiameseNetworks"]

@@ -58,6 +58,8 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "reptile": dict(meta_batch=5, inner_lr=0.1, inner_steps=5, test_inner_steps=10),  # Nichol et al.
     "meta-lstm": dict(meta_batch=4, inner_steps=5, test_inner_steps=5),  # Ravi & Larochelle
     "mann": dict(meta_batch=16, shots=9, queries=1),              # Santoro et al.: 5 x 10 steps
+    "gnn": dict(meta_batch=32, queries=1),                        # Garcia & Bruna
+    "metanet": dict(meta_batch=4, queries=5),                     # Munkhdalai & Yu
 }
 BACKBONES = ("conv4", "resnet12")
 POSITIVE = ("ways", "shots", "meta_batch", "cg_steps", "validate_every", "val_episodes", "checkpoint_every",

@@ -10,8 +10,8 @@ from torch import nn
 
 from ..algorithms import BatchedMAML, Reptile, iMAML
 from ..data import Episode
-from ..nn import (MANN, Conv4, MatchingNetworks, MetaLearnerLSTM, PrototypicalNetworks,
-                  RelationNetworks, ResNet12, SiameseNetworks)
+from ..nn import (MANN, Conv4, FewShotGNN, MatchingNetworks, MetaLearnerLSTM, MetaNetwork,
+                  PrototypicalNetworks, RelationNetworks, ResNet12, SiameseNetworks)
 from .config import Config
 
 __all__ = ["Method", "build_method"]
@@ -80,7 +80,8 @@ class Method:
 
 
 class MetricMethod(Method):
-    """Prototypical, Matching, Relation and Siamese networks (fastmeta.nn)."""
+    """Prototypical, Matching, Relation and Siamese networks, few-shot GNNs
+    and Meta Networks (fastmeta.nn): each a FewShotClassifier."""
 
     def __init__(self, config: Config, image_shape):
         super().__init__(config, image_shape)
@@ -95,6 +96,10 @@ class MetricMethod(Method):
             self.model = PrototypicalNetworks(net)
         elif config.method == "matching":
             self.model = MatchingNetworks(net, feature_dimension=features)
+        elif config.method == "gnn":
+            self.model = FewShotGNN(net, feature_dimension=features, ways=config.ways)
+        elif config.method == "metanet":
+            self.model = MetaNetwork(net, feature_dimension=features, ways=config.ways)
         else:
             self.model = SiameseNetworks(net, head="koch", feature_dimension=features)
 
@@ -266,7 +271,8 @@ class MannMethod(Method):
 METHOD_CLASSES = {"protonet": MetricMethod, "matching": MetricMethod, "relation": MetricMethod,
                   "siamese": MetricMethod, "maml": MAMLMethod, "fomaml": MAMLMethod,
                   "metasgd": MAMLMethod, "imaml": MAMLMethod, "anil": AnilMethod, "reptile": ReptileMethod,
-                  "meta-lstm": MetaLstmMethod, "mann": MannMethod}
+                  "meta-lstm": MetaLstmMethod, "mann": MannMethod, "gnn": MetricMethod,
+                  "metanet": MetricMethod}
 
 
 def build_method(config: Config, image_shape) -> Method:
