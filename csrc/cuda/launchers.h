@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "../math/gnn.h"
 #include "../math/mann.h"
 #include "../math/mlp.h"
 #include "../math/similarity.h"
@@ -189,5 +190,33 @@ void mann_memory_backward(const MannArgs& a, const void* grad_reads, const void*
                           const int64_t* slots, void* grad_memory0, void* grad_weights0,
                           void* grad_keys, void* grad_gates, void* grad_strengths, void* scratch,
                           cudaStream_t stream);
+
+// Few-shot GNN adjacency (math/gnn.h), float32 or float64 only. The glue
+// runs the pair MLP's matrix products; these kernels do the rest, on a tile
+// of `count` unordered pairs from pair `first` (pairs [count, 3] int64:
+// episode, i, j).
+struct GnnArgs {
+  DType dtype;
+  int64_t B, n, F;
+};
+void gnn_pairs(const GnnArgs& a, int64_t first, int64_t count, int64_t* pairs, cudaStream_t stream);
+// diff [count, F] = |x_i - x_j|.
+void gnn_pair_differences(const GnnArgs& a, const void* nodes, const int64_t* pairs, int64_t count,
+                          void* diff, cudaStream_t stream);
+// logits [B, n, n] at (i, j) and (j, i) from the tile's [count].
+void gnn_scatter_logits(const GnnArgs& a, const void* tile_logits, const int64_t* pairs,
+                        int64_t count, void* logits, cudaStream_t stream);
+// In place over [B, n, n]: the rows' softmax over j != i; its backward
+// (grad becomes d loss / d logits given the adjacency).
+void gnn_adjacency_rows(const GnnArgs& a, void* logits, cudaStream_t stream);
+void gnn_adjacency_rows_backward(const GnnArgs& a, const void* adjacency, void* grad,
+                                 cudaStream_t stream);
+// pair_grad [count] = grad_logits[i, j] + grad_logits[j, i].
+void gnn_pair_grads(const GnnArgs& a, const void* grad_logits, const int64_t* pairs, int64_t count,
+                    void* pair_grad, cudaStream_t stream);
+// grad_nodes [B, n, F] (zero-initialised) += the differences' gradient [count, F].
+void gnn_pair_differences_backward(const GnnArgs& a, const void* grad_diff, const void* nodes,
+                                   const int64_t* pairs, int64_t count, void* grad_nodes,
+                                   cudaStream_t stream);
 
 }  // namespace fastmeta::cuda

@@ -18,8 +18,10 @@ def gnn_adjacency(nodes: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
     The MLP runs on tiles of node pairs, once per unordered pair (it is
     symmetric), so the ``[B, n, n, F]`` differences and ``[B, n, n, H]``
     activations an eager implementation keeps never exist; the backward
-    recomputes each tile. CPU kernel, forward and backward; on other devices
-    the eager formulation (:func:`fastmeta.reference.gnn_adjacency`) runs.
+    recomputes each tile. CPU and CUDA kernels, forward and backward (on
+    CUDA the MLP's layers are cuBLAS products on tiles of pairs); on other
+    devices the eager formulation (:func:`fastmeta.reference.gnn_adjacency`)
+    runs.
 
     Args:
         nodes: ``[B, n, F]``, each episode's node features.
@@ -60,7 +62,7 @@ def gnn_adjacency(nodes: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
                          f"{list(weights[-1].shape)}")
     if negative_slope < 0:
         raise ValueError(f"{op}: negative_slope must be >= 0, got {negative_slope}")
-    if nodes.device.type != "cpu":
+    if nodes.device.type not in ("cpu", "cuda"):
         from .. import reference
         return reference.gnn_adjacency(nodes, weights, biases, negative_slope)
     dtype = nodes.dtype
