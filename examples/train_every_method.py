@@ -29,6 +29,8 @@ SETTINGS = {
     "anil": dict(ways=5, shots=1, queries=5, meta_batch=8),
     "reptile": dict(ways=5, shots=1, queries=5, meta_batch=5),
     "meta-lstm": dict(ways=5, shots=1, queries=5, meta_batch=4),
+    "gnn": dict(ways=5, shots=1, queries=1, meta_batch=32),
+    "metanet": dict(ways=5, shots=1, queries=5, meta_batch=4),
 }
 
 
