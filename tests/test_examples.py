@@ -21,6 +21,7 @@ SHARED_OMNIGLOT = EXAMPLES.parents[1] / "shared" / "data" / "omniglot"
                  "| protonet | omniglot | 5-way 1-shot |", marks=pytest.mark.skipif(
                      not (SHARED_OMNIGLOT / "images_background_small1.zip").exists(),
                      reason=f"the Omniglot subsets are not at {SHARED_OMNIGLOT}")),
+    ("mann_fewshot.py", ["--steps", "3", "--test-episodes", "20"], "| fastmeta MANN, chars (3 steps) |"),
     ("maml_sinusoid.py", ["--iterations", "20", "--eval-tasks", "20", "--out", "{tmp}"], "| Meta-SGD |"),
 ])
 def test_example_runs(script, args, expect, tmp_path):

@@ -11,7 +11,7 @@ from torch import nn
 
 import fastmeta
 from fastmeta import functional, reference
-from fastmeta.algorithms import (MAML, BatchedMAML, MetaSGD, Reptile, clone_module, maml_update,
+from fastmeta.algorithms import (ANIL, MAML, BatchedMAML, MetaSGD, Reptile, clone_module, maml_update,
                                  meta_sgd_update)
 from fastmeta.data import sinusoid_tasks
 from fastmeta.testing import DEVICES, FLOAT_DTYPES, assert_close_to_reference
@@ -274,6 +274,31 @@ def test_anil_head_adaptation_trains_the_body():
     params = list(body.parameters()) + list(head.parameters())
     for p, w in zip(params, torch.autograd.grad(per_task(), params)):
         assert relative_error(p.grad, w) < 1e-9
+
+
+def test_anil_module_equals_batched_maml_on_the_head_fed_by_the_body():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Linear(3, 8), nn.ReLU()).double()
+    head = nn.Sequential(nn.Linear(8, 2)).double()
+    anil = ANIL(body, head, 0.3, inner_steps=2)
+    assert anil.head.fused
+    x_s, x_q = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 6, 3, dtype=torch.float64)
+    y_s, y_q = torch.randint(0, 2, (3, 4)), torch.randint(0, 2, (3, 6))
+    loss = anil(x_s, y_s, x_q, y_q)
+    params = list(anil.parameters())
+    got = torch.autograd.grad(loss, params)
+    want_loss = BatchedMAML(head, 0.3, inner_steps=2, loss="cross_entropy")(body(x_s), y_s, body(x_q), y_q)
+    torch.testing.assert_close(loss, want_loss)
+    for a, b in zip(got, torch.autograd.grad(want_loss, params)):
+        torch.testing.assert_close(a, b)
+    predicted = anil.predict(x_s, y_s, x_q)
+    assert predicted.shape == (3, 6, 2)
+    torch.testing.assert_close(predicted, anil.head.predict(body(x_s), y_s, body(x_q)))
+    with pytest.raises(ValueError, match=r"ANIL: the body must return \[n, D\] features, got shape "
+                                         r"\[12, 8, 1\]"):
+        ANIL(nn.Sequential(body, nn.Unflatten(1, (8, 1))), head, 0.3)(x_s, y_s, x_q, y_q)
+    with pytest.raises(ValueError, match=r"ANIL: inputs must be \[T, N, ...\]"):
+        anil(x_s[0, 0], y_s, x_q, y_q)
 
 
 def test_batched_maml_does_not_adapt_frozen_parameters():

@@ -11,7 +11,7 @@ from .engine import (Loss, _loss_fn, _proximal_descent, flat_to_dict, implicit_q
                      maml_query_loss, mlp_derivatives, mlp_structure, module_derivatives,
                      tracking_batch_norms)
 
-__all__ = ["BatchedMAML", "Reptile", "iMAML"]
+__all__ = ["ANIL", "BatchedMAML", "Reptile", "iMAML"]
 
 
 def _check_tasks(name: str, device: torch.device, **tensors: torch.Tensor):
@@ -208,6 +208,65 @@ class BatchedMAML(_TaskBatchLearner):
                                  x_query, y_query, self.inner_steps, self.first_order)
         self._update_running_statistics(x_support)
         return losses.mean()
+
+
+class ANIL(nn.Module):
+    """ANIL (Raghu et al. 2020): almost no inner loop. The body (a feature
+    extractor) is meta-learned by the outer loop only; the head is adapted to
+    each task by :class:`BatchedMAML` on the body's features, all tasks at
+    once (with the fused MLP kernels when the head is an MLP, as a linear
+    classifier is). The meta-gradient reaches the body through the head's
+    gradient with respect to its inputs.
+
+    ``anil(x_support, y_support, x_query, y_query)`` on ``[T, N, ...]``
+    inputs returns the mean query loss over tasks. The body embeds all
+    tasks' support images in one call, then their query images in another.
+
+    Args:
+        body: maps ``[n, ...]`` inputs to ``[n, D]`` features.
+        head: the adapted learner on ``[n, D]`` features (e.g. ``nn.Linear(D, ways)``).
+        inner_lr, inner_steps, first_order, learn_inner_lr, loss: as
+            :class:`BatchedMAML`'s (the loss defaults to cross-entropy here).
+
+    Example:
+        >>> anil = ANIL(Conv4(1), nn.Sequential(nn.Linear(64, 5)), inner_lr=0.4)
+        >>> loss = anil(x_support, y_support, x_query, y_query)   # [T, N, 1, 28, 28] images
+        >>> loss.backward()
+    """
+
+    def __init__(self, body: nn.Module, head: nn.Module, inner_lr: float, inner_steps: int = 1,
+                 first_order: bool = False, learn_inner_lr: bool = False, loss: Loss = "cross_entropy"):
+        super().__init__()
+        self.body = body
+        self.head = BatchedMAML(head, inner_lr, inner_steps, first_order, learn_inner_lr, loss)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """The body's features ``[T, N, D]`` of inputs ``[T, N, ...]``."""
+        if x.dim() < 2:
+            raise ValueError(f"ANIL: inputs must be [T, N, ...] (tasks, examples, ...), got shape "
+                             f"{list(x.shape)}")
+        features = self.body(x.flatten(0, 1))
+        if features.dim() != 2:
+            raise ValueError(f"ANIL: the body must return [n, D] features, got shape "
+                             f"{list(features.shape)}")
+        return features.unflatten(0, x.shape[:2])
+
+    def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
+                y_query: torch.Tensor) -> torch.Tensor:
+        """The mean over tasks of the query loss after adapting the head."""
+        return self.head(self.features(x_support), y_support, self.features(x_query), y_query)
+
+    @torch.no_grad()
+    def adapt(self, x_support: torch.Tensor, y_support: torch.Tensor,
+              steps: Optional[int] = None) -> Dict[str, torch.Tensor]:
+        """The head's per-task adapted parameters ``{name: [T, *shape]}``."""
+        return self.head.adapt(self.features(x_support), y_support, steps)
+
+    @torch.no_grad()
+    def predict(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
+                steps: Optional[int] = None) -> torch.Tensor:
+        """The adapted heads' outputs on the query features, ``[T, Q, ...]``."""
+        return self.head.predict(self.features(x_support), y_support, self.features(x_query), steps)
 
 
 class Reptile(_TaskBatchLearner):

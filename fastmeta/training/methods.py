@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..algorithms import BatchedMAML, Reptile, iMAML
+from ..algorithms import ANIL, BatchedMAML, Reptile, iMAML
 from ..data import Episode
 from ..nn import (MANN, Conv4, FewShotGNN, MatchingNetworks, MetaLearnerLSTM, MetaNetwork,
                   PrototypicalNetworks, RelationNetworks, ResNet12, SiameseNetworks)
@@ -144,37 +144,24 @@ class MAMLMethod(Method):
                                   self.config.test_inner_steps).argmax(-1)
 
 
-class AnilModel(nn.Module):
-    """ANIL (Raghu et al. 2020): a backbone trained by the outer loop only,
-    and a linear head adapted per task (BatchedMAML, fused kernels)."""
-
-    def __init__(self, net: nn.Module, features: int, config: Config):
-        super().__init__()
-        self.backbone = net
-        self.head = BatchedMAML(nn.Sequential(nn.Linear(features, config.ways)), config.inner_lr,
-                                config.inner_steps, loss="cross_entropy")
-
-    def features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.backbone(images.flatten(0, 1)).unflatten(0, images.shape[:2])
-
-
 class AnilMethod(Method):
+    """ANIL (Raghu et al. 2020): the backbone trained by the outer loop
+    only, a linear head adapted per task (fused kernels)."""
+
     def __init__(self, config: Config, image_shape):
         super().__init__(config, image_shape)
         net = batch_statistics_only(backbone(config, image_shape[0]))
-        self.model = AnilModel(net, output_shape(net, image_shape)[0], config)
+        head = nn.Sequential(nn.Linear(output_shape(net, image_shape)[0], config.ways))
+        self.model = ANIL(net, head, config.inner_lr, config.inner_steps)
 
     def compute_gradients(self, e: Episode):
-        m = self.model
-        loss = m.head(m.features(e.support), e.support_labels, m.features(e.query), e.query_labels)
+        loss = self.model(e.support, e.support_labels, e.query, e.query_labels)
         loss.backward()
         return loss.detach(), None
 
     def predict(self, e: Episode) -> torch.Tensor:
-        m = self.model
-        with torch.no_grad():
-            support, query = m.features(e.support), m.features(e.query)
-        return m.head.predict(support, e.support_labels, query, self.config.test_inner_steps).argmax(-1)
+        return self.model.predict(e.support, e.support_labels, e.query,
+                                  self.config.test_inner_steps).argmax(-1)
 
 
 class ReptileMethod(Method):
