@@ -11,8 +11,8 @@ from torch import nn
 
 import fastmeta
 from fastmeta import functional, reference
-from fastmeta.algorithms import (ANIL, MAML, BatchedMAML, MetaSGD, Reptile, clone_module, maml_update,
-                                 meta_sgd_update)
+from fastmeta.algorithms import (ANIL, MAML, BatchedMAML, MetaSGD, Reptile, clone_module, iMAML,
+                                 maml_update, meta_sgd_update)
 from fastmeta.data import sinusoid_tasks
 from fastmeta.testing import DEVICES, FLOAT_DTYPES, assert_close_to_reference
 
@@ -299,6 +299,33 @@ def test_anil_module_equals_batched_maml_on_the_head_fed_by_the_body():
         ANIL(nn.Sequential(body, nn.Unflatten(1, (8, 1))), head, 0.3)(x_s, y_s, x_q, y_q)
     with pytest.raises(ValueError, match=r"ANIL: inputs must be \[T, N, ...\]"):
         anil(x_s[0, 0], y_s, x_q, y_q)
+
+
+@pytest.mark.parametrize("learner", ["mlp", "conv"])
+def test_return_outputs_gives_the_query_outputs_and_accuracy_of_the_same_adaptation(learner):
+    torch.manual_seed(0)
+    if learner == "mlp":
+        net = nn.Sequential(nn.Linear(3, 8), nn.ReLU(), nn.Linear(8, 2)).double()
+        x_s, x_q = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 6, 3, dtype=torch.float64)
+    else:
+        net = nn.Sequential(nn.Conv2d(1, 2, 3), nn.BatchNorm2d(2), nn.Flatten(), nn.Linear(8, 2)).double()
+        x_s = torch.randn(3, 4, 1, 4, 4, dtype=torch.float64)
+        x_q = torch.randn(3, 6, 1, 4, 4, dtype=torch.float64)
+    y_s, y_q = torch.randint(0, 2, (3, 4)), torch.randint(0, 2, (3, 6))
+    for model in (BatchedMAML(net, 0.3, inner_steps=2, loss="cross_entropy"),
+                  iMAML(net, 0.1, inner_steps=3, lam=1.0, cg_steps=2, loss="cross_entropy")):
+        out = model(x_s, y_s, x_q, y_q, return_outputs=True)
+        torch.testing.assert_close(out.loss, model(x_s, y_s, x_q, y_q))
+        expected = model.predict(x_s, y_s, x_q, steps=model.inner_steps)
+        torch.testing.assert_close(out.outputs, expected)
+        assert not out.outputs.requires_grad and out.loss.requires_grad
+        torch.testing.assert_close(out.accuracy, (expected.argmax(-1) == y_q).double().mean())
+        queries = F.cross_entropy(out.outputs.flatten(0, 1), y_q.flatten(), reduction="none")
+        torch.testing.assert_close(out.loss, queries.view(3, 6).mean(1).mean())
+    mse = BatchedMAML(nn.Linear(3, 1).double(), 0.1)
+    out = mse(x_s.flatten(2)[..., :3], torch.zeros(3, 4, 1, dtype=torch.float64), x_q.flatten(2)[..., :3],
+              torch.zeros(3, 6, 1, dtype=torch.float64), return_outputs=True)
+    assert out.accuracy is None and out.outputs.shape == (3, 6, 1)
 
 
 def test_batched_maml_does_not_adapt_frozen_parameters():

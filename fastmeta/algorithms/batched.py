@@ -1,17 +1,25 @@
 """Batched MAML (MAML, FOMAML, Meta-SGD, ANIL heads) and Reptile: all tasks of a
 meta-batch adapted at once."""
 
-from typing import Dict, Optional
+from typing import Dict, NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from .. import _build_config
-from .engine import (Loss, _loss_fn, _proximal_descent, flat_to_dict, implicit_query_loss,
-                     maml_query_loss, mlp_derivatives, mlp_structure, module_derivatives,
-                     tracking_batch_norms)
+from .engine import (Loss, _loss_fn, _proximal_descent, batch_statistics, flat_to_dict,
+                     implicit_query_loss, maml_query_loss, mlp_derivatives, mlp_structure,
+                     module_derivatives, tracking_batch_norms)
 
-__all__ = ["ANIL", "BatchedMAML", "Reptile", "iMAML"]
+__all__ = ["ANIL", "BatchedMAML", "MetaBatchOutput", "Reptile", "iMAML"]
+
+
+class MetaBatchOutput(NamedTuple):
+    """What a classifier's training loop needs of one meta-batch."""
+
+    loss: torch.Tensor  # the mean query loss over tasks (differentiable)
+    outputs: torch.Tensor  # the adapted learners' query outputs [T, Q, ...] (no gradient)
+    accuracy: Optional[torch.Tensor]  # query accuracy with a cross-entropy loss, else None
 
 
 def _check_tasks(name: str, device: torch.device, **tensors: torch.Tensor):
@@ -147,9 +155,29 @@ class _TaskBatchLearner(nn.Module):
         """The adapted learners' outputs on ``x_query`` ``[T, ...]``."""
         _check_tasks(type(self).__name__, self._device(), x_support=x_support, y_support=y_support,
                      x_query=x_query)
-        params = self.adapt(x_support, y_support, steps)
-        return torch.func.vmap(lambda p, x: torch.func.functional_call(self.module, p, (x,)))(
-            params, x_query)
+        steps = self.inner_steps if steps is None else _check_steps(type(self).__name__, steps)
+        return self._task_outputs(self._adapted(x_support, y_support, steps)[1], x_query)
+
+    @torch.no_grad()
+    def _task_outputs(self, params: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Each task's outputs on ``x [T, N, ...]`` under its parameters
+        ``[T, P]``, batch norm on the task's batch as in the inner loop (one
+        task at a time for convolutional learners on the CPU, as there)."""
+        def call(p, inputs):
+            return torch.func.functional_call(self.module, flat_to_dict(self.module, p), (inputs,))
+        with batch_statistics(self.module):
+            if x.device.type == "cpu" and any(isinstance(m, nn.modules.conv._ConvNd)
+                                              for m in self.module.modules()):
+                return torch.stack([call(p, inputs) for p, inputs in zip(params, x)])
+            return torch.func.vmap(call)(params, x)
+
+    def _meta_batch_output(self, losses: torch.Tensor, adapted: torch.Tensor, x_query: torch.Tensor,
+                           y_query: torch.Tensor) -> MetaBatchOutput:
+        outputs = self._task_outputs(adapted, x_query)
+        accuracy = None
+        if self.loss == "cross_entropy":
+            accuracy = (outputs.argmax(-1) == y_query).to(outputs.dtype).mean()
+        return MetaBatchOutput(losses.mean(), outputs, accuracy)
 
 
 class BatchedMAML(_TaskBatchLearner):
@@ -199,14 +227,20 @@ class BatchedMAML(_TaskBatchLearner):
         return super()._inner_lr()
 
     def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
-                y_query: torch.Tensor) -> torch.Tensor:
-        """The mean over tasks of the query loss after adaptation."""
+                y_query: torch.Tensor, return_outputs: bool = False):
+        """The mean over tasks of the query loss after adaptation; with
+        ``return_outputs``, a :class:`MetaBatchOutput`: that loss, the
+        adapted learners' query outputs and (cross-entropy) their accuracy,
+        from the same adaptation."""
         theta, lr = self._flat_parameters_and_step_size()
         _check_tasks("BatchedMAML", theta.device, x_support=x_support, y_support=y_support,
                      x_query=x_query, y_query=y_query)
-        losses = maml_query_loss(self.derivatives(x_support, theta.dtype), theta, lr, x_support, y_support,
-                                 x_query, y_query, self.inner_steps, self.first_order)
+        losses, adapted = maml_query_loss(self.derivatives(x_support, theta.dtype), theta, lr, x_support,
+                                          y_support, x_query, y_query, self.inner_steps, self.first_order,
+                                          return_adapted=True)
         self._update_running_statistics(x_support)
+        if return_outputs:
+            return self._meta_batch_output(losses, adapted, x_query, y_query)
         return losses.mean()
 
 
@@ -252,9 +286,11 @@ class ANIL(nn.Module):
         return features.unflatten(0, x.shape[:2])
 
     def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
-                y_query: torch.Tensor) -> torch.Tensor:
-        """The mean over tasks of the query loss after adapting the head."""
-        return self.head(self.features(x_support), y_support, self.features(x_query), y_query)
+                y_query: torch.Tensor, return_outputs: bool = False):
+        """The mean over tasks of the query loss after adapting the head
+        (with ``return_outputs``, a :class:`MetaBatchOutput`)."""
+        return self.head(self.features(x_support), y_support, self.features(x_query), y_query,
+                         return_outputs)
 
     @torch.no_grad()
     def adapt(self, x_support: torch.Tensor, y_support: torch.Tensor,
@@ -352,15 +388,18 @@ class iMAML(_TaskBatchLearner):
         return theta, phi.expand(x.shape[0], -1), []
 
     def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
-                y_query: torch.Tensor) -> torch.Tensor:
-        """The mean over tasks of the query loss at the inner solutions."""
+                y_query: torch.Tensor, return_outputs: bool = False):
+        """The mean over tasks of the query loss at the inner solutions (with
+        ``return_outputs``, a :class:`MetaBatchOutput`, as BatchedMAML's)."""
         theta, lr = self._flat_parameters_and_step_size()
         _check_tasks("iMAML", theta.device, x_support=x_support, y_support=y_support,
                      x_query=x_query, y_query=y_query)
         if y_support.requires_grad or y_query.requires_grad:
             raise ValueError("iMAML: targets that require grad are not supported; detach them")
-        losses = implicit_query_loss(self.derivatives(x_support, theta.dtype), theta, lr, x_support,
-                                     y_support, x_query, y_query, self.inner_steps, self.lam,
-                                     self.cg_steps)
+        losses, adapted = implicit_query_loss(self.derivatives(x_support, theta.dtype), theta, lr,
+                                              x_support, y_support, x_query, y_query, self.inner_steps,
+                                              self.lam, self.cg_steps, return_adapted=True)
         self._update_running_statistics(x_support)
+        if return_outputs:
+            return self._meta_batch_output(losses, adapted, x_query, y_query)
         return losses.mean()

@@ -285,6 +285,12 @@ def batched_hvp(module: nn.Module, params: Dict[str, torch.Tensor],
     return value, flat_to_dict(module, grad), flat_to_dict(module, hvp)
 
 
+def _per_task(params: torch.Tensor, tasks: int) -> torch.Tensor:
+    """Adapted parameters ``[T, P]``: as computed after a step, a copy of the
+    shared ``[P]`` before any."""
+    return params if params.dim() == 2 else params.expand(tasks, -1).clone()
+
+
 class _InnerLoop(torch.autograd.Function):
     """Query losses after K inner steps; the backward is the reverse recursion."""
 
@@ -303,11 +309,13 @@ class _InnerLoop(torch.autograd.Function):
         ctx.derivatives, ctx.steps, ctx.first_order = derivatives, steps, first_order
         ctx.save_for_backward(lr, x_s, y_s, grad_q,
                               grad_x_q if grad_x_q is not None else x_q.new_empty(0), *kept)
-        return loss
+        adapted = _per_task(theta, x_s.shape[0])
+        ctx.mark_non_differentiable(adapted)
+        return loss, adapted
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_adapted):
         lr, x_s, y_s, grad_q, grad_x_q, *kept = ctx.saved_tensors
         _, _, _, need_theta, need_lr, need_x_s, _, need_x_q, _ = ctx.needs_input_grad
         v = grad_q * grad_loss[:, None]
@@ -336,8 +344,10 @@ class _InnerLoop(torch.autograd.Function):
 
 def maml_query_loss(derivatives, theta: torch.Tensor, lr: torch.Tensor, x_support: torch.Tensor,
                     y_support: torch.Tensor, x_query: torch.Tensor, y_query: torch.Tensor,
-                    steps: int = 1, first_order: bool = False) -> torch.Tensor:
-    """Per-task query losses ``[T]`` after ``steps`` inner gradient steps.
+                    steps: int = 1, first_order: bool = False, return_adapted: bool = False):
+    """Per-task query losses ``[T]`` after ``steps`` inner gradient steps
+    (with ``return_adapted``, also the adapted parameters ``[T, P]``, without
+    gradient).
 
     Every task starts from the flat parameters ``theta [P]`` and takes steps
     ``theta - lr * grad L_support``, ``lr`` a 0-dimensional or ``[P]`` tensor.
@@ -348,8 +358,9 @@ def maml_query_loss(derivatives, theta: torch.Tensor, lr: torch.Tensor, x_suppor
     """
     if y_support.requires_grad or y_query.requires_grad:
         raise ValueError("maml_query_loss: targets that require grad are not supported; detach them")
-    return _InnerLoop.apply(derivatives, int(steps), bool(first_order), theta, lr, x_support,
-                            y_support, x_query, y_query)
+    loss, adapted = _InnerLoop.apply(derivatives, int(steps), bool(first_order), theta, lr, x_support,
+                                     y_support, x_query, y_query)
+    return (loss, adapted) if return_adapted else loss
 
 
 def _proximal_descent(derivatives, theta: torch.Tensor, lr: torch.Tensor, lam: float,
@@ -396,11 +407,13 @@ class _ImplicitLoop(torch.autograd.Function):
         loss, grad_q, *_ = derivatives(phi, x_q, y_q)
         ctx.derivatives, ctx.lam, ctx.cg_steps = derivatives, lam, cg_steps
         ctx.save_for_backward(phi, grad_q, x_s, y_s)
-        return loss
+        adapted = _per_task(phi, x_s.shape[0])
+        ctx.mark_non_differentiable(adapted)
+        return loss, adapted
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_adapted):
         phi, grad_q, x_s, y_s = ctx.saved_tensors
 
         def apply(u):  # (I + H(phi) / lam) u, per task
@@ -412,13 +425,15 @@ class _ImplicitLoop(torch.autograd.Function):
 
 def implicit_query_loss(derivatives, theta: torch.Tensor, lr: torch.Tensor, x_support: torch.Tensor,
                         y_support: torch.Tensor, x_query: torch.Tensor, y_query: torch.Tensor,
-                        steps: int, lam: float, cg_steps: int) -> torch.Tensor:
-    """Per-task query losses ``[T]`` of implicit MAML (Rajeswaran et al.
+                        steps: int, lam: float, cg_steps: int, return_adapted: bool = False):
+    """Per-task query losses ``[T]`` (with ``return_adapted``, also each
+    task's phi ``[T, P]``, without gradient) of implicit MAML (Rajeswaran et al.
     2019): each task's phi approximately minimises L_support(phi) + lam/2
     ||phi - theta||^2 (``steps`` gradient steps of size ``lr`` from theta),
     and the gradient with respect to ``theta`` is the implicit one, (I + H /
     lam)^-1 grad L_query(phi) with H the support loss's Hessian at phi,
     solved by ``cg_steps`` of conjugate gradient. Only ``theta`` gets a
     gradient (not ``lr``, the inputs or the targets)."""
-    return _ImplicitLoop.apply(derivatives, int(steps), float(lam), int(cg_steps), theta, lr,
-                               x_support, y_support, x_query, y_query)
+    loss, adapted = _ImplicitLoop.apply(derivatives, int(steps), float(lam), int(cg_steps), theta, lr,
+                                        x_support, y_support, x_query, y_query)
+    return (loss, adapted) if return_adapted else loss

@@ -135,9 +135,9 @@ class MAMLMethod(Method):
                                  learn_inner_lr=config.method == "metasgd", loss="cross_entropy")
 
     def compute_gradients(self, e: Episode):
-        loss = self.model(e.support, e.support_labels, e.query, e.query_labels)
-        loss.backward()
-        return loss.detach(), None
+        out = self.model(e.support, e.support_labels, e.query, e.query_labels, return_outputs=True)
+        out.loss.backward()
+        return out.loss.detach(), out.accuracy
 
     def predict(self, e: Episode) -> torch.Tensor:
         return self.model.predict(e.support, e.support_labels, e.query,
@@ -155,9 +155,9 @@ class AnilMethod(Method):
         self.model = ANIL(net, head, config.inner_lr, config.inner_steps)
 
     def compute_gradients(self, e: Episode):
-        loss = self.model(e.support, e.support_labels, e.query, e.query_labels)
-        loss.backward()
-        return loss.detach(), None
+        out = self.model(e.support, e.support_labels, e.query, e.query_labels, return_outputs=True)
+        out.loss.backward()
+        return out.loss.detach(), out.accuracy
 
     def predict(self, e: Episode) -> torch.Tensor:
         return self.model.predict(e.support, e.support_labels, e.query,
