@@ -511,7 +511,8 @@ def mann_logits(model, inputs, labels):
     memory, usage, read_weights = model.initial_state(x.shape[0], x)
     logits = []
     for t in range(x.shape[1]):
-        gates = x[:, t] @ lstm.weight_ih_l0.T + lstm.bias_ih_l0 + hidden @ lstm.weight_hh_l0.T + lstm.bias_hh_l0
+        gates = (x[:, t] @ lstm.weight_ih_l0.T + lstm.bias_ih_l0
+                 + hidden @ lstm.weight_hh_l0.T + lstm.bias_hh_l0)
         i, f, g, o = gates.chunk(4, -1)
         cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
         hidden = torch.sigmoid(o) * torch.tanh(cell)

@@ -10,5 +10,5 @@ kernels where the learner is an MLP and torch.func otherwise.
 from .batched import ANIL, BatchedMAML, MetaBatchOutput, Reptile, iMAML
 from .maml import MAML, MetaSGD, clone_module, maml_update, meta_sgd_update, update_module
 
-__all__ = ["MAML", "MetaSGD", "ANIL", "BatchedMAML", "MetaBatchOutput", "Reptile", "iMAML", "clone_module", "update_module",
-           "maml_update", "meta_sgd_update"]
+__all__ = ["MAML", "MetaSGD", "ANIL", "BatchedMAML", "MetaBatchOutput", "Reptile", "iMAML",
+           "clone_module", "update_module", "maml_update", "meta_sgd_update"]

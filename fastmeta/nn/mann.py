@@ -20,10 +20,11 @@ class MANN(nn.Module):
     reads the example's features and the one-hot label of step ``t - 1`` (the
     label arrives one step late), and the model predicts the label of step
     ``t``. A label of -1 is never shown (the next step reads zeros): that is
-    how a few-shot episode's queries follow its support examples. From the controller's output, each of ``read_heads`` heads emits a
-    key (tanh), a write gate ``sigmoid(alpha)`` and a key strength
-    (softplus, as the Neural Turing Machine's; the paper's reads correspond
-    to strength 1). The memory ``[B, memory_slots, memory_width]`` is
+    how a few-shot episode's queries follow its support examples.
+
+    From the controller's output, each of ``read_heads`` heads emits a key
+    (tanh), a write gate ``sigmoid(alpha)`` and a key strength (softplus, as
+    the Neural Turing Machine's; the paper's reads correspond to strength 1). The memory ``[B, memory_slots, memory_width]`` is
     written and read by :func:`fastmeta.ops.mann_memory` (usage update,
     least-used selection, write and cosine-softmax read, one fused call for
     all steps), and a linear classifier maps [controller output, reads] to
