@@ -201,3 +201,101 @@ def test_vmap_of_a_reduced_loss_that_needs_gradients(device):
     torch.testing.assert_close(losses, expected)
     torch.testing.assert_close(torch.autograd.grad(losses.sum(), x)[0],
                                torch.autograd.grad(expected.sum(), x)[0])
+
+
+def reference_functions(metric):
+    """The plain-PyTorch formulation of each public op in :func:`functions`
+    (called with the same seed, so that the targets are the same)."""
+    _, _, _, target, _ = inputs("cpu")
+    labels = torch.tensor([[0, 1, 2, 0, 1, 2, 2], [2, 2, 1, 0, 0, 1, 1]])
+    return {
+        "similarity_log_softmax": lambda x, y, s: reference.similarity_log_softmax(x, y, metric, s),
+        "similarity_cross_entropy": lambda x, y, s: reference.similarity_cross_entropy(
+            x, y, target, metric, s, "none"),
+        "similarity_cross_entropy (fused)": lambda x, y, s: reference.similarity_cross_entropy(
+            x, y.repeat(1, 43, 1), target, metric, s),
+        "attention_readout": lambda x, y, v, s: reference.attention_readout(x, y, v, metric, s),
+        "class_prototypes": lambda s: reference.class_prototypes(s, labels, 3),
+        "contrastive_loss": lambda a, b, s: reference.contrastive_loss(a, b, s, 1.5, "none"),
+        "pairwise_distance": lambda x, y: reference.pairwise_distance(x, y, metric),
+    }
+
+
+@pytest.mark.parametrize("metric", ["sqeuclidean", "cosine"])
+def test_metric_ops_under_torch_func_grad_vjp_jacrev_and_maml_style_vmap(metric):
+    """torch.func's grad, vjp, jacrev, and vmap over tasks of a second-order
+    grad (MAML written with torch.func) agree with the reference."""
+    torch.manual_seed(0)
+    fast = functions("cpu", metric)
+    torch.manual_seed(0)
+    references = reference_functions(metric)
+    for name, (fn, args) in fast.items():
+        ref = references[name]
+        args = tuple(a.detach() for a in args)
+        argnums = tuple(range(len(args)))
+        checks = {
+            "grad": lambda f: torch.func.grad(lambda *a: f(*a).pow(2).sum(), argnums)(*args),
+            "vjp": lambda f: torch.func.vjp(f, *args)[1](torch.ones_like(f(*args))),
+            "jacrev": lambda f: torch.func.jacrev(f, argnums)(*args),
+            "grad of grad": lambda f: torch.func.grad(
+                lambda *a: sum(g.pow(2).sum() for g in torch.func.grad(
+                    lambda *b: f(*b).pow(2).sum(), argnums)(*a)), argnums)(*args),
+        }
+        for check, transform in checks.items():
+            for got, want in zip(transform(fn), transform(ref)):
+                torch.testing.assert_close(got, want, msg=f"{name}, {check}")
+    # MAML with torch.func: vmap over tasks of an inner step's second-order gradient
+    x, y, _, target, _ = inputs("cpu")
+    x, y = x.detach(), y.detach()
+
+    def meta_loss(op, x, y, target):
+        def task_loss(x):
+            return op(x[None], y[None], target[None], metric).sum()
+        adapted = x - 0.1 * torch.func.grad(task_loss)(x)
+        return task_loss(adapted)
+    got = torch.func.vmap(torch.func.grad(lambda *a: meta_loss(ops.similarity_cross_entropy, *a)))(x, y, target)
+    want = torch.func.vmap(torch.func.grad(lambda *a: meta_loss(reference.similarity_cross_entropy, *a)))(
+        x, y, target)
+    torch.testing.assert_close(got, want)
+
+
+def test_lstm_matching_relation_and_mann_ops_under_torch_func_grad_and_vjp():
+    from fastmeta.nn import CoordinatewiseLSTM, MetaLearnerLSTM
+    torch.manual_seed(0)
+    d = torch.float64
+    l2o, meta = CoordinatewiseLSTM().double(), MetaLearnerLSTM(torch.nn.Linear(2, 3)).double()
+    grad, theta, loss = torch.randn(7, dtype=d), torch.randn(7, dtype=d), torch.rand((), dtype=d)
+    l2o_state, meta_state = l2o.initial_state(grad), meta.initial_state(theta)
+    query, support = torch.randn(2, 3, 4, dtype=d), torch.randn(2, 5, 4, dtype=d)
+    cell = torch.nn.LSTMCell(8, 4).double()
+    maps = torch.randn(1, 3, 5, 5, 2, dtype=d), torch.randn(1, 2, 5, 5, 2, dtype=d)
+    mann_args = [torch.randn(2, 5, 3, dtype=d), torch.rand(2, 5, dtype=d),
+                 torch.softmax(torch.randn(2, 2, 5, dtype=d), -1), torch.randn(2, 4, 2, 3, dtype=d),
+                 torch.rand(2, 4, 2, dtype=d), torch.rand(2, 4, 2, dtype=d)]
+    weights = (cell.weight_ih.detach(), cell.weight_hh.detach(), (cell.bias_ih + cell.bias_hh).detach())
+    cases = {
+        "l2o_lstm_step": (
+            lambda g, w: ops.l2o_lstm_step(g, l2o_state, w, l2o.preprocess_p, l2o.output_scale)[0],
+            lambda g, w: reference.l2o_lstm_step(g, l2o_state, w, l2o.preprocess_p, l2o.output_scale)[0],
+            (grad, l2o.flat_weights().detach())),
+        "meta_lstm_step": (
+            lambda t, w: ops.meta_lstm_step(grad, loss, t, meta_state, w)[0],
+            lambda t, w: reference.meta_lstm_step(grad, loss, t, meta_state, w)[0],
+            (theta, meta.flat_weights().detach())),
+        "matching_attention_lstm": (
+            lambda q, s: ops.matching_attention_lstm(q, s, *weights),
+            lambda q, s: reference.matching_attention_lstm(q, s, *weights), (query, support)),
+        "relation_pair_pool": (ops.relation_pair_pool, reference.relation_pair_pool, maps),
+        "mann_memory": (lambda m, k: ops.mann_memory(m, mann_args[1], mann_args[2], k, *mann_args[4:]).reads,
+                        lambda m, k: reference.mann_memory(m, mann_args[1], mann_args[2], k,
+                                                           *mann_args[4:]).reads,
+                        (mann_args[0], mann_args[3])),
+    }
+    for name, (fn, ref, args) in cases.items():
+        argnums = tuple(range(len(args)))
+        for got, want in zip(torch.func.grad(lambda *a: fn(*a).pow(2).sum(), argnums)(*args),
+                             torch.func.grad(lambda *a: ref(*a).pow(2).sum(), argnums)(*args)):
+            torch.testing.assert_close(got, want, msg=f"{name}, grad")
+        cotangent = torch.randn_like(fn(*args))
+        for got, want in zip(torch.func.vjp(fn, *args)[1](cotangent), torch.func.vjp(ref, *args)[1](cotangent)):
+            torch.testing.assert_close(got, want, msg=f"{name}, vjp")

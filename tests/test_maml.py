@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import fastmeta
-from fastmeta import functional, reference
+from fastmeta import functional, ops, reference
 from fastmeta.algorithms import (ANIL, MAML, BatchedMAML, MetaSGD, Reptile, clone_module, iMAML,
                                  maml_update, meta_sgd_update)
 from fastmeta.data import sinusoid_tasks
@@ -326,6 +326,33 @@ def test_return_outputs_gives_the_query_outputs_and_accuracy_of_the_same_adaptat
     out = mse(x_s.flatten(2)[..., :3], torch.zeros(3, 4, 1, dtype=torch.float64), x_q.flatten(2)[..., :3],
               torch.zeros(3, 6, 1, dtype=torch.float64), return_outputs=True)
     assert out.accuracy is None and out.outputs.shape == (3, 6, 1)
+
+
+class DistanceHead(nn.Module):
+    """A learner containing a fastmeta op: logits are minus squared distances
+    to learned class centres (a metric head inside MAML)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Linear(3, 4)
+        self.centres = nn.Parameter(torch.randn(2, 4))
+
+    def forward(self, x):
+        return -ops.pairwise_distance(self.embed(x), self.centres)
+
+
+def test_generic_path_runs_learners_that_contain_fastmeta_ops():
+    torch.manual_seed(0)
+    net = DistanceHead().double()
+    x_s, x_q = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 6, 3, dtype=torch.float64)
+    y_s, y_q = torch.randint(0, 2, (3, 4)), torch.randint(0, 2, (3, 6))
+    bm = BatchedMAML(net, 0.3, inner_steps=2, loss="cross_entropy")
+    assert not bm.fused
+    bm(x_s, y_s, x_q, y_q).backward()
+    want = torch.autograd.grad(reference.maml_query_losses_loop(
+        net, F.cross_entropy, 0.3, 2, x_s, y_s, x_q, y_q).mean(), list(net.parameters()))
+    for p, w in zip(net.parameters(), want):
+        assert relative_error(p.grad, w) < 1e-9
 
 
 def test_batched_maml_does_not_adapt_frozen_parameters():

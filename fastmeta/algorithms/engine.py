@@ -202,8 +202,9 @@ def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: tor
     too unless it is one vector ``[P]`` shared by every task. The
     Hessian-vector product is forward-over-reverse (``jvp`` of ``grad``),
     vmapped over tasks; where PyTorch's forward-mode AD fails on the loss
-    (``F.mse_loss`` in PyTorch 2.13 raises "ZeroTensors are immutable"), it is
-    reverse-over-reverse (``vjp`` of ``grad``) instead. Returns
+    (``F.mse_loss`` in PyTorch 2.13 raises "ZeroTensors are immutable"; a
+    custom op without a forward-mode rule, as fastmeta's own, raises
+    NotImplementedError), it is reverse-over-reverse (``vjp`` of ``grad``) instead. Returns
     ``(loss [T], grad, grad_input, hvp, hvp_input)`` like
     ``torch.ops.fastmeta.mlp_task_derivatives``: ``grad_input`` is
     d loss / d x, ``hvp_input`` is (d^2 loss / d x d params) direction, and
@@ -213,9 +214,9 @@ def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: tor
     from torch.func import grad_and_value, jvp, vjp
     from torch.utils._pytree import tree_map
 
-    def vmap(fn, in_dims):
+    def vmap(fn, in_dims, one_by_one_always=False):
         # Shared parameters: vmap runs each layer once on all tasks' inputs.
-        if vectorize or in_dims[0] is None:
+        if not one_by_one_always and (vectorize or in_dims[0] is None):
             return torch.func.vmap(fn, in_dims=in_dims)
 
         def one_by_one(*args):
@@ -238,14 +239,21 @@ def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: tor
     if direction is None:
         (grad, grad_x), loss = vmap(gradient, in_dims=(shared, 0, 0))(params, x, target)
         return loss, grad, grad_x if input_grad else None, None, None
+    in_dims = (shared, 0, 0, 0)
     try:
-        ((grad, grad_x), loss), ((hvp, hvp_x), _) = vmap(
-            forward_over_reverse, in_dims=(shared, 0, 0, 0))(params, x, target, direction)
-    except RuntimeError as error:
-        if "ZeroTensors are immutable" not in str(error):
+        ((grad, grad_x), loss), ((hvp, hvp_x), _) = vmap(forward_over_reverse, in_dims)(
+            params, x, target, direction)
+    except (RuntimeError, NotImplementedError) as error:
+        if "ZeroTensors are immutable" not in str(error) and "jvp" not in str(error):
             raise
-        ((grad, grad_x), loss), (hvp, hvp_x) = vmap(
-            reverse_over_reverse, in_dims=(shared, 0, 0, 0))(params, x, target, direction)
+        try:
+            ((grad, grad_x), loss), (hvp, hvp_x) = vmap(reverse_over_reverse, in_dims)(
+                params, x, target, direction)
+        except RuntimeError:
+            # vmap of reverse-over-reverse through a custom op's autograd.Function
+            # trips an internal assertion of PyTorch 2.13: one task at a time.
+            ((grad, grad_x), loss), (hvp, hvp_x) = vmap(reverse_over_reverse, in_dims, True)(
+                params, x, target, direction)
     return (loss, grad, grad_x if input_grad else None, hvp, hvp_x if input_grad else None)
 
 

@@ -177,14 +177,53 @@ def register_vmap_over_tasks(op_name: str):
     torch.library.register_vmap(op, vmap_rule)
 
 
+_FUNCTIONS = {}
+
+
+def register_autograd(op_name: str, backward: Callable, setup_context: Callable):
+    """``torch.library.register_autograd`` for ``fastmeta::<op_name>``, and
+    the same rule as a ``torch.autograd.Function`` (with ``setup_context``
+    and a generated vmap rule), which :func:`call` uses under torch.func's
+    transforms: ops registered with ``register_autograd`` do not support
+    ``torch.func.grad``, ``vjp`` or ``jacrev`` yet (pytorch/pytorch#168393)."""
+    op = getattr(torch.ops.fastmeta, op_name).default
+    torch.library.register_autograd(op, backward, setup_context=setup_context)
+
+    class Function(torch.autograd.Function):
+        generate_vmap_rule = True
+
+        @staticmethod
+        def forward(*args):
+            return op(*args)
+
+    Function.setup_context = staticmethod(setup_context)
+    Function.backward = staticmethod(backward)
+    Function.__name__ = Function.__qualname__ = f"{op_name}_function"
+    _FUNCTIONS[op_name] = Function
+
+
+def functorch_active() -> bool:
+    """Whether a torch.func transform (grad, vjp, vmap, ...) is running
+    (outside torch.compile's tracing, which handles the ops' own autograd)."""
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            and not torch.compiler.is_compiling())
+
+
+def call(op_name: str, *args):
+    """``torch.ops.fastmeta.<op_name>(*args)``; under torch.func's transforms,
+    through the op's ``autograd.Function`` (see :func:`register_autograd`)."""
+    function = _FUNCTIONS.get(op_name)
+    if function is not None and functorch_active():
+        return function.apply(*args)
+    return getattr(torch.ops.fastmeta, op_name)(*args)
+
+
 def register_reference_double_backward(op_name: str, reference_vjp: Callable):
     """Makes a backward op differentiable, for double backward (second-order
     MAML through a fastmeta loss). ``reference_vjp`` takes the backward op's
     arguments and returns its outputs computed with differentiable PyTorch
     operations; the second derivative is taken through it, so it materialises
     the [B, Q, N] similarity matrix, but only while the second backward runs."""
-    op = getattr(torch.ops.fastmeta, op_name).default
-
     def setup_context(ctx, inputs, output):
         ctx.tensor_positions = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
         ctx.constants = {i: a for i, a in enumerate(inputs) if not isinstance(a, torch.Tensor)}
@@ -194,26 +233,41 @@ def register_reference_double_backward(op_name: str, reference_vjp: Callable):
     def backward(ctx, *grads):
         args = [ctx.constants.get(i) for i in range(ctx.num_inputs)]
         for i, t in zip(ctx.tensor_positions, ctx.saved_tensors):
-            args[i] = t.detach().requires_grad_(t.is_floating_point())
-        with torch.enable_grad():
-            outputs = reference_vjp(*args)
-            pairs = [(o, g) for o, g in zip(outputs, grads)
-                     if g is not None and o is not None and o.requires_grad]
-            leaves = [args[i] for i in ctx.tensor_positions if args[i].requires_grad]
-            found = torch.autograd.grad([o for o, _ in pairs], leaves, [g for _, g in pairs],
-                                        allow_unused=True) if pairs else [None] * len(leaves)
+            args[i] = t
+        positions = [i for i in ctx.tensor_positions if args[i].is_floating_point()]
+        if functorch_active():  # torch.func's transforms: no requires_grad_ or autograd.grad
+            def outputs_of(*floating):
+                full = list(args)
+                for i, t in zip(positions, floating):
+                    full[i] = t
+                return tuple(reference_vjp(*full))
+            outputs, pullback = torch.func.vjp(outputs_of, *(args[i] for i in positions))
+            found = pullback(tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)))
+        else:
+            for i in positions:
+                args[i] = args[i].detach().requires_grad_()
+            with torch.enable_grad():
+                outputs = reference_vjp(*args)
+                pairs = [(o, g) for o, g in zip(outputs, grads)
+                         if g is not None and o is not None and o.requires_grad]
+                found = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in positions],
+                                            [g for _, g in pairs], allow_unused=True) \
+                    if pairs else [None] * len(positions)
         result = [None] * ctx.num_inputs
-        leaf_positions = [i for i in ctx.tensor_positions if args[i].requires_grad]
-        for i, g in zip(leaf_positions, found):
+        for i, g in zip(positions, found):
             result[i] = g
         return tuple(result)
 
-    torch.library.register_autograd(op, backward, setup_context=setup_context)
+    register_autograd(op_name, backward, setup_context)
 
 
-def reference_vjp(fn: Callable, primals: Sequence[torch.Tensor], grad: torch.Tensor):
-    """Gradients of ``fn(*primals)`` with output gradient ``grad``, kept
-    differentiable (create_graph); zeros for primals that fn does not use."""
+def reference_vjp(fn: Callable, primals: Sequence[torch.Tensor], grad):
+    """Gradients of ``fn(*primals)`` with output gradient ``grad`` (a tensor,
+    or a tuple for several outputs), kept differentiable (create_graph);
+    zeros for primals that fn does not use."""
+    if functorch_active():
+        _, pullback = torch.func.vjp(fn, *primals)
+        return tuple(pullback(grad))
     out = fn(*primals)
     grads = torch.autograd.grad(out, primals, grad, create_graph=True, allow_unused=True)
     return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(primals, grads))

@@ -38,8 +38,8 @@ def attention_readout(x: torch.Tensor, y: torch.Tensor, values: torch.Tensor, me
         raise ValueError(f"{op}: values must have shape {list(y.shape[:-1])} + [V] (one row per "
                          f"key of y), got {list(values.shape)}")
     values = values.to(a.x.dtype)
-    out, _ = torch.ops.fastmeta.attention_readout(
-        a.x, a.y, values.unsqueeze(0) if a.unbatched else values, a.scale, metric)
+    out, _ = _common.call("attention_readout", a.x, a.y,
+                          values.unsqueeze(0) if a.unbatched else values, a.scale, metric)
     return a.output(out)
 
 
@@ -74,8 +74,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_logsumexp):
     out, logsumexp, x, y, values, scale = ctx.saved_tensors
-    gx, gy, gvalues, gscale = torch.ops.fastmeta.attention_readout_backward(
-        grad, out, logsumexp, x, y, values, scale, ctx.metric)
+    gx, gy, gvalues, gscale = _common.call("attention_readout_backward", grad, out, logsumexp, x, y,
+                                           values, scale, ctx.metric)
     return gx, gy, gvalues, gscale, None
 
 
@@ -85,7 +85,7 @@ def _reference_backward(grad, out, logsumexp, x, y, values, scale, metric):
         (x, y, values, scale), grad)
 
 
-torch.library.register_autograd("fastmeta::attention_readout", _backward, setup_context=_setup_context)
+_common.register_autograd("attention_readout", _backward, _setup_context)
 _common.register_vmap_over_tasks("attention_readout")
 _common.register_vmap_over_tasks("attention_readout_backward")
 _common.register_reference_double_backward("attention_readout_backward", _reference_backward)

@@ -41,7 +41,7 @@ def class_prototypes(support: torch.Tensor, labels: torch.Tensor, num_classes: i
     s = support.to(_common.compute_dtype(support))
     if unbatched:
         s, labels = s.unsqueeze(0), labels.unsqueeze(0)
-    out = torch.ops.fastmeta.class_prototypes(s, labels, num_classes)
+    out = _common.call("class_prototypes", s, labels, num_classes)
     return (out.squeeze(0) if unbatched else out).to(dtype)
 
 
@@ -68,10 +68,10 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     (labels,) = ctx.saved_tensors
-    return torch.ops.fastmeta.class_prototypes_backward(grad, labels), None, None
+    return _common.call("class_prototypes_backward", grad, labels), None, None
 
 
-torch.library.register_autograd("fastmeta::class_prototypes", _backward, setup_context=_setup_context)
+_common.register_autograd("class_prototypes", _backward, _setup_context)
 _common.register_vmap_over_tasks("class_prototypes")
 _common.register_vmap_over_tasks("class_prototypes_backward")
 
@@ -85,8 +85,7 @@ def _setup_context_backward(ctx, inputs, output):
 
 def _backward_backward(ctx, grad_grad_support):
     (labels,) = ctx.saved_tensors
-    return torch.ops.fastmeta.class_prototypes(grad_grad_support, labels, ctx.num_classes), None
+    return _common.call("class_prototypes", grad_grad_support, labels, ctx.num_classes), None
 
 
-torch.library.register_autograd("fastmeta::class_prototypes_backward", _backward_backward,
-                                setup_context=_setup_context_backward)
+_common.register_autograd("class_prototypes_backward", _backward_backward, _setup_context_backward)

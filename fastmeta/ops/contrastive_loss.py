@@ -43,9 +43,8 @@ def contrastive_loss(x1: torch.Tensor, x2: torch.Tensor, same: torch.Tensor, mar
     work = _common.compute_dtype(x1)
     pairs_shape = x1.shape[:-1]
     pairs = (pairs_shape.numel(), x1.shape[-1])
-    loss = torch.ops.fastmeta.contrastive_loss(
-        x1.to(work).reshape(pairs), x2.to(work).reshape(pairs), same.to(work).reshape(-1),
-        float(margin))
+    loss = _common.call("contrastive_loss", x1.to(work).reshape(pairs), x2.to(work).reshape(pairs),
+                        same.to(work).reshape(-1), float(margin))
     return _common.reduce_loss(loss.view(pairs_shape), reduction).to(x1.dtype)
 
 
@@ -74,7 +73,7 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     x1, x2, same = ctx.saved_tensors
-    g1, g2, gsame = torch.ops.fastmeta.contrastive_loss_backward(grad, x1, x2, same, ctx.margin)
+    g1, g2, gsame = _common.call("contrastive_loss_backward", grad, x1, x2, same, ctx.margin)
     return g1, g2, gsame, None
 
 
@@ -84,7 +83,7 @@ def _reference_backward(grad, x1, x2, same, margin):
         (x1, x2, same), grad)
 
 
-torch.library.register_autograd("fastmeta::contrastive_loss", _backward, setup_context=_setup_context)
+_common.register_autograd("contrastive_loss", _backward, _setup_context)
 _common.register_vmap_over_tasks("contrastive_loss")
 _common.register_vmap_over_tasks("contrastive_loss_backward")
 _common.register_reference_double_backward("contrastive_loss_backward", _reference_backward)

@@ -57,7 +57,7 @@ def l2o_lstm_step(grad: torch.Tensor, state: torch.Tensor, weights: torch.Tensor
         grad, state and weights.
     """
     _check("l2o_lstm_step", grad, state, weights)
-    return torch.ops.fastmeta.l2o_lstm_step(grad, state, weights, float(preprocess_p),
+    return _common.call("l2o_lstm_step", grad, state, weights, float(preprocess_p),
                                             float(output_scale))
 
 
@@ -75,7 +75,7 @@ def l2o_lstm_step_(param: torch.Tensor, grad: torch.Tensor, state: torch.Tensor,
     if not (param.is_contiguous() and state.is_contiguous()):
         raise ValueError(f"{op}: param and state must be contiguous, since they are updated in place")
     with torch.no_grad():
-        torch.ops.fastmeta.l2o_lstm_step_(param, grad, state, weights, float(preprocess_p),
+        _common.call("l2o_lstm_step_", param, grad, state, weights, float(preprocess_p),
                                           float(output_scale))
 
 
@@ -124,8 +124,8 @@ def _backward(ctx, grad_update, grad_state):
     grad, state, weights = ctx.saved_tensors
     grad_update = torch.zeros_like(grad) if grad_update is None else grad_update
     grad_state = torch.zeros_like(state) if grad_state is None else grad_state
-    d_grad, d_state, d_weights = torch.ops.fastmeta.l2o_lstm_step_backward(
-        grad_update, grad_state, grad, state, weights, *ctx.constants)
+    d_grad, d_state, d_weights = _common.call("l2o_lstm_step_backward", grad_update, grad_state, grad,
+                                              state, weights, *ctx.constants)
     return d_grad, d_state, d_weights, None, None
 
 
@@ -140,5 +140,5 @@ def _reference_backward(grad_update, grad_state, grad, state, weights, preproces
                                  torch.cat([grad_update, grad_state.reshape(-1)]))
 
 
-torch.library.register_autograd("fastmeta::l2o_lstm_step", _backward, setup_context=_setup_context)
+_common.register_autograd("l2o_lstm_step", _backward, _setup_context)
 _common.register_reference_double_backward("l2o_lstm_step_backward", _reference_backward)

@@ -87,7 +87,8 @@ def mann_memory(memory: torch.Tensor, usage: torch.Tensor, read_weights: torch.T
         return MannMemoryOutput(keys.new_zeros(B, 0, H, W), memory, usage, read_weights)
     dtype = memory.dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    reads, memory, read_weights, usage, *_ = torch.ops.fastmeta.mann_memory(
+    reads, memory, read_weights, usage, *_ = _common.call(
+        "mann_memory",
         *(t.to(work) for t in (memory, usage.detach(), read_weights, keys, write_gates, key_strengths)),
         float(decay))
     return MannMemoryOutput(reads.to(dtype), memory.to(dtype), usage.to(dtype), read_weights.to(dtype))
@@ -145,8 +146,9 @@ def _backward(ctx, grad_reads, grad_memory, grad_read_weights, *_):
         ctx.saved_tensors
     grads = [torch.zeros_like(like) if g is None else g
              for g, like in ((grad_reads, keys), (grad_memory, memory), (grad_read_weights, read_weights))]
-    g_memory, g_weights, g_keys, g_gates, g_strengths = torch.ops.fastmeta.mann_memory_backward(
-        *grads, memory, read_weights, keys, write_gates, key_strengths, memories, history, least_used)
+    g_memory, g_weights, g_keys, g_gates, g_strengths = _common.call(
+        "mann_memory_backward", *grads, memory, read_weights, keys, write_gates, key_strengths, memories,
+        history, least_used)
     return g_memory, None, g_weights, g_keys, g_gates, g_strengths, None
 
 
@@ -158,13 +160,14 @@ def _reference_backward(grad_reads, grad_memory, grad_read_weights, memory, read
     primals = (memory, read_weights, keys, write_gates, key_strengths)
     if keys.shape[1] == 0:
         return grad_memory, grad_read_weights, *(torch.zeros_like(p) for p in primals[2:])
-    reads, memories, history, _, _ = _mann_steps(memory, memory.new_zeros(memory.shape[:2]),
-                                                 *primals[1:], 0.0, slots=least_used)
-    grads = torch.autograd.grad((reads, memories[:, -1], history[:, -1]), primals,
-                                (grad_reads, grad_memory, grad_read_weights),
-                                create_graph=True, allow_unused=True)
-    return tuple(torch.zeros_like(p) if g is None else g for p, g in zip(primals, grads))
+
+    def steps(memory, read_weights, keys, write_gates, key_strengths):
+        reads, memories, history, _, _ = _mann_steps(memory, memory.new_zeros(memory.shape[:2]),
+                                                     read_weights, keys, write_gates, key_strengths, 0.0,
+                                                     slots=least_used)
+        return reads, memories[:, -1], history[:, -1]
+    return _common.reference_vjp(steps, primals, (grad_reads, grad_memory, grad_read_weights))
 
 
-torch.library.register_autograd("fastmeta::mann_memory", _backward, setup_context=_setup_context)
+_common.register_autograd("mann_memory", _backward, _setup_context)
 _common.register_reference_double_backward("mann_memory_backward", _reference_backward)

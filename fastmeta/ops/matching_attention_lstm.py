@@ -56,7 +56,7 @@ def matching_attention_lstm(query: torch.Tensor, support: torch.Tensor, weight_i
         raise ValueError(f"{op}: steps must be an integer >= 0, got {steps!r}")
     if query.device.type != "cpu":
         return _composite(query, support, weight_ih, weight_hh, bias, steps)
-    return torch.ops.fastmeta.matching_attention_lstm(query, support, weight_ih, weight_hh, bias,
+    return _common.call("matching_attention_lstm", query, support, weight_ih, weight_hh, bias,
                                                       steps)[0]
 
 
@@ -120,8 +120,7 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, *unused):
     if grad is None:  # the final hidden state took no part in the loss
         return (None,) * 6
-    return (*torch.ops.fastmeta.matching_attention_lstm_backward(grad, *ctx.saved_tensors), None)
+    return (*_common.call("matching_attention_lstm_backward", grad, *ctx.saved_tensors), None)
 
 
-torch.library.register_autograd("fastmeta::matching_attention_lstm", _backward,
-                                setup_context=_setup_context)
+_common.register_autograd("matching_attention_lstm", _backward, _setup_context)

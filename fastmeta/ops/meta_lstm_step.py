@@ -55,7 +55,7 @@ def meta_lstm_step(grad: torch.Tensor, loss: torch.Tensor, theta: torch.Tensor, 
     if weights.shape != (expected,):
         raise ValueError(f"{op}: weights must be a flat tensor of {expected} values for "
                          f"hidden_size = {hidden}; got shape {list(weights.shape)}")
-    return torch.ops.fastmeta.meta_lstm_step(grad, loss, theta, state, weights, float(preprocess_p))
+    return _common.call("meta_lstm_step", grad, loss, theta, state, weights, float(preprocess_p))
 
 
 def _check_raw(op, grad, loss, theta, state, weights, preprocess_p, *others):
@@ -98,7 +98,7 @@ def _backward(ctx, grad_theta, grad_state):
     grad, loss, theta, state, weights = ctx.saved_tensors
     grad_theta = torch.zeros_like(theta) if grad_theta is None else grad_theta
     grad_state = torch.zeros_like(state) if grad_state is None else grad_state
-    grads = torch.ops.fastmeta.meta_lstm_step_backward(grad_theta, grad_state, grad, loss, theta,
+    grads = _common.call("meta_lstm_step_backward", grad_theta, grad_state, grad, loss, theta,
                                                        state, weights, ctx.preprocess_p)
     return (*grads, None)
 
@@ -113,5 +113,5 @@ def _reference_backward(grad_theta, grad_state, grad, loss, theta, state, weight
                                  torch.cat([grad_theta, grad_state.reshape(-1)]))
 
 
-torch.library.register_autograd("fastmeta::meta_lstm_step", _backward, setup_context=_setup_context)
+_common.register_autograd("meta_lstm_step", _backward, _setup_context)
 _common.register_reference_double_backward("meta_lstm_step_backward", _reference_backward)

@@ -46,7 +46,7 @@ def mlp_task_derivatives(params: torch.Tensor, x: torch.Tensor, target: torch.Te
         _common.check_choice(op, "activation", f, MLP_ACTIVATIONS)
     if direction is not None:
         _common.check_tensor(op, "direction", direction, like=params, like_name="params")
-    return torch.ops.fastmeta.mlp_task_derivatives(params, x, target, direction, list(widths),
+    return _common.call("mlp_task_derivatives", params, x, target, direction, list(widths),
                                                    list(activations), loss, input_grad)
 
 

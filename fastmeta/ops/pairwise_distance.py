@@ -28,7 +28,7 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, metric: str = "sqeuclide
     """
     a = _common.metric_operands("pairwise_distance", x, y, metric,
                                 metrics=_common.DISTANCE_METRICS)
-    return a.output(torch.ops.fastmeta.pairwise_distance(a.x, a.y, metric))
+    return a.output(_common.call("pairwise_distance", a.x, a.y, metric))
 
 
 def _check_raw(op, metric, x, y, *outputs):
@@ -57,11 +57,11 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     distance, x, y = ctx.saved_tensors
-    gx, gy = torch.ops.fastmeta.pairwise_distance_backward(grad, distance, x, y, ctx.metric)
+    gx, gy = _common.call("pairwise_distance_backward", grad, distance, x, y, ctx.metric)
     return gx, gy, None
 
 
-torch.library.register_autograd("fastmeta::pairwise_distance", _backward, setup_context=_setup_context)
+_common.register_autograd("pairwise_distance", _backward, _setup_context)
 _common.register_vmap_over_tasks("pairwise_distance")
 _common.register_vmap_over_tasks("pairwise_distance_backward")
 _common.register_reference_double_backward(

@@ -42,7 +42,7 @@ def relation_pair_pool(queries: torch.Tensor, prototypes: torch.Tensor) -> torch
         return reference.relation_pair_pool(queries, prototypes)
     dtype = queries.dtype
     compute = _common.compute_dtype(queries)
-    return torch.ops.fastmeta.relation_pair_pool(queries.to(compute), prototypes.to(compute)).to(dtype)
+    return _common.call("relation_pair_pool", queries.to(compute), prototypes.to(compute)).to(dtype)
 
 
 def _out_shape(queries, prototypes):
@@ -75,7 +75,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad):
-    return torch.ops.fastmeta.relation_pair_pool_backward(grad, *ctx.saved_tensors)
+    return _common.call("relation_pair_pool_backward", grad, *ctx.saved_tensors)
 
 
 def _reference_backward(grad, queries, prototypes):
@@ -83,5 +83,5 @@ def _reference_backward(grad, queries, prototypes):
     return _common.reference_vjp(reference.relation_pair_pool, (queries, prototypes), grad)
 
 
-torch.library.register_autograd("fastmeta::relation_pair_pool", _backward, setup_context=_setup_context)
+_common.register_autograd("relation_pair_pool", _backward, _setup_context)
 _common.register_reference_double_backward("relation_pair_pool_backward", _reference_backward)

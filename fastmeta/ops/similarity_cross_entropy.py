@@ -51,14 +51,17 @@ def similarity_cross_entropy(x: torch.Tensor, y: torch.Tensor, target: torch.Ten
         raise ValueError(f"{op}: target must have shape {list(want)} (one class per query), "
                          f"got {list(target.shape)}")
     target = target.unsqueeze(0) if a.unbatched else target
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (a.x, a.y, a.scale))
+    # The fused loss-and-gradient op serves plain autograd; under torch.func's
+    # transforms the two-pass ops do (their rules work at every order there).
+    needs_grad = (torch.is_grad_enabled() and any(t.requires_grad for t in (a.x, a.y, a.scale))
+                  and not _common.functorch_active())
     queries = a.x.shape[0] * a.x.shape[1]
     if reduction != "none" and needs_grad and queries > 0 and a.y.shape[1] in FUSED_KEYS:
         weight = 1.0 if reduction == "sum" else 1.0 / queries
-        task_loss = torch.ops.fastmeta.similarity_cross_entropy_with_grad(
-            a.x, a.y, target, a.scale, metric, weight)[0]
+        task_loss = _common.call("similarity_cross_entropy_with_grad", a.x, a.y, target, a.scale, metric,
+                                 weight)[0]
         return a.output(task_loss.sum())
-    loss, _ = torch.ops.fastmeta.similarity_cross_entropy(a.x, a.y, target, a.scale, metric)
+    loss, _ = _common.call("similarity_cross_entropy", a.x, a.y, target, a.scale, metric)
     return a.output(_common.reduce_loss(loss, reduction))
 
 
@@ -91,8 +94,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_logsumexp):
     x, y, target, scale, logsumexp = ctx.saved_tensors
-    gx, gy, gscale = torch.ops.fastmeta.similarity_cross_entropy_backward(
-        grad, x, y, target, scale, logsumexp, ctx.metric)
+    gx, gy, gscale = _common.call("similarity_cross_entropy_backward", grad, x, y, target, scale,
+                                  logsumexp, ctx.metric)
     return gx, gy, None, gscale, None
 
 
@@ -131,10 +134,9 @@ def _backward_with_grad(ctx, grad_loss, *_unused):
             per_task * grad_scale, None, None)
 
 
-torch.library.register_autograd("fastmeta::similarity_cross_entropy", _backward,
-                                setup_context=_setup_context)
-torch.library.register_autograd("fastmeta::similarity_cross_entropy_with_grad", _backward_with_grad,
-                                setup_context=_setup_context_with_grad)
+_common.register_autograd("similarity_cross_entropy", _backward, _setup_context)
+_common.register_autograd("similarity_cross_entropy_with_grad", _backward_with_grad,
+                          _setup_context_with_grad)
 _common.register_vmap_over_tasks("similarity_cross_entropy_with_grad")
 _common.register_vmap_over_tasks("similarity_cross_entropy")
 _common.register_vmap_over_tasks("similarity_cross_entropy_backward")

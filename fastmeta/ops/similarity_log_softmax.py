@@ -31,7 +31,7 @@ def similarity_log_softmax(x: torch.Tensor, y: torch.Tensor, metric: str = "sqeu
         >>> logp.exp().sum(-1)  # ones
     """
     a = _common.metric_operands("similarity_log_softmax", x, y, metric, scale)
-    return a.output(torch.ops.fastmeta.similarity_log_softmax(a.x, a.y, a.scale, metric))
+    return a.output(_common.call("similarity_log_softmax", a.x, a.y, a.scale, metric))
 
 
 def _check_raw(op, metric, x, y, scale, *outputs):
@@ -62,8 +62,8 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     log_probs, x, y, scale = ctx.saved_tensors
-    gx, gy, gscale = torch.ops.fastmeta.similarity_log_softmax_backward(
-        grad, log_probs, x, y, scale, ctx.metric)
+    gx, gy, gscale = _common.call("similarity_log_softmax_backward", grad, log_probs, x, y, scale,
+                                  ctx.metric)
     return gx, gy, gscale, None
 
 
@@ -72,8 +72,7 @@ def _reference_backward(grad, log_probs, x, y, scale, metric):
         lambda x, y, scale: reference.similarity_log_softmax(x, y, metric, scale), (x, y, scale), grad)
 
 
-torch.library.register_autograd("fastmeta::similarity_log_softmax", _backward,
-                                setup_context=_setup_context)
+_common.register_autograd("similarity_log_softmax", _backward, _setup_context)
 _common.register_vmap_over_tasks("similarity_log_softmax")
 _common.register_vmap_over_tasks("similarity_log_softmax_backward")
 _common.register_reference_double_backward("similarity_log_softmax_backward", _reference_backward)
