@@ -24,19 +24,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmeta.algorithms import MAML, BatchedMAML, iMAML
-from fastmeta.data import Characters, EpisodeSampler, Omniglot
+from fastmeta.data import EpisodeSampler
 from fastmeta.nn import Conv4
+from fastmeta.training import make_config
 from fastmeta.training.methods import batch_statistics_only
-from fastmeta.training.run import SHARED_OMNIGLOT, confidence_interval
+from fastmeta.training.run import confidence_interval, load_data
 
 PAPER = {"MAML": 98.7, "iMAML": 99.50}  # Finn et al. 2017; Rajeswaran et al. 2019 (Omniglot 5-way 1-shot)
 TASKS, WAYS = 8, 5
 
 
 def load(data: str, split: str):
-    if data == "chars":
-        return Characters(split=split, rotations=split == "train")
-    return Omniglot(data.partition(":")[2] or SHARED_OMNIGLOT, split=split, rotations=split == "train")
+    return load_data(make_config("maml", data=data), split)
 
 
 def learner(seed: int) -> nn.Module:

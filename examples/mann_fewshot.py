@@ -18,20 +18,17 @@ from pathlib import Path
 
 import torch
 
-from fastmeta.data import Characters, EpisodeSampler, Omniglot
+from fastmeta.data import EpisodeSampler
 from fastmeta.nn import MANN
-from fastmeta.training.run import SHARED_OMNIGLOT, confidence_interval
+from fastmeta.training import make_config
+from fastmeta.training.run import confidence_interval, load_data
 
 INSTANCES = (1, 2, 3, 5, 10)
 PAPER = {1: 36.4, 2: 82.8, 3: 91.0, 5: 92.6, 10: 94.9}  # Santoro et al. 2016, Table 1 (MANN, 5 classes)
 
 
 def load(data: str, split: str):
-    rotations = split == "train"
-    if data == "chars":
-        return Characters(split=split, image_size=20, rotations=rotations)
-    return Omniglot(data.partition(":")[2] or SHARED_OMNIGLOT, split=split, image_size=20,
-                    rotations=rotations)
+    return load_data(make_config("mann", data=data, image_size=20), split)
 
 
 def sequences(sampler: EpisodeSampler, generator: torch.Generator):

@@ -73,6 +73,19 @@ extern "C" __host__ __device__ void __assert_fail(const char* assertion, const c
     if (!(cond)) __assert_fail(#cond, __FILE__, __LINE__, __PRETTY_FUNCTION__); \
   } while (0)
 
+// Calls body(T{}) with T float or double, for kernels without half-precision
+// versions; `op` names the op in the error for other dtypes.
+template <typename Body>
+void dispatch_float_or_double(DType dtype, const char* op, Body body) {
+  if (dtype == DType::Float64) {
+    body(double{});
+  } else if (dtype == DType::Float32) {
+    body(float{});
+  } else {
+    throw std::runtime_error(std::string("fastmeta: ") + op + " takes float32 or float64");
+  }
+}
+
 // Calls body with T bound to the element type of `dtype`.
 #define FASTMETA_DISPATCH_DTYPE(dtype, ...)                                   \
   [&] {                                                                      \

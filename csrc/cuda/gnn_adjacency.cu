@@ -73,17 +73,6 @@ __global__ void differences_backward_kernel(GnnArgs a, const T* grad_diff, const
   atomicAdd(grad_nodes + at_j, -v);
 }
 
-template <typename Body>
-void dispatch_full(DType dtype, Body body) {
-  if (dtype == DType::Float64) {
-    body(double{});
-  } else if (dtype == DType::Float32) {
-    body(float{});
-  } else {
-    throw std::runtime_error("fastmeta: gnn_adjacency takes float32 or float64");
-  }
-}
-
 }  // namespace
 
 void gnn_pairs(const GnnArgs& a, int64_t first, int64_t count, int64_t* pairs, cudaStream_t stream) {
@@ -95,7 +84,7 @@ void gnn_pairs(const GnnArgs& a, int64_t first, int64_t count, int64_t* pairs, c
 void gnn_pair_differences(const GnnArgs& a, const void* nodes, const int64_t* pairs, int64_t count,
                           void* diff, cudaStream_t stream) {
   if (count * a.F == 0) return;
-  dispatch_full(a.dtype, [&](auto zero) {
+  dispatch_float_or_double(a.dtype, "gnn_adjacency", [&](auto zero) {
     using T = decltype(zero);
     differences_kernel<T><<<blocks_for(count * a.F, kThreads), kThreads, 0, stream>>>(
         a, static_cast<const T*>(nodes), pairs, count, static_cast<T*>(diff));
@@ -106,7 +95,7 @@ void gnn_pair_differences(const GnnArgs& a, const void* nodes, const int64_t* pa
 void gnn_scatter_logits(const GnnArgs& a, const void* tile_logits, const int64_t* pairs,
                         int64_t count, void* logits, cudaStream_t stream) {
   if (count == 0) return;
-  dispatch_full(a.dtype, [&](auto zero) {
+  dispatch_float_or_double(a.dtype, "gnn_adjacency", [&](auto zero) {
     using T = decltype(zero);
     scatter_kernel<T><<<blocks_for(count, kThreads), kThreads, 0, stream>>>(
         a, static_cast<const T*>(tile_logits), pairs, count, static_cast<T*>(logits));
@@ -116,7 +105,7 @@ void gnn_scatter_logits(const GnnArgs& a, const void* tile_logits, const int64_t
 
 void gnn_adjacency_rows(const GnnArgs& a, void* logits, cudaStream_t stream) {
   if (a.B * a.n == 0) return;
-  dispatch_full(a.dtype, [&](auto zero) {
+  dispatch_float_or_double(a.dtype, "gnn_adjacency", [&](auto zero) {
     using T = decltype(zero);
     rows_kernel<T><<<blocks_for(a.B * a.n, kThreads), kThreads, 0, stream>>>(a, static_cast<T*>(logits));
     check_launch("gnn_adjacency_rows");
@@ -126,7 +115,7 @@ void gnn_adjacency_rows(const GnnArgs& a, void* logits, cudaStream_t stream) {
 void gnn_adjacency_rows_backward(const GnnArgs& a, const void* adjacency, void* grad,
                                  cudaStream_t stream) {
   if (a.B * a.n == 0) return;
-  dispatch_full(a.dtype, [&](auto zero) {
+  dispatch_float_or_double(a.dtype, "gnn_adjacency", [&](auto zero) {
     using T = decltype(zero);
     rows_backward_kernel<T><<<blocks_for(a.B * a.n, kThreads), kThreads, 0, stream>>>(
         a, static_cast<const T*>(adjacency), static_cast<T*>(grad));
@@ -137,7 +126,7 @@ void gnn_adjacency_rows_backward(const GnnArgs& a, const void* adjacency, void* 
 void gnn_pair_grads(const GnnArgs& a, const void* grad_logits, const int64_t* pairs, int64_t count,
                     void* pair_grad, cudaStream_t stream) {
   if (count == 0) return;
-  dispatch_full(a.dtype, [&](auto zero) {
+  dispatch_float_or_double(a.dtype, "gnn_adjacency", [&](auto zero) {
     using T = decltype(zero);
     pair_grads_kernel<T><<<blocks_for(count, kThreads), kThreads, 0, stream>>>(
         a, static_cast<const T*>(grad_logits), pairs, count, static_cast<T*>(pair_grad));
@@ -149,7 +138,7 @@ void gnn_pair_differences_backward(const GnnArgs& a, const void* grad_diff, cons
                                    const int64_t* pairs, int64_t count, void* grad_nodes,
                                    cudaStream_t stream) {
   if (count * a.F == 0) return;
-  dispatch_full(a.dtype, [&](auto zero) {
+  dispatch_float_or_double(a.dtype, "gnn_adjacency", [&](auto zero) {
     using T = decltype(zero);
     differences_backward_kernel<T><<<blocks_for(count * a.F, kThreads), kThreads, 0, stream>>>(
         a, static_cast<const T*>(grad_diff), static_cast<const T*>(nodes), pairs, count,

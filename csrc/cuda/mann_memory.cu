@@ -47,24 +47,13 @@ __global__ void mann_backward_kernel(MannArgs a, const T* grad_reads, const T* g
       grad_strengths + b * TH, scratch + b * z.backward_scratch());
 }
 
-template <typename Body>
-void dispatch_full(DType dtype, Body body) {
-  if (dtype == DType::Float64) {
-    body(double{});
-  } else if (dtype == DType::Float32) {
-    body(float{});
-  } else {
-    throw std::runtime_error("fastmeta: mann_memory takes float32 or float64");
-  }
-}
-
 }  // namespace
 
 void mann_memory_forward(const MannArgs& a, double decay, void* reads, void* memory_out,
                          void* weights_out, void* usage_out, void* memories, void* history,
                          int64_t* slots, void* scratch, cudaStream_t stream) {
   if (a.B == 0) return;
-  dispatch_full(a.dtype, [&](auto zero) {
+  dispatch_float_or_double(a.dtype, "mann_memory", [&](auto zero) {
     using T = decltype(zero);
     mann_forward_kernel<T><<<blocks_for(a.B, kThreads), kThreads, 0, stream>>>(
         a, T(decay), static_cast<T*>(reads), static_cast<T*>(memory_out),
@@ -80,7 +69,7 @@ void mann_memory_backward(const MannArgs& a, const void* grad_reads, const void*
                           void* grad_keys, void* grad_gates, void* grad_strengths, void* scratch,
                           cudaStream_t stream) {
   if (a.B == 0) return;
-  dispatch_full(a.dtype, [&](auto zero) {
+  dispatch_float_or_double(a.dtype, "mann_memory", [&](auto zero) {
     using T = decltype(zero);
     mann_backward_kernel<T><<<blocks_for(a.B, kThreads), kThreads, 0, stream>>>(
         a, static_cast<const T*>(grad_reads), static_cast<const T*>(grad_memory),

@@ -159,6 +159,18 @@ class FewShotClassifier(nn.Module):
                              f"{list(support.shape)} differ in shape")
         return batched
 
+    def check_built_for(self, ways: Optional[int], features: torch.Tensor, what: str = "features"):
+        """For a model built for ``self.ways`` classes of
+        ``self.feature_dimension`` features (FewShotGNN, MetaNetwork): the
+        episodes' ``ways`` (None: not checked) and the features' last size."""
+        name = type(self).__name__
+        if ways is not None and ways != self.ways:
+            raise ValueError(f"{name}: the model was built for ways = {self.ways}, got episodes of "
+                             f"{ways} classes")
+        if features.shape[-1] != self.feature_dimension:
+            raise ValueError(f"{name}: the backbone gives {features.shape[-1]} {what}, but "
+                             f"feature_dimension is {self.feature_dimension}")
+
     def _ways(self, labels: torch.Tensor, ways: Optional[int]) -> int:
         """Checks episode labels ``[B, S]``: integers in ``0..ways-1``, every
         class present in every episode."""

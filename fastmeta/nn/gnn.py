@@ -95,21 +95,14 @@ class FewShotGNN(FewShotClassifier):
         self.last = GraphConv(widths[-1], ways, True, negative_slope)
 
     def prepare_support(self, features: torch.Tensor, labels: torch.Tensor, ways: int):
-        if ways != self.ways:
-            raise ValueError(f"FewShotGNN: the model was built for ways = {self.ways}, got episodes "
-                             f"of {ways} classes")
-        if features.shape[-1] != self.feature_dimension:
-            raise ValueError(f"FewShotGNN: the backbone gives {features.shape[-1]} features, but "
-                             f"feature_dimension is {self.feature_dimension}")
+        self.check_built_for(ways, features)
         return torch.cat([features, F.one_hot(labels.long(), ways).to(features.dtype)], -1)
 
     def query_graphs(self, support_nodes: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
         """``[B * Q, S + 1, F]``: one graph per query, its support nodes first."""
         B, S, width = support_nodes.shape
         Q = query_features.shape[1]
-        if query_features.shape[-1] != self.feature_dimension:
-            raise ValueError(f"FewShotGNN: the backbone gives {query_features.shape[-1]} query "
-                             f"features, but feature_dimension is {self.feature_dimension}")
+        self.check_built_for(None, query_features, "query features")
         uniform = query_features.new_full((B, Q, self.ways), 1.0 / self.ways)
         query_nodes = torch.cat([query_features, uniform], -1)
         support = support_nodes[:, None].expand(B, Q, S, width)

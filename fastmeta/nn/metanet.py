@@ -128,12 +128,7 @@ class MetaNetwork(FewShotClassifier):
             return torch.autograd.grad(loss, (hidden, out))
 
     def prepare_support(self, features: torch.Tensor, labels: torch.Tensor, ways: int):
-        if ways != self.ways:
-            raise ValueError(f"MetaNetwork: the model was built for ways = {self.ways}, got "
-                             f"episodes of {ways} classes")
-        if features.shape[-1] != self.feature_dimension:
-            raise ValueError(f"MetaNetwork: the backbone gives {features.shape[-1]} features, but "
-                             f"feature_dimension is {self.feature_dimension}")
+        self.check_built_for(ways, features)
         task_fast = self.fast_weights(self.task_learner, self.task_gradient(features, labels, ways))
         keys = self.embed(features, task_fast)
         grad_hidden, grad_out = self.example_gradients(features, labels)
