@@ -41,6 +41,36 @@ SCRIPT = textwrap.dedent("""
                                           direction.double(), widths, activations, "mse", True)
     for g, w in zip(got, want):
         assert_close_to_reference(g, w, torch.float32)
+    # The LSTM families, forward and backward, over chunks and a partial chunk
+    # (P = 300), and the in-place step.
+    P = 300
+    grad = torch.randn(P) * 1e-2
+    state = (0.5 * torch.randn(2, 2, 20, P)).requires_grad_()
+    weights = (0.3 * torch.randn(ops.l2o_num_weights(2, 20))).requires_grad_()
+    meta_state = (0.5 * torch.randn(2 * 20 + 2, P)).requires_grad_()
+    meta_weights = (0.3 * torch.randn(ops.meta_lstm_num_weights(20))).requires_grad_()
+    loss, theta = torch.tensor(0.7), torch.randn(P)
+    steps = [(lambda f, s, w: f.l2o_lstm_step(grad.to(s.dtype), s, w), (state, weights)),
+             (lambda f, s, w: f.meta_lstm_step(grad.to(s.dtype), loss.to(s.dtype), theta.to(s.dtype),
+                                               s, w), (meta_state, meta_weights))]
+    for step, leaves in steps:
+        leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+        outputs = step(ops, *leaves)
+        outputs64 = step(reference, *leaves64)
+        for g, w in zip(outputs, outputs64):
+            assert_close_to_reference(g, w, torch.float32)
+        cotangents = [torch.randn_like(t) for t in outputs64]
+        got = torch.autograd.grad(outputs, leaves, [c.float() for c in cotangents])
+        want = torch.autograd.grad(outputs64, leaves64, cotangents)
+        for g, w in zip(got, want):
+            assert_close_to_reference(g, w, torch.float32)
+    param, in_place = torch.randn(P), state.detach().clone()
+    update, new_state = reference.l2o_lstm_step(grad.double(), state.detach().double(),
+                                                weights.detach().double())
+    want_param = param.double() + update
+    ops.l2o_lstm_step_(param, grad, in_place, weights.detach())
+    assert_close_to_reference(param, want_param, torch.float32)
+    assert_close_to_reference(in_place, new_state, torch.float32)
     print("ok")
 """)
 

@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "../operands/lstm.h"
+#include "huge_pages.h"
 #include "lstm_chunks.h"
 
 namespace fastmeta::cpu {
@@ -27,13 +28,14 @@ struct L2oCell : L2oLayout {
 template <typename T>
 struct L2oChunk {
   std::vector<LayerChunk<T>> layers;
-  std::vector<T> h_last, dh, dxh, du;
+  std::vector<T> features, dh, dxh, du;  // features [2, kChunk], dh [H, kChunk], dxh [in + H, kChunk]
+  Rows<const T> h_last{};
 
   L2oChunk(int64_t L, int64_t H)
-      : h_last(H * kChunk), dh(H * kChunk), dxh(L2oLayout{L, H, 0}.widest() * kChunk), du(kChunk) {
+      : features(2 * kChunk), dh(H * kChunk), dxh(L2oLayout{L, H, 0}.widest() * kChunk),
+        du(kChunk) {
     for (int64_t l = 0; l < L; ++l) layers.emplace_back(l == 0 ? 2 : H, H);
   }
-  T* h_out(int64_t l) { return l + 1 < (int64_t)layers.size() ? layers[l + 1].input() : h_last.data(); }
 };
 
 template <typename T>
@@ -41,28 +43,33 @@ L2oCell<T> make_cell(const L2oOperands& o, double p, double scale) {
   return {o.layout, o.weights.const_data_ptr<T>(), LogSign<T>::with_p(p), T(scale)};
 }
 
-// The forward of coordinates [p0, p0 + n): fills the chunk's activations.
+// The forward of coordinates [p0, p0 + n), reading the state in place: writes
+// each layer's new h and c to new_state (which may be state), or keeps them in
+// the chunk for the backward where new_state is null.
 template <typename T>
 void chunk_forward(const L2oCell<T>& cell, L2oChunk<T>& ws, const T* grad, const T* state,
-                   int64_t p0, int64_t n) {
-  T* x = ws.layers[0].input();
-  for (int64_t j = 0; j < n; ++j) cell.prep.features(grad[p0 + j], x[j], x[kChunk + j]);
-  for (int64_t l = 0; l < cell.L; ++l)
-    layer_forward(ws.layers[l], cell.W(l), cell.bias(l), state + cell.row(l, 0) + p0,
-                  state + cell.row(l, 1) + p0, cell.P, n, ws.h_out(l), kChunk);
+                   T* new_state, int64_t p0, int64_t n) {
+  T* f = ws.features.data();
+  for (int64_t j = 0; j < n; ++j) cell.prep.features(grad[p0 + j], f[j], f[kChunk + j]);
+  Rows<const T> x{f, kChunk};
+  for (int64_t l = 0; l < cell.L; ++l) {
+    LayerChunk<T>& layer = ws.layers[l];
+    const Rows<T> c = new_state ? Rows<T>{new_state + cell.row(l, 1) + p0, cell.P} : layer.own_c();
+    const Rows<T> h = new_state ? Rows<T>{new_state + cell.row(l, 0) + p0, cell.P} : layer.own_h();
+    layer_forward(layer, cell.W(l), cell.bias(l), x, {state + cell.row(l, 0) + p0, cell.P},
+                  {state + cell.row(l, 1) + p0, cell.P}, n, c, h);
+    x = h;
+  }
+  ws.h_last = x;
 }
 
-// Writes the chunk's new state and update (update += when accumulate).
+// The update of the chunk's coordinates, from the last layer's h (update += when accumulate).
 template <typename T>
-void chunk_outputs(const L2oCell<T>& cell, L2oChunk<T>& ws, T* new_state, T* update, bool accumulate,
-                   int64_t p0, int64_t n) {
-  for (int64_t l = 0; l < cell.L; ++l) {
-    copy_rows(ws.h_out(l), kChunk, new_state + cell.row(l, 0) + p0, cell.P, cell.H, n);
-    copy_rows(ws.layers[l].c.data(), kChunk, new_state + cell.row(l, 1) + p0, cell.P, cell.H, n);
-  }
+void chunk_update(const L2oCell<T>& cell, L2oChunk<T>& ws, T* update, bool accumulate, int64_t p0,
+                  int64_t n) {
   const T* head = cell.weights + cell.head_offset();
   T* out = accumulate ? ws.du.data() : update + p0;
-  run_loop<WeightedRowSum>(head, ws.h_last.data(), cell.H, head[cell.H], cell.scale, out, n);
+  run_loop<WeightedRowSum>(head, ws.h_last, cell.H, head[cell.H], cell.scale, out, n);
   if (accumulate)
     for (int64_t j = 0; j < n; ++j) update[p0 + j] += out[j];
 }
@@ -73,8 +80,8 @@ void l2o_forward(const L2oCell<T>& cell, const T* grad, const T* state, T* new_s
   for_each_chunk(
       cell.P, [&] { return L2oChunk<T>(cell.L, cell.H); },
       [&](L2oChunk<T>& ws, int64_t p0, int64_t p1) {
-        chunk_forward(cell, ws, grad, state, p0, p1 - p0);
-        chunk_outputs(cell, ws, new_state, update, accumulate, p0, p1 - p0);
+        chunk_forward(cell, ws, grad, state, new_state, p0, p1 - p0);
+        chunk_update(cell, ws, update, accumulate, p0, p1 - p0);
       });
 }
 
@@ -82,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> l2o_lstm_step(const at::Tensor& grad_in, cons
                                                  const at::Tensor& weights_in, double p,
                                                  double scale) {
   const L2oOperands o = l2o_operands(grad_in, state_in, weights_in, p);
-  at::Tensor update = at::empty_like(o.grad), new_state = at::empty_like(o.state);
+  at::Tensor update = empty_like_large(o.grad), new_state = empty_like_large(o.state);
   AT_DISPATCH_FLOATING_TYPES(o.grad.scalar_type(), "fastmeta::l2o_lstm_step", [&] {
     l2o_forward(make_cell<scalar_t>(o, p, scale), o.grad.const_data_ptr<scalar_t>(),
                 o.state.const_data_ptr<scalar_t>(), new_state.mutable_data_ptr<scalar_t>(),
@@ -109,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> l2o_lstm_step_backward(
       l2o_backward_operands(grad_update_in, grad_state_in, grad_in, state_in, weights_in, p);
   const at::Tensor &grad = o.grad, &state = o.state, &weights = o.weights;
   const at::Tensor &grad_update = o.grad_update, &grad_state = o.grad_state;
-  at::Tensor d_grad = at::empty_like(grad), d_state = at::empty_like(state);
+  at::Tensor d_grad = empty_like_large(grad), d_state = empty_like_large(state);
   at::Tensor d_weights = at::empty_like(weights);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::l2o_lstm_step_backward", [&] {
     using T = scalar_t;
@@ -124,21 +131,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> l2o_lstm_step_backward(
         P, width, d_weights.mutable_data_ptr<T>(), [&] { return L2oChunk<T>(L, H); },
         [&](L2oChunk<T>& ws, T* dw, int64_t p0, int64_t p1) {
           const int64_t n = p1 - p0;
-          chunk_forward(cell, ws, g, state.const_data_ptr<T>(), p0, n);
+          chunk_forward(cell, ws, g, state.const_data_ptr<T>(), static_cast<T*>(nullptr), p0, n);
           // The head: update = scale * (w . h_last + b).
           const T* head = cell.weights + cell.head_offset();
           T* dw_head = dw + cell.head_offset();
           for (int64_t j = 0; j < n; ++j) ws.du[j] = cell.scale * gu[p0 + j];
-          for (int64_t k = 0; k < H; ++k) dw_head[k] += row_dot(ws.du.data(), ws.h_last.data() + k * kChunk, n);
+          for (int64_t k = 0; k < H; ++k) dw_head[k] += row_dot(ws.du.data(), ws.h_last.row(k), n);
           dw_head[H] += row_sum(ws.du.data(), n);
           copy_rows(gs + cell.row(L - 1, 0) + p0, P, ws.dh.data(), kChunk, H, n);
           run_loop<AddOuter>(head, ws.du.data(), ws.dh.data(), H, n);
           for (int64_t l = L - 1; l >= 0; --l) {
-            const int64_t in = cell.in(l);
-            layer_backward(ws.layers[l], cell.W(l), ws.dh.data(), gs + cell.row(l, 1) + p0,
-                           ds + cell.row(l, 1) + p0, P, n, ws.dxh.data(), dw + cell.layer_offset(l),
-                           dw + cell.bias_offset(l));
-            copy_rows(ws.dxh.data() + in * kChunk, kChunk, ds + cell.row(l, 0) + p0, P, H, n);
+            layer_backward(ws.layers[l], cell.W(l), ws.dh.data(), {gs + cell.row(l, 1) + p0, P},
+                           {ds + cell.row(l, 1) + p0, P}, {ds + cell.row(l, 0) + p0, P}, n,
+                           ws.dxh.data(), dw + cell.layer_offset(l), dw + cell.bias_offset(l));
             if (l > 0) {
               const T* upstream = gs + cell.row(l - 1, 0) + p0;
               for (int64_t k = 0; k < H; ++k)

@@ -9,6 +9,7 @@
 #include <cmath>
 
 #include "../operands/lstm.h"
+#include "huge_pages.h"
 #include "lstm_chunks.h"
 
 namespace fastmeta::cpu {
@@ -34,10 +35,11 @@ struct MetaCell : MetaLayout {
 template <typename T>
 struct MetaChunk {
   LayerChunk<T> layer;
-  std::vector<T> h, f, i, dh, dxh, d_pre_f, d_pre_i;
+  std::vector<T> features, f, i, dh, dxh, d_pre_f, d_pre_i;  // features [kInputs, kChunk]
+  Rows<const T> h{};
 
   explicit MetaChunk(int64_t H)
-      : layer(kInputs, H), h(H * kChunk), f(kChunk), i(kChunk), dh(H * kChunk),
+      : layer(kInputs, H), features(kInputs * kChunk), f(kChunk), i(kChunk), dh(H * kChunk),
         dxh((kInputs + H) * kChunk), d_pre_f(kChunk), d_pre_i(kChunk) {}
 };
 
@@ -53,11 +55,14 @@ struct MetaUpdateForward {
   }
 };
 
+// The forward of coordinates [p0, p0 + n), reading the state in place: writes
+// the new h and c to new_state, or keeps them in the chunk for the backward
+// where new_state is null.
 template <typename T>
 void chunk_forward(const MetaCell<T>& cell, MetaChunk<T>& ws, const T* grad, const T* theta,
-                   const T* state, int64_t p0, int64_t n, T* theta_out) {
+                   const T* state, T* new_state, int64_t p0, int64_t n, T* theta_out) {
   const int64_t H = cell.H, P = cell.P;
-  T* x = ws.layer.input();
+  T* x = ws.features.data();
   T l0, l1;
   cell.prep.features(cell.loss, l0, l1);
   for (int64_t j = 0; j < n; ++j) {
@@ -65,10 +70,13 @@ void chunk_forward(const MetaCell<T>& cell, MetaChunk<T>& ws, const T* grad, con
     x[2 * kChunk + j] = l0;
     x[3 * kChunk + j] = l1;
   }
-  layer_forward(ws.layer, cell.W(), cell.bias(), state + p0, state + H * P + p0, P, n, ws.h.data(),
-                kChunk);
-  run_loop<WeightedRowSum>(cell.forget(), ws.h.data(), H, cell.forget()[H + 2], T(1), ws.f.data(), n);
-  run_loop<WeightedRowSum>(cell.input_gate(), ws.h.data(), H, cell.input_gate()[H + 2], T(1),
+  const Rows<T> h = new_state ? Rows<T>{new_state + p0, P} : ws.layer.own_h();
+  const Rows<T> c = new_state ? Rows<T>{new_state + H * P + p0, P} : ws.layer.own_c();
+  layer_forward(ws.layer, cell.W(), cell.bias(), {x, kChunk}, {state + p0, P},
+                {state + H * P + p0, P}, n, c, h);
+  ws.h = h;
+  run_loop<WeightedRowSum>(cell.forget(), ws.h, H, cell.forget()[H + 2], T(1), ws.f.data(), n);
+  run_loop<WeightedRowSum>(cell.input_gate(), ws.h, H, cell.input_gate()[H + 2], T(1),
                            ws.i.data(), n);
   run_loop<MetaUpdateForward>(cell.gates(), ws.f.data(), ws.i.data(), theta + p0,
                               state + 2 * H * P + p0, state + (2 * H + 1) * P + p0, grad + p0,
@@ -86,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> meta_lstm_step(const at::Tensor& grad_in, con
                                                   const at::Tensor& weights_in, double p) {
   const MetaOperands o = meta_operands(grad_in, loss, theta_in, state_in, weights_in, p);
   const at::Tensor &grad = o.grad, &theta = o.theta, &state = o.state;
-  at::Tensor theta_new = at::empty_like(theta), new_state = at::empty_like(state);
+  at::Tensor theta_new = empty_like_large(theta), new_state = empty_like_large(state);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::meta_lstm_step", [&] {
     using T = scalar_t;
     const MetaCell<T> cell = make_cell<T>(o, p);
@@ -97,9 +105,7 @@ std::tuple<at::Tensor, at::Tensor> meta_lstm_step(const at::Tensor& grad_in, con
         [&](MetaChunk<T>& ws, int64_t p0, int64_t p1) {
           const int64_t n = p1 - p0;
           chunk_forward(cell, ws, grad.const_data_ptr<T>(), theta.const_data_ptr<T>(),
-                        state.const_data_ptr<T>(), p0, n, theta_new.mutable_data_ptr<T>() + p0);
-          copy_rows(ws.h.data(), kChunk, out + p0, P, H, n);
-          copy_rows(ws.layer.c.data(), kChunk, out + H * P + p0, P, H, n);
+                        state.const_data_ptr<T>(), out, p0, n, theta_new.mutable_data_ptr<T>() + p0);
           std::copy(ws.f.begin(), ws.f.begin() + n, out + 2 * H * P + p0);
           std::copy(ws.i.begin(), ws.i.begin() + n, out + (2 * H + 1) * P + p0);
         });
@@ -115,8 +121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm
                                                 theta_in, state_in, weights_in, p);
   const at::Tensor &grad = o.grad, &theta = o.theta, &state = o.state, &weights = o.weights;
   const at::Tensor &grad_theta = o.grad_theta, &grad_state = o.grad_state;
-  at::Tensor d_grad = at::empty_like(grad), d_theta = at::empty_like(theta);
-  at::Tensor d_state = at::empty_like(state), d_weights = at::empty_like(weights);
+  at::Tensor d_grad = empty_like_large(grad), d_theta = empty_like_large(theta);
+  at::Tensor d_state = empty_like_large(state), d_weights = at::empty_like(weights);
   at::Tensor d_loss = at::empty_like(loss);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::meta_lstm_step_backward", [&] {
     using T = scalar_t;
@@ -136,7 +142,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm
         P, width, total.data(), [&] { return MetaChunk<T>(H); },
         [&](MetaChunk<T>& ws, T* dw, int64_t p0, int64_t p1) {
           const int64_t n = p1 - p0;
-          chunk_forward(cell, ws, g, th, s, p0, n, dth + p0);  // theta_new is not needed
+          chunk_forward(cell, ws, g, th, s, static_cast<T*>(nullptr), p0, n, dth + p0);  // theta_new is not needed
           const T* f_prev = s + 2 * H * P + p0;
           const T* i_prev = s + (2 * H + 1) * P + p0;
           T* df_prev = ds + 2 * H * P + p0;
@@ -148,8 +154,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm
           T* dwf = dw + cell.forget_offset();
           T* dwi = dw + cell.input_offset();
           for (int64_t k = 0; k < H; ++k) {
-            dwf[k] += row_dot(ws.d_pre_f.data(), ws.h.data() + k * kChunk, n);
-            dwi[k] += row_dot(ws.d_pre_i.data(), ws.h.data() + k * kChunk, n);
+            dwf[k] += row_dot(ws.d_pre_f.data(), ws.h.row(k), n);
+            dwi[k] += row_dot(ws.d_pre_i.data(), ws.h.row(k), n);
           }
           dwf[H] += row_dot(ws.d_pre_f.data(), th + p0, n);
           dwi[H] += row_dot(ws.d_pre_i.data(), th + p0, n);
@@ -160,9 +166,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm
           copy_rows(gs + p0, P, ws.dh.data(), kChunk, H, n);
           run_loop<AddOuter>(cell.forget(), ws.d_pre_f.data(), ws.dh.data(), H, n);
           run_loop<AddOuter>(cell.input_gate(), ws.d_pre_i.data(), ws.dh.data(), H, n);
-          layer_backward(ws.layer, cell.W(), ws.dh.data(), gs + H * P + p0, ds + H * P + p0, P, n,
-                         ws.dxh.data(), dw, dw + cell.bias_offset());
-          copy_rows(ws.dxh.data() + kInputs * kChunk, kChunk, ds + p0, P, H, n);
+          layer_backward(ws.layer, cell.W(), ws.dh.data(), {gs + H * P + p0, P},
+                         {ds + H * P + p0, P}, {ds + p0, P}, n, ws.dxh.data(), dw,
+                         dw + cell.bias_offset());
           for (int64_t j = 0; j < n; ++j)
             dg[p0 + j] += cell.prep.backward(g[p0 + j], ws.dxh[j], ws.dxh[kChunk + j]);
           dw[nw] += row_sum(ws.dxh.data() + 2 * kChunk, n);

@@ -128,14 +128,19 @@ struct LogSign {
 // One LSTM unit: from pre-activations (bias included) and the previous cell
 // value, the activated gates, the new cell value and the new hidden value.
 template <typename T>
+FASTMETA_HOST_DEVICE void lstm_cell(T i, T f, T g, T o, T c_prev, T& c, T& h) {
+  c = f * c_prev + i * g;
+  h = o * tanh_fast(c);
+}
+
+template <typename T>
 FASTMETA_HOST_DEVICE void lstm_unit_forward(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev, T& i,
                                             T& f, T& g, T& o, T& c, T& h) {
   i = sigmoid(pre_i);
   f = sigmoid(pre_f);
   g = tanh_fast(pre_g);
   o = sigmoid(pre_o);
-  c = f * c_prev + i * g;
-  h = o * tanh_fast(c);
+  lstm_cell(i, f, g, o, c_prev, c, h);
 }
 
 // Its backward: from the activated gates, c_prev, c and the gradients dh, dc

@@ -88,8 +88,17 @@ def proto_large_way(device: str) -> List[Variant]:
         def eager_cdist(x=x, y=y, target=target):
             _backward(F.cross_entropy(-0.1 * torch.cdist(x, y) ** 2, target), x, y)
 
+        scores_grad = torch.randn(Q, N, generator=g).to(device)
+
+        def three_products(x=x, y=y, w=scores_grad):
+            # The floor of any exact float32 implementation: scores, and the two
+            # products of the backward.
+            with torch.no_grad():
+                x @ y.T, w @ y, w.T @ x
+
         variants.append(Variant("proto_large_way", f"Q=N=8192 D={D}", fast,
-                                {"eager (matmul)": eager_matmul, "eager (cdist)": eager_cdist}))
+                                {"eager (matmul)": eager_matmul, "eager (cdist)": eager_cdist,
+                                 "floor: 3 products": three_products}))
     return variants
 
 
