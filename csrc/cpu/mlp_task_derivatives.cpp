@@ -65,11 +65,23 @@ FASTMETA_INLINE void combine_rows(T* out, int64_t n, const T* init, const RowCom
 // The team of mlp_task on the CPU: one thread runs the whole task. Every
 // product is written as rows of the output combining rows of an operand
 // (combine_rows), so inner loops read memory in order and vectorise; linear
-// first transposes its weights into the team's scratch for that.
+// first transposes its weights for that, into a cache that outlives the task:
+// where tasks share their parameters (before the first inner step), each
+// layer is transposed once per thread instead of once per product.
 template <typename T>
 struct SerialTeam {
-  T* transposed;  // [2, largest layer's weights]
-  int64_t stride;
+  struct Entry {
+    const T* source = nullptr;
+    int64_t n_in = 0, n_out = 0, last_use = -1;
+  };
+  std::vector<T> storage;      // [entries, largest layer's weights]
+  std::vector<Entry> entries;  // one per layer for the parameters and for a direction
+  int64_t largest = 0, uses = 0;
+
+  SerialTeam(const MlpShape& s) : entries(2 * s.layers) {
+    for (int l = 0; l < s.layers; ++l) largest = std::max(largest, s.width[l] * s.width[l + 1]);
+    storage.resize(entries.size() * largest);
+  }
 
   template <typename F>
   FASTMETA_INLINE void for_each(int64_t n, F f) {
@@ -77,17 +89,28 @@ struct SerialTeam {
   }
   FASTMETA_INLINE void sync() {}
 
-  FASTMETA_INLINE const T* transpose(int which, const T* W, int64_t n_in, int64_t n_out) {
-    T* Wt = transposed + which * stride;
+  // W [n_out, n_in] transposed, from the cache, else into its least recently used entry.
+  FASTMETA_INLINE const T* transpose(const T* W, int64_t n_in, int64_t n_out) {
+    size_t slot = 0;
+    for (size_t e = 0; e < entries.size(); ++e) {
+      const Entry& entry = entries[e];
+      if (entry.source == W && entry.n_in == n_in && entry.n_out == n_out) {
+        entries[e].last_use = uses++;
+        return storage.data() + e * largest;
+      }
+      if (entry.last_use < entries[slot].last_use) slot = e;
+    }
+    T* Wt = storage.data() + slot * largest;
     for (int64_t j = 0; j < n_out; ++j)
       for (int64_t k = 0; k < n_in; ++k) Wt[k * n_out + j] = W[j * n_in + k];
+    entries[slot] = {W, n_in, n_out, uses++};
     return Wt;
   }
 
   FASTMETA_INLINE void linear(T* out, const T* in1, const T* W1, const T* in2, const T* W2,
                               const T* bias, int64_t N, int64_t n_in, int64_t n_out) {
-    const T* W1t = transpose(0, W1, n_in, n_out);
-    const T* W2t = in2 ? transpose(1, W2, n_in, n_out) : nullptr;
+    const T* W1t = transpose(W1, n_in, n_out);
+    const T* W2t = in2 ? transpose(W2, n_in, n_out) : nullptr;
     for (int64_t i = 0; i < N; ++i)
       combine_rows(out + i * n_out, n_out, bias, {in1 + i * n_in, 1, W1t, n_out, n_in},
                    {in2 + i * n_in, 1, W2t, n_out, in2 ? n_in : 0});
@@ -128,10 +151,7 @@ struct MlpTasks {
   FASTMETA_INLINE static void run(MlpBatch<T> b, int64_t t0, int64_t t1, T* work) {
     const MlpShape& s = b.shape;
     const int64_t P = s.num_params(), X = s.N * s.width[0], C = s.outputs();
-    int64_t largest = 0;
-    for (int l = 0; l < s.layers; ++l) largest = std::max(largest, s.width[l] * s.width[l + 1]);
-    std::vector<T> transposed(2 * largest);
-    SerialTeam<T> team{transposed.data(), largest};
+    SerialTeam<T> team(s);
     for (int64_t t = t0; t < t1; ++t) {
       MlpTaskArgs<T> a{b.params + t * b.params_stride,
                        b.x + t * X,

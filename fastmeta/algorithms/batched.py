@@ -105,23 +105,24 @@ class _TaskBatchLearner(nn.Module):
         update per task from its support set at the meta-parameters, task
         after task, as a per-task loop's first forward makes; the adapted
         forwards inside the transforms use batch statistics only."""
-        if tracking_batch_norms(self.module):
-            for task in x:
+        if self._fused_derivatives() is None and tracking_batch_norms(self.module):
+            for task in x:  # (an MLP the fused kernels run has no batch norm)
                 self.module(task)
 
     def _device(self) -> torch.device:
         return next(self.module.parameters()).device
 
-    def _inner_lr(self) -> torch.Tensor:
-        """The inner learning rate: 0-dimensional, or flat [P] (Meta-SGD)."""
-        return torch.tensor(self.inner_lr, dtype=torch.float64)
+    def _inner_lr(self, like: torch.Tensor) -> torch.Tensor:
+        """The inner learning rate: 0-dimensional, or flat [P] (Meta-SGD),
+        with the dtype and device of ``like``."""
+        return torch.tensor(self.inner_lr, dtype=like.dtype, device=like.device)
 
     def _flat_parameters_and_step_size(self):
         """The module's parameters as one flat vector theta [P] (differentiable)
         and the inner learning rate, 0 for parameters that do not require grad."""
         params = list(self.module.parameters())
         theta = torch.cat([p.reshape(-1) for p in params])
-        lr = self._inner_lr().to(theta.device, theta.dtype)
+        lr = self._inner_lr(theta)
         if not all(p.requires_grad for p in params):
             lr = lr * torch.cat([torch.full((p.numel(),), float(p.requires_grad), dtype=theta.dtype,
                                             device=theta.device) for p in params])
@@ -221,10 +222,10 @@ class BatchedMAML(_TaskBatchLearner):
         else:
             self.inner_lr = float(inner_lr)
 
-    def _inner_lr(self) -> torch.Tensor:
+    def _inner_lr(self, like: torch.Tensor) -> torch.Tensor:
         if self.learn_inner_lr:
-            return torch.cat([lr.reshape(-1) for lr in self.inner_lrs])
-        return super()._inner_lr()
+            return torch.cat([lr.reshape(-1) for lr in self.inner_lrs]).to(like.device, like.dtype)
+        return super()._inner_lr(like)
 
     def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
                 y_query: torch.Tensor, return_outputs: bool = False):

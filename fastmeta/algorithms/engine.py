@@ -326,7 +326,9 @@ class _InnerLoop(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_adapted):
         lr, x_s, y_s, grad_q, grad_x_q, *kept = ctx.saved_tensors
         _, _, _, need_theta, need_lr, need_x_s, _, need_x_q, _ = ctx.needs_input_grad
-        v = grad_q * grad_loss[:, None]
+        # The recursion is linear in each task's query gradient: v starts as
+        # the gradient itself and each task's grad_loss is applied at the end.
+        v = grad_q
         # With a scalar lr, H (lr v) = lr H v: the product is scaled, v is not copied.
         scalar_lr = lr.dim() == 0
         hvp_scale = lr if scalar_lr else lr.new_ones(())
@@ -340,14 +342,16 @@ class _InnerLoop(torch.autograd.Function):
                                                          v if scalar_lr else lr * v,
                                                          input_grad=d_x_s is not None)
             if need_lr:
-                d_lr -= (v * grad).sum_to_size(lr.shape)
+                d_lr -= (grad_loss[:, None] * v * grad).sum_to_size(lr.shape)
             if not ctx.first_order:
-                v.addcmul_(hvp, hvp_scale, value=-1)
+                v = torch.addcmul(v, hvp, hvp_scale, value=-1)
                 if d_x_s is not None:
                     d_x_s.addcmul_(hvp_x, hvp_scale, value=-1)
+        per_task = grad_loss.view(-1, *[1] * (x_s.dim() - 1))
+        d_x_s = d_x_s * per_task if d_x_s is not None else None
         d_x_q = grad_x_q * grad_loss.view(-1, *[1] * (grad_x_q.dim() - 1)) if need_x_q else None
-        return (None, None, None, v.sum(0) if need_theta else None, d_lr, d_x_s, None, d_x_q,
-                None)
+        d_theta = grad_loss @ v if need_theta else None
+        return (None, None, None, d_theta, d_lr, d_x_s, None, d_x_q, None)
 
 
 def maml_query_loss(derivatives, theta: torch.Tensor, lr: torch.Tensor, x_support: torch.Tensor,
@@ -366,6 +370,9 @@ def maml_query_loss(derivatives, theta: torch.Tensor, lr: torch.Tensor, x_suppor
     """
     if y_support.requires_grad or y_query.requires_grad:
         raise ValueError("maml_query_loss: targets that require grad are not supported; detach them")
+    # Contiguous once here, not at each of the kernels' calls.
+    x_support, y_support, x_query, y_query = (t.contiguous() for t in (x_support, y_support,
+                                                                       x_query, y_query))
     loss, adapted = _InnerLoop.apply(derivatives, int(steps), bool(first_order), theta, lr, x_support,
                                      y_support, x_query, y_query)
     return (loss, adapted) if return_adapted else loss
