@@ -100,13 +100,15 @@ class _TaskBatchLearner(nn.Module):
         return module_derivatives(self.module, self.loss)
 
     @torch.no_grad()
-    def _update_running_statistics(self, x: torch.Tensor):
+    def _update_running_statistics(self, x: torch.Tensor, derivatives=None):
         """Batch norm's running statistics (training mode, tracked) take one
         update per task from its support set at the meta-parameters, task
         after task, as a per-task loop's first forward makes; the adapted
         forwards inside the transforms use batch statistics only."""
-        if self._fused_derivatives() is None and tracking_batch_norms(self.module):
-            for task in x:  # (an MLP the fused kernels run has no batch norm)
+        if self._fused_cache is not None and derivatives is self._fused_cache[1]:
+            return  # the learner is an MLP the fused kernels run: no batch norm
+        if tracking_batch_norms(self.module):
+            for task in x:
                 self.module(task)
 
     def _device(self) -> torch.device:
@@ -236,10 +238,11 @@ class BatchedMAML(_TaskBatchLearner):
         theta, lr = self._flat_parameters_and_step_size()
         _check_tasks("BatchedMAML", theta.device, x_support=x_support, y_support=y_support,
                      x_query=x_query, y_query=y_query)
-        losses, adapted = maml_query_loss(self.derivatives(x_support, theta.dtype), theta, lr, x_support,
-                                          y_support, x_query, y_query, self.inner_steps, self.first_order,
+        derivatives = self.derivatives(x_support, theta.dtype)
+        losses, adapted = maml_query_loss(derivatives, theta, lr, x_support, y_support, x_query,
+                                          y_query, self.inner_steps, self.first_order,
                                           return_adapted=True)
-        self._update_running_statistics(x_support)
+        self._update_running_statistics(x_support, derivatives)
         if return_outputs:
             return self._meta_batch_output(losses, adapted, x_query, y_query)
         return losses.mean()
@@ -397,10 +400,11 @@ class iMAML(_TaskBatchLearner):
                      x_query=x_query, y_query=y_query)
         if y_support.requires_grad or y_query.requires_grad:
             raise ValueError("iMAML: targets that require grad are not supported; detach them")
-        losses, adapted = implicit_query_loss(self.derivatives(x_support, theta.dtype), theta, lr,
-                                              x_support, y_support, x_query, y_query, self.inner_steps,
-                                              self.lam, self.cg_steps, return_adapted=True)
-        self._update_running_statistics(x_support)
+        derivatives = self.derivatives(x_support, theta.dtype)
+        losses, adapted = implicit_query_loss(derivatives, theta, lr, x_support, y_support, x_query,
+                                              y_query, self.inner_steps, self.lam, self.cg_steps,
+                                              return_adapted=True)
+        self._update_running_statistics(x_support, derivatives)
         if return_outputs:
             return self._meta_batch_output(losses, adapted, x_query, y_query)
         return losses.mean()
