@@ -121,8 +121,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
 // Forward and gradient at once, for a loss that is weight * the sum of the
 // per-query losses of each task: per task loss [B], and its gradients. The
 // similarities of a block of queries to all keys are computed once, kept in a
-// [64, N] buffer per thread, and used for the log-sum-exp and the gradient:
-// one matrix product fewer than forward and backward apart.
+// [block, N] buffer per thread (at most 4M values: blocks of fewer queries for
+// many keys), and used for the log-sum-exp and the gradient: one matrix
+// product fewer than forward and backward apart.
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_with_grad(
     const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& target_in,
     const at::Tensor& scale_in, c10::string_view metric, double weight) {
@@ -150,7 +151,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cross_entr
                               gscale.mutable_data_ptr<T>() + block.row);
       block.apply(n0, nb, S.data() + n0, N);
     }
-  });
+  }, std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(o.N, 1)));
   return {row_loss.sum(1).mul_(weight), g.gx, g.gy, gscale};
 }
 

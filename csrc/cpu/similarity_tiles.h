@@ -28,7 +28,7 @@
 
 namespace fastmeta::cpu {
 
-constexpr int64_t kQueryBlock = 64;
+constexpr int64_t kQueryBlock = 256;  // the most queries in a block (sizes per-block arrays)
 constexpr int64_t kKeyBlock = 512;
 
 // Keeps a parameter out of template argument deduction (so it accepts nullptr).
@@ -213,15 +213,25 @@ void key_row_stats(const T* y, int64_t B, int64_t N, int64_t D, T* ay, NoDeduce<
   });
 }
 
+// Queries per block: up to kQueryBlock, so that each tile of keys read (and
+// in the backward each key gradient written) serves many queries, which
+// matters where the keys do not fit in cache; halved down to 64 while there
+// are fewer than four blocks per thread, for the balance of the threads.
+inline int64_t query_block_size(int64_t B, int64_t Q, int64_t largest = kQueryBlock) {
+  int64_t size = std::min(largest, kQueryBlock);
+  while (size > 64 && B * ((Q + size - 1) / size) < 4 * at::get_num_threads())
+    size = std::max<int64_t>(64, size / 2);
+  return size;
+}
+
 // Runs fn(b, q0, q1) for every (task, query block) pair, in parallel.
 template <typename F>
 void for_each_query_block(int64_t B, int64_t Q, F fn) {
-  int64_t blocks = (Q + kQueryBlock - 1) / kQueryBlock;
+  const int64_t size = query_block_size(B, Q), blocks = (Q + size - 1) / size;
   at::parallel_for(0, B * blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
-      int64_t b = item / blocks;
-      int64_t q0 = (item % blocks) * kQueryBlock;
-      fn(b, q0, std::min(Q, q0 + kQueryBlock));
+      const int64_t b = item / blocks, q0 = (item % blocks) * size;
+      fn(b, q0, std::min(Q, q0 + size));
     }
   });
 }
@@ -236,8 +246,9 @@ template <typename T>
 class KeyGradAccumulator {
  public:
   KeyGradAccumulator(int64_t B, int64_t Q, int64_t N, std::vector<int64_t> widths,
-                     const at::TensorOptions& options)
-      : B_(B), N_(N), blocks_((Q + kQueryBlock - 1) / kQueryBlock), widths_(std::move(widths)) {
+                     const at::TensorOptions& options, int64_t largest_block)
+      : B_(B), N_(N), size_(query_block_size(B, Q, largest_block)), blocks_((Q + size_ - 1) / size_),
+        widths_(std::move(widths)) {
     chunks_ = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B_ * blocks_));
     for (int64_t w : widths_) buffers_.push_back(at::empty({chunks_, B_, N_, w}, options));
   }
@@ -251,7 +262,7 @@ class KeyGradAccumulator {
       for (int64_t c = begin; c < end; ++c) {
         int64_t current = -1;
         for (int64_t item = first_item(c); item < first_item(c + 1); ++item) {
-          const int64_t b = item / blocks_, q0 = (item % blocks_) * kQueryBlock;
+          const int64_t b = item / blocks_, q0 = (item % blocks_) * size_;
           if (b != current) {
             for (size_t f = 0; f < buffers_.size(); ++f) {
               rows[f] = slice(f, c, b);
@@ -259,7 +270,7 @@ class KeyGradAccumulator {
             }
             current = b;
           }
-          fn(b, q0, std::min(Q, q0 + kQueryBlock), rows.data());
+          fn(b, q0, std::min(Q, q0 + size_), rows.data());
         }
       }
     });
@@ -294,7 +305,7 @@ class KeyGradAccumulator {
     return buffers_[f].template mutable_data_ptr<T>() + (c * B_ + b) * N_ * widths_[f];
   }
 
-  int64_t B_, N_, blocks_, chunks_;
+  int64_t B_, N_, size_, blocks_, chunks_;
   std::vector<int64_t> widths_;
   std::vector<at::Tensor> buffers_;
 };
@@ -360,10 +371,11 @@ struct SimilarityGradients {
   std::vector<at::Tensor> extra;
 };
 
+// Blocks have at most largest_block queries.
 template <typename PerBlock>
 SimilarityGradients similarity_backward(const SimilarityOperands& o,
                                         const std::vector<int64_t>& extra_widths,
-                                        PerBlock per_block) {
+                                        PerBlock per_block, int64_t largest_block = kQueryBlock) {
   const at::Tensor &x = o.x, &y = o.y;
   const int64_t B = o.B, Q = o.Q, N = o.N, D = o.D;
   SimilarityGradients out{at::empty_like(x), at::Tensor(), {}};
@@ -371,7 +383,7 @@ SimilarityGradients similarity_backward(const SimilarityOperands& o,
   std::vector<int64_t> widths = {D, 1};
   widths.insert(widths.end(), extra_widths.begin(), extra_widths.end());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta: similarity backward", [&] {
-    KeyGradAccumulator<scalar_t> keys(B, Q, N, widths, x.options());
+    KeyGradAccumulator<scalar_t> keys(B, Q, N, widths, x.options(), largest_block);
     FASTMETA_DISPATCH_METRIC(o.metric, [&] {
       const scalar_t* yp = y.const_data_ptr<scalar_t>();
       key_row_stats<M>(yp, B, N, D, ay.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>());

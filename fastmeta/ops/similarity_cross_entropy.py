@@ -10,7 +10,8 @@ __all__ = ["similarity_cross_entropy"]
 # A reduced loss that needs gradients takes the fused forward-and-gradient op
 # for this many keys: it saves a [Q, N, D] matrix product but costs a pass over
 # the gradients (scaled by the output gradient), so it pays for many keys; and
-# it keeps a [64, N] buffer of similarities per thread, so it stops at 65536.
+# it keeps a [block, N] buffer of similarities per thread (at most 16 MiB in
+# float32 down to blocks of 64 queries), so it stops at 65536.
 FUSED_KEYS = range(256, 65536 + 1)
 
 
