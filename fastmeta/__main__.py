@@ -10,6 +10,7 @@ import torch
 def info() -> str:
     import fastmeta
     from fastmeta import _build_config
+    from fastmeta.bench.runner import cpu_kernel_isas, format_cpu_kernel_isas
 
     build = fastmeta._C.build_info()
     lines = [
@@ -19,8 +20,8 @@ def info() -> str:
         + (f" ({torch.cuda.get_device_name()})" if torch.cuda.is_available() else ""),
         f"CUDA kernels compiled in: {'yes' if build['with_cuda'] else 'no'}"
         + (f", architectures: {_build_config.CUDA_ARCHS or 'PyTorch default'}" if build["with_cuda"] else ""),
-        f"CPU kernels (similarity, LSTM, MLP families) use: {fastmeta._C.cpu_isa()} vector "
-        "instructions (FASTMETA_CPU_ISA=avx2|baseline caps them)",
+        f"CPU kernels' vector instructions, by family: {format_cpu_kernel_isas(cpu_kernel_isas())} "
+        "(FASTMETA_CPU_ISA=avx2|baseline caps the families compiled for several)",
         "ops run on: CPU kernels for CPU tensors"
         + ("; CUDA kernels for CUDA tensors" if build["with_cuda"] else
            "; CUDA tensors are not supported by this build (rebuild with nvcc and a CUDA PyTorch)"),
@@ -66,8 +67,10 @@ def main(argv=None) -> int:
     machine = runner.machine()
     print(f"fastmeta bench on {args.device}: {machine['cpu']}"
           + (f", {machine['gpu']}" if args.device == "cuda"
-             else f", {machine['threads']} threads, {machine['cpu_isa']} CPU kernels")
+             else f", {machine['threads']} threads")
           + f", PyTorch {machine['torch']}, {machine['date']}")
+    if args.device == "cpu":
+        print(f"CPU kernels: {runner.format_cpu_kernel_isas(machine['cpu_kernels'])}")
     print(f"cases: {', '.join(names)}" + ("" if args.all or args.cases else " (--all for every case)"))
     print(runner.format_header(), flush=True)
     rows = []

@@ -2,6 +2,10 @@
 meta-learner) against nn.LSTMCell compositions, and the modules built on them."""
 
 import copy
+import os
+import subprocess
+import sys
+import textwrap
 
 import pytest
 import torch
@@ -78,6 +82,36 @@ def test_in_place_step_equals_functional_step(device, dtype):
     ops.l2o_lstm_step_(param, grad, state, weights)
     torch.testing.assert_close(param, expected_param, rtol=0, atol=0)
     torch.testing.assert_close(state, new_state, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("huge_pages", ["1", "0"])
+def test_large_outputs_on_huge_pages_or_not_match_reference(huge_pages):
+    """State of 12.8 MB (float32): the CPU kernels advise huge pages for
+    outputs of 8 MB and more, unless FASTMETA_HUGE_PAGES=0."""
+    script = textwrap.dedent("""
+        import torch
+        from fastmeta import ops, reference
+        from fastmeta.testing import assert_close_to_reference
+        P = 40000
+        g = torch.Generator().manual_seed(0)
+        grad = torch.randn(P, generator=g) * 1e-2
+        state = (0.5 * torch.randn(2, 2, 20, P, generator=g)).requires_grad_()
+        weights = (0.3 * torch.randn(ops.l2o_num_weights(2, 20), generator=g)).requires_grad_()
+        outputs = ops.l2o_lstm_step(grad, state, weights)
+        state64, weights64 = (t.detach().double().requires_grad_() for t in (state, weights))
+        expected = reference.l2o_lstm_step(grad.double(), state64, weights64)
+        for a, e in zip(outputs, expected):
+            assert_close_to_reference(a, e, torch.float32)
+        upstream = [torch.randn_like(e) for e in expected]
+        got = torch.autograd.grad(outputs, (state, weights), [u.float() for u in upstream])
+        want = torch.autograd.grad(expected, (state64, weights64), upstream)
+        for a, e in zip(got, want):
+            assert_close_to_reference(a, e, torch.float32)
+        print("ok")
+    """)
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                            env=dict(os.environ, FASTMETA_HUGE_PAGES=huge_pages), timeout=300)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
 def smooth_gradients(inputs):

@@ -46,8 +46,10 @@ def test_info_names_the_cpu_instruction_set_and_its_cap():
     capped = subprocess.run([sys.executable, "-m", "fastmeta", "info"], capture_output=True, text=True,
                             env={**os.environ, "FASTMETA_CPU_ISA": "baseline"})
     assert capped.returncode == 0
-    assert ("use: baseline vector instructions" in capped.stdout
-            or "use: portable vector instructions" in capped.stdout)
+    line = next(l for l in capped.stdout.splitlines() if "vector instructions, by family" in l)
+    for family in ("similarity", "lstm", "mlp", "model-based", "prototypes"):
+        assert f"{family} baseline" in line or f"{family} portable" in line, line
+    assert "blas PyTorch's" in line
 
 
 def test_bench_command_prints_a_table_and_writes_json(tmp_path, capsys):
@@ -55,9 +57,12 @@ def test_bench_command_prints_a_table_and_writes_json(tmp_path, capsys):
     assert main(["bench", "--case", "proto_episode", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "proto_episode" in out and "speedup" in out
-    assert "avx" in out or "baseline CPU kernels" in out or "portable CPU kernels" in out
+    isa = fastmeta._C.cpu_isa()
+    assert f"CPU kernels: similarity {isa}, lstm {isa}, mlp {isa}" in out
     written = json.loads(path.read_text())
-    assert written["machine"]["cpu_isa"] == fastmeta._C.cpu_isa()
+    assert written["machine"]["cpu_isa"] == isa
+    assert written["machine"]["cpu_kernels"]["lstm"] == isa
+    assert written["machine"]["cpu_kernels"]["prototypes"] == "baseline"
     results = written["results"]
     assert {r["baseline"] for r in results} == {"eager (cdist)", "eager (matmul)"}
     for r in results:

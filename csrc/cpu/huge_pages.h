@@ -3,13 +3,16 @@
 // cost the LSTM kernels as much time as their arithmetic; asking the kernel
 // for 2 MiB pages (what PyTorch does for every allocation under
 // THP_MEM_ALLOC_ENABLE=1) makes them 512 times fewer. Only advice: where
-// huge pages are off or unavailable nothing changes.
+// huge pages are off or unavailable nothing changes; FASTMETA_HUGE_PAGES=0
+// turns it off.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty_like.h>
 
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -27,7 +30,11 @@ inline at::Tensor empty_like_large(const at::Tensor& like) {
   const auto begin = reinterpret_cast<uintptr_t>(out.data_ptr());
   const uintptr_t end = begin + out.nbytes();
   const uintptr_t first = (begin + page - 1) / page * page, last = end / page * page;
-  if (out.nbytes() >= kLarge && last > first)
+  static const bool wanted = [] {
+    const char* setting = std::getenv("FASTMETA_HUGE_PAGES");
+    return setting == nullptr || std::strcmp(setting, "0") != 0;
+  }();
+  if (wanted && out.nbytes() >= kLarge && last > first)
     madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);  // advice: errors ignored
 #endif
   return out;

@@ -95,12 +95,42 @@ def run(names: List[str], device: str, memory: bool = True, progress: bool = Fal
                 }
 
 
+# The CPU kernels by family, and whether their loops are compiled for AVX-512,
+# AVX2 and baseline x86-64 with the widest the CPU has chosen at run time
+# (FASTMETA_CPU_ISA caps the choice), or compiled for baseline x86-64 only.
+CPU_KERNEL_FAMILIES = {
+    "similarity": (("similarity_log_softmax", "similarity_cross_entropy", "attention_readout",
+                    "pairwise_distance", "relation_pair_pool"), True),
+    "lstm": (("l2o_lstm_step", "meta_lstm_step", "matching_attention_lstm"), True),
+    "mlp": (("mlp_task_derivatives",), True),
+    "model-based": (("mann_memory", "gnn_adjacency"), True),
+    "prototypes": (("class_prototypes", "contrastive_loss"), False),
+}
+
+
+def cpu_kernel_isas() -> Dict[str, str]:
+    """The vector instructions each CPU kernel family runs with, and (``blas``)
+    what PyTorch's own kernels use; every family's matrix products go through
+    PyTorch's BLAS."""
+    import fastmeta
+
+    isa = fastmeta._C.cpu_isa()
+    isas = {family: isa if dispatched else "baseline"
+            for family, (_, dispatched) in CPU_KERNEL_FAMILIES.items()}
+    isas["blas"] = f"PyTorch's ({torch.backends.cpu.get_cpu_capability().lower()})"
+    return isas
+
+
+def format_cpu_kernel_isas(isas: Dict[str, str]) -> str:
+    return ", ".join(f"{family} {isa}" for family, isa in isas.items())
+
+
 def machine() -> Dict:
     import fastmeta
 
     info = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "cpu_isa": fastmeta._C.cpu_isa()}
+            "cpu_isa": fastmeta._C.cpu_isa(), "cpu_kernels": cpu_kernel_isas()}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
