@@ -236,18 +236,24 @@ def test_first_order_batched_maml_equals_the_per_task_loop():
         assert relative_error(p.grad, w) < 1e-9
 
 
+def assert_generic_path_matches_loop(net, inner_lr, x_s, y_s, x_q, y_q):
+    """BatchedMAML's generic path (2 inner steps, cross-entropy) gives the
+    per-task create_graph loop's meta-gradient."""
+    bm = BatchedMAML(net, inner_lr, inner_steps=2, loss="cross_entropy")
+    assert not bm.fused
+    bm(x_s, y_s, x_q, y_q).backward()
+    want = torch.autograd.grad(reference.maml_query_losses_loop(
+        net, F.cross_entropy, inner_lr, 2, x_s, y_s, x_q, y_q).mean(), list(net.parameters()))
+    for p, w in zip(net.parameters(), want):
+        assert relative_error(p.grad, w) < 1e-9
+
+
 def test_batched_maml_generic_path_for_a_conv_learner():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)).double()
     x_s, x_q = torch.randn(2, 4, 1, 6, 6, dtype=torch.float64), torch.randn(2, 8, 1, 6, 6, dtype=torch.float64)
     y_s, y_q = torch.arange(4).repeat(2, 1), torch.arange(4).repeat(2, 2)
-    bm = BatchedMAML(net, 0.5, inner_steps=2, loss="cross_entropy")
-    assert not bm.fused
-    bm(x_s, y_s, x_q, y_q).backward()
-    want = torch.autograd.grad(reference.maml_query_losses_loop(
-        net, F.cross_entropy, 0.5, 2, x_s, y_s, x_q, y_q).mean(), list(net.parameters()))
-    for p, w in zip(net.parameters(), want):
-        assert relative_error(p.grad, w) < 1e-9
+    assert_generic_path_matches_loop(net, 0.5, x_s, y_s, x_q, y_q)
 
 
 def test_anil_head_adaptation_trains_the_body():
@@ -346,13 +352,7 @@ def test_generic_path_runs_learners_that_contain_fastmeta_ops():
     net = DistanceHead().double()
     x_s, x_q = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 6, 3, dtype=torch.float64)
     y_s, y_q = torch.randint(0, 2, (3, 4)), torch.randint(0, 2, (3, 6))
-    bm = BatchedMAML(net, 0.3, inner_steps=2, loss="cross_entropy")
-    assert not bm.fused
-    bm(x_s, y_s, x_q, y_q).backward()
-    want = torch.autograd.grad(reference.maml_query_losses_loop(
-        net, F.cross_entropy, 0.3, 2, x_s, y_s, x_q, y_q).mean(), list(net.parameters()))
-    for p, w in zip(net.parameters(), want):
-        assert relative_error(p.grad, w) < 1e-9
+    assert_generic_path_matches_loop(net, 0.3, x_s, y_s, x_q, y_q)
 
 
 def test_batched_maml_does_not_adapt_frozen_parameters():

@@ -118,6 +118,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
   return {g.gx, g.gy, gscale};
 }
 
+// The most similarities the fused op keeps per thread.
+constexpr int64_t kFusedBufferValues = int64_t(1) << 22;
+
 // Forward and gradient at once, for a loss that is weight * the sum of the
 // per-query losses of each task: per task loss [B], and its gradients. The
 // similarities of a block of queries to all keys are computed once, kept in a
@@ -151,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cross_entr
                               gscale.mutable_data_ptr<T>() + block.row);
       block.apply(n0, nb, S.data() + n0, N);
     }
-  }, std::max<int64_t>(1, (int64_t(1) << 22) / std::max<int64_t>(o.N, 1)));
+  }, std::max<int64_t>(1, kFusedBufferValues / std::max<int64_t>(o.N, 1)));
   return {row_loss.sum(1).mul_(weight), g.gx, g.gy, gscale};
 }
 

@@ -347,9 +347,11 @@ class _InnerLoop(torch.autograd.Function):
                 v = torch.addcmul(v, hvp, hvp_scale, value=-1)
                 if d_x_s is not None:
                     d_x_s.addcmul_(hvp_x, hvp_scale, value=-1)
-        per_task = grad_loss.view(-1, *[1] * (x_s.dim() - 1))
-        d_x_s = d_x_s * per_task if d_x_s is not None else None
-        d_x_q = grad_x_q * grad_loss.view(-1, *[1] * (grad_x_q.dim() - 1)) if need_x_q else None
+        def per_task(t):  # each task's rows times its grad_loss
+            return t * grad_loss.view(-1, *[1] * (t.dim() - 1))
+
+        d_x_s = per_task(d_x_s) if d_x_s is not None else None
+        d_x_q = per_task(grad_x_q) if need_x_q else None
         d_theta = grad_loss @ v if need_theta else None
         return (None, None, None, d_theta, d_lr, d_x_s, None, d_x_q, None)
 

@@ -95,17 +95,16 @@ def run(names: List[str], device: str, memory: bool = True, progress: bool = Fal
                 }
 
 
-# The CPU kernels by family, and whether their loops are compiled for AVX-512,
+# The CPU kernel families, and whether their loops are compiled for AVX-512,
 # AVX2 and baseline x86-64 with the widest the CPU has chosen at run time
-# (FASTMETA_CPU_ISA caps the choice), or compiled for baseline x86-64 only.
-CPU_KERNEL_FAMILIES = {
-    "similarity": (("similarity_log_softmax", "similarity_cross_entropy", "attention_readout",
-                    "pairwise_distance", "relation_pair_pool"), True),
-    "lstm": (("l2o_lstm_step", "meta_lstm_step", "matching_attention_lstm"), True),
-    "mlp": (("mlp_task_derivatives",), True),
-    "model-based": (("mann_memory", "gnn_adjacency"), True),
-    "prototypes": (("class_prototypes", "contrastive_loss"), False),
-}
+# (FASTMETA_CPU_ISA caps the choice), or compiled for baseline x86-64 only:
+# similarity (similarity_log_softmax, similarity_cross_entropy,
+# attention_readout, pairwise_distance, relation_pair_pool); lstm
+# (l2o_lstm_step, meta_lstm_step, matching_attention_lstm); mlp
+# (mlp_task_derivatives); model-based (mann_memory, gnn_adjacency);
+# prototypes (class_prototypes, contrastive_loss).
+CPU_KERNEL_FAMILIES = {"similarity": True, "lstm": True, "mlp": True, "model-based": True,
+                       "prototypes": False}
 
 
 def cpu_kernel_isas() -> Dict[str, str]:
@@ -116,7 +115,7 @@ def cpu_kernel_isas() -> Dict[str, str]:
 
     isa = fastmeta._C.cpu_isa()
     isas = {family: isa if dispatched else "baseline"
-            for family, (_, dispatched) in CPU_KERNEL_FAMILIES.items()}
+            for family, dispatched in CPU_KERNEL_FAMILIES.items()}
     isas["blas"] = f"PyTorch's ({torch.backends.cpu.get_cpu_capability().lower()})"
     return isas
 
