@@ -9,19 +9,23 @@
 // product h_k [W_hh^T, g^T] (recurrent gates and attention logits together),
 // a softmax, one [Q, S] x [S, 4D] product and a fused gate loop. The forward
 // saves each step's input hidden state, cell state, attention and activated
-// gates for the backward, which runs the steps in reverse.
+// gates for the backward, which runs the steps in reverse. Each thread runs
+// its blocks of queries through all the steps (QueryBlocks).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <limits>
+#include <vector>
+
 #include "../math/lstm.h"
 #include "../operands/matching.h"
+#include "gemm.h"
 #include "row_math.h"
 
 namespace fastmeta::cpu {
 namespace {
-
-constexpr int64_t kRowsPerTask = 32;
 
 // One step's gates over rows [begin, end): `gates` holds the read terms and
 // receives the activated gates; `constant` the input terms and bias;
@@ -76,45 +80,124 @@ struct GatesBackward {
   }
 };
 
+// Softmax of rows [0, n) of the attention logits (row stride `ld`) into
+// `attention` [n, S].
+struct AttentionSoftmax {
+  template <typename T>
+  FASTMETA_INLINE static void run(int64_t n, int64_t S, const T* logits, int64_t ld, T* attention) {
+    for (int64_t r = 0; r < n; ++r) {
+      const T* l = logits + r * ld;
+      T* a = attention + r * S;
+      T top = -std::numeric_limits<T>::infinity();
+      for (int64_t j = 0; j < S; ++j) top = l[j] > top ? l[j] : top;
+      T sum = 0;
+      for (int64_t j = 0; j < S; ++j) {
+        a[j] = exp_fast(l[j] - top);
+        sum += a[j];
+      }
+      const T scale = T(1) / sum;
+      for (int64_t j = 0; j < S; ++j) a[j] *= scale;
+    }
+  }
+};
+
+// Its backward for rows [0, n): logit gradients a * (g - sum_j a_j g_j)
+// (row stride `ld`) from the attention [n, S] and its gradient [n, S].
+struct AttentionSoftmaxBackward {
+  template <typename T>
+  FASTMETA_INLINE static void run(int64_t n, int64_t S, const T* attention, const T* grad_attention,
+                                  T* grad_logits, int64_t ld) {
+    for (int64_t r = 0; r < n; ++r) {
+      const T* a = attention + r * S;
+      const T* g = grad_attention + r * S;
+      T* out = grad_logits + r * ld;
+      T dot = 0;
+      for (int64_t j = 0; j < S; ++j) dot += a[j] * g[j];
+      for (int64_t j = 0; j < S; ++j) out[j] = a[j] * (g[j] - dot);
+    }
+  }
+};
+
+// The recurrence runs each query's rows independently of the others', so
+// each thread takes blocks of one episode's queries through all K steps
+// with single-threaded products: no synchronisation between steps. Blocks
+// of at most kMaxBlockRows queries, at least one per thread where there are
+// enough queries.
+constexpr int64_t kMaxBlockRows = 128;
+
+struct QueryBlocks {
+  int64_t per_episode, rows;
+
+  QueryBlocks(int64_t B, int64_t Q) {
+    const int64_t wanted = std::max<int64_t>(1, (at::get_num_threads() + B - 1) / std::max<int64_t>(B, 1));
+    rows = std::max<int64_t>(1, std::min(kMaxBlockRows, (Q + wanted - 1) / wanted));
+    per_episode = (Q + rows - 1) / rows;
+  }
+
+  // Runs f(episode, first query, number of queries) for every block, in parallel.
+  template <typename F>
+  void for_each(int64_t B, int64_t Q, F f) const {
+    at::parallel_for(0, B * per_episode, 1, [&](int64_t first, int64_t last) {
+      for (int64_t block = first; block < last; ++block) {
+        const int64_t b = block / per_episode, q0 = (block % per_episode) * rows;
+        f(b, q0, std::min(rows, Q - q0));
+      }
+    });
+  }
+};
+
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> matching_attention_lstm(
     const at::Tensor& query_in, const at::Tensor& support_in, const at::Tensor& weight_ih_in,
     const at::Tensor& weight_hh_in, const at::Tensor& bias_in, int64_t steps) {
   const AttentionLstmOperands o =
       attention_lstm_operands(query_in, support_in, weight_ih_in, weight_hh_in, bias_in, steps);
-  const int64_t B = o.B, Q = o.Q, S = o.S, D = o.D, K = o.K, R = B * Q;
+  const int64_t B = o.B, Q = o.Q, S = o.S, D = o.D, K = o.K, R = B * Q, F = 4 * D + S;
   const at::Tensor &query = o.query, &support = o.support;
-  const at::Tensor constant =
-      at::addmm(o.bias, query.view({R, D}), o.weight_ih.narrow(1, 0, D).t()).view({B, Q, 4 * D});
-  const at::Tensor support_gates = at::matmul(support, o.weight_ih.narrow(1, D, D).t());
+  const at::Tensor constant = at::addmm(o.bias, query.view({R, D}), o.weight_ih.narrow(1, 0, D).t());
+  const at::Tensor support_gates = at::matmul(support, o.weight_ih.narrow(1, D, D).t()).contiguous();
+  // Per episode [W_hh^T, g^T] [D, 4D + S]: recurrent gates and attention logits in one product.
   const at::Tensor keys =
       at::cat({o.weight_hh.t().unsqueeze(0).expand({B, D, 4 * D}), support.transpose(1, 2)}, 2);
   at::Tensor hiddens = at::empty({K, B, Q, D}, query.options());
   at::Tensor cells = at::empty({K, B, Q, D}, query.options());
   at::Tensor attention = at::empty({K, B, Q, S}, query.options());
   at::Tensor gates = at::empty({K, B, Q, 4 * D}, query.options());
-  const at::Tensor zero_cell = at::zeros_like(query);  // c_0, branch-free in the gate loops
-  at::Tensor hidden = K ? hiddens[0] : query.clone();
-  if (K) hidden.copy_(query);
-  for (int64_t k = 0; k < K; ++k) {
-    const at::Tensor both = at::bmm(hidden, keys);
-    at::Tensor attention_k = attention[k], gates_k = gates[k];
-    at::softmax_out(attention_k, both.narrow(2, 4 * D, S), 2);
-    at::bmm_out(gates_k, attention_k, support_gates);
-    at::Tensor next = k + 1 < K ? hiddens[k + 1] : at::empty_like(query);
-    AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastmeta::matching_attention_lstm", [&] {
-      scalar_t* g = gates_k.mutable_data_ptr<scalar_t>();
-      const scalar_t* a = constant.const_data_ptr<scalar_t>();
-      const scalar_t* rec = both.const_data_ptr<scalar_t>();
-      const scalar_t* c_prev = (k ? cells[k - 1] : zero_cell).const_data_ptr<scalar_t>();
-      scalar_t* c = cells[k].mutable_data_ptr<scalar_t>();
-      const scalar_t* q = query.const_data_ptr<scalar_t>();
-      scalar_t* h = next.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, R, kRowsPerTask, [&](int64_t begin, int64_t end) {
-        run_loop<GatesForward>(begin, end, D, g, a, rec, 4 * D + S, c_prev, c, q, h);
-      });
+  at::Tensor hidden = at::empty_like(query);
+  if (K == 0) hidden.copy_(query);
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastmeta::matching_attention_lstm", [&] {
+    using T = scalar_t;
+    const T* q_all = query.const_data_ptr<T>();
+    const T* constant_all = constant.const_data_ptr<T>();
+    const T* keys_all = keys.const_data_ptr<T>();
+    const T* support_gates_all = support_gates.const_data_ptr<T>();
+    T* hiddens_all = hiddens.mutable_data_ptr<T>();
+    T* cells_all = cells.mutable_data_ptr<T>();
+    T* attention_all = attention.mutable_data_ptr<T>();
+    T* gates_all = gates.mutable_data_ptr<T>();
+    T* out_all = hidden.mutable_data_ptr<T>();
+    const QueryBlocks blocks(B, Q);
+    blocks.for_each(B, Q, [&](int64_t b, int64_t q0, int64_t n) {
+      const int64_t row = b * Q + q0;  // first row of the block in [B * Q]
+      std::vector<T> both(n * F), zero_cell(n * D, T(0));
+      const T* q = q_all + row * D;
+      if (K) std::copy(q, q + n * D, hiddens_all + row * D);
+      for (int64_t k = 0; k < K; ++k) {
+        const int64_t at_k = k * R + row;
+        const T* h = hiddens_all + at_k * D;
+        T* a = attention_all + at_k * S;
+        T* g = gates_all + at_k * 4 * D;
+        gemm(false, false, n, F, D, h, D, keys_all + b * D * F, F, T(0), both.data(), F);
+        run_loop<AttentionSoftmax>(n, S, static_cast<const T*>(both.data() + 4 * D), F, a);
+        gemm(false, false, n, 4 * D, S, static_cast<const T*>(a), S, support_gates_all + b * S * 4 * D,
+             4 * D, T(0), g, 4 * D);
+        T* next = k + 1 < K ? hiddens_all + (at_k + R) * D : out_all + row * D;
+        run_loop<GatesForward>(int64_t{0}, n, D, g, constant_all + row * 4 * D,
+                               static_cast<const T*>(both.data()), F,
+                               static_cast<const T*>(k ? cells_all + (at_k - R) * D : zero_cell.data()),
+                               cells_all + at_k * D, q, next);
+      }
     });
-    hidden = next;
-  }
+  });
   return {hidden, hiddens, cells, attention, gates};
 }
 
@@ -127,45 +210,52 @@ matching_attention_lstm_backward(const at::Tensor& grad_in, const at::Tensor& qu
   const AttentionLstmOperands o =
       attention_lstm_backward_operands(grad_in, query_in, support_in, weight_ih_in, weight_hh_in,
                                        hiddens_in, cells_in, attention_in, gates_in);
-  const int64_t B = o.B, Q = o.Q, S = o.S, D = o.D, K = o.K, R = B * Q;
+  const int64_t B = o.B, Q = o.Q, S = o.S, D = o.D, K = o.K, R = B * Q, F = 4 * D + S;
   const at::Tensor &query = o.query, &support = o.support;
   const at::Tensor weight_query = o.weight_ih.narrow(1, 0, D);
   const at::Tensor weight_read = o.weight_ih.narrow(1, D, D);
   // Recomputed rather than saved: [B, S, 4D] is one small product.
-  const at::Tensor support_gates = at::matmul(support, weight_read.t());
+  const at::Tensor support_gates = at::matmul(support, weight_read.t()).contiguous();
   const at::Tensor keys_t =
       at::cat({o.weight_hh.unsqueeze(0).expand({B, 4 * D, D}), support}, 1);  // [B, 4D + S, D]
   // Each step's gradients of the gates and of the attention logits, side by
   // side as the forward's product h [W_hh^T, g^T] produced them.
-  at::Tensor grad_both = at::empty({K, B, Q, 4 * D + S}, query.options());
-  at::Tensor grad_hidden = o.grad.clone();
-  at::Tensor grad_cell = at::zeros_like(grad_hidden);
-  const at::Tensor zero_cell = at::zeros_like(query);
-  at::Tensor grad_query = at::zeros_like(query);
-  for (int64_t k = K - 1; k >= 0; --k) {
-    grad_query.add_(grad_hidden);  // h_{k+1} = ... + query
-    at::Tensor grad_both_k = grad_both[k];
-    AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastmeta::matching_attention_lstm_backward",
-                               [&] {
-      const scalar_t* g = o.gates[k].const_data_ptr<scalar_t>();
-      const scalar_t* c = o.cells[k].const_data_ptr<scalar_t>();
-      const scalar_t* c_prev = (k ? o.cells[k - 1] : zero_cell).const_data_ptr<scalar_t>();
-      const scalar_t* dh = grad_hidden.const_data_ptr<scalar_t>();
-      scalar_t* dc = grad_cell.mutable_data_ptr<scalar_t>();
-      scalar_t* dg = grad_both_k.mutable_data_ptr<scalar_t>();
-      at::parallel_for(0, R, kRowsPerTask, [&](int64_t begin, int64_t end) {
-        run_loop<GatesBackward>(begin, end, D, g, c, c_prev, dh, dc, dg, 4 * D + S);
-      });
+  at::Tensor grad_both = at::empty({K, B, Q, F}, query.options());
+  at::Tensor grad_query = at::empty_like(query);
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastmeta::matching_attention_lstm_backward", [&] {
+    using T = scalar_t;
+    const T* grad_all = o.grad.const_data_ptr<T>();
+    const T* keys_t_all = keys_t.const_data_ptr<T>();
+    const T* support_gates_all = support_gates.const_data_ptr<T>();
+    const T* cells_all = o.cells.const_data_ptr<T>();
+    const T* attention_all = o.attention.const_data_ptr<T>();
+    const T* gates_all = o.gates.const_data_ptr<T>();
+    T* grad_both_all = grad_both.mutable_data_ptr<T>();
+    T* grad_query_all = grad_query.mutable_data_ptr<T>();
+    const QueryBlocks blocks(B, Q);
+    blocks.for_each(B, Q, [&](int64_t b, int64_t q0, int64_t n) {
+      const int64_t row = b * Q + q0;
+      std::vector<T> grad_hidden(grad_all + row * D, grad_all + (row + n) * D);
+      std::vector<T> grad_cell(n * D, T(0)), zero_cell(n * D, T(0)), grad_attention(n * S);
+      T* dq = grad_query_all + row * D;
+      std::fill(dq, dq + n * D, T(0));
+      for (int64_t k = K - 1; k >= 0; --k) {
+        const int64_t at_k = k * R + row;
+        for (int64_t i = 0; i < n * D; ++i) dq[i] += grad_hidden[i];  // h_{k+1} = ... + query
+        T* dg = grad_both_all + at_k * F;
+        run_loop<GatesBackward>(int64_t{0}, n, D, gates_all + at_k * 4 * D, cells_all + at_k * D,
+                                k ? cells_all + (at_k - R) * D : static_cast<const T*>(zero_cell.data()),
+                                static_cast<const T*>(grad_hidden.data()), grad_cell.data(), dg, F);
+        gemm(false, true, n, S, 4 * D, static_cast<const T*>(dg), F, support_gates_all + b * S * 4 * D,
+             4 * D, T(0), grad_attention.data(), S);
+        run_loop<AttentionSoftmaxBackward>(n, S, attention_all + at_k * S,
+                                           static_cast<const T*>(grad_attention.data()), dg + 4 * D, F);
+        gemm(false, false, n, D, F, static_cast<const T*>(dg), F, keys_t_all + b * F * D, D, T(0),
+             grad_hidden.data(), D);
+      }
+      for (int64_t i = 0; i < n * D; ++i) dq[i] += grad_hidden[i];  // h_0 = query
     });
-    const at::Tensor attention_k = o.attention[k];
-    const at::Tensor grad_attention =
-        at::bmm(grad_both_k.narrow(2, 0, 4 * D), support_gates.transpose(1, 2));
-    grad_both_k.narrow(2, 4 * D, S)
-        .copy_(at::_softmax_backward_data(grad_attention, attention_k, 2,
-                                          attention_k.scalar_type()));
-    grad_hidden = at::bmm(grad_both_k, keys_t);
-  }
-  grad_query.add_(grad_hidden);  // h_0 = query
+  });
   // Sums over the steps, as single products over all of them.
   const at::Tensor grad_gates = grad_both.narrow(3, 0, 4 * D);
   const at::Tensor grad_logits = grad_both.narrow(3, 4 * D, S);
