@@ -16,7 +16,8 @@ def operands(B, Q, S, D, dtype=torch.float64, device="cpu", bias=True, seed=0):
 
 
 SHAPES = [(2, 3, 4, 5, None), (1, 1, 1, 1, 1), (3, 7, 5, 6, 0), (2, 0, 3, 4, 2), (2, 3, 0, 4, 2),
-          (3, 5, 2, 3, 7), (1, 300, 20, 64, None), (4, 17, 9, 13, 3)]
+          (3, 5, 2, 3, 7), (1, 300, 20, 64, None), (4, 17, 9, 13, 3),
+          (2, 301, 5, 3, 2)]  # several blocks of queries per episode, the last one short
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -52,6 +53,16 @@ def test_without_bias_and_the_composite_path_of_other_devices():
     torch.testing.assert_close(ops.matching_attention_lstm(*inputs), expected)
     zeros = torch.zeros(20, dtype=torch.float64)
     torch.testing.assert_close(_composite(*inputs, zeros, 3), expected)
+
+
+def test_nan_stays_in_its_query():
+    query, support, *weights = [t.detach() for t in operands(2, 5, 3, 4)]
+    query[1, 2, 0] = float("nan")
+    out = ops.matching_attention_lstm(query, support, *weights)
+    assert out[1, 2].isnan().all()
+    finite = torch.ones(2, 5, dtype=torch.bool)
+    finite[1, 2] = False
+    torch.testing.assert_close(out[finite], reference.matching_attention_lstm(query, support, *weights)[finite])
 
 
 def test_opcheck():
