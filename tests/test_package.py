@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -93,3 +94,13 @@ def test_bench_prints_each_row_as_measured_and_defaults_to_a_subset(monkeypatch,
     assert main(["bench"]) == 0
     assert "(--all for every case)" in printed_before[0] and "speedup" in printed_before[0]
     assert printed_before[1].startswith(cases.DEFAULT_CASES[0])  # the first row came out on its own
+
+
+def test_bench_times_fastmeta_and_its_baselines_interleaved():
+    from fastmeta.bench import runner
+
+    calls = []
+    fns = [lambda: calls.append("fast"), lambda: time.sleep(0.002) or calls.append("base")]
+    fast_s, base_s = runner.time_callables(fns, "cpu", min_time=0, min_repeats=7)
+    assert calls == ["fast"] * 2 + ["base"] * 2 + ["fast", "base"] * 7  # warm-up, then one of each per round
+    assert base_s >= 0.002 > fast_s

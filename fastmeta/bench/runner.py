@@ -1,40 +1,53 @@
-"""Times benchmark variants: median after warm-up, in one process, and peak
-memory of one call."""
+"""Times benchmark variants: median after warm-up, in one process, fastmeta
+and its baselines interleaved, and peak memory of one call."""
 
 import json
 import ctypes
 import platform
 import statistics
 import time
-from typing import Callable, Dict, Iterator, List, Optional
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
 from . import cases
 
-__all__ = ["time_callable", "run", "format_header", "format_row"]
+__all__ = ["time_callable", "time_callables", "run", "format_header", "format_row"]
+
+
+def time_callables(fns: Sequence[Callable[[], None]], device: str, min_time: float = 1.0,
+                   min_repeats: int = 5, max_repeats: int = 50) -> List[float]:
+    """Median seconds per call of each of ``fns`` after two warm-up calls,
+    the calls interleaved (one of each per round) so that a drift of the
+    machine's speed during the measurement falls on all of them alike."""
+    for fn in fns:
+        for _ in range(2):
+            fn()
+    times: List[List[float]] = [[] for _ in fns]
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < min_repeats or (time.perf_counter() - start < min_time * len(fns)
+                                   and rounds < max_repeats):
+        for fn, fn_times in zip(fns, times):
+            if device == "cuda":
+                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                begin.record()
+                fn()
+                end.record()
+                torch.cuda.synchronize()
+                fn_times.append(begin.elapsed_time(end) / 1000)
+            else:
+                t0 = time.perf_counter()
+                fn()
+                fn_times.append(time.perf_counter() - t0)
+        rounds += 1
+    return [statistics.median(t) for t in times]
 
 
 def time_callable(fn: Callable[[], None], device: str, min_time: float = 1.0,
                   min_repeats: int = 5, max_repeats: int = 50) -> float:
     """Median seconds per call after two warm-up calls."""
-    for _ in range(2):
-        fn()
-    times: List[float] = []
-    start = time.perf_counter()
-    while len(times) < min_repeats or (time.perf_counter() - start < min_time and len(times) < max_repeats):
-        if device == "cuda":
-            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            begin.record()
-            fn()
-            end.record()
-            torch.cuda.synchronize()
-            times.append(begin.elapsed_time(end) / 1000)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return time_callables([fn], device, min_time, min_repeats, max_repeats)[0]
 
 
 def _status_kib(field: str) -> int:
@@ -82,10 +95,9 @@ def run(names: List[str], device: str, memory: bool = True, progress: bool = Fal
 
     for name in tqdm(names, desc="bench", unit="case", disable=not progress, leave=False):
         for variant in cases.build([name], device):
-            fast_s = time_callable(variant.fastmeta, device)
+            fast_s, *base_times = time_callables([variant.fastmeta, *variant.baselines.values()], device)
             fast_mib = peak_memory_mib(variant.fastmeta, device) if memory else None
-            for baseline_name, baseline in variant.baselines.items():
-                base_s = time_callable(baseline, device)
+            for (baseline_name, baseline), base_s in zip(variant.baselines.items(), base_times):
                 yield {
                     "case": variant.case, "shape": variant.label, "device": device,
                     "fastmeta_ms": fast_s * 1e3, "baseline": baseline_name,
