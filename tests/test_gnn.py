@@ -125,15 +125,15 @@ def episode(B=2, ways=5, shots=2, queries=3, seed=0):
     return support, labels, query, torch.randint(0, ways, (B, queries), generator=g)
 
 
-@pytest.mark.parametrize("layers", [0, 2])
-def test_gnn_equals_its_eager_formulation(layers):
-    model = gnn(layers=layers)
-    support, labels, query, query_labels = episode()
+@pytest.mark.parametrize("layers, ways, shots", [(0, 5, 2), (2, 5, 2), (2, 1, 1), (1, 3, 1)])
+def test_gnn_equals_its_eager_formulation(layers, ways, shots):
+    model = gnn(layers=layers, ways=ways)
+    support, labels, query, query_labels = episode(ways=ways, shots=shots)
     scores = model.score_episodes(support, labels, query)
-    graphs = model.query_graphs(model.prepare_support(support, labels, 5), query)
-    assert graphs.shape == (6, 11, 8 + 5)
-    torch.testing.assert_close(graphs[:, -1, 8:], torch.full((6, 5), 0.2, dtype=torch.float64))
-    expected = reference.gnn_logits(model, graphs).view(2, 3, 5)
+    graphs = model.query_graphs(model.prepare_support(support, labels, ways), query)
+    assert graphs.shape == (6, ways * shots + 1, 8 + ways)
+    torch.testing.assert_close(graphs[:, -1, 8:], torch.full((6, ways), 1 / ways, dtype=torch.float64))
+    expected = reference.gnn_logits(model, graphs).view(2, 3, ways)
     torch.testing.assert_close(scores, expected)
     params = list(model.parameters())
     loss = torch.nn.functional.cross_entropy(expected.flatten(0, 1), query_labels.flatten())

@@ -28,6 +28,16 @@ class PairMLP(nn.Module):
         return function(nodes, [m.weight for m in self.layers], [m.bias for m in self.layers],
                         self.negative_slope)
 
+    def last_node_adjacency(self, nodes: torch.Tensor) -> torch.Tensor:
+        """``[G, n - 1]``: the last node's row of :meth:`adjacency` without
+        its zero diagonal entry, from the ``n - 1`` pairs it is part of."""
+        hidden = (nodes[:, :-1] - nodes[:, -1:]).abs()
+        for k, layer in enumerate(self.layers):
+            hidden = layer(hidden)
+            if k < len(self.layers) - 1:
+                hidden = F.leaky_relu(hidden, self.negative_slope)
+        return torch.softmax(hidden[..., 0], -1)
+
 
 class GraphConv(nn.Module):
     """``Linear([x, A x])``, then (except in the last layer) batch norm over
@@ -56,7 +66,8 @@ class FewShotGNN(FewShotClassifier):
     nodes (:func:`fastmeta.ops.gnn_adjacency`: fused, without the ``[G, n,
     n, F]`` pair buffer), then a graph convolution on ``[x, A x]`` adds
     ``hidden // 2`` features to every node (dense connections); the last
-    layer's convolution gives the query node's ``ways`` logits.
+    layer's convolution gives the query node's ``ways`` logits, from the
+    query's row of the last adjacency (the only row it reads).
 
     Differs from the paper's code: the metric MLP has no batch norm (its
     statistics would span every pair, which the fused adjacency never
@@ -108,11 +119,15 @@ class FewShotGNN(FewShotClassifier):
         support = support_nodes[:, None].expand(B, Q, S, width)
         return torch.cat([support, query_nodes[:, :, None]], 2).flatten(0, 1)
 
-    def graph_logits(self, nodes: torch.Tensor, adjacency: Callable = ops.gnn_adjacency) -> torch.Tensor:
+    def graph_logits(self, nodes: torch.Tensor) -> torch.Tensor:
         """The last node's logits ``[G, ways]`` of graphs ``[G, n, F]``."""
         for metric, conv in zip(self.metrics, self.convs):
-            nodes = torch.cat([nodes, conv(nodes, metric.adjacency(nodes, adjacency))], -1)
-        return self.last(nodes, self.metrics[-1].adjacency(nodes, adjacency))[:, -1]
+            nodes = torch.cat([nodes, conv(nodes, metric.adjacency(nodes))], -1)
+        # Only the last (query) node's output is read, so the last layer needs
+        # only that node's row of the adjacency: n - 1 pairs instead of all.
+        row = self.metrics[-1].last_node_adjacency(nodes)
+        read = (row[:, None] @ nodes[:, :-1])[:, 0]
+        return self.last.linear(torch.cat([nodes[:, -1], read], -1))
 
     def score_queries(self, support_nodes: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
         B, Q = query_features.shape[:2]
