@@ -206,6 +206,32 @@ def test_engine_equals_double_backward(path, loss, meta_sgd, steps):
         assert relative_error(a, b) < 1e-9, (name, relative_error(a, b))
 
 
+@pytest.mark.parametrize("first_order", [False, True])
+def test_maml_query_loss_takes_the_parameters_as_a_list(first_order):
+    """theta as the module's parameters (flattened inside, one gradient
+    each) equals theta as one flat vector; a part that does not require
+    grad gets none."""
+    torch.manual_seed(0)
+    net = mlp_module([2, 5, 3], ["tanh", "identity"])
+    parts = [p.detach().clone().requires_grad_(k != 1) for k, p in enumerate(net.parameters())]
+    flat = torch.cat([p.detach().reshape(-1) for p in parts]).requires_grad_()
+    x_s, x_q = torch.randn(3, 4, 2, dtype=torch.float64), torch.randn(3, 6, 2, dtype=torch.float64)
+    y_s, y_q = torch.randn(3, 4, 3, dtype=torch.float64), torch.randn(3, 6, 3, dtype=torch.float64)
+    derivatives = functional.mlp_derivatives(*functional.mlp_structure(net), "mse")
+    lr = torch.tensor(0.2, dtype=torch.float64)
+    weights = torch.rand(3, dtype=torch.float64)
+    losses = functional.maml_query_loss(derivatives, parts, lr, x_s, y_s, x_q, y_q, 2, first_order)
+    want = functional.maml_query_loss(derivatives, flat, lr, x_s, y_s, x_q, y_q, 2, first_order)
+    torch.testing.assert_close(losses, want, rtol=0, atol=0)
+    trainable = [p for p in parts if p.requires_grad]
+    got = torch.autograd.grad((losses * weights).sum(), trainable)
+    (want_flat,) = torch.autograd.grad((want * weights).sum(), flat)
+    expected = [g.view(p.shape) for g, p in zip(want_flat.split([p.numel() for p in parts]), parts)
+                if p.requires_grad]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("learn_inner_lr", [False, True])
 def test_batched_maml_equals_the_per_task_loop(fused, learn_inner_lr):

@@ -1,6 +1,7 @@
 """Batched MAML (MAML, FOMAML, Meta-SGD, ANIL heads) and Reptile: all tasks of a
 meta-batch adapted at once."""
 
+import functools
 from typing import Dict, NamedTuple, Optional
 
 import torch
@@ -114,21 +115,27 @@ class _TaskBatchLearner(nn.Module):
     def _device(self) -> torch.device:
         return next(self.module.parameters()).device
 
-    def _inner_lr(self, like: torch.Tensor) -> torch.Tensor:
-        """The inner learning rate: 0-dimensional, or flat [P] (Meta-SGD),
-        with the dtype and device of ``like``."""
-        return torch.tensor(self.inner_lr, dtype=like.dtype, device=like.device)
+    def _inner_lr(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The inner learning rate: 0-dimensional, or flat [P] (Meta-SGD)."""
+        return torch.tensor(self.inner_lr, dtype=dtype, device=device)
+
+    def _parameters_and_step_size(self):
+        """The module's parameters (theta, flattened in this order), their
+        common dtype, and the inner learning rate, 0 for parameters that do
+        not require grad."""
+        params = list(self.module.parameters())
+        dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
+        lr = self._inner_lr(dtype, params[0].device)
+        if not all(p.requires_grad for p in params):
+            lr = lr * torch.cat([torch.full((p.numel(),), float(p.requires_grad), dtype=dtype,
+                                            device=lr.device) for p in params])
+        return params, dtype, lr
 
     def _flat_parameters_and_step_size(self):
         """The module's parameters as one flat vector theta [P] (differentiable)
-        and the inner learning rate, 0 for parameters that do not require grad."""
-        params = list(self.module.parameters())
-        theta = torch.cat([p.reshape(-1) for p in params])
-        lr = self._inner_lr(theta)
-        if not all(p.requires_grad for p in params):
-            lr = lr * torch.cat([torch.full((p.numel(),), float(p.requires_grad), dtype=theta.dtype,
-                                            device=theta.device) for p in params])
-        return theta, lr
+        and the inner learning rate."""
+        params, _, lr = self._parameters_and_step_size()
+        return torch.cat([p.reshape(-1) for p in params]), lr
 
     def _adapted(self, x: torch.Tensor, y: torch.Tensor, steps: int):
         """(theta [P], per-task adapted parameters [T, P], the support loss [T] before each step)."""
@@ -224,10 +231,10 @@ class BatchedMAML(_TaskBatchLearner):
         else:
             self.inner_lr = float(inner_lr)
 
-    def _inner_lr(self, like: torch.Tensor) -> torch.Tensor:
+    def _inner_lr(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         if self.learn_inner_lr:
-            return torch.cat([lr.reshape(-1) for lr in self.inner_lrs]).to(like.device, like.dtype)
-        return super()._inner_lr(like)
+            return torch.cat([lr.reshape(-1) for lr in self.inner_lrs]).to(device, dtype)
+        return super()._inner_lr(dtype, device)
 
     def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
                 y_query: torch.Tensor, return_outputs: bool = False):
@@ -235,11 +242,11 @@ class BatchedMAML(_TaskBatchLearner):
         ``return_outputs``, a :class:`MetaBatchOutput`: that loss, the
         adapted learners' query outputs and (cross-entropy) their accuracy,
         from the same adaptation."""
-        theta, lr = self._flat_parameters_and_step_size()
-        _check_tasks("BatchedMAML", theta.device, x_support=x_support, y_support=y_support,
+        params, dtype, lr = self._parameters_and_step_size()
+        _check_tasks("BatchedMAML", lr.device, x_support=x_support, y_support=y_support,
                      x_query=x_query, y_query=y_query)
-        derivatives = self.derivatives(x_support, theta.dtype)
-        losses, adapted = maml_query_loss(derivatives, theta, lr, x_support, y_support, x_query,
+        derivatives = self.derivatives(x_support, dtype)
+        losses, adapted = maml_query_loss(derivatives, params, lr, x_support, y_support, x_query,
                                           y_query, self.inner_steps, self.first_order,
                                           return_adapted=True)
         self._update_running_statistics(x_support, derivatives)

@@ -303,8 +303,11 @@ class _InnerLoop(torch.autograd.Function):
     """Query losses after K inner steps; the backward is the reverse recursion."""
 
     @staticmethod
-    def forward(ctx, derivatives, steps, first_order, theta0, lr, x_s, y_s, x_q, y_q):
-        theta = theta0  # [P], shared by every task until the first step
+    def forward(ctx, derivatives, steps, first_order, lr, x_s, y_s, x_q, y_q, *parts):
+        # theta_0 [P], shared by every task until the first step: the parts
+        # flattened here, so that autograd has no node per part.
+        theta = parts[0] if len(parts) == 1 else torch.cat([p.reshape(-1) for p in parts])
+        ctx.parts = [(p.shape, p.dtype) for p in parts]
         # Second order keeps theta_0 .. theta_{K-1} and recomputes the support
         # gradients in the backward; first order keeps only the gradients.
         kept = []
@@ -313,7 +316,7 @@ class _InnerLoop(torch.autograd.Function):
             kept.append(grad if first_order else theta)
             theta = torch.addcmul(theta, lr, grad, value=-1)
         loss, grad_q, grad_x_q, _, _ = derivatives(theta, x_q, y_q,
-                                                   input_grad=ctx.needs_input_grad[7])
+                                                   input_grad=ctx.needs_input_grad[6])
         ctx.derivatives, ctx.steps, ctx.first_order = derivatives, steps, first_order
         ctx.save_for_backward(lr, x_s, y_s, grad_q,
                               grad_x_q if grad_x_q is not None else x_q.new_empty(0), *kept)
@@ -325,7 +328,7 @@ class _InnerLoop(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, _grad_adapted):
         lr, x_s, y_s, grad_q, grad_x_q, *kept = ctx.saved_tensors
-        _, _, _, need_theta, need_lr, need_x_s, _, need_x_q, _ = ctx.needs_input_grad
+        _, _, _, need_lr, need_x_s, _, need_x_q, _, *need_parts = ctx.needs_input_grad
         # The recursion is linear in each task's query gradient: v starts as
         # the gradient itself and each task's grad_loss is applied at the end.
         v = grad_q
@@ -352,18 +355,26 @@ class _InnerLoop(torch.autograd.Function):
 
         d_x_s = per_task(d_x_s) if d_x_s is not None else None
         d_x_q = per_task(grad_x_q) if need_x_q else None
-        d_theta = grad_loss @ v if need_theta else None
-        return (None, None, None, d_theta, d_lr, d_x_s, None, d_x_q, None)
+        d_parts = [None] * len(need_parts)
+        if any(need_parts):
+            d_theta = grad_loss @ v
+            d_parts = d_theta.split([shape.numel() for shape, _ in ctx.parts])
+            d_parts = [d.view(shape).to(dtype) if need else None
+                       for d, (shape, dtype), need in zip(d_parts, ctx.parts, need_parts)]
+        return (None, None, None, d_lr, d_x_s, None, d_x_q, None, *d_parts)
 
 
-def maml_query_loss(derivatives, theta: torch.Tensor, lr: torch.Tensor, x_support: torch.Tensor,
-                    y_support: torch.Tensor, x_query: torch.Tensor, y_query: torch.Tensor,
-                    steps: int = 1, first_order: bool = False, return_adapted: bool = False):
+def maml_query_loss(derivatives, theta: Union[torch.Tensor, Sequence[torch.Tensor]], lr: torch.Tensor,
+                    x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
+                    y_query: torch.Tensor, steps: int = 1, first_order: bool = False,
+                    return_adapted: bool = False):
     """Per-task query losses ``[T]`` after ``steps`` inner gradient steps
     (with ``return_adapted``, also the adapted parameters ``[T, P]``, without
     gradient).
 
-    Every task starts from the flat parameters ``theta [P]`` and takes steps
+    Every task starts from the flat parameters ``theta [P]`` (or a list of
+    tensors, the module's parameters say, flattened in order and each given
+    its gradient; cheaper than flattening them first) and takes steps
     ``theta - lr * grad L_support``, ``lr`` a 0-dimensional or ``[P]`` tensor.
     Differentiable with respect to ``theta``, ``lr``, ``x_support`` and
     ``x_query`` through the reverse recursion (module docstring); with
@@ -375,8 +386,9 @@ def maml_query_loss(derivatives, theta: torch.Tensor, lr: torch.Tensor, x_suppor
     # Contiguous once here, not at each of the kernels' calls.
     x_support, y_support, x_query, y_query = (t.contiguous() for t in (x_support, y_support,
                                                                        x_query, y_query))
-    loss, adapted = _InnerLoop.apply(derivatives, int(steps), bool(first_order), theta, lr, x_support,
-                                     y_support, x_query, y_query)
+    parts = (theta,) if isinstance(theta, torch.Tensor) else tuple(theta)
+    loss, adapted = _InnerLoop.apply(derivatives, int(steps), bool(first_order), lr, x_support,
+                                     y_support, x_query, y_query, *parts)
     return (loss, adapted) if return_adapted else loss
 
 
