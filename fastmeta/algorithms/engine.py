@@ -225,36 +225,44 @@ def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: tor
             return tree_map(lambda *parts: torch.stack(parts), *outs)
         return one_by_one
 
+    # Gradients with respect to the parameters, and to the inputs only where asked for.
+    argnums = (0, 1) if input_grad else 0
+
     def gradient(p, xt, tt):
-        return grad_and_value(lambda p_, x_: loss_fn(p_, x_, tt), argnums=(0, 1))(p, xt)
+        grads, loss = grad_and_value(lambda p_, x_: loss_fn(p_, x_, tt), argnums=argnums)(p, xt)
+        return (grads if input_grad else (grads,)), loss
 
     def forward_over_reverse(p, xt, tt, v):
         return jvp(lambda p_: gradient(p_, xt, tt), (p,), (v,))
 
     def reverse_over_reverse(p, xt, tt, v):
-        (grads, loss), pullback = vjp(lambda p_, x_: gradient(p_, x_, tt), p, xt)
-        return (grads, loss), pullback(((v, torch.zeros_like(xt)), torch.zeros_like(loss)))
+        if input_grad:
+            (grads, loss), pullback = vjp(lambda p_, x_: gradient(p_, x_, tt), p, xt)
+            return (grads, loss), pullback(((v, torch.zeros_like(xt)), torch.zeros_like(loss)))
+        (grads, loss), pullback = vjp(lambda p_: gradient(p_, xt, tt), p)
+        return (grads, loss), pullback(((v,), torch.zeros_like(loss)))
+
+    def unpack(grads):  # (d / d params, d / d inputs or None)
+        return grads[0], grads[1] if input_grad else None
 
     shared = None if params.dim() == 1 else 0
     if direction is None:
-        (grad, grad_x), loss = vmap(gradient, in_dims=(shared, 0, 0))(params, x, target)
-        return loss, grad, grad_x if input_grad else None, None, None
+        grads, loss = vmap(gradient, in_dims=(shared, 0, 0))(params, x, target)
+        return (loss, *unpack(grads), None, None)
     in_dims = (shared, 0, 0, 0)
     try:
-        ((grad, grad_x), loss), ((hvp, hvp_x), _) = vmap(forward_over_reverse, in_dims)(
-            params, x, target, direction)
+        (grads, loss), (products, _) = vmap(forward_over_reverse, in_dims)(params, x, target, direction)
     except (RuntimeError, NotImplementedError) as error:
         if "ZeroTensors are immutable" not in str(error) and "jvp" not in str(error):
             raise
         try:
-            ((grad, grad_x), loss), (hvp, hvp_x) = vmap(reverse_over_reverse, in_dims)(
-                params, x, target, direction)
+            (grads, loss), products = vmap(reverse_over_reverse, in_dims)(params, x, target, direction)
         except RuntimeError:
             # vmap of reverse-over-reverse through a custom op's autograd.Function
             # trips an internal assertion of PyTorch 2.13: one task at a time.
-            ((grad, grad_x), loss), (hvp, hvp_x) = vmap(reverse_over_reverse, in_dims, True)(
+            (grads, loss), products = vmap(reverse_over_reverse, in_dims, True)(
                 params, x, target, direction)
-    return (loss, grad, grad_x if input_grad else None, hvp, hvp_x if input_grad else None)
+    return (loss, *unpack(grads), *unpack(products))
 
 
 def batched_hvp(module: nn.Module, params: Dict[str, torch.Tensor],
