@@ -230,6 +230,10 @@ def test_maml_query_loss_takes_the_parameters_as_a_list(first_order):
                 if p.requires_grad]
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # one part of any shape is flattened too
+    single = flat.detach().view(-1, 1).requires_grad_()
+    torch.testing.assert_close(functional.maml_query_loss(derivatives, [single], lr, x_s, y_s, x_q, y_q,
+                                                          2, first_order), want)
 
 
 @pytest.mark.parametrize("fused", [True, False])

@@ -314,7 +314,8 @@ class _InnerLoop(torch.autograd.Function):
     def forward(ctx, derivatives, steps, first_order, lr, x_s, y_s, x_q, y_q, *parts):
         # theta_0 [P], shared by every task until the first step: the parts
         # flattened here, so that autograd has no node per part.
-        theta = parts[0] if len(parts) == 1 else torch.cat([p.reshape(-1) for p in parts])
+        theta = parts[0] if len(parts) == 1 and parts[0].dim() == 1 else torch.cat(
+            [p.reshape(-1) for p in parts])
         ctx.parts = [(p.shape, p.dtype) for p in parts]
         # Second order keeps theta_0 .. theta_{K-1} and recomputes the support
         # gradients in the backward; first order keeps only the gradients.
