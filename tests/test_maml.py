@@ -552,6 +552,17 @@ def test_bad_input_task_count_mismatch():
         sinusoid_bm()(x_s, y_s, x_q[:3], y_q[:3])
 
 
+def test_flat_to_dict_splits_in_order_and_rejects_a_wrong_size():
+    net = torch.nn.Sequential(torch.nn.Linear(2, 3), torch.nn.Linear(3, 1))
+    flat = torch.arange(13.0).expand(4, -1)
+    parts = functional.flat_to_dict(net, flat)
+    assert list(parts) == ["0.weight", "0.bias", "1.weight", "1.bias"]
+    torch.testing.assert_close(parts["0.weight"][2], torch.arange(6.0).view(3, 2))
+    torch.testing.assert_close(parts["1.bias"], torch.full((4, 1), 12.0))
+    with pytest.raises(ValueError, match=r"flat must be \[\.\.\., 13\]"):
+        functional.flat_to_dict(net, torch.zeros(12))
+
+
 def test_bad_input_unknown_loss():
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         BatchedMAML(nn.Linear(1, 1), 0.01, loss="hinge")

@@ -67,11 +67,17 @@ def flat_to_dict(module: nn.Module, flat: torch.Tensor) -> Dict[str, torch.Tenso
     """Splits flat parameters ``[..., P]`` (the module's parameters in order,
     each flattened) into a dict of ``[..., *shape]`` tensors for
     ``torch.func.functional_call``."""
-    out, offset = {}, 0
-    for name, p in module.named_parameters():
-        out[name] = flat[..., offset:offset + p.numel()].reshape(*flat.shape[:-1], *p.shape)
-        offset += p.numel()
-    return out
+    named = list(module.named_parameters())
+    total = sum(p.numel() for _, p in named)
+    if flat.dim() == 0 or flat.shape[-1] != total:
+        raise ValueError(f"flat_to_dict: flat must be [..., {total}] (the module's parameter count), "
+                         f"got shape {list(flat.shape)}")
+    if not named:
+        return {}
+    # One split rather than a slice per parameter: the gradient with respect
+    # to ``flat`` is then one concatenation, not a zero-filled [P] per parameter.
+    parts = flat.split([p.numel() for _, p in named], dim=-1)
+    return {name: part.reshape(*flat.shape[:-1], *p.shape) for (name, p), part in zip(named, parts)}
 
 
 _GLOBAL_HOOKS = (module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks,
