@@ -6,7 +6,6 @@ import torch
 
 from fastmeta import nn as fnn
 from fastmeta import ops, reference
-from fastmeta.nn import gnn as gnn_module
 from fastmeta.testing import DEVICES, assert_close_to_reference
 
 
@@ -126,32 +125,8 @@ def episode(B=2, ways=5, shots=2, queries=3, seed=0):
     return support, labels, query, torch.randint(0, ways, (B, queries), generator=g)
 
 
-@pytest.mark.parametrize("n", [1, 2, 3, 7])
-@pytest.mark.parametrize("kept", [True, False])
-def test_pair_mlp_adjacency_both_ways_equals_the_eager_formulation(monkeypatch, n, kept):
-    """Small graphs: plain PyTorch on the unordered pairs, activations kept;
-    large ones (here: every graph, with the threshold at 0): the fused op."""
-    if not kept:
-        monkeypatch.setattr(gnn_module, "KEPT_PAIR_ACTIVATIONS", 0)
-    torch.manual_seed(0)
-    metric = gnn_module.PairMLP(5, (2, 1), 0.1).double()
-    nodes = torch.randn(3, n, 5, dtype=torch.float64, requires_grad=True)
-    params = [nodes, *metric.parameters()]
-    out = metric.adjacency(nodes)
-    expected = reference.gnn_adjacency(nodes, [m.weight for m in metric.layers],
-                                       [m.bias for m in metric.layers], 0.1)
-    torch.testing.assert_close(out, expected)
-    weights = torch.randn_like(out)
-    for a, b in zip(torch.autograd.grad((out * weights).sum(), params),
-                    torch.autograd.grad((expected * weights).sum(), params)):
-        torch.testing.assert_close(a, b)
-
-
-@pytest.mark.parametrize("kept", [True, False])
 @pytest.mark.parametrize("layers, ways, shots", [(0, 5, 2), (2, 5, 2), (2, 1, 1), (1, 3, 1)])
-def test_gnn_equals_its_eager_formulation(monkeypatch, layers, ways, shots, kept):
-    if not kept:
-        monkeypatch.setattr(gnn_module, "KEPT_PAIR_ACTIVATIONS", 0)
+def test_gnn_equals_its_eager_formulation(layers, ways, shots):
     model = gnn(layers=layers, ways=ways)
     support, labels, query, query_labels = episode(ways=ways, shots=shots)
     scores = model.score_episodes(support, labels, query)

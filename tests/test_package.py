@@ -100,7 +100,10 @@ def test_bench_times_fastmeta_and_its_baselines_interleaved():
     from fastmeta.bench import runner
 
     calls = []
-    fns = [lambda: calls.append("fast"), lambda: time.sleep(0.002) or calls.append("base")]
-    fast_s, base_s = runner.time_callables(fns, "cpu", min_time=0, min_repeats=7)
-    assert calls == ["fast"] * 2 + ["base"] * 2 + ["fast", "base"] * 7  # warm-up, then one of each per round
-    assert base_s >= 0.002 > fast_s
+    fns = [lambda: calls.append("fast"), lambda: time.sleep(0.002) or calls.append("base"),
+           lambda: time.sleep(0.06) or calls.append("slow")]
+    fast_s, base_s, slow_s = runner.time_callables(fns, "cpu", min_time=0, min_repeats=3)
+    # two warm-up calls each, then per round one timed call of each, the short
+    # ones right after an untimed call of their own
+    assert calls == ["fast"] * 2 + ["base"] * 2 + ["slow"] * 2 + ["fast", "fast", "base", "base", "slow"] * 3
+    assert slow_s >= 0.06 > base_s >= 0.002 > fast_s

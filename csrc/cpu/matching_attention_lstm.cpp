@@ -121,16 +121,19 @@ struct AttentionSoftmaxBackward {
 // The recurrence runs each query's rows independently of the others', so
 // each thread takes blocks of one episode's queries through all K steps
 // with single-threaded products: no synchronisation between steps. Blocks
-// of at most kMaxBlockRows queries, at least one per thread where there are
-// enough queries.
+// of at most kMaxBlockRows queries, of equal sizes, and (with fewer episodes
+// than threads) a multiple of the threads' share of an episode in number, so
+// that every thread gets the same number of rows.
 constexpr int64_t kMaxBlockRows = 128;
 
 struct QueryBlocks {
   int64_t per_episode, rows;
 
   QueryBlocks(int64_t B, int64_t Q) {
-    const int64_t wanted = std::max<int64_t>(1, (at::get_num_threads() + B - 1) / std::max<int64_t>(B, 1));
-    rows = std::max<int64_t>(1, std::min(kMaxBlockRows, (Q + wanted - 1) / wanted));
+    const int64_t share = std::max<int64_t>(1, (at::get_num_threads() + B - 1) / std::max<int64_t>(B, 1));
+    const int64_t needed = std::max<int64_t>(1, (Q + kMaxBlockRows - 1) / kMaxBlockRows);
+    const int64_t blocks = (needed + share - 1) / share * share;
+    rows = std::max<int64_t>(1, (Q + blocks - 1) / blocks);
     per_episode = (Q + rows - 1) / rows;
   }
 
@@ -212,7 +215,6 @@ matching_attention_lstm_backward(const at::Tensor& grad_in, const at::Tensor& qu
                                        hiddens_in, cells_in, attention_in, gates_in);
   const int64_t B = o.B, Q = o.Q, S = o.S, D = o.D, K = o.K, R = B * Q, F = 4 * D + S;
   const at::Tensor &query = o.query, &support = o.support;
-  const at::Tensor weight_query = o.weight_ih.narrow(1, 0, D);
   const at::Tensor weight_read = o.weight_ih.narrow(1, D, D);
   // Recomputed rather than saved: [B, S, 4D] is one small product.
   const at::Tensor support_gates = at::matmul(support, weight_read.t()).contiguous();
@@ -222,6 +224,8 @@ matching_attention_lstm_backward(const at::Tensor& grad_in, const at::Tensor& qu
   // side as the forward's product h [W_hh^T, g^T] produced them.
   at::Tensor grad_both = at::empty({K, B, Q, F}, query.options());
   at::Tensor grad_query = at::empty_like(query);
+  // The gates' gradients summed over the steps: those of constant = query W_q^T + b.
+  at::Tensor grad_constant = at::zeros({B, Q, 4 * D}, query.options());
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastmeta::matching_attention_lstm_backward", [&] {
     using T = scalar_t;
     const T* grad_all = o.grad.const_data_ptr<T>();
@@ -232,12 +236,15 @@ matching_attention_lstm_backward(const at::Tensor& grad_in, const at::Tensor& qu
     const T* gates_all = o.gates.const_data_ptr<T>();
     T* grad_both_all = grad_both.mutable_data_ptr<T>();
     T* grad_query_all = grad_query.mutable_data_ptr<T>();
+    T* grad_constant_all = grad_constant.mutable_data_ptr<T>();
+    const T* weight_query = o.weight_ih.const_data_ptr<T>();  // [4D, D] of [4D, 2D]
     const QueryBlocks blocks(B, Q);
     blocks.for_each(B, Q, [&](int64_t b, int64_t q0, int64_t n) {
       const int64_t row = b * Q + q0;
       std::vector<T> grad_hidden(grad_all + row * D, grad_all + (row + n) * D);
       std::vector<T> grad_cell(n * D, T(0)), zero_cell(n * D, T(0)), grad_attention(n * S);
       T* dq = grad_query_all + row * D;
+      T* gc = grad_constant_all + row * 4 * D;
       std::fill(dq, dq + n * D, T(0));
       for (int64_t k = K - 1; k >= 0; --k) {
         const int64_t at_k = k * R + row;
@@ -246,6 +253,8 @@ matching_attention_lstm_backward(const at::Tensor& grad_in, const at::Tensor& qu
         run_loop<GatesBackward>(int64_t{0}, n, D, gates_all + at_k * 4 * D, cells_all + at_k * D,
                                 k ? cells_all + (at_k - R) * D : static_cast<const T*>(zero_cell.data()),
                                 static_cast<const T*>(grad_hidden.data()), grad_cell.data(), dg, F);
+        for (int64_t i = 0; i < n; ++i)
+          for (int64_t c = 0; c < 4 * D; ++c) gc[i * 4 * D + c] += dg[i * F + c];
         gemm(false, true, n, S, 4 * D, static_cast<const T*>(dg), F, support_gates_all + b * S * 4 * D,
              4 * D, T(0), grad_attention.data(), S);
         run_loop<AttentionSoftmaxBackward>(n, S, attention_all + at_k * S,
@@ -254,24 +263,34 @@ matching_attention_lstm_backward(const at::Tensor& grad_in, const at::Tensor& qu
              grad_hidden.data(), D);
       }
       for (int64_t i = 0; i < n * D; ++i) dq[i] += grad_hidden[i];  // h_0 = query
+      gemm_ab_acc(n, D, 4 * D, static_cast<const T*>(gc), 4 * D, weight_query, 2 * D, dq, D);
     });
   });
-  // Sums over the steps, as single products over all of them.
-  const at::Tensor grad_gates = grad_both.narrow(3, 0, 4 * D);
-  const at::Tensor grad_logits = grad_both.narrow(3, 4 * D, S);
-  const at::Tensor grad_constant = grad_gates.sum(0);  // [B, Q, 4D]
-  const at::Tensor grad_weight_hh =
-      at::mm(grad_gates.reshape({K * R, 4 * D}).t(), o.hiddens.view({K * R, D}));
-  at::Tensor grad_support = at::bmm(grad_logits.reshape({K * B, Q, S}).transpose(1, 2),
-                                    o.hiddens.view({K * B, Q, D}))
-                                .view({K, B, S, D})
-                                .sum(0);
-  const at::Tensor grad_support_gates =
-      at::bmm(o.attention.view({K * B, Q, S}).transpose(1, 2), grad_gates.reshape({K * B, Q, 4 * D}))
-          .view({K, B, S, 4 * D})
-          .sum(0);
-  // constant = query W_q^T + b and support_gates = support W_r^T
-  grad_query.view({R, D}).addmm_(grad_constant.view({R, 4 * D}), weight_query);
+  // Sums over the steps, as products over all of them, reading the gate and
+  // logit gradients in place (row stride 4D + S).
+  at::Tensor grad_weight_hh = at::empty({4 * D, D}, query.options());
+  at::Tensor grad_support = at::zeros_like(support);
+  at::Tensor grad_support_gates = at::zeros({B, S, 4 * D}, query.options());
+  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastmeta::matching_attention_lstm_backward", [&] {
+    using T = scalar_t;
+    const T* dg = grad_both.const_data_ptr<T>();
+    const T* hiddens = o.hiddens.const_data_ptr<T>();
+    const T* attention = o.attention.const_data_ptr<T>();
+    // W_hh's gradient: the gate gradients of every step and query times their input hidden states.
+    gemm(true, false, 4 * D, D, K * R, dg, F, hiddens, D, T(0),
+         grad_weight_hh.mutable_data_ptr<T>(), D);
+    T* gs = grad_support.mutable_data_ptr<T>();
+    T* gsg = grad_support_gates.mutable_data_ptr<T>();
+    for (int64_t k = 0; k < K; ++k) {
+      for (int64_t b = 0; b < B; ++b) {
+        const int64_t row = k * R + b * Q;
+        // the logits h g^T, and the reads' gates a (g W_r^T)
+        gemm_atb_acc(S, D, Q, dg + row * F + 4 * D, F, hiddens + row * D, D, gs + b * S * D, D);
+        gemm_atb_acc(S, 4 * D, Q, attention + row * S, S, dg + row * F, F, gsg + b * S * 4 * D, 4 * D);
+      }
+    }
+  });
+  // support_gates = support W_r^T
   grad_support.view({B * S, D}).addmm_(grad_support_gates.view({B * S, 4 * D}), weight_read);
   const at::Tensor grad_weight_ih =
       at::cat({at::mm(grad_constant.view({R, 4 * D}).t(), query.view({R, D})),

@@ -15,31 +15,44 @@ from . import cases
 __all__ = ["time_callable", "time_callables", "run", "format_header", "format_row"]
 
 
+# A call shorter than this is timed right after an untimed call of its own,
+# so that what ran before it in the round (another function's data in the
+# caches, a thread pool gone to sleep) does not count against it; longer calls
+# are timed directly.
+_REWARM_BELOW_S = 0.05
+
+
 def time_callables(fns: Sequence[Callable[[], None]], device: str, min_time: float = 1.0,
                    min_repeats: int = 5, max_repeats: int = 50) -> List[float]:
     """Median seconds per call of each of ``fns`` after two warm-up calls,
-    the calls interleaved (one of each per round) so that a drift of the
-    machine's speed during the measurement falls on all of them alike."""
-    for fn in fns:
-        for _ in range(2):
+    the calls interleaved (one timed call of each per round) so that a drift
+    of the machine's speed during the measurement falls on all of them alike."""
+
+    def timed(fn) -> float:
+        if device == "cuda":
+            begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            begin.record()
             fn()
+            end.record()
+            torch.cuda.synchronize()
+            return begin.elapsed_time(end) / 1000
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    rewarm = []
+    for fn in fns:
+        fn()
+        rewarm.append(timed(fn) < _REWARM_BELOW_S)
     times: List[List[float]] = [[] for _ in fns]
     start = time.perf_counter()
     rounds = 0
     while rounds < min_repeats or (time.perf_counter() - start < min_time * len(fns)
                                    and rounds < max_repeats):
-        for fn, fn_times in zip(fns, times):
-            if device == "cuda":
-                begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                begin.record()
+        for fn, fn_times, again in zip(fns, times, rewarm):
+            if again:
                 fn()
-                end.record()
-                torch.cuda.synchronize()
-                fn_times.append(begin.elapsed_time(end) / 1000)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                fn_times.append(time.perf_counter() - t0)
+            fn_times.append(timed(fn))
         rounds += 1
     return [statistics.median(t) for t in times]
 

@@ -12,13 +12,6 @@ from .few_shot import FewShotClassifier
 __all__ = ["FewShotGNN"]
 
 
-# Up to this many pair activations (over all pairs and layers), the metric
-# MLP runs in plain PyTorch on the unordered pairs and autograd keeps the
-# activations for the backward; above it, the fused op, which holds one tile
-# of pairs at a time and recomputes them in its backward.
-KEPT_PAIR_ACTIVATIONS = 1 << 22
-
-
 class PairMLP(nn.Module):
     """The learned metric of one GNN layer: an MLP on ``|x_i - x_j|`` with
     hidden widths ``ratio`` times the node width, leaky ReLU between layers,
@@ -39,22 +32,10 @@ class PairMLP(nn.Module):
                 hidden = F.leaky_relu(hidden, self.negative_slope)
         return hidden[..., 0]
 
-    def adjacency(self, nodes: torch.Tensor, function: Optional[Callable] = None) -> torch.Tensor:
-        """``[G, n, n]``: softmax over the other nodes of the MLP's outputs,
-        by ``function(nodes, weights, biases, negative_slope)`` if given."""
-        weights, biases = [m.weight for m in self.layers], [m.bias for m in self.layers]
-        G, n, _ = nodes.shape
-        pairs = G * n * (n - 1) // 2
-        if function is None and (n < 2 or pairs * 2 * sum(w.shape[0] for w in weights)
-                                 > KEPT_PAIR_ACTIVATIONS):
-            function = ops.gnn_adjacency
-        if function is not None:
-            return function(nodes, weights, biases, self.negative_slope)
-        i, j = torch.triu_indices(n, n, 1, device=nodes.device)
-        scores = self.scores((nodes[:, i] - nodes[:, j]).abs())  # once per unordered pair
-        logits = scores.new_zeros(G, n * n).index_add(1, i * n + j, scores).index_add(1, j * n + i, scores)
-        itself = torch.eye(n, dtype=torch.bool, device=nodes.device)
-        return torch.softmax(logits.view(G, n, n).masked_fill(itself, float("-inf")), -1)
+    def adjacency(self, nodes: torch.Tensor, function: Callable = ops.gnn_adjacency) -> torch.Tensor:
+        """``[G, n, n]``: softmax over the other nodes of the MLP's outputs."""
+        return function(nodes, [m.weight for m in self.layers], [m.bias for m in self.layers],
+                        self.negative_slope)
 
     def last_node_adjacency(self, nodes: torch.Tensor) -> torch.Tensor:
         """``[G, n - 1]``: the last node's row of :meth:`adjacency` without
