@@ -17,6 +17,9 @@
 
 #include <algorithm>
 #include <limits>
+#include <mutex>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include "../math/lstm.h"
@@ -137,15 +140,12 @@ struct QueryBlocks {
     per_episode = (Q + rows - 1) / rows;
   }
 
-  // Runs f(episode, first query, number of queries) for every block, in parallel.
-  template <typename F>
-  void for_each(int64_t B, int64_t Q, F f) const {
-    at::parallel_for(0, B * per_episode, 1, [&](int64_t first, int64_t last) {
-      for (int64_t block = first; block < last; ++block) {
-        const int64_t b = block / per_episode, q0 = (block % per_episode) * rows;
-        f(b, q0, std::min(rows, Q - q0));
-      }
-    });
+  int64_t count(int64_t B) const { return B * per_episode; }
+
+  // Block i: its episode, first query and number of queries.
+  std::tuple<int64_t, int64_t, int64_t> block(int64_t i, int64_t Q) const {
+    const int64_t q0 = (i % per_episode) * rows;
+    return {i / per_episode, q0, std::min(rows, Q - q0)};
   }
 };
 
@@ -179,25 +179,28 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> matching_
     T* gates_all = gates.mutable_data_ptr<T>();
     T* out_all = hidden.mutable_data_ptr<T>();
     const QueryBlocks blocks(B, Q);
-    blocks.for_each(B, Q, [&](int64_t b, int64_t q0, int64_t n) {
-      const int64_t row = b * Q + q0;  // first row of the block in [B * Q]
-      std::vector<T> both(n * F), zero_cell(n * D, T(0));
-      const T* q = q_all + row * D;
-      if (K) std::copy(q, q + n * D, hiddens_all + row * D);
-      for (int64_t k = 0; k < K; ++k) {
-        const int64_t at_k = k * R + row;
-        const T* h = hiddens_all + at_k * D;
-        T* a = attention_all + at_k * S;
-        T* g = gates_all + at_k * 4 * D;
-        gemm(false, false, n, F, D, h, D, keys_all + b * D * F, F, T(0), both.data(), F);
-        run_loop<AttentionSoftmax>(n, S, static_cast<const T*>(both.data() + 4 * D), F, a);
-        gemm(false, false, n, 4 * D, S, static_cast<const T*>(a), S, support_gates_all + b * S * 4 * D,
-             4 * D, T(0), g, 4 * D);
-        T* next = k + 1 < K ? hiddens_all + (at_k + R) * D : out_all + row * D;
-        run_loop<GatesForward>(int64_t{0}, n, D, g, constant_all + row * 4 * D,
-                               static_cast<const T*>(both.data()), F,
-                               static_cast<const T*>(k ? cells_all + (at_k - R) * D : zero_cell.data()),
-                               cells_all + at_k * D, q, next);
+    at::parallel_for(0, blocks.count(B), 1, [&](int64_t first, int64_t last) {
+      for (int64_t i = first; i < last; ++i) {
+        const auto [b, q0, n] = blocks.block(i, Q);
+        const int64_t row = b * Q + q0;  // first row of the block in [B * Q]
+        std::vector<T> both(n * F), zero_cell(n * D, T(0));
+        const T* q = q_all + row * D;
+        if (K) std::copy(q, q + n * D, hiddens_all + row * D);
+        for (int64_t k = 0; k < K; ++k) {
+          const int64_t at_k = k * R + row;
+          const T* h = hiddens_all + at_k * D;
+          T* a = attention_all + at_k * S;
+          T* g = gates_all + at_k * 4 * D;
+          gemm(false, false, n, F, D, h, D, keys_all + b * D * F, F, T(0), both.data(), F);
+          run_loop<AttentionSoftmax>(n, S, static_cast<const T*>(both.data() + 4 * D), F, a);
+          gemm(false, false, n, 4 * D, S, static_cast<const T*>(a), S, support_gates_all + b * S * 4 * D,
+               4 * D, T(0), g, 4 * D);
+          T* next = k + 1 < K ? hiddens_all + (at_k + R) * D : out_all + row * D;
+          run_loop<GatesForward>(int64_t{0}, n, D, g, constant_all + row * 4 * D,
+                                 static_cast<const T*>(both.data()), F,
+                                 static_cast<const T*>(k ? cells_all + (at_k - R) * D : zero_cell.data()),
+                                 cells_all + at_k * D, q, next);
+        }
       }
     });
   });
@@ -220,75 +223,73 @@ matching_attention_lstm_backward(const at::Tensor& grad_in, const at::Tensor& qu
   const at::Tensor support_gates = at::matmul(support, weight_read.t()).contiguous();
   const at::Tensor keys_t =
       at::cat({o.weight_hh.unsqueeze(0).expand({B, 4 * D, D}), support}, 1);  // [B, 4D + S, D]
-  // Each step's gradients of the gates and of the attention logits, side by
-  // side as the forward's product h [W_hh^T, g^T] produced them.
-  at::Tensor grad_both = at::empty({K, B, Q, F}, query.options());
   at::Tensor grad_query = at::empty_like(query);
   // The gates' gradients summed over the steps: those of constant = query W_q^T + b.
   at::Tensor grad_constant = at::zeros({B, Q, 4 * D}, query.options());
+  // Sums over steps and queries, each thread's added at its end.
+  at::Tensor grad_weight_hh = at::zeros({4 * D, D}, query.options());
+  at::Tensor grad_support = at::zeros_like(support);
+  at::Tensor grad_support_gates = at::zeros({B, S, 4 * D}, query.options());
+  std::mutex reduce;
   AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastmeta::matching_attention_lstm_backward", [&] {
     using T = scalar_t;
     const T* grad_all = o.grad.const_data_ptr<T>();
     const T* keys_t_all = keys_t.const_data_ptr<T>();
     const T* support_gates_all = support_gates.const_data_ptr<T>();
+    const T* hiddens_all = o.hiddens.const_data_ptr<T>();
     const T* cells_all = o.cells.const_data_ptr<T>();
     const T* attention_all = o.attention.const_data_ptr<T>();
     const T* gates_all = o.gates.const_data_ptr<T>();
-    T* grad_both_all = grad_both.mutable_data_ptr<T>();
     T* grad_query_all = grad_query.mutable_data_ptr<T>();
     T* grad_constant_all = grad_constant.mutable_data_ptr<T>();
     const T* weight_query = o.weight_ih.const_data_ptr<T>();  // [4D, D] of [4D, 2D]
     const QueryBlocks blocks(B, Q);
-    blocks.for_each(B, Q, [&](int64_t b, int64_t q0, int64_t n) {
-      const int64_t row = b * Q + q0;
-      std::vector<T> grad_hidden(grad_all + row * D, grad_all + (row + n) * D);
-      std::vector<T> grad_cell(n * D, T(0)), zero_cell(n * D, T(0)), grad_attention(n * S);
-      T* dq = grad_query_all + row * D;
-      T* gc = grad_constant_all + row * 4 * D;
-      std::fill(dq, dq + n * D, T(0));
-      for (int64_t k = K - 1; k >= 0; --k) {
-        const int64_t at_k = k * R + row;
-        for (int64_t i = 0; i < n * D; ++i) dq[i] += grad_hidden[i];  // h_{k+1} = ... + query
-        T* dg = grad_both_all + at_k * F;
-        run_loop<GatesBackward>(int64_t{0}, n, D, gates_all + at_k * 4 * D, cells_all + at_k * D,
-                                k ? cells_all + (at_k - R) * D : static_cast<const T*>(zero_cell.data()),
-                                static_cast<const T*>(grad_hidden.data()), grad_cell.data(), dg, F);
-        for (int64_t i = 0; i < n; ++i)
-          for (int64_t c = 0; c < 4 * D; ++c) gc[i * 4 * D + c] += dg[i * F + c];
-        gemm(false, true, n, S, 4 * D, static_cast<const T*>(dg), F, support_gates_all + b * S * 4 * D,
-             4 * D, T(0), grad_attention.data(), S);
-        run_loop<AttentionSoftmaxBackward>(n, S, attention_all + at_k * S,
-                                           static_cast<const T*>(grad_attention.data()), dg + 4 * D, F);
-        gemm(false, false, n, D, F, static_cast<const T*>(dg), F, keys_t_all + b * F * D, D, T(0),
-             grad_hidden.data(), D);
+    at::parallel_for(0, blocks.count(B), 1, [&](int64_t first, int64_t last) {
+      std::vector<T> gw_hh(4 * D * D, T(0)), gs(B * S * D, T(0)), gsg(B * S * 4 * D, T(0));
+      for (int64_t i = first; i < last; ++i) {
+        const auto [b, q0, n] = blocks.block(i, Q);
+        const int64_t row = b * Q + q0;
+        std::vector<T> grad_hidden(grad_all + row * D, grad_all + (row + n) * D);
+        std::vector<T> grad_cell(n * D, T(0)), zero_cell(n * D, T(0)), grad_attention(n * S);
+        // The step's gradients of the gates and of the attention logits, side
+        // by side as the forward's product h [W_hh^T, g^T] produced them.
+        std::vector<T> grad_both(n * F);
+        T* dg = grad_both.data();
+        T* dq = grad_query_all + row * D;
+        T* gc = grad_constant_all + row * 4 * D;
+        std::fill(dq, dq + n * D, T(0));
+        for (int64_t k = K - 1; k >= 0; --k) {
+          const int64_t at_k = k * R + row;
+          const T* h = hiddens_all + at_k * D;
+          const T* a = attention_all + at_k * S;
+          for (int64_t e = 0; e < n * D; ++e) dq[e] += grad_hidden[e];  // h_{k+1} = ... + query
+          run_loop<GatesBackward>(int64_t{0}, n, D, gates_all + at_k * 4 * D, cells_all + at_k * D,
+                                  k ? cells_all + (at_k - R) * D : static_cast<const T*>(zero_cell.data()),
+                                  static_cast<const T*>(grad_hidden.data()), grad_cell.data(), dg, F);
+          for (int64_t r = 0; r < n; ++r)
+            for (int64_t c = 0; c < 4 * D; ++c) gc[r * 4 * D + c] += dg[r * F + c];
+          gemm(false, true, n, S, 4 * D, static_cast<const T*>(dg), F, support_gates_all + b * S * 4 * D,
+               4 * D, T(0), grad_attention.data(), S);
+          run_loop<AttentionSoftmaxBackward>(n, S, a, static_cast<const T*>(grad_attention.data()),
+                                             dg + 4 * D, F);
+          gemm(false, false, n, D, F, static_cast<const T*>(dg), F, keys_t_all + b * F * D, D, T(0),
+               grad_hidden.data(), D);
+          // W_hh from the recurrent gates, the support from the logits h g^T,
+          // the support's gate terms a (g W_r^T) from the reads
+          gemm_atb_acc(4 * D, D, n, static_cast<const T*>(dg), F, h, D, gw_hh.data(), D);
+          gemm_atb_acc(S, D, n, static_cast<const T*>(dg + 4 * D), F, h, D, gs.data() + b * S * D, D);
+          gemm_atb_acc(S, 4 * D, n, a, S, static_cast<const T*>(dg), F, gsg.data() + b * S * 4 * D, 4 * D);
+        }
+        for (int64_t e = 0; e < n * D; ++e) dq[e] += grad_hidden[e];  // h_0 = query
+        gemm_ab_acc(n, D, 4 * D, static_cast<const T*>(gc), 4 * D, weight_query, 2 * D, dq, D);
       }
-      for (int64_t i = 0; i < n * D; ++i) dq[i] += grad_hidden[i];  // h_0 = query
-      gemm_ab_acc(n, D, 4 * D, static_cast<const T*>(gc), 4 * D, weight_query, 2 * D, dq, D);
+      std::lock_guard<std::mutex> lock(reduce);
+      for (auto [sum, part] : {std::pair{&grad_weight_hh, &gw_hh}, std::pair{&grad_support, &gs},
+                               std::pair{&grad_support_gates, &gsg}}) {
+        T* out = sum->template mutable_data_ptr<T>();
+        for (size_t e = 0; e < part->size(); ++e) out[e] += (*part)[e];
+      }
     });
-  });
-  // Sums over the steps, as products over all of them, reading the gate and
-  // logit gradients in place (row stride 4D + S).
-  at::Tensor grad_weight_hh = at::empty({4 * D, D}, query.options());
-  at::Tensor grad_support = at::zeros_like(support);
-  at::Tensor grad_support_gates = at::zeros({B, S, 4 * D}, query.options());
-  AT_DISPATCH_FLOATING_TYPES(query.scalar_type(), "fastmeta::matching_attention_lstm_backward", [&] {
-    using T = scalar_t;
-    const T* dg = grad_both.const_data_ptr<T>();
-    const T* hiddens = o.hiddens.const_data_ptr<T>();
-    const T* attention = o.attention.const_data_ptr<T>();
-    // W_hh's gradient: the gate gradients of every step and query times their input hidden states.
-    gemm(true, false, 4 * D, D, K * R, dg, F, hiddens, D, T(0),
-         grad_weight_hh.mutable_data_ptr<T>(), D);
-    T* gs = grad_support.mutable_data_ptr<T>();
-    T* gsg = grad_support_gates.mutable_data_ptr<T>();
-    for (int64_t k = 0; k < K; ++k) {
-      for (int64_t b = 0; b < B; ++b) {
-        const int64_t row = k * R + b * Q;
-        // the logits h g^T, and the reads' gates a (g W_r^T)
-        gemm_atb_acc(S, D, Q, dg + row * F + 4 * D, F, hiddens + row * D, D, gs + b * S * D, D);
-        gemm_atb_acc(S, 4 * D, Q, attention + row * S, S, dg + row * F, F, gsg + b * S * 4 * D, 4 * D);
-      }
-    }
   });
   // support_gates = support W_r^T
   grad_support.view({B * S, D}).addmm_(grad_support_gates.view({B * S, 4 * D}), weight_read);
