@@ -136,13 +136,17 @@ def test_sampler_is_much_faster_than_a_per_example_loop():
     data = LabelledImages(torch.rand(2000, 1, 28, 28), torch.arange(100).repeat_interleave(20))
     sampler = EpisodeSampler(data, 5, 1, 15, episodes_per_batch=32, seed=0)
     sampler.sample()
-    start = time.perf_counter()
-    sampler.sample()
-    vectorised = time.perf_counter() - start
-    start = time.perf_counter()
-    for _ in range(8):
-        reference.sample_episode_loop(data, 5, 1, 15)
-    loop = time.perf_counter() - start
+
+    def fastest(draw, repeats=5):  # the least of several timings: robust to a busy machine
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            draw()
+            times.append(time.perf_counter() - start)
+        return min(times)
+
+    vectorised = fastest(sampler.sample)
+    loop = fastest(lambda: [reference.sample_episode_loop(data, 5, 1, 15) for _ in range(8)])
     assert vectorised < loop
 
 
