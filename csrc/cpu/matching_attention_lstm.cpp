@@ -10,7 +10,8 @@
 // a softmax, one [Q, S] x [S, 4D] product and a fused gate loop. The forward
 // saves each step's input hidden state, cell state, attention and activated
 // gates for the backward, which runs the steps in reverse. Each thread runs
-// its blocks of queries through all the steps (QueryBlocks).
+// its blocks of queries through all the steps (QueryBlocks); in the backward
+// it also sums its blocks' weight and support gradients, added at its end.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
