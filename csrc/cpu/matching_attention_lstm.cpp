@@ -131,20 +131,19 @@ struct AttentionSoftmaxBackward {
 constexpr int64_t kMaxBlockRows = 128;
 
 struct QueryBlocks {
-  int64_t per_episode, rows;
+  int64_t Q, per_episode, rows, count;
 
-  QueryBlocks(int64_t B, int64_t Q) {
+  QueryBlocks(int64_t B, int64_t Q) : Q(Q) {
     const int64_t share = std::max<int64_t>(1, (at::get_num_threads() + B - 1) / std::max<int64_t>(B, 1));
     const int64_t needed = std::max<int64_t>(1, (Q + kMaxBlockRows - 1) / kMaxBlockRows);
     const int64_t blocks = (needed + share - 1) / share * share;
     rows = std::max<int64_t>(1, (Q + blocks - 1) / blocks);
     per_episode = (Q + rows - 1) / rows;
+    count = B * per_episode;
   }
 
-  int64_t count(int64_t B) const { return B * per_episode; }
-
   // Block i: its episode, first query and number of queries.
-  std::tuple<int64_t, int64_t, int64_t> block(int64_t i, int64_t Q) const {
+  std::tuple<int64_t, int64_t, int64_t> block(int64_t i) const {
     const int64_t q0 = (i % per_episode) * rows;
     return {i / per_episode, q0, std::min(rows, Q - q0)};
   }
@@ -180,9 +179,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> matching_
     T* gates_all = gates.mutable_data_ptr<T>();
     T* out_all = hidden.mutable_data_ptr<T>();
     const QueryBlocks blocks(B, Q);
-    at::parallel_for(0, blocks.count(B), 1, [&](int64_t first, int64_t last) {
+    at::parallel_for(0, blocks.count, 1, [&](int64_t first, int64_t last) {
       for (int64_t i = first; i < last; ++i) {
-        const auto [b, q0, n] = blocks.block(i, Q);
+        const auto [b, q0, n] = blocks.block(i);
         const int64_t row = b * Q + q0;  // first row of the block in [B * Q]
         std::vector<T> both(n * F), zero_cell(n * D, T(0));
         const T* q = q_all + row * D;
@@ -245,10 +244,10 @@ matching_attention_lstm_backward(const at::Tensor& grad_in, const at::Tensor& qu
     T* grad_constant_all = grad_constant.mutable_data_ptr<T>();
     const T* weight_query = o.weight_ih.const_data_ptr<T>();  // [4D, D] of [4D, 2D]
     const QueryBlocks blocks(B, Q);
-    at::parallel_for(0, blocks.count(B), 1, [&](int64_t first, int64_t last) {
+    at::parallel_for(0, blocks.count, 1, [&](int64_t first, int64_t last) {
       std::vector<T> gw_hh(4 * D * D, T(0)), gs(B * S * D, T(0)), gsg(B * S * 4 * D, T(0));
       for (int64_t i = first; i < last; ++i) {
-        const auto [b, q0, n] = blocks.block(i, Q);
+        const auto [b, q0, n] = blocks.block(i);
         const int64_t row = b * Q + q0;
         std::vector<T> grad_hidden(grad_all + row * D, grad_all + (row + n) * D);
         std::vector<T> grad_cell(n * D, T(0)), zero_cell(n * D, T(0)), grad_attention(n * S);

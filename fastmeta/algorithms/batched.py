@@ -120,8 +120,8 @@ class _TaskBatchLearner(nn.Module):
         return torch.tensor(self.inner_lr, dtype=dtype, device=device)
 
     def _parameters_and_step_size(self):
-        """The module's parameters (theta, flattened in this order), their
-        common dtype, and the inner learning rate, 0 for parameters that do
+        """The module's parameters (theta, flattened in this order) and the
+        inner learning rate, in their common dtype, 0 for parameters that do
         not require grad."""
         params = list(self.module.parameters())
         dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
@@ -129,12 +129,12 @@ class _TaskBatchLearner(nn.Module):
         if not all(p.requires_grad for p in params):
             lr = lr * torch.cat([torch.full((p.numel(),), float(p.requires_grad), dtype=dtype,
                                             device=lr.device) for p in params])
-        return params, dtype, lr
+        return params, lr
 
     def _flat_parameters_and_step_size(self):
         """The module's parameters as one flat vector theta [P] (differentiable)
         and the inner learning rate."""
-        params, _, lr = self._parameters_and_step_size()
+        params, lr = self._parameters_and_step_size()
         return torch.cat([p.reshape(-1) for p in params]), lr
 
     def _adapted(self, x: torch.Tensor, y: torch.Tensor, steps: int):
@@ -242,10 +242,10 @@ class BatchedMAML(_TaskBatchLearner):
         ``return_outputs``, a :class:`MetaBatchOutput`: that loss, the
         adapted learners' query outputs and (cross-entropy) their accuracy,
         from the same adaptation."""
-        params, dtype, lr = self._parameters_and_step_size()
+        params, lr = self._parameters_and_step_size()
         _check_tasks("BatchedMAML", lr.device, x_support=x_support, y_support=y_support,
                      x_query=x_query, y_query=y_query)
-        derivatives = self.derivatives(x_support, dtype)
+        derivatives = self.derivatives(x_support, lr.dtype)
         losses, adapted = maml_query_loss(derivatives, params, lr, x_support, y_support, x_query,
                                           y_query, self.inner_steps, self.first_order,
                                           return_adapted=True)
