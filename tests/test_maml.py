@@ -13,6 +13,7 @@ import fastmeta
 from fastmeta import functional, ops, reference
 from fastmeta.algorithms import (ANIL, MAML, BatchedMAML, MetaSGD, Reptile, clone_module, iMAML,
                                  maml_update, meta_sgd_update)
+from fastmeta.algorithms import batched as batched_module
 from fastmeta.data import sinusoid_tasks
 from fastmeta.testing import DEVICES, FLOAT_DTYPES, assert_close_to_reference
 
@@ -176,7 +177,26 @@ def relative_error(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-@pytest.mark.parametrize("path", ["fused", "generic"])
+def engine_query_losses(path, net, loss):
+    """``query_losses(theta, lr, x_s, y_s, x_q, y_q, steps, first_order)`` of
+    one engine path: the fused kernels, the generic path recomputing the
+    inner steps (torch.func), or the generic path keeping their graphs."""
+    if path == "kept":
+        criterion = functional._loss_fn(loss)
+
+        def task_loss(params, x, y):
+            return criterion(torch.func.functional_call(net, functional.flat_to_dict(net, params[0]),
+                                                        (x,)), y)
+        return lambda theta, *args: functional.kept_graph_query_loss(task_loss, [theta], *args)
+    derivatives = (functional.mlp_derivatives(*functional.mlp_structure(net), loss) if path == "fused"
+                   else functional.module_derivatives(net, loss))
+    return lambda *args: functional.maml_query_loss(derivatives, *args)
+
+
+ENGINE_PATHS = ["fused", "generic", "kept"]
+
+
+@pytest.mark.parametrize("path", ENGINE_PATHS)
 @pytest.mark.parametrize("loss", ["mse", "cross_entropy"])
 @pytest.mark.parametrize("meta_sgd", [False, True])
 @pytest.mark.parametrize("steps", [0, 1, 2, 5])
@@ -197,9 +217,7 @@ def test_engine_equals_double_backward(path, loss, meta_sgd, steps):
     wrt = [theta, lr, x_s, x_q]
     want_losses, want = double_backward_meta_gradient(net, loss, lr, steps, (x_s, y_s, x_q, y_q),
                                                       weights, wrt)
-    derivatives = (functional.mlp_derivatives(*functional.mlp_structure(net), loss) if path == "fused"
-                   else functional.module_derivatives(net, loss))
-    losses = functional.maml_query_loss(derivatives, theta, lr, x_s, y_s, x_q, y_q, steps)
+    losses = engine_query_losses(path, net, loss)(theta, lr, x_s, y_s, x_q, y_q, steps)
     got = torch.autograd.grad((losses * weights).sum(), wrt, allow_unused=True)
     torch.testing.assert_close(losses, want_losses, rtol=1e-12, atol=0)
     for name, a, b in zip(("theta", "lr", "x_support", "x_query"), got, want):
@@ -266,24 +284,59 @@ def test_first_order_batched_maml_equals_the_per_task_loop():
         assert relative_error(p.grad, w) < 1e-9
 
 
-def assert_generic_path_matches_loop(net, inner_lr, x_s, y_s, x_q, y_q):
+def assert_generic_path_matches_loop(net, inner_lr, x_s, y_s, x_q, y_q, memory="auto",
+                                     first_order=False):
     """BatchedMAML's generic path (2 inner steps, cross-entropy) gives the
     per-task create_graph loop's meta-gradient."""
-    bm = BatchedMAML(net, inner_lr, inner_steps=2, loss="cross_entropy")
+    bm = BatchedMAML(net, inner_lr, inner_steps=2, first_order=first_order, loss="cross_entropy",
+                     memory=memory)
     assert not bm.fused
     bm(x_s, y_s, x_q, y_q).backward()
     want = torch.autograd.grad(reference.maml_query_losses_loop(
-        net, F.cross_entropy, inner_lr, 2, x_s, y_s, x_q, y_q).mean(), list(net.parameters()))
+        net, F.cross_entropy, inner_lr, 2, x_s, y_s, x_q, y_q, first_order=first_order).mean(),
+        list(net.parameters()))
     for p, w in zip(net.parameters(), want):
         assert relative_error(p.grad, w) < 1e-9
 
 
-def test_batched_maml_generic_path_for_a_conv_learner():
+@pytest.mark.parametrize("memory", BatchedMAML.MEMORY_POLICIES)
+@pytest.mark.parametrize("first_order", [False, True])
+def test_batched_maml_generic_path_for_a_conv_learner(memory, first_order):
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(1, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 4)).double()
     x_s, x_q = torch.randn(2, 4, 1, 6, 6, dtype=torch.float64), torch.randn(2, 8, 1, 6, 6, dtype=torch.float64)
     y_s, y_q = torch.arange(4).repeat(2, 1), torch.arange(4).repeat(2, 2)
-    assert_generic_path_matches_loop(net, 0.5, x_s, y_s, x_q, y_q)
+    assert_generic_path_matches_loop(net, 0.5, x_s, y_s, x_q, y_q, memory, first_order)
+
+
+def test_memory_policy_auto_keeps_graphs_for_convolutional_learners_on_the_cpu(monkeypatch):
+    """"auto" keeps the inner graphs where tasks run one at a time (a
+    convolutional learner on the CPU), and recomputes for other learners."""
+    calls = []
+    real = batched_module.kept_graph_query_loss
+    monkeypatch.setattr(batched_module, "kept_graph_query_loss",
+                        lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
+    x, y = torch.randn(2, 3, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (2, 3))
+    BatchedMAML(conv, 0.1, loss="cross_entropy")(x, y, x, y)
+    assert calls == [1]
+    mlp = nn.Sequential(nn.Linear(2, 3), nn.LayerNorm(3)).double()  # generic, not convolutional
+    x = torch.randn(2, 3, 2, dtype=torch.float64)
+    BatchedMAML(mlp, 0.1, loss="cross_entropy")(x, y, x, y)
+    BatchedMAML(mlp, 0.1, loss="cross_entropy", memory="keep")(x, y, x, y)
+    assert calls == [1, 1]
+
+
+def test_kept_graphs_without_gradients_only_adapt():
+    """Under no_grad the kept-graph path builds no graph and gives the same losses."""
+    net = conv_learner_with_batch_norm()
+    x, y = torch.randn(2, 4, 1, 6, 6, **DOUBLE), torch.randint(0, 2, (2, 4))
+    bm = BatchedMAML(net, 0.3, 2, loss="cross_entropy", memory="keep")
+    with torch.no_grad():
+        loss = bm(x, y, x, y)
+    assert not loss.requires_grad
+    torch.testing.assert_close(loss, BatchedMAML(net, 0.3, 2, loss="cross_entropy",
+                                                 memory="recompute")(x, y, x, y).detach())
 
 
 def test_anil_head_adaptation_trains_the_body():
@@ -385,17 +438,27 @@ def test_generic_path_runs_learners_that_contain_fastmeta_ops():
     assert_generic_path_matches_loop(net, 0.3, x_s, y_s, x_q, y_q)
 
 
-def test_batched_maml_does_not_adapt_frozen_parameters():
+@pytest.mark.parametrize("memory", [None, "keep", "recompute"])  # None: fused kernels
+def test_batched_maml_does_not_adapt_frozen_parameters(memory):
     torch.manual_seed(0)
     net = mlp_module([1, 6, 1], ["relu", "identity"])
     net[0].weight.requires_grad_(False)
     tasks = sinusoid_tasks(3, 5, num_query=5, dtype=torch.float64)
-    bm = BatchedMAML(net, 0.1, inner_steps=2)
+    loss = "mse" if memory is None else (lambda out, y: ((out - y) ** 2).mean())
+    bm = BatchedMAML(net, 0.1, inner_steps=2, loss=loss, memory=memory or "auto")
+    assert bm.fused == (memory is None)
     adapted = bm.adapt(tasks[0], tasks[1])
     assert torch.equal(adapted["0.weight"], net[0].weight.expand(3, -1, -1))
     assert not torch.equal(adapted["0.bias"], net[0].bias.expand(3, -1))
-    bm(*tasks).backward()
+    outputs = bm(*tasks, return_outputs=True)
+    torch.testing.assert_close(outputs.outputs, bm.predict(tasks[0], tasks[1], tasks[2]))
+    outputs.loss.backward()
     assert net[0].weight.grad is None and net[0].bias.grad is not None
+    twin = copy.deepcopy(net).requires_grad_()  # the frozen weight: learning rate 0
+    want = torch.autograd.grad(reference.maml_query_losses_loop(
+        twin, F.mse_loss, [0.0, 0.1, 0.1, 0.1], 2, *tasks).mean(), list(twin.parameters())[1:])
+    for p, w in zip(list(net.parameters())[1:], want):
+        assert relative_error(p.grad, w) < 1e-9
 
 
 def test_adapt_and_predict_match_manual_adaptation():
@@ -571,6 +634,11 @@ def test_bad_input_unknown_loss():
                                           widths=[1, 1], activations=["identity"], loss="l1")
 
 
+def test_bad_input_unknown_memory_policy():
+    with pytest.raises(ValueError, match="unknown memory policy 'low'; expected one of 'auto'"):
+        BatchedMAML(nn.Linear(1, 1), 0.01, memory="low")
+
+
 def test_bad_input_empty_support_set():
     x_s, y_s, x_q, y_q = sinusoid_tasks(2, 0, num_query=5)
     with pytest.raises(ValueError, match="support set is empty"):
@@ -626,15 +694,14 @@ def test_a_retained_graph_gives_the_same_meta_gradient_twice():
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("path", ["fused", "generic"])
+@pytest.mark.parametrize("path", ENGINE_PATHS)
 @pytest.mark.parametrize("first_order", [False, True])
 def test_engine_gradcheck(path, first_order):
     """torch.autograd.gradcheck (float64) of the engine's meta-gradient with
     respect to theta, per-parameter learning rates and both inputs."""
     torch.manual_seed(0)
     net = mlp_module([2, 5, 3], ["tanh", "identity"])
-    derivatives = (functional.mlp_derivatives(*functional.mlp_structure(net), "cross_entropy")
-                   if path == "fused" else functional.module_derivatives(net, "cross_entropy"))
+    engine = engine_query_losses(path, net, "cross_entropy")
     theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).requires_grad_()
     lr = (0.1 + 0.2 * torch.rand(theta.numel(), dtype=torch.float64)).requires_grad_()
     x_s = torch.randn(3, 4, 2, dtype=torch.float64, requires_grad=True)
@@ -642,8 +709,7 @@ def test_engine_gradcheck(path, first_order):
     y_s, y_q = torch.randint(0, 3, (3, 4)), torch.randint(0, 3, (3, 5))
 
     def query_losses(theta, lr, x_s, x_q):
-        return functional.maml_query_loss(derivatives, theta, lr, x_s, y_s, x_q, y_q, 2,
-                                          first_order)
+        return engine(theta, lr, x_s, y_s, x_q, y_q, 2, first_order)
 
     if first_order:  # FOMAML's gradient is not the true one; check it is the first-order one
         losses = query_losses(theta, lr, x_s, x_q)
@@ -725,7 +791,9 @@ def conv_learner_with_batch_norm(seed=0):
 
 @pytest.mark.parametrize("steps", [1, 5])
 @pytest.mark.parametrize("learn_inner_lr", [False, True])
-def test_batched_maml_with_a_default_batch_norm_equals_the_per_task_loop(steps, learn_inner_lr):
+@pytest.mark.parametrize("memory", ["keep", "recompute"])
+def test_batched_maml_with_a_default_batch_norm_equals_the_per_task_loop(steps, learn_inner_lr,
+                                                                         memory):
     """A default nn.BatchNorm2d (running statistics tracked, training mode):
     each task is normalised with its own batch statistics, the meta-gradient
     equals double backward through the per-task loop (float64), and the
@@ -735,7 +803,8 @@ def test_batched_maml_with_a_default_batch_norm_equals_the_per_task_loop(steps, 
     g = torch.Generator().manual_seed(3)
     x_s, x_q = torch.randn(3, 4, 1, 6, 6, generator=g, **DOUBLE), torch.randn(3, 6, 1, 6, 6, generator=g, **DOUBLE)
     y_s, y_q = torch.randint(0, 2, (3, 4), generator=g), torch.randint(0, 2, (3, 6), generator=g)
-    bm = BatchedMAML(net, 0.3, steps, learn_inner_lr=learn_inner_lr, loss="cross_entropy")
+    bm = BatchedMAML(net, 0.3, steps, learn_inner_lr=learn_inner_lr, loss="cross_entropy",
+                     memory=memory)
     loss = bm(x_s, y_s, x_q, y_q)
     wrt = list(net.parameters()) + (list(bm.inner_lrs) if learn_inner_lr else [])
     got = torch.autograd.grad(loss, wrt)

@@ -9,8 +9,9 @@ from torch import nn
 
 from .. import _build_config
 from .engine import (Loss, _loss_fn, _proximal_descent, batch_statistics, flat_to_dict,
-                     implicit_query_loss, maml_query_loss, mlp_derivatives, mlp_structure,
-                     module_derivatives, tracking_batch_norms)
+                     implicit_query_loss, kept_graph_query_loss, maml_query_loss, mlp_derivatives,
+                     mlp_structure, module_derivatives, module_task_loss, one_task_at_a_time,
+                     tracking_batch_norms)
 
 __all__ = ["ANIL", "BatchedMAML", "MetaBatchOutput", "Reptile", "iMAML"]
 
@@ -89,6 +90,10 @@ class _TaskBatchLearner(nn.Module):
         activations, without hooks, parametrizations or tied weights."""
         return self._fused_derivatives() is not None
 
+    def _runs_fused(self, derivatives) -> bool:
+        """Whether ``derivatives`` (from :meth:`derivatives`) are the fused kernels'."""
+        return self._fused_cache is not None and derivatives is self._fused_cache[1]
+
     def derivatives(self, x: torch.Tensor, dtype: torch.dtype):
         """The derivatives function for inputs ``x`` and parameters of
         ``dtype``: the fused kernels where they support the learner."""
@@ -106,7 +111,7 @@ class _TaskBatchLearner(nn.Module):
         update per task from its support set at the meta-parameters, task
         after task, as a per-task loop's first forward makes; the adapted
         forwards inside the transforms use batch statistics only."""
-        if self._fused_cache is not None and derivatives is self._fused_cache[1]:
+        if self._runs_fused(derivatives):
             return  # the learner is an MLP the fused kernels run: no batch norm
         if tracking_batch_norms(self.module):
             for task in x:
@@ -176,8 +181,7 @@ class _TaskBatchLearner(nn.Module):
         def call(p, inputs):
             return torch.func.functional_call(self.module, flat_to_dict(self.module, p), (inputs,))
         with batch_statistics(self.module):
-            if x.device.type == "cpu" and any(isinstance(m, nn.modules.conv._ConvNd)
-                                              for m in self.module.modules()):
+            if one_task_at_a_time(self.module, x.device):
                 return torch.stack([call(p, inputs) for p, inputs in zip(params, x)])
             return torch.func.vmap(call)(params, x)
 
@@ -205,7 +209,21 @@ class BatchedMAML(_TaskBatchLearner):
     bias and ReLU, Tanh, Sigmoid, ELU, without hooks, parametrizations or
     tied weights), the loss is ``"mse"`` or ``"cross_entropy"`` and inputs
     are ``[T, N, features]``, the fused kernels compute every task's
-    derivatives at once; otherwise torch.func does (``.fused`` says which).
+    derivatives at once, with memory independent of ``inner_steps``;
+    otherwise the generic path does (``.fused`` says which), as ``memory``
+    chooses:
+
+    - ``"recompute"``: the engine keeps only the inner trajectory's
+      parameters and recomputes each step's gradient and Hessian-vector
+      product (torch.func, vmapped over tasks) in the backward: memory
+      independent of ``inner_steps``.
+    - ``"keep"``: each task's inner steps keep their graph and its
+      meta-gradient is PyTorch's double backward, taken in the forward
+      before the next task starts: no recomputation, memory of one task's
+      graph (it grows with ``inner_steps``).
+    - ``"auto"`` (default): ``"keep"`` where the tasks run one after the
+      other anyway (a convolutional learner on the CPU), ``"recompute"``
+      elsewhere.
 
     Args:
         module: the learner; the meta-parameters are its initial parameters.
@@ -218,11 +236,20 @@ class BatchedMAML(_TaskBatchLearner):
         loss: ``"mse"`` (mean over points and outputs), ``"cross_entropy"``
             (targets are int64 labels ``[T, N]``) or ``loss(outputs, targets)``
             for one task.
+        memory: the generic path's policy, ``"auto"``, ``"keep"`` or
+            ``"recompute"`` (above).
     """
 
+    MEMORY_POLICIES = ("auto", "keep", "recompute")
+
     def __init__(self, module: nn.Module, inner_lr: float, inner_steps: int = 1,
-                 first_order: bool = False, learn_inner_lr: bool = False, loss: Loss = "mse"):
+                 first_order: bool = False, learn_inner_lr: bool = False, loss: Loss = "mse",
+                 memory: str = "auto"):
         super().__init__(module, inner_steps, loss)
+        if memory not in self.MEMORY_POLICIES:
+            raise ValueError(f"BatchedMAML: unknown memory policy {memory!r}; expected one of "
+                             + ", ".join(map(repr, self.MEMORY_POLICIES)))
+        self.memory = memory
         self.first_order = bool(first_order)
         self.learn_inner_lr = bool(learn_inner_lr)
         if learn_inner_lr:
@@ -236,6 +263,13 @@ class BatchedMAML(_TaskBatchLearner):
             return torch.cat([lr.reshape(-1) for lr in self.inner_lrs]).to(device, dtype)
         return super()._inner_lr(dtype, device)
 
+    def _keeps_graphs(self, derivatives, device: torch.device) -> bool:
+        """Whether this call takes the generic path with the ``"keep"`` policy."""
+        if self._runs_fused(derivatives):
+            return False
+        return self.memory == "keep" or (self.memory == "auto"
+                                         and one_task_at_a_time(self.module, device))
+
     def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
                 y_query: torch.Tensor, return_outputs: bool = False):
         """The mean over tasks of the query loss after adaptation; with
@@ -246,9 +280,14 @@ class BatchedMAML(_TaskBatchLearner):
         _check_tasks("BatchedMAML", lr.device, x_support=x_support, y_support=y_support,
                      x_query=x_query, y_query=y_query)
         derivatives = self.derivatives(x_support, lr.dtype)
-        losses, adapted = maml_query_loss(derivatives, params, lr, x_support, y_support, x_query,
-                                          y_query, self.inner_steps, self.first_order,
-                                          return_adapted=True)
+        if self._keeps_graphs(derivatives, x_support.device):
+            losses, adapted = kept_graph_query_loss(
+                module_task_loss(self.module, self.loss), params, lr, x_support, y_support, x_query,
+                y_query, self.inner_steps, self.first_order, return_adapted=True)
+        else:
+            losses, adapted = maml_query_loss(derivatives, params, lr, x_support, y_support, x_query,
+                                              y_query, self.inner_steps, self.first_order,
+                                              return_adapted=True)
         self._update_running_statistics(x_support, derivatives)
         if return_outputs:
             return self._meta_batch_output(losses, adapted, x_query, y_query)

@@ -36,6 +36,8 @@ from ..ops.mlp_task_derivatives import MLP_LOSSES
 __all__ = [
     "batched_hvp",
     "maml_query_loss",
+    "kept_graph_query_loss",
+    "module_task_loss",
     "implicit_query_loss",
     "mlp_derivatives",
     "module_derivatives",
@@ -155,18 +157,22 @@ def module_derivatives(module: nn.Module, loss: Loss):
     def task_loss(p, x, y):
         return criterion(torch.func.functional_call(module, flat_to_dict(module, p), (x,)), y)
 
-    # On the CPU, torch.func's batching rule runs a convolution with per-task
-    # weights as one grouped convolution, several times slower than a plain
-    # convolution per task (32 tasks of a conv4 learner: 4x), so convolutional
-    # learners there take the tasks one at a time where their weights differ.
-    convolutional = any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
-
     def derivatives(params, x, target, direction=None, input_grad=False):
-        vectorize = not (convolutional and x.device.type == "cpu")
+        vectorize = not one_task_at_a_time(module, x.device)
         with batch_statistics(module):
             return task_derivatives(task_loss, params, x, target, direction, input_grad, vectorize)
 
     return derivatives
+
+
+def one_task_at_a_time(module: nn.Module, device: torch.device) -> bool:
+    """Whether the tasks of ``module`` run one after the other where their
+    weights differ: a convolutional learner on the CPU, where torch.func's
+    batching rule would run a convolution with per-task weights as one
+    grouped convolution, several times slower than a plain convolution per
+    task (32 tasks of a conv4 learner: 4x)."""
+    return device.type == "cpu" and any(isinstance(m, nn.modules.conv._ConvNd)
+                                        for m in module.modules())
 
 
 def tracking_batch_norms(module: nn.Module) -> list:
@@ -404,6 +410,106 @@ def maml_query_loss(derivatives, theta: Union[torch.Tensor, Sequence[torch.Tenso
     parts = (theta,) if isinstance(theta, torch.Tensor) else tuple(theta)
     loss, adapted = _InnerLoop.apply(derivatives, int(steps), bool(first_order), lr, x_support,
                                      y_support, x_query, y_query, *parts)
+    return (loss, adapted) if return_adapted else loss
+
+
+def module_task_loss(module: nn.Module, loss: Loss):
+    """``task_loss(params, x, target)``: one task's scalar loss of ``module``
+    with ``params`` (a list in ``module.parameters()`` order) on ``x``,
+    batch norm in training mode on the task's batch statistics (see
+    :func:`batch_statistics`)."""
+    criterion = _loss_fn(loss)
+    names = [name for name, _ in module.named_parameters()]
+
+    def task_loss(params, x, target):
+        with batch_statistics(module):
+            outputs = torch.func.functional_call(module, dict(zip(names, params)), (x,))
+        return criterion(outputs, target)
+
+    return task_loss
+
+
+class _KeptGraphLoop(torch.autograd.Function):
+    """Query losses after K inner steps through PyTorch autograd, one task
+    after the other: each task's inner steps keep their graph
+    (``create_graph``), and its meta-gradient (PyTorch's double backward) is
+    taken before the next task starts, so memory holds one task's graph.
+    The backward weighs the kept per-task gradients by ``grad_loss``."""
+
+    @staticmethod
+    def forward(ctx, task_loss, steps, first_order, graphs, lr, x_s, y_s, x_q, y_q, *params):
+        need = ctx.needs_input_grad if graphs else (False,) * len(ctx.needs_input_grad)
+        need_lr, need_x_s, need_x_q, need_params = need[4], need[5] and not first_order, need[7], need[9:]
+        second_order = not first_order and (any(need_params) or need_lr or need_x_s)
+        sizes = [p.numel() for p in params]
+        kept = {"params": [], "lr": [], "x_s": [], "x_q": []}
+        losses, adapted = [], []
+        with torch.enable_grad():
+            theta = [p.detach().requires_grad_() for p in params]
+            lr_leaf = lr.detach().requires_grad_(need_lr)
+            lrs = ([lr_leaf] * len(params) if lr.dim() == 0 else
+                   [part.view(p.shape) for part, p in zip(lr_leaf.split(sizes), params)])
+            for t in range(x_s.shape[0]):
+                xs_t = x_s[t].detach().requires_grad_(need_x_s)
+                xq_t = x_q[t].detach().requires_grad_(need_x_q)
+                fast = theta
+                for _ in range(steps):
+                    grads = torch.autograd.grad(task_loss(fast, xs_t, y_s[t]), fast,
+                                                create_graph=second_order, materialize_grads=True)
+                    fast = [p - step * g for p, step, g in zip(fast, lrs, grads)]
+                loss = task_loss(fast, xq_t, y_q[t])
+                wrt = {"params": [p for p, n in zip(theta, need_params) if n],
+                       "lr": [lr_leaf] if need_lr else [], "x_s": [xs_t] if need_x_s else [],
+                       "x_q": [xq_t] if need_x_q else []}
+                flat_wrt = [w for ws in wrt.values() for w in ws]
+                if flat_wrt:
+                    grads = iter(torch.autograd.grad(loss, flat_wrt, materialize_grads=True))
+                    for key, ws in wrt.items():
+                        kept[key].append([next(grads) for _ in ws])
+                losses.append(loss.detach())
+                adapted.append(torch.cat([p.detach().reshape(-1) for p in fast]))
+        ctx.parts = [(p.shape, p.dtype) for p in params]
+        # per input: its gradients stacked over tasks [T, ...]
+        ctx.kept = {key: [torch.stack(g) for g in zip(*per_task)] for key, per_task in kept.items()
+                    if per_task}
+        adapted = torch.stack(adapted)
+        ctx.mark_non_differentiable(adapted)
+        return torch.stack(losses), adapted
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_adapted):
+        def weighed(key):  # each task's gradient times its grad_loss, summed over tasks
+            return [torch.tensordot(grad_loss.to(g.dtype), g, dims=1) for g in ctx.kept.get(key, [])]
+
+        def per_task(key):  # each task's rows times its grad_loss
+            return [g * grad_loss.view(-1, *[1] * (g.dim() - 1)) for g in ctx.kept.get(key, [])]
+
+        need_params = ctx.needs_input_grad[9:]
+        d_params = iter(weighed("params"))
+        d_parts = [next(d_params).to(dtype) if need else None
+                   for need, (_, dtype) in zip(need_params, ctx.parts)]
+        d_lr, d_x_s, d_x_q = (next(iter(found), None) for found in (weighed("lr"), per_task("x_s"),
+                                                                      per_task("x_q")))
+        return (None, None, None, None, d_lr, d_x_s, None, d_x_q, None, *d_parts)
+
+
+def kept_graph_query_loss(task_loss, params: Sequence[torch.Tensor], lr: torch.Tensor,
+                          x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
+                          y_query: torch.Tensor, steps: int = 1, first_order: bool = False,
+                          return_adapted: bool = False):
+    """:func:`maml_query_loss` through PyTorch autograd, task by task, each
+    task's inner graph kept until its meta-gradient is taken (in this call,
+    where gradients are enabled): faster than recomputing the inner steps
+    where each task's products are large (a convolutional learner), with
+    memory of one task's graph. ``task_loss(params, x, target)`` is one
+    task's loss (:func:`module_task_loss`); ``params`` a list of tensors,
+    ``lr`` 0-dimensional or flat ``[P]`` over them."""
+    if y_support.requires_grad or y_query.requires_grad:
+        raise ValueError("maml_query_loss: targets that require grad are not supported; detach them")
+    loss, adapted = _KeptGraphLoop.apply(task_loss, int(steps), bool(first_order),
+                                         torch.is_grad_enabled(), lr, x_support, y_support, x_query,
+                                         y_query, *params)
     return (loss, adapted) if return_adapted else loss
 
 
