@@ -52,11 +52,16 @@ def direct_meta_gradient(module, lr, lam, steps, x_s, y_s, x_q, y_q):
     return torch.stack(losses).mean(), torch.stack(grads).mean(0)
 
 
-@pytest.mark.parametrize("loss", ["mse", mse])  # the fused MLP kernels, then torch.func
+# the fused MLP kernels, then the generic path recomputing and keeping graphs
+PATHS = [("mse", "auto"), (mse, "recompute"), (mse, "keep")]
+
+
+@pytest.mark.parametrize("loss, memory", PATHS)
 @pytest.mark.parametrize("steps", [1, 5])
-def test_meta_gradient_equals_the_direct_solve(loss, steps):
+def test_meta_gradient_equals_the_direct_solve(loss, memory, steps):
     module = learner()
-    imaml = iMAML(module, inner_lr=0.1, inner_steps=steps, lam=4.0, cg_steps=40, loss=loss)
+    imaml = iMAML(module, inner_lr=0.1, inner_steps=steps, lam=4.0, cg_steps=40, loss=loss,
+                  memory=memory)
     assert imaml.fused == (loss == "mse")
     data = tasks()
     value = imaml(*data)
@@ -99,16 +104,35 @@ def test_adapt_and_predict_solve_the_proximal_problem():
 
 
 def test_classification_with_a_conv_learner_runs_on_the_generic_path():
-    torch.manual_seed(0)
-    module = nn.Sequential(nn.Conv2d(1, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
-    imaml = iMAML(module, 0.1, 3, lam=1.0, cg_steps=2, loss="cross_entropy")
-    x_s, x_q = torch.randn(2, 3, 1, 6, 6), torch.randn(2, 6, 1, 6, 6)
-    y_s, y_q = torch.arange(3).repeat(2, 1), torch.arange(3).repeat(2, 2)
-    loss = imaml(x_s, y_s, x_q, y_q)
-    loss.backward()
-    assert not imaml.fused and loss.item() > 0
-    assert all(p.grad is not None and p.grad.isfinite().all() for p in module.parameters())
-    assert F.cross_entropy(imaml.predict(x_s, y_s, x_q).flatten(0, 1), y_q.flatten()).isfinite()
+    """A conv learner with batch norm: both memory policies give the same
+    losses, outputs and meta-gradient (float64)."""
+    results = []
+    for memory in ("keep", "recompute"):
+        torch.manual_seed(0)
+        module = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
+                               nn.Linear(4 * 4 * 4, 3)).double()
+        imaml = iMAML(module, 0.1, 3, lam=1.0, cg_steps=2, loss="cross_entropy", memory=memory)
+        g = torch.Generator().manual_seed(1)
+        x_s, x_q = torch.randn(2, 3, 1, 6, 6, generator=g, **DOUBLE), torch.randn(2, 6, 1, 6, 6, generator=g, **DOUBLE)
+        y_s, y_q = torch.arange(3).repeat(2, 1), torch.arange(3).repeat(2, 2)
+        output = imaml(x_s, y_s, x_q, y_q, return_outputs=True)
+        output.loss.backward()
+        assert not imaml.fused and output.loss.item() > 0
+        torch.testing.assert_close(output.outputs, imaml.predict(x_s, y_s, x_q))
+        results.append((output.loss, output.outputs,
+                        torch.cat([p.grad.reshape(-1) for p in module.parameters()])))
+    for keep, recompute in zip(*results):
+        torch.testing.assert_close(keep, recompute, rtol=1e-10, atol=1e-12)
+
+
+def test_kept_graphs_without_gradients_only_solve_the_inner_problem():
+    module = learner()
+    data = tasks()
+    imaml = iMAML(module, 0.1, 3, lam=2.0, loss=mse, memory="keep")
+    with torch.no_grad():
+        loss = imaml(*data)
+    torch.testing.assert_close(loss, iMAML(module, 0.1, 3, lam=2.0, loss=mse,
+                                           memory="recompute")(*data).detach())
 
 
 def test_bad_arguments():
@@ -118,6 +142,8 @@ def test_bad_arguments():
         iMAML(learner(), 0.1, lam=-1.0)
     with pytest.raises(ValueError, match="cg_steps must be an int >= 1, got 0"):
         iMAML(learner(), 0.1, cg_steps=0)
+    with pytest.raises(ValueError, match="iMAML: unknown memory policy 'none'"):
+        iMAML(learner(), 0.1, memory="none")
     with pytest.raises(ValueError, match="the number of inner steps must be an int >= 0"):
         iMAML(learner(), 0.1, inner_steps=-1)
     x_s, y_s, x_q, y_q = tasks()

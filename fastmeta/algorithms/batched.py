@@ -9,7 +9,8 @@ from torch import nn
 
 from .. import _build_config
 from .engine import (Loss, _loss_fn, _proximal_descent, batch_statistics, flat_to_dict,
-                     implicit_query_loss, kept_graph_query_loss, maml_query_loss, mlp_derivatives,
+                     implicit_query_loss, kept_graph_implicit_query_loss, kept_graph_query_loss,
+                     maml_query_loss, mlp_derivatives,
                      mlp_structure, module_derivatives, module_task_loss, one_task_at_a_time,
                      tracking_batch_norms)
 
@@ -93,6 +94,22 @@ class _TaskBatchLearner(nn.Module):
     def _runs_fused(self, derivatives) -> bool:
         """Whether ``derivatives`` (from :meth:`derivatives`) are the fused kernels'."""
         return self._fused_cache is not None and derivatives is self._fused_cache[1]
+
+    MEMORY_POLICIES = ("auto", "keep", "recompute")
+
+    def _check_memory(self, memory: str) -> str:
+        if memory not in self.MEMORY_POLICIES:
+            raise ValueError(f"{type(self).__name__}: unknown memory policy {memory!r}; expected "
+                             "one of " + ", ".join(map(repr, self.MEMORY_POLICIES)))
+        return memory
+
+    def _keeps_graphs(self, derivatives, device: torch.device) -> bool:
+        """Whether this call takes the generic path with the ``"keep"``
+        policy (``self.memory``, BatchedMAML and iMAML)."""
+        if self._runs_fused(derivatives):
+            return False
+        return self.memory == "keep" or (self.memory == "auto"
+                                         and one_task_at_a_time(self.module, device))
 
     def derivatives(self, x: torch.Tensor, dtype: torch.dtype):
         """The derivatives function for inputs ``x`` and parameters of
@@ -240,16 +257,11 @@ class BatchedMAML(_TaskBatchLearner):
             ``"recompute"`` (above).
     """
 
-    MEMORY_POLICIES = ("auto", "keep", "recompute")
-
     def __init__(self, module: nn.Module, inner_lr: float, inner_steps: int = 1,
                  first_order: bool = False, learn_inner_lr: bool = False, loss: Loss = "mse",
                  memory: str = "auto"):
         super().__init__(module, inner_steps, loss)
-        if memory not in self.MEMORY_POLICIES:
-            raise ValueError(f"BatchedMAML: unknown memory policy {memory!r}; expected one of "
-                             + ", ".join(map(repr, self.MEMORY_POLICIES)))
-        self.memory = memory
+        self.memory = self._check_memory(memory)
         self.first_order = bool(first_order)
         self.learn_inner_lr = bool(learn_inner_lr)
         if learn_inner_lr:
@@ -262,13 +274,6 @@ class BatchedMAML(_TaskBatchLearner):
         if self.learn_inner_lr:
             return torch.cat([lr.reshape(-1) for lr in self.inner_lrs]).to(device, dtype)
         return super()._inner_lr(dtype, device)
-
-    def _keeps_graphs(self, derivatives, device: torch.device) -> bool:
-        """Whether this call takes the generic path with the ``"keep"`` policy."""
-        if self._runs_fused(derivatives):
-            return False
-        return self.memory == "keep" or (self.memory == "auto"
-                                         and one_task_at_a_time(self.module, device))
 
     def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
                 y_query: torch.Tensor, return_outputs: bool = False):
@@ -414,6 +419,13 @@ class iMAML(_TaskBatchLearner):
     torch.func otherwise). Only phi is kept: memory does not grow with
     ``inner_steps``. ``adapt`` and ``predict`` solve the same proximal problem.
 
+    ``memory`` (``"auto"``, ``"keep"``, ``"recompute"``) is as
+    :class:`BatchedMAML`'s for the generic path: ``"keep"`` runs the tasks
+    one after the other through PyTorch autograd, each keeping the graph of
+    its support gradient at phi (not of the inner steps) for the
+    conjugate-gradient steps, so memory stays independent of
+    ``inner_steps`` either way.
+
     Args:
         module: the learner; theta is its parameters.
         inner_lr: the inner step size.
@@ -421,11 +433,13 @@ class iMAML(_TaskBatchLearner):
         lam: the proximal regularisation lambda (> 0).
         cg_steps: conjugate-gradient iterations (>= 1).
         loss: ``"mse"``, ``"cross_entropy"`` or ``loss(outputs, targets)``.
+        memory: the generic path's policy (above).
     """
 
     def __init__(self, module: nn.Module, inner_lr: float, inner_steps: int = 16, lam: float = 2.0,
-                 cg_steps: int = 5, loss: Loss = "mse"):
+                 cg_steps: int = 5, loss: Loss = "mse", memory: str = "auto"):
         super().__init__(module, inner_steps, loss)
+        self.memory = self._check_memory(memory)
         if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam > 0:
             raise ValueError(f"iMAML: lam must be a number > 0, got {lam!r}")
         if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
@@ -447,9 +461,13 @@ class iMAML(_TaskBatchLearner):
         if y_support.requires_grad or y_query.requires_grad:
             raise ValueError("iMAML: targets that require grad are not supported; detach them")
         derivatives = self.derivatives(x_support, theta.dtype)
-        losses, adapted = implicit_query_loss(derivatives, theta, lr, x_support, y_support, x_query,
-                                              y_query, self.inner_steps, self.lam, self.cg_steps,
-                                              return_adapted=True)
+        args = (theta, lr, x_support, y_support, x_query, y_query, self.inner_steps, self.lam,
+                self.cg_steps)
+        if self._keeps_graphs(derivatives, x_support.device):
+            losses, adapted = kept_graph_implicit_query_loss(
+                module_task_loss(self.module, self.loss), *args, return_adapted=True)
+        else:
+            losses, adapted = implicit_query_loss(derivatives, *args, return_adapted=True)
         self._update_running_statistics(x_support, derivatives)
         if return_outputs:
             return self._meta_batch_output(losses, adapted, x_query, y_query)

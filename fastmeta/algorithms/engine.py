@@ -39,6 +39,7 @@ __all__ = [
     "kept_graph_query_loss",
     "module_task_loss",
     "implicit_query_loss",
+    "kept_graph_implicit_query_loss",
     "mlp_derivatives",
     "module_derivatives",
     "mlp_structure",
@@ -415,15 +416,17 @@ def maml_query_loss(derivatives, theta: Union[torch.Tensor, Sequence[torch.Tenso
 
 def module_task_loss(module: nn.Module, loss: Loss):
     """``task_loss(params, x, target)``: one task's scalar loss of ``module``
-    with ``params`` (a list in ``module.parameters()`` order) on ``x``,
-    batch norm in training mode on the task's batch statistics (see
-    :func:`batch_statistics`)."""
+    with ``params`` (a list in ``module.parameters()`` order, or flat
+    ``[P]``) on ``x``, batch norm in training mode on the task's batch
+    statistics (see :func:`batch_statistics`)."""
     criterion = _loss_fn(loss)
     names = [name for name, _ in module.named_parameters()]
 
     def task_loss(params, x, target):
+        named = (flat_to_dict(module, params) if isinstance(params, torch.Tensor)
+                 else dict(zip(names, params)))
         with batch_statistics(module):
-            outputs = torch.func.functional_call(module, dict(zip(names, params)), (x,))
+            outputs = torch.func.functional_call(module, named, (x,))
         return criterion(outputs, target)
 
     return task_loss
@@ -573,6 +576,56 @@ class _ImplicitLoop(torch.autograd.Function):
         return None, None, None, None, v.sum(0), None, None, None, None, None
 
 
+class _KeptImplicitLoop(torch.autograd.Function):
+    """:class:`_ImplicitLoop` through PyTorch autograd, one task after the
+    other: the proximal steps without a graph, then the support gradient's
+    graph at phi kept for the conjugate-gradient steps' Hessian-vector
+    products (double backward), and the task's meta-gradient solved before
+    the next task starts. Memory holds one task's gradient graph."""
+
+    @staticmethod
+    def forward(ctx, task_loss, steps, lam, cg_steps, graphs, theta, lr, x_s, y_s, x_q, y_q):
+        losses, adapted, solutions = [], [], []
+        with torch.enable_grad():
+            for t in range(x_s.shape[0]):
+                phi = theta.detach()
+                for _ in range(steps):
+                    phi = phi.detach().requires_grad_()
+                    grad, = torch.autograd.grad(task_loss(phi, x_s[t], y_s[t]), phi,
+                                                materialize_grads=True)
+                    phi = phi - lr * (grad + lam * (phi - theta))
+                phi = phi.detach().requires_grad_()
+                loss = task_loss(phi, x_q[t], y_q[t])
+                losses.append(loss.detach())
+                adapted.append(phi.detach())
+                if not graphs:
+                    continue
+                grad_q, = torch.autograd.grad(loss, phi, materialize_grads=True)
+                grad_s, = torch.autograd.grad(task_loss(phi, x_s[t], y_s[t]), phi, create_graph=True,
+                                              materialize_grads=True)
+
+                def apply(u):  # (I + H(phi) / lam) u
+                    hvp, = torch.autograd.grad(grad_s, phi, u[0], retain_graph=True,
+                                               materialize_grads=True)
+                    return u + hvp[None] / lam
+
+                # conjugate gradient is homogeneous in b: grad_loss scales it in the backward
+                solutions.append(conjugate_gradient(apply, grad_q[None], cg_steps)[0])
+        ctx.solutions = torch.stack(solutions) if solutions else None
+        adapted = torch.stack(adapted)
+        ctx.mark_non_differentiable(adapted)
+        return torch.stack(losses), adapted
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss, _grad_adapted):
+        if ctx.solutions is None:
+            raise RuntimeError("iMAML: the forward ran without gradients enabled, so no "
+                               "meta-gradient was solved; run it with gradients enabled")
+        d_theta = grad_loss.to(ctx.solutions.dtype) @ ctx.solutions
+        return None, None, None, None, None, d_theta, None, None, None, None, None
+
+
 def implicit_query_loss(derivatives, theta: torch.Tensor, lr: torch.Tensor, x_support: torch.Tensor,
                         y_support: torch.Tensor, x_query: torch.Tensor, y_query: torch.Tensor,
                         steps: int, lam: float, cg_steps: int, return_adapted: bool = False):
@@ -583,7 +636,25 @@ def implicit_query_loss(derivatives, theta: torch.Tensor, lr: torch.Tensor, x_su
     and the gradient with respect to ``theta`` is the implicit one, (I + H /
     lam)^-1 grad L_query(phi) with H the support loss's Hessian at phi,
     solved by ``cg_steps`` of conjugate gradient. Only ``theta`` gets a
-    gradient (not ``lr``, the inputs or the targets)."""
-    loss, adapted = _ImplicitLoop.apply(derivatives, int(steps), float(lam), int(cg_steps), theta, lr,
-                                        x_support, y_support, x_query, y_query)
+    gradient (not ``lr``, the inputs or the targets).
+
+    The Hessian-vector products are recomputed at each conjugate-gradient
+    step (see :func:`kept_graph_implicit_query_loss` for the alternative)."""
+    loss, adapted = _ImplicitLoop.apply(derivatives, int(steps), float(lam), int(cg_steps), theta,
+                                        lr, x_support, y_support, x_query, y_query)
+    return (loss, adapted) if return_adapted else loss
+
+
+def kept_graph_implicit_query_loss(task_loss, theta: torch.Tensor, lr: torch.Tensor,
+                                   x_support: torch.Tensor, y_support: torch.Tensor,
+                                   x_query: torch.Tensor, y_query: torch.Tensor, steps: int,
+                                   lam: float, cg_steps: int, return_adapted: bool = False):
+    """:func:`implicit_query_loss` through PyTorch autograd, task by task,
+    each task's support-gradient graph at phi kept for its
+    conjugate-gradient steps, and its meta-gradient solved in this call
+    (where gradients are enabled). ``task_loss(theta, x, target)`` is one
+    task's loss (:func:`module_task_loss`)."""
+    loss, adapted = _KeptImplicitLoop.apply(task_loss, int(steps), float(lam), int(cg_steps),
+                                            torch.is_grad_enabled(), theta, lr, x_support, y_support,
+                                            x_query, y_query)
     return (loss, adapted) if return_adapted else loss
