@@ -297,6 +297,24 @@ def maml_query_losses_vmap(module, loss_fn, inner_lr, steps: int, x_support, y_s
     return vmap(one_task)(x_support, y_support, x_query, y_query)
 
 
+def reptile_mean_adapted_loop(module, loss_fn, inner_lr, steps: int, x, y):
+    """Reptile's inner loops written plainly, task by task: each task's copy
+    of the parameters takes ``steps`` SGD steps (``torch.autograd.grad``).
+    Returns the tasks' mean adapted parameters, one tensor per parameter
+    (Reptile then moves theta towards them)."""
+    theta = [p.detach() for p in module.parameters()]
+    total = [torch.zeros_like(p) for p in theta]
+    for t in range(x.shape[0]):
+        phi = [p.clone() for p in theta]
+        for _ in range(steps):
+            leaves = [p.requires_grad_() for p in phi]
+            out = torch.func.functional_call(module, _named(module, leaves), (x[t],))
+            grads = torch.autograd.grad(loss_fn(out, y[t]), leaves)
+            phi = [(p - inner_lr * g).detach() for p, g in zip(leaves, grads)]
+        total = [s + p for s, p in zip(total, phi)]
+    return [s / x.shape[0] for s in total]
+
+
 def imaml_meta_gradient_loop(module, loss_fn, inner_lr, steps: int, lam: float, cg_steps: int,
                              x_support, y_support, x_query, y_query):
     """iMAML's meta-gradient written plainly, task by task: ``steps``

@@ -245,6 +245,15 @@ def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: tor
         grads, loss = grad_and_value(lambda p_, x_: loss_fn(p_, x_, tt), argnums=argnums)(p, xt)
         return (grads if input_grad else (grads,)), loss
 
+    def plain_gradient(p, xt, tt):
+        # PyTorch autograd on detached leaves: one task at a time it is
+        # faster than torch.func's grad (a conv4 learner: about 15%).
+        with torch.enable_grad():
+            p, xt = p.detach().requires_grad_(), xt.detach().requires_grad_(input_grad)
+            loss = loss_fn(p, xt, tt)
+            grads = torch.autograd.grad(loss, (p, xt) if input_grad else p, materialize_grads=True)
+        return grads, loss.detach()
+
     def forward_over_reverse(p, xt, tt, v):
         return jvp(lambda p_: gradient(p_, xt, tt), (p,), (v,))
 
@@ -260,7 +269,10 @@ def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: tor
 
     shared = None if params.dim() == 1 else 0
     if direction is None:
-        grads, loss = vmap(gradient, in_dims=(shared, 0, 0))(params, x, target)
+        # Tasks one by one, on values nothing differentiates: plain autograd.
+        plain = not vectorize and shared == 0 and not (params.requires_grad or x.requires_grad)
+        grads, loss = vmap(plain_gradient if plain else gradient, in_dims=(shared, 0, 0))(
+            params, x, target)
         return (loss, *unpack(grads), None, None)
     in_dims = (shared, 0, 0, 0)
     try:

@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import nn as fnn
 from .. import ops, reference
-from ..algorithms import BatchedMAML, iMAML
+from ..algorithms import BatchedMAML, Reptile, iMAML
 from ..data import EpisodeSampler, LabelledImages, sinusoid_tasks
 
 __all__ = ["Variant", "CASES", "DEFAULT_CASES", "build"]
@@ -309,6 +309,25 @@ def imaml_conv4(device: str) -> List[Variant]:
     return variants
 
 
+def reptile_conv4(device: str) -> List[Variant]:
+    """Reptile's inner loops on the conv4 learners of maml_conv4, each task
+    training on its 5 support and 75 query images (outer step size 0, so the
+    parameters stay put between calls): Reptile.step against the plain
+    task-by-task loop."""
+    variants = []
+    for channels, filters, size in ((1, 64, 28), (3, 32, 84)):
+        for tasks, steps in ((4, 5), (32, 1)):
+            net, (x_s, y_s, x_q, y_q) = _conv4_tasks(channels, filters, size, tasks, device)
+            x, y = torch.cat([x_s, x_q], 1), torch.cat([y_s, y_q], 1)
+            reptile = Reptile(net, 0.4, steps, outer_lr=0.0, loss="cross_entropy")
+            variants.append(Variant(
+                "reptile_conv4", f"{size}x{size}x{channels} {filters}f T={tasks} K={steps}",
+                lambda m=reptile, x=x, y=y: m.step(x, y),
+                {"per-task loop": lambda n=net, x=x, y=y, k=steps: reference.reptile_mean_adapted_loop(
+                    n, F.cross_entropy, 0.4, k, x, y)}))
+    return variants
+
+
 def _episode_images(batch, ways, shots, queries, image_shape, device, generator,
                     requires_grad=False):
     """Random episodes (images, or features with ``requires_grad``), labels grouped by class."""
@@ -522,6 +541,7 @@ CASES: Dict[str, Callable[[str], List[Variant]]] = {
     "maml_sinusoid": maml_sinusoid,
     "maml_conv4": maml_conv4,
     "imaml_conv4": imaml_conv4,
+    "reptile_conv4": reptile_conv4,
     "protonet_step": protonet_step,
     "relation_step": relation_step,
     "matching_fce_step": matching_fce_step,
@@ -534,7 +554,7 @@ CASES: Dict[str, Callable[[str], List[Variant]]] = {
 
 # What `fastmeta bench` runs by default: one case of each kernel family and
 # method, a few minutes on a 2-core CPU (--all adds lstm_step, proto_large_way,
-# maml_conv4, imaml_conv4, protonet_step and gnn_episode, the long ones).
+# maml_conv4, imaml_conv4, reptile_conv4, protonet_step and gnn_episode, the long ones).
 DEFAULT_CASES = ["proto_episode", "matching_readout", "meta_lstm_step", "maml_sinusoid",
                  "relation_step", "matching_fce_step", "episode_sampling", "mann_episode",
                  "metanet_episode"]
