@@ -269,10 +269,13 @@ def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: tor
 
     shared = None if params.dim() == 1 else 0
     if direction is None:
-        # Tasks one by one, on values nothing differentiates: plain autograd.
-        plain = not vectorize and shared == 0 and not (params.requires_grad or x.requires_grad)
-        grads, loss = vmap(plain_gradient if plain else gradient, in_dims=(shared, 0, 0))(
-            params, x, target)
+        # Tasks one by one (shared parameters too: a per-task weight gradient
+        # under vmap is far slower there), on values nothing differentiates:
+        # plain autograd.
+        if not vectorize and not (params.requires_grad or x.requires_grad):
+            grads, loss = vmap(plain_gradient, (shared, 0, 0), True)(params, x, target)
+        else:
+            grads, loss = vmap(gradient, in_dims=(shared, 0, 0))(params, x, target)
         return (loss, *unpack(grads), None, None)
     in_dims = (shared, 0, 0, 0)
     try:
