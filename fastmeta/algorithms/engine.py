@@ -633,10 +633,7 @@ class _KeptImplicitLoop(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_adapted):
-        if ctx.solutions is None:
-            raise RuntimeError("iMAML: the forward ran without gradients enabled, so no "
-                               "meta-gradient was solved; run it with gradients enabled")
+    def backward(ctx, grad_loss, _grad_adapted):  # only after a forward with gradients enabled
         d_theta = grad_loss.to(ctx.solutions.dtype) @ ctx.solutions
         return None, None, None, None, None, d_theta, None, None, None, None, None
 
