@@ -327,6 +327,33 @@ def test_memory_policy_auto_keeps_graphs_for_convolutional_learners_on_the_cpu(m
     assert calls == [1, 1]
 
 
+@pytest.mark.parametrize("memory", ["keep", "recompute"])
+def test_generic_path_nan_stays_in_its_task(memory):
+    """A NaN input in one task gives that task a NaN loss and outputs; the
+    other tasks' losses and outputs are unchanged."""
+    net = conv_learner_with_batch_norm()
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(3, 4, 1, 6, 6, generator=g, **DOUBLE), torch.randint(0, 2, (3, 4), generator=g)
+    lr = torch.tensor(0.3, **DOUBLE)
+
+    def task_losses(inputs):
+        if memory == "keep":
+            return functional.kept_graph_query_loss(functional.module_task_loss(net, "cross_entropy"),
+                                                    list(net.parameters()), lr, inputs, y, inputs, y, 2)
+        return functional.maml_query_loss(functional.module_derivatives(net, "cross_entropy"),
+                                          list(net.parameters()), lr, inputs, y, inputs, y, 2)
+
+    x_nan = x.clone()
+    x_nan[1, 0, 0, 2, 2] = float("nan")
+    clean, dirty = task_losses(x), task_losses(x_nan)
+    assert dirty[1].isnan() and clean.isfinite().all()
+    torch.testing.assert_close(dirty[[0, 2]], clean[[0, 2]])
+    bm = BatchedMAML(net, 0.3, 2, loss="cross_entropy", memory=memory)
+    clean, dirty = bm(x, y, x, y, return_outputs=True), bm(x_nan, y, x_nan, y, return_outputs=True)
+    assert dirty.outputs[1].isnan().all() and clean.outputs.isfinite().all()
+    torch.testing.assert_close(dirty.outputs[[0, 2]], clean.outputs[[0, 2]])
+
+
 def test_kept_graphs_without_gradients_only_adapt():
     """Under no_grad the kept-graph path builds no graph and gives the same losses."""
     net = conv_learner_with_batch_norm()
