@@ -184,10 +184,10 @@ def engine_query_losses(path, net, loss):
     if path == "kept":
         criterion = functional._loss_fn(loss)
 
-        def task_loss(params, x, y):
-            return criterion(torch.func.functional_call(net, functional.flat_to_dict(net, params[0]),
-                                                        (x,)), y)
-        return lambda theta, *args: functional.kept_graph_query_loss(task_loss, [theta], *args)
+        def task_forward(params, x, y):
+            outputs = torch.func.functional_call(net, functional.flat_to_dict(net, params[0]), (x,))
+            return criterion(outputs, y), outputs
+        return lambda theta, *args: functional.kept_graph_query_loss(task_forward, [theta], *args)
     derivatives = (functional.mlp_derivatives(*functional.mlp_structure(net), loss) if path == "fused"
                    else functional.module_derivatives(net, loss))
     return lambda *args: functional.maml_query_loss(derivatives, *args)
@@ -338,7 +338,7 @@ def test_generic_path_nan_stays_in_its_task(memory):
 
     def task_losses(inputs):
         if memory == "keep":
-            return functional.kept_graph_query_loss(functional.module_task_loss(net, "cross_entropy"),
+            return functional.kept_graph_query_loss(functional.module_task_forward(net, "cross_entropy"),
                                                     list(net.parameters()), lr, inputs, y, inputs, y, 2)
         return functional.maml_query_loss(functional.module_derivatives(net, "cross_entropy"),
                                           list(net.parameters()), lr, inputs, y, inputs, y, 2)

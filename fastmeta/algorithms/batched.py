@@ -11,7 +11,7 @@ from .. import _build_config
 from .engine import (Loss, _loss_fn, _proximal_descent, batch_statistics, flat_to_dict,
                      implicit_query_loss, kept_graph_implicit_query_loss, kept_graph_query_loss,
                      maml_query_loss, mlp_derivatives,
-                     mlp_structure, module_derivatives, module_task_loss, one_task_at_a_time,
+                     mlp_structure, module_derivatives, module_task_forward, one_task_at_a_time,
                      tracking_batch_norms)
 
 __all__ = ["ANIL", "BatchedMAML", "MetaBatchOutput", "Reptile", "iMAML"]
@@ -203,8 +203,12 @@ class _TaskBatchLearner(nn.Module):
             return torch.func.vmap(call)(params, x)
 
     def _meta_batch_output(self, losses: torch.Tensor, adapted: torch.Tensor, x_query: torch.Tensor,
-                           y_query: torch.Tensor) -> MetaBatchOutput:
-        outputs = self._task_outputs(adapted, x_query)
+                           y_query: torch.Tensor, outputs: Optional[torch.Tensor] = None
+                           ) -> MetaBatchOutput:
+        """The output of one meta-batch; the query ``outputs`` computed here
+        unless the adaptation gave them."""
+        if outputs is None:
+            outputs = self._task_outputs(adapted, x_query)
         accuracy = None
         if self.loss == "cross_entropy":
             accuracy = (outputs.argmax(-1) == y_query).to(outputs.dtype).mean()
@@ -285,9 +289,10 @@ class BatchedMAML(_TaskBatchLearner):
         _check_tasks("BatchedMAML", lr.device, x_support=x_support, y_support=y_support,
                      x_query=x_query, y_query=y_query)
         derivatives = self.derivatives(x_support, lr.dtype)
+        outputs = None  # the query outputs, where the adaptation gave them
         if self._keeps_graphs(derivatives, x_support.device):
-            losses, adapted = kept_graph_query_loss(
-                module_task_loss(self.module, self.loss), params, lr, x_support, y_support, x_query,
+            losses, adapted, outputs = kept_graph_query_loss(
+                module_task_forward(self.module, self.loss), params, lr, x_support, y_support, x_query,
                 y_query, self.inner_steps, self.first_order, return_adapted=True)
         else:
             losses, adapted = maml_query_loss(derivatives, params, lr, x_support, y_support, x_query,
@@ -295,7 +300,7 @@ class BatchedMAML(_TaskBatchLearner):
                                               return_adapted=True)
         self._update_running_statistics(x_support, derivatives)
         if return_outputs:
-            return self._meta_batch_output(losses, adapted, x_query, y_query)
+            return self._meta_batch_output(losses, adapted, x_query, y_query, outputs)
         return losses.mean()
 
 
@@ -463,12 +468,13 @@ class iMAML(_TaskBatchLearner):
         derivatives = self.derivatives(x_support, theta.dtype)
         args = (theta, lr, x_support, y_support, x_query, y_query, self.inner_steps, self.lam,
                 self.cg_steps)
+        outputs = None
         if self._keeps_graphs(derivatives, x_support.device):
-            losses, adapted = kept_graph_implicit_query_loss(
-                module_task_loss(self.module, self.loss), *args, return_adapted=True)
+            losses, adapted, outputs = kept_graph_implicit_query_loss(
+                module_task_forward(self.module, self.loss), *args, return_adapted=True)
         else:
             losses, adapted = implicit_query_loss(derivatives, *args, return_adapted=True)
         self._update_running_statistics(x_support, derivatives)
         if return_outputs:
-            return self._meta_batch_output(losses, adapted, x_query, y_query)
+            return self._meta_batch_output(losses, adapted, x_query, y_query, outputs)
         return losses.mean()

@@ -37,7 +37,7 @@ __all__ = [
     "batched_hvp",
     "maml_query_loss",
     "kept_graph_query_loss",
-    "module_task_loss",
+    "module_task_forward",
     "implicit_query_loss",
     "kept_graph_implicit_query_loss",
     "mlp_derivatives",
@@ -429,22 +429,23 @@ def maml_query_loss(derivatives, theta: Union[torch.Tensor, Sequence[torch.Tenso
     return (loss, adapted) if return_adapted else loss
 
 
-def module_task_loss(module: nn.Module, loss: Loss):
-    """``task_loss(params, x, target)``: one task's scalar loss of ``module``
-    with ``params`` (a list in ``module.parameters()`` order, or flat
-    ``[P]``) on ``x``, batch norm in training mode on the task's batch
-    statistics (see :func:`batch_statistics`)."""
+def module_task_forward(module: nn.Module, loss: Loss):
+    """``task_forward(params, x, target) -> (loss, outputs)``: one task's
+    scalar loss and outputs of ``module`` with ``params`` (a list in
+    ``module.parameters()`` order, or flat ``[P]``) on ``x``, batch norm in
+    training mode on the task's batch statistics (see
+    :func:`batch_statistics`)."""
     criterion = _loss_fn(loss)
     names = [name for name, _ in module.named_parameters()]
 
-    def task_loss(params, x, target):
+    def task_forward(params, x, target):
         named = (flat_to_dict(module, params) if isinstance(params, torch.Tensor)
                  else dict(zip(names, params)))
         with batch_statistics(module):
             outputs = torch.func.functional_call(module, named, (x,))
-        return criterion(outputs, target)
+        return criterion(outputs, target), outputs
 
-    return task_loss
+    return task_forward
 
 
 class _KeptGraphLoop(torch.autograd.Function):
@@ -455,13 +456,13 @@ class _KeptGraphLoop(torch.autograd.Function):
     The backward weighs the kept per-task gradients by ``grad_loss``."""
 
     @staticmethod
-    def forward(ctx, task_loss, steps, first_order, graphs, lr, x_s, y_s, x_q, y_q, *params):
+    def forward(ctx, task_forward, steps, first_order, graphs, lr, x_s, y_s, x_q, y_q, *params):
         need = ctx.needs_input_grad if graphs else (False,) * len(ctx.needs_input_grad)
         need_lr, need_x_s, need_x_q, need_params = need[4], need[5] and not first_order, need[7], need[9:]
         second_order = not first_order and (any(need_params) or need_lr or need_x_s)
         sizes = [p.numel() for p in params]
         kept = {"params": [], "lr": [], "x_s": [], "x_q": []}
-        losses, adapted = [], []
+        losses, adapted, outputs = [], [], []
         with torch.enable_grad():
             theta = [p.detach().requires_grad_() for p in params]
             lr_leaf = lr.detach().requires_grad_(need_lr)
@@ -472,10 +473,11 @@ class _KeptGraphLoop(torch.autograd.Function):
                 xq_t = x_q[t].detach().requires_grad_(need_x_q)
                 fast = theta
                 for _ in range(steps):
-                    grads = torch.autograd.grad(task_loss(fast, xs_t, y_s[t]), fast,
+                    grads = torch.autograd.grad(task_forward(fast, xs_t, y_s[t])[0], fast,
                                                 create_graph=second_order, materialize_grads=True)
                     fast = [p - step * g for p, step, g in zip(fast, lrs, grads)]
-                loss = task_loss(fast, xq_t, y_q[t])
+                loss, output = task_forward(fast, xq_t, y_q[t])
+                outputs.append(output.detach())
                 wrt = {"params": [p for p, n in zip(theta, need_params) if n],
                        "lr": [lr_leaf] if need_lr else [], "x_s": [xs_t] if need_x_s else [],
                        "x_q": [xq_t] if need_x_q else []}
@@ -490,13 +492,13 @@ class _KeptGraphLoop(torch.autograd.Function):
         # per input: its gradients stacked over tasks [T, ...]
         ctx.kept = {key: [torch.stack(g) for g in zip(*per_task)] for key, per_task in kept.items()
                     if per_task}
-        adapted = torch.stack(adapted)
-        ctx.mark_non_differentiable(adapted)
-        return torch.stack(losses), adapted
+        adapted, outputs = torch.stack(adapted), torch.stack(outputs)
+        ctx.mark_non_differentiable(adapted, outputs)
+        return torch.stack(losses), adapted, outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_adapted):
+    def backward(ctx, grad_loss, _grad_adapted, _grad_outputs):
         def weighed(key):  # each task's gradient times its grad_loss, summed over tasks
             return [torch.tensordot(grad_loss.to(g.dtype), g, dims=1) for g in ctx.kept.get(key, [])]
 
@@ -512,7 +514,7 @@ class _KeptGraphLoop(torch.autograd.Function):
         return (None, None, None, None, d_lr, d_x_s, None, d_x_q, None, *d_parts)
 
 
-def kept_graph_query_loss(task_loss, params: Sequence[torch.Tensor], lr: torch.Tensor,
+def kept_graph_query_loss(task_forward, params: Sequence[torch.Tensor], lr: torch.Tensor,
                           x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
                           y_query: torch.Tensor, steps: int = 1, first_order: bool = False,
                           return_adapted: bool = False):
@@ -520,15 +522,17 @@ def kept_graph_query_loss(task_loss, params: Sequence[torch.Tensor], lr: torch.T
     task's inner graph kept until its meta-gradient is taken (in this call,
     where gradients are enabled): faster than recomputing the inner steps
     where each task's products are large (a convolutional learner), with
-    memory of one task's graph. ``task_loss(params, x, target)`` is one
-    task's loss (:func:`module_task_loss`); ``params`` a list of tensors,
-    ``lr`` 0-dimensional or flat ``[P]`` over them."""
+    memory of one task's graph. ``task_forward(params, x, target) -> (loss,
+    outputs)`` is one task's (:func:`module_task_forward`); ``params`` a list
+    of tensors, ``lr`` 0-dimensional or flat ``[P]`` over them. With
+    ``return_adapted``, returns ``(losses, adapted [T, P], query outputs
+    [T, Q, ...])``, the last two without gradient."""
     if y_support.requires_grad or y_query.requires_grad:
         raise ValueError("maml_query_loss: targets that require grad are not supported; detach them")
-    loss, adapted = _KeptGraphLoop.apply(task_loss, int(steps), bool(first_order),
-                                         torch.is_grad_enabled(), lr, x_support, y_support, x_query,
-                                         y_query, *params)
-    return (loss, adapted) if return_adapted else loss
+    loss, adapted, outputs = _KeptGraphLoop.apply(task_forward, int(steps), bool(first_order),
+                                                  torch.is_grad_enabled(), lr, x_support, y_support,
+                                                  x_query, y_query, *params)
+    return (loss, adapted, outputs) if return_adapted else loss
 
 
 def _proximal_descent(derivatives, theta: torch.Tensor, lr: torch.Tensor, lam: float,
@@ -599,25 +603,26 @@ class _KeptImplicitLoop(torch.autograd.Function):
     the next task starts. Memory holds one task's gradient graph."""
 
     @staticmethod
-    def forward(ctx, task_loss, steps, lam, cg_steps, graphs, theta, lr, x_s, y_s, x_q, y_q):
-        losses, adapted, solutions = [], [], []
+    def forward(ctx, task_forward, steps, lam, cg_steps, graphs, theta, lr, x_s, y_s, x_q, y_q):
+        losses, adapted, outputs, solutions = [], [], [], []
         with torch.enable_grad():
             for t in range(x_s.shape[0]):
                 phi = theta.detach()
                 for _ in range(steps):
                     phi = phi.detach().requires_grad_()
-                    grad, = torch.autograd.grad(task_loss(phi, x_s[t], y_s[t]), phi,
+                    grad, = torch.autograd.grad(task_forward(phi, x_s[t], y_s[t])[0], phi,
                                                 materialize_grads=True)
                     phi = phi - lr * (grad + lam * (phi - theta))
                 phi = phi.detach().requires_grad_()
-                loss = task_loss(phi, x_q[t], y_q[t])
+                loss, output = task_forward(phi, x_q[t], y_q[t])
                 losses.append(loss.detach())
                 adapted.append(phi.detach())
+                outputs.append(output.detach())
                 if not graphs:
                     continue
                 grad_q, = torch.autograd.grad(loss, phi, materialize_grads=True)
-                grad_s, = torch.autograd.grad(task_loss(phi, x_s[t], y_s[t]), phi, create_graph=True,
-                                              materialize_grads=True)
+                grad_s, = torch.autograd.grad(task_forward(phi, x_s[t], y_s[t])[0], phi,
+                                              create_graph=True, materialize_grads=True)
 
                 def apply(u):  # (I + H(phi) / lam) u
                     hvp, = torch.autograd.grad(grad_s, phi, u[0], retain_graph=True,
@@ -627,13 +632,13 @@ class _KeptImplicitLoop(torch.autograd.Function):
                 # conjugate gradient is homogeneous in b: grad_loss scales it in the backward
                 solutions.append(conjugate_gradient(apply, grad_q[None], cg_steps)[0])
         ctx.solutions = torch.stack(solutions) if solutions else None
-        adapted = torch.stack(adapted)
-        ctx.mark_non_differentiable(adapted)
-        return torch.stack(losses), adapted
+        adapted, outputs = torch.stack(adapted), torch.stack(outputs)
+        ctx.mark_non_differentiable(adapted, outputs)
+        return torch.stack(losses), adapted, outputs
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss, _grad_adapted):  # only after a forward with gradients enabled
+    def backward(ctx, grad_loss, _grad_adapted, _grad_outputs):  # only after a forward with gradients enabled
         d_theta = grad_loss.to(ctx.solutions.dtype) @ ctx.solutions
         return None, None, None, None, None, d_theta, None, None, None, None, None
 
@@ -657,16 +662,18 @@ def implicit_query_loss(derivatives, theta: torch.Tensor, lr: torch.Tensor, x_su
     return (loss, adapted) if return_adapted else loss
 
 
-def kept_graph_implicit_query_loss(task_loss, theta: torch.Tensor, lr: torch.Tensor,
+def kept_graph_implicit_query_loss(task_forward, theta: torch.Tensor, lr: torch.Tensor,
                                    x_support: torch.Tensor, y_support: torch.Tensor,
                                    x_query: torch.Tensor, y_query: torch.Tensor, steps: int,
                                    lam: float, cg_steps: int, return_adapted: bool = False):
     """:func:`implicit_query_loss` through PyTorch autograd, task by task,
     each task's support-gradient graph at phi kept for its
     conjugate-gradient steps, and its meta-gradient solved in this call
-    (where gradients are enabled). ``task_loss(theta, x, target)`` is one
-    task's loss (:func:`module_task_loss`)."""
-    loss, adapted = _KeptImplicitLoop.apply(task_loss, int(steps), float(lam), int(cg_steps),
-                                            torch.is_grad_enabled(), theta, lr, x_support, y_support,
-                                            x_query, y_query)
-    return (loss, adapted) if return_adapted else loss
+    (where gradients are enabled). ``task_forward(theta, x, target) ->
+    (loss, outputs)`` is one task's (:func:`module_task_forward`). With
+    ``return_adapted``, returns ``(losses, phi [T, P], query outputs [T, Q,
+    ...])``, the last two without gradient."""
+    loss, adapted, outputs = _KeptImplicitLoop.apply(task_forward, int(steps), float(lam),
+                                                     int(cg_steps), torch.is_grad_enabled(), theta,
+                                                     lr, x_support, y_support, x_query, y_query)
+    return (loss, adapted, outputs) if return_adapted else loss
