@@ -10,9 +10,8 @@ from torch import nn
 from .. import _build_config
 from .engine import (Loss, _loss_fn, _proximal_descent, batch_statistics, flat_to_dict,
                      implicit_query_loss, kept_graph_implicit_query_loss, kept_graph_query_loss,
-                     maml_query_loss, mlp_derivatives,
-                     mlp_structure, module_derivatives, module_task_forward, one_task_at_a_time,
-                     tracking_batch_norms)
+                     maml_query_loss, mlp_derivatives, mlp_structure, module_derivatives,
+                     module_task_forward, one_task_at_a_time, tracking_batch_norms)
 
 __all__ = ["ANIL", "BatchedMAML", "MetaBatchOutput", "Reptile", "iMAML"]
 

@@ -19,6 +19,10 @@ runs each layer once on all tasks' inputs instead of per-task weights): :func:`m
 fused kernels, for MLP learners) or :func:`module_derivatives` (torch.func,
 for any module, through :func:`task_derivatives`).
 
+:func:`kept_graph_query_loss` and :func:`kept_graph_implicit_query_loss`
+are the alternative through PyTorch autograd, one task after the other,
+each task's graph kept for its double backward (``memory="keep"``).
+
 ``BatchedMAML``, ``Reptile`` and ``fastmeta.functional`` (which re-exports
 this module's public names) are built on it.
 """
