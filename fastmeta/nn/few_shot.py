@@ -132,8 +132,11 @@ class FewShotClassifier(nn.Module):
         return query_labels
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
-        return self.per_episode_chunk(
-            lambda part: self.compute_features(part.flatten(0, 1)).unflatten(0, part.shape[:2]), images)
+        def embed(part):
+            return self.compute_features(part.flatten(0, 1)).unflatten(0, part.shape[:2])
+        if type(self.backbone) is nn.Identity:
+            return embed(images)  # features given: one call, not one per episode (and its slices)
+        return self.per_episode_chunk(embed, images)
 
     def per_episode_chunk(self, function, *episodes: torch.Tensor) -> torch.Tensor:
         """``function`` applied to ``episodes_per_call`` episodes at a time."""
