@@ -608,16 +608,17 @@ class _KeptImplicitLoop(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, task_forward, steps, lam, cg_steps, graphs, theta, lr, x_s, y_s, x_q, y_q):
-        losses, adapted, outputs, solutions = [], [], [], []
-        with torch.enable_grad():
-            for t in range(x_s.shape[0]):
-                phi = theta.detach()
-                for _ in range(steps):
-                    phi = phi.detach().requires_grad_()
-                    grad, = torch.autograd.grad(task_forward(phi, x_s[t], y_s[t])[0], phi,
-                                                materialize_grads=True)
-                    phi = phi - lr * (grad + lam * (phi - theta))
+        def derivatives(phi, x, y):  # one task's loss and gradient, for _proximal_descent
+            with torch.enable_grad():
                 phi = phi.detach().requires_grad_()
+                loss = task_forward(phi, x, y)[0]
+                return loss.detach(), torch.autograd.grad(loss, phi, materialize_grads=True)[0]
+
+        losses, adapted, outputs, solutions = [], [], [], []
+        for t in range(x_s.shape[0]):
+            phi = _proximal_descent(derivatives, theta.detach(), lr, lam, x_s[t], y_s[t], steps)
+            with torch.enable_grad():
+                phi = phi.requires_grad_()
                 loss, output = task_forward(phi, x_q[t], y_q[t])
                 losses.append(loss.detach())
                 adapted.append(phi.detach())
