@@ -96,9 +96,9 @@ OPS = {
                              + MANN_STATE + [("memories", "BTSD", "float"),
                                              ("read_weight_history", "BTHS", "float"),
                                              ("least_used", "BTH", "index")], (), ""),
-    "gnn_adjacency": ([("nodes", "BND", "float")], GNN_LAYERS, "D"),
+    "gnn_adjacency": ([("nodes", "BND", "float")], GNN_LAYERS + (True,), "D"),
     "gnn_adjacency_backward": ([("grad", "BNN", "float"), ("adjacency", "BNN", "float"),
-                                ("nodes", "BND", "float")], GNN_LAYERS, "D"),
+                                ("hidden", "X", "float"), ("nodes", "BND", "float")], GNN_LAYERS, "D"),
     "mlp_task_derivatives": (MLP, ([2, 4, 3], ["tanh", "identity"], "mse", True), "KIO"),
 }
 # Invalid non-tensor arguments: (position among the arguments, value).
@@ -124,6 +124,8 @@ def size_of(letter, sizes):
     return {"W": l2o_weights(sizes["L"], sizes["H"]), "R": 2 * sizes["H"] + 2,
             "U": meta_weights(sizes["H"]), "K": MLP_PARAMS, "F": 4 * sizes["D"],
             "E": 2 * sizes["D"], "G": (sizes["Y"] + 1) // 2,
+            # the GNN's kept hidden activations: every unordered pair's 3 values
+            "X": sizes["B"] * (sizes["N"] * (sizes["N"] - 1) // 2) * 3,
             "J": (sizes["Z"] + 1) // 2}.get(letter, sizes.get(letter))
 
 

@@ -1,12 +1,16 @@
 """fastmeta.ops.gnn_adjacency and fastmeta.nn.FewShotGNN against their eager
 formulations."""
 
+import importlib
+
 import pytest
 import torch
 
 from fastmeta import nn as fnn
 from fastmeta import ops, reference
 from fastmeta.testing import DEVICES, assert_close_to_reference
+
+gnn_adjacency_module = importlib.import_module("fastmeta.ops.gnn_adjacency")
 
 
 def operands(B, n, F, hidden, dtype=torch.float64, device="cpu", seed=0):
@@ -29,7 +33,10 @@ SHAPES = [(2, 6, 5, [7, 3]), (3, 1, 4, [2]), (2, 2, 3, []), (2, 17, 9, [11, 6, 5
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("B, n, F, hidden", SHAPES)
-def test_matches_reference_values_and_gradients(device, dtype, B, n, F, hidden):
+@pytest.mark.parametrize("kept", [True, False], ids=["kept", "recomputed"])
+def test_matches_reference_values_and_gradients(device, dtype, B, n, F, hidden, kept, monkeypatch):
+    if not kept:  # the backward recomputes the hidden activations
+        monkeypatch.setattr(gnn_adjacency_module, "KEPT_HIDDEN_VALUES", -1)
     nodes, weights, biases = operands(B, n, F, hidden, dtype, device)
     out = ops.gnn_adjacency(nodes, weights, biases, negative_slope=0.1)
     leaves = [t.detach().double().requires_grad_() for t in [nodes, *weights, *biases]]
@@ -47,6 +54,35 @@ def test_matches_reference_values_and_gradients(device, dtype, B, n, F, hidden):
     for a, b, like in zip(got, want, leaves):
         a = torch.zeros_like(like) if a is None else a
         assert_close_to_reference(a, torch.zeros_like(like) if b is None else b, dtype)
+
+
+def test_hidden_activations_kept_only_for_a_backward_and_within_the_limit(monkeypatch):
+    nodes, weights, biases = operands(2, 6, 5, [7, 3])
+    asked = []
+    raw = torch.ops.fastmeta.gnn_adjacency
+
+    class Spy:
+        def __call__(self, *args):
+            asked.append(args[-1])
+            return raw(*args)
+    monkeypatch.setattr(torch.ops.fastmeta, "gnn_adjacency", Spy())
+    out = ops.gnn_adjacency(nodes, weights, biases)
+    with torch.no_grad():
+        ops.gnn_adjacency(nodes, weights, biases)
+    ops.gnn_adjacency(nodes.detach(), [w.detach() for w in weights], [b.detach() for b in biases])
+    monkeypatch.setattr(gnn_adjacency_module, "KEPT_HIDDEN_VALUES", 2 * 15 * 10 - 1)
+    ops.gnn_adjacency(nodes, weights, biases)
+    assert asked == [True, False, False, False]
+    # what it kept: 2 episodes x 15 pairs x (7 + 3) hidden values, layer after layer
+    adjacency, hidden = raw(nodes.detach(), [w.detach() for w in weights], [b.detach() for b in biases],
+                            0.01, True)
+    assert hidden.shape == (300,)
+    torch.testing.assert_close(adjacency, out.detach())
+    i, j = torch.triu_indices(6, 6, 1)
+    first = torch.nn.functional.leaky_relu(
+        (nodes[:, i] - nodes[:, j]).abs().detach().flatten(0, 1) @ weights[0].detach().T + biases[0].detach(),
+        0.01)
+    torch.testing.assert_close(hidden[:30 * 7].view(30, 7), first)
 
 
 def test_equal_nodes_and_ties_follow_abs_gradient_zero():
@@ -81,7 +117,8 @@ def test_gradcheck_and_gradgradcheck():
 def test_opcheck():
     for shape in ((2, 5, 3, [4, 3]), (1, 1, 2, [2]), (0, 3, 2, [])):
         nodes, weights, biases = operands(*shape)
-        torch.library.opcheck(torch.ops.fastmeta.gnn_adjacency, (nodes, weights, biases, 0.01))
+        for keep_hidden in (False, True):
+            torch.library.opcheck(torch.ops.fastmeta.gnn_adjacency, (nodes, weights, biases, 0.01, keep_hidden))
 
 
 def test_bad_input_messages():
@@ -104,12 +141,19 @@ def test_bad_input_messages():
     with pytest.raises(RuntimeError, match=r"weights\[0\] must have 2 columns \(the previous "
                                            r"layer's width\), got shape \[4, 3\]"):
         torch.ops.fastmeta.gnn_adjacency(nodes.detach()[..., :2].contiguous(),
-                                         [w.detach() for w in weights], [b.detach() for b in biases], 0.01)
+                                         [w.detach() for w in weights], [b.detach() for b in biases], 0.01,
+                                         False)
+
+    def backward(grad, hidden):
+        return torch.ops.fastmeta.gnn_adjacency_backward(
+            grad, torch.zeros(2, 5, 5, dtype=torch.float64), hidden, nodes.detach(),
+            [w.detach() for w in weights], [b.detach() for b in biases], 0.01)
     with pytest.raises(RuntimeError, match=r"grad must have shape \[B, n, n\] = \[2, 5, 5\]"):
-        torch.ops.fastmeta.gnn_adjacency_backward(torch.zeros(2, 5, 4, dtype=torch.float64),
-                                                  torch.zeros(2, 5, 5, dtype=torch.float64),
-                                                  nodes.detach(), [w.detach() for w in weights],
-                                                  [b.detach() for b in biases], 0.01)
+        backward(torch.zeros(2, 5, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
+    # 2 episodes x 10 unordered pairs x 4 hidden values
+    with pytest.raises(RuntimeError, match=r"hidden must be empty or hold the 80 kept hidden "
+                                           r"activations, got shape \[79\]"):
+        backward(torch.zeros(2, 5, 5, dtype=torch.float64), torch.zeros(79, dtype=torch.float64))
 
 
 def gnn(dtype=torch.float64, ways=5, **kwargs):

@@ -1,10 +1,11 @@
 // CPU kernels of fastmeta::gnn_adjacency (math in csrc/math/gnn.h): the
 // pairwise MLP runs on tiles of unordered pairs (i < j, across episodes), each
-// layer one matrix product on the tile, so the [B, n, n, F] differences and
-// the hidden activations exist only for one tile at a time; the logits of a
-// pair fill both (i, j) and (j, i), then each row takes its softmax. The
-// backward recomputes each tile's activations and accumulates the weights'
-// and nodes' gradients per thread.
+// layer one matrix product on the tile, so the [B, n, n, F] differences exist
+// only for one tile at a time; the logits of a pair fill both (i, j) and
+// (j, i), then each row takes its softmax. The hidden activations are written
+// to the kept `hidden` when asked (the backward then reads them) and to the
+// tile's scratch otherwise (the backward then recomputes each tile). The
+// backward accumulates the weights' and nodes' gradients per thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -65,7 +66,9 @@ void hidden_layers(const GnnOperands& o, int64_t count, std::vector<T*>& acts, T
 }
 
 // The scratch of one tile: every layer's activations (only two are needed
-// forward, all of them backward) and two gradient buffers.
+// forward, all of them backward) and two gradient buffers. acts[0] holds the
+// differences; the hidden layers' acts[l] point at the scratch or, by
+// place_in, at the tile's rows of the kept activations.
 template <typename T>
 struct TileScratch {
   std::vector<T> storage;
@@ -80,24 +83,33 @@ struct TileScratch {
     for (int64_t l = 0; l < L; ++l) acts.push_back(p), p += kTilePairs * o.widths[l];
     grad_a = p, grad_b = p + kTilePairs * o.max_width();
   }
+
+  void place_in(const GnnOperands& o, T* hidden, int64_t first) {
+    for (size_t l = 1; l + 1 < o.widths.size(); ++l)
+      acts[l] = hidden + o.hidden_offset(l) + first * o.widths[l];
+  }
 };
 
-at::Tensor gnn_adjacency(const at::Tensor& nodes, at::TensorList weights, at::TensorList biases,
-                         double negative_slope) {
+std::tuple<at::Tensor, at::Tensor> gnn_adjacency(const at::Tensor& nodes, at::TensorList weights,
+                                                 at::TensorList biases, double negative_slope,
+                                                 bool keep_hidden) {
   const GnnOperands o = gnn_operands(nodes, weights, biases, negative_slope);
   const int64_t B = o.B, n = o.n, L = o.weights.size(), H = o.widths[L - 1];
-  const int64_t total = B * (n * (n - 1) / 2), tiles = (total + kTilePairs - 1) / kTilePairs;
+  const int64_t total = o.pairs(), tiles = (total + kTilePairs - 1) / kTilePairs;
   at::Tensor adjacency = at::empty({B, n, n}, o.nodes.options());
+  at::Tensor hidden = at::empty({keep_hidden ? o.hidden_values() : 0}, o.nodes.options());
   AT_DISPATCH_FLOATING_TYPES(o.nodes.scalar_type(), "fastmeta::gnn_adjacency", [&] {
     using T = scalar_t;
     const T slope = T(negative_slope);
     T* logits = adjacency.mutable_data_ptr<T>();
+    T* kept = hidden.mutable_data_ptr<T>();
     const T* last = o.weights[L - 1].const_data_ptr<T>();
     const T last_bias = o.biases[L - 1].const_data_ptr<T>()[0];
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       TileScratch<T> scratch(o);
       Tile<T> tile;
       for (int64_t t = begin; t < end; ++t) {
+        if (keep_hidden) scratch.place_in(o, kept, t * kTilePairs);
         tile.load(o, t * kTilePairs, total, o.nodes.const_data_ptr<T>(), scratch.acts[0]);
         hidden_layers(o, tile.count, scratch.acts, slope);
         for (int64_t r = 0; r < tile.count; ++r) {
@@ -111,15 +123,17 @@ at::Tensor gnn_adjacency(const at::Tensor& nodes, at::TensorList weights, at::Te
       for (int64_t row = begin; row < end; ++row) adjacency_row(logits + row * n, row % n, n);
     });
   });
-  return adjacency;
+  return {adjacency, hidden};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adjacency_backward(
-    const at::Tensor& grad, const at::Tensor& adjacency, const at::Tensor& nodes,
-    at::TensorList weights, at::TensorList biases, double negative_slope) {
-  const GnnOperands o = gnn_backward_operands(grad, adjacency, nodes, weights, biases, negative_slope);
+    const at::Tensor& grad, const at::Tensor& adjacency, const at::Tensor& hidden,
+    const at::Tensor& nodes, at::TensorList weights, at::TensorList biases, double negative_slope) {
+  const GnnOperands o =
+      gnn_backward_operands(grad, adjacency, hidden, nodes, weights, biases, negative_slope);
   const int64_t B = o.B, n = o.n, F = o.F, L = o.weights.size();
-  const int64_t total = B * (n * (n - 1) / 2), tiles = (total + kTilePairs - 1) / kTilePairs;
+  const int64_t total = o.pairs(), tiles = (total + kTilePairs - 1) / kTilePairs;
+  const bool kept = o.hidden.numel() > 0;
   at::Tensor grad_logits = o.grad.clone();
   at::Tensor grad_nodes = at::zeros_like(o.nodes);
   std::vector<at::Tensor> grad_weights, grad_biases;
@@ -137,6 +151,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
       for (int64_t row = begin; row < end; ++row) adjacency_row_backward(a + row * n, gl + row * n, n);
     });
     const T* x = o.nodes.const_data_ptr<T>();
+    // Only read below; place_in takes the pointer type of the forward's scratch.
+    T* kept_hidden = kept ? const_cast<T*>(o.hidden.const_data_ptr<T>()) : nullptr;
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       TileScratch<T> scratch(o);
       Tile<T> tile;
@@ -148,7 +164,10 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
       std::vector<T> gx(B * n * F, T(0)), pair_grad(kTilePairs);
       for (int64_t t = begin; t < end; ++t) {
         tile.load(o, t * kTilePairs, total, x, scratch.acts[0]);
-        hidden_layers(o, tile.count, scratch.acts, slope);
+        if (kept)
+          scratch.place_in(o, kept_hidden, t * kTilePairs);
+        else
+          hidden_layers(o, tile.count, scratch.acts, slope);
         const int64_t count = tile.count, H = o.widths[L - 1];
         // The last layer: one output per pair, from both (i, j) and (j, i).
         const T* w_last = o.weights[L - 1].const_data_ptr<T>();

@@ -1,8 +1,8 @@
 // PyTorch glue of fastmeta::gnn_adjacency on CUDA: the pair MLP's layers as
 // cuBLAS products on one tile of unordered pairs at a time (the kernels of
 // gnn_adjacency.cu build the tile's differences, place its logits and take
-// the rows' softmax), so no [B, n, n, F] buffer exists; the backward
-// recomputes each tile.
+// the rows' softmax), so no [B, n, n, F] buffer exists; the backward reads
+// the kept hidden activations or recomputes each tile.
 #include <torch/library.h>
 
 #include <algorithm>
@@ -35,13 +35,24 @@ struct PairTiles {
     pairs = at::empty({size, 3}, o.nodes.options().dtype(at::kLong));
   }
 
-  // The tile from pair `first`: its differences and hidden activations.
-  std::vector<at::Tensor> activations(int64_t first, int64_t count, double slope) {
+  // The tile from pair `first`: its pairs and differences.
+  at::Tensor differences(int64_t first, int64_t count) {
     cuda::gnn_pairs(args, first, count, pairs.mutable_data_ptr<int64_t>(), current_stream());
     at::Tensor diff = at::empty({count, o.F}, o.nodes.options());
     cuda::gnn_pair_differences(args, o.nodes.const_data_ptr(), pairs.const_data_ptr<int64_t>(), count,
                                diff.mutable_data_ptr(), current_stream());
-    std::vector<at::Tensor> acts{diff};
+    return diff;
+  }
+
+  // The tile's rows [count, H_l] of layer l's kept activations.
+  at::Tensor kept(const at::Tensor& hidden, size_t l, int64_t first, int64_t count) {
+    const int64_t width = o.widths[l];
+    return hidden.narrow(0, o.hidden_offset(l) + first * width, count * width).view({count, width});
+  }
+
+  // The tile's differences and hidden activations, computed.
+  std::vector<at::Tensor> activations(int64_t first, int64_t count, double slope) {
+    std::vector<at::Tensor> acts{differences(first, count)};
     for (size_t l = 0; l + 1 < o.weights.size(); ++l) {
       at::Tensor hidden = at::addmm(o.biases[l], acts.back(), o.weights[l].t());
       acts.push_back(at::leaky_relu_(hidden, slope));
@@ -50,27 +61,32 @@ struct PairTiles {
   }
 };
 
-at::Tensor gnn_adjacency(const at::Tensor& nodes, at::TensorList weights, at::TensorList biases,
-                         double negative_slope) {
+std::tuple<at::Tensor, at::Tensor> gnn_adjacency(const at::Tensor& nodes, at::TensorList weights,
+                                                 at::TensorList biases, double negative_slope,
+                                                 bool keep_hidden) {
   const GnnOperands o = gnn_operands(nodes, weights, biases, negative_slope);
   c10::cuda::CUDAGuard guard(nodes.device());
   PairTiles tiles(o);
   at::Tensor adjacency = at::empty({o.B, o.n, o.n}, o.nodes.options());
+  at::Tensor hidden = at::empty({keep_hidden ? o.hidden_values() : 0}, o.nodes.options());
   for (int64_t first = 0; first < tiles.total; first += tiles.size) {
     const int64_t count = std::min(tiles.size, tiles.total - first);
     const auto acts = tiles.activations(first, count, negative_slope);
+    if (keep_hidden)
+      for (size_t l = 1; l < acts.size(); ++l) tiles.kept(hidden, l, first, count).copy_(acts[l]);
     const at::Tensor logits = at::addmm(o.biases.back(), acts.back(), o.weights.back().t()).contiguous();
     cuda::gnn_scatter_logits(tiles.args, logits.const_data_ptr(), tiles.pairs.const_data_ptr<int64_t>(),
                              count, adjacency.mutable_data_ptr(), current_stream());
   }
   cuda::gnn_adjacency_rows(tiles.args, adjacency.mutable_data_ptr(), current_stream());
-  return adjacency;
+  return {adjacency, hidden};
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adjacency_backward(
-    const at::Tensor& grad, const at::Tensor& adjacency, const at::Tensor& nodes,
-    at::TensorList weights, at::TensorList biases, double negative_slope) {
-  const GnnOperands o = gnn_backward_operands(grad, adjacency, nodes, weights, biases, negative_slope);
+    const at::Tensor& grad, const at::Tensor& adjacency, const at::Tensor& hidden,
+    const at::Tensor& nodes, at::TensorList weights, at::TensorList biases, double negative_slope) {
+  const GnnOperands o =
+      gnn_backward_operands(grad, adjacency, hidden, nodes, weights, biases, negative_slope);
   c10::cuda::CUDAGuard guard(nodes.device());
   PairTiles tiles(o);
   const int64_t L = o.weights.size();
@@ -86,7 +102,13 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
   at::Tensor pair_grad = at::empty({tiles.size}, o.nodes.options());
   for (int64_t first = 0; first < tiles.total; first += tiles.size) {
     const int64_t count = std::min(tiles.size, tiles.total - first);
-    const auto acts = tiles.activations(first, count, negative_slope);
+    std::vector<at::Tensor> acts;
+    if (o.hidden.numel() > 0) {
+      acts.push_back(tiles.differences(first, count));
+      for (int64_t l = 1; l < L; ++l) acts.push_back(tiles.kept(o.hidden, l, first, count));
+    } else {
+      acts = tiles.activations(first, count, negative_slope);
+    }
     cuda::gnn_pair_grads(tiles.args, grad_logits.const_data_ptr(), tiles.pairs.const_data_ptr<int64_t>(),
                          count, pair_grad.mutable_data_ptr(), current_stream());
     const at::Tensor g_out = pair_grad.narrow(0, 0, count).view({count, 1});

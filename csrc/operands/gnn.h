@@ -2,6 +2,12 @@
 // and its backward): nodes [B, n, F]; an MLP of L layers applied to
 // |x_i - x_j|, weights[l] [H_l, H_{l-1}] and biases[l] [H_l] with H_0 = F
 // and H_L = 1; the backward's grad and adjacency are [B, n, n].
+//
+// hidden holds the MLP's hidden activations (after each leaky ReLU) of the P
+// = B n (n - 1) / 2 unordered pairs, layer after layer: [P, H_1], then [P,
+// H_2], ..., flattened to [P (H_1 + ... + H_{L-1})]. The forward fills it
+// when asked to keep them; the backward reads it when it is not empty and
+// recomputes the activations otherwise.
 #pragma once
 
 #include <vector>
@@ -15,6 +21,20 @@ struct GnnOperands {
   std::vector<int64_t> widths;  // H_0 = F, ..., H_L = 1
   at::Tensor nodes, grad, adjacency;
   std::vector<at::Tensor> weights, biases;
+  at::Tensor hidden;
+  int64_t pairs() const { return B * (n * (n - 1) / 2); }
+  // Elements of the kept hidden activations.
+  int64_t hidden_values() const {
+    int64_t per_pair = 0;
+    for (size_t l = 1; l + 1 < widths.size(); ++l) per_pair += widths[l];
+    return pairs() * per_pair;
+  }
+  // Where layer l's [P, H_l] activations start in hidden (1 <= l < L).
+  int64_t hidden_offset(size_t l) const {
+    int64_t offset = 0;
+    for (size_t k = 1; k < l; ++k) offset += pairs() * widths[k];
+    return offset;
+  }
   int64_t max_width() const {
     int64_t w = 0;
     for (int64_t h : widths) w = h > w ? h : w;
@@ -54,9 +74,15 @@ inline GnnOperands gnn_operands(const at::Tensor& nodes, at::TensorList weights,
 }
 
 inline GnnOperands gnn_backward_operands(const at::Tensor& grad, const at::Tensor& adjacency,
-                                         const at::Tensor& nodes, at::TensorList weights,
-                                         at::TensorList biases, double negative_slope) {
+                                         const at::Tensor& hidden, const at::Tensor& nodes,
+                                         at::TensorList weights, at::TensorList biases,
+                                         double negative_slope) {
   GnnOperands o = gnn_operands(nodes, weights, biases, negative_slope);
+  check_operand(hidden, "hidden", 1, nodes);
+  TORCH_CHECK(hidden.numel() == 0 || hidden.numel() == o.hidden_values(), "fastmeta: hidden must "
+              "be empty or hold the ", o.hidden_values(), " kept hidden activations, got shape ",
+              hidden.sizes());
+  o.hidden = hidden.contiguous();
   for (const auto& [t, name] : {std::pair{&grad, "grad"}, std::pair{&adjacency, "adjacency"}}) {
     check_operand(*t, name, 3, nodes);
     TORCH_CHECK(t->sizes() == at::IntArrayRef({o.B, o.n, o.n}), "fastmeta: ", name,

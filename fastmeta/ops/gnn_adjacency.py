@@ -6,6 +6,18 @@ from . import _common
 
 __all__ = ["gnn_adjacency"]
 
+# The forward keeps the MLP's hidden activations for the backward (which then
+# does not recompute them) when they hold at most this many values (16 MiB in
+# float32); larger graphs are recomputed tile by tile in the backward.
+KEPT_HIDDEN_VALUES = 1 << 22
+
+
+def _hidden_values(nodes, weights):
+    """Values of the kept hidden activations: every unordered pair's hidden
+    layers (csrc/operands/gnn.h)."""
+    B, n = nodes.shape[:2]
+    return B * (n * (n - 1) // 2) * sum(w.shape[0] for w in weights[:-1])
+
 
 def gnn_adjacency(nodes: torch.Tensor, weights: Sequence[torch.Tensor], biases: Sequence[torch.Tensor],
                   negative_slope: float = 0.01) -> torch.Tensor:
@@ -16,9 +28,12 @@ def gnn_adjacency(nodes: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
     them.
 
     The MLP runs on tiles of node pairs, once per unordered pair (it is
-    symmetric), so the ``[B, n, n, F]`` differences and ``[B, n, n, H]``
-    activations an eager implementation keeps never exist; the backward
-    recomputes each tile. CPU and CUDA kernels, forward and backward (on
+    symmetric), so the ``[B, n, n, F]`` differences an eager implementation
+    keeps never exist. When gradients are needed, the forward keeps the
+    hidden activations of the unordered pairs for the backward if they hold
+    at most ``KEPT_HIDDEN_VALUES`` values; above that the backward recomputes
+    each tile, and memory stays that of a tile. CPU and CUDA kernels,
+    forward and backward (on
     CUDA the MLP's layers are cuBLAS products on tiles of pairs); on other
     devices the eager formulation (:func:`fastmeta.reference.gnn_adjacency`)
     runs.
@@ -67,8 +82,11 @@ def gnn_adjacency(nodes: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
         return reference.gnn_adjacency(nodes, weights, biases, negative_slope)
     dtype = nodes.dtype
     work = torch.float64 if dtype == torch.float64 else torch.float32
-    return torch.ops.fastmeta.gnn_adjacency(nodes.to(work), [w.to(work) for w in weights],
-                                            [b.to(work) for b in biases], float(negative_slope)).to(dtype)
+    keep = (torch.is_grad_enabled() and any(t.requires_grad for t in (nodes, *weights, *biases))
+            and _hidden_values(nodes, weights) <= KEPT_HIDDEN_VALUES)
+    adjacency, _ = torch.ops.fastmeta.gnn_adjacency(nodes.to(work), [w.to(work) for w in weights],
+                                                    [b.to(work) for b in biases], float(negative_slope), keep)
+    return adjacency.to(dtype)
 
 
 def _check_raw(op, nodes, weights, biases, negative_slope):
@@ -89,38 +107,47 @@ def _check_raw(op, nodes, weights, biases, negative_slope):
 
 
 @torch.library.register_fake("fastmeta::gnn_adjacency")
-def _(nodes, weights, biases, negative_slope):
+def _(nodes, weights, biases, negative_slope, keep_hidden):
     z = _check_raw("gnn_adjacency", nodes, weights, biases, negative_slope)
-    return nodes.new_empty(z["B"], z["N"], z["N"])
+    return (nodes.new_empty(z["B"], z["N"], z["N"]),
+            nodes.new_empty(_hidden_values(nodes, weights) if keep_hidden else 0))
 
 
 @torch.library.register_fake("fastmeta::gnn_adjacency_backward")
-def _(grad, adjacency, nodes, weights, biases, negative_slope):
-    z = _check_raw("gnn_adjacency_backward", nodes, weights, biases, negative_slope)
+def _(grad, adjacency, hidden, nodes, weights, biases, negative_slope):
+    op = "gnn_adjacency_backward"
+    z = _check_raw(op, nodes, weights, biases, negative_slope)
     for name, t in (("grad", grad), ("adjacency", adjacency)):
-        _common.check_raw_operands("gnn_adjacency_backward", ("nodes", nodes, "BNF", None),
-                                   (name, t, "BNN", None))
+        _common.check_raw_operands(op, ("nodes", nodes, "BNF", None), (name, t, "BNN", None))
+    _common.check_raw_operands(op, ("nodes", nodes, "BNF", None), ("hidden", hidden, "K", None))
+    torch._check(hidden.shape[0] in (0, _hidden_values(nodes, weights)),
+                 lambda: f"fastmeta::{op}: hidden must be empty or hold the kept hidden activations")
     return (torch.empty_like(nodes), [torch.empty_like(w) for w in weights],
             [torch.empty_like(b) for b in biases])
 
 
 def _setup_context(ctx, inputs, output):
-    nodes, weights, biases, negative_slope = inputs
+    nodes, weights, biases, negative_slope, _ = inputs
+    adjacency, hidden = output
+    ctx.mark_non_differentiable(hidden)
+    ctx.set_materialize_grads(False)
     ctx.layers = len(weights)
     ctx.negative_slope = negative_slope
-    ctx.save_for_backward(output, nodes, *weights, *biases)
+    ctx.save_for_backward(adjacency, hidden, nodes, *weights, *biases)
 
 
-def _backward(ctx, grad):
-    adjacency, nodes, *layers = ctx.saved_tensors
+def _backward(ctx, grad, _):
+    if grad is None:
+        return None, [None] * ctx.layers, [None] * ctx.layers, None, None
+    adjacency, hidden, nodes, *layers = ctx.saved_tensors
     weights, biases = layers[:ctx.layers], layers[ctx.layers:]
     grad_nodes, grad_weights, grad_biases = torch.ops.fastmeta.gnn_adjacency_backward(
-        grad, adjacency, nodes, weights, biases, ctx.negative_slope)
-    return grad_nodes, grad_weights, grad_biases, None
+        grad, adjacency, hidden, nodes, weights, biases, ctx.negative_slope)
+    return grad_nodes, grad_weights, grad_biases, None, None
 
 
 def _setup_double(ctx, inputs, output):
-    grad, _, nodes, weights, biases, negative_slope = inputs
+    grad, _, _, nodes, weights, biases, negative_slope = inputs
     ctx.layers = len(weights)
     ctx.negative_slope = negative_slope
     ctx.save_for_backward(grad, nodes, *weights, *biases)
@@ -144,7 +171,7 @@ def _double_backward(ctx, grad_grad_nodes, grad_grad_weights, grad_grad_biases):
         found = torch.autograd.grad([f for f, _ in pairs], saved, [c for _, c in pairs],
                                     allow_unused=True) if pairs else [None] * len(saved)
     found = list(found)
-    return (found[0], None, found[1], found[2:2 + ctx.layers], found[2 + ctx.layers:], None)
+    return (found[0], None, None, found[1], found[2:2 + ctx.layers], found[2 + ctx.layers:], None)
 
 
 torch.library.register_autograd("fastmeta::gnn_adjacency", _backward, setup_context=_setup_context)
