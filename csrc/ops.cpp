@@ -75,15 +75,16 @@ TORCH_LIBRARY(fastmeta, m) {
       " Tensor memories, Tensor read_weight_history, Tensor least_used)"
       " -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   // Few-shot GNN adjacency (csrc/math/gnn.h): softmax over j != i of an MLP
-  // (leaky ReLU between layers, one output) on |x_i - x_j|, per episode;
-  // hidden: the MLP's activations kept for the backward (csrc/operands/gnn.h),
-  // empty unless keep_hidden.
+  // (leaky ReLU between layers, one output) on |x_i - x_j|, per episode, or
+  // only the last node's row (last_row); hidden: the MLP's activations kept
+  // for the backward (csrc/operands/gnn.h), empty unless keep_hidden.
   m.def(
       "gnn_adjacency(Tensor nodes, Tensor[] weights, Tensor[] biases, float negative_slope,"
-      " bool keep_hidden) -> (Tensor adjacency, Tensor hidden)");
+      " bool last_row, bool keep_hidden) -> (Tensor adjacency, Tensor hidden)");
   m.def(
       "gnn_adjacency_backward(Tensor grad, Tensor adjacency, Tensor hidden, Tensor nodes,"
-      " Tensor[] weights, Tensor[] biases, float negative_slope) -> (Tensor, Tensor[], Tensor[])");
+      " Tensor[] weights, Tensor[] biases, float negative_slope, bool last_row)"
+      " -> (Tensor, Tensor[], Tensor[])");
   // Coordinatewise LSTM optimizers (layouts in csrc/math/lstm.h).
   m.def(
       "l2o_lstm_step(Tensor grad, Tensor state, Tensor weights, float preprocess_p,"

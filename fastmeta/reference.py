@@ -541,10 +541,11 @@ def mann_logits(model, inputs, labels):
     return torch.stack(logits, 1) if logits else x.new_zeros(*x.shape[:2], model.num_classes)
 
 
-def gnn_adjacency(nodes, weights, biases, negative_slope=0.01):
+def gnn_adjacency(nodes, weights, biases, negative_slope=0.01, last_row=False):
     """The few-shot GNN adjacency as an eager implementation computes it:
     ``|x_i - x_j|`` for every pair ``[B, n, n, F]``, the MLP on it, and a
-    softmax over the other nodes."""
+    softmax over the other nodes; with ``last_row`` every row but the last
+    is then set to 0."""
     B, n, _ = nodes.shape
     hidden = (nodes[:, :, None] - nodes[:, None]).abs()
     for layer, (weight, bias) in enumerate(zip(weights, biases)):
@@ -554,7 +555,10 @@ def gnn_adjacency(nodes, weights, biases, negative_slope=0.01):
     self = torch.eye(n, dtype=torch.bool, device=nodes.device)
     if n < 2:
         return hidden[..., 0] * 0
-    return torch.softmax(hidden[..., 0].masked_fill(self, float("-inf")), -1).masked_fill(self, 0)
+    adjacency = torch.softmax(hidden[..., 0].masked_fill(self, float("-inf")), -1).masked_fill(self, 0)
+    if last_row:
+        return torch.cat([torch.zeros_like(adjacency[:, :-1]), adjacency[:, -1:]], 1)
+    return adjacency
 
 
 def gnn_logits(model, nodes):

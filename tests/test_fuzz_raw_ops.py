@@ -96,9 +96,10 @@ OPS = {
                              + MANN_STATE + [("memories", "BTSD", "float"),
                                              ("read_weight_history", "BTHS", "float"),
                                              ("least_used", "BTH", "index")], (), ""),
-    "gnn_adjacency": ([("nodes", "BND", "float")], GNN_LAYERS + (True,), "D"),
+    "gnn_adjacency": ([("nodes", "BND", "float")], GNN_LAYERS + (False, True), "D"),
     "gnn_adjacency_backward": ([("grad", "BNN", "float"), ("adjacency", "BNN", "float"),
-                                ("hidden", "X", "float"), ("nodes", "BND", "float")], GNN_LAYERS, "D"),
+                                ("hidden", "X", "float"), ("nodes", "BND", "float")],
+                               GNN_LAYERS + (False,), "D"),
     "mlp_task_derivatives": (MLP, ([2, 4, 3], ["tanh", "identity"], "mse", True), "KIO"),
 }
 # Invalid non-tensor arguments: (position among the arguments, value).

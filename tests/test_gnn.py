@@ -34,18 +34,22 @@ SHAPES = [(2, 6, 5, [7, 3]), (3, 1, 4, [2]), (2, 2, 3, []), (2, 17, 9, [11, 6, 5
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("B, n, F, hidden", SHAPES)
 @pytest.mark.parametrize("kept", [True, False], ids=["kept", "recomputed"])
-def test_matches_reference_values_and_gradients(device, dtype, B, n, F, hidden, kept, monkeypatch):
+@pytest.mark.parametrize("last_row", [False, True], ids=["all-rows", "last-row"])
+def test_matches_reference_values_and_gradients(device, dtype, B, n, F, hidden, kept, last_row, monkeypatch):
     if not kept:  # the backward recomputes the hidden activations
         monkeypatch.setattr(gnn_adjacency_module, "KEPT_HIDDEN_VALUES", -1)
     nodes, weights, biases = operands(B, n, F, hidden, dtype, device)
-    out = ops.gnn_adjacency(nodes, weights, biases, negative_slope=0.1)
+    out = ops.gnn_adjacency(nodes, weights, biases, negative_slope=0.1, last_row=last_row)
     leaves = [t.detach().double().requires_grad_() for t in [nodes, *weights, *biases]]
     L = len(weights)
-    expected = reference.gnn_adjacency(leaves[0], leaves[1:1 + L], leaves[1 + L:], 0.1)
+    expected = reference.gnn_adjacency(leaves[0], leaves[1:1 + L], leaves[1 + L:], 0.1, last_row)
     assert out.shape == (B, n, n) and out.dtype == dtype
     assert_close_to_reference(out, expected, dtype)
     if n > 1:
-        torch.testing.assert_close(out.sum(-1), torch.ones(B, n, dtype=dtype, device=device))
+        sums = torch.ones(B, n, dtype=dtype, device=device)
+        if last_row:
+            sums[:, :-1] = 0
+        torch.testing.assert_close(out.sum(-1), sums)
     assert (out.diagonal(dim1=1, dim2=2) == 0).all()
     weight = torch.randn(expected.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     got = torch.autograd.grad((out * weight.to(device, dtype)).sum(), [nodes, *weights, *biases],
@@ -75,7 +79,7 @@ def test_hidden_activations_kept_only_for_a_backward_and_within_the_limit(monkey
     assert asked == [True, False, False, False]
     # what it kept: 2 episodes x 15 pairs x (7 + 3) hidden values, layer after layer
     adjacency, hidden = raw(nodes.detach(), [w.detach() for w in weights], [b.detach() for b in biases],
-                            0.01, True)
+                            0.01, False, True)
     assert hidden.shape == (300,)
     torch.testing.assert_close(adjacency, out.detach())
     i, j = torch.triu_indices(6, 6, 1)
@@ -105,11 +109,12 @@ def test_nan_stays_in_its_episode():
     assert out[1].isnan().any() and out[[0, 2]].isfinite().all()
 
 
-def test_gradcheck_and_gradgradcheck():
+@pytest.mark.parametrize("last_row", [False, True])
+def test_gradcheck_and_gradgradcheck(last_row):
     nodes, weights, biases = operands(2, 5, 3, [4, 3])
 
     def fn(nodes, *layers):
-        return ops.gnn_adjacency(nodes, layers[:3], layers[3:], 0.2)
+        return ops.gnn_adjacency(nodes, layers[:3], layers[3:], 0.2, last_row)
     assert torch.autograd.gradcheck(fn, (nodes, *weights, *biases))
     assert torch.autograd.gradgradcheck(fn, (nodes, *weights, *biases))
 
@@ -117,8 +122,10 @@ def test_gradcheck_and_gradgradcheck():
 def test_opcheck():
     for shape in ((2, 5, 3, [4, 3]), (1, 1, 2, [2]), (0, 3, 2, [])):
         nodes, weights, biases = operands(*shape)
-        for keep_hidden in (False, True):
-            torch.library.opcheck(torch.ops.fastmeta.gnn_adjacency, (nodes, weights, biases, 0.01, keep_hidden))
+        for last_row in (False, True):
+            for keep_hidden in (False, True):
+                torch.library.opcheck(torch.ops.fastmeta.gnn_adjacency,
+                                      (nodes, weights, biases, 0.01, last_row, keep_hidden))
 
 
 def test_bad_input_messages():
@@ -142,12 +149,12 @@ def test_bad_input_messages():
                                            r"layer's width\), got shape \[4, 3\]"):
         torch.ops.fastmeta.gnn_adjacency(nodes.detach()[..., :2].contiguous(),
                                          [w.detach() for w in weights], [b.detach() for b in biases], 0.01,
-                                         False)
+                                         False, False)
 
     def backward(grad, hidden):
         return torch.ops.fastmeta.gnn_adjacency_backward(
             grad, torch.zeros(2, 5, 5, dtype=torch.float64), hidden, nodes.detach(),
-            [w.detach() for w in weights], [b.detach() for b in biases], 0.01)
+            [w.detach() for w in weights], [b.detach() for b in biases], 0.01, False)
     with pytest.raises(RuntimeError, match=r"grad must have shape \[B, n, n\] = \[2, 5, 5\]"):
         backward(torch.zeros(2, 5, 4, dtype=torch.float64), torch.zeros(0, dtype=torch.float64))
     # 2 episodes x 10 unordered pairs x 4 hidden values

@@ -1,8 +1,9 @@
 // CPU kernels of fastmeta::gnn_adjacency (math in csrc/math/gnn.h): the
-// pairwise MLP runs on tiles of unordered pairs (i < j, across episodes), each
-// layer one matrix product on the tile, so the [B, n, n, F] differences exist
-// only for one tile at a time; the logits of a pair fill both (i, j) and
-// (j, i), then each row takes its softmax. The hidden activations are written
+// pairwise MLP runs on tiles of unordered pairs (i < j, across episodes; the
+// last node's pairs only with last_row), each layer one matrix product on the
+// tile, so the [B, n, n, F] differences exist only for one tile at a time;
+// the logits of a pair fill both (i, j) and (j, i), then each row takes its
+// softmax (with last_row, the last row does and the others are 0). The hidden activations are written
 // to the kept `hidden` when asked (the backward then reads them) and to the
 // tile's scratch otherwise (the backward then recomputes each tile). The
 // backward accumulates the weights' and nodes' gradients per thread.
@@ -23,27 +24,39 @@ namespace {
 
 constexpr int64_t kTilePairs = 128;
 
-// The unordered pairs of a tile, (episode, i, j) each, and their |x_i - x_j|.
+// Pairs per tile: at most kTilePairs, and as many tiles on every thread.
+int64_t tile_pairs(int64_t total) {
+  if (total == 0) return 1;
+  const int64_t threads = at::get_num_threads();
+  const int64_t per_thread = (total + threads - 1) / threads;
+  const int64_t tiles_per_thread = (per_thread + kTilePairs - 1) / kTilePairs;
+  return (per_thread + tiles_per_thread - 1) / tiles_per_thread;
+}
+
+// The pairs of a tile, (episode, i, j) each, and their |x_i - x_j|.
 template <typename T>
 struct Tile {
   int64_t count = 0;
   std::vector<int64_t> b, i, j;
   Tile() : b(kTilePairs), i(kTilePairs), j(kTilePairs) {}
 
-  void load(const GnnOperands& o, int64_t first, int64_t total, const T* nodes, T* diff) {
-    const int64_t per_episode = o.n * (o.n - 1) / 2, F = o.F;
-    count = std::min(kTilePairs, total - first);
-    int64_t eb = first / per_episode, ei, ej;
-    pair_of(first % per_episode, o.n, ei, ej);
+  void load(const GnnOperands& o, int64_t first, int64_t size, const T* nodes, T* diff) {
+    const int64_t per_episode = pairs_per_episode(o.n, o.last_row), F = o.F;
+    count = std::min(size, o.pairs() - first);
+    int64_t eb = first / per_episode, ep = first % per_episode, ei, ej;
+    episode_pair(ep, o.n, o.last_row, ei, ej);
     for (int64_t r = 0; r < count; ++r) {
       b[r] = eb, i[r] = ei, j[r] = ej;
       const T* xi = nodes + (eb * o.n + ei) * F;
       const T* xj = nodes + (eb * o.n + ej) * F;
       T* d = diff + r * F;
       for (int64_t c = 0; c < F; ++c) d[c] = std::abs(xi[c] - xj[c]);
-      if (++ej == o.n) {
-        if (++ei == o.n - 1) ++eb, ei = 0;
-        ej = ei + 1;
+      if (++ep == per_episode) {  // the next episode's first pair
+        ++eb, ep = 0, ei = 0, ej = o.last_row ? o.n - 1 : 1;
+      } else if (o.last_row) {
+        ++ei;
+      } else if (++ej == o.n) {
+        ++ei, ej = ei + 1;
       }
     }
   }
@@ -92,10 +105,10 @@ struct TileScratch {
 
 std::tuple<at::Tensor, at::Tensor> gnn_adjacency(const at::Tensor& nodes, at::TensorList weights,
                                                  at::TensorList biases, double negative_slope,
-                                                 bool keep_hidden) {
-  const GnnOperands o = gnn_operands(nodes, weights, biases, negative_slope);
+                                                 bool last_row, bool keep_hidden) {
+  const GnnOperands o = gnn_operands(nodes, weights, biases, negative_slope, last_row);
   const int64_t B = o.B, n = o.n, L = o.weights.size(), H = o.widths[L - 1];
-  const int64_t total = o.pairs(), tiles = (total + kTilePairs - 1) / kTilePairs;
+  const int64_t total = o.pairs(), size = tile_pairs(total), tiles = (total + size - 1) / size;
   at::Tensor adjacency = at::empty({B, n, n}, o.nodes.options());
   at::Tensor hidden = at::empty({keep_hidden ? o.hidden_values() : 0}, o.nodes.options());
   AT_DISPATCH_FLOATING_TYPES(o.nodes.scalar_type(), "fastmeta::gnn_adjacency", [&] {
@@ -109,8 +122,8 @@ std::tuple<at::Tensor, at::Tensor> gnn_adjacency(const at::Tensor& nodes, at::Te
       TileScratch<T> scratch(o);
       Tile<T> tile;
       for (int64_t t = begin; t < end; ++t) {
-        if (keep_hidden) scratch.place_in(o, kept, t * kTilePairs);
-        tile.load(o, t * kTilePairs, total, o.nodes.const_data_ptr<T>(), scratch.acts[0]);
+        if (keep_hidden) scratch.place_in(o, kept, t * size);
+        tile.load(o, t * size, size, o.nodes.const_data_ptr<T>(), scratch.acts[0]);
         hidden_layers(o, tile.count, scratch.acts, slope);
         for (int64_t r = 0; r < tile.count; ++r) {
           const T logit = row_dot(scratch.acts[L - 1] + r * H, last, H) + last_bias;
@@ -120,7 +133,12 @@ std::tuple<at::Tensor, at::Tensor> gnn_adjacency(const at::Tensor& nodes, at::Te
       }
     });
     at::parallel_for(0, B * n, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) adjacency_row(logits + row * n, row % n, n);
+      for (int64_t row = begin; row < end; ++row) {
+        if (last_row && row % n != n - 1)
+          std::fill(logits + row * n, logits + (row + 1) * n, T(0));
+        else
+          adjacency_row(logits + row * n, row % n, n);
+      }
     });
   });
   return {adjacency, hidden};
@@ -128,11 +146,12 @@ std::tuple<at::Tensor, at::Tensor> gnn_adjacency(const at::Tensor& nodes, at::Te
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adjacency_backward(
     const at::Tensor& grad, const at::Tensor& adjacency, const at::Tensor& hidden,
-    const at::Tensor& nodes, at::TensorList weights, at::TensorList biases, double negative_slope) {
-  const GnnOperands o =
-      gnn_backward_operands(grad, adjacency, hidden, nodes, weights, biases, negative_slope);
+    const at::Tensor& nodes, at::TensorList weights, at::TensorList biases, double negative_slope,
+    bool last_row) {
+  const GnnOperands o = gnn_backward_operands(grad, adjacency, hidden, nodes, weights, biases,
+                                              negative_slope, last_row);
   const int64_t B = o.B, n = o.n, F = o.F, L = o.weights.size();
-  const int64_t total = o.pairs(), tiles = (total + kTilePairs - 1) / kTilePairs;
+  const int64_t total = o.pairs(), size = tile_pairs(total), tiles = (total + size - 1) / size;
   const bool kept = o.hidden.numel() > 0;
   at::Tensor grad_logits = o.grad.clone();
   at::Tensor grad_nodes = at::zeros_like(o.nodes);
@@ -148,7 +167,12 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
     T* gl = grad_logits.mutable_data_ptr<T>();
     const T* a = o.adjacency.const_data_ptr<T>();
     at::parallel_for(0, B * n, 64, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) adjacency_row_backward(a + row * n, gl + row * n, n);
+      for (int64_t row = begin; row < end; ++row) {
+        if (last_row && row % n != n - 1)
+          std::fill(gl + row * n, gl + (row + 1) * n, T(0));
+        else
+          adjacency_row_backward(a + row * n, gl + row * n, n);
+      }
     });
     const T* x = o.nodes.const_data_ptr<T>();
     // Only read below; place_in takes the pointer type of the forward's scratch.
@@ -163,9 +187,9 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
       }
       std::vector<T> gx(B * n * F, T(0)), pair_grad(kTilePairs);
       for (int64_t t = begin; t < end; ++t) {
-        tile.load(o, t * kTilePairs, total, x, scratch.acts[0]);
+        tile.load(o, t * size, size, x, scratch.acts[0]);
         if (kept)
-          scratch.place_in(o, kept_hidden, t * kTilePairs);
+          scratch.place_in(o, kept_hidden, t * size);
         else
           hidden_layers(o, tile.count, scratch.acts, slope);
         const int64_t count = tile.count, H = o.widths[L - 1];

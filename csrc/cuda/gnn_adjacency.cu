@@ -11,9 +11,9 @@ constexpr int kThreads = 256;
 __global__ void pairs_kernel(GnnArgs a, int64_t first, int64_t count, int64_t* pairs) {
   const int64_t r = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (r >= count) return;
-  const int64_t per_episode = a.n * (a.n - 1) / 2, p = first + r;
+  const int64_t per_episode = pairs_per_episode(a.n, a.last_row), p = first + r;
   int64_t i, j;
-  pair_of(p % per_episode, a.n, i, j);
+  episode_pair(p % per_episode, a.n, a.last_row, i, j);
   pairs[3 * r] = p / per_episode, pairs[3 * r + 1] = i, pairs[3 * r + 2] = j;
 }
 
@@ -41,6 +41,10 @@ template <typename T>
 __global__ void rows_kernel(GnnArgs a, T* logits) {
   const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (row >= a.B * a.n) return;
+  if (a.last_row && row % a.n != a.n - 1) {
+    for (int64_t j = 0; j < a.n; ++j) logits[row * a.n + j] = T(0);
+    return;
+  }
   adjacency_row(logits + row * a.n, row % a.n, a.n);
 }
 
@@ -48,6 +52,10 @@ template <typename T>
 __global__ void rows_backward_kernel(GnnArgs a, const T* adjacency, T* grad) {
   const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (row >= a.B * a.n) return;
+  if (a.last_row && row % a.n != a.n - 1) {
+    for (int64_t j = 0; j < a.n; ++j) grad[row * a.n + j] = T(0);
+    return;
+  }
   adjacency_row_backward(adjacency + row * a.n, grad + row * a.n, a.n);
 }
 

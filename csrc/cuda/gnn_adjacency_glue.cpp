@@ -29,8 +29,9 @@ struct PairTiles {
   at::Tensor pairs;
 
   explicit PairTiles(const GnnOperands& operands)
-      : o(operands), args{dtype_of(operands.nodes), operands.B, operands.n, operands.F} {
-    total = o.B * (o.n * (o.n - 1) / 2);
+      : o(operands),
+        args{dtype_of(operands.nodes), operands.B, operands.n, operands.F, operands.last_row} {
+    total = o.pairs();
     size = std::min(tile_pairs(o), std::max<int64_t>(total, 1));
     pairs = at::empty({size, 3}, o.nodes.options().dtype(at::kLong));
   }
@@ -63,8 +64,8 @@ struct PairTiles {
 
 std::tuple<at::Tensor, at::Tensor> gnn_adjacency(const at::Tensor& nodes, at::TensorList weights,
                                                  at::TensorList biases, double negative_slope,
-                                                 bool keep_hidden) {
-  const GnnOperands o = gnn_operands(nodes, weights, biases, negative_slope);
+                                                 bool last_row, bool keep_hidden) {
+  const GnnOperands o = gnn_operands(nodes, weights, biases, negative_slope, last_row);
   c10::cuda::CUDAGuard guard(nodes.device());
   PairTiles tiles(o);
   at::Tensor adjacency = at::empty({o.B, o.n, o.n}, o.nodes.options());
@@ -84,9 +85,10 @@ std::tuple<at::Tensor, at::Tensor> gnn_adjacency(const at::Tensor& nodes, at::Te
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adjacency_backward(
     const at::Tensor& grad, const at::Tensor& adjacency, const at::Tensor& hidden,
-    const at::Tensor& nodes, at::TensorList weights, at::TensorList biases, double negative_slope) {
-  const GnnOperands o =
-      gnn_backward_operands(grad, adjacency, hidden, nodes, weights, biases, negative_slope);
+    const at::Tensor& nodes, at::TensorList weights, at::TensorList biases, double negative_slope,
+    bool last_row) {
+  const GnnOperands o = gnn_backward_operands(grad, adjacency, hidden, nodes, weights, biases,
+                                              negative_slope, last_row);
   c10::cuda::CUDAGuard guard(nodes.device());
   PairTiles tiles(o);
   const int64_t L = o.weights.size();

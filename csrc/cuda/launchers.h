@@ -198,6 +198,7 @@ void mann_memory_backward(const MannArgs& a, const void* grad_reads, const void*
 struct GnnArgs {
   DType dtype;
   int64_t B, n, F;
+  bool last_row;  // only the last node's pairs and row (csrc/math/gnn.h)
 };
 void gnn_pairs(const GnnArgs& a, int64_t first, int64_t count, int64_t* pairs, cudaStream_t stream);
 // diff [count, F] = |x_i - x_j|.
@@ -207,7 +208,8 @@ void gnn_pair_differences(const GnnArgs& a, const void* nodes, const int64_t* pa
 void gnn_scatter_logits(const GnnArgs& a, const void* tile_logits, const int64_t* pairs,
                         int64_t count, void* logits, cudaStream_t stream);
 // In place over [B, n, n]: the rows' softmax over j != i; its backward
-// (grad becomes d loss / d logits given the adjacency).
+// (grad becomes d loss / d logits given the adjacency). With last_row the
+// other rows become 0.
 void gnn_adjacency_rows(const GnnArgs& a, void* logits, cudaStream_t stream);
 void gnn_adjacency_rows_backward(const GnnArgs& a, const void* adjacency, void* grad,
                                  cudaStream_t stream);

@@ -6,7 +6,8 @@
 // where mlp is linear layers with leaky ReLU between them and one output.
 // mlp(|x_i - x_j|) is symmetric in (i, j), so the kernels evaluate it once
 // per unordered pair i < j: pair p of an episode of n nodes is (i, j) in
-// row-major order of the upper triangle.
+// row-major order of the upper triangle. With last_row, only the last row
+// of A is computed (the other rows are 0).
 #pragma once
 
 #include "common.h"
@@ -41,6 +42,22 @@ FASTMETA_HOST_DEVICE void pair_of(int64_t p, int64_t n, int64_t& i, int64_t& j) 
     ++i;
   }
   j = i + 1 + (p - start);
+}
+
+// An episode's pairs: every unordered pair, or with last_row only the last
+// node's n - 1 pairs (i, n - 1), i < n - 1, for models that read only the
+// last node's row of the adjacency.
+FASTMETA_HOST_DEVICE int64_t pairs_per_episode(int64_t n, bool last_row) {
+  if (n < 2) return 0;
+  return last_row ? n - 1 : n * (n - 1) / 2;
+}
+
+FASTMETA_HOST_DEVICE void episode_pair(int64_t p, int64_t n, bool last_row, int64_t& i, int64_t& j) {
+  if (last_row) {
+    i = p, j = n - 1;
+  } else {
+    pair_of(p, n, i, j);
+  }
 }
 
 // Row i of the adjacency from its logits (diagonal excluded), in place:

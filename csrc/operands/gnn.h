@@ -1,28 +1,31 @@
 // Operand prologue of the few-shot GNN adjacency (fastmeta::gnn_adjacency
 // and its backward): nodes [B, n, F]; an MLP of L layers applied to
 // |x_i - x_j|, weights[l] [H_l, H_{l-1}] and biases[l] [H_l] with H_0 = F
-// and H_L = 1; the backward's grad and adjacency are [B, n, n].
+// and H_L = 1; the backward's grad and adjacency are [B, n, n]; last_row
+// restricts the op to the last node's row (csrc/math/gnn.h).
 //
 // hidden holds the MLP's hidden activations (after each leaky ReLU) of the P
-// = B n (n - 1) / 2 unordered pairs, layer after layer: [P, H_1], then [P,
-// H_2], ..., flattened to [P (H_1 + ... + H_{L-1})]. The forward fills it
-// when asked to keep them; the backward reads it when it is not empty and
-// recomputes the activations otherwise.
+// pairs (B n (n - 1) / 2, or B (n - 1) with last_row), layer after layer:
+// [P, H_1], then [P, H_2], ..., flattened to [P (H_1 + ... + H_{L-1})]. The
+// forward fills it when asked to keep them; the backward reads it when it is
+// not empty and recomputes the activations otherwise.
 #pragma once
 
 #include <vector>
 
 #include "common.h"
+#include "../math/gnn.h"
 
 namespace fastmeta {
 
 struct GnnOperands {
   int64_t B = 0, n = 0, F = 0;
+  bool last_row = false;
   std::vector<int64_t> widths;  // H_0 = F, ..., H_L = 1
   at::Tensor nodes, grad, adjacency;
   std::vector<at::Tensor> weights, biases;
   at::Tensor hidden;
-  int64_t pairs() const { return B * (n * (n - 1) / 2); }
+  int64_t pairs() const { return B * pairs_per_episode(n, last_row); }
   // Elements of the kept hidden activations.
   int64_t hidden_values() const {
     int64_t per_pair = 0;
@@ -43,8 +46,9 @@ struct GnnOperands {
 };
 
 inline GnnOperands gnn_operands(const at::Tensor& nodes, at::TensorList weights,
-                                at::TensorList biases, double negative_slope) {
+                                at::TensorList biases, double negative_slope, bool last_row) {
   GnnOperands o;
+  o.last_row = last_row;
   TORCH_CHECK(nodes.scalar_type() == at::kFloat || nodes.scalar_type() == at::kDouble,
               "fastmeta: nodes must have dtype float32 or float64, got ", nodes.scalar_type());
   check_operand(nodes, "nodes", 3, nodes);
@@ -76,8 +80,8 @@ inline GnnOperands gnn_operands(const at::Tensor& nodes, at::TensorList weights,
 inline GnnOperands gnn_backward_operands(const at::Tensor& grad, const at::Tensor& adjacency,
                                          const at::Tensor& hidden, const at::Tensor& nodes,
                                          at::TensorList weights, at::TensorList biases,
-                                         double negative_slope) {
-  GnnOperands o = gnn_operands(nodes, weights, biases, negative_slope);
+                                         double negative_slope, bool last_row) {
+  GnnOperands o = gnn_operands(nodes, weights, biases, negative_slope, last_row);
   check_operand(hidden, "hidden", 1, nodes);
   TORCH_CHECK(hidden.numel() == 0 || hidden.numel() == o.hidden_values(), "fastmeta: hidden must "
               "be empty or hold the ", o.hidden_values(), " kept hidden activations, got shape ",

@@ -23,24 +23,12 @@ class PairMLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.negative_slope = negative_slope
 
-    def scores(self, differences: torch.Tensor) -> torch.Tensor:
-        """The MLP's output ``[...]`` on ``|x_i - x_j|`` rows ``[..., F]``."""
-        hidden = differences
-        for k, layer in enumerate(self.layers):
-            hidden = layer(hidden)
-            if k < len(self.layers) - 1:
-                hidden = F.leaky_relu(hidden, self.negative_slope)
-        return hidden[..., 0]
-
-    def adjacency(self, nodes: torch.Tensor, function: Callable = ops.gnn_adjacency) -> torch.Tensor:
-        """``[G, n, n]``: softmax over the other nodes of the MLP's outputs."""
+    def adjacency(self, nodes: torch.Tensor, function: Callable = ops.gnn_adjacency,
+                  last_row: bool = False) -> torch.Tensor:
+        """``[G, n, n]``: softmax over the other nodes of the MLP's outputs
+        (only the last node's row with ``last_row``, the others 0)."""
         return function(nodes, [m.weight for m in self.layers], [m.bias for m in self.layers],
-                        self.negative_slope)
-
-    def last_node_adjacency(self, nodes: torch.Tensor) -> torch.Tensor:
-        """``[G, n - 1]``: the last node's row of :meth:`adjacency` without
-        its zero diagonal entry, from the ``n - 1`` pairs it is part of."""
-        return torch.softmax(self.scores((nodes[:, :-1] - nodes[:, -1:]).abs()), -1)
+                        self.negative_slope, last_row)
 
 
 class GraphConv(nn.Module):
@@ -129,8 +117,7 @@ class FewShotGNN(FewShotClassifier):
             nodes = torch.cat([nodes, conv(nodes, metric.adjacency(nodes))], -1)
         # Only the last (query) node's output is read, so the last layer needs
         # only that node's row of the adjacency: n - 1 pairs instead of all.
-        row = self.metrics[-1].last_node_adjacency(nodes)
-        read = (row[:, None] @ nodes[:, :-1])[:, 0]
+        read = (self.metrics[-1].adjacency(nodes, last_row=True)[:, -1:] @ nodes)[:, 0]
         return self.last.linear(torch.cat([nodes[:, -1], read], -1))
 
     def score_queries(self, support_nodes: torch.Tensor, query_features: torch.Tensor) -> torch.Tensor:
