@@ -11,6 +11,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <memory>
 #include <mutex>
 #include <vector>
 
@@ -23,6 +25,12 @@ namespace fastmeta::cpu {
 namespace {
 
 constexpr int64_t kTilePairs = 128;
+
+// Rows per thread of a pass over the adjacency's rows: small adjacencies (up
+// to 2^15 entries) run on one thread.
+int64_t row_grain(int64_t n) {
+  return std::max<int64_t>(64, (int64_t{1} << 15) / std::max<int64_t>(n, 1));
+}
 
 // Pairs per tile: at most kTilePairs, and as many tiles on every thread.
 int64_t tile_pairs(int64_t total) {
@@ -84,15 +92,15 @@ void hidden_layers(const GnnOperands& o, int64_t count, std::vector<T*>& acts, T
 // place_in, at the tile's rows of the kept activations.
 template <typename T>
 struct TileScratch {
-  std::vector<T> storage;
+  std::unique_ptr<T[]> storage;  // not zero-filled: every value is written before it is read
   std::vector<T*> acts;
   T *grad_a, *grad_b;
   explicit TileScratch(const GnnOperands& o) {
     const int64_t L = o.weights.size();
     int64_t total = 2 * kTilePairs * o.max_width();
     for (int64_t l = 0; l < L; ++l) total += kTilePairs * o.widths[l];
-    storage.resize(total);
-    T* p = storage.data();
+    storage.reset(new T[total]);
+    T* p = storage.get();
     for (int64_t l = 0; l < L; ++l) acts.push_back(p), p += kTilePairs * o.widths[l];
     grad_a = p, grad_b = p + kTilePairs * o.max_width();
   }
@@ -132,7 +140,7 @@ std::tuple<at::Tensor, at::Tensor> gnn_adjacency(const at::Tensor& nodes, at::Te
         }
       }
     });
-    at::parallel_for(0, B * n, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * n, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         if (last_row && row % n != n - 1)
           std::fill(logits + row * n, logits + (row + 1) * n, T(0));
@@ -166,7 +174,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
     const T slope = T(negative_slope);
     T* gl = grad_logits.mutable_data_ptr<T>();
     const T* a = o.adjacency.const_data_ptr<T>();
-    at::parallel_for(0, B * n, 64, [&](int64_t begin, int64_t end) {
+    at::parallel_for(0, B * n, row_grain(n), [&](int64_t begin, int64_t end) {
       for (int64_t row = begin; row < end; ++row) {
         if (last_row && row % n != n - 1)
           std::fill(gl + row * n, gl + (row + 1) * n, T(0));
