@@ -168,6 +168,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
     grad_weights.push_back(at::zeros_like(o.weights[l]));
     grad_biases.push_back(at::zeros_like(o.biases[l]));
   }
+  // The outputs in the order of each thread's sums: nodes, then each layer's weight and bias.
+  std::vector<at::Tensor> outputs{grad_nodes};
+  int64_t sum_values = grad_nodes.numel();
+  for (int64_t l = 0; l < L; ++l) {
+    outputs.push_back(grad_weights[l]);
+    outputs.push_back(grad_biases[l]);
+    sum_values += grad_weights[l].numel() + grad_biases[l].numel();
+  }
   std::mutex reduce;
   AT_DISPATCH_FLOATING_TYPES(o.nodes.scalar_type(), "fastmeta::gnn_adjacency_backward", [&] {
     using T = scalar_t;
@@ -188,12 +196,14 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
       TileScratch<T> scratch(o);
       Tile<T> tile;
-      std::vector<at::Tensor> gw, gb;  // this thread's sums
-      for (int64_t l = 0; l < L; ++l) {
-        gw.push_back(at::zeros_like(o.weights[l]));
-        gb.push_back(at::zeros_like(o.biases[l]));
+      // This thread's sums, in one buffer: the outputs' gradients, in order.
+      std::vector<T> sums(sum_values, T(0)), pair_grad(kTilePairs);
+      std::vector<T*> gw(L), gb(L);
+      T* gx = sums.data();
+      for (int64_t l = 0, at = B * n * F; l < L; ++l) {
+        gw[l] = gx + at, at += o.weights[l].numel();
+        gb[l] = gx + at, at += o.biases[l].numel();
       }
-      std::vector<T> gx(B * n * F, T(0)), pair_grad(kTilePairs);
       for (int64_t t = begin; t < end; ++t) {
         tile.load(o, t * size, size, x, scratch.acts[0]);
         if (kept)
@@ -203,7 +213,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
         const int64_t count = tile.count, H = o.widths[L - 1];
         // The last layer: one output per pair, from both (i, j) and (j, i).
         const T* w_last = o.weights[L - 1].const_data_ptr<T>();
-        T* gw_last = gw[L - 1].mutable_data_ptr<T>();
+        T* gw_last = gw[L - 1];
         T g_bias = 0;
         T* g = scratch.grad_a;
         for (int64_t r = 0; r < count; ++r) {
@@ -217,20 +227,19 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
             gw_last[c] += gp * act[c];
           }
         }
-        gb[L - 1].mutable_data_ptr<T>()[0] += g_bias;
+        gb[L - 1][0] += g_bias;
         // The hidden layers, last first: g is d loss / d acts[l].
         for (int64_t l = L - 1; l >= 1; --l) {
           const int64_t in = o.widths[l - 1], out = o.widths[l];
           const T* act = scratch.acts[l];
-          T* gbias = gb[l - 1].mutable_data_ptr<T>();
+          T* gbias = gb[l - 1];
           for (int64_t r = 0; r < count; ++r) {
             for (int64_t c = 0; c < out; ++c) {
               g[r * out + c] *= leaky_relu_grad(act[r * out + c], slope);
               gbias[c] += g[r * out + c];
             }
           }
-          gemm_atb_acc(out, in, count, g, out, scratch.acts[l - 1], in,
-                       gw[l - 1].mutable_data_ptr<T>(), in);
+          gemm_atb_acc(out, in, count, g, out, scratch.acts[l - 1], in, gw[l - 1], in);
           T* g_in = g == scratch.grad_a ? scratch.grad_b : scratch.grad_a;
           gemm(false, false, count, in, out, g, out, o.weights[l - 1].const_data_ptr<T>(), in, T(0),
                g_in, in);
@@ -241,8 +250,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
           const int64_t b = tile.b[r];
           const T* xi = x + (b * n + tile.i[r]) * F;
           const T* xj = x + (b * n + tile.j[r]) * F;
-          T* gi = gx.data() + (b * n + tile.i[r]) * F;
-          T* gj = gx.data() + (b * n + tile.j[r]) * F;
+          T* gi = gx + (b * n + tile.i[r]) * F;
+          T* gj = gx + (b * n + tile.j[r]) * F;
           for (int64_t c = 0; c < F; ++c) {
             const T v = g[r * F + c] * abs_diff_grad(xi[c], xj[c]);
             gi[c] += v;
@@ -251,11 +260,11 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
         }
       }
       std::lock_guard<std::mutex> lock(reduce);
-      T* gn = grad_nodes.mutable_data_ptr<T>();
-      for (int64_t e = 0; e < B * n * F; ++e) gn[e] += gx[e];
-      for (int64_t l = 0; l < L; ++l) {
-        grad_weights[l].add_(gw[l]);
-        grad_biases[l].add_(gb[l]);
+      const T* mine = sums.data();
+      for (const at::Tensor& output : outputs) {
+        T* sum = output.mutable_data_ptr<T>();
+        for (int64_t e = 0; e < output.numel(); ++e) sum[e] += mine[e];
+        mine += output.numel();
       }
     });
   });
