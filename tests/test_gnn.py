@@ -119,6 +119,41 @@ def test_gradcheck_and_gradgradcheck(last_row):
     assert torch.autograd.gradgradcheck(fn, (nodes, *weights, *biases))
 
 
+@pytest.mark.parametrize("last_row", [False, True])
+def test_under_torch_func_grad_vjp_and_jacrev(last_row):
+    nodes, weights, biases = [t.detach() if isinstance(t, torch.Tensor) else [w.detach() for w in t]
+                              for t in operands(2, 5, 3, [4, 2])]
+
+    def adjacency(function):
+        return lambda x, w: function(x, [w, *weights[1:]], biases, 0.1, last_row)
+    fn, ref = adjacency(ops.gnn_adjacency), adjacency(reference.gnn_adjacency)
+    args = (nodes, weights[0])
+    for name, transform in [("grad", lambda f: torch.func.grad(lambda *a: f(*a).pow(2).sum(), (0, 1))),
+                            ("jacrev", lambda f: torch.func.jacrev(f, (0, 1)))]:
+        for got, want in zip(transform(fn)(*args), transform(ref)(*args)):
+            torch.testing.assert_close(got, want, msg=name)
+    cotangent = torch.randn(2, 5, 5, dtype=torch.float64)
+    for got, want in zip(torch.func.vjp(fn, *args)[1](cotangent), torch.func.vjp(ref, *args)[1](cotangent)):
+        torch.testing.assert_close(got, want)
+    with pytest.raises(RuntimeError, match="second derivatives under torch.func's transforms are not "
+                                           r"supported; take them with torch.autograd.grad"):
+        torch.func.grad(lambda x: torch.func.grad(lambda y: fn(y, weights[0]).pow(2).sum())(x).sum())(nodes)
+
+
+@pytest.mark.parametrize("last_row", [False, True])
+def test_torch_compile_fullgraph(last_row):
+    nodes, weights, biases = operands(2, 5, 3, [4, 2])
+    leaves = [nodes, *weights, *biases]
+
+    def loss(function):
+        return function(nodes, weights, biases, 0.1, last_row).pow(2).sum()
+    got = torch.compile(lambda: loss(ops.gnn_adjacency), fullgraph=True, backend="aot_eager")()
+    want = loss(reference.gnn_adjacency)
+    torch.testing.assert_close(got, want)
+    for a, b in zip(torch.autograd.grad(got, leaves), torch.autograd.grad(want, leaves)):
+        torch.testing.assert_close(a, b)
+
+
 def test_opcheck():
     for shape in ((2, 5, 3, [4, 3]), (1, 1, 2, [2]), (0, 3, 2, [])):
         nodes, weights, biases = operands(*shape)
