@@ -1,12 +1,12 @@
 // CPU kernels of fastmeta::gnn_adjacency (math in csrc/math/gnn.h): the
-// pairwise MLP runs on tiles of unordered pairs (i < j, across episodes; the
-// last node's pairs only with last_row), each layer one matrix product on the
+// pairwise MLP runs on tiles of unordered pairs (i < j, across episodes; only
+// the last node's pairs with last_row), each layer one matrix product on the
 // tile, so the [B, n, n, F] differences exist only for one tile at a time;
 // the logits of a pair fill both (i, j) and (j, i), then each row takes its
-// softmax (with last_row, the last row does and the others are 0). The hidden activations are written
-// to the kept `hidden` when asked (the backward then reads them) and to the
-// tile's scratch otherwise (the backward then recomputes each tile). The
-// backward accumulates the weights' and nodes' gradients per thread.
+// softmax (with last_row the last row does, and the others are 0). The hidden
+// activations go to the kept `hidden` when asked (the backward then reads
+// them) and to the tile's scratch otherwise (the backward then recomputes
+// each tile). The backward sums the weights' and nodes' gradients per thread.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>

@@ -34,10 +34,11 @@ def gnn_adjacency(nodes: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
     hidden activations of the unordered pairs for the backward if they hold
     at most ``KEPT_HIDDEN_VALUES`` values; above that the backward recomputes
     each tile, and memory stays that of a tile. CPU and CUDA kernels,
-    forward and backward (on
-    CUDA the MLP's layers are cuBLAS products on tiles of pairs); on other
-    devices the eager formulation (:func:`fastmeta.reference.gnn_adjacency`)
-    runs.
+    forward and backward (on CUDA the MLP's layers are cuBLAS products on
+    tiles of pairs); on other devices the eager formulation
+    (:func:`fastmeta.reference.gnn_adjacency`) runs. Works under
+    ``torch.compile`` and torch.func's ``grad``, ``vjp`` and ``jacrev`` (not
+    ``grad`` of ``grad``).
 
     Args:
         nodes: ``[B, n, F]``, each episode's node features.
@@ -191,8 +192,9 @@ def _op_inputs(nodes, negative_slope, last_row, keep_hidden, layers, *tensors):
 
 class _Adjacency(torch.autograd.Function):
     """The op with the autograd rule registered for it, for :func:`gnn_adjacency`:
-    it costs less per call than the op's registered autograd (0.1 to 0.2 ms
-    of a 7 ms GNN step per call, measured). An ``autograd.Function`` tracks
+    it costs less per call than the op's registered autograd (about 0.2 ms
+    less per forward and backward at the GNN's 5-way 1-shot sizes, measured,
+    of a 7 ms step with three calls). An ``autograd.Function`` tracks
     only tensor arguments, so it takes the layers as separate tensors; its
     forward takes ``ctx`` (a separate ``setup_context`` would make ``apply``
     bind the arguments to the signature at every call)."""
@@ -211,8 +213,8 @@ class _Adjacency(torch.autograd.Function):
 
 
 class _AdjacencyUnderTransforms(torch.autograd.Function):
-    """:class:`_Adjacency` in the form torch.func's transforms (``grad``,
-    ``vjp``) require: ``setup_context`` apart from ``forward``."""
+    """:class:`_Adjacency` in the form torch.func's transforms require:
+    ``setup_context`` apart from ``forward``."""
 
     @staticmethod
     def forward(*args):
