@@ -41,6 +41,74 @@ int64_t tile_pairs(int64_t total) {
   return (per_thread + tiles_per_thread - 1) / tiles_per_thread;
 }
 
+// The tiles' loops between the matrix products, compiled for each
+// instruction set (row_math.h).
+
+// d = |x_i - x_j|, one pair's row.
+struct AbsDifference {
+  template <typename T>
+  FASTMETA_INLINE static void run(T* d, const T* xi, const T* xj, int64_t F) {
+    for (int64_t c = 0; c < F; ++c) d[c] = std::abs(xi[c] - xj[c]);
+  }
+};
+
+// gi += g sign(x_i - x_j) and gj -= the same, one pair's row.
+struct AbsDifferenceBackward {
+  template <typename T>
+  FASTMETA_INLINE static void run(const T* g, const T* xi, const T* xj, T* __restrict__ gi,
+                                  T* __restrict__ gj, int64_t F) {
+    for (int64_t c = 0; c < F; ++c) {
+      const T v = g[c] * abs_diff_grad(xi[c], xj[c]);
+      gi[c] += v;
+      gj[c] -= v;
+    }
+  }
+};
+
+// acts [count, out] = leaky_relu(acts + bias).
+struct BiasLeakyRelu {
+  template <typename T>
+  FASTMETA_INLINE static void run(T* acts, const T* bias, int64_t count, int64_t out, T slope) {
+    for (int64_t r = 0; r < count; ++r, acts += out)
+      for (int64_t c = 0; c < out; ++c) acts[c] = leaky_relu(acts[c] + bias[c], slope);
+  }
+};
+
+// g [count, out] times leaky_relu's derivative at its outputs acts; the
+// columns of g summed into bias_grad.
+struct LeakyReluBackward {
+  template <typename T>
+  FASTMETA_INLINE static void run(T* g, const T* acts, T* __restrict__ bias_grad, int64_t count,
+                                  int64_t out, T slope) {
+    for (int64_t r = 0; r < count; ++r, g += out, acts += out)
+      for (int64_t c = 0; c < out; ++c) {
+        g[c] *= leaky_relu_grad(acts[c], slope);
+        bias_grad[c] += g[c];
+      }
+  }
+};
+
+// The one-output last layer of a pair with d loss / d output gp: g = gp w
+// (d loss / d its input act) and w_grad += gp act.
+struct LastLayerBackward {
+  template <typename T>
+  FASTMETA_INLINE static void run(T* __restrict__ g, T* __restrict__ w_grad, const T* w, const T* act,
+                                  T gp, int64_t H) {
+    for (int64_t c = 0; c < H; ++c) {
+      g[c] = gp * w[c];
+      w_grad[c] += gp * act[c];
+    }
+  }
+};
+
+// sum += part.
+struct Accumulate {
+  template <typename T>
+  FASTMETA_INLINE static void run(T* __restrict__ sum, const T* part, int64_t count) {
+    for (int64_t e = 0; e < count; ++e) sum[e] += part[e];
+  }
+};
+
 // The pairs of a tile, (episode, i, j) each, and their |x_i - x_j|.
 template <typename T>
 struct Tile {
@@ -55,10 +123,7 @@ struct Tile {
     episode_pair(ep, o.n, o.last_row, ei, ej);
     for (int64_t r = 0; r < count; ++r) {
       b[r] = eb, i[r] = ei, j[r] = ej;
-      const T* xi = nodes + (eb * o.n + ei) * F;
-      const T* xj = nodes + (eb * o.n + ej) * F;
-      T* d = diff + r * F;
-      for (int64_t c = 0; c < F; ++c) d[c] = std::abs(xi[c] - xj[c]);
+      run_loop<AbsDifference>(diff + r * F, nodes + (eb * o.n + ei) * F, nodes + (eb * o.n + ej) * F, F);
       if (++ep == per_episode) {  // the next episode's first pair
         ++eb, ep = 0, ei = 0, ej = o.last_row ? o.n - 1 : 1;
       } else if (o.last_row) {
@@ -78,11 +143,7 @@ void hidden_layers(const GnnOperands& o, int64_t count, std::vector<T*>& acts, T
   for (int64_t l = 1; l < L; ++l) {
     const int64_t in = o.widths[l - 1], out = o.widths[l];
     gemm_abt(count, out, in, acts[l - 1], in, o.weights[l - 1].const_data_ptr<T>(), in, acts[l], out);
-    const T* bias = o.biases[l - 1].const_data_ptr<T>();
-    for (int64_t r = 0; r < count; ++r) {
-      T* a = acts[l] + r * out;
-      for (int64_t c = 0; c < out; ++c) a[c] = leaky_relu(a[c] + bias[c], slope);
-    }
+    run_loop<BiasLeakyRelu>(acts[l], o.biases[l - 1].const_data_ptr<T>(), count, out, slope);
   }
 }
 
@@ -197,7 +258,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
       TileScratch<T> scratch(o);
       Tile<T> tile;
       // This thread's sums, in one buffer: the outputs' gradients, in order.
-      std::vector<T> sums(sum_values, T(0)), pair_grad(kTilePairs);
+      std::vector<T> sums(sum_values, T(0));
       std::vector<T*> gw(L), gb(L);
       T* gx = sums.data();
       for (int64_t l = 0, at = B * n * F; l < L; ++l) {
@@ -219,26 +280,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
         for (int64_t r = 0; r < count; ++r) {
           const int64_t b = tile.b[r], i = tile.i[r], j = tile.j[r];
           const T gp = gl[(b * n + i) * n + j] + gl[(b * n + j) * n + i];
-          pair_grad[r] = gp;
           g_bias += gp;
-          const T* act = scratch.acts[L - 1] + r * H;
-          for (int64_t c = 0; c < H; ++c) {
-            g[r * H + c] = gp * w_last[c];
-            gw_last[c] += gp * act[c];
-          }
+          run_loop<LastLayerBackward>(g + r * H, gw_last, w_last, scratch.acts[L - 1] + r * H, gp, H);
         }
         gb[L - 1][0] += g_bias;
         // The hidden layers, last first: g is d loss / d acts[l].
         for (int64_t l = L - 1; l >= 1; --l) {
           const int64_t in = o.widths[l - 1], out = o.widths[l];
-          const T* act = scratch.acts[l];
-          T* gbias = gb[l - 1];
-          for (int64_t r = 0; r < count; ++r) {
-            for (int64_t c = 0; c < out; ++c) {
-              g[r * out + c] *= leaky_relu_grad(act[r * out + c], slope);
-              gbias[c] += g[r * out + c];
-            }
-          }
+          run_loop<LeakyReluBackward>(g, static_cast<const T*>(scratch.acts[l]), gb[l - 1], count, out,
+                                      slope);
           gemm_atb_acc(out, in, count, g, out, scratch.acts[l - 1], in, gw[l - 1], in);
           T* g_in = g == scratch.grad_a ? scratch.grad_b : scratch.grad_a;
           gemm(false, false, count, in, out, g, out, o.weights[l - 1].const_data_ptr<T>(), in, T(0),
@@ -247,23 +297,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
         }
         // |x_i - x_j|: g is d loss / d the differences.
         for (int64_t r = 0; r < count; ++r) {
-          const int64_t b = tile.b[r];
-          const T* xi = x + (b * n + tile.i[r]) * F;
-          const T* xj = x + (b * n + tile.j[r]) * F;
-          T* gi = gx + (b * n + tile.i[r]) * F;
-          T* gj = gx + (b * n + tile.j[r]) * F;
-          for (int64_t c = 0; c < F; ++c) {
-            const T v = g[r * F + c] * abs_diff_grad(xi[c], xj[c]);
-            gi[c] += v;
-            gj[c] -= v;
-          }
+          const int64_t at_i = (tile.b[r] * n + tile.i[r]) * F, at_j = (tile.b[r] * n + tile.j[r]) * F;
+          run_loop<AbsDifferenceBackward>(static_cast<const T*>(g + r * F), x + at_i, x + at_j, gx + at_i,
+                                          gx + at_j, F);
         }
       }
       std::lock_guard<std::mutex> lock(reduce);
       const T* mine = sums.data();
       for (const at::Tensor& output : outputs) {
-        T* sum = output.mutable_data_ptr<T>();
-        for (int64_t e = 0; e < output.numel(); ++e) sum[e] += mine[e];
+        run_loop<Accumulate>(output.mutable_data_ptr<T>(), mine, output.numel());
         mine += output.numel();
       }
     });
