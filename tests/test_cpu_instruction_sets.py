@@ -11,6 +11,7 @@ import textwrap
 import pytest
 
 SCRIPT = textwrap.dedent("""
+    import importlib
     import torch, fastmeta
     from fastmeta import ops, reference
     from fastmeta.testing import assert_close_to_reference
@@ -71,6 +72,24 @@ SCRIPT = textwrap.dedent("""
     ops.l2o_lstm_step_(param, grad, in_place, weights.detach())
     assert_close_to_reference(param, want_param, torch.float32)
     assert_close_to_reference(in_place, new_state, torch.float32)
+    # The GNN adjacency, kept and recomputed activations, all rows and the last,
+    # widths that are no multiple of a vector (9, 19, 7).
+    nodes = torch.randn(3, 7, 9, requires_grad=True)
+    layers = [(0.3 * torch.randn(*shape)).requires_grad_() for shape in ((19, 9), (7, 19), (1, 7))]
+    biases = [(0.1 * torch.randn(shape[0])).requires_grad_() for shape in ((19,), (7,), (1,))]
+    leaves = [nodes, *layers, *biases]
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    cotangent = torch.randn(3, 7, 7, dtype=torch.float64)
+    gnn_module = importlib.import_module("fastmeta.ops.gnn_adjacency")
+    for last_row in (False, True):
+        for limit in (gnn_module.KEPT_HIDDEN_VALUES, -1):  # kept, then recomputed
+            gnn_module.KEPT_HIDDEN_VALUES = limit
+            out = ops.gnn_adjacency(nodes, layers, biases, 0.1, last_row)
+            want = reference.gnn_adjacency(leaves64[0], leaves64[1:4], leaves64[4:], 0.1, last_row)
+            assert_close_to_reference(out, want, torch.float32)
+            got = torch.autograd.grad(out, leaves, cotangent.float())
+            for g, w in zip(got, torch.autograd.grad(want, leaves64, cotangent)):
+                assert_close_to_reference(g, w, torch.float32)
     print("ok")
 """)
 
