@@ -224,7 +224,7 @@ class _AdjacencyUnderTransforms(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         _setup_context(ctx, _op_inputs(*inputs), output)
 
-    backward = _Adjacency.backward
+    backward = staticmethod(_Adjacency.backward)
 
 
 class _BackwardUnderTransforms(torch.autograd.Function):
