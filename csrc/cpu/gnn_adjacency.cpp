@@ -202,12 +202,8 @@ std::tuple<at::Tensor, at::Tensor> gnn_adjacency(const at::Tensor& nodes, at::Te
       }
     });
     at::parallel_for(0, B * n, row_grain(n), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        if (last_row && row % n != n - 1)
-          std::fill(logits + row * n, logits + (row + 1) * n, T(0));
-        else
-          adjacency_row(logits + row * n, row % n, n);
-      }
+      for (int64_t row = begin; row < end; ++row)
+        adjacency_row(logits + row * n, row % n, n, last_row);
     });
   });
   return {adjacency, hidden};
@@ -244,12 +240,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
     T* gl = grad_logits.mutable_data_ptr<T>();
     const T* a = o.adjacency.const_data_ptr<T>();
     at::parallel_for(0, B * n, row_grain(n), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        if (last_row && row % n != n - 1)
-          std::fill(gl + row * n, gl + (row + 1) * n, T(0));
-        else
-          adjacency_row_backward(a + row * n, gl + row * n, n);
-      }
+      for (int64_t row = begin; row < end; ++row)
+        adjacency_row_backward(a + row * n, gl + row * n, row % n, n, last_row);
     });
     const T* x = o.nodes.const_data_ptr<T>();
     // Only read below; place_in takes the pointer type of the forward's scratch.

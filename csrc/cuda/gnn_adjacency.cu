@@ -41,22 +41,14 @@ template <typename T>
 __global__ void rows_kernel(GnnArgs a, T* logits) {
   const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (row >= a.B * a.n) return;
-  if (a.last_row && row % a.n != a.n - 1) {
-    for (int64_t j = 0; j < a.n; ++j) logits[row * a.n + j] = T(0);
-    return;
-  }
-  adjacency_row(logits + row * a.n, row % a.n, a.n);
+  adjacency_row(logits + row * a.n, row % a.n, a.n, a.last_row);
 }
 
 template <typename T>
 __global__ void rows_backward_kernel(GnnArgs a, const T* adjacency, T* grad) {
   const int64_t row = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (row >= a.B * a.n) return;
-  if (a.last_row && row % a.n != a.n - 1) {
-    for (int64_t j = 0; j < a.n; ++j) grad[row * a.n + j] = T(0);
-    return;
-  }
-  adjacency_row_backward(adjacency + row * a.n, grad + row * a.n, a.n);
+  adjacency_row_backward(adjacency + row * a.n, grad + row * a.n, row % a.n, a.n, a.last_row);
 }
 
 template <typename T>

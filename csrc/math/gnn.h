@@ -61,9 +61,14 @@ FASTMETA_HOST_DEVICE void episode_pair(int64_t p, int64_t n, bool last_row, int6
 }
 
 // Row i of the adjacency from its logits (diagonal excluded), in place:
-// softmax over j != i, 0 at j = i. A row of one node is 0.
+// softmax over j != i, 0 at j = i. A row of one node is 0, and with
+// last_row every row but the last.
 template <typename T>
-FASTMETA_HOST_DEVICE void adjacency_row(T* row, int64_t i, int64_t n) {
+FASTMETA_HOST_DEVICE void adjacency_row(T* row, int64_t i, int64_t n, bool last_row) {
+  if (last_row && i != n - 1) {
+    for (int64_t j = 0; j < n; ++j) row[j] = T(0);
+    return;
+  }
   T top = -INFINITY;
   for (int64_t j = 0; j < n; ++j)
     if (j != i) top = row[j] > top ? row[j] : top;
@@ -75,9 +80,15 @@ FASTMETA_HOST_DEVICE void adjacency_row(T* row, int64_t i, int64_t n) {
   for (int64_t j = 0; j < n; ++j) row[j] = j == i ? T(0) : row[j] / sum;
 }
 
-// d loss / d logits of row i, in place over grad: A (g - sum_k A_k g_k).
+// d loss / d logits of row i, in place over grad: A (g - sum_k A_k g_k);
+// 0 for the rows adjacency_row sets to 0 with last_row.
 template <typename T>
-FASTMETA_HOST_DEVICE void adjacency_row_backward(const T* a, T* grad, int64_t n) {
+FASTMETA_HOST_DEVICE void adjacency_row_backward(const T* a, T* grad, int64_t i, int64_t n,
+                                                 bool last_row) {
+  if (last_row && i != n - 1) {
+    for (int64_t j = 0; j < n; ++j) grad[j] = T(0);
+    return;
+  }
   T dot = 0;
   for (int64_t j = 0; j < n; ++j) dot += a[j] * grad[j];
   for (int64_t j = 0; j < n; ++j) grad[j] = a[j] * (grad[j] - dot);
