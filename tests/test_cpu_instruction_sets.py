@@ -32,16 +32,20 @@ SCRIPT = textwrap.dedent("""
             want = torch.autograd.grad(case(reference, x64, y64, metric), (x64, y64))
             for g, w in zip(got, want):
                 assert_close_to_reference(g, w, torch.float32)
-    widths, activations = [3, 40, 17, 2], ["relu", "tanh", "identity"]
+    # The MLP kernel: widths below, at and across a vector of either dtype,
+    # and N = 10 points (output rows in blocks of four, four, then two).
+    widths, activations = [3, 40, 17, 6, 2], ["relu", "tanh", "elu", "identity"]
     P = sum(o * (i + 1) for i, o in zip(widths[:-1], widths[1:]))
     params, direction = torch.randn(5, P), torch.randn(5, P)
-    x, target = torch.randn(5, 9, 3), torch.randn(5, 9, 2)
-    got = ops.mlp_task_derivatives(params, x, target, direction, widths=widths,
-                                   activations=activations, input_grad=True)
+    x, target = torch.randn(5, 10, 3), torch.randn(5, 10, 2)
     want = reference.mlp_task_derivatives(params.double(), x.double(), target.double(),
                                           direction.double(), widths, activations, "mse", True)
-    for g, w in zip(got, want):
-        assert_close_to_reference(g, w, torch.float32)
+    for dtype in (torch.float32, torch.float64):
+        got = ops.mlp_task_derivatives(params.to(dtype), x.to(dtype), target.to(dtype),
+                                       direction.to(dtype), widths=widths,
+                                       activations=activations, input_grad=True)
+        for g, w in zip(got, want):
+            assert_close_to_reference(g, w, dtype)
     # The LSTM families, forward and backward, over chunks and a partial chunk
     # (P = 300), and the in-place step.
     P = 300

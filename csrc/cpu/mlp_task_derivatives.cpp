@@ -8,6 +8,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <new>
 #include <vector>
@@ -18,48 +19,95 @@
 namespace fastmeta::cpu {
 namespace {
 
-// sum_r coef[r * coef_stride] * rows[r * row_stride + k], r < count.
+// Every product of the kernel, as rows of the output that combine rows of an
+// operand: output row m gets sum_r coef[m * coef_row + r * coef_stride] *
+// rows[r * row_stride + k], r < count.
 template <typename T>
 struct RowCombination {
   const T* coef;
-  int64_t coef_stride;
+  int64_t coef_row, coef_stride;
   const T* rows;
   int64_t row_stride;
   int64_t count;
+
+  FASTMETA_INLINE RowCombination from_row(int64_t m) const {
+    return {count ? coef + m * coef_row : coef, coef_row, coef_stride, rows, row_stride, count};
+  }
 };
 
-// out[k0 + l] = init (or 0) + first + second, l < kWidth, accumulated in registers.
-template <int64_t kWidth, typename T>
-FASTMETA_INLINE void combine_block(T* __restrict__ out, int64_t k0, const T* init,
-                                   const RowCombination<T>& first, const RowCombination<T>& second) {
-  T acc[kWidth];
-  for (int64_t l = 0; l < kWidth; ++l) acc[l] = init ? init[k0 + l] : T(0);
-  for (int64_t r = 0; r < first.count; ++r) {
-    const T a = first.coef[r * first.coef_stride];
-    const T* row = first.rows + r * first.row_stride + k0;
-    for (int64_t l = 0; l < kWidth; ++l) acc[l] += a * row[l];
-  }
-  for (int64_t r = 0; r < second.count; ++r) {
-    const T a = second.coef[r * second.coef_stride];
-    const T* row = second.rows + r * second.row_stride + k0;
-    for (int64_t l = 0; l < kWidth; ++l) acc[l] += a * row[l];
-  }
-  for (int64_t l = 0; l < kWidth; ++l) out[k0 + l] = acc[l];
+// Columns [k0, k0 + kBytes / sizeof(T)) of kRows output rows (out_stride
+// apart): init (or 0) + first + second, in vectors of kBytes (GCC's vector
+// extension). The kRows sums stay in registers, each row of the operands is
+// loaded once for the kRows outputs, and the kRows sums are independent
+// chains of multiply-adds (one chain waits on each add's latency). Written
+// with explicit vectors: left to itself, the compiler vectorised across the
+// kRows outputs instead, with shuffles.
+template <int64_t kRows, int kBytes, typename T>
+FASTMETA_INLINE void combine_block(T* __restrict__ out, int64_t out_stride, int64_t k0,
+                                   const T* init, const RowCombination<T>& first,
+                                   const RowCombination<T>& second) {
+  typedef T V __attribute__((vector_size(kBytes)));
+  V start = {}, acc[kRows];
+  if (init) std::memcpy(&start, init + k0, sizeof(V));
+  for (int64_t m = 0; m < kRows; ++m) acc[m] = start;
+  for (const RowCombination<T>& c : {first, second})
+    for (int64_t r = 0; r < c.count; ++r) {
+      V row;
+      std::memcpy(&row, c.rows + r * c.row_stride + k0, sizeof(V));
+      for (int64_t m = 0; m < kRows; ++m) acc[m] += c.coef[m * c.coef_row + r * c.coef_stride] * row;
+    }
+  for (int64_t m = 0; m < kRows; ++m) std::memcpy(out + m * out_stride + k0, &acc[m], sizeof(V));
 }
 
-// out[k] = init[k] (or 0) + first[k] + second[k] for k < n, in blocks of
-// kBlock outputs. A last partial block is recomputed overlapping the one
-// before (out aliases no operand).
-template <typename T>
-FASTMETA_INLINE void combine_rows(T* out, int64_t n, const T* init, const RowCombination<T>& first,
-                                  const RowCombination<T>& second) {
-  constexpr int64_t kBlock = 16;
-  if (n < kBlock) {
-    for (int64_t k = 0; k < n; ++k) combine_block<1>(out, k, init, first, second);
+// Column k of kRows output rows, for outputs narrower than a vector.
+template <int64_t kRows, typename T>
+FASTMETA_INLINE void combine_column(T* __restrict__ out, int64_t out_stride, int64_t k,
+                                    const T* init, const RowCombination<T>& first,
+                                    const RowCombination<T>& second) {
+  T acc[kRows];
+  for (int64_t m = 0; m < kRows; ++m) acc[m] = init ? init[k] : T(0);
+  for (const RowCombination<T>& c : {first, second})
+    for (int64_t r = 0; r < c.count; ++r) {
+      const T v = c.rows[r * c.row_stride + k];
+      for (int64_t m = 0; m < kRows; ++m) acc[m] += c.coef[m * c.coef_row + r * c.coef_stride] * v;
+    }
+  for (int64_t m = 0; m < kRows; ++m) out[m * out_stride + k] = acc[m];
+}
+
+// kRows output rows, all n columns, a vector at a time. A last partial
+// vector is recomputed overlapping the one before (out aliases no operand).
+template <int64_t kRows, int kBytes, typename T>
+FASTMETA_INLINE void combine_row_block(T* out, int64_t out_stride, int64_t n, const T* init,
+                                       const RowCombination<T>& first,
+                                       const RowCombination<T>& second) {
+  constexpr int64_t kLine = kBytes / sizeof(T);
+  if (n < kLine) {
+    for (int64_t k = 0; k < n; ++k) combine_column<kRows>(out, out_stride, k, init, first, second);
     return;
   }
-  for (int64_t k0 = 0; k0 + kBlock <= n; k0 += kBlock) combine_block<kBlock>(out, k0, init, first, second);
-  if (n % kBlock) combine_block<kBlock>(out, n - kBlock, init, first, second);
+  for (int64_t k0 = 0; k0 + kLine <= n; k0 += kLine)
+    combine_block<kRows, kBytes>(out, out_stride, k0, init, first, second);
+  if (n % kLine) combine_block<kRows, kBytes>(out, out_stride, n - kLine, init, first, second);
+}
+
+// out[m * out_stride + k] = init[k] (or 0) + first + second for m < M, k < n,
+// four output rows at a time (then two, then one).
+template <int kBytes, typename T>
+FASTMETA_INLINE void combine_rows(T* out, int64_t out_stride, int64_t M, int64_t n, const T* init,
+                                  const RowCombination<T>& first, const RowCombination<T>& second) {
+  constexpr int64_t kRows = 4;
+  int64_t m = 0;
+  for (; m + kRows <= M; m += kRows)
+    combine_row_block<kRows, kBytes>(out + m * out_stride, out_stride, n, init, first.from_row(m),
+                                     second.from_row(m));
+  if (m + 2 <= M) {
+    combine_row_block<2, kBytes>(out + m * out_stride, out_stride, n, init, first.from_row(m),
+                                 second.from_row(m));
+    m += 2;
+  }
+  for (; m < M; ++m)
+    combine_row_block<1, kBytes>(out + m * out_stride, out_stride, n, init, first.from_row(m),
+                         second.from_row(m));
 }
 
 // The team of mlp_task on the CPU: one thread runs the whole task. Every
@@ -68,7 +116,7 @@ FASTMETA_INLINE void combine_rows(T* out, int64_t n, const T* init, const RowCom
 // first transposes its weights for that, into a cache that outlives the task:
 // where tasks share their parameters (before the first inner step), each
 // layer is transposed once per thread instead of once per product.
-template <typename T>
+template <typename T, int kBytes>
 struct SerialTeam {
   struct Entry {
     const T* source = nullptr;
@@ -111,28 +159,23 @@ struct SerialTeam {
                               const T* bias, int64_t N, int64_t n_in, int64_t n_out) {
     const T* W1t = transpose(W1, n_in, n_out);
     const T* W2t = in2 ? transpose(W2, n_in, n_out) : nullptr;
-    for (int64_t i = 0; i < N; ++i)
-      combine_rows(out + i * n_out, n_out, bias, {in1 + i * n_in, 1, W1t, n_out, n_in},
-                   {in2 + i * n_in, 1, W2t, n_out, in2 ? n_in : 0});
+    combine_rows<kBytes>(out, n_out, N, n_out, bias, {in1, n_in, 1, W1t, n_out, n_in},
+                 {in2, n_in, 1, W2t, n_out, in2 ? n_in : 0});
   }
 
   FASTMETA_INLINE void backprop(T* out, const T* D1, const T* W1, const T* D2, const T* W2,
                                 int64_t N, int64_t n_in, int64_t n_out) {
-    for (int64_t i = 0; i < N; ++i)
-      combine_rows(out + i * n_in, n_in, static_cast<const T*>(nullptr),
-                   {D1 + i * n_out, 1, W1, n_in, n_out},
-                   {D2 + i * n_out, 1, W2, n_in, D2 ? n_out : 0});
+    combine_rows<kBytes>(out, n_in, N, n_in, static_cast<const T*>(nullptr), {D1, n_out, 1, W1, n_in, n_out},
+                 {D2, n_out, 1, W2, n_in, D2 ? n_out : 0});
   }
 
   FASTMETA_INLINE void outer(T* gW, T* gb, const T* D1, const T* in1, const T* D2, const T* in2,
                              int64_t N, int64_t n_in, int64_t n_out) {
-    for (int64_t j = 0; j < n_out; ++j) {
-      combine_rows(gW + j * n_in, n_in, static_cast<const T*>(nullptr),
-                   {D1 + j, n_out, in1, n_in, N}, {D2 + j, n_out, in2, n_in, D2 ? N : 0});
-      T bias = 0;
-      for (int64_t i = 0; i < N; ++i) bias += D1[i * n_out + j];
-      gb[j] = bias;
-    }
+    combine_rows<kBytes>(gW, n_in, n_out, n_in, static_cast<const T*>(nullptr),
+                 {D1, 1, n_out, in1, n_in, N}, {D2, 1, n_out, in2, n_in, D2 ? N : 0});
+    for (int64_t j = 0; j < n_out; ++j) gb[j] = 0;
+    for (int64_t i = 0; i < N; ++i)
+      for (int64_t j = 0; j < n_out; ++j) gb[j] += D1[i * n_out + j];
   }
 };
 
@@ -146,12 +189,13 @@ struct MlpBatch {
 };
 
 // Tasks [t0, t1) of a batch, with one workspace.
+template <int kBytes>
 struct MlpTasks {
   template <typename T>
   FASTMETA_INLINE static void run(MlpBatch<T> b, int64_t t0, int64_t t1, T* work) {
     const MlpShape& s = b.shape;
     const int64_t P = s.num_params(), X = s.N * s.width[0], C = s.outputs();
-    SerialTeam<T> team(s);
+    SerialTeam<T, kBytes> team(s);
     for (int64_t t = t0; t < t1; ++t) {
       MlpTaskArgs<T> a{b.params + t * b.params_stride,
                        b.x + t * X,
@@ -209,7 +253,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_task_
                          static_cast<scalar_t*>(data_or_null(o.hvp)),
                          static_cast<scalar_t*>(data_or_null(o.hvp_input))};
     at::parallel_for(0, o.params.size(0), 1, [&](int64_t t0, int64_t t1) {
-      run_loop<MlpTasks>(b, t0, t1, workspace<scalar_t>(s).data());
+      run_vector_loop<MlpTasks>(b, t0, t1, workspace<scalar_t>(s).data());
     });
   });
   return o.outputs();

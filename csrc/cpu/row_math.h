@@ -63,6 +63,21 @@ auto run_loop(Args... args) {
   return Loop::run(args...);
 }
 
+// Runs Loop<kBytes>::run(args...) compiled for the widest instruction set
+// this CPU has, kBytes the width of its vector registers (64, 32 or 16), for
+// loops written with explicit vectors of that width.
+template <template <int> class Loop, typename... Args>
+auto run_vector_loop(Args... args) {
+#if defined(__x86_64__)
+  switch (cpu_isa()) {
+    case Isa::Avx512: return run_avx512<Loop<64>>(args...);
+    case Isa::Avx2: return run_avx2<Loop<32>>(args...);
+    default: break;
+  }
+#endif
+  return Loop<16>::run(args...);
+}
+
 constexpr int kLanes = 8;
 
 // v[j] = exp(a * v[j] - shift); returns sum_j v[j].

@@ -61,6 +61,26 @@ FASTMETA_HOST_DEVICE T activation_curvature(Activation f, T a) {
   }
 }
 
+// with_activation(a, f) calls f(ActivationConstant<a>{}): an element loop
+// written inside f, calling activate(f_constant, ...) and its derivatives, is
+// compiled once per activation, without the switch in the loop (which keeps
+// the CPU compiler from vectorising it).
+template <Activation A>
+struct ActivationConstant {
+  FASTMETA_HOST_DEVICE constexpr operator Activation() const { return A; }
+};
+
+template <typename F>
+FASTMETA_HOST_DEVICE void with_activation(Activation a, F f) {
+  switch (a) {
+    case Activation::ReLU: f(ActivationConstant<Activation::ReLU>{}); break;
+    case Activation::Tanh: f(ActivationConstant<Activation::Tanh>{}); break;
+    case Activation::Sigmoid: f(ActivationConstant<Activation::Sigmoid>{}); break;
+    case Activation::ELU: f(ActivationConstant<Activation::ELU>{}); break;
+    default: f(ActivationConstant<Activation::Identity>{}); break;
+  }
+}
+
 // Layer sizes, activations and loss of the learner; N points per task.
 struct MlpShape {
   int layers;
@@ -187,8 +207,9 @@ FASTMETA_HOST_DEVICE void mlp_task(const MlpShape& s, const MlpTaskArgs<T>& a, T
     team.linear(a_l, input_of(l), W(a.params, l), static_cast<const T*>(nullptr),
                 static_cast<const T*>(nullptr), b(a.params, l), N, n_in, n_out);
     team.sync();
-    const Activation f = s.activation[l];
-    team.for_each(N * n_out, [&](int64_t i) { a_l[i] = activate(f, a_l[i]); });
+    with_activation(s.activation[l], [&](auto f) {
+      team.for_each(N * n_out, [&](int64_t i) { a_l[i] = activate<T>(f, a_l[i]); });
+    });
     team.sync();
   }
   T* g_out = layer(g_act, L - 1);
@@ -208,8 +229,9 @@ FASTMETA_HOST_DEVICE void mlp_task(const MlpShape& s, const MlpTaskArgs<T>& a, T
     const int64_t n_in = s.width[l], n_out = s.width[l + 1];
     const T *a_l = layer(act, l), *g_a = layer(g_act, l);
     T* g_z = layer(g_pre, l);
-    const Activation f = s.activation[l];
-    team.for_each(N * n_out, [&](int64_t i) { g_z[i] = g_a[i] * activation_slope(f, a_l[i]); });
+    with_activation(s.activation[l], [&](auto f) {
+      team.for_each(N * n_out, [&](int64_t i) { g_z[i] = g_a[i] * activation_slope<T>(f, a_l[i]); });
+    });
     team.sync();
     team.outer(a.grad + s.weight_offset(l), a.grad + s.bias_offset(l), g_z, input_of(l),
                static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), N, n_in, n_out);
@@ -229,8 +251,9 @@ FASTMETA_HOST_DEVICE void mlp_task(const MlpShape& s, const MlpTaskArgs<T>& a, T
     team.linear(z_dot, input_of(l), W(a.direction, l), l > 0 ? layer(act_dot, l - 1) : nullptr,
                 W(a.params, l), b(a.direction, l), N, n_in, n_out);
     team.sync();
-    const Activation f = s.activation[l];
-    team.for_each(N * n_out, [&](int64_t i) { a_dot[i] = activation_slope(f, a_l[i]) * z_dot[i]; });
+    with_activation(s.activation[l], [&](auto f) {
+      team.for_each(N * n_out, [&](int64_t i) { a_dot[i] = activation_slope<T>(f, a_l[i]) * z_dot[i]; });
+    });
     team.sync();
   }
   T* g_out_dot = layer(g_act_dot, L - 1);
@@ -247,10 +270,11 @@ FASTMETA_HOST_DEVICE void mlp_task(const MlpShape& s, const MlpTaskArgs<T>& a, T
     const T *a_l = layer(act, l), *g_a = layer(g_act, l), *z_dot = layer(pre_dot, l);
     const T* g_z = layer(g_pre, l);
     T* g_z_dot = layer(g_act_dot, l);
-    const Activation f = s.activation[l];
-    team.for_each(N * n_out, [&](int64_t i) {
-      g_z_dot[i] = g_z_dot[i] * activation_slope(f, a_l[i]) +
-                   g_a[i] * activation_curvature(f, a_l[i]) * z_dot[i];
+    with_activation(s.activation[l], [&](auto f) {
+      team.for_each(N * n_out, [&](int64_t i) {
+        g_z_dot[i] = g_z_dot[i] * activation_slope<T>(f, a_l[i]) +
+                     g_a[i] * activation_curvature<T>(f, a_l[i]) * z_dot[i];
+      });
     });
     team.sync();
     // The input's tangent is zero for the first layer.
