@@ -33,7 +33,8 @@ SCRIPT = textwrap.dedent("""
             for g, w in zip(got, want):
                 assert_close_to_reference(g, w, torch.float32)
     # The MLP kernel: widths below, at and across a vector of either dtype,
-    # and N = 10 points (output rows in blocks of four, four, then two).
+    # and N = 10 points (output rows in blocks of eight and two, of four and two
+    # for the width 6).
     widths, activations = [3, 40, 17, 6, 2], ["relu", "tanh", "elu", "identity"]
     P = sum(o * (i + 1) for i, o in zip(widths[:-1], widths[1:]))
     params, direction = torch.randn(5, P), torch.randn(5, P)
