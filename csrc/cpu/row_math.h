@@ -2,8 +2,8 @@
 // always-inline `run`, and compiled for AVX-512, AVX2 and the baseline x86-64
 // instruction set; run_loop picks the widest this CPU has. Written so that
 // the compiler vectorises them: a polynomial exp for float32 (libm's expf does
-// not vectorise) and reductions with eight independent accumulators (a single
-// accumulator does not vectorise without -ffast-math).
+// not vectorise) and reductions with a vector of independent accumulators
+// (kLanes; a single accumulator does not vectorise without -ffast-math).
 #pragma once
 
 #include <cmath>
@@ -78,16 +78,20 @@ auto run_vector_loop(Args... args) {
   return Loop<16>::run(args...);
 }
 
-constexpr int kLanes = 8;
+// The independent accumulators of a reduction loop: one 64-byte vector of T.
+// Eight float32 lanes made GCC's AVX-512 code for such loops a tangle of
+// permutations, 4-5x slower than its AVX2 code.
+template <typename T>
+constexpr int kLanes = 64 / sizeof(T);
 
 // v[j] = exp(a * v[j] - shift); returns sum_j v[j].
 struct ExpAffineSum {
   template <typename T>
   FASTMETA_INLINE static T run(T* v, int64_t n, T a, T shift) {
-    T acc[kLanes] = {};
+    T acc[kLanes<T>] = {};
     int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
+    for (; j + kLanes<T> <= n; j += kLanes<T>)
+      for (int l = 0; l < kLanes<T>; ++l) {
         v[j + l] = exp_fast(a * v[j + l] - shift);
         acc[l] += v[j + l];
       }
@@ -96,7 +100,7 @@ struct ExpAffineSum {
       acc[0] += v[j];
     }
     T s = 0;
-    for (int l = 0; l < kLanes; ++l) s += acc[l];
+    for (int l = 0; l < kLanes<T>; ++l) s += acc[l];
     return s;
   }
 };
@@ -106,10 +110,10 @@ struct ExpAffineSum {
 struct SoftmaxGradRow {
   template <typename T>
   FASTMETA_INLINE static T run(T* w, const T* s, int64_t n, T a, T lse, T g) {
-    T acc[kLanes] = {};
+    T acc[kLanes<T>] = {};
     int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
+    for (; j + kLanes<T> <= n; j += kLanes<T>)
+      for (int l = 0; l < kLanes<T>; ++l) {
         const T p = exp_fast(a * s[j + l] - lse);
         acc[l] += p * s[j + l];
         w[j + l] = g * p;
@@ -120,7 +124,7 @@ struct SoftmaxGradRow {
       w[j] = g * p;
     }
     T sum = 0;
-    for (int l = 0; l < kLanes; ++l) sum += acc[l];
+    for (int l = 0; l < kLanes<T>; ++l) sum += acc[l];
     return sum;
   }
 };
@@ -129,21 +133,21 @@ struct SoftmaxGradRow {
 struct ScaledLogSumExp {
   template <typename T>
   FASTMETA_INLINE static T run(const T* s, int64_t n, T a) {
-    T acc[kLanes];
-    for (int l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<T>::infinity();
+    T acc[kLanes<T>];
+    for (int l = 0; l < kLanes<T>; ++l) acc[l] = -std::numeric_limits<T>::infinity();
     int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) acc[l] = a * s[j + l] > acc[l] ? a * s[j + l] : acc[l];
+    for (; j + kLanes<T> <= n; j += kLanes<T>)
+      for (int l = 0; l < kLanes<T>; ++l) acc[l] = a * s[j + l] > acc[l] ? a * s[j + l] : acc[l];
     for (; j < n; ++j) acc[0] = a * s[j] > acc[0] ? a * s[j] : acc[0];
     T m = acc[0];
-    for (int l = 1; l < kLanes; ++l) m = acc[l] > m ? acc[l] : m;
+    for (int l = 1; l < kLanes<T>; ++l) m = acc[l] > m ? acc[l] : m;
     if (m == -std::numeric_limits<T>::infinity()) return m;
-    T sum[kLanes] = {};
-    for (j = 0; j + kLanes <= n; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) sum[l] += exp_fast(a * s[j + l] - m);
+    T sum[kLanes<T>] = {};
+    for (j = 0; j + kLanes<T> <= n; j += kLanes<T>)
+      for (int l = 0; l < kLanes<T>; ++l) sum[l] += exp_fast(a * s[j + l] - m);
     for (; j < n; ++j) sum[0] += exp_fast(a * s[j] - m);
     T total = 0;
-    for (int l = 0; l < kLanes; ++l) total += sum[l];
+    for (int l = 0; l < kLanes<T>; ++l) total += sum[l];
     return m + std::log(total);
   }
 };
@@ -152,13 +156,13 @@ struct ScaledLogSumExp {
 struct Dot {
   template <typename T>
   FASTMETA_INLINE static T run(const T* a, const T* b, int64_t n) {
-    T acc[kLanes] = {};
+    T acc[kLanes<T>] = {};
     int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l] * b[j + l];
+    for (; j + kLanes<T> <= n; j += kLanes<T>)
+      for (int l = 0; l < kLanes<T>; ++l) acc[l] += a[j + l] * b[j + l];
     for (; j < n; ++j) acc[0] += a[j] * b[j];
     T s = 0;
-    for (int l = 0; l < kLanes; ++l) s += acc[l];
+    for (int l = 0; l < kLanes<T>; ++l) s += acc[l];
     return s;
   }
 };
@@ -166,13 +170,13 @@ struct Dot {
 struct Sum {
   template <typename T>
   FASTMETA_INLINE static T run(const T* a, int64_t n) {
-    T acc[kLanes] = {};
+    T acc[kLanes<T>] = {};
     int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l];
+    for (; j + kLanes<T> <= n; j += kLanes<T>)
+      for (int l = 0; l < kLanes<T>; ++l) acc[l] += a[j + l];
     for (; j < n; ++j) acc[0] += a[j];
     T s = 0;
-    for (int l = 0; l < kLanes; ++l) s += acc[l];
+    for (int l = 0; l < kLanes<T>; ++l) s += acc[l];
     return s;
   }
 };

@@ -69,11 +69,11 @@ template <Metric M>
 struct LogitsRowMax {
   template <typename T>
   FASTMETA_INLINE static T run(T* row, int64_t n, T ax, const T* ay, T scale) {
-    T acc[kLanes];
-    for (int l = 0; l < kLanes; ++l) acc[l] = -std::numeric_limits<T>::infinity();
+    T acc[kLanes<T>];
+    for (int l = 0; l < kLanes<T>; ++l) acc[l] = -std::numeric_limits<T>::infinity();
     int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
+    for (; j + kLanes<T> <= n; j += kLanes<T>)
+      for (int l = 0; l < kLanes<T>; ++l) {
         row[j + l] = scale * similarity<M>(row[j + l], ax, ay[j + l]);
         acc[l] = row[j + l] > acc[l] ? row[j + l] : acc[l];
       }
@@ -82,7 +82,7 @@ struct LogitsRowMax {
       acc[0] = row[j] > acc[0] ? row[j] : acc[0];
     }
     T m = acc[0];
-    for (int l = 1; l < kLanes; ++l) m = acc[l] > m ? acc[l] : m;
+    for (int l = 1; l < kLanes<T>; ++l) m = acc[l] > m ? acc[l] : m;
     return m;
   }
 };
@@ -155,10 +155,10 @@ template <Metric M>
 struct SimilarityVjpRow {
   template <typename T>
   FASTMETA_INLINE static T run(T* w, const T* s, int64_t n, T ax, const T* ay, T* gy_stat) {
-    T acc[kLanes] = {};
+    T acc[kLanes<T>] = {};
     int64_t j = 0;
-    for (; j + kLanes <= n; j += kLanes)
-      for (int l = 0; l < kLanes; ++l) {
+    for (; j + kLanes<T> <= n; j += kLanes<T>)
+      for (int l = 0; l < kLanes<T>; ++l) {
         const SimilarityPartials<T> p = similarity_partials<M>(s[j + l], ax, ay[j + l]);
         acc[l] += w[j + l] * p.d_ax;
         gy_stat[j + l] += w[j + l] * p.d_ay;
@@ -171,7 +171,7 @@ struct SimilarityVjpRow {
       w[j] *= p.d_dot;
     }
     T sum = 0;
-    for (int l = 0; l < kLanes; ++l) sum += acc[l];
+    for (int l = 0; l < kLanes<T>; ++l) sum += acc[l];
     return sum;
   }
 };
