@@ -248,6 +248,13 @@ def test_maml_query_loss_takes_the_parameters_as_a_list(first_order):
                 if p.requires_grad]
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # a float32 part among float64 ones: flattened in float64, its gradient in float32
+    mixed = [p.detach().float().requires_grad_() if k == 2 else p for k, p in enumerate(parts)]
+    losses = functional.maml_query_loss(derivatives, mixed, lr, x_s, y_s, x_q, y_q, 2, first_order)
+    got = torch.autograd.grad((losses * weights).sum(), [p for p in mixed if p.requires_grad])
+    assert [g.dtype for g in got] == [p.dtype for p in mixed if p.requires_grad]
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-6, atol=1e-6)
     # one part of any shape is flattened too
     single = flat.detach().view(-1, 1).requires_grad_()
     torch.testing.assert_close(functional.maml_query_loss(derivatives, [single], lr, x_s, y_s, x_q, y_q,
