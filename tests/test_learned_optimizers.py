@@ -86,8 +86,8 @@ def test_in_place_step_equals_functional_step(device, dtype):
 
 @pytest.mark.parametrize("huge_pages", ["1", "0"])
 def test_large_outputs_on_huge_pages_or_not_match_reference(huge_pages):
-    """State of 12.8 MB (float32): the CPU kernels advise huge pages for
-    outputs of 8 MB and more, unless FASTMETA_HUGE_PAGES=0."""
+    """State of 12.8 MB (float32): with FASTMETA_HUGE_PAGES=1 the CPU
+    kernels advise huge pages for outputs of 8 MB and more."""
     script = textwrap.dedent("""
         import torch
         from fastmeta import ops, reference
