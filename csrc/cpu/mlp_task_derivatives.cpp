@@ -164,19 +164,19 @@ struct SerialTeam {
     const T* W1t = transpose(W1, n_in, n_out);
     const T* W2t = in2 ? transpose(W2, n_in, n_out) : nullptr;
     combine_rows<kBytes>(out, n_out, N, n_out, bias, {in1, n_in, 1, W1t, n_out, n_in},
-                 {in2, n_in, 1, W2t, n_out, in2 ? n_in : 0});
+                         {in2, n_in, 1, W2t, n_out, in2 ? n_in : 0});
   }
 
   FASTMETA_INLINE void backprop(T* out, const T* D1, const T* W1, const T* D2, const T* W2,
                                 int64_t N, int64_t n_in, int64_t n_out) {
-    combine_rows<kBytes>(out, n_in, N, n_in, static_cast<const T*>(nullptr), {D1, n_out, 1, W1, n_in, n_out},
-                 {D2, n_out, 1, W2, n_in, D2 ? n_out : 0});
+    combine_rows<kBytes>(out, n_in, N, n_in, static_cast<const T*>(nullptr),
+                         {D1, n_out, 1, W1, n_in, n_out}, {D2, n_out, 1, W2, n_in, D2 ? n_out : 0});
   }
 
   FASTMETA_INLINE void outer(T* gW, T* gb, const T* D1, const T* in1, const T* D2, const T* in2,
                              int64_t N, int64_t n_in, int64_t n_out) {
     combine_rows<kBytes>(gW, n_in, n_out, n_in, static_cast<const T*>(nullptr),
-                 {D1, 1, n_out, in1, n_in, N}, {D2, 1, n_out, in2, n_in, D2 ? N : 0});
+                         {D1, 1, n_out, in1, n_in, N}, {D2, 1, n_out, in2, n_in, D2 ? N : 0});
     for (int64_t j = 0; j < n_out; ++j) gb[j] = 0;
     for (int64_t i = 0; i < N; ++i)
       for (int64_t j = 0; j < n_out; ++j) gb[j] += D1[i * n_out + j];

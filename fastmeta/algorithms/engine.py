@@ -401,8 +401,8 @@ class _InnerLoop(torch.autograd.Function):
         d_parts = [None] * len(need_parts)
         if any(need_parts):
             d_theta = grad_loss @ v
-            # One C++ call for the views of the parts: six Python views cost
-            # about 20 microseconds, a tenth of a small learner's step.
+            # The views of the parts in one C++ call: for six parts, 8 us
+            # against 24 us for split and six Python views.
             d_parts = torch._C._nn.unflatten_dense_tensors(d_theta, ctx.parts)
             d_parts = [(d if d.dtype == p.dtype else d.to(p.dtype)) if need else None
                        for d, p, need in zip(d_parts, ctx.parts, need_parts)]
