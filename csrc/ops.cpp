@@ -10,6 +10,7 @@
 #include <torch/library.h>
 #include <torch/version.h>
 
+#include "cpu/recycled_buffers.h"
 #include "cpu/row_math.h"
 #include "math/lstm.h"
 
@@ -114,8 +115,8 @@ TORCH_LIBRARY(fastmeta, m) {
 
 // The Python module fastmeta._C: loading it registers the ops above; its
 // functions report how the extension was built, which vector instructions the
-// CPU kernels use, and how the CUDA L2O kernels lay out their shared memory
-// (tested on any machine).
+// CPU kernels use and how the CUDA L2O kernels lay out their shared memory
+// (tested on any machine), and free the L2O ops' recycled CPU buffers.
 PYBIND11_MODULE(_C, m) {
   m.def("build_info", [] {
     pybind11::dict info;
@@ -139,6 +140,9 @@ PYBIND11_MODULE(_C, m) {
 #endif
   }, "The vector instructions the CPU kernels' row loops run with: 'avx512', 'avx2' or "
      "'baseline' (FASTMETA_CPU_ISA caps it), or 'portable' off x86-64.");
+  m.def("release_recycled_buffers", [] { return fastmeta::cpu::RecyclingAllocator::instance().release(); },
+        "Frees the CPU buffers kept for the L2O ops' next large outputs (see "
+        "csrc/cpu/recycled_buffers.h); returns how many bytes that was.");
   m.def("l2o_shared_plan", [](int64_t num_layers, int64_t hidden_size, bool backward,
                               int64_t element_bytes, int64_t limit_bytes) {
     const auto plan = fastmeta::L2oSharedPlan::choose({num_layers, hidden_size, 0}, fastmeta::kLstmThreads,

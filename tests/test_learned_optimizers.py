@@ -84,34 +84,79 @@ def test_in_place_step_equals_functional_step(device, dtype):
     torch.testing.assert_close(state, new_state, rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("huge_pages", ["1", "0"])
-def test_large_outputs_on_huge_pages_or_not_match_reference(huge_pages):
-    """State of 12.8 MB (float32): with FASTMETA_HUGE_PAGES=1 the CPU
-    kernels advise huge pages for outputs of 8 MB and more."""
+def test_large_outputs_reuse_freed_buffers_and_match_reference():
+    """CPU outputs of 32 MiB and more are written into recycled buffers: the
+    freed ones of the step before, still holding its (here NaN) values, which
+    the next step overwrites entirely."""
+    P = 60000  # float64 state: 38.4 MB
+    g = torch.Generator().manual_seed(0)
+    grad = torch.randn(P, dtype=torch.float64, generator=g) * 1e-2
+    state = (0.5 * torch.randn(2, 2, 20, P, dtype=torch.float64, generator=g)).requires_grad_()
+    weights = (0.3 * torch.randn(ops.l2o_num_weights(2, 20), dtype=torch.float64, generator=g)).requires_grad_()
+    ops.release_recycled_buffers()
+    nan_outputs = ops.l2o_lstm_step(grad, torch.full_like(state, float("nan")), weights.detach())
+    assert nan_outputs[1].isnan().all()
+    nan_state_buffer = nan_outputs[1].data_ptr()
+    del nan_outputs
+
+    outputs = ops.l2o_lstm_step(grad, state, weights)
+    assert outputs[1].data_ptr() == nan_state_buffer
+    expected = reference.l2o_lstm_step(grad, state, weights)
+    for a, e in zip(outputs, expected):
+        assert_close_to_reference(a, e, torch.float64)
+    upstream = [torch.randn_like(e) for e in expected]
+    got = torch.autograd.grad(outputs, (state, weights), upstream)
+    want = torch.autograd.grad(expected, (state, weights), upstream)
+    for a, e in zip(got, want):
+        assert_close_to_reference(a, e, torch.float64)
+    del outputs, got
+    assert ops.release_recycled_buffers() == 2 * state.nbytes  # the new state and its gradient
+    assert ops.release_recycled_buffers() == 0
+
+
+def test_meta_lstm_large_outputs_reuse_freed_buffers_and_match_reference():
+    P, H = 110000, 20  # float64 state: 37 MB
+    g = torch.Generator().manual_seed(0)
+    grad, theta = (torch.randn(P, dtype=torch.float64, generator=g) for _ in range(2))
+    loss = torch.tensor(1.5, dtype=torch.float64)
+    state = 0.1 * torch.randn(2 * H + 2, P, dtype=torch.float64, generator=g)
+    weights = 0.1 * torch.randn(ops.meta_lstm_num_weights(H), dtype=torch.float64, generator=g)
+    nan_outputs = ops.meta_lstm_step(grad, loss, theta, torch.full_like(state, float("nan")), weights)
+    nan_state_buffer = nan_outputs[1].data_ptr()
+    del nan_outputs
+    outputs = ops.meta_lstm_step(grad, loss, theta, state, weights)
+    assert outputs[1].data_ptr() == nan_state_buffer
+    for a, e in zip(outputs, reference.meta_lstm_step(grad, loss, theta, state, weights)):
+        assert_close_to_reference(a, e, torch.float64)
+
+
+def _recycled_state_buffers(env_mib: str) -> subprocess.CompletedProcess:
     script = textwrap.dedent("""
         import torch
-        from fastmeta import ops, reference
-        from fastmeta.testing import assert_close_to_reference
-        P = 40000
-        g = torch.Generator().manual_seed(0)
-        grad = torch.randn(P, generator=g) * 1e-2
-        state = (0.5 * torch.randn(2, 2, 20, P, generator=g)).requires_grad_()
-        weights = (0.3 * torch.randn(ops.l2o_num_weights(2, 20), generator=g)).requires_grad_()
-        outputs = ops.l2o_lstm_step(grad, state, weights)
-        state64, weights64 = (t.detach().double().requires_grad_() for t in (state, weights))
-        expected = reference.l2o_lstm_step(grad.double(), state64, weights64)
-        for a, e in zip(outputs, expected):
-            assert_close_to_reference(a, e, torch.float32)
-        upstream = [torch.randn_like(e) for e in expected]
-        got = torch.autograd.grad(outputs, (state, weights), [u.float() for u in upstream])
-        want = torch.autograd.grad(expected, (state64, weights64), upstream)
-        for a, e in zip(got, want):
-            assert_close_to_reference(a, e, torch.float32)
-        print("ok")
+        from fastmeta import ops
+        state = torch.zeros(2, 2, 20, 60000, dtype=torch.float64)
+        for _ in range(2):
+            ops.l2o_lstm_step(torch.zeros(60000, dtype=torch.float64), state,
+                              torch.zeros(ops.l2o_num_weights(2, 20), dtype=torch.float64))
+        print(ops.release_recycled_buffers())
     """)
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                            env=dict(os.environ, FASTMETA_HUGE_PAGES=huge_pages), timeout=300)
-    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env=dict(os.environ, FASTMETA_RECYCLED_MIB=env_mib), timeout=300)
+
+
+@pytest.mark.parametrize("env_mib, kept", [("0", 0), ("30", 0), ("40", 38400000), ("", 38400000)])
+def test_recycled_buffers_honour_their_limit(env_mib, kept):
+    result = _recycled_state_buffers(env_mib)
+    assert result.returncode == 0, result.stderr
+    assert int(result.stdout) == kept
+
+
+@pytest.mark.parametrize("env_mib", ["-5", "lots", "1.5"])
+def test_recycled_buffers_bad_limit_is_a_clear_error(env_mib):
+    result = _recycled_state_buffers(env_mib)
+    assert result.returncode != 0
+    assert f"FASTMETA_RECYCLED_MIB must be a whole number of MiB (0 turns recycling off), got '{env_mib}'" \
+        in result.stderr
 
 
 def smooth_gradients(inputs):

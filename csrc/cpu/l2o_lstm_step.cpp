@@ -9,7 +9,7 @@
 #include <cmath>
 
 #include "../operands/lstm.h"
-#include "huge_pages.h"
+#include "recycled_buffers.h"
 #include "lstm_chunks.h"
 
 namespace fastmeta::cpu {
@@ -89,7 +89,7 @@ std::tuple<at::Tensor, at::Tensor> l2o_lstm_step(const at::Tensor& grad_in, cons
                                                  const at::Tensor& weights_in, double p,
                                                  double scale) {
   const L2oOperands o = l2o_operands(grad_in, state_in, weights_in, p);
-  at::Tensor update = empty_like_large(o.grad), new_state = empty_like_large(o.state);
+  at::Tensor update = empty_like_recycled(o.grad), new_state = empty_like_recycled(o.state);
   AT_DISPATCH_FLOATING_TYPES(o.grad.scalar_type(), "fastmeta::l2o_lstm_step", [&] {
     l2o_forward(make_cell<scalar_t>(o, p, scale), o.grad.const_data_ptr<scalar_t>(),
                 o.state.const_data_ptr<scalar_t>(), new_state.mutable_data_ptr<scalar_t>(),
@@ -116,7 +116,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> l2o_lstm_step_backward(
       l2o_backward_operands(grad_update_in, grad_state_in, grad_in, state_in, weights_in, p);
   const at::Tensor &grad = o.grad, &state = o.state, &weights = o.weights;
   const at::Tensor &grad_update = o.grad_update, &grad_state = o.grad_state;
-  at::Tensor d_grad = empty_like_large(grad), d_state = empty_like_large(state);
+  at::Tensor d_grad = empty_like_recycled(grad), d_state = empty_like_recycled(state);
   at::Tensor d_weights = at::empty_like(weights);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::l2o_lstm_step_backward", [&] {
     using T = scalar_t;

@@ -9,7 +9,7 @@
 #include <cmath>
 
 #include "../operands/lstm.h"
-#include "huge_pages.h"
+#include "recycled_buffers.h"
 #include "lstm_chunks.h"
 
 namespace fastmeta::cpu {
@@ -94,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor> meta_lstm_step(const at::Tensor& grad_in, con
                                                   const at::Tensor& weights_in, double p) {
   const MetaOperands o = meta_operands(grad_in, loss, theta_in, state_in, weights_in, p);
   const at::Tensor &grad = o.grad, &theta = o.theta, &state = o.state;
-  at::Tensor theta_new = empty_like_large(theta), new_state = empty_like_large(state);
+  at::Tensor theta_new = empty_like_recycled(theta), new_state = empty_like_recycled(state);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::meta_lstm_step", [&] {
     using T = scalar_t;
     const MetaCell<T> cell = make_cell<T>(o, p);
@@ -121,8 +121,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> meta_lstm
                                                 theta_in, state_in, weights_in, p);
   const at::Tensor &grad = o.grad, &theta = o.theta, &state = o.state, &weights = o.weights;
   const at::Tensor &grad_theta = o.grad_theta, &grad_state = o.grad_state;
-  at::Tensor d_grad = empty_like_large(grad), d_theta = empty_like_large(theta);
-  at::Tensor d_state = empty_like_large(state), d_weights = at::empty_like(weights);
+  at::Tensor d_grad = empty_like_recycled(grad), d_theta = empty_like_recycled(theta);
+  at::Tensor d_state = empty_like_recycled(state), d_weights = at::empty_like(weights);
   at::Tensor d_loss = at::empty_like(loss);
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::meta_lstm_step_backward", [&] {
     using T = scalar_t;

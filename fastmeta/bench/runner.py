@@ -69,9 +69,13 @@ def _status_kib(field: str) -> int:
 
 
 def _release_free_heap():
-    """Returns the C heap's free pages to the system (glibc malloc_trim), so
-    that buffers a call gets from memory earlier calls freed count in the
-    resident set again."""
+    """Returns the C heap's free pages and fastmeta's recycled buffers to the
+    system (glibc malloc_trim, ``ops.release_recycled_buffers``), so that
+    buffers a call gets from memory earlier calls freed count in the resident
+    set again."""
+    from .. import ops
+
+    ops.release_recycled_buffers()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):

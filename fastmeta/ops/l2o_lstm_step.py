@@ -1,9 +1,9 @@
 import torch
 
 from . import _common
-from .. import reference
+from .. import _C, reference
 
-__all__ = ["l2o_lstm_step", "l2o_lstm_step_", "l2o_num_weights"]
+__all__ = ["l2o_lstm_step", "l2o_lstm_step_", "l2o_num_weights", "release_recycled_buffers"]
 
 
 def l2o_num_weights(num_layers: int, hidden_size: int) -> int:
@@ -11,6 +11,19 @@ def l2o_num_weights(num_layers: int, hidden_size: int) -> int:
     sizes = [4 * hidden_size * ((2 if layer == 0 else hidden_size) + hidden_size + 1)
              for layer in range(num_layers)]
     return sum(sizes) + hidden_size + 1
+
+
+def release_recycled_buffers() -> int:
+    """Frees the CPU buffers kept for the next large outputs of ``l2o_lstm_step``
+    and ``meta_lstm_step``; returns how many bytes that was.
+
+    On the CPU those ops' outputs and gradients of 32 MiB and more are not
+    returned to the system when freed: up to ``FASTMETA_RECYCLED_MIB`` MiB of
+    them (default 1024; 0 turns this off) are kept for the next output of the
+    same size, which then needs no page faults (at P = 1M the L2O forward is
+    about 1.6x faster). Like ``torch.cuda.empty_cache``, this hands them back.
+    """
+    return _C.release_recycled_buffers()
 
 
 def _check(op: str, grad, state, weights):
