@@ -16,22 +16,25 @@ SCRIPT = textwrap.dedent("""
     from fastmeta import ops, reference
     from fastmeta.testing import assert_close_to_reference
     torch.manual_seed(0)
-    x = torch.randn(2, 70, 9, requires_grad=True)
-    y = torch.randn(2, 600, 9, requires_grad=True)
-    values = torch.randn(2, 600, 4)
-    target = torch.randint(0, 600, (2, 70))
-    cases = [
-        lambda f, x, y, m: f.similarity_cross_entropy(x, y, target, m, 0.5),
-        lambda f, x, y, m: f.similarity_log_softmax(x, y, m, 0.5).sin().sum(),
-        lambda f, x, y, m: f.attention_readout(x, y, values.to(x.dtype), m, 0.5).sin().sum(),
-    ]
-    x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
-    for metric in ("sqeuclidean", "euclidean", "cosine", "dot"):
-        for case in cases:
-            got = torch.autograd.grad(case(ops, x, y, metric), (x, y))
-            want = torch.autograd.grad(case(reference, x64, y64, metric), (x64, y64))
-            for g, w in zip(got, want):
-                assert_close_to_reference(g, w, torch.float32)
+    # Two key tiles (BLAS query gradients), and 20 keys (combined rows, 37
+    # columns: vectors and an overlapping last one).
+    for N, D in ((600, 9), (20, 37)):
+        x = torch.randn(2, 70, D, requires_grad=True)
+        y = torch.randn(2, N, D, requires_grad=True)
+        values = torch.randn(2, N, 4)
+        target = torch.randint(0, N, (2, 70))
+        cases = [
+            lambda f, x, y, m: f.similarity_cross_entropy(x, y, target, m, 0.5),
+            lambda f, x, y, m: f.similarity_log_softmax(x, y, m, 0.5).sin().sum(),
+            lambda f, x, y, m: f.attention_readout(x, y, values.to(x.dtype), m, 0.5).sin().sum(),
+        ]
+        x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
+        for metric in ("sqeuclidean", "euclidean", "cosine", "dot"):
+            for case in cases:
+                got = torch.autograd.grad(case(ops, x, y, metric), (x, y))
+                want = torch.autograd.grad(case(reference, x64, y64, metric), (x64, y64))
+                for g, w in zip(got, want):
+                    assert_close_to_reference(g, w, torch.float32)
     # The MLP kernel: widths below, at and across a vector of either dtype,
     # and N = 10 points (output rows in blocks of eight and two, of four and two
     # for the width 6).

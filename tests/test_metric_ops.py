@@ -9,9 +9,10 @@ from fastmeta.testing import DEVICES, assert_close_to_reference, dtypes_for, ran
 METRICS = ["sqeuclidean", "euclidean", "cosine", "dot"]
 # (B, Q, N, D): size-1 dimensions, sizes that do not divide the CPU tiles
 # (blocks of 64 to 256 queries, 512 keys), several blocks of 256 queries and
-# several key tiles, and empty dimensions.
+# several key tiles, few keys over widths that do not divide a vector, and
+# empty dimensions.
 SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 65, 513, 17), (1, 70, 1100, 5), (2, 1100, 300, 9),
-          (0, 4, 5, 3), (2, 0, 6, 4), (2, 3, 4, 0)]
+          (2, 19, 20, 37), (0, 4, 5, 3), (2, 0, 6, 4), (2, 3, 4, 0)]
 DEVICE_DTYPES = [(d, t) for d in DEVICES for t in dtypes_for(d)]
 
 

@@ -78,6 +78,14 @@ auto run_vector_loop(Args... args) {
   return Loop<16>::run(args...);
 }
 
+// y[j] += a * x[j].
+struct Axpy {
+  template <typename T>
+  FASTMETA_INLINE static void run(T* __restrict__ y, const T* x, int64_t n, T a) {
+    for (int64_t j = 0; j < n; ++j) y[j] += a * x[j];
+  }
+};
+
 // The independent accumulators of a reduction loop: one 64-byte vector of T.
 // Eight float32 lanes made GCC's AVX-512 code for such loops a tangle of
 // permutations, 4-5x slower than its AVX2 code.
