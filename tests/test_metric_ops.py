@@ -174,3 +174,20 @@ def test_half_precision_inputs_give_results_in_their_dtype(device):
         compare(lambda x, y, s: ops.similarity_cross_entropy(x, y, target, "sqeuclidean", s),
                 lambda x, y, s: reference.similarity_cross_entropy(x, y, target, "sqeuclidean", s),
                 (x, y, scale), dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_no_keys_give_zero_query_gradients(device):
+    """N = 0: the backward kernels run on empty outputs and must still write
+    every query gradient (to 0), in memory just freed full of NaN."""
+    x = torch.randn(2, 3, 5, device=device, requires_grad=True)
+    y = torch.randn(2, 0, 5, device=device, requires_grad=True)
+    values = torch.randn(2, 0, 4, device=device)
+    for name, fn in [("pairwise_distance", lambda: ops.pairwise_distance(x, y, "euclidean")),
+                     ("similarity_log_softmax", lambda: ops.similarity_log_softmax(x, y, "cosine")),
+                     ("attention_readout", lambda: ops.attention_readout(x, y, values, "sqeuclidean"))]:
+        out = fn()
+        torch.full_like(x, float("nan"))  # freed at once: NaN in memory the gradient may reuse
+        grad_x, grad_y = torch.autograd.grad(out, (x, y), torch.randn_like(out))
+        assert torch.equal(grad_x, torch.zeros_like(x)), name
+        assert grad_y.shape == y.shape, name
