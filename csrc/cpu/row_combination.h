@@ -90,10 +90,11 @@ FASTMETA_INLINE void combine_rows_from(T* out, int64_t out_stride, int64_t m0, i
     combine_rows_from<kRows / 2, kBytes>(out, out_stride, m, M, n, init, first, second);
 }
 
-// All M output rows, eight at a time, then four, two and one.
+// All M output rows, eight at a time, then four, two and one; no `second`
+// term by default.
 template <int kBytes, typename T>
 FASTMETA_INLINE void combine_rows(T* out, int64_t out_stride, int64_t M, int64_t n, const T* init,
-                                  const RowCombination<T>& first, const RowCombination<T>& second) {
+                                  const RowCombination<T>& first, const RowCombination<T>& second = {}) {
   combine_rows_from<8, kBytes>(out, out_stride, 0, M, n, init, first, second);
 }
 

@@ -164,7 +164,7 @@ struct CombineKeys {
   template <typename T>
   FASTMETA_INLINE static void run(T* out, int64_t rows, int64_t D, const T* W, int64_t nb, const T* y) {
     combine_rows<kBytes>(out, D, rows, D, static_cast<const T*>(nullptr),
-                         RowCombination<T>{W, nb, 1, y, D, nb}, RowCombination<T>{W, 0, 0, y, 0, 0});
+                         RowCombination<T>{W, nb, 1, y, D, nb});
   }
 };
 
@@ -196,26 +196,25 @@ struct SimilarityVjpRow {
 };
 
 // Vector-Jacobian product of a similarity tile S [qb, nb] (leading dimension
-// lds). On entry W (leading dimension ldw) holds dL/dS for the tile; it is
-// overwritten. Adds the x.y part of the gradient to gx [qb, D] (writes it
+// lds). On entry W [qb, nb] holds dL/dS for the tile; it is overwritten. Adds the x.y part of the gradient to gx [qb, D] (writes it
 // with `overwrite`, for the first tile) and to gy [nb, D], and the
 // row-statistic parts to gx_stat [qb] and gy_stat [nb]; `finish_row_stat_grad`
 // applies those last.
 template <Metric M, typename T>
-void similarity_tile_vjp(T* W, int64_t ldw, const T* S, int64_t lds, int64_t qb, int64_t nb,
+void similarity_tile_vjp(T* W, const T* S, int64_t lds, int64_t qb, int64_t nb,
                          const T* x, const T* y, int64_t D, const T* ax, const T* ay, T* gx, T* gy,
                          T* gx_stat, T* gy_stat, bool overwrite) {
   if constexpr (M != Metric::Dot) {
     for (int64_t i = 0; i < qb; ++i)
-      gx_stat[i] += run_loop<SimilarityVjpRow<M>>(W + i * ldw, S + i * lds, nb, ax[i], ay, gy_stat);
+      gx_stat[i] += run_loop<SimilarityVjpRow<M>>(W + i * nb, S + i * lds, nb, ax[i], ay, gy_stat);
   }
-  if (overwrite && nb <= kCombinedKeys && ldw == nb) {
+  if (overwrite && nb <= kCombinedKeys) {
     run_vector_loop<CombineKeys>(gx, qb, D, static_cast<const T*>(W), nb, y);
   } else {
     if (overwrite) std::fill(gx, gx + qb * D, T(0));
-    gemm_ab_acc(qb, D, nb, W, ldw, y, D, gx, D);
+    gemm_ab_acc(qb, D, nb, W, nb, y, D, gx, D);
   }
-  gemm_atb_acc(nb, D, qb, W, ldw, x, D, gy, D);
+  gemm_atb_acc(nb, D, qb, W, nb, x, D, gy, D);
 }
 
 // g_r += v_r * coeff_r * stat_grad_r: the gradient through the row statistics.
@@ -381,7 +380,7 @@ struct SimilarityGradBlock {
   // Adds the gradient of the tile of keys n0 .. n0 + nb, from W (leading
   // dimension nb, overwritten) and its similarities S_tile (leading dimension lds).
   void apply(int64_t n0, int64_t nb, const T* S_tile, int64_t lds) {
-    similarity_tile_vjp<M>(W.data(), nb, S_tile, lds, qb, nb, xb, y + n0 * D, D, ax, ay + n0, gx,
+    similarity_tile_vjp<M>(W.data(), S_tile, lds, qb, nb, xb, y + n0 * D, D, ax, ay + n0, gx,
                            key_rows[0] + n0 * D, gx_stat, key_rows[1] + n0, n0 == 0);
   }
 };

@@ -11,6 +11,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 import torch
 
 from . import cases
+from .. import ops
 
 __all__ = ["time_callable", "time_callables", "run", "format_header", "format_row"]
 
@@ -73,8 +74,6 @@ def _release_free_heap():
     system (glibc malloc_trim, ``ops.release_recycled_buffers``), so that
     buffers a call gets from memory earlier calls freed count in the resident
     set again."""
-    from .. import ops
-
     ops.release_recycled_buffers()
     try:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
