@@ -33,7 +33,8 @@ def gnn_adjacency(nodes: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
     keeps never exist. When gradients are needed, the forward keeps the
     hidden activations of the unordered pairs for the backward if they hold
     at most ``KEPT_HIDDEN_VALUES`` values; above that the backward recomputes
-    each tile, and memory stays that of a tile. CPU and CUDA kernels,
+    them, a chunk of pairs at a time (on the CPU at most 2^20 values of
+    activations and gradients; on CUDA a tile). CPU and CUDA kernels,
     forward and backward (on CUDA the MLP's layers are cuBLAS products on
     tiles of pairs); on other devices the eager formulation
     (:func:`fastmeta.reference.gnn_adjacency`) runs. Works under
@@ -153,7 +154,8 @@ def _backward(ctx, grad, _):
     if _common.functorch_active():
         grad_nodes, grad_weights, grad_biases = _BackwardUnderTransforms.apply(*arguments)
     else:
-        grad_nodes, grad_weights, grad_biases = torch.ops.fastmeta.gnn_adjacency_backward(*arguments)
+        grad_nodes, grad_weights, grad_biases = _common.call_without_autograd(
+            torch.ops.fastmeta.gnn_adjacency_backward, *arguments)
     return grad_nodes, grad_weights, grad_biases, None, None, None
 
 
@@ -202,7 +204,7 @@ class _Adjacency(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *args):
         inputs = _op_inputs(*args)
-        output = torch.ops.fastmeta.gnn_adjacency(*inputs)
+        output = _common.call_without_autograd(torch.ops.fastmeta.gnn_adjacency, *inputs)
         _setup_context(ctx, inputs, output)
         return output
 
