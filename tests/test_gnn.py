@@ -62,10 +62,10 @@ def test_matches_reference_values_and_gradients(device, dtype, B, n, F, hidden, 
 
 def test_recomputing_backward_in_several_chunks_matches_reference(monkeypatch):
     """Without kept activations the backward takes the pairs in chunks of at
-    most 2^20 values (csrc/cpu/gnn_adjacency.cpp): here 13 per pair, so the
-    89700 pairs take two chunks, the second one partly filled."""
+    most 2^22 values (csrc/cpu/gnn_adjacency.cpp): here 13 per pair, so the
+    359400 pairs take two chunks, the second one partly filled."""
     monkeypatch.setattr(gnn_adjacency_module, "KEPT_HIDDEN_VALUES", -1)
-    nodes, weights, biases = operands(2, 300, 3, [4])
+    nodes, weights, biases = operands(2, 600, 3, [4])
     out = ops.gnn_adjacency(nodes, weights, biases)
     weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     got = torch.autograd.grad((out * weight).sum(), [nodes, *weights, *biases])
