@@ -60,23 +60,6 @@ def test_matches_reference_values_and_gradients(device, dtype, B, n, F, hidden, 
         assert_close_to_reference(a, torch.zeros_like(like) if b is None else b, dtype)
 
 
-def test_recomputing_backward_in_several_chunks_matches_reference(monkeypatch):
-    """Without kept activations the backward takes the pairs in chunks of at
-    most 2^22 values (csrc/cpu/gnn_adjacency.cpp): here 13 per pair, so the
-    359400 pairs take two chunks, the second one partly filled."""
-    monkeypatch.setattr(gnn_adjacency_module, "KEPT_HIDDEN_VALUES", -1)
-    nodes, weights, biases = operands(2, 600, 3, [4])
-    out = ops.gnn_adjacency(nodes, weights, biases)
-    weight = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    got = torch.autograd.grad((out * weight).sum(), [nodes, *weights, *biases])
-    leaves = [t.detach().requires_grad_() for t in [nodes, *weights, *biases]]
-    expected = reference.gnn_adjacency(leaves[0], leaves[1:3], leaves[3:], 0.01)
-    assert_close_to_reference(out, expected, torch.float64)
-    want = torch.autograd.grad((expected * weight).sum(), leaves)
-    for a, b in zip(got, want):
-        assert_close_to_reference(a, b, torch.float64)
-
-
 def test_hidden_activations_kept_only_for_a_backward_and_within_the_limit(monkeypatch):
     nodes, weights, biases = operands(2, 6, 5, [7, 3])
     asked = []

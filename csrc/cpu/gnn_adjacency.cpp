@@ -5,12 +5,14 @@
 // the logits of a pair fill both (i, j) and (j, i), then each row takes its
 // softmax (with last_row the last row does, and the others are 0). The hidden
 // activations go to the kept `hidden` when asked (the backward then reads
-// them) and to the tile's scratch otherwise. The backward takes the pairs in
-// chunks: all of them when the activations are kept, else as many as
-// kChunkValues hold, their activations recomputed. Per tile it writes every
-// layer's gradients into the chunk's buffers and sums the nodes' per thread;
-// then the weights' gradients are one product per layer over the chunk's
-// pairs, the threads taking rows of them (no per-thread sums of weights).
+// them) and to the tile's scratch otherwise. The backward goes over tiles of
+// pairs, each thread summing the nodes' gradients. With kept activations it
+// writes every pair's layer gradients into shared buffers, and the weights'
+// gradients are then one product per layer over all pairs, the threads
+// taking rows of them; else each thread recomputes a tile's activations in
+// its own buffers and adds the tile's products to its sums of the weights'
+// gradients (a tile stays in cache: buffers of every pair were 1.1x slower
+// in the 20-way 5-shot case).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -30,10 +32,6 @@ namespace fastmeta::cpu {
 namespace {
 
 constexpr int64_t kTilePairs = 128;
-// Values of the backward's buffers for a chunk of pairs when the activations
-// are recomputed (16 MiB in float32). Smaller chunks were slower: 2^20
-// values took up to 1.3x, 2^18 up to 2x the time in the 20-way 5-shot case.
-constexpr int64_t kChunkValues = int64_t{1} << 22;
 
 // Rows per thread of a pass over the adjacency's rows: small adjacencies (up
 // to 2^15 entries) run on one thread.
@@ -47,7 +45,7 @@ int64_t rows_from(int64_t e, int64_t in, int64_t out) {
   return e <= 0 ? 0 : std::min(out, (e + in - 1) / in);
 }
 
-// Weight entries per thread of the backward's weight gradients.
+// Weight entries per thread of the backward's products over every pair.
 constexpr int64_t kWeightGrain = 1 << 13;
 
 // Pairs per tile: at most kTilePairs, and as many tiles on every thread.
@@ -92,21 +90,30 @@ struct BiasLeakyRelu {
   }
 };
 
-// g [count, out] times leaky_relu's derivative at its outputs acts.
+// g [count, out] times leaky_relu's derivative at its outputs acts; the
+// columns of g summed into bias_grad.
 struct LeakyReluBackward {
   template <typename T>
-  FASTMETA_INLINE static void run(T* g, const T* acts, int64_t count, int64_t out, T slope) {
+  FASTMETA_INLINE static void run(T* g, const T* acts, T* __restrict__ bias_grad, int64_t count,
+                                  int64_t out, T slope) {
     for (int64_t r = 0; r < count; ++r, g += out, acts += out)
-      for (int64_t c = 0; c < out; ++c) g[c] *= leaky_relu_grad(acts[c], slope);
+      for (int64_t c = 0; c < out; ++c) {
+        g[c] *= leaky_relu_grad(acts[c], slope);
+        bias_grad[c] += g[c];
+      }
   }
 };
 
-// g = gp w: d loss / d the input of the one-output last layer of a pair
-// with d loss / d output gp.
-struct Scaled {
+// The one-output last layer of a pair with d loss / d output gp: g = gp w
+// (d loss / d its input act) and w_grad += gp act.
+struct LastLayerBackward {
   template <typename T>
-  FASTMETA_INLINE static void run(T* __restrict__ g, const T* w, T gp, int64_t H) {
-    for (int64_t c = 0; c < H; ++c) g[c] = gp * w[c];
+  FASTMETA_INLINE static void run(T* __restrict__ g, T* __restrict__ w_grad, const T* w, const T* act,
+                                  T gp, int64_t H) {
+    for (int64_t c = 0; c < H; ++c) {
+      g[c] = gp * w[c];
+      w_grad[c] += gp * act[c];
+    }
   }
 };
 
@@ -215,43 +222,31 @@ std::tuple<at::Tensor, at::Tensor> gnn_adjacency(const at::Tensor& nodes, at::Te
   return {adjacency, hidden};
 }
 
-// The backward's buffers for a chunk of C consecutive pairs: per layer l
-// the activations acts[l] [C, H_l] (acts[0] the differences; the hidden
-// layers' in the kept activations, or recomputed here), the gradients
-// grads[l] [C, H_l] of the hidden layers' inputs (before the leaky ReLU),
-// the last layer's d loss / d output per pair, and a column of ones (the
-// biases' gradients are its products with the gradients).
+// The backward's buffers for C consecutive pairs (every pair when the
+// activations are kept, else one tile's): per layer l the activations
+// acts[l] [C, H_l] (acts[0] the differences; the hidden layers' in the kept
+// activations, or recomputed here) and the gradients grads[l] [C, H_l] of
+// the hidden layers' inputs (before the leaky ReLU).
 template <typename T>
-struct ChunkBuffers {
+struct PairBuffers {
   at::Tensor storage;
   std::vector<T*> acts, grads;
-  T *last, *ones;
 
-  // Values per pair.
-  static int64_t per_pair(const GnnOperands& o, bool kept) {
-    int64_t values = o.F + 2;
-    for (size_t l = 1; l + 1 < o.widths.size(); ++l) values += (kept ? 1 : 2) * o.widths[l];
-    return values;
-  }
-
-  ChunkBuffers(const GnnOperands& o, int64_t C, bool kept) {
+  PairBuffers(const GnnOperands& o, int64_t C, bool kept) {
     const int64_t L = o.weights.size();
-    storage = empty_recycled({C * per_pair(o, kept)}, c10::CppTypeToScalarType<T>::value);
+    int64_t per_pair = o.F;
+    for (int64_t l = 1; l < L; ++l) per_pair += (kept ? 1 : 2) * o.widths[l];
+    storage = empty_recycled({C * per_pair}, c10::CppTypeToScalarType<T>::value);
     T* p = storage.mutable_data_ptr<T>();
     acts.assign(L, nullptr), grads.assign(L, nullptr);
     acts[0] = p, p += C * o.F;
     for (int64_t l = 1; l < L; ++l) {
       grads[l] = p, p += C * o.widths[l];
-      if (!kept) acts[l] = p, p += C * o.widths[l];
+      if (kept)
+        acts[l] = const_cast<T*>(o.hidden.const_data_ptr<T>()) + o.hidden_offset(l);
+      else
+        acts[l] = p, p += C * o.widths[l];
     }
-    last = p, ones = p + C;
-    std::fill(ones, ones + C, T(1));
-  }
-
-  // Points the hidden layers' acts at the kept activations of the pairs from `first` on.
-  void place_in(const GnnOperands& o, const T* hidden, int64_t first) {
-    for (size_t l = 1; l + 1 < o.widths.size(); ++l)
-      acts[l] = const_cast<T*>(hidden) + o.hidden_offset(l) + first * o.widths[l];
   }
 };
 
@@ -262,22 +257,29 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
   const GnnOperands o = gnn_backward_operands(grad, adjacency, hidden, nodes, weights, biases,
                                               negative_slope, last_row);
   const int64_t B = o.B, n = o.n, F = o.F, L = o.weights.size(), H = o.widths[L - 1];
-  const int64_t total = o.pairs();
+  const int64_t total = o.pairs(), size = tile_pairs(total), tiles = (total + size - 1) / size;
   const bool kept = o.hidden.numel() > 0;
-  // The pairs of a chunk: all of them when the activations are kept, and
-  // as many as kChunkValues hold otherwise (their activations recomputed).
-  const int64_t chunk = kept ? total
-                             : std::min(total, std::max<int64_t>(1, kChunkValues / ChunkBuffers<float>::per_pair(o, kept)));
   at::Tensor grad_logits = o.grad.clone();
-  at::Tensor grad_nodes = zeros_recycled(o.nodes.sizes(), o.nodes.scalar_type());
   std::vector<at::Tensor> grad_weights, grad_biases;
-  for (int64_t l = 0; l < L; ++l) {  // written by the first chunk's products
-    grad_weights.push_back(empty_recycled(o.weights[l].sizes(), o.weights[l].scalar_type()));
-    grad_biases.push_back(empty_recycled(o.biases[l].sizes(), o.biases[l].scalar_type()));
-    if (total == 0) grad_weights[l].zero_(), grad_biases[l].zero_();
+  // With kept activations the hidden layers' weight gradients are products
+  // over every pair, written after the tiles; else each thread sums its
+  // tiles' products.
+  auto gradient_like = kept && total > 0 ? empty_recycled : zeros_recycled;
+  for (int64_t l = 0; l < L; ++l) {
+    grad_weights.push_back(l + 1 < L ? gradient_like(o.weights[l].sizes(), o.weights[l].scalar_type())
+                                     : zeros_recycled(o.weights[l].sizes(), o.weights[l].scalar_type()));
+    grad_biases.push_back(zeros_recycled(o.biases[l].sizes(), o.biases[l].scalar_type()));
   }
-  int64_t weight_values = 0;
-  for (const at::Tensor& w : o.weights) weight_values += w.numel();
+  at::Tensor grad_nodes = zeros_recycled(o.nodes.sizes(), o.nodes.scalar_type());
+  // Each thread's sums, in this order: the nodes' gradients, the biases',
+  // the last layer's weights', then (recomputing) the other weights'.
+  std::vector<at::Tensor> summed{grad_nodes};
+  for (const at::Tensor& b : grad_biases) summed.push_back(b);
+  summed.push_back(grad_weights[L - 1]);
+  for (int64_t l = 0; !kept && l + 1 < L; ++l) summed.push_back(grad_weights[l]);
+  int64_t sum_values = 0, hidden_weight_values = 0;
+  for (const at::Tensor& t : summed) sum_values += t.numel();
+  for (int64_t l = 0; l + 1 < L; ++l) hidden_weight_values += o.weights[l].numel();
   std::mutex reduce;
   AT_DISPATCH_FLOATING_TYPES(o.nodes.scalar_type(), "fastmeta::gnn_adjacency_backward", [&] {
     using T = scalar_t;
@@ -290,68 +292,80 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
     });
     const T* x = o.nodes.const_data_ptr<T>();
     const T* w_last = o.weights[L - 1].const_data_ptr<T>();
-    ChunkBuffers<T> buffers(o, std::max<int64_t>(chunk, 1), kept);
-    for (int64_t first = 0; first < total; first += chunk) {
-      const int64_t C = std::min(chunk, total - first), size = tile_pairs(C), tiles = (C + size - 1) / size;
-      if (kept) buffers.place_in(o, o.hidden.const_data_ptr<T>(), first);
-      // Per tile: the gradients of every layer, last first, and the nodes'.
-      at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
-        at::Tensor scratch = empty_recycled({kTilePairs * F + B * n * F}, c10::CppTypeToScalarType<T>::value);
-        T* grad_diff = scratch.mutable_data_ptr<T>();  // d loss / d the tile's differences
-        T* gx = grad_diff + kTilePairs * F;            // this thread's sum of the nodes' gradients
-        std::fill(gx, gx + B * n * F, T(0));
-        Tile<T> tile;
-        std::vector<T*> acts(L);
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t r0 = t * size;
-          for (int64_t l = 0; l < L; ++l) acts[l] = buffers.acts[l] + r0 * o.widths[l];
-          tile.load(o, first + r0, std::min(size, C - r0), x, acts[0]);
-          if (!kept) hidden_layers(o, tile.count, acts, slope);
-          const int64_t count = tile.count;
-          // The last layer: one output per pair, from both (i, j) and (j, i).
-          T* g = L > 1 ? buffers.grads[L - 1] + r0 * H : grad_diff;
-          for (int64_t r = 0; r < count; ++r) {
-            const int64_t b = tile.b[r], i = tile.i[r], j = tile.j[r];
-            const T gp = gl[(b * n + i) * n + j] + gl[(b * n + j) * n + i];
-            buffers.last[r0 + r] = gp;
-            run_loop<Scaled>(g + r * H, w_last, gp, H);
-          }
-          // The hidden layers, last first: g is d loss / d acts[l], then d loss / d its input.
-          for (int64_t l = L - 1; l >= 1; --l) {
-            const int64_t in = o.widths[l - 1], out = o.widths[l];
-            run_loop<LeakyReluBackward>(g, static_cast<const T*>(acts[l]), count, out, slope);
-            T* g_in = l > 1 ? buffers.grads[l - 1] + r0 * in : grad_diff;
-            gemm(false, false, count, in, out, g, out, o.weights[l - 1].const_data_ptr<T>(), in, T(0),
-                 g_in, in);
-            g = g_in;
-          }
-          // |x_i - x_j|: g is d loss / d the differences.
-          for (int64_t r = 0; r < count; ++r) {
-            const int64_t at_i = (tile.b[r] * n + tile.i[r]) * F, at_j = (tile.b[r] * n + tile.j[r]) * F;
-            run_loop<AbsDifferenceBackward>(static_cast<const T*>(g + r * F), x + at_i, x + at_j, gx + at_i,
-                                            gx + at_j, F);
-          }
+    // Kept activations: every pair's layer gradients go to shared buffers.
+    // Recomputed: each thread's buffers hold one tile (which stays in cache:
+    // buffers of every pair, recomputed, were 1.1x slower at 20-way 5-shot).
+    std::unique_ptr<PairBuffers<T>> shared;
+    if (kept) shared = std::make_unique<PairBuffers<T>>(o, total, true);
+    at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+      std::unique_ptr<PairBuffers<T>> own;
+      if (!kept) own = std::make_unique<PairBuffers<T>>(o, size, false);
+      const PairBuffers<T>& buffers = kept ? *shared : *own;
+      at::Tensor scratch = empty_recycled({kTilePairs * F + sum_values}, c10::CppTypeToScalarType<T>::value);
+      T* grad_diff = scratch.mutable_data_ptr<T>();  // d loss / d a tile's differences
+      T* sums = grad_diff + kTilePairs * F;
+      std::fill(sums, sums + sum_values, T(0));
+      std::vector<T*> gb(L), gw(L);
+      T* gx = sums;
+      T* next = gx + B * n * F;
+      for (int64_t l = 0; l < L; ++l) gb[l] = next, next += o.biases[l].numel();
+      gw[L - 1] = next, next += H;
+      for (int64_t l = 0; !kept && l + 1 < L; ++l) gw[l] = next, next += o.weights[l].numel();
+      Tile<T> tile;
+      std::vector<T*> acts(L);
+      for (int64_t t = begin; t < end; ++t) {
+        const int64_t r0 = kept ? t * size : 0;  // the tile's first row in the buffers
+        for (int64_t l = 0; l < L; ++l) acts[l] = buffers.acts[l] + r0 * o.widths[l];
+        tile.load(o, t * size, size, x, acts[0]);
+        if (!kept) hidden_layers(o, tile.count, acts, slope);
+        const int64_t count = tile.count;
+        // The last layer: one output per pair, from both (i, j) and (j, i).
+        T* g = L > 1 ? buffers.grads[L - 1] + r0 * H : grad_diff;
+        for (int64_t r = 0; r < count; ++r) {
+          const int64_t b = tile.b[r], i = tile.i[r], j = tile.j[r];
+          const T gp = gl[(b * n + i) * n + j] + gl[(b * n + j) * n + i];
+          gb[L - 1][0] += gp;
+          run_loop<LastLayerBackward>(g + r * H, gw[L - 1], w_last, static_cast<const T*>(acts[L - 1] + r * H),
+                                      gp, H);
         }
-        std::lock_guard<std::mutex> lock(reduce);
-        run_loop<Accumulate>(grad_nodes.mutable_data_ptr<T>(), static_cast<const T*>(gx), B * n * F);
-      });
-      // The weights' and biases' gradients, products over the chunk's pairs:
-      // each thread takes the rows of every layer whose first entry is in
-      // its range of all the weights' entries.
-      const T beta = first == 0 ? T(0) : T(1);
-      at::parallel_for(0, weight_values, kWeightGrain, [&](int64_t begin, int64_t end) {
-        for (int64_t l = 0, offset = 0; l < L; offset += o.weights[l].numel(), ++l) {
-          const int64_t in = o.widths[l], out = o.widths[l + 1];
-          const int64_t r0 = rows_from(begin - offset, in, out), r1 = rows_from(end - offset, in, out);
-          if (r0 == r1) continue;
-          const T* g = (l + 1 < L ? buffers.grads[l + 1] : buffers.last) + r0;
-          gemm(true, false, r1 - r0, in, C, g, out, static_cast<const T*>(buffers.acts[l]), in, beta,
-               grad_weights[l].mutable_data_ptr<T>() + r0 * in, in);
-          gemm(false, false, 1, r1 - r0, C, static_cast<const T*>(buffers.ones), C, g, out, beta,
-               grad_biases[l].mutable_data_ptr<T>() + r0, out);
+        // The hidden layers, last first: g is d loss / d acts[l], then d loss / d its input.
+        for (int64_t l = L - 1; l >= 1; --l) {
+          const int64_t in = o.widths[l - 1], out = o.widths[l];
+          run_loop<LeakyReluBackward>(g, static_cast<const T*>(acts[l]), gb[l - 1], count, out, slope);
+          if (!kept) gemm_atb_acc(out, in, count, g, out, static_cast<const T*>(acts[l - 1]), in, gw[l - 1], in);
+          T* g_in = l > 1 ? buffers.grads[l - 1] + r0 * in : grad_diff;
+          gemm(false, false, count, in, out, g, out, o.weights[l - 1].const_data_ptr<T>(), in, T(0),
+               g_in, in);
+          g = g_in;
         }
-      });
-    }
+        // |x_i - x_j|: g is d loss / d the differences.
+        for (int64_t r = 0; r < count; ++r) {
+          const int64_t at_i = (tile.b[r] * n + tile.i[r]) * F, at_j = (tile.b[r] * n + tile.j[r]) * F;
+          run_loop<AbsDifferenceBackward>(static_cast<const T*>(g + r * F), x + at_i, x + at_j, gx + at_i,
+                                          gx + at_j, F);
+        }
+      }
+      std::lock_guard<std::mutex> lock(reduce);
+      const T* mine = sums;
+      for (const at::Tensor& output : summed) {
+        run_loop<Accumulate>(output.mutable_data_ptr<T>(), mine, output.numel());
+        mine += output.numel();
+      }
+    });
+    if (!kept || total == 0) return;
+    // The hidden layers' weight gradients from every pair's: each thread
+    // takes the rows of every layer whose first entry is in its range of
+    // all those weights' entries.
+    at::parallel_for(0, hidden_weight_values, kWeightGrain, [&](int64_t begin, int64_t end) {
+      for (int64_t l = 0, offset = 0; l + 1 < L; offset += o.weights[l].numel(), ++l) {
+        const int64_t in = o.widths[l], out = o.widths[l + 1];
+        const int64_t r0 = rows_from(begin - offset, in, out), r1 = rows_from(end - offset, in, out);
+        if (r0 < r1)
+          gemm(true, false, r1 - r0, in, total, static_cast<const T*>(shared->grads[l + 1] + r0), out,
+               static_cast<const T*>(shared->acts[l]), in, T(0), grad_weights[l].mutable_data_ptr<T>() + r0 * in,
+               in);
+      }
+    });
   });
   return {grad_nodes, grad_weights, grad_biases};
 }

@@ -33,8 +33,7 @@ def gnn_adjacency(nodes: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
     keeps never exist. When gradients are needed, the forward keeps the
     hidden activations of the unordered pairs for the backward if they hold
     at most ``KEPT_HIDDEN_VALUES`` values; above that the backward recomputes
-    them, a chunk of pairs at a time (on the CPU at most 2^22 values of
-    activations and gradients; on CUDA a tile). CPU and CUDA kernels,
+    each tile, and memory stays that of a tile. CPU and CUDA kernels,
     forward and backward (on CUDA the MLP's layers are cuBLAS products on
     tiles of pairs); on other devices the eager formulation
     (:func:`fastmeta.reference.gnn_adjacency`) runs. Works under
