@@ -39,8 +39,8 @@ int64_t row_grain(int64_t n) {
   return std::max<int64_t>(64, (int64_t{1} << 15) / std::max<int64_t>(n, 1));
 }
 
-// The rows r < out of a [out, in] matrix with r in <= e: the first row whose
-// first entry is at index e or later.
+// The first row r (at most out) of a [out, in] matrix whose first entry,
+// r * in, is at index e or later.
 int64_t rows_from(int64_t e, int64_t in, int64_t out) {
   return e <= 0 ? 0 : std::min(out, (e + in - 1) / in);
 }
@@ -264,7 +264,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
   // With kept activations the hidden layers' weight gradients are products
   // over every pair, written after the tiles; else each thread sums its
   // tiles' products.
-  auto gradient_like = kept && total > 0 ? empty_recycled : zeros_recycled;
+  auto gradient_like = kept ? empty_recycled : zeros_recycled;
   for (int64_t l = 0; l < L; ++l) {
     grad_weights.push_back(l + 1 < L ? gradient_like(o.weights[l].sizes(), o.weights[l].scalar_type())
                                      : zeros_recycled(o.weights[l].sizes(), o.weights[l].scalar_type()));
@@ -301,7 +301,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
       std::unique_ptr<PairBuffers<T>> own;
       if (!kept) own = std::make_unique<PairBuffers<T>>(o, size, false);
       const PairBuffers<T>& buffers = kept ? *shared : *own;
-      at::Tensor scratch = empty_recycled({kTilePairs * F + sum_values}, c10::CppTypeToScalarType<T>::value);
+      at::Tensor scratch =
+          empty_recycled({kTilePairs * F + sum_values}, c10::CppTypeToScalarType<T>::value);
       T* grad_diff = scratch.mutable_data_ptr<T>();  // d loss / d a tile's differences
       T* sums = grad_diff + kTilePairs * F;
       std::fill(sums, sums + sum_values, T(0));
@@ -325,14 +326,15 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
           const int64_t b = tile.b[r], i = tile.i[r], j = tile.j[r];
           const T gp = gl[(b * n + i) * n + j] + gl[(b * n + j) * n + i];
           gb[L - 1][0] += gp;
-          run_loop<LastLayerBackward>(g + r * H, gw[L - 1], w_last, static_cast<const T*>(acts[L - 1] + r * H),
-                                      gp, H);
+          const T* act = acts[L - 1] + r * H;
+          run_loop<LastLayerBackward>(g + r * H, gw[L - 1], w_last, act, gp, H);
         }
         // The hidden layers, last first: g is d loss / d acts[l], then d loss / d its input.
         for (int64_t l = L - 1; l >= 1; --l) {
           const int64_t in = o.widths[l - 1], out = o.widths[l];
           run_loop<LeakyReluBackward>(g, static_cast<const T*>(acts[l]), gb[l - 1], count, out, slope);
-          if (!kept) gemm_atb_acc(out, in, count, g, out, static_cast<const T*>(acts[l - 1]), in, gw[l - 1], in);
+          if (!kept)
+            gemm_atb_acc(out, in, count, g, out, static_cast<const T*>(acts[l - 1]), in, gw[l - 1], in);
           T* g_in = l > 1 ? buffers.grads[l - 1] + r0 * in : grad_diff;
           gemm(false, false, count, in, out, g, out, o.weights[l - 1].const_data_ptr<T>(), in, T(0),
                g_in, in);
@@ -352,7 +354,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
         mine += output.numel();
       }
     });
-    if (!kept || total == 0) return;
+    if (!kept) return;
     // The hidden layers' weight gradients from every pair's: each thread
     // takes the rows of every layer whose first entry is in its range of
     // all those weights' entries.
@@ -362,8 +364,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
         const int64_t r0 = rows_from(begin - offset, in, out), r1 = rows_from(end - offset, in, out);
         if (r0 < r1)
           gemm(true, false, r1 - r0, in, total, static_cast<const T*>(shared->grads[l + 1] + r0), out,
-               static_cast<const T*>(shared->acts[l]), in, T(0), grad_weights[l].mutable_data_ptr<T>() + r0 * in,
-               in);
+               static_cast<const T*>(shared->acts[l]), in, T(0),
+               grad_weights[l].mutable_data_ptr<T>() + r0 * in, in);
       }
     });
   });

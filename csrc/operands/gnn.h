@@ -38,11 +38,6 @@ struct GnnOperands {
     for (size_t k = 1; k < l; ++k) offset += pairs() * widths[k];
     return offset;
   }
-  int64_t max_width() const {
-    int64_t w = 0;
-    for (int64_t h : widths) w = h > w ? h : w;
-    return w;
-  }
 };
 
 inline GnnOperands gnn_operands(const at::Tensor& nodes, at::TensorList weights,
