@@ -116,7 +116,7 @@ TORCH_LIBRARY(fastmeta, m) {
 // The Python module fastmeta._C: loading it registers the ops above; its
 // functions report how the extension was built, which vector instructions the
 // CPU kernels use and how the CUDA L2O kernels lay out their shared memory
-// (tested on any machine), and free the L2O ops' recycled CPU buffers.
+// (tested on any machine), and free the ops' recycled CPU buffers.
 PYBIND11_MODULE(_C, m) {
   m.def("build_info", [] {
     pybind11::dict info;
@@ -141,8 +141,8 @@ PYBIND11_MODULE(_C, m) {
   }, "The vector instructions the CPU kernels' row loops run with: 'avx512', 'avx2' or "
      "'baseline' (FASTMETA_CPU_ISA caps it), or 'portable' off x86-64.");
   m.def("release_recycled_buffers", [] { return fastmeta::cpu::RecyclingAllocator::instance().release(); },
-        "Frees the CPU buffers kept for the L2O ops' next large outputs (see "
-        "csrc/cpu/recycled_buffers.h); returns how many bytes that was.");
+        "Frees the CPU buffers the ops keep for reuse (see csrc/cpu/recycled_buffers.h); "
+        "returns how many bytes that was.");
   m.def("l2o_shared_plan", [](int64_t num_layers, int64_t hidden_size, bool backward,
                               int64_t element_bytes, int64_t limit_bytes) {
     const auto plan = fastmeta::L2oSharedPlan::choose({num_layers, hidden_size, 0}, fastmeta::kLstmThreads,

@@ -121,20 +121,17 @@ class RecyclingAllocator final : public c10::Allocator {
   size_t limit_bytes_ = 0;
 };
 
-// An uninitialised contiguous tensor like `like`, in a recycled buffer where
-// it is 64 KiB or more.
-inline at::Tensor empty_like_recycled(const at::Tensor& like) {
-  return at::detail::empty_generic(like.sizes(), &RecyclingAllocator::instance(),
-                                   c10::DispatchKeySet(c10::DispatchKey::CPU), like.scalar_type(),
-                                   c10::MemoryFormat::Contiguous);
-}
-
 // An uninitialised contiguous tensor of `sizes`, in a recycled buffer where
 // it is 64 KiB or more.
 inline at::Tensor empty_recycled(at::IntArrayRef sizes, at::ScalarType dtype) {
   return at::detail::empty_generic(sizes, &RecyclingAllocator::instance(),
                                    c10::DispatchKeySet(c10::DispatchKey::CPU), dtype,
                                    c10::MemoryFormat::Contiguous);
+}
+
+// The same, shaped like `like`.
+inline at::Tensor empty_like_recycled(const at::Tensor& like) {
+  return empty_recycled(like.sizes(), like.scalar_type());
 }
 
 // The same, filled with zeros.

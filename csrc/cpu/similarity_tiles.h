@@ -196,10 +196,10 @@ struct SimilarityVjpRow {
 };
 
 // Vector-Jacobian product of a similarity tile S [qb, nb] (leading dimension
-// lds). On entry W [qb, nb] holds dL/dS for the tile; it is overwritten. Adds the x.y part of the gradient to gx [qb, D] (writes it
-// with `overwrite`, for the first tile) and to gy [nb, D], and the
-// row-statistic parts to gx_stat [qb] and gy_stat [nb]; `finish_row_stat_grad`
-// applies those last.
+// lds). On entry W [qb, nb] holds dL/dS for the tile; it is overwritten. Adds
+// the x.y part of the gradient to gx [qb, D] (writes it with `overwrite`, for
+// the first tile) and to gy [nb, D], and the row-statistic parts to gx_stat
+// [qb] and gy_stat [nb]; `finish_row_stat_grad` applies those last.
 template <Metric M, typename T>
 void similarity_tile_vjp(T* W, const T* S, int64_t lds, int64_t qb, int64_t nb,
                          const T* x, const T* y, int64_t D, const T* ax, const T* ay, T* gx, T* gy,
@@ -208,12 +208,10 @@ void similarity_tile_vjp(T* W, const T* S, int64_t lds, int64_t qb, int64_t nb,
     for (int64_t i = 0; i < qb; ++i)
       gx_stat[i] += run_loop<SimilarityVjpRow<M>>(W + i * nb, S + i * lds, nb, ax[i], ay, gy_stat);
   }
-  if (overwrite && nb <= kCombinedKeys) {
+  if (overwrite && nb <= kCombinedKeys)
     run_vector_loop<CombineKeys>(gx, qb, D, static_cast<const T*>(W), nb, y);
-  } else {
-    if (overwrite) std::fill(gx, gx + qb * D, T(0));
-    gemm_ab_acc(qb, D, nb, W, nb, y, D, gx, D);
-  }
+  else
+    gemm(false, false, qb, D, nb, static_cast<const T*>(W), nb, y, D, overwrite ? T(0) : T(1), gx, D);
   gemm_atb_acc(nb, D, qb, W, nb, x, D, gy, D);
 }
 

@@ -217,8 +217,7 @@ def call_without_autograd(op, *args):
     kernel that ``torch.library.register_autograd`` installs: that kernel
     cost the few-shot GNN's training step (three adjacency forwards and
     backwards) 0.2-0.4 ms of 6.5 ms, measured."""
-    if (torch.is_grad_enabled() or torch.compiler.is_compiling()
-            or torch._C._functorch.peek_interpreter_stack() is not None):
+    if torch.is_grad_enabled() or torch.compiler.is_compiling() or functorch_active():
         return op(*args)
     with torch._C._AutoDispatchBelowAutograd():
         return op(*args)

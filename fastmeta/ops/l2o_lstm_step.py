@@ -1,9 +1,9 @@
 import torch
 
 from . import _common
-from .. import _C, reference
+from .. import reference
 
-__all__ = ["l2o_lstm_step", "l2o_lstm_step_", "l2o_num_weights", "release_recycled_buffers"]
+__all__ = ["l2o_lstm_step", "l2o_lstm_step_", "l2o_num_weights"]
 
 
 def l2o_num_weights(num_layers: int, hidden_size: int) -> int:
@@ -11,20 +11,6 @@ def l2o_num_weights(num_layers: int, hidden_size: int) -> int:
     sizes = [4 * hidden_size * ((2 if layer == 0 else hidden_size) + hidden_size + 1)
              for layer in range(num_layers)]
     return sum(sizes) + hidden_size + 1
-
-
-def release_recycled_buffers() -> int:
-    """Frees the CPU buffers kept for the next outputs of ``l2o_lstm_step``,
-    ``meta_lstm_step`` and ``gnn_adjacency``; returns how many bytes that was.
-
-    On the CPU those ops' outputs, gradients and scratch of 64 KiB and more
-    are not returned to the system when freed: up to ``FASTMETA_RECYCLED_MIB``
-    MiB of them (default 1024; 0 turns this off) are kept for the next buffer
-    of the same size, which then needs no page faults (at P = 1M the L2O
-    forward is about 1.6x faster; the few-shot GNN's training step about
-    1.1x). Like ``torch.cuda.empty_cache``, this hands them back.
-    """
-    return _C.release_recycled_buffers()
 
 
 def _check(op: str, grad, state, weights):
