@@ -16,9 +16,11 @@ SCRIPT = textwrap.dedent("""
     from fastmeta import ops, reference
     from fastmeta.testing import assert_close_to_reference
     torch.manual_seed(0)
-    # Two key tiles (BLAS query gradients), and 20 keys (combined rows, 37
-    # columns: vectors and an overlapping last one).
-    for N, D in ((600, 9), (20, 37)):
+    # Two key tiles (BLAS query gradients), 20 keys (combined rows, 37
+    # columns: vectors and an overlapping last one), and few keys (1, 5, 8:
+    # the explicit-vector loops, with and without a partial last vector; 70
+    # queries, chunks of 16 rows and a partial one).
+    for N, D in ((600, 9), (20, 37), (1, 37), (5, 37), (8, 48)):
         x = torch.randn(2, 70, D, requires_grad=True)
         y = torch.randn(2, N, D, requires_grad=True)
         values = torch.randn(2, N, 4)

@@ -1,13 +1,12 @@
 // CPU kernels of fastmeta::class_prototypes and its backward.
 #include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <vector>
 
 #include "../operands/metric.h"
+#include "recycled_buffers.h"
 
 namespace fastmeta::cpu {
 namespace {
@@ -34,7 +33,7 @@ at::Tensor class_prototypes(const at::Tensor& support_in, const at::Tensor& labe
   const PrototypeOperands o = prototype_operands(support_in, labels_in, num_classes);
   const at::Tensor &support = o.rows, &labels = o.labels;
   const int64_t B = o.B, S = o.S, D = o.D;
-  at::Tensor out = at::zeros({B, num_classes, D}, support.options());
+  at::Tensor out = zeros_recycled({B, num_classes, D}, support.scalar_type());
   const int64_t* lp = labels.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(support.scalar_type(), "fastmeta::class_prototypes", [&] {
     const scalar_t* sp = support.const_data_ptr<scalar_t>();
@@ -62,7 +61,7 @@ at::Tensor class_prototypes_backward(const at::Tensor& grad_in, const at::Tensor
   const PrototypeOperands o = prototype_backward_operands(grad_in, labels_in);
   const at::Tensor &grad = o.rows, &labels = o.labels;
   const int64_t B = o.B, num_classes = o.N, D = o.D, S = o.S;
-  at::Tensor grad_support = at::empty({B, S, D}, grad.options());
+  at::Tensor grad_support = empty_recycled({B, S, D}, grad.scalar_type());
   const int64_t* lp = labels.const_data_ptr<int64_t>();
   AT_DISPATCH_FLOATING_TYPES(grad.scalar_type(), "fastmeta::class_prototypes_backward", [&] {
     const scalar_t* gp = grad.const_data_ptr<scalar_t>();

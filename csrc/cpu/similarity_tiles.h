@@ -17,6 +17,7 @@
 #include <ATen/ops/zeros_like.h>
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 #include <vector>
@@ -24,6 +25,7 @@
 #include "../math/similarity.h"
 #include "../operands/metric.h"
 #include "gemm.h"
+#include "recycled_buffers.h"
 #include "row_combination.h"
 #include "row_math.h"
 
@@ -48,6 +50,73 @@ void row_stats(const T* v, int64_t rows, int64_t D, T* stat, NoDeduce<T>* coeff)
   }
 }
 
+// Up to this many keys, a tile's dot products and the matrix products of its
+// vector-Jacobian product are explicit-vector loops that hold each key's row
+// (and its gradient's) in registers: a BLAS call on so few keys costs more
+// than its arithmetic.
+constexpr int64_t kFewKeys = 8;
+
+// Runs Loop::template rows<K>(args...) with the compile-time K = nb, 1 <= nb <= kFewKeys.
+template <typename Loop, typename... Args>
+FASTMETA_INLINE void with_few_keys(int64_t nb, Args... args) {
+  switch (nb) {
+    case 1: return Loop::template rows<1>(args...);
+    case 2: return Loop::template rows<2>(args...);
+    case 3: return Loop::template rows<3>(args...);
+    case 4: return Loop::template rows<4>(args...);
+    case 5: return Loop::template rows<5>(args...);
+    case 6: return Loop::template rows<6>(args...);
+    case 7: return Loop::template rows<7>(args...);
+    default: return Loop::template rows<8>(args...);
+  }
+}
+
+// S[i * ld + j] = x_i . y_j for rows x [qb, D] and K keys y [K, D]: a row at
+// a time, each x vector loaded once for the K keys' sums.
+template <int kBytes>
+struct FewKeyDots {
+  template <int K, typename T>
+  FASTMETA_INLINE static void rows(const T* x, int64_t qb, const T* y, int64_t D, T* S, int64_t ld) {
+    using V = typename Vector<T, kBytes>::type;
+    constexpr int64_t kLine = kBytes / sizeof(T);
+    for (int64_t i = 0; i < qb; ++i) {
+      const T* xi = x + i * D;
+      V acc[K] = {};
+      int64_t k = 0;
+      for (; k + kLine <= D; k += kLine) {
+        V xv;
+        std::memcpy(&xv, xi + k, sizeof(V));
+        for (int j = 0; j < K; ++j) {
+          V yv;
+          std::memcpy(&yv, y + j * D + k, sizeof(V));
+          acc[j] += xv * yv;
+        }
+      }
+      for (int j = 0; j < K; ++j) {
+        T dot = 0;
+        for (int64_t l = 0; l < kLine; ++l) dot += acc[j][l];
+        for (int64_t t = k; t < D; ++t) dot += xi[t] * y[j * D + t];
+        S[i * ld + j] = dot;
+      }
+    }
+  }
+
+  template <typename T>
+  FASTMETA_INLINE static void run(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, T* S,
+                                  int64_t ld) {
+    with_few_keys<FewKeyDots>(nb, x, qb, y, D, S, ld);
+  }
+};
+
+// S[qb, nb] = x y^T (leading dimension ld).
+template <typename T>
+void key_dots(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, T* S, int64_t ld) {
+  if (nb >= 1 && nb <= kFewKeys)
+    run_vector_loop<FewKeyDots>(x, qb, y, nb, D, S, ld);
+  else
+    gemm_abt(qb, nb, D, x, D, y, D, S, ld);
+}
+
 template <Metric M>
 struct SimilarityRow {
   template <typename T>
@@ -60,7 +129,7 @@ struct SimilarityRow {
 template <Metric M, typename T>
 void similarity_tile(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, const T* ax,
                      const T* ay, T* S, int64_t ld) {
-  gemm_abt(qb, nb, D, x, D, y, D, S, ld);
+  key_dots(x, qb, y, nb, D, S, ld);
   for (int64_t i = 0; i < qb; ++i) run_loop<SimilarityRow<M>>(S + i * ld, nb, ax[i], ay);
 }
 
@@ -92,7 +161,7 @@ struct LogitsRowMax {
 template <Metric M, typename T>
 void logits_tile(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, const T* ax,
                  const T* ay, const T* scale, T* L, int64_t ld, T* row_max) {
-  gemm_abt(qb, nb, D, x, D, y, D, L, ld);
+  key_dots(x, qb, y, nb, D, L, ld);
   for (int64_t i = 0; i < qb; ++i)
     row_max[i] = run_loop<LogitsRowMax<M>>(L + i * ld, nb, ax[i], ay, scale[i]);
 }
@@ -195,24 +264,89 @@ struct SimilarityVjpRow {
   }
 };
 
+// The x.y part of a vector-Jacobian product from a block's only tile, of K
+// keys, in one pass: gx_i = sum_j W_ij y_j + c_i x_i (written) and gy_j +=
+// sum_i W_ij x_i, for rows x [qb, D] and W [qb, K]. At each vector position
+// the K key vectors and their gradient sums stay in registers while up to
+// kRowChunk rows go by.
+template <int kBytes>
+struct FewKeyVjp {
+  static constexpr int64_t kRowChunk = 16;
+
+  template <int K, typename T>
+  FASTMETA_INLINE static void rows(T* __restrict__ gx, T* __restrict__ gy, const T* W, const T* c,
+                                   const T* x, const T* y, int64_t qb, int64_t D) {
+    using V = typename Vector<T, kBytes>::type;
+    constexpr int64_t kLine = kBytes / sizeof(T);
+    const int64_t full = D - D % kLine;
+    for (int64_t i0 = 0; i0 < qb; i0 += kRowChunk) {
+      const int64_t i1 = std::min(qb, i0 + kRowChunk);
+      for (int64_t k = 0; k < full; k += kLine) {
+        V key[K], key_grad[K];
+        for (int j = 0; j < K; ++j) {
+          std::memcpy(&key[j], y + j * D + k, sizeof(V));
+          std::memcpy(&key_grad[j], gy + j * D + k, sizeof(V));
+        }
+        for (int64_t i = i0; i < i1; ++i) {
+          V xv;
+          std::memcpy(&xv, x + i * D + k, sizeof(V));
+          V g = c[i] * xv;
+          for (int j = 0; j < K; ++j) {
+            g += W[i * K + j] * key[j];
+            key_grad[j] += W[i * K + j] * xv;
+          }
+          std::memcpy(gx + i * D + k, &g, sizeof(V));
+        }
+        for (int j = 0; j < K; ++j) std::memcpy(gy + j * D + k, &key_grad[j], sizeof(V));
+      }
+      for (int64_t t = full; t < D; ++t)
+        for (int64_t i = i0; i < i1; ++i) {
+          T g = c[i] * x[i * D + t];
+          for (int j = 0; j < K; ++j) {
+            g += W[i * K + j] * y[j * D + t];
+            gy[j * D + t] += W[i * K + j] * x[i * D + t];
+          }
+          gx[i * D + t] = g;
+        }
+    }
+  }
+
+  template <typename T>
+  FASTMETA_INLINE static void run(T* gx, T* gy, const T* W, const T* c, const T* x, const T* y,
+                                  int64_t qb, int64_t nb, int64_t D) {
+    with_few_keys<FewKeyVjp>(nb, gx, gy, W, c, x, y, qb, D);
+  }
+};
+
 // Vector-Jacobian product of a similarity tile S [qb, nb] (leading dimension
 // lds). On entry W [qb, nb] holds dL/dS for the tile; it is overwritten. Adds
 // the x.y part of the gradient to gx [qb, D] (writes it with `overwrite`, for
 // the first tile) and to gy [nb, D], and the row-statistic parts to gx_stat
-// [qb] and gy_stat [nb]; `finish_row_stat_grad` applies those last.
+// [qb] and gy_stat [nb]; `finish_row_stat_grad` applies those last. With cx
+// (the queries' row-statistic coefficients, given for a block's only tile)
+// and few keys, the queries' row-statistic part goes into gx here as well,
+// and the call returns true: finish_row_stat_grad must then skip gx.
 template <Metric M, typename T>
-void similarity_tile_vjp(T* W, const T* S, int64_t lds, int64_t qb, int64_t nb,
+bool similarity_tile_vjp(T* W, const T* S, int64_t lds, int64_t qb, int64_t nb,
                          const T* x, const T* y, int64_t D, const T* ax, const T* ay, T* gx, T* gy,
-                         T* gx_stat, T* gy_stat, bool overwrite) {
+                         T* gx_stat, T* gy_stat, bool overwrite, const T* cx) {
   if constexpr (M != Metric::Dot) {
     for (int64_t i = 0; i < qb; ++i)
       gx_stat[i] += run_loop<SimilarityVjpRow<M>>(W + i * nb, S + i * lds, nb, ax[i], ay, gy_stat);
+  }
+  if (cx && nb >= 1 && nb <= kFewKeys) {
+    T c[kQueryBlock];
+    for (int64_t i = 0; i < qb; ++i) c[i] = cx[i] * gx_stat[i];
+    run_vector_loop<FewKeyVjp>(gx, gy, static_cast<const T*>(W), static_cast<const T*>(c), x, y, qb,
+                               nb, D);
+    return true;
   }
   if (overwrite && nb <= kCombinedKeys)
     run_vector_loop<CombineKeys>(gx, qb, D, static_cast<const T*>(W), nb, y);
   else
     gemm(false, false, qb, D, nb, static_cast<const T*>(W), nb, y, D, overwrite ? T(0) : T(1), gx, D);
   gemm_atb_acc(nb, D, qb, W, nb, x, D, gy, D);
+  return false;
 }
 
 // g_r += v_r * coeff_r * stat_grad_r: the gradient through the row statistics.
@@ -271,7 +405,7 @@ class KeyGradAccumulator {
       : B_(B), N_(N), size_(query_block_size(B, Q, largest_block)), blocks_((Q + size_ - 1) / size_),
         widths_(std::move(widths)) {
     chunks_ = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B_ * blocks_));
-    for (int64_t w : widths_) buffers_.push_back(at::empty({chunks_, B_, N_, w}, options));
+    for (int64_t w : widths_) buffers_.push_back(empty_recycled({chunks_, B_, N_, w}, options.dtype().toScalarType()));
   }
 
   // Runs fn(b, q0, q1, key_rows) for every (task, query block); key_rows[f]
@@ -300,7 +434,7 @@ class KeyGradAccumulator {
   // Field f summed over chunks: [B, N, width f].
   at::Tensor reduce(size_t f) {
     if (chunks_ == 1 && blocks_ > 0) return buffers_[f][0];  // one chunk reached every task
-    at::Tensor out = at::empty({B_, N_, widths_[f]}, buffers_[f].options());
+    at::Tensor out = empty_recycled({B_, N_, widths_[f]}, buffers_[f].scalar_type());
     const int64_t size = N_ * widths_[f];
     at::parallel_for(0, B_, 1, [&](int64_t b0, int64_t b1) {
       for (int64_t b = b0; b < b1; ++b) {
@@ -355,6 +489,7 @@ struct SimilarityGradBlock {
   T* gx;                 // gradient rows of the block
   T* const* key_rows;    // key gradients of task b: x.y part, row statistics, then the op's own
   T ax[kQueryBlock], cx[kQueryBlock], gx_stat[kQueryBlock] = {};
+  bool query_stats_applied = false;  // by apply, into gx: finish_row_stat_grad skips gx
   std::vector<T> S, W;   // [qb, min(N, kKeyBlock)] tiles
 
   SimilarityGradBlock(int64_t b_, int64_t q0_, int64_t qb_, int64_t Q, int64_t N_, int64_t D_,
@@ -378,8 +513,10 @@ struct SimilarityGradBlock {
   // Adds the gradient of the tile of keys n0 .. n0 + nb, from W (leading
   // dimension nb, overwritten) and its similarities S_tile (leading dimension lds).
   void apply(int64_t n0, int64_t nb, const T* S_tile, int64_t lds) {
-    similarity_tile_vjp<M>(W.data(), S_tile, lds, qb, nb, xb, y + n0 * D, D, ax, ay + n0, gx,
-                           key_rows[0] + n0 * D, gx_stat, key_rows[1] + n0, n0 == 0);
+    const bool only_tile = n0 == 0 && nb == N;
+    query_stats_applied = similarity_tile_vjp<M>(W.data(), S_tile, lds, qb, nb, xb, y + n0 * D, D, ax,
+                                                 ay + n0, gx, key_rows[0] + n0 * D, gx_stat,
+                                                 key_rows[1] + n0, n0 == 0, only_tile ? cx : nullptr);
   }
 };
 
@@ -399,7 +536,7 @@ SimilarityGradients similarity_backward(const SimilarityOperands& o,
                                         PerBlock per_block, int64_t largest_block = kQueryBlock) {
   const at::Tensor &x = o.x, &y = o.y;
   const int64_t B = o.B, Q = o.Q, N = o.N, D = o.D;
-  SimilarityGradients out{at::empty_like(x), at::Tensor(), {}};
+  SimilarityGradients out{empty_like_recycled(x), at::Tensor(), {}};
   at::Tensor ay = at::empty({B, N}, x.options()), cy = at::empty({B, N}, x.options());
   std::vector<int64_t> widths = {D, 1};
   widths.insert(widths.end(), extra_widths.begin(), extra_widths.end());
@@ -413,7 +550,8 @@ SimilarityGradients similarity_backward(const SimilarityOperands& o,
                                                yp + b * N * D, ay.const_data_ptr<scalar_t>() + b * N,
                                                out.gx.mutable_data_ptr<scalar_t>(), key_rows);
         per_block(block);
-        finish_row_stat_grad(block.gx, block.xb, block.cx, block.gx_stat, block.qb, D);
+        if (!block.query_stats_applied)
+          finish_row_stat_grad(block.gx, block.xb, block.cx, block.gx_stat, block.qb, D);
       });
     });
     out.gy = key_grad(keys, y, cy);
