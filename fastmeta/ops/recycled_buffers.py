@@ -5,7 +5,8 @@ __all__ = ["release_recycled_buffers"]
 
 def release_recycled_buffers() -> int:
     """Frees the CPU buffers kept for the next outputs of ``l2o_lstm_step``,
-    ``meta_lstm_step`` and ``gnn_adjacency``; returns how many bytes that was.
+    ``meta_lstm_step``, ``gnn_adjacency``, ``class_prototypes`` and the
+    similarity ops' backwards; returns how many bytes that was.
 
     On the CPU those ops' outputs, gradients and scratch of 64 KiB and more
     are not returned to the system when freed: up to ``FASTMETA_RECYCLED_MIB``
