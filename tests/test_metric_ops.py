@@ -191,3 +191,30 @@ def test_no_keys_give_zero_query_gradients(device):
         grad_x, grad_y = torch.autograd.grad(out, (x, y), torch.randn_like(out))
         assert torch.equal(grad_x, torch.zeros_like(x)), name
         assert grad_y.shape == y.shape, name
+
+
+@pytest.mark.parametrize("keys", [5, 600])
+def test_cpu_query_gradient_reuses_the_buffer_just_freed(keys):
+    """On the CPU the backward op's query gradient is written into the
+    recycled buffer the previous one of its size freed, none of whose old
+    values may remain (5 keys: the few-key loops; 600: two tiles and BLAS
+    products)."""
+    x, y, scale = make_inputs(3, 70, keys, 300, torch.float32, "cpu")
+    target = torch.randint(0, keys, (3, 70))
+    ops.release_recycled_buffers()
+
+    def grad_x():
+        loss = ops.similarity_cross_entropy(x, y, target, "sqeuclidean", scale, "none")
+        return torch.autograd.grad(loss.sum(), x)[0]
+
+    first = grad_x()
+    freed = first.data_ptr()
+    first.fill_(float("nan"))
+    del first
+    second = grad_x()
+    assert second.data_ptr() == freed
+    ref_x = x.detach().double().requires_grad_()
+    expected = torch.autograd.grad(reference.similarity_cross_entropy(
+        ref_x, y.detach().double(), target, "sqeuclidean", scale.detach().double(), "none").sum(),
+        ref_x)[0]
+    assert_close_to_reference(second, expected, torch.float32)
