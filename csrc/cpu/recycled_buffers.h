@@ -7,10 +7,10 @@
 // 6.0 ms; proto_episode's step between eager calls (a 15 MB query gradient)
 // took 2.4 and 4.9 ms in two processes, against 2.3 ms recycled. These ops
 // make buffers of the same sizes at every step, after the step before freed
-// its own. So their buffers of 64 KiB and more are not
-// returned to the system when freed: up to FASTMETA_RECYCLED_MIB MiB of
-// them (default 1024; 0 turns recycling off; the oldest go first) are kept
-// for the next buffer of the same size, already paged in.
+// its own. So their buffers of 64 KiB and more are not returned to the
+// system when freed: up to FASTMETA_RECYCLED_MIB MiB of them (default 1024;
+// 0 turns recycling off; the oldest go first) are kept for the next buffer of
+// the same size, already paged in.
 // release_recycled_buffers() frees them.
 #pragma once
 

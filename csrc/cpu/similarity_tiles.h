@@ -219,12 +219,12 @@ OnlineSoftmax<T> online_softmax_over_keys(const T* xb, int64_t qb, const T* ax, 
   return softmax;
 }
 
-// Up to this many keys, a block's query gradient W y [qb, D] from its one
-// tile of keys is written by combine_rows, in one pass, instead of zeroed and
-// accumulated by a BLAS product. Measured with the vectorised
-// finish_row_stat_grad, forward and backward of 32 tasks at D = 1600: 5 keys
-// (proto_episode) 6.7-7.3 against 8.7-10.4 ms; 20 keys 15.2-15.8 against
-// 17.4-22.0 ms; 32 keys even.
+// Past kFewKeys and up to this many keys, a block's query gradient W y
+// [qb, D] from its one tile of keys is written by combine_rows, in one pass,
+// instead of zeroed and accumulated by a BLAS product. Measured with the
+// vectorised finish_row_stat_grad, forward and backward of 32 tasks at D =
+// 1600: 20 keys 15.2-15.8 against 17.4-22.0 ms; 32 keys even (and 5 keys,
+// before the few-key loops took them, 6.7-7.3 against 8.7-10.4 ms).
 constexpr int64_t kCombinedKeys = 32;
 
 // out [rows, D] = W [rows, nb] y [nb, D].
@@ -325,7 +325,7 @@ struct FewKeyVjp {
 // [qb] and gy_stat [nb]; `finish_row_stat_grad` applies those last. With cx
 // (the queries' row-statistic coefficients, given for a block's only tile)
 // and few keys, the queries' row-statistic part goes into gx here as well,
-// and the call returns true: finish_row_stat_grad must then skip gx.
+// and the call returns true: the block's finish must then skip gx.
 template <Metric M, typename T>
 bool similarity_tile_vjp(T* W, const T* S, int64_t lds, int64_t qb, int64_t nb,
                          const T* x, const T* y, int64_t D, const T* ax, const T* ay, T* gx, T* gy,
@@ -401,11 +401,11 @@ template <typename T>
 class KeyGradAccumulator {
  public:
   KeyGradAccumulator(int64_t B, int64_t Q, int64_t N, std::vector<int64_t> widths,
-                     const at::TensorOptions& options, int64_t largest_block)
+                     at::ScalarType dtype, int64_t largest_block)
       : B_(B), N_(N), size_(query_block_size(B, Q, largest_block)), blocks_((Q + size_ - 1) / size_),
         widths_(std::move(widths)) {
     chunks_ = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B_ * blocks_));
-    for (int64_t w : widths_) buffers_.push_back(empty_recycled({chunks_, B_, N_, w}, options.dtype().toScalarType()));
+    for (int64_t w : widths_) buffers_.push_back(empty_recycled({chunks_, B_, N_, w}, dtype));
   }
 
   // Runs fn(b, q0, q1, key_rows) for every (task, query block); key_rows[f]
@@ -489,7 +489,6 @@ struct SimilarityGradBlock {
   T* gx;                 // gradient rows of the block
   T* const* key_rows;    // key gradients of task b: x.y part, row statistics, then the op's own
   T ax[kQueryBlock], cx[kQueryBlock], gx_stat[kQueryBlock] = {};
-  bool query_stats_applied = false;  // by apply, into gx: finish_row_stat_grad skips gx
   std::vector<T> S, W;   // [qb, min(N, kKeyBlock)] tiles
 
   SimilarityGradBlock(int64_t b_, int64_t q0_, int64_t qb_, int64_t Q, int64_t N_, int64_t D_,
@@ -518,6 +517,15 @@ struct SimilarityGradBlock {
                                                  ay + n0, gx, key_rows[0] + n0 * D, gx_stat,
                                                  key_rows[1] + n0, n0 == 0, only_tile ? cx : nullptr);
   }
+
+  // After the op's tiles: the queries' row-statistic part of gx, unless
+  // apply's few-key pass already added it.
+  void finish() {
+    if (!query_stats_applied) finish_row_stat_grad(gx, xb, cx, gx_stat, qb, D);
+  }
+
+ private:
+  bool query_stats_applied = false;
 };
 
 // The gradients of a similarity op with respect to x and y (and `extra` more
@@ -541,7 +549,7 @@ SimilarityGradients similarity_backward(const SimilarityOperands& o,
   std::vector<int64_t> widths = {D, 1};
   widths.insert(widths.end(), extra_widths.begin(), extra_widths.end());
   AT_DISPATCH_FLOATING_TYPES(x.scalar_type(), "fastmeta: similarity backward", [&] {
-    KeyGradAccumulator<scalar_t> keys(B, Q, N, widths, x.options(), largest_block);
+    KeyGradAccumulator<scalar_t> keys(B, Q, N, widths, x.scalar_type(), largest_block);
     FASTMETA_DISPATCH_METRIC(o.metric, [&] {
       const scalar_t* yp = y.const_data_ptr<scalar_t>();
       key_row_stats<M>(yp, B, N, D, ay.mutable_data_ptr<scalar_t>(), cy.mutable_data_ptr<scalar_t>());
@@ -550,8 +558,7 @@ SimilarityGradients similarity_backward(const SimilarityOperands& o,
                                                yp + b * N * D, ay.const_data_ptr<scalar_t>() + b * N,
                                                out.gx.mutable_data_ptr<scalar_t>(), key_rows);
         per_block(block);
-        if (!block.query_stats_applied)
-          finish_row_stat_grad(block.gx, block.xb, block.cx, block.gx_stat, block.qb, D);
+        block.finish();
       });
     });
     out.gy = key_grad(keys, y, cy);
