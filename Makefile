@@ -28,8 +28,16 @@ $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
 bench: install
 	$(BIN)/fastmeta bench --device cpu
 
+# The op and model tests again with fastmeta's, PyTorch's, MKL's and oneDNN's
+# kernels capped to AVX2, as an AVX2-only machine runs them.
+AVX2_ONLY := FASTMETA_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
+OP_AND_MODEL_TESTS := $(addprefix tests/test_,metric_ops.py class_prototypes.py contrastive_loss.py \
+	gnn.py learned_optimizers.py maml.py mann_memory.py matching_attention_lstm.py \
+	relation_pair_pool.py random_shapes.py few_shot_modules.py metanet.py imaml.py)
+
 test: install
 	$(BIN)/python -m pytest -q tests
+	$(AVX2_ONLY) $(BIN)/python -m pytest -q $(OP_AND_MODEL_TESTS)
 
 # Compile-checks the CUDA kernels with nvcc for sm_80 and sm_90, without PyTorch.
 cuda-check:

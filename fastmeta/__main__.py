@@ -160,19 +160,26 @@ def run_training_command(args) -> int:
             return 0
         flags = {flag.replace("-", "_"): getattr(args, flag.replace("-", "_")) for flag in TRAIN_FLAGS}
         if args.resume:
-            saved = training.run.read_checkpoint(args.resume)["config"]
+            out = Path(args.resume)
+            if out.is_file() and out.name == training.run.CHECKPOINT:
+                out = out.parent  # the run folder of a checkpoint file
+            for given, flag in ((args.config, "--config"), (args.out, "--out")):
+                if given is not None:
+                    return fail(f"{flag} cannot be used with --resume: the run continues in {out} "
+                                "with its config.json; give the values to change as flags")
+            saved = training.run.read_checkpoint(out)["config"]
             if args.method not in (None, saved["method"]):
                 return fail(f"{args.resume} is a {saved['method']} run, not {args.method}")
             config = training.config.checked({**saved, **{k: v for k, v in flags.items() if v is not None}})
-            out = Path(args.resume)
         else:
             if args.method is None:
                 return fail("give a METHOD, or --resume DIR")
             config = training.make_config(args.method, args.config, **flags)
             out = Path(args.out or f"runs/{config.method}-{config.data.partition(':')[0]}-"
                                    f"{config.ways}w{config.shots}s")
-        if out.exists() and not out.is_dir():
-            return fail(f"--out {out} is a file, not a folder")
+        blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
+        if blocking is not None:
+            return fail(f"--out {out}: {blocking} is a file, not a folder")
         print(f"fastmeta train {config.method}: run folder {out}; "
               + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items() if k != "method"))
         trained = training.train(config, out, resume=bool(args.resume), progress=not args.no_progress)

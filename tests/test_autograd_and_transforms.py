@@ -151,6 +151,80 @@ def test_torch_compile_fullgraph(device, backend):
         torch.testing.assert_close(g, e)
 
 
+def dynamic_cases(n):
+    """Each op on inputs whose sizes follow ``n``: (name, function of the
+    ops module and the inputs, inputs)."""
+    g = torch.Generator().manual_seed(n)
+
+    def r(*shape, scale=1.0, grad=True):
+        return (scale * torch.randn(*shape, generator=g, dtype=torch.float64)).requires_grad_(grad)
+
+    x, y, values = r(2, n, 3), r(2, n + 1, 3), r(2, n + 1, 4)
+    scale = 1 + torch.rand(2, n, generator=g, dtype=torch.float64)
+    target = torch.randint(0, n + 1, (2, n), generator=g)
+    labels = (torch.arange(2 * n) % n).expand(2, -1)
+    H = 3
+    cases = [
+        ("pairwise_distance", lambda f, x, y: f.pairwise_distance(x, y, "euclidean"), (x, y)),
+        ("similarity_log_softmax", lambda f, x, y, s: f.similarity_log_softmax(x, y, "cosine", s),
+         (x, y, scale)),
+        ("attention_readout", lambda f, x, y, v: f.attention_readout(x, y, v, "dot", 2.0), (x, y, values)),
+        ("class_prototypes", lambda f, s, labels: f.class_prototypes(s, labels, labels.shape[1] // 2),
+         (r(2, 2 * n, 3), labels)),
+        ("contrastive_loss", lambda f, a, b, same: f.contrastive_loss(a, b, same),
+         (r(n, 3), r(n, 3), (torch.arange(n) % 2).double())),
+        ("relation_pair_pool", lambda f, q, p: f.relation_pair_pool(q, p), (r(1, n, 3, 3, 2), r(1, 2, 3, 3, 2))),
+        ("matching_attention_lstm", lambda f, *t: f.matching_attention_lstm(*t, steps=2),
+         (r(2, n, 3), r(2, 4, 3), r(12, 6, scale=0.5), r(12, 3, scale=0.5), r(12))),
+        ("mann_memory", lambda f, *t: f.mann_memory(*t),
+         (r(2, 5, 3), torch.zeros(2, 5, dtype=torch.float64), torch.full((2, 1, 5), 0.2, dtype=torch.float64),
+          r(2, n, 1, 3), torch.full((2, n, 1), 0.5, dtype=torch.float64))),
+        ("gnn_adjacency", lambda f, nodes, w1, w2, b1, b2: f.gnn_adjacency(nodes, [w1, w2], [b1, b2], 0.1),
+         (r(2, n, 3), r(4, 3), r(1, 4), r(4), r(1))),
+        ("l2o_lstm_step", lambda f, *t: f.l2o_lstm_step(*t),
+         (r(n, scale=1e-2), r(1, 2, H, n, scale=0.5), r(ops.l2o_num_weights(1, H), scale=0.3))),
+        ("meta_lstm_step", lambda f, *t: f.meta_lstm_step(*t),
+         (r(n, scale=1e-2), torch.tensor(0.7, dtype=torch.float64), r(n), r(2 * H + 2, n, scale=0.5),
+          r(ops.meta_lstm_num_weights(H), scale=0.3))),
+        ("mlp_task_derivatives", lambda f, p, x, t: f.mlp_task_derivatives(
+            p, x, t, None, widths=[3, 4, 2], activations=["tanh", "identity"], loss="mse",
+            input_grad=False)[:2],
+         (r(2, 26, scale=0.5, grad=False), r(2, n, 3, grad=False), r(2, n, 2, grad=False))),
+    ]
+    cases += [(f"similarity_cross_entropy-{reduction}",
+               lambda f, x, y, t, s, reduction=reduction: f.similarity_cross_entropy(
+                   x, y, t, "sqeuclidean", s, reduction), (x, y, target, scale))
+              for reduction in ("mean", "sum", "none")]
+    return cases
+
+
+def test_every_op_compiles_with_dynamic_shapes():
+    """torch.compile(dynamic=True) traces every op once and reruns it on
+    other sizes (the second size reuses the graph or recompiles), with
+    values and gradients those of the reference."""
+    names = [name for name, _, _ in dynamic_cases(3)]
+    compiled = {name: torch.compile(lambda *t, case=case: case(ops, *t), dynamic=True, backend="aot_eager")
+                for name, case, _ in dynamic_cases(3)}
+    for n in (3, 5, 8):
+        for name, case, args in dynamic_cases(n):
+            got = compiled[name](*args)
+            want = case(reference, *args)
+            got, want = (list(v) if isinstance(v, (tuple, list)) else [v] for v in (got, want))
+            for a, b in zip(got, want):
+                torch.testing.assert_close(a, b, msg=f"{name}, n = {n}")
+            differentiable = [t for t in args if t.requires_grad]
+            outputs = [(a, b) for a, b in zip(got, want) if a.requires_grad]
+            if outputs:
+                weights = [torch.randn_like(b) for _, b in outputs]
+                grads = [torch.autograd.grad(sum((o * w).sum() for (o, w) in zip(side, weights)),
+                                             differentiable, allow_unused=True)
+                         for side in ([a for a, _ in outputs], [b for _, b in outputs])]
+                for a, b in zip(*grads):
+                    if b is not None:
+                        torch.testing.assert_close(a, b, msg=f"gradient of {name}, n = {n}")
+    assert len(names) == 15
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_vmap_over_an_extra_leading_dimension(device):
     V = 3

@@ -1,5 +1,6 @@
 """Every argument check of the similarity ops raises an error naming the argument."""
 
+import numpy as np
 import pytest
 import torch
 
@@ -115,6 +116,30 @@ def test_tensors_on_different_devices_with_the_meta_device():
         ops.similarity_log_softmax(x, y.to("meta"))
     with pytest.raises(ValueError, match="values is on meta but x is on cpu"):
         ops.attention_readout(x, y, values.to("meta"))
+    with pytest.raises(ValueError, match="scale is on meta but x is on cpu"):
+        ops.similarity_log_softmax(x, y, scale=torch.tensor(2.0, device="meta"))
+
+
+def test_numpy_scalars_are_accepted_where_python_numbers_are():
+    for name in ("similarity_log_softmax", "similarity_cross_entropy", "attention_readout"):
+        fn = SIMILARITY_OPS[name]
+        results = []
+        for scale in (np.float32(0.5), 0.5):
+            torch.manual_seed(0)  # the same values for attention_readout
+            results.append(fn(x, y, scale=scale))
+        torch.testing.assert_close(*results)
+    support, labels = torch.randn(6, 3), torch.arange(6) % 3
+    torch.testing.assert_close(ops.class_prototypes(support, labels, np.int64(3)),
+                               ops.class_prototypes(support, labels, 3))
+    torch.testing.assert_close(ops.contrastive_loss(x, y[:, :4], torch.ones(2, 4), np.float32(2.0)),
+                               ops.contrastive_loss(x, y[:, :4], torch.ones(2, 4), 2.0))
+    weights = [torch.randn(12, 6), torch.randn(12, 3), torch.randn(12)]
+    torch.testing.assert_close(ops.matching_attention_lstm(x, y, *weights, steps=np.int64(2)),
+                               ops.matching_attention_lstm(x, y, *weights, steps=2))
+    memory = [torch.randn(2, 5, 3), torch.rand(2, 5), torch.softmax(torch.randn(2, 1, 5), -1),
+              torch.randn(2, 3, 1, 3), torch.rand(2, 3, 1)]
+    torch.testing.assert_close(ops.mann_memory(*memory, np.float32(2.0)).reads,
+                               ops.mann_memory(*memory, 2.0).reads)
 
 
 def test_non_contiguous_inputs_are_handled():

@@ -1,6 +1,7 @@
 """The CPU row loops are compiled for AVX-512, AVX2 and baseline x86-64; the
 widest the CPU has runs by default. Each variant is checked against the
-reference by capping the instruction set with FASTMETA_CPU_ISA."""
+reference by capping the instruction set with FASTMETA_CPU_ISA, and
+PyTorch's with it."""
 
 import os
 import platform
@@ -14,7 +15,7 @@ SCRIPT = textwrap.dedent("""
     import importlib
     import torch, fastmeta
     from fastmeta import ops, reference
-    from fastmeta.testing import assert_close_to_reference
+    from fastmeta.testing import assert_close_to_reference, compare_with_reference
     torch.manual_seed(0)
     # Two key tiles (BLAS query gradients), 20 keys (combined rows, 37
     # columns: vectors and an overlapping last one), and few keys (1, 5, 8:
@@ -30,13 +31,10 @@ SCRIPT = textwrap.dedent("""
             lambda f, x, y, m: f.similarity_log_softmax(x, y, m, 0.5).sin().sum(),
             lambda f, x, y, m: f.attention_readout(x, y, values.to(x.dtype), m, 0.5).sin().sum(),
         ]
-        x64, y64 = x.detach().double().requires_grad_(), y.detach().double().requires_grad_()
         for metric in ("sqeuclidean", "euclidean", "cosine", "dot"):
             for case in cases:
-                got = torch.autograd.grad(case(ops, x, y, metric), (x, y))
-                want = torch.autograd.grad(case(reference, x64, y64, metric), (x64, y64))
-                for g, w in zip(got, want):
-                    assert_close_to_reference(g, w, torch.float32)
+                compare_with_reference(lambda x, y: case(ops, x, y, metric),
+                                       lambda x, y: case(reference, x, y, metric), (x, y))
     # The MLP kernel: widths below, at and across a vector of either dtype,
     # and N = 10 points (output rows in blocks of eight and two, of four and two
     # for the width 6).
@@ -44,14 +42,12 @@ SCRIPT = textwrap.dedent("""
     P = sum(o * (i + 1) for i, o in zip(widths[:-1], widths[1:]))
     params, direction = torch.randn(5, P), torch.randn(5, P)
     x, target = torch.randn(5, 10, 3), torch.randn(5, 10, 2)
-    want = reference.mlp_task_derivatives(params.double(), x.double(), target.double(),
-                                          direction.double(), widths, activations, "mse", True)
     for dtype in (torch.float32, torch.float64):
-        got = ops.mlp_task_derivatives(params.to(dtype), x.to(dtype), target.to(dtype),
-                                       direction.to(dtype), widths=widths,
-                                       activations=activations, input_grad=True)
-        for g, w in zip(got, want):
-            assert_close_to_reference(g, w, dtype)
+        compare_with_reference(
+            lambda *t: ops.mlp_task_derivatives(*t, widths=widths, activations=activations,
+                                                input_grad=True),
+            lambda *t: reference.mlp_task_derivatives(*t, widths, activations, "mse", True),
+            [t.to(dtype) for t in (params, x, target, direction)])
     # The LSTM families, forward and backward, over chunks and a partial chunk
     # (P = 300), and the in-place step.
     P = 300
@@ -65,49 +61,47 @@ SCRIPT = textwrap.dedent("""
              (lambda f, s, w: f.meta_lstm_step(grad.to(s.dtype), loss.to(s.dtype), theta.to(s.dtype),
                                                s, w), (meta_state, meta_weights))]
     for step, leaves in steps:
-        leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-        outputs = step(ops, *leaves)
-        outputs64 = step(reference, *leaves64)
-        for g, w in zip(outputs, outputs64):
-            assert_close_to_reference(g, w, torch.float32)
-        cotangents = [torch.randn_like(t) for t in outputs64]
-        got = torch.autograd.grad(outputs, leaves, [c.float() for c in cotangents])
-        want = torch.autograd.grad(outputs64, leaves64, cotangents)
-        for g, w in zip(got, want):
-            assert_close_to_reference(g, w, torch.float32)
+        compare_with_reference(lambda *t: step(ops, *t), lambda *t: step(reference, *t), leaves)
     param, in_place = torch.randn(P), state.detach().clone()
-    update, new_state = reference.l2o_lstm_step(grad.double(), state.detach().double(),
-                                                weights.detach().double())
-    want_param = param.double() + update
+    (update, new_state), (eager_update, eager_state) = (
+        reference.l2o_lstm_step(grad.to(dtype), state.detach().to(dtype), weights.detach().to(dtype))
+        for dtype in (torch.float64, torch.float32))
+    want_param, eager_param = param.double() + update, param + eager_update
     ops.l2o_lstm_step_(param, grad, in_place, weights.detach())
-    assert_close_to_reference(param, want_param, torch.float32)
-    assert_close_to_reference(in_place, new_state, torch.float32)
+    assert_close_to_reference(param, want_param, eager_param)
+    assert_close_to_reference(in_place, new_state, eager_state)
     # The GNN adjacency, kept and recomputed activations, all rows and the last,
     # widths that are no multiple of a vector (9, 19, 7).
     nodes = torch.randn(3, 7, 9, requires_grad=True)
     layers = [(0.3 * torch.randn(*shape)).requires_grad_() for shape in ((19, 9), (7, 19), (1, 7))]
     biases = [(0.1 * torch.randn(shape[0])).requires_grad_() for shape in ((19,), (7,), (1,))]
-    leaves = [nodes, *layers, *biases]
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    cotangent = torch.randn(3, 7, 7, dtype=torch.float64)
     gnn_module = importlib.import_module("fastmeta.ops.gnn_adjacency")
     for last_row in (False, True):
         for limit in (gnn_module.KEPT_HIDDEN_VALUES, -1):  # kept, then recomputed
             gnn_module.KEPT_HIDDEN_VALUES = limit
-            out = ops.gnn_adjacency(nodes, layers, biases, 0.1, last_row)
-            want = reference.gnn_adjacency(leaves64[0], leaves64[1:4], leaves64[4:], 0.1, last_row)
-            assert_close_to_reference(out, want, torch.float32)
-            got = torch.autograd.grad(out, leaves, cotangent.float())
-            for g, w in zip(got, torch.autograd.grad(want, leaves64, cotangent)):
-                assert_close_to_reference(g, w, torch.float32)
+            compare_with_reference(lambda *t: ops.gnn_adjacency(*t, 0.1, last_row),
+                                   lambda *t: reference.gnn_adjacency(*t, 0.1, last_row),
+                                   (nodes, layers, biases))
     print("ok")
 """)
 
 
+# Each instruction set for the whole process: fastmeta's row loops, and
+# PyTorch's, MKL's and oneDNN's kernels (the eager error the tolerance is
+# measured against runs with the same cap).
+CAPS = {
+    "baseline": dict(FASTMETA_CPU_ISA="baseline", ATEN_CPU_CAPABILITY="default",
+                     MKL_ENABLE_INSTRUCTIONS="SSE4_2", ONEDNN_MAX_CPU_ISA="SSE41"),
+    "avx2": dict(FASTMETA_CPU_ISA="avx2", ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2",
+                 ONEDNN_MAX_CPU_ISA="AVX2"),
+    "native": {},
+}
+
+
 @pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86-64 instruction sets")
-@pytest.mark.parametrize("isa", ["baseline", "avx2", "native"])
+@pytest.mark.parametrize("isa", list(CAPS))
 def test_each_instruction_set_matches_the_reference(isa):
-    env = dict(os.environ, FASTMETA_CPU_ISA=isa)
+    env = dict(os.environ, **CAPS[isa])
     result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
                             timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr

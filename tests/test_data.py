@@ -323,6 +323,67 @@ def test_image_folder_bad_input(tmp_path):
         ImageFolder(tmp_path, channels=2)
 
 
+def test_image_folder_scales_16_bit_greyscale_to_8_bits(tmp_path):
+    levels = np.array([[0, 257 * 128], [65535, 257 * 64]], dtype=np.uint16)
+    (tmp_path / "a").mkdir()
+    image = Image.fromarray(levels)
+    assert image.mode == "I;16"
+    image.save(tmp_path / "a" / "deep.png")
+    data = ImageFolder(tmp_path, image_size=2, channels=1, cache=False)
+    assert data.images[0, 0].tolist() == [[0, 128], [255, 64]]  # Pillow alone clips 128 to 255
+
+
+def test_image_folder_names_an_image_it_cannot_decode(tmp_path):
+    write_image_folder(tmp_path)
+    bad = tmp_path / "n02" / "1.png"
+    bad.write_bytes(bad.read_bytes()[:60])
+    with pytest.raises(ValueError, match=f"cannot decode {bad}: "):
+        ImageFolder(tmp_path, image_size=8, cache=False)
+
+
+def test_an_unwritable_or_foreign_cache_is_skipped(tmp_path, monkeypatch):
+    write_image_folder(tmp_path / "data")
+    monkeypatch.setenv("FASTMETA_CACHE", str(tmp_path / "cache"))
+    want = ImageFolder(tmp_path / "data", image_size=8, cache=False).images
+
+    def disk_full(content, path):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64")
+    with monkeypatch.context() as patch:
+        patch.setattr(torch, "save", disk_full)
+        with pytest.warns(UserWarning, match="could not write the cache in .*continuing without it"):
+            assert torch.equal(ImageFolder(tmp_path / "data", image_size=8).images, want)
+    assert not [f for f in (tmp_path / "data" / ".fastmeta-cache").iterdir()]  # no partial file
+    ImageFolder(tmp_path / "data", image_size=8)
+    (cache,) = (tmp_path / "data" / ".fastmeta-cache").glob("folder-*.pt")
+    torch.save({"something": torch.zeros(1)}, cache)
+    with pytest.warns(UserWarning, match="holds something else; rebuilding it"):
+        assert torch.equal(ImageFolder(tmp_path / "data", image_size=8).images, want)
+
+
+@needs_omniglot
+def test_omniglot_zip_with_a_bad_crc_or_no_drawings(tmp_path):
+    data = bytearray((OMNIGLOT / "images_background_small1.zip").read_bytes())
+    with zipfile.ZipFile(OMNIGLOT / "images_background_small1.zip") as archive:
+        member = next(i for i in archive.infolist() if i.filename.endswith(".png"))
+    start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    data[start + member.compress_size // 2] ^= 0xFF
+    (tmp_path / "images_background_small1.zip").write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"images_background_small1.zip is damaged at .*\.png"):
+        Omniglot(tmp_path, cache=False)
+    (tmp_path / "images_background_small1.zip").unlink()
+    (tmp_path / "images_background").mkdir()
+    with pytest.raises(FileNotFoundError, match="Omniglot: no drawings in .*images_background"):
+        Omniglot(tmp_path, cache=False)
+
+
+def test_labels_are_checked_before_anything_is_sized_by_them():
+    started = time.perf_counter()
+    with pytest.raises(ValueError, match="labels go up to 1000000000 for 2 images"):
+        LabelledImages(torch.zeros(2, 1, 2, 2), torch.tensor([0, 10**9]))
+    assert time.perf_counter() - started < 1
+
+
 # Built-in characters -------------------------------------------------------
 
 def test_characters_dataset():

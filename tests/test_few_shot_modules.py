@@ -3,6 +3,7 @@ plain-PyTorch (easyfsl-style) formulations in fastmeta.reference."""
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -323,3 +324,29 @@ def test_bad_input_messages():
             support, support_labels)
     with pytest.raises(ValueError, match="images1 .* must pair up"):
         SiameseNetworks(Conv4(1), "contrastive").verification_loss(support, query[:5], torch.ones(6))
+
+
+@pytest.mark.parametrize("method", range(len(METHODS)), ids=METHODS)
+def test_a_batch_of_no_episodes_gives_empty_scores(method):
+    model, _, image_shape = models()[method]
+    support, support_labels, query, _ = episode(3, 2, 2, image_shape, batch=2)
+    scores = model.score_episodes(support[:0], support_labels[:0], query[:0], ways=3)
+    assert scores.shape == (0, 6, 3)
+
+
+def test_siamese_loss_checks_the_query_labels():
+    support, support_labels, query, query_labels = episode(3, 2, 2, (1, 3, 3))
+    model = SiameseNetworks(mlp_backbone(), feature_dimension=6).double()
+    with pytest.raises(ValueError, match=r"SiameseNetworks: query_labels must lie in 0..2, got values in 0..3"):
+        model.loss(support, support_labels, query, torch.tensor([0, 1, 2, 3, 0, 1]))
+    with pytest.raises(ValueError, match=r"query_labels must lie in 0..2, got values in -1..2"):
+        model.loss(support, support_labels, query, torch.tensor([0, 1, 2, -1, 0, 1]))
+    assert model.loss(support, support_labels, query, query_labels).isfinite()
+
+
+def test_numpy_integers_are_accepted_where_python_integers_are():
+    from fastmeta.nn import MANN, FewShotGNN, MetaNetwork
+    gnn = FewShotGNN(mlp_backbone(), feature_dimension=np.int64(6), ways=np.int64(3))
+    assert gnn.ways == 3 and type(gnn.ways) is int
+    assert MetaNetwork(mlp_backbone(), feature_dimension=np.int32(6), ways=np.int64(3)).ways == 3
+    assert MANN(np.int64(4), np.int64(3)).num_classes == 3

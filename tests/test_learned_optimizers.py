@@ -13,7 +13,7 @@ from torch.autograd import gradcheck, gradgradcheck
 
 import fastmeta
 from fastmeta import ops, reference
-from fastmeta.testing import DEVICES, FLOAT_DTYPES, assert_close_to_reference
+from fastmeta.testing import DEVICES, FLOAT_DTYPES, assert_close_to_reference, compare_with_reference
 
 # (num_layers, hidden_size, P): P around the 256-coordinate chunk, empty and size 1.
 L2O_SHAPES = [(2, 20, 1000), (1, 1, 1), (1, 3, 7), (3, 5, 257), (2, 4, 0), (2, 20, 256), (2, 7, 513)]
@@ -44,32 +44,20 @@ def meta_inputs(H, P, dtype, device):
     return [t.requires_grad_() for t in (grad, loss, theta, state, weights)]
 
 
-def compare_with_reference(op, ref, inputs, dtype):
-    outputs, expected = op(*inputs), ref(*inputs)
-    for a, e in zip(outputs, expected):
-        assert_close_to_reference(a, e, dtype)
-    upstream = [torch.randn_like(o) for o in outputs]
-    got = torch.autograd.grad(outputs, inputs, upstream)
-    want = torch.autograd.grad(expected, inputs, upstream)
-    for name, a, e in zip(("d grad", "d loss", "d theta", "d state", "d weights"), got, want):
-        assert_close_to_reference(a, e, dtype, msg=name)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("L, H, P", L2O_SHAPES)
 def test_l2o_step_matches_reference(device, dtype, L, H, P):
     inputs = l2o_inputs(L, H, P, dtype, device)
     compare_with_reference(lambda *a: ops.l2o_lstm_step(*a, 7.0, 0.3),
-                           lambda *a: reference.l2o_lstm_step(*a, 7.0, 0.3), inputs, dtype)
+                           lambda *a: reference.l2o_lstm_step(*a, 7.0, 0.3), inputs)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("H, P", [(20, 1000), (1, 1), (3, 0), (5, 257)])
 def test_meta_step_matches_reference(device, dtype, H, P):
-    compare_with_reference(ops.meta_lstm_step, reference.meta_lstm_step, meta_inputs(H, P, dtype, device),
-                           dtype)
+    compare_with_reference(ops.meta_lstm_step, reference.meta_lstm_step, meta_inputs(H, P, dtype, device))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -103,12 +91,12 @@ def test_large_outputs_reuse_freed_buffers_and_match_reference():
     assert outputs[1].data_ptr() == nan_state_buffer
     expected = reference.l2o_lstm_step(grad, state, weights)
     for a, e in zip(outputs, expected):
-        assert_close_to_reference(a, e, torch.float64)
+        assert_close_to_reference(a, e)
     upstream = [torch.randn_like(e) for e in expected]
     got = torch.autograd.grad(outputs, (state, weights), upstream)
     want = torch.autograd.grad(expected, (state, weights), upstream)
     for a, e in zip(got, want):
-        assert_close_to_reference(a, e, torch.float64)
+        assert_close_to_reference(a, e)
     del outputs, got
     # The new state, the update and their gradients.
     assert ops.release_recycled_buffers() == 2 * state.nbytes + 2 * grad.nbytes
@@ -128,7 +116,7 @@ def test_meta_lstm_large_outputs_reuse_freed_buffers_and_match_reference():
     outputs = ops.meta_lstm_step(grad, loss, theta, state, weights)
     assert outputs[1].data_ptr() == nan_state_buffer
     for a, e in zip(outputs, reference.meta_lstm_step(grad, loss, theta, state, weights)):
-        assert_close_to_reference(a, e, torch.float64)
+        assert_close_to_reference(a, e)
 
 
 def _recycled_state_buffers(env_mib: str) -> subprocess.CompletedProcess:

@@ -76,13 +76,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_bac
     const T* grad_rows = grad.const_data_ptr<T>() + block.row * V;
     const T* task_values = values.const_data_ptr<T>() + block.b * N * V;
     T* gsc = gscale.mutable_data_ptr<T>() + block.row;
-    T grad_dot_out[kQueryBlock];
+    T grad_dot_out[kQueryBlock], center[kQueryBlock];
     for (int64_t i = 0; i < block.qb; ++i)
       grad_dot_out[i] = row_dot(grad_rows + i * V, out.const_data_ptr<T>() + (block.row + i) * V, V);
     std::vector<T> P(block.S.size());
     for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
       const int64_t nb = std::min(kKeyBlock, N - n0);
       const T* S = block.similarities(n0, nb);
+      for (int64_t i = 0; i < block.qb && n0 == 0; ++i)
+        center[i] = scale_gradient_center(S + i * nb, nb, sc[i]);
       std::copy(S, S + block.qb * nb, P.begin());
       for (int64_t i = 0; i < block.qb; ++i) exp_affine_sum(P.data() + i * nb, nb, sc[i], row_lse[i]);
       // W = d loss / d P = grad @ values_tile^T; values get P^T @ grad.
@@ -92,7 +94,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_bac
         T* w = block.W.data() + i * nb;
         const T* p = P.data() + i * nb;
         for (int64_t j = 0; j < nb; ++j) w[j] = p[j] * (w[j] - grad_dot_out[i]);
-        gsc[i] += row_dot(w, S + i * nb, nb);
+        gsc[i] += row_dot_shifted(w, S + i * nb, center[i], nb);
         for (int64_t j = 0; j < nb; ++j) w[j] *= sc[i];
       }
       block.apply(n0, nb, S, nb);

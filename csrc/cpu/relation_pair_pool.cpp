@@ -43,7 +43,7 @@ FASTMETA_INLINE T window_max(const T* a, const T* b, const int64_t* o, int64_t c
 #pragma GCC unroll 3
   for (int k = 1; k < 4; ++k) {
     const T v = a[o[k] + c] + b[o[k] + c];
-    const bool take = !(v <= best);
+    const bool take = best == best && !(v <= best);  // a NaN, once met, stays
     best = take ? v : best;
     arg = take ? k : arg;
   }

@@ -114,21 +114,22 @@ struct ExpAffineSum {
 };
 
 // The cross-entropy gradient of one row without the target term: with
-// p[j] = exp(a * s[j] - lse), writes w[j] = g * p[j]; returns sum_j p[j] * s[j].
+// p[j] = exp(a * s[j] - lse), writes w[j] = g * p[j]; returns
+// sum_j p[j] * (s[j] - center) (see scale_gradient_center).
 struct SoftmaxGradRow {
   template <typename T>
-  FASTMETA_INLINE static T run(T* w, const T* s, int64_t n, T a, T lse, T g) {
+  FASTMETA_INLINE static T run(T* w, const T* s, int64_t n, T a, T lse, T g, T center) {
     T acc[kLanes<T>] = {};
     int64_t j = 0;
     for (; j + kLanes<T> <= n; j += kLanes<T>)
       for (int l = 0; l < kLanes<T>; ++l) {
         const T p = exp_fast(a * s[j + l] - lse);
-        acc[l] += p * s[j + l];
+        acc[l] += p * (s[j + l] - center);
         w[j + l] = g * p;
       }
     for (; j < n; ++j) {
       const T p = exp_fast(a * s[j] - lse);
-      acc[0] += p * s[j];
+      acc[0] += p * (s[j] - center);
       w[j] = g * p;
     }
     T sum = 0;
@@ -175,6 +176,21 @@ struct Dot {
   }
 };
 
+// sum_j a[j] * (b[j] - c).
+struct ShiftedDot {
+  template <typename T>
+  FASTMETA_INLINE static T run(const T* a, const T* b, T c, int64_t n) {
+    T acc[kLanes<T>] = {};
+    int64_t j = 0;
+    for (; j + kLanes<T> <= n; j += kLanes<T>)
+      for (int l = 0; l < kLanes<T>; ++l) acc[l] += a[j + l] * (b[j + l] - c);
+    for (; j < n; ++j) acc[0] += a[j] * (b[j] - c);
+    T s = 0;
+    for (int l = 0; l < kLanes<T>; ++l) s += acc[l];
+    return s;
+  }
+};
+
 struct Sum {
   template <typename T>
   FASTMETA_INLINE static T run(const T* a, int64_t n) {
@@ -197,6 +213,26 @@ template <typename T>
 T row_dot(const T* a, const T* b, int64_t n) { return run_loop<Dot>(a, b, n); }
 
 template <typename T>
+T row_dot_shifted(const T* a, const T* b, T c, int64_t n) { return run_loop<ShiftedDot>(a, b, c, n); }
+
+template <typename T>
 T row_sum(const T* a, int64_t n) { return run_loop<Sum>(a, n); }
+
+// The scale's gradient of a softmax row, sum_j w[j] * s[j], has weights
+// w[j] = d loss / d logit[j] that sum to 0, so a constant may be subtracted
+// from every s[j]. Subtracting the similarity of the likeliest key (of a
+// row's first tile) keeps the rounding of the probabilities from being
+// multiplied by |s| (large for the Euclidean metrics): the error then
+// matches eager PyTorch's.
+template <typename T>
+T scale_gradient_center(const T* s, int64_t n, T scale) {
+  T best = 0, center = 0;
+  for (int64_t j = 0; j < n; ++j)
+    if (j == 0 || scale * s[j] > best) {
+      best = scale * s[j];
+      center = s[j];
+    }
+  return std::isfinite(center) ? center : T(0);
+}
 
 }  // namespace fastmeta::cpu

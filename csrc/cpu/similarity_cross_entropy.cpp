@@ -67,20 +67,23 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x_
 }
 
 // Fills block.W for the tile of keys n0 .. n0 + nb with d loss / d s, from
-// the similarities S (leading dimension lds), and adds to grad_scale.
+// the similarities S (leading dimension lds), and adds to grad_scale; the
+// first tile sets each row's center (scale_gradient_center).
 // g is d loss / d loss_row; arrays are offset to the block's first row.
 template <typename Block, typename T>
 void cross_entropy_tile_grad(Block& block, int64_t n0, int64_t nb, const T* S, int64_t lds,
                              const T* scale, const T* g, const T* lse, const int64_t* target,
-                             T* gscale) {
+                             T* center, T* gscale) {
   for (int64_t i = 0; i < block.qb; ++i) {
     const T* s = S + i * lds;
     T* w = block.W.data() + i * nb;
+    if (n0 == 0) center[i] = scale_gradient_center(s, nb, scale[i]);
     // d loss / d logit = g * (softmax - one_hot(target)); w is that times the scale.
-    T gscale_acc = g[i] * run_loop<SoftmaxGradRow>(w, s, nb, scale[i], lse[i], g[i] * scale[i]);
+    T gscale_acc =
+        g[i] * run_loop<SoftmaxGradRow>(w, s, nb, scale[i], lse[i], g[i] * scale[i], center[i]);
     const int64_t t = target[i] - n0;
     if (t >= 0 && t < nb) {
-      gscale_acc -= g[i] * s[t];
+      gscale_acc -= g[i] * (s[t] - center[i]);
       w[t] -= g[i] * scale[i];
     }
     gscale[i] += gscale_acc;
@@ -105,12 +108,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward
   auto g = similarity_backward(o, {}, [&](auto& block) {
     using T = typename std::decay_t<decltype(block)>::Scalar;
     const int64_t* target = checked_targets(o, block);
+    T center[kQueryBlock];
     for (int64_t n0 = 0; n0 < block.N; n0 += kKeyBlock) {
       const int64_t nb = std::min(kKeyBlock, block.N - n0);
       const T* S = block.similarities(n0, nb);
       cross_entropy_tile_grad(block, n0, nb, S, nb, o.scale.const_data_ptr<T>() + block.row,
                               o.grad.const_data_ptr<T>() + block.row,
-                              o.lse.const_data_ptr<T>() + block.row, target,
+                              o.lse.const_data_ptr<T>() + block.row, target, center,
                               gscale.mutable_data_ptr<T>() + block.row);
       block.apply(n0, nb, S, nb);
     }
@@ -139,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cross_entr
     const T* sc = o.scale.const_data_ptr<T>() + block.row;
     std::vector<T> S(block.qb * N);
     block.similarities_into(0, N, S.data(), N);
-    T lse[kQueryBlock], g[kQueryBlock];
+    T lse[kQueryBlock], g[kQueryBlock], center[kQueryBlock];
     T* loss = row_loss.mutable_data_ptr<T>() + block.row;
     for (int64_t i = 0; i < block.qb; ++i) {
       const T* s = S.data() + i * N;
@@ -150,7 +154,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> similarity_cross_entr
     for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
       const int64_t nb = std::min(kKeyBlock, N - n0);
       cross_entropy_tile_grad(block, n0, nb, S.data() + n0, N, sc, static_cast<const T*>(g),
-                              static_cast<const T*>(lse), target,
+                              static_cast<const T*>(lse), target, center,
                               gscale.mutable_data_ptr<T>() + block.row);
       block.apply(n0, nb, S.data() + n0, N);
     }

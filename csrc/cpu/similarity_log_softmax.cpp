@@ -63,11 +63,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_log_softmax_backward(
     const T* grad_rows = grad.const_data_ptr<T>() + block.row * N;
     const T* log_prob_rows = log_probs.const_data_ptr<T>() + block.row * N;
     T* gsc = gscale.mutable_data_ptr<T>() + block.row;
-    T grad_sum[kQueryBlock];
+    T grad_sum[kQueryBlock], center[kQueryBlock];
     for (int64_t i = 0; i < block.qb; ++i) grad_sum[i] = row_sum(grad_rows + i * N, N);
     for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
       const int64_t nb = std::min(kKeyBlock, N - n0);
       const T* S = block.similarities(n0, nb);
+      for (int64_t i = 0; i < block.qb && n0 == 0; ++i)
+        center[i] = scale_gradient_center(S + i * nb, nb, sc[i]);
       for (int64_t i = 0; i < block.qb; ++i) {
         const T* g = grad_rows + i * N + n0;
         T* w = block.W.data() + i * nb;
@@ -75,7 +77,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_log_softmax_backward(
         std::copy(log_prob_rows + i * N + n0, log_prob_rows + i * N + n0 + nb, w);
         exp_affine_sum(w, nb, T(1), T(0));
         for (int64_t j = 0; j < nb; ++j) w[j] = g[j] - w[j] * grad_sum[i];
-        gsc[i] += row_dot(w, S + i * nb, nb);
+        gsc[i] += row_dot_shifted(w, S + i * nb, center[i], nb);
         for (int64_t j = 0; j < nb; ++j) w[j] *= sc[i];
       }
       block.apply(n0, nb, S, nb);

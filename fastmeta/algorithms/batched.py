@@ -2,6 +2,7 @@
 meta-batch adapted at once."""
 
 import functools
+import numbers
 from typing import Dict, NamedTuple, Optional
 
 import torch
@@ -48,9 +49,9 @@ def _check_tasks(name: str, device: torch.device, **tensors: torch.Tensor):
 
 
 def _check_steps(name: str, steps) -> int:
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+    if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
         raise ValueError(f"{name}: the number of inner steps must be an int >= 0, got {steps!r}")
-    return steps
+    return int(steps)
 
 
 class _TaskBatchLearner(nn.Module):
@@ -444,11 +445,11 @@ class iMAML(_TaskBatchLearner):
                  cg_steps: int = 5, loss: Loss = "mse", memory: str = "auto"):
         super().__init__(module, inner_steps, loss)
         self.memory = self._check_memory(memory)
-        if not isinstance(lam, (int, float)) or isinstance(lam, bool) or not lam > 0:
+        if not isinstance(lam, numbers.Real) or isinstance(lam, bool) or not lam > 0:
             raise ValueError(f"iMAML: lam must be a number > 0, got {lam!r}")
-        if isinstance(cg_steps, bool) or not isinstance(cg_steps, int) or cg_steps < 1:
+        if isinstance(cg_steps, bool) or not isinstance(cg_steps, numbers.Integral) or cg_steps < 1:
             raise ValueError(f"iMAML: cg_steps must be an int >= 1, got {cg_steps!r}")
-        self.inner_lr, self.lam, self.cg_steps = float(inner_lr), float(lam), cg_steps
+        self.inner_lr, self.lam, self.cg_steps = float(inner_lr), float(lam), int(cg_steps)
 
     def _adapted(self, x: torch.Tensor, y: torch.Tensor, steps: int):
         theta, lr = self._flat_parameters_and_step_size()

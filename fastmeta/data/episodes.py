@@ -1,5 +1,6 @@
 """Few-shot episodes drawn with tensor indexing: no per-example Python loop."""
 
+import numbers
 from typing import Iterator, NamedTuple, Optional
 
 import torch
@@ -67,11 +68,13 @@ class EpisodeSampler:
                  seed: Optional[int] = None, generator: Optional[torch.Generator] = None):
         for name, value, least in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 0),
                                    ("episodes_per_batch", episodes_per_batch, 1)):
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
                 raise ValueError(f"EpisodeSampler: {name} must be an integer >= {least}, got {value!r}")
-        if num_batches is not None and (not isinstance(num_batches, int) or num_batches < 0):
+        if num_batches is not None and (not isinstance(num_batches, numbers.Integral) or num_batches < 0):
             raise ValueError(f"EpisodeSampler: num_batches must be an integer >= 0 or None, "
                              f"got {num_batches!r}")
+        ways, shots, queries, episodes_per_batch = int(ways), int(shots), int(queries), int(episodes_per_batch)
+        num_batches = None if num_batches is None else int(num_batches)
         if generator is not None and seed is not None:
             raise ValueError("EpisodeSampler: give a seed or a generator, not both")
         self.ways, self.shots, self.queries = ways, shots, queries

@@ -52,9 +52,12 @@ class LabelledImages(torch.utils.data.Dataset):
             raise ValueError(f"LabelledImages: labels must have shape [{images.shape[0]}] (one per "
                              f"image), got {list(labels.shape)}")
         check_integer_labels("LabelledImages", "labels", labels)
-        num_classes = int(labels.max()) + 1 if labels.numel() else 0
         if labels.numel() and int(labels.min()) < 0:
             raise ValueError("LabelledImages: labels must be >= 0")
+        num_classes = int(labels.max()) + 1 if labels.numel() else 0
+        if class_names is None and num_classes > labels.numel():
+            raise ValueError(f"LabelledImages: labels go up to {num_classes - 1} for "
+                             f"{labels.numel()} images; number the classes 0..num_classes-1")
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"LabelledImages: {len(class_names)} class names for "
                              f"{num_classes} classes")
@@ -150,44 +153,69 @@ def as_float_images(images: torch.Tensor) -> torch.Tensor:
     return images.float().div_(255) if images.dtype == torch.uint8 else images
 
 
-def decode_image(data: bytes, size: Tuple[int, int], mode: str) -> np.ndarray:
+def decode_image(data: bytes, size: Tuple[int, int], mode: str, name: str = "an image") -> np.ndarray:
     """One image file's bytes, decoded by Pillow, converted to ``mode`` ("L"
-    or "RGB") and resized to ``size`` (width, height): ``uint8 [C, H, W]``."""
+    or "RGB") and resized to ``size`` (width, height): ``uint8 [C, H, W]``.
+    16-bit greyscale images are scaled to 8 bits (Pillow's own conversion
+    would clip them); a file that cannot be decoded raises a
+    ValueError naming ``name``."""
     from PIL import Image
 
-    with Image.open(io.BytesIO(data)) as image:
-        image = image.convert(mode)
-        if image.size != size:
-            image = image.resize(size, Image.Resampling.BILINEAR)
-        array = np.asarray(image, dtype=np.uint8)
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return _decoded(image, size, mode)
+    except (OSError, ValueError, SyntaxError) as error:  # what Pillow raises on a bad file
+        raise ValueError(f"cannot decode {name}: {error}") from None
+
+
+def _decoded(image, size: Tuple[int, int], mode: str) -> np.ndarray:
+    from PIL import Image
+
+    if image.mode.startswith("I"):  # 16-bit greyscale ("I;16...", or "I" from older decoders)
+        levels = np.asarray(image).astype(np.float64) * (255 / 65535)
+        image = Image.fromarray(levels.round().clip(0, 255).astype(np.uint8), "L")
+    image = image.convert(mode)
+    if image.size != size:
+        image = image.resize(size, Image.Resampling.BILINEAR)
+    array = np.asarray(image, dtype=np.uint8)
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
 def cached(key_parts: Sequence, name: str, preferred_dir: Optional[Path],
            build: Callable[[], dict]) -> dict:
     """``build()``'s tensors, cached in ``preferred_dir`` (or :func:`cache_dir`
-    when that is not writable) under a name hashed from ``key_parts``; a
-    corrupted cache is rebuilt with a warning. Written atomically."""
+    when that is not writable) under a name hashed from ``key_parts``. The
+    cache is optional: a corrupted or foreign cache file is rebuilt, and one
+    that cannot be written is skipped, each with a warning. Written
+    atomically."""
     digest = hashlib.sha256(repr(list(key_parts)).encode()).hexdigest()[:16]
     file_name = f"{name}-{digest}.pt"
     candidates = [d for d in (preferred_dir, cache_dir()) if d is not None and _writable(d)]
+    content = None
     for directory in candidates:
         path = directory / file_name
         if path.exists():
             try:
-                return torch.load(path, weights_only=True)
-            except Exception as error:  # a truncated or foreign file: rebuild it
+                content = torch.load(path, weights_only=True)
+            except Exception as error:  # noqa: BLE001: torch.load raises many kinds on a bad file
                 warnings.warn(f"ignoring the unreadable cache {path} ({error}); rebuilding it")
+                continue
+            if isinstance(content, dict) and {"images", "labels"} <= content.keys():
+                return content
+            warnings.warn(f"ignoring the cache {path}: it holds something else; rebuilding it")
     content = build()
     for directory in candidates:
+        temporary = directory / f".{file_name}.{os.getpid()}.tmp"
         try:
             directory.mkdir(parents=True, exist_ok=True)
-            temporary = directory / f".{file_name}.{os.getpid()}.tmp"
             torch.save(content, temporary)
             os.replace(temporary, directory / file_name)
             break
-        except OSError:
-            continue
+        except Exception as error:  # noqa: BLE001: a full disk surfaces as OSError or RuntimeError
+            temporary.unlink(missing_ok=True)
+            warnings.warn(f"could not write the cache in {directory} ({str(error).splitlines()[0]}); "
+                          "continuing without it")
     return content
 
 
@@ -241,7 +269,7 @@ class ImageFolder(LabelledImages):
         mode = "RGB" if channels == 3 else "L"
 
         def build():
-            images = [decode_image(f.read_bytes(), (width, height), mode)
+            images = [decode_image(f.read_bytes(), (width, height), mode, str(f))
                       for class_files in files for f in class_files]
             labels = [c for c, class_files in enumerate(files) for _ in class_files]
             return {"images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels)}

@@ -61,10 +61,14 @@ class Omniglot(LabelledImages):
                 for alphabet, character, name, data in _read_drawings(source):
                     drawings.setdefault((alphabet, character), {})[name] = data
             keys = sorted(drawings)
+            if not keys:
+                raise FileNotFoundError(f"Omniglot: no drawings in {', '.join(map(str, sources))}; "
+                                        "expected <subset>/<Alphabet>/<character>/<drawing>.png")
             images, labels = [], []
             for label, key in enumerate(keys):
                 for name in sorted(drawings[key]):
-                    images.append(255 - decode_image(drawings[key][name], (image_size, image_size), "L"))
+                    images.append(255 - decode_image(drawings[key][name], (image_size, image_size), "L",
+                                                     "/".join((*key, name))))
                     labels.append(label)
             return {"images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels),
                     "names": ["/".join(k) for k in keys]}
@@ -117,4 +121,8 @@ def _read_drawings(source: Path):
         for member in sorted(archive.namelist()):
             parts = member.split("/")
             if len(parts) == 4 and parts[3].endswith(".png"):
-                yield parts[1], parts[2], parts[3], archive.read(member)
+                try:
+                    data = archive.read(member)
+                except (zipfile.BadZipFile, OSError, EOFError) as error:  # e.g. a bad CRC
+                    raise ValueError(f"Omniglot: {source} is damaged at {member} ({error})") from None
+                yield parts[1], parts[2], parts[3], data

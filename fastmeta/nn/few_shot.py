@@ -142,7 +142,7 @@ class FewShotClassifier(nn.Module):
         """``function`` applied to ``episodes_per_call`` episodes at a time."""
         B = episodes[0].shape[0]
         chunk = self.episodes_per_call or max(B, 1)
-        parts = [function(*(e[i:i + chunk] for e in episodes)) for i in range(0, B, chunk)]
+        parts = [function(*(e[i:i + chunk] for e in episodes)) for i in range(0, max(B, 1), chunk)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _check_episode(self, support, support_labels, query) -> bool:
@@ -179,6 +179,8 @@ class FewShotClassifier(nn.Module):
         class present in every episode."""
         name = type(self).__name__
         check_integer_labels(name, "support_labels", labels)
+        if labels.shape[0] == 0:  # no episodes: nothing to check, empty results
+            return 0 if ways is None else ways
         if labels.numel() == 0:
             raise ValueError(f"{name}: the support set is empty")
         low, high = (int(v) for v in labels.aminmax())

@@ -1,5 +1,6 @@
 """Graph neural networks for few-shot learning (Garcia & Bruna 2018)."""
 
+import numbers
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -89,8 +90,9 @@ class FewShotGNN(FewShotClassifier):
         super().__init__(backbone, use_softmax)
         for name, value, least in (("feature_dimension", feature_dimension, 1), ("ways", ways, 1),
                                    ("layers", layers, 0), ("hidden", hidden, 2)):
-            if not isinstance(value, int) or value < least:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
                 raise ValueError(f"FewShotGNN: {name} must be an integer >= {least}, got {value!r}")
+        feature_dimension, ways, layers, hidden = int(feature_dimension), int(ways), int(layers), int(hidden)
         self.feature_dimension, self.ways = feature_dimension, ways
         widths = [feature_dimension + ways + k * (hidden // 2) for k in range(layers + 1)]
         self.metrics = nn.ModuleList(PairMLP(w, metric_ratio, negative_slope) for w in widths)

@@ -1,5 +1,6 @@
 """Memory-augmented neural networks (Santoro et al. 2016)."""
 
+import numbers
 from typing import Optional
 
 import torch
@@ -58,8 +59,10 @@ class MANN(nn.Module):
         for name, value in (("input_size", input_size), ("num_classes", num_classes),
                             ("hidden_size", hidden_size), ("memory_slots", memory_slots),
                             ("memory_width", memory_width), ("read_heads", read_heads)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MANN: {name} must be a positive integer, got {value!r}")
+        input_size, num_classes, hidden_size = int(input_size), int(num_classes), int(hidden_size)
+        memory_slots, memory_width, read_heads = int(memory_slots), int(memory_width), int(read_heads)
         self.input_size, self.num_classes = input_size, num_classes
         self.memory_slots, self.memory_width, self.read_heads = memory_slots, memory_width, read_heads
         self.decay = decay
@@ -91,7 +94,7 @@ class MANN(nn.Module):
         shown = F.one_hot(labels.clamp_min(0), self.num_classes) * (labels >= 0)[..., None]
         previous = shown.to(features.dtype).roll(1, dims=1)
         previous[:, :1] = 0
-        return torch.cat([features.view(B, T, -1), previous], -1)
+        return torch.cat([features.view(B, T, self.input_size), previous], -1)
 
     def head_outputs(self, hidden: torch.Tensor):
         """Keys ``[..., H, W]``, write gates and key strengths ``[..., H]``
@@ -110,6 +113,8 @@ class MANN(nn.Module):
         ``inputs [B, T, ...]`` and ``labels [B, T]`` (step t sees labels
         before t only)."""
         x = self.controller_inputs(inputs, labels)
+        if x.shape[0] * x.shape[1] == 0:  # no episodes or no steps: no logits
+            return x.new_zeros(*x.shape[:2], self.num_classes)
         hidden, _ = self.controller(x)
         keys, gates, strengths = self.head_outputs(hidden)
         memory = ops.mann_memory(*self.initial_state(x.shape[0], x), keys, gates, strengths,

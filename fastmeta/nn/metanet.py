@@ -1,5 +1,6 @@
 """Meta Networks (Munkhdalai & Yu 2017)."""
 
+import numbers
 from typing import Optional
 
 import torch
@@ -71,8 +72,10 @@ class MetaNetwork(FewShotClassifier):
         super().__init__(backbone, use_softmax)
         for name, value in (("feature_dimension", feature_dimension), ("ways", ways), ("hidden", hidden),
                             ("key_dimension", key_dimension), ("meta_hidden", meta_hidden)):
-            if not isinstance(value, int) or value < 1:
+            if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MetaNetwork: {name} must be a positive integer, got {value!r}")
+        feature_dimension, ways, hidden = int(feature_dimension), int(ways), int(hidden)
+        key_dimension, meta_hidden = int(key_dimension), int(meta_hidden)
         self.feature_dimension, self.ways = feature_dimension, ways
         self.embedding = nn.Linear(feature_dimension, key_dimension)   # u's slow weights
         self.base_hidden = nn.Linear(feature_dimension, hidden)         # b's slow weights

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
+from .batch_norm_updates import blend_running_statistics
 from .few_shot import FewShotClassifier
 
 __all__ = ["RelationModule", "RelationNetworks", "separable_batch_norm"]
@@ -61,7 +62,7 @@ class RelationModule(nn.Module):
         query_half = F.conv2d(queries.flatten(0, 1), conv.weight[:, C:], None,
                               conv.stride, conv.padding, conv.dilation).unflatten(0, (B, Q))
         rest = self.rest
-        if isinstance(rest[0], nn.BatchNorm2d) and Q and N:
+        if isinstance(rest[0], nn.BatchNorm2d) and B and Q and N:
             query_half, prototype_half = separable_batch_norm(rest[0], query_half, prototype_half)
             rest = rest[1:]
         channels_last = (0, 1, 3, 4, 2)
@@ -108,12 +109,7 @@ def separable_batch_norm(norm: nn.BatchNorm2d, queries: torch.Tensor, prototypes
         variance = (centred_queries.square().mean((0, 1, 3, 4))
                     + centred_prototypes.square().mean((0, 1, 3, 4)) + 2 * covariance)
         if norm.training and norm.track_running_stats:
-            with torch.no_grad():
-                norm.num_batches_tracked += 1
-                factor = (1.0 / float(norm.num_batches_tracked) if norm.momentum is None
-                          else norm.momentum)
-                norm.running_mean.lerp_(mean.detach(), factor)
-                norm.running_var.lerp_(variance.detach() * count / (count - 1), factor)
+            blend_running_statistics(norm, mean, variance * count / (count - 1))
     else:
         mean, variance = norm.running_mean, norm.running_var
     scale = torch.rsqrt(variance + norm.eps)

@@ -69,9 +69,14 @@ class SiameseNetworks(FewShotClassifier):
 
     def loss(self, support, support_labels, query, query_labels, ways=None) -> torch.Tensor:
         """Verification loss over every (query, support) pair of the episodes."""
-        (support_features, labels, _), query_features, batched = self.embed_episodes(
+        (support_features, labels, ways), query_features, batched = self.embed_episodes(
             support, support_labels, query, ways)
         targets = self.batched_query_labels(query_labels, query_features.shape[:2], batched)
+        if targets.numel():
+            low, high = (int(v) for v in targets.aminmax())
+            if low < 0 or high >= ways:
+                raise ValueError(f"SiameseNetworks: query_labels must lie in 0..{ways - 1}, got values "
+                                 f"in {low}..{high}")
         same = (targets[:, :, None] == labels[:, None]).to(query_features.dtype)
         B, Q, S = same.shape
         return self._verification(query_features[:, :, None].expand(B, Q, S, -1),

@@ -1,5 +1,6 @@
 """Argument checking and op registration shared by the ops in this package."""
 
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Optional, Sequence, Union
 
@@ -84,7 +85,7 @@ def metric_operands(op: str, x, y, metric: str, scale: Union[float, torch.Tensor
     batch_shape = x.shape[:2]
     if isinstance(scale, torch.Tensor):
         check_tensor(op, "scale", scale)
-        if scale.device != x.device and scale.dim() > 0:
+        if scale.device != x.device and (scale.dim() > 0 or scale.device.type == "meta"):
             raise ValueError(f"{op}: scale is on {scale.device} but x is on {x.device}")
         try:
             scale = torch.broadcast_to(scale.to(device=x.device, dtype=work), batch_shape)
@@ -92,7 +93,7 @@ def metric_operands(op: str, x, y, metric: str, scale: Union[float, torch.Tensor
             want = f"[Q] = [{x.shape[1]}]" if unbatched else f"[B, Q] = {list(batch_shape)}"
             raise ValueError(f"{op}: scale of shape {list(scale.shape)} does not broadcast to "
                              f"{want}") from None
-    elif isinstance(scale, (int, float)) and not isinstance(scale, bool):
+    elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
         scale = torch.full(batch_shape, float(scale), dtype=work, device=x.device)
     else:
         raise TypeError(f"{op}: scale must be a float or a tensor, got {type(scale).__name__}")

@@ -1,3 +1,4 @@
+import numbers
 import torch
 
 from . import _common
@@ -34,8 +35,9 @@ def class_prototypes(support: torch.Tensor, labels: torch.Tensor, num_classes: i
     if support.dim() not in (2, 3) or labels.shape != support.shape[:-1]:
         raise ValueError(f"{op}: support must be [B, S, D] or [S, D] and labels [B, S] or [S]; got "
                          f"support of shape {tuple(support.shape)} and labels of shape {tuple(labels.shape)}")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+    if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 0:
         raise ValueError(f"{op}: num_classes must be a non-negative int, got {num_classes!r}")
+    num_classes = int(num_classes)
     unbatched = support.dim() == 2
     dtype = support.dtype
     s = support.to(_common.compute_dtype(support))

@@ -1,3 +1,4 @@
+import numbers
 import torch
 
 from . import _common
@@ -38,7 +39,7 @@ def contrastive_loss(x1: torch.Tensor, x2: torch.Tensor, same: torch.Tensor, mar
         raise ValueError(f"{op}: same is on {same.device} but x1 is on {x1.device}")
     if not (same.dtype == torch.bool or same.is_floating_point()):
         raise TypeError(f"{op}: same must be a bool or floating-point tensor, got {same.dtype}")
-    if not isinstance(margin, (int, float)) or isinstance(margin, bool):
+    if not isinstance(margin, numbers.Real) or isinstance(margin, bool):
         raise TypeError(f"{op}: margin must be a float, got {type(margin).__name__}")
     work = _common.compute_dtype(x1)
     pairs_shape = x1.shape[:-1]

@@ -1,3 +1,4 @@
+import numbers
 from typing import NamedTuple, Union
 
 import torch
@@ -67,7 +68,7 @@ def mann_memory(memory: torch.Tensor, usage: torch.Tensor, read_weights: torch.T
     B, S, W = memory.shape
     T, H = keys.shape[1], keys.shape[2]
     if not isinstance(key_strengths, torch.Tensor):
-        if isinstance(key_strengths, bool) or not isinstance(key_strengths, (int, float)):
+        if isinstance(key_strengths, bool) or not isinstance(key_strengths, numbers.Real):
             raise TypeError(f"{op}: key_strengths must be a float or a tensor, got "
                             f"{type(key_strengths).__name__}")
         key_strengths = torch.full_like(write_gates, float(key_strengths))

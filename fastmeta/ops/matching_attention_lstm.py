@@ -1,3 +1,4 @@
+import numbers
 from typing import Optional
 
 import torch
@@ -52,8 +53,9 @@ def matching_attention_lstm(query: torch.Tensor, support: torch.Tensor, weight_i
     if bias.shape != (4 * D,):
         raise ValueError(f"{op}: bias must be [{4 * D}], got {list(bias.shape)}")
     steps = support.shape[1] if steps is None else steps
-    if not isinstance(steps, int) or isinstance(steps, bool) or steps < 0:
+    if not isinstance(steps, numbers.Integral) or isinstance(steps, bool) or steps < 0:
         raise ValueError(f"{op}: steps must be an integer >= 0, got {steps!r}")
+    steps = int(steps)
     if query.device.type != "cpu":
         return _composite(query, support, weight_ih, weight_hh, bias, steps)
     return _common.call("matching_attention_lstm", query, support, weight_ih, weight_hh, bias,

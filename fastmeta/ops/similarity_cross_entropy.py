@@ -11,8 +11,8 @@ __all__ = ["similarity_cross_entropy"]
 # for this many keys: it saves a [Q, N, D] matrix product but costs a pass over
 # the gradients (scaled by the output gradient), so it pays for many keys; and
 # it keeps a [block, N] buffer of similarities per thread (at most 16 MiB in
-# float32 down to blocks of 64 queries), so it stops at 65536.
-FUSED_KEYS = range(256, 65536 + 1)
+# float32 down to blocks of 64 queries), so it stops at 65536 (both bounds included).
+FUSED_KEYS = (256, 65536)
 
 
 def similarity_cross_entropy(x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
@@ -57,7 +57,7 @@ def similarity_cross_entropy(x: torch.Tensor, y: torch.Tensor, target: torch.Ten
     needs_grad = (torch.is_grad_enabled() and any(t.requires_grad for t in (a.x, a.y, a.scale))
                   and not _common.functorch_active())
     queries = a.x.shape[0] * a.x.shape[1]
-    if reduction != "none" and needs_grad and queries > 0 and a.y.shape[1] in FUSED_KEYS:
+    if reduction != "none" and needs_grad and queries > 0 and FUSED_KEYS[0] <= a.y.shape[1] <= FUSED_KEYS[1]:
         weight = 1.0 if reduction == "sum" else 1.0 / queries
         task_loss = _common.call("similarity_cross_entropy_with_grad", a.x, a.y, target, a.scale, metric,
                                  weight)[0]

@@ -2,6 +2,7 @@
 Omniglot), a TOML file, and command-line flags, in that order of precedence."""
 
 import dataclasses
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,7 +74,11 @@ def make_config(method: str, config_file: Optional[str] = None, **flags) -> Conf
         raise ConfigError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
     values: Dict[str, Any] = {"method": method, **METHODS[method]}
     if config_file is not None:
-        values.update(_read_toml(Path(config_file)))
+        from_file = _read_toml(Path(config_file))
+        if from_file.get("method", method) != method:
+            raise ConfigError(f"the configuration file {config_file} sets method = "
+                              f"{from_file['method']!r}, but the command names {method!r}")
+        values.update(from_file)
     values.update({k: v for k, v in flags.items() if v is not None})
     return checked(values)
 
@@ -93,9 +98,20 @@ def checked(values: Dict[str, Any]) -> Config:
             if not (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
                 raise ConfigError(f"{name} must be a {type(default).__name__}, got {value!r}")
             setattr(config, name, float(value))
+    for name in names:
+        value = getattr(config, name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name} must be a finite number, got {value}")
     for name in POSITIVE:
         if getattr(config, name) < 1:
             raise ConfigError(f"{name} must be >= 1, got {getattr(config, name)}")
+    for name in ("lr", "outer_lr"):
+        if not getattr(config, name) > 0:
+            raise ConfigError(f"{name} must be > 0, got {getattr(config, name)}")
+    if config.inner_lr < 0:
+        raise ConfigError(f"inner_lr must be >= 0, got {config.inner_lr}")
+    if not 0 <= config.seed < 2**32:
+        raise ConfigError(f"seed must be in 0 .. 2**32 - 1, got {config.seed}")
     for name in ("queries", "steps", "inner_steps", "test_inner_steps", "lr_decay_every"):
         if getattr(config, name) < 0:
             raise ConfigError(f"{name} must be >= 0, got {getattr(config, name)}")
@@ -105,10 +121,29 @@ def checked(values: Dict[str, Any]) -> Config:
         raise ConfigError(f"lam must be > 0, got {config.lam}")
     if config.backbone not in BACKBONES:
         raise ConfigError(f"unknown backbone {config.backbone!r}; choose one of {', '.join(BACKBONES)}")
+    check_device(config.device)
     kind = config.data.partition(":")[0]
-    if kind not in ("chars", "omniglot", "folder") or (kind == "folder" and ":" not in config.data):
+    if kind not in ("chars", "omniglot", "folder") or (kind == "folder" and not config.data[7:]):
         raise ConfigError(f"unknown data {config.data!r}; use chars, omniglot[:PATH] or folder:PATH")
     return config
+
+
+def check_device(device: str):
+    """``cpu``, or ``cuda`` / ``cuda:N`` naming a GPU this PyTorch can use."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {device!r}; use cpu, cuda or cuda:N") from None
+    if parsed.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r}: no GPU is available to this PyTorch "
+                              f"({torch.__version__}, CUDA {torch.version.cuda or 'none'})")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ConfigError(f"device {device!r}: there are {torch.cuda.device_count()} GPU(s)")
 
 
 def _read_toml(path: Path) -> Dict[str, Any]:
@@ -117,6 +152,10 @@ def _read_toml(path: Path) -> Dict[str, Any]:
             values = tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"the configuration file {path} does not exist") from None
-    except tomllib.TOMLDecodeError as error:
+    except IsADirectoryError:
+        raise ConfigError(f"the configuration file {path} is a folder") from None
+    except OSError as error:
+        raise ConfigError(f"the configuration file {path} cannot be read: {error.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
         raise ConfigError(f"the configuration file {path} is not valid TOML: {error}") from None
     return {key.replace("-", "_"): value for key, value in values.items()}

@@ -2,6 +2,7 @@
 validation, logs, plots and checkpoints, resuming, and many processes
 (torch.distributed)."""
 
+import contextlib
 import hashlib
 import json
 import math
@@ -18,6 +19,7 @@ import torch
 import torch.distributed as dist
 
 from ..data import Characters, Episode, EpisodeSampler, ImageFolder, LabelledImages, Omniglot
+from ..nn.batch_norm_updates import RunningStatisticsUpdates, blend_running_statistics
 from .config import Config, ConfigError, checked
 from .methods import Method, build_method
 
@@ -25,6 +27,7 @@ __all__ = ["train", "evaluate", "load_checkpoint", "CheckpointError", "Trained"]
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "fastmeta-run-1"
+CHECKPOINT_FIELDS = ("config", "step", "image_shape", "model", "optimizer", "schedule", "rng")
 SHARED_OMNIGLOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "omniglot"
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 
@@ -39,7 +42,17 @@ class CheckpointError(ValueError):
 def load_data(config: Config, split: str) -> LabelledImages:
     """The ``split`` ("train", "val", "test") classes of the run's data;
     training classes get their rotations as extra classes (as in the
-    literature) for 28x28 character data."""
+    literature) for 28x28 character data. Data that cannot be read is a
+    ConfigError naming what failed."""
+    try:
+        return _load_data(config, split)
+    except (OSError, ValueError) as error:
+        if isinstance(error, ConfigError):
+            raise
+        raise ConfigError(f"{config.data}: {str(error).splitlines()[0]}") from None
+
+
+def _load_data(config: Config, split: str) -> LabelledImages:
     kind, _, path = config.data.partition(":")
     rotations = split == "train" and kind in ("chars", "omniglot")
     size = config.image_size
@@ -125,8 +138,7 @@ def start_processes(config: Config) -> Processes:
 
 
 def all_reduce_gradients(model: torch.nn.Module, weight: float):
-    """Sums ``weight * grad`` over the processes, as one flat buffer, and
-    averages the floating-point buffers (batch-norm statistics)."""
+    """Sums ``weight * grad`` over the processes, as one flat buffer."""
     params = [p for p in model.parameters() if p.requires_grad]
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                       for p in params]) * weight
@@ -135,14 +147,54 @@ def all_reduce_gradients(model: torch.nn.Module, weight: float):
     for p in params:
         p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
         offset += p.numel()
-    buffers = [b for b in model.buffers() if b.is_floating_point()]
-    if buffers:
-        flat = torch.cat([b.reshape(-1) for b in buffers]) / dist.get_world_size()
-        dist.all_reduce(flat)
-        offset = 0
-        for b in buffers:
-            b.copy_(flat[offset:offset + b.numel()].view_as(b))
-            offset += b.numel()
+
+
+def apply_updates_in_one_process_order(model: torch.nn.Module, recorded: RunningStatisticsUpdates,
+                                       local_tasks: int):
+    """Sets the batch norms' running statistics to what one process running
+    every task of the step computes: back to their values before the
+    step, then every process's recorded updates applied in one
+    process's order. A method normalises one task per call, in phases
+    (supports, then queries, ...), so a process's calls are ``local_tasks``
+    per phase, and one process's order is, phase by phase, the processes'
+    calls in rank order."""
+    norms = dict(model.named_modules())
+    for name, local in recorded.updates.items():
+        norm = norms[name]
+        for buffer, value in zip((norm.running_mean, norm.running_var, norm.num_batches_tracked),
+                                 recorded.before[name]):
+            buffer.copy_(value)
+        device = norm.running_mean.device
+        counts = [torch.zeros((), dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+        dist.all_gather(counts, torch.tensor(len(local), device=device))
+        if len(set(int(c) for c in counts)) != 1:
+            raise RuntimeError(f"batch norm {name}: the processes made {[int(c) for c in counts]} "
+                               "updates in one step; they must make as many")
+        if not local:
+            continue
+        mine = torch.stack(local).to(dtype=norm.running_mean.dtype)
+        gathered = [torch.empty_like(mine) for _ in counts]
+        dist.all_gather(gathered, mine)
+        calls = len(local)
+        per_phase = local_tasks if calls % local_tasks == 0 else calls
+        for first in range(0, calls, per_phase):
+            for updates in gathered:
+                for mean, variance in updates[first:first + per_phase]:
+                    blend_running_statistics(norm, mean, variance)
+
+
+def meta_batch_gradients(method: Method, e: Episode, processes: Processes, local_tasks: int):
+    """Adds the meta-batch's gradients to ``.grad`` (with several processes:
+    each process's ``local_tasks`` tasks, all-reduced) and returns its loss
+    and accuracy; the batch norms' running statistics become those of one
+    process running every task."""
+    if processes.world == 1:
+        return method.compute_gradients(e)
+    with RunningStatisticsUpdates(method.model) as recorded:
+        loss, acc = method.compute_gradients(e)
+    all_reduce_gradients(method.model, 1.0 / processes.world)
+    apply_updates_in_one_process_order(method.model, recorded, local_tasks)
+    return all_reduce_mean(loss, acc)
 
 
 def all_reduce_mean(loss: torch.Tensor, acc: Optional[torch.Tensor]):
@@ -202,10 +254,17 @@ def set_rng_states(states: Dict):
 
 def save_atomically(content: Dict, path: Path):
     """Writes to a temporary file beside ``path``, then renames it: a reader
-    sees the old checkpoint or the new one, never a partial one."""
+    sees the old checkpoint or the new one, never a partial one. A failed
+    write (a full disk) removes the temporary file and raises a
+    CheckpointError; the previous checkpoint stays."""
     temporary = path.with_name(path.name + ".tmp")
-    torch.save(content, temporary)
-    os.replace(temporary, path)
+    try:
+        torch.save(content, temporary)
+        os.replace(temporary, path)
+    except Exception as error:  # noqa: BLE001: a full disk surfaces as OSError or RuntimeError
+        temporary.unlink(missing_ok=True)
+        raise CheckpointError(f"could not write the checkpoint {path} (disk full?): "
+                              f"{str(error).splitlines()[0]}; the previous one is kept") from None
 
 
 def read_checkpoint(path: Union[str, Path]) -> Dict:
@@ -221,6 +280,9 @@ def read_checkpoint(path: Union[str, Path]) -> Dict:
                               f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fastmeta training checkpoint")
+    missing = [key for key in CHECKPOINT_FIELDS if key not in content]
+    if missing:
+        raise CheckpointError(f"{path} is a damaged fastmeta checkpoint: it lacks {missing}")
     return content
 
 
@@ -242,12 +304,29 @@ def load_checkpoint(path: Union[str, Path], device: Optional[str] = None) -> Tra
     """Loads a run folder's checkpoint (or a checkpoint file) for evaluation
     or further use."""
     content = read_checkpoint(path)
-    config = checked(content["config"])
-    if device is not None:
-        config.device = device
-    method = build_method(config, content["image_shape"])
-    method.model.load_state_dict(content["model"])
+    config = checked({**content["config"], **({} if device is None else {"device": device})})
+    method = build_checked_method(config, content["image_shape"])
+    load_model_state(method.model, content["model"], path)
     return Trained(method, config, content["step"])
+
+
+def build_checked_method(config: Config, image_shape) -> Method:
+    try:
+        return build_method(config, image_shape)
+    except (RuntimeError, ValueError) as error:  # e.g. images too small for the pooling
+        raise ConfigError(f"{config.method} with the {config.backbone} backbone cannot take "
+                          f"{tuple(image_shape)} images (image_size {config.image_size}): "
+                          f"{str(error).splitlines()[0]}") from None
+
+
+def load_model_state(model: torch.nn.Module, state: Dict, path):
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:  # shapes that differ: a flag changed the model
+        detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
+        raise CheckpointError(f"the model saved in {path} does not fit this configuration "
+                              f"(a flag such as --ways, --backbone or --image-size changed it?): "
+                              f"{detail}") from None
 
 
 # ---------------------------------------------------------------- training
@@ -274,15 +353,33 @@ class StopRequest:
 
 
 class Log:
-    """``metrics.jsonl`` and ``metrics.png`` in the run folder (main process only)."""
+    """``metrics.jsonl`` and ``metrics.png`` in the run folder (main process
+    only). A last line cut short (a killed writer, a full disk) is dropped
+    when the log is opened; lines that do not parse are skipped when read."""
 
     def __init__(self, out: Path, enabled: bool):
         self.path, self.plot_path, self.enabled = out / "metrics.jsonl", out / "metrics.png", enabled
+        if enabled and self.path.exists():
+            content = self.path.read_bytes()
+            if content and not content.endswith(b"\n"):
+                with open(self.path, "r+b") as f:
+                    f.truncate(content.rfind(b"\n") + 1)
 
     def write(self, **record):
         if self.enabled:
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+
+    def records(self) -> List[Dict]:
+        records = []
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict):
+                records.append(record)
+        return records
 
     def plot(self):
         if not self.enabled:
@@ -291,9 +388,9 @@ class Log:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        records = [json.loads(line) for line in self.path.read_text().splitlines() if line]
-        train = [r for r in records if "loss" in r]
-        val = [r for r in records if "val_accuracy" in r]
+        records = self.records()
+        train = [r for r in records if {"step", "loss"} <= r.keys()]
+        val = [r for r in records if {"step", "val_accuracy", "val_ci"} <= r.keys()]
         figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
         left.plot([r["step"] for r in train], [r["loss"] for r in train])
         left.set(xlabel="step", ylabel="training loss")
@@ -305,6 +402,21 @@ class Log:
         figure.savefig(temporary)
         plt.close(figure)
         os.replace(temporary, self.plot_path)
+
+
+@contextlib.contextmanager
+def saved_on_failure(save):
+    """Writes the checkpoint when the training loop fails (validation, a
+    log that cannot be written), so no finished step is lost; the failure
+    is raised as it was."""
+    try:
+        yield
+    except Exception:
+        try:
+            save()
+        except CheckpointError:
+            pass  # the original failure says more
+        raise
 
 
 def train(config: Config, out: Union[str, Path], resume: bool = False, progress: bool = True) -> Trained:
@@ -323,6 +435,9 @@ def train(config: Config, out: Union[str, Path], resume: bool = False, progress:
     if not resume and (out / CHECKPOINT).exists():
         raise ConfigError(f"{out} already holds a run; resume it with --resume {out} or choose "
                           "another --out")
+    if not resume and (out / "metrics.jsonl").exists():
+        raise ConfigError(f"{out} holds the logs of a run that stopped before its first checkpoint; "
+                          "remove them or choose another --out")
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -330,12 +445,13 @@ def train(config: Config, out: Union[str, Path], resume: bool = False, progress:
     check_ways(train_data, config.ways, "train")
     check_ways(val_data, config.ways, "val")
     episodes = Episodes(train_data, config.ways, config.shots, config.queries, config.seed)
-    method = build_method(config, train_data.images.shape[1:])
+    episode_sampler(val_data, config.ways, config.shots, config.queries)  # validation can be drawn
+    method = build_checked_method(config, train_data.images.shape[1:])
     optimizer = method.optimizer()
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, config.lr_decay_every or 2**62, gamma=0.5)
     step = 0
     if saved is not None:
-        method.model.load_state_dict(saved["model"])
+        load_model_state(method.model, saved["model"], out)
         optimizer.load_state_dict(saved["optimizer"])
         schedule.load_state_dict(saved["schedule"])
         set_rng_states(saved["rng"])
@@ -353,7 +469,7 @@ def train(config: Config, out: Union[str, Path], resume: bool = False, progress:
                              "schedule": schedule.state_dict(), "rng": rng_states()}, out / CHECKPOINT)
 
     def validate():
-        accuracies = episode_accuracies(method, val_data, config.ways, config.shots, 15,
+        accuracies = episode_accuracies(method, val_data, config.ways, config.shots, config.queries,
                                         config.val_episodes, seed=config.seed + 1)
         mean, ci = confidence_interval(accuracies)
         log.write(step=step, val_accuracy=mean, val_ci=ci)
@@ -364,14 +480,11 @@ def train(config: Config, out: Union[str, Path], resume: bool = False, progress:
     bar = tqdm(total=config.steps, initial=step, disable=not (progress and processes.main),
                desc=f"{config.method} {config.ways}-way {config.shots}-shot", unit="step")
     started, done_since = time.perf_counter(), step
-    with StopRequest() as stop:
+    with StopRequest() as stop, saved_on_failure(save):
         while step < config.steps and stop.signal is None:
             e = episodes.tasks(step, processes.rank * local, local)
             optimizer.zero_grad(set_to_none=True)
-            loss, acc = method.compute_gradients(e)
-            if processes.world > 1:
-                all_reduce_gradients(method.model, 1.0 / processes.world)
-                loss, acc = all_reduce_mean(loss, acc)
+            loss, acc = meta_batch_gradients(method, e, processes, local)
             optimizer.step()
             schedule.step()
             step += 1
@@ -383,10 +496,10 @@ def train(config: Config, out: Union[str, Path], resume: bool = False, progress:
                     record["accuracy"] = round(float(acc) * 100, 2)
                 log.write(**record)
                 bar.set_postfix({k: v for k, v in record.items() if k != "step"})
-            if processes.main and (step % config.validate_every == 0 or step == config.steps):
-                bar.write(f"step {step}: validation accuracy {validate():.2f}%")
             if step % config.checkpoint_every == 0:
                 save()
+            if processes.main and (step % config.validate_every == 0 or step == config.steps):
+                bar.write(f"step {step}: validation accuracy {validate():.2f}%")
         save()
     bar.close()
     if stop.signal is not None:
@@ -403,9 +516,15 @@ def evaluate(path: Union[str, Path], episodes: int = 600, ways: Optional[int] = 
              device: Optional[str] = None) -> Dict:
     """Accuracy of a run (folder or checkpoint) on ``episodes`` episodes of
     its held-out ``split`` classes: mean and 95% confidence interval."""
+    for name, value in (("episodes", episodes), ("queries", queries), ("ways", ways), ("shots", shots)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{name} must be >= 1, got {value}")
+    if not 0 <= seed < 2**63:
+        raise ConfigError(f"seed must be in 0 .. 2**63 - 1, got {seed}")
     trained = load_checkpoint(path, device)
     config = trained.config
-    ways, shots = ways or config.ways, shots or config.shots
+    ways = config.ways if ways is None else ways
+    shots = config.shots if shots is None else shots
     if config.method not in ("protonet", "matching", "relation", "siamese") and ways != config.ways:
         raise ConfigError(f"{config.method} was trained with a {config.ways}-way classifier; "
                           f"it evaluates {config.ways}-way episodes only, got ways={ways}")
