@@ -187,8 +187,11 @@ def run_training_command(args) -> int:
         return 0
     except KeyboardInterrupt as stop:
         return 143 if str(stop) == "SIGTERM" else 130
-    except (training.ConfigError, training.CheckpointError, FileNotFoundError) as error:
+    except (training.ConfigError, training.CheckpointError) as error:
         return fail(str(error).splitlines()[0])
+    except OSError as error:  # a folder or file that cannot be created, read or written
+        where = f"{error.filename}: " if error.filename else ""
+        return fail(f"{where}{error.strerror or str(error).splitlines()[0]}")
 
 
 if __name__ == "__main__":

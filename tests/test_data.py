@@ -377,6 +377,13 @@ def test_omniglot_zip_with_a_bad_crc_or_no_drawings(tmp_path):
         Omniglot(tmp_path, cache=False)
 
 
+def test_sampler_takes_numpy_integers():
+    images, labels = uneven_dataset()
+    sampler = EpisodeSampler(LabelledImages(images, labels), np.int64(5), np.int32(1), np.int64(3),
+                             episodes_per_batch=np.int64(2), seed=0)
+    assert sampler.sample().support.shape[:2] == (2, 5)
+
+
 def test_labels_are_checked_before_anything_is_sized_by_them():
     started = time.perf_counter()
     with pytest.raises(ValueError, match="labels go up to 1000000000 for 2 images"):

@@ -4,6 +4,7 @@ the meta-gradient engine against PyTorch's double backward, the algorithms
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -278,6 +279,14 @@ def test_batched_maml_equals_the_per_task_loop(fused, learn_inner_lr):
     want = torch.autograd.grad(want_loss, wrt)
     for p, w in zip(wrt, want):
         assert relative_error(p.grad, w) < 1e-9
+
+
+def test_numpy_integer_inner_steps_are_accepted():
+    net = mlp_module([1, 10, 1], ["tanh", "identity"])
+    tasks = sinusoid_tasks(3, 4, num_query=6, dtype=torch.float64)
+    with_numpy = BatchedMAML(net, 0.1, inner_steps=np.int64(2))
+    assert with_numpy.inner_steps == 2 and type(with_numpy.inner_steps) is int
+    torch.testing.assert_close(with_numpy(*tasks), BatchedMAML(net, 0.1, inner_steps=2)(*tasks))
 
 
 def test_first_order_batched_maml_equals_the_per_task_loop():

@@ -229,3 +229,10 @@ def test_mann_bad_input_messages():
         model(x[..., :5, :5], y)
     with pytest.raises(ValueError, match="memory_slots must be a positive integer, got 0"):
         fnn.MANN(36, 5, memory_slots=0)
+
+
+@pytest.mark.parametrize("B, T", [(0, 5), (2, 0), (0, 0)])
+def test_mann_on_no_episodes_or_no_steps_gives_empty_logits(B, T):
+    model = fnn.MANN(input_size=4, num_classes=3)
+    logits = model(torch.zeros(B, T, 4), torch.zeros(B, T, dtype=torch.long))
+    assert logits.shape == (B, T, 3)

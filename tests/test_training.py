@@ -260,6 +260,18 @@ def test_flags_given_with_resume_are_applied_or_refused(tmp_path, capsys):
         ["train", "--resume", str(run), "--steps", "3"], capsys)
 
 
+def test_files_that_cannot_be_written_get_one_line_or_a_warning(tmp_path, capsys, monkeypatch):
+    assert "/proc/fastmeta-run: No such file or directory" in error_of(
+        ["train", "protonet", "--out", "/proc/fastmeta-run/run", *TINY, "--steps", "1"], capsys)
+
+    def broken_plot(self):
+        raise RuntimeError("no space left for the figure")
+    monkeypatch.setattr(fastmeta.training.run.Log, "_plot", broken_plot)
+    with pytest.warns(UserWarning, match="could not draw .*metrics.png: no space left for the figure"):
+        run = train(tmp_path, "protonet", "--steps", "2")
+    assert fastmeta.load_checkpoint(run).step == 2
+
+
 def test_bad_evaluation_values_get_one_line_and_status_2(tmp_path, capsys):
     run = train(tmp_path, "protonet", "--steps", "1")
     for flags, message in [(["--episodes", "0"], "episodes must be >= 1, got 0"),

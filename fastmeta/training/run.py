@@ -10,6 +10,7 @@ import os
 import random
 import signal
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Union
@@ -382,8 +383,17 @@ class Log:
         return records
 
     def plot(self):
+        """Redraws ``metrics.png``; a plot that cannot be drawn or written is
+        a warning, not the end of the run."""
         if not self.enabled:
             return
+        try:
+            self._plot()
+        except Exception as error:  # noqa: BLE001: matplotlib and the disk raise many kinds
+            self.plot_path.with_name("metrics.tmp.png").unlink(missing_ok=True)
+            warnings.warn(f"could not draw {self.plot_path}: {str(error).splitlines()[0]}")
+
+    def _plot(self):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
