@@ -54,9 +54,9 @@ def _sqeuclidean(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def _safe_sqrt(d2: torch.Tensor) -> torch.Tensor:
-    # Gradient 0 where the distance is 0, as torch.cdist.
+    # Gradient 0 where the distance is 0, and NaN kept, as torch.cdist.
     positive = d2 > 0
-    return torch.where(positive, torch.where(positive, d2, 1).sqrt(), 0)
+    return torch.where(positive, torch.where(positive, d2, 1).sqrt(), d2 * 0)
 
 
 def _cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -96,7 +96,10 @@ def class_prototypes(support: torch.Tensor, labels: torch.Tensor, num_classes: i
     if len(empty):
         *task, cls = empty[0].tolist()
         raise ValueError(f"class {cls} has no support examples in task {task[0] if task else 0}")
-    return one_hot.transpose(-1, -2) @ support / counts.unsqueeze(-1)
+    # Sums by scatter, not one_hot^T @ support: a NaN stays in its own class.
+    sums = support.new_zeros(*support.shape[:-2], num_classes, support.shape[-1]).scatter_add(
+        -2, labels.unsqueeze(-1).expand_as(support), support)
+    return sums / counts.unsqueeze(-1)
 
 
 def similarity_log_softmax(x, y, metric: str = "sqeuclidean", scale: Union[float, torch.Tensor] = 1.0):

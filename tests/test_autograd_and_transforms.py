@@ -151,7 +151,7 @@ def test_torch_compile_fullgraph(device, backend):
         torch.testing.assert_close(g, e)
 
 
-def dynamic_cases(n):
+def every_op_cases(n):
     """Each op on inputs whose sizes follow ``n``: (name, function of the
     ops module and the inputs, inputs)."""
     g = torch.Generator().manual_seed(n)
@@ -202,11 +202,11 @@ def test_every_op_compiles_with_dynamic_shapes():
     """torch.compile(dynamic=True) traces every op once and reruns it on
     other sizes (the second size reuses the graph or recompiles), with
     values and gradients those of the reference."""
-    names = [name for name, _, _ in dynamic_cases(3)]
+    names = [name for name, _, _ in every_op_cases(3)]
     compiled = {name: torch.compile(lambda *t, case=case: case(ops, *t), dynamic=True, backend="aot_eager")
-                for name, case, _ in dynamic_cases(3)}
+                for name, case, _ in every_op_cases(3)}
     for n in (3, 5, 8):
-        for name, case, args in dynamic_cases(n):
+        for name, case, args in every_op_cases(n):
             got = compiled[name](*args)
             want = case(reference, *args)
             got, want = (list(v) if isinstance(v, (tuple, list)) else [v] for v in (got, want))
@@ -223,6 +223,22 @@ def test_every_op_compiles_with_dynamic_shapes():
                     if b is not None:
                         torch.testing.assert_close(a, b, msg=f"gradient of {name}, n = {n}")
     assert len(names) == 15
+
+
+def test_nan_propagates_as_in_the_reference():
+    """A NaN at the start, middle or end of any floating input gives NaN
+    exactly where the reference has it, in every output of every op."""
+    for name, case, args in every_op_cases(4):
+        for i, arg in enumerate(args):
+            if not arg.is_floating_point() or arg.numel() == 0:
+                continue
+            for position in (0, arg.numel() // 2, arg.numel() - 1):
+                poisoned = [t.detach().clone() for t in args]
+                poisoned[i].view(-1)[position] = float("nan")
+                got, want = (case(f, *poisoned) for f in (ops, reference))
+                got, want = (list(v) if isinstance(v, (tuple, list)) else [v] for v in (got, want))
+                for k, (a, b) in enumerate(zip(got, want)):
+                    assert torch.equal(a.isnan(), b.isnan()), f"{name}: NaN in input {i} at {position}, output {k}"
 
 
 @pytest.mark.parametrize("device", DEVICES)

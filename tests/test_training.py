@@ -291,6 +291,14 @@ def test_a_toml_file_sets_values_and_flags_override_it(tmp_path):
     assert (made.ways, made.shots, made.meta_batch, made.lr, made.inner_lr) == (4, 1, 3, 0.01, 0.4)
 
 
+def test_numpy_scalars_are_python_numbers_in_a_configuration():
+    made = fastmeta.training.make_config("maml", ways=np.int64(4), lr=np.float32(0.5), steps=np.int32(3))
+    assert (made.ways, made.lr, made.steps) == (4, 0.5, 3)
+    assert (type(made.ways), type(made.lr), type(made.steps)) == (int, float, int)
+    with pytest.raises(fastmeta.training.ConfigError, match="ways must be a int, got 2.5"):
+        fastmeta.training.make_config("maml", ways=2.5)
+
+
 FIRST_STEP = textwrap.dedent("""
     import sys
     import torch

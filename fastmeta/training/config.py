@@ -3,10 +3,13 @@ Omniglot), a TOML file, and command-line flags, in that order of precedence."""
 
 import dataclasses
 import math
+import numbers
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional
+
+import numpy as np
 
 __all__ = ["Config", "ConfigError", "METHODS", "make_config"]
 
@@ -92,12 +95,12 @@ def checked(values: Dict[str, Any]) -> Config:
         raise ConfigError(f"unknown method {values.get('method')!r}; choose one of {', '.join(METHODS)}")
     config = Config(**values)
     defaults = Config(method=config.method)
+    kinds = {str: str, int: numbers.Integral, float: numbers.Real}
     for name in names:
         value, default = getattr(config, name), getattr(defaults, name)
-        if not isinstance(value, type(default)) or isinstance(value, bool) != isinstance(default, bool):
-            if not (isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool)):
-                raise ConfigError(f"{name} must be a {type(default).__name__}, got {value!r}")
-            setattr(config, name, float(value))
+        if not isinstance(value, kinds[type(default)]) or isinstance(value, (bool, np.bool_)):
+            raise ConfigError(f"{name} must be a {type(default).__name__}, got {value!r}")
+        setattr(config, name, type(default)(value))  # NumPy scalars become Python numbers
     for name in names:
         value = getattr(config, name)
         if isinstance(value, float) and not math.isfinite(value):
