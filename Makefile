@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 SOURCES := $(shell find csrc fastmeta -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: install bench test cuda-check cuda-glue-check gpu clean
+.PHONY: install bench test cuda-check cuda-glue-check cuda-emulate gpu clean
 
 install: $(VENV)/.installed
 
@@ -56,6 +56,12 @@ cuda-glue-check: install
 	    $${CXX:-g++} -std=c++20 -fsyntax-only -Wall -Ibuild/glue-stub $$TORCH_INC -I$$PY_INC \
 	      -I$${CUDA_HOME:-/usr/local/cuda}/include $$glue || exit 1; \
 	  done
+
+# Runs the CUDA kernels on the CPU under the emulation layer (cuda_emulation/):
+# each test program plain, under ASan + UBSan and under TSan. CSRC=DIR tests the
+# kernels of another copy of csrc/ (one with a planted bug, say).
+cuda-emulate:
+	cuda_emulation/run $(CSRC)
 
 # On a machine with a GPU: build, CUDA tests, CUDA benchmarks, compute-sanitizer.
 gpu:
