@@ -84,6 +84,9 @@ std::vector<double> held(const std::vector<double>& v) {
 }
 
 template <typename T>
+using acc_t_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename T>
 constexpr DType dtype_of() {
   return std::is_same_v<T, double> ? DType::Float64 : DType::Float32;
 }
