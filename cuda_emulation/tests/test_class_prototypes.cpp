@@ -74,7 +74,25 @@ void run(DType dtype, const char* name, int64_t B, int64_t S, int64_t N, int64_t
   compare(grad_support, want_grad, tolerance<A>(), tolerance<A>(), where + " gradient");
 }
 
-int main() {
+// Values the kernels must refuse with a device-side assertion (run in a
+// process of their own: a failed assertion ends it).
+int death(const std::string& name) {
+  std::vector<int64_t> counts(2, 0), offsets{0, 2}, members{0, 1, 2};
+  std::vector<float> support(6, 1.f), out(4);
+  if (name == "label") {
+    std::vector<int64_t> labels{0, 2, 1};  // N = 2: label 2 is out of range
+    fc::class_label_counts(labels.data(), 1, 3, 2, counts.data(), nullptr);
+  } else if (name == "empty-class") {
+    counts = {3, 0};  // class 1 has no examples
+    fc::class_prototypes_forward(DType::Float32, support.data(), members.data(), offsets.data(), counts.data(),
+                                 1, 3, 2, 2, out.data(), nullptr);
+  }
+  std::printf("no assertion failed\n");
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  if (argc == 3 && std::string(argv[1]) == "--death") return death(argv[2]);
   // Odd sizes, a partial block of 256 threads, several blocks, one class.
   const int64_t shapes[][4] = {{1, 1, 1, 1}, {3, 17, 5, 7}, {2, 40, 9, 33}, {4, 9, 9, 1}, {1, 300, 3, 2}};
   for (const auto& s : shapes) {

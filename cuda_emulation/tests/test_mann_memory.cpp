@@ -140,7 +140,23 @@ void run(int64_t B, int64_t T_, int64_t S, int64_t W, int64_t H) {
   compare(grad_strengths, numeric(&Inputs::strengths), 1e-6, 1e-6, where + " grad strengths");
 }
 
-int main() {
+// A least-used slot out of range must fail a device-side assertion in the
+// backward (run in a process of its own: a failed assertion ends it).
+int death(const std::string& name) {
+  const int64_t B = 1, T = 1, S = 2, W = 1, H = 1;
+  std::vector<double> v(16, 0.5), scratch(16);
+  std::vector<int64_t> slots{S};  // out of range
+  fc::MannArgs a{DType::Float64, fastmeta::MannSizes{T, S, W, H}, B, v.data(), v.data(), v.data(), v.data(),
+                 v.data(), v.data()};
+  if (name == "slot")
+    fc::mann_memory_backward(a, v.data(), v.data(), v.data(), v.data(), v.data(), slots.data(), scratch.data(),
+                             scratch.data(), scratch.data(), scratch.data(), scratch.data(), scratch.data(), nullptr);
+  std::printf("no assertion failed\n");
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  if (argc == 3 && std::string(argv[1]) == "--death") return death(argv[2]);
   // One slot; more heads than slots; odd sizes over several blocks of 32 episodes; no steps.
   const int64_t shapes[][5] = {{2, 3, 1, 2, 1}, {3, 4, 3, 2, 5}, {2, 5, 7, 5, 3}, {40, 2, 4, 3, 2}, {2, 0, 5, 3, 2}};
   for (const auto& s : shapes) {

@@ -138,7 +138,23 @@ void run(std::vector<int64_t> widths, std::vector<Activation> acts, MlpLoss loss
   compare(hvp_input, want_hvp_input, fd, fd, where + " hvp input");
 }
 
-int main() {
+// A cross-entropy label out of range must fail a device-side assertion (run
+// in a process of its own: a failed assertion ends it).
+int death(const std::string& name) {
+  fastmeta::MlpShape s{};
+  s.layers = 1, s.width[0] = 2, s.width[1] = 3, s.activation[0] = Activation::Identity;
+  s.loss = MlpLoss::CrossEntropy, s.N = 2;
+  std::vector<double> params(9, 0.1), x(4, 1.0), loss(1), grad(9);
+  std::vector<int64_t> labels{0, 3};  // 3 classes
+  fc::MlpArgs a{DType::Float64, s, 1, params.data(), 9, x.data(), nullptr, labels.data(), nullptr, loss.data(),
+                grad.data(), nullptr, nullptr, nullptr};
+  if (name == "label") fc::mlp_task_derivatives(a, nullptr, nullptr);
+  std::printf("no assertion failed\n");
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  if (argc == 3 && std::string(argv[1]) == "--death") return death(argv[2]);
   using A = Activation;
   for (MlpLoss loss : {MlpLoss::MSE, MlpLoss::CrossEntropy}) {
     run<double>({3, 40, 17, 6, 2}, {A::Tanh, A::ELU, A::Sigmoid, A::Identity}, loss, 3, 10);

@@ -160,7 +160,28 @@ void run(Op op, Metric m, int64_t B, int64_t Q, int64_t N, int64_t D, bool nan_q
   if (op == Op::AttentionReadout) compare(got_gvalues, gvalues, tol, tol, where + " grad values");
 }
 
-int main() {
+// A target out of range must fail a device-side assertion, forward and
+// backward (run in a process of their own: a failed assertion ends it).
+int death(const std::string& name) {
+  std::vector<float> x(4, 1.f), y(6, 1.f), scale(2, 1.f), stats(10), out(2), lse(2), grad(2, 1.f), g(12);
+  std::vector<int64_t> target{0, 3};  // N = 3
+  fc::SimilarityArgs a{};
+  a.dtype = DType::Float32, a.metric = Metric::Dot, a.B = 1, a.Q = 2, a.N = 3, a.D = 2, a.V = 0;
+  a.x = x.data(), a.y = y.data(), a.scale = scale.data(), a.target = target.data();
+  a.x_stat = stats.data(), a.x_coeff = stats.data() + 2, a.y_stat = stats.data() + 4, a.y_coeff = stats.data() + 7;
+  if (name == "target-forward") fc::similarity_forward(Op::CrossEntropy, a, out.data(), lse.data(), nullptr);
+  if (name == "target-backward") {
+    fc::SimilarityGrads gr{};
+    gr.grad = grad.data(), gr.lse = lse.data(), gr.grad_x = g.data(), gr.grad_y = g.data() + 4;
+    gr.grad_scale = g.data() + 10;
+    fc::similarity_backward(Op::CrossEntropy, a, gr, nullptr);
+  }
+  std::printf("no assertion failed\n");
+  return 0;
+}
+
+int main(int argc, char** argv) {
+  if (argc == 3 && std::string(argv[1]) == "--death") return death(argv[2]);
   // One of each; odd sizes; queries over two blocks of 32 rows, keys over
   // two tiles of 32 columns, features over two chunks of 32; many keys.
   const int64_t shapes[][4] = {{1, 1, 1, 1}, {2, 3, 5, 7}, {2, 33, 37, 35}, {1, 5, 70, 3}};
