@@ -300,30 +300,6 @@ template <typename T>
 T atomicAdd(T* address, T value) {
   return std::atomic_ref<T>(*address).fetch_add(value, std::memory_order_relaxed);
 }
-template <typename T>
-T atomicExch(T* address, T value) {
-  return std::atomic_ref<T>(*address).exchange(value, std::memory_order_relaxed);
-}
-template <typename T>
-T atomicCAS(T* address, T compare, T value) {
-  std::atomic_ref<T>(*address).compare_exchange_strong(compare, value, std::memory_order_relaxed);
-  return compare;
-}
-template <typename T>
-T atomicMax(T* address, T value) {
-  std::atomic_ref<T> ref(*address);
-  T old = ref.load(std::memory_order_relaxed);
-  while (old < value && !ref.compare_exchange_weak(old, value, std::memory_order_relaxed)) {}
-  return old;
-}
-template <typename T>
-T atomicMin(T* address, T value) {
-  std::atomic_ref<T> ref(*address);
-  T old = ref.load(std::memory_order_relaxed);
-  while (value < old && !ref.compare_exchange_weak(old, value, std::memory_order_relaxed)) {}
-  return old;
-}
-
 inline cudaError_t cudaGetLastError() {
   const cudaError_t error = ::cuda_emulation::last_error;
   ::cuda_emulation::last_error = cudaSuccess;
