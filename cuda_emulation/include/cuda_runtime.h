@@ -54,8 +54,13 @@ namespace cuda_emulation {
   std::abort();
 }
 
-// The H100's opt-in limit of dynamic shared memory per block, and the default.
-constexpr int kMaxSharedOptin = 232448;
+// The opt-in limit of dynamic shared memory per block: the H100's, or
+// CUDA_EMULATION_SHARED_OPTIN bytes (101376 for sm_86/sm_89, 166912 for the
+// A100); and the default without opting in.
+inline int max_shared_optin() {
+  const char* bytes = std::getenv("CUDA_EMULATION_SHARED_OPTIN");
+  return bytes ? std::atoi(bytes) : 232448;
+}
 constexpr int kDefaultShared = 48 * 1024;
 constexpr int kWarp = 32;
 // Blocks run in waves of at most this many threads in all.
@@ -317,13 +322,13 @@ inline cudaError_t cudaGetDevice(int* device) {
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attribute, int) {
-  *value = attribute == cudaDevAttrMaxSharedMemoryPerBlockOptin ? ::cuda_emulation::kMaxSharedOptin : 0;
+  *value = attribute == cudaDevAttrMaxSharedMemoryPerBlockOptin ? ::cuda_emulation::max_shared_optin() : 0;
   return cudaSuccess;
 }
 template <typename Kernel>
 cudaError_t cudaFuncSetAttribute(Kernel* kernel, cudaFuncAttribute attribute, int value) {
   if (attribute != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 ||
-      value > ::cuda_emulation::kMaxSharedOptin)
+      value > ::cuda_emulation::max_shared_optin())
     return ::cuda_emulation::last_error = cudaErrorInvalidValue;
   std::lock_guard<std::mutex> lock(::cuda_emulation::attribute_mutex);
   ::cuda_emulation::shared_optin[reinterpret_cast<const void*>(kernel)] = value;

@@ -138,6 +138,11 @@ void run(Op op, Metric m, int64_t B, int64_t Q, int64_t N, int64_t D, bool nan_q
   fc::similarity_forward(op, a, got_out.data(), distance ? nullptr : got_lse.data(), nullptr);
   const double tol = tolerance<A>() * (std::is_same_v<A, double> ? 1 : 10);
   compare(got_out, out, tol, tol, where + " out");
+  if (distance && m != Metric::Cosine && !nan_query) {
+    bool zero = true;  // a query equal to a key is at distance 0 exactly, as torch.cdist
+    for (int64_t b = 0; b < B; ++b) zero &= got_out[b * Q * N] == A(0);
+    check(zero, where + " self-distance exactly 0");
+  }
   if (!distance) compare(got_lse, lse, tol, tol, where + " lse");
   if (nan_query) return;
 
