@@ -85,7 +85,6 @@ struct Block {
   std::vector<Warp> warps;
   std::map<std::pair<const void*, int>, std::unique_ptr<unsigned char[]>> statics;
   std::unique_ptr<unsigned char[]> dynamic;
-  size_t dynamic_bytes = 0;
 };
 
 inline thread_local Block* current_block = nullptr;
@@ -240,7 +239,6 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cud
       b->exited.assign(threads, false);
       b->warps.resize((threads + kWarp - 1) / kWarp);
       b->dynamic.reset(shared > 0 ? fresh_shared(shared) : nullptr);
-      b->dynamic_bytes = shared;
       const unsigned long long linear = first + k;
       const uint3 index{static_cast<unsigned>(linear % grid.x),
                         static_cast<unsigned>(linear / grid.x % grid.y),

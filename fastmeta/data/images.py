@@ -192,7 +192,6 @@ def cached(key_parts: Sequence, name: str, preferred_dir: Optional[Path],
     digest = hashlib.sha256(repr(list(key_parts)).encode()).hexdigest()[:16]
     file_name = f"{name}-{digest}.pt"
     candidates = [d for d in (preferred_dir, cache_dir()) if d is not None and _writable(d)]
-    content = None
     for directory in candidates:
         path = directory / file_name
         if path.exists():

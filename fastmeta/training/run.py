@@ -47,9 +47,9 @@ def load_data(config: Config, split: str) -> LabelledImages:
     ConfigError naming what failed."""
     try:
         return _load_data(config, split)
+    except ConfigError:
+        raise
     except (OSError, ValueError) as error:
-        if isinstance(error, ConfigError):
-            raise
         raise ConfigError(f"{config.data}: {str(error).splitlines()[0]}") from None
 
 
