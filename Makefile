@@ -35,6 +35,8 @@ OP_AND_MODEL_TESTS := $(addprefix tests/test_,metric_ops.py class_prototypes.py 
 	gnn.py learned_optimizers.py maml.py mann_memory.py matching_attention_lstm.py \
 	relation_pair_pool.py random_shapes.py few_shot_modules.py metanet.py imaml.py)
 
+# The tests read the Omniglot subsets of the shared folder beside the checkout.
+test: export FASTMETA_DATA ?= $(abspath ../shared/data)
 test: install
 	$(BIN)/python -m pytest -q tests
 	$(AVX2_ONLY) $(BIN)/python -m pytest -q $(OP_AND_MODEL_TESTS)

@@ -4,8 +4,8 @@ does, the accuracy at the 1st, 2nd, 3rd, 5th and 10th presentation of a
 class, on held-out characters (mean and 95% confidence interval over 600
 test episodes).
 
-Data: the built-in rendered characters (``--data chars``) or the Omniglot
-subsets in ``../shared/data/omniglot`` (``--data omniglot`` or
+Data: the built-in rendered characters (``--data chars``) or the official
+Omniglot files in ``$FASTMETA_DATA/omniglot`` (``--data omniglot`` or
 ``omniglot:PATH``), at 20x20 as in the paper; training characters with their
 rotations as extra classes.
 

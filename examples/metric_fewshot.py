@@ -3,7 +3,7 @@ classification and reports test accuracy as the papers do: the mean and 95%
 confidence interval over 600 episodes of held-out characters.
 
 Data: the built-in rendered characters (``--data chars``, no files needed) or
-the Omniglot subsets shipped in ``../shared/data/omniglot`` (``--data
+the official Omniglot files in ``$FASTMETA_DATA/omniglot`` (``--data
 omniglot``, or ``omniglot:PATH``). Classes are split 70/10/20 into train /
 validation / test characters; training characters are augmented with their
 90/180/270-degree rotations as extra classes (Snell et al., Sung et al.).
@@ -17,9 +17,9 @@ from pathlib import Path
 
 import torch
 
-from fastmeta.data import Characters, EpisodeSampler, Omniglot
+from fastmeta.data import Characters, EpisodeSampler, Omniglot, data_dir
 from fastmeta.nn import Conv4, PrototypicalNetworks, RelationNetworks
-from fastmeta.training.run import SHARED_OMNIGLOT, confidence_interval
+from fastmeta.training.run import confidence_interval
 
 PAPER = {("protonet", 1): 98.8, ("protonet", 5): 99.7, ("relation", 1): 99.6, ("relation", 5): 99.8}
 
@@ -28,7 +28,7 @@ def load(data: str, split: str):
     rotations = split == "train"
     if data == "chars":
         return Characters(split=split, rotations=rotations)
-    root = data.partition(":")[2] or SHARED_OMNIGLOT
+    root = data.partition(":")[2] or data_dir() / "omniglot"
     return Omniglot(root, split=split, rotations=rotations)
 
 

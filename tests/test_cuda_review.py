@@ -53,6 +53,24 @@ def test_a_nan_row_gives_nan_in_that_row_of_every_op(device, metric):
         assert not torch.isnan(rows[keep]).any(), name
 
 
+# Found under CUDA emulation: a row whose logits are all -inf (an infinite
+# query at infinite distance from every key) gave attention_readout 0 and an
+# lse of -inf on CUDA; it has no softmax, so NaN, as in PyTorch.
+@pytest.mark.parametrize("device", DEVICES)
+def test_a_row_of_logits_all_minus_infinity_gives_nan(device):
+    x = torch.tensor([[[float("inf"), 1.0], [0.5, 1.0]]], dtype=torch.float64, device=device)
+    y = -0.1 - torch.rand(1, 3, 2, dtype=torch.float64, device=device)  # x . y = -inf for the first query
+    values = torch.randn(1, 3, 4, dtype=torch.float64, device=device)
+    scale = torch.ones(1, 2, dtype=torch.float64, device=device)
+    target = torch.tensor([[1, 2]], device=device)
+    outputs = [ops.attention_readout(x, y, values, "sqeuclidean", scale),
+               ops.similarity_log_softmax(x, y, "sqeuclidean", scale),
+               ops.similarity_cross_entropy(x, y, target, "sqeuclidean", scale, "none")]
+    for out in outputs:
+        rows = out.reshape(2, -1)
+        assert rows[0].isnan().all() and rows[1].isfinite().all()
+
+
 # Finding 5: an infinite input gave NaN gradients on CUDA where the CPU stays finite.
 @needs_gpu
 @pytest.mark.parametrize("metric", METRICS)

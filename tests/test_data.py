@@ -13,14 +13,14 @@ import torch
 from PIL import Image
 
 from fastmeta import reference
-from fastmeta.data import (Characters, EpisodeSampler, ImageFolder, LabelledImages, Omniglot)
+from fastmeta.data import Characters, EpisodeSampler, ImageFolder, LabelledImages, Omniglot, data_dir
 from fastmeta.data.characters import _draw_examples
 from fastmeta.testing import DEVICES
 
-OMNIGLOT = Path(__file__).resolve().parents[2] / "shared" / "data" / "omniglot"
+OMNIGLOT = data_dir() / "omniglot"
 needs_omniglot = pytest.mark.skipif(
     not (OMNIGLOT / "images_background_small1.zip").exists(),
-    reason=f"the Omniglot subsets are not at {OMNIGLOT}")
+    reason=f"the Omniglot subsets are not at {OMNIGLOT} (set FASTMETA_DATA)")
 
 
 def uneven_dataset(seed=0):

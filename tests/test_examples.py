@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from fastmeta.data import data_dir
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-SHARED_OMNIGLOT = EXAMPLES.parents[1] / "shared" / "data" / "omniglot"
+OMNIGLOT = data_dir() / "omniglot"
 
 
 @pytest.mark.parametrize("script, args, expect", [
@@ -19,8 +21,8 @@ SHARED_OMNIGLOT = EXAMPLES.parents[1] / "shared" / "data" / "omniglot"
     pytest.param("metric_fewshot.py", ["--method", "protonet", "--data", "omniglot", "--steps", "3",
                                        "--ways", "5", "--test-episodes", "20"],
                  "| protonet | omniglot | 5-way 1-shot |", marks=pytest.mark.skipif(
-                     not (SHARED_OMNIGLOT / "images_background_small1.zip").exists(),
-                     reason=f"the Omniglot subsets are not at {SHARED_OMNIGLOT}")),
+                     not (OMNIGLOT / "images_background_small1.zip").exists(),
+                     reason=f"the Omniglot subsets are not at {OMNIGLOT} (set FASTMETA_DATA)")),
     ("mann_fewshot.py", ["--steps", "3", "--test-episodes", "20"], "| fastmeta MANN, chars (3 steps) |"),
     ("maml_sinusoid.py", ["--iterations", "20", "--eval-tasks", "20", "--out", "{tmp}"], "| Meta-SGD |"),
 ])

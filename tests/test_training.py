@@ -118,6 +118,14 @@ def test_bad_configurations_get_one_line_and_status_2(tmp_path, capsys):
     assert "give a METHOD, or --resume DIR" in error_of(["train", *out], capsys)
 
 
+def test_named_data_is_read_from_fastmeta_data(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("FASTMETA_DATA", str(tmp_path / "data"))
+    assert f"Omniglot: no folder {tmp_path / 'data' / 'omniglot'}; put the official files" in error_of(
+        ["train", "protonet", "--data", "omniglot", "--out", str(tmp_path / "x")], capsys)
+    monkeypatch.delenv("FASTMETA_DATA")
+    assert fastmeta.data.data_dir() == Path.home() / ".cache" / "fastmeta" / "data"
+
+
 def test_bad_checkpoints_get_one_line_and_status_2(tmp_path, capsys):
     run = train(tmp_path, "protonet", "--steps", "1")
     assert f"{run} already holds a run; resume it with --resume" in error_of(

@@ -99,6 +99,9 @@ similarity_forward_kernel(SimilarityArgs a, acc_t<T>* out, acc_t<T>* lse) {
     }
   }
   if constexpr (OP != SimilarityOp::PairwiseDistance) {
+    // A row whose logits are all -inf has no softmax: NaN, as in PyTorch
+    // (the tiles gave its entries weight 0, as they do the padding columns).
+    if (running_max == neg_inf && a.N > 0) running_sum = A(NAN);
     const A row_lse = running_max + log(running_sum);
     // Only the lane that met the target column holds its logit.
     const A t = group_sum(target_logit);
@@ -109,7 +112,7 @@ similarity_forward_kernel(SimilarityArgs a, acc_t<T>* out, acc_t<T>* lse) {
     } else if constexpr (OP == SimilarityOp::LogSoftmax) {
       for (int64_t n = lane; n < a.N; n += kLanes) out[row * a.N + n] -= row_lse;
     } else {
-      if (running_sum > A(0))
+      if (a.N > 0)
         for (int64_t v = lane; v < a.V; v += kLanes) out[row * a.V + v] /= running_sum;
     }
   }

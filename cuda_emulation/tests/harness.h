@@ -10,6 +10,9 @@
 #include <string>
 #include <vector>
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include "launchers.h"
 
 namespace harness {
@@ -46,6 +49,14 @@ void compare(const std::vector<T>& got, const std::vector<double>& want, double 
   check(true, what);
 }
 
+// The entries of v at the indices `at`, as doubles.
+template <typename T>
+std::vector<double> picked(const std::vector<T>& v, const std::vector<size_t>& at) {
+  std::vector<double> out;
+  for (size_t i : at) out.push_back(static_cast<double>(v[i]));
+  return out;
+}
+
 // Tolerances of a result of accumulation type T against double.
 template <typename T>
 double tolerance() {
@@ -71,29 +82,52 @@ inline std::vector<double> uniform(size_t n, double low, double high) {
   return v;
 }
 
+// A double rounded to T (float16 and bfloat16 through float), and back.
+template <typename T>
+T from_double(double v) {
+  if constexpr (std::is_same_v<T, __half>) return __float2half(float(v));
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16(float(v));
+  else return static_cast<T>(v);
+}
+template <typename T>
+double to_double(T v) {
+  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
+  else return static_cast<double>(v);
+}
+
 // Values of type T, and the doubles they hold exactly (what the reference takes).
 template <typename T>
 std::vector<T> as(const std::vector<double>& v) {
-  return std::vector<T>(v.begin(), v.end());
+  std::vector<T> out(v.size());
+  for (size_t i = 0; i < v.size(); ++i) out[i] = from_double<T>(v[i]);
+  return out;
 }
 template <typename T>
 std::vector<double> held(const std::vector<double>& v) {
   std::vector<double> out(v.size());
-  for (size_t i = 0; i < v.size(); ++i) out[i] = static_cast<double>(static_cast<T>(v[i]));
+  for (size_t i = 0; i < v.size(); ++i) out[i] = to_double(from_double<T>(v[i]));
   return out;
 }
 
+// The kernels' accumulation type for inputs of type T.
 template <typename T>
 using acc_t_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <typename T>
 constexpr DType dtype_of() {
-  return std::is_same_v<T, double> ? DType::Float64 : DType::Float32;
+  if constexpr (std::is_same_v<T, double>) return DType::Float64;
+  else if constexpr (std::is_same_v<T, __half>) return DType::Float16;
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return DType::BFloat16;
+  else return DType::Float32;
 }
 
 template <typename T>
 const char* name_of() {
-  return std::is_same_v<T, double> ? "float64" : "float32";
+  if constexpr (std::is_same_v<T, double>) return "float64";
+  else if constexpr (std::is_same_v<T, __half>) return "float16";
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return "bfloat16";
+  else return "float32";
 }
 
 inline int finish(const char* test) {

@@ -67,11 +67,4 @@ inline std::vector<size_t> some_indices(size_t n, size_t most) {
   return at;
 }
 
-template <typename T>
-std::vector<double> picked(const std::vector<T>& v, const std::vector<size_t>& at) {
-  std::vector<double> out;
-  for (size_t i : at) out.push_back(static_cast<double>(v[i]));
-  return out;
-}
-
 }  // namespace lstm_reference

@@ -38,15 +38,16 @@ std::vector<double> step(const std::vector<double>& grad, const std::vector<doub
 }
 
 template <typename T>
-void run(int64_t L, int64_t H, int64_t P, size_t most_checked = 300) {
+void run(int64_t L, int64_t H, int64_t P, size_t most_checked = 300, double p = 10) {
   const std::string where = std::string(name_of<T>()) + " L=" + std::to_string(L) + " H=" + std::to_string(H) +
-                            " P=" + std::to_string(P);
-  const double p = 10, scale = 0.1;
+                            " P=" + std::to_string(P) + " p=" + std::to_string(int(p));
+  const double scale = 0.1;
   int64_t nw = 0;
   for (int64_t l = 0; l < L; ++l) nw += 4 * H * ((l == 0 ? 2 : H) + H) + 4 * H;
   nw += H + 1;
   auto grad = normal(P);
-  for (int64_t c = 0; c < P; c += 3) grad[c] *= 1e-7;  // below e^-p: the linear branch
+  if (p < 20)
+    for (int64_t c = 0; c < P; c += 3) grad[c] *= 1e-7;  // below e^-p: the linear branch
   grad = held<T>(grad);
   auto state = held<T>(normal(L * 2 * H * P, 0.5)), weights = held<T>(normal(nw, 0.3));
   const auto want = step(grad, state, weights, L, H, P, p, scale);
@@ -96,6 +97,9 @@ int main() {
   run<float>(1, 60, 70, 40);
   run<float>(1, 75, 70, 40);
   run<float>(3, 5, 700);
+  // e^p overflows float32 (desk review, finding 5b): the padding lanes of the
+  // partial last block must not turn the weight gradients into NaN.
+  run<float>(2, 3, 150, 300, 100);
   // CoordinatewiseLSTM's default (2 layers of 20) on GPUs with less shared
   // memory than the H100: the A100 (166,912 B) runs it in both dtypes;
   // sm_86/sm_89 (101,376 B) in float32, and float64's backward, which needs

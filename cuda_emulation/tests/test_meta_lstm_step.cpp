@@ -36,12 +36,13 @@ std::vector<double> step(const std::vector<double>& grad, double loss, const std
 }
 
 template <typename T>
-void run(int64_t H, int64_t P, double loss_value) {
-  const std::string where = std::string(name_of<T>()) + " H=" + std::to_string(H) + " P=" + std::to_string(P);
-  const double p = 10;
+void run(int64_t H, int64_t P, double loss_value, double p = 10) {
+  const std::string where = std::string(name_of<T>()) + " H=" + std::to_string(H) + " P=" + std::to_string(P) +
+                            " p=" + std::to_string(int(p));
   const int64_t nw = 4 * H * (4 + H) + 4 * H + 2 * (H + 2) + 2;
   auto grad = normal(P);
-  for (int64_t c = 0; c < P; c += 4) grad[c] *= 1e-7;  // below e^-p: the linear branch
+  if (p < 20)
+    for (int64_t c = 0; c < P; c += 4) grad[c] *= 1e-7;  // below e^-p: the linear branch
   grad = held<T>(grad);
   auto theta = held<T>(normal(P)), state = held<T>(uniform((2 * H + 2) * P, 0, 1)), weights = held<T>(normal(nw, 0.3));
   std::vector<double> loss{static_cast<double>(static_cast<T>(loss_value))};
@@ -82,5 +83,8 @@ int main() {
   run<double>(3, 150, 1.3);
   run<double>(4, 300, 1e-6);
   run<float>(20, 130, 2.0);
+  // e^p overflows float32 (desk review, finding 5b): the padding lanes of the
+  // partial last block must not turn the weight gradients into NaN.
+  run<float>(3, 150, 1.3, 100);
   return finish("meta_lstm_step");
 }

@@ -1,9 +1,9 @@
 // csrc/cuda/similarity_forward.cu and similarity_backward.cu under
 // emulation: row statistics, the tiled forward (shared-memory tiles,
 // 4-lane shuffle reductions, online softmax) and the two backward kernels,
-// for the four ops and four metrics, against direct loops in double precision.
-#include <cuda_fp16.h>
-
+// for the four ops and four metrics, against direct loops in double
+// precision; float32, float64, float16 and bfloat16 inputs; NaN and infinite
+// entries.
 #include "harness.h"
 
 using namespace harness;
@@ -32,6 +32,12 @@ Pair similarity(Metric m, const double* x, const double* y, int64_t D) {
   for (int64_t d = 0; d < D; ++d) {
     dot += x[d] * y[d], xx += x[d] * x[d], yy += y[d] * y[d], d2 += (x[d] - y[d]) * (x[d] - y[d]);
   }
+  // With an infinite entry, the ops' definition |x|^2 + |y|^2 - 2 x.y
+  // (fastmeta.reference), where inf - inf is NaN; clamped at 0, NaN kept.
+  if (!std::isfinite(dot) || !std::isfinite(xx) || !std::isfinite(yy)) {
+    d2 = xx + yy - 2 * dot;
+    if (d2 < 0) d2 = 0;
+  }
   const double eps = 1e-8, nx = std::sqrt(xx), ny = std::sqrt(yy);
   const double ax = 1 / std::max(nx, eps), ay = 1 / std::max(ny, eps), dist = std::sqrt(d2);
   for (int64_t d = 0; d < D; ++d) {
@@ -52,79 +58,100 @@ Pair similarity(Metric m, const double* x, const double* y, int64_t D) {
   return p;
 }
 
+// A non-finite entry in the last task: in one query's row, or in one key's.
+enum class Poison { None, NanQuery, InfQuery, InfKey };
+const char* poison_name(Poison p) {
+  const char* names[] = {"", " NaN query", " inf query", " -inf key"};
+  return names[int(p)];
+}
+
 template <typename T>
-void run(Op op, Metric m, int64_t B, int64_t Q, int64_t N, int64_t D, bool nan_query = false) {
+void run(Op op, Metric m, int64_t B, int64_t Q, int64_t N, int64_t D, Poison poison = Poison::None) {
   using A = acc_t_of<T>;
   const int64_t V = 3;
   const std::string where = std::string(op_name(op)) + " " + metric_name(m) + " " + name_of<T>() + " B=" +
                             std::to_string(B) + " Q=" + std::to_string(Q) + " N=" + std::to_string(N) +
-                            " D=" + std::to_string(D) + (nan_query ? " NaN" : "");
+                            " D=" + std::to_string(D) + poison_name(poison);
   auto x = held<T>(normal(B * Q * D)), y = held<T>(normal(B * N * D)), values = held<T>(normal(B * N * V));
   auto scale = held<T>(uniform(B * Q, 0.3, 1.5));
   for (int64_t b = 0; b < B; ++b)  // a query equal to a key: distance 0
     std::copy(y.begin() + b * N * D, y.begin() + b * N * D + D, x.begin() + b * Q * D);
-  if (nan_query) x[D * (Q > 1 ? 1 : 0) + D / 2] = NAN;
+  const int64_t bad_row = (B - 1) * Q + (Q > 1 ? 1 : 0);  // the poisoned query row
+  if (poison == Poison::NanQuery) x[bad_row * D + D / 2] = NAN;
+  if (poison == Poison::InfQuery) x[bad_row * D + D / 2] = INFINITY;
+  if (poison == Poison::InfKey) y[((B - 1) * N + N / 2) * D] = -INFINITY;
   std::vector<int64_t> target(B * Q);
   for (auto& t : target) t = int64_t(rng()() % N);
   const bool distance = op == Op::PairwiseDistance;
   const int64_t out_size = op == Op::CrossEntropy ? B * Q : op == Op::AttentionReadout ? B * Q * V : B * Q * N;
   std::vector<double> upstream = held<T>(normal(out_size));
 
-  // Reference forward and backward.
-  std::vector<double> out(out_size, 0), lse(B * Q), gx(B * Q * D, 0), gy(B * N * D, 0), gscale(B * Q, 0),
-      gvalues(B * N * V, 0);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t q = 0; q < Q; ++q) {
-      const int64_t row = b * Q + q;
-      std::vector<Pair> pairs;
-      for (int64_t n = 0; n < N; ++n) pairs.push_back(similarity(m, &x[row * D], &y[(b * N + n) * D], D));
-      const double sc = scale[row];
-      double top = -INFINITY, sum = 0;
-      for (auto& p : pairs) top = std::max(top, sc * p.s);
-      for (auto& p : pairs) sum += std::exp(sc * p.s - top);
-      lse[row] = top + std::log(sum);
-      bool row_nan = false;
-      for (auto& p : pairs) row_nan |= std::isnan(p.s);
-      if (row_nan) lse[row] = NAN;
-      std::vector<double> prob(N), dlogit(N);
-      for (int64_t n = 0; n < N; ++n) prob[n] = std::exp(sc * pairs[n].s - lse[row]);
-      double sum_grad = 0, grad_dot_out = 0;
-      if (op == Op::LogSoftmax)
-        for (int64_t n = 0; n < N; ++n) sum_grad += upstream[row * N + n];
-      if (op == Op::AttentionReadout)
-        for (int64_t v = 0; v < V; ++v) {
-          for (int64_t n = 0; n < N; ++n) out[row * V + v] += prob[n] * values[(b * N + n) * V + v];
-          grad_dot_out += upstream[row * V + v] * out[row * V + v];
-        }
-      if (op == Op::CrossEntropy) out[row] = lse[row] - sc * pairs[target[row]].s;
-      for (int64_t n = 0; n < N; ++n) {
-        double ds;  // d loss / d s
-        if (distance) {
-          out[row * N + n] = m == Metric::Cosine ? 1 - pairs[n].s : -pairs[n].s;
-          ds = -upstream[row * N + n];
-        } else {
-          if (op == Op::LogSoftmax) {
-            out[row * N + n] = sc * pairs[n].s - lse[row];
-            dlogit[n] = upstream[row * N + n] - prob[n] * sum_grad;
-          } else if (op == Op::CrossEntropy) {
-            dlogit[n] = upstream[row] * (prob[n] - (n == target[row]));
-          } else {
-            double gv = 0;
-            for (int64_t v = 0; v < V; ++v) {
-              gv += upstream[row * V + v] * values[(b * N + n) * V + v];
-              gvalues[(b * N + n) * V + v] += prob[n] * upstream[row * V + v];
-            }
-            dlogit[n] = prob[n] * (gv - grad_dot_out);
+  // Reference forward and backward. With a poisoned entry, the upstream
+  // gradient is 0 at the outputs that are not finite (as a loss through
+  // torch.nan_to_num has it).
+  std::vector<double> out, lse, gx, gy, gscale, gvalues;
+  auto reference = [&] {
+    out.assign(out_size, 0), lse.assign(B * Q, 0), gx.assign(B * Q * D, 0), gy.assign(B * N * D, 0);
+    gscale.assign(B * Q, 0), gvalues.assign(B * N * V, 0);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t q = 0; q < Q; ++q) {
+        const int64_t row = b * Q + q;
+        std::vector<Pair> pairs;
+        for (int64_t n = 0; n < N; ++n) pairs.push_back(similarity(m, &x[row * D], &y[(b * N + n) * D], D));
+        const double sc = scale[row];
+        double top = -INFINITY, sum = 0;
+        for (auto& p : pairs) top = std::max(top, sc * p.s);
+        for (auto& p : pairs) sum += std::exp(sc * p.s - top);
+        lse[row] = top + std::log(sum);
+        bool row_nan = false;
+        for (auto& p : pairs) row_nan |= std::isnan(p.s);
+        if (row_nan) lse[row] = NAN;
+        std::vector<double> prob(N), dlogit(N);
+        for (int64_t n = 0; n < N; ++n) prob[n] = std::exp(sc * pairs[n].s - lse[row]);
+        double sum_grad = 0, grad_dot_out = 0;
+        if (op == Op::LogSoftmax)
+          for (int64_t n = 0; n < N; ++n) sum_grad += upstream[row * N + n];
+        if (op == Op::AttentionReadout)
+          for (int64_t v = 0; v < V; ++v) {
+            for (int64_t n = 0; n < N; ++n) out[row * V + v] += prob[n] * values[(b * N + n) * V + v];
+            grad_dot_out += upstream[row * V + v] * out[row * V + v];
           }
-          gscale[row] += dlogit[n] * pairs[n].s;
-          ds = dlogit[n] * sc;
-        }
-        for (int64_t d = 0; d < D; ++d) {
-          gx[row * D + d] += ds * pairs[n].dx[d];
-          gy[(b * N + n) * D + d] += ds * pairs[n].dy[d];
+        if (op == Op::CrossEntropy) out[row] = lse[row] - sc * pairs[target[row]].s;
+        for (int64_t n = 0; n < N; ++n) {
+          double ds;  // d loss / d s
+          if (distance) {
+            out[row * N + n] = m == Metric::Cosine ? 1 - pairs[n].s : -pairs[n].s;
+            ds = -upstream[row * N + n];
+          } else {
+            if (op == Op::LogSoftmax) {
+              out[row * N + n] = sc * pairs[n].s - lse[row];
+              dlogit[n] = upstream[row * N + n] - prob[n] * sum_grad;
+            } else if (op == Op::CrossEntropy) {
+              dlogit[n] = upstream[row] * (prob[n] - (n == target[row]));
+            } else {
+              double gv = 0;
+              for (int64_t v = 0; v < V; ++v) {
+                gv += upstream[row * V + v] * values[(b * N + n) * V + v];
+                gvalues[(b * N + n) * V + v] += prob[n] * upstream[row * V + v];
+              }
+              dlogit[n] = prob[n] * (gv - grad_dot_out);
+            }
+            gscale[row] += dlogit[n] * pairs[n].s;
+            ds = dlogit[n] * sc;
+          }
+          for (int64_t d = 0; d < D; ++d) {
+            gx[row * D + d] += ds * pairs[n].dx[d];
+            gy[(b * N + n) * D + d] += ds * pairs[n].dy[d];
+          }
         }
       }
-    }
+  };
+  reference();
+  if (poison != Poison::None) {
+    for (int64_t i = 0; i < out_size; ++i)
+      if (!std::isfinite(out[i])) upstream[i] = 0;
+    reference();
+  }
 
   // The kernels.
   std::vector<T> xt = as<T>(x), yt = as<T>(y), vt = as<T>(values), st = as<T>(scale), gt = as<T>(upstream);
@@ -138,13 +165,12 @@ void run(Op op, Metric m, int64_t B, int64_t Q, int64_t N, int64_t D, bool nan_q
   fc::similarity_forward(op, a, got_out.data(), distance ? nullptr : got_lse.data(), nullptr);
   const double tol = tolerance<A>() * (std::is_same_v<A, double> ? 1 : 10);
   compare(got_out, out, tol, tol, where + " out");
-  if (distance && m != Metric::Cosine && !nan_query) {
+  if (distance && m != Metric::Cosine && poison == Poison::None) {
     bool zero = true;  // a query equal to a key is at distance 0 exactly, as torch.cdist
     for (int64_t b = 0; b < B; ++b) zero &= got_out[b * Q * N] == A(0);
     check(zero, where + " self-distance exactly 0");
   }
   if (!distance) compare(got_lse, lse, tol, tol, where + " lse");
-  if (nan_query) return;
 
   std::vector<A> row_weight(B * Q, 0);
   for (int64_t row = 0; row < B * Q; ++row) {
@@ -159,10 +185,33 @@ void run(Op op, Metric m, int64_t B, int64_t Q, int64_t N, int64_t D, bool nan_q
   g.grad_x = got_gx.data(), g.grad_y = got_gy.data(), g.grad_scale = got_gscale.data();
   g.grad_values = got_gvalues.data();
   fc::similarity_backward(op, a, g, nullptr);
-  compare(got_gx, gx, tol, tol, where + " grad x");
-  compare(got_gy, gy, tol, tol, where + " grad y");
-  if (!distance) compare(got_gscale, gscale, tol, tol, where + " grad scale");
-  if (op == Op::AttentionReadout) compare(got_gvalues, gvalues, tol, tol, where + " grad values");
+  // With a poisoned entry, the gradients of what it does not touch: the other
+  // tasks, and the other queries' rows where a query is poisoned. (Where it
+  // does, the kernels skip a term whose factor is 0, as the CPU's do, so
+  // their NaN differ from the direct reference's.)
+  auto untouched = [&](int64_t rows, int64_t per_task, int64_t width, bool query_side) {
+    std::vector<size_t> at;
+    for (int64_t row = 0; row < rows; ++row) {
+      const bool last_task = row / per_task == B - 1;
+      if (poison != Poison::None && last_task && (!query_side || poison == Poison::InfKey || row == bad_row)) continue;
+      for (int64_t j = 0; j < width; ++j) at.push_back(size_t(row * width + j));
+    }
+    return at;
+  };
+  auto compare_at = [&](const std::vector<A>& got, const std::vector<double>& want, const std::vector<size_t>& at,
+                        const std::string& what) { compare(picked(got, at), picked(want, at), tol, tol, where + what); };
+  compare_at(got_gx, gx, untouched(B * Q, Q, D, true), " grad x");
+  compare_at(got_gy, gy, untouched(B * N, N, D, false), " grad y");
+  if (!distance) compare_at(got_gscale, gscale, untouched(B * Q, Q, 1, true), " grad scale");
+  if (op == Op::AttentionReadout) compare_at(got_gvalues, gvalues, untouched(B * N, N, V, false), " grad values");
+  // A key whose distances are all infinite or NaN has cotangents 0 and, as on
+  // the CPU, gradient 0, not 0 * inf = NaN (desk review, finding 5a).
+  if (poison == Poison::InfKey && distance && m == Metric::SqEuclidean) {
+    const int64_t key = (B - 1) * N + N / 2;
+    bool zero = true;
+    for (int64_t d = 0; d < D; ++d) zero &= got_gy[key * D + d] == A(0);
+    check(zero, where + " gradient 0 for a key at infinite distances");
+  }
 }
 
 // A target out of range must fail a device-side assertion, forward and
@@ -199,7 +248,9 @@ int main(int argc, char** argv) {
         run<float>(op, m, s[0], s[1], s[2], s[3]);
         run<double>(op, m, s[0], s[1], s[2], s[3]);
       }
-      run<double>(op, m, 2, 3, 4, 5, true);
+      run<__half>(op, m, 1, 33, 37, 35);
+      run<__nv_bfloat16>(op, m, 2, 3, 5, 7);
+      for (Poison poison : {Poison::NanQuery, Poison::InfQuery, Poison::InfKey}) run<double>(op, m, 2, 3, 4, 5, poison);
     }
   return finish("similarity");
 }

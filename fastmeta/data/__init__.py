@@ -4,9 +4,9 @@ built-in character dataset, and MAML's sinusoid tasks."""
 
 from .characters import Characters
 from .episodes import Episode, EpisodeSampler
-from .images import ImageFolder, LabelledImages, cache_dir
+from .images import ImageFolder, LabelledImages, cache_dir, data_dir
 from .omniglot import Omniglot
 from .sinusoid import sinusoid_tasks
 
 __all__ = ["Characters", "Episode", "EpisodeSampler", "ImageFolder", "LabelledImages", "Omniglot",
-           "cache_dir", "sinusoid_tasks"]
+           "cache_dir", "data_dir", "sinusoid_tasks"]

@@ -13,7 +13,7 @@ import torch
 
 from ..ops._common import check_integer_labels
 
-__all__ = ["LabelledImages", "ImageFolder", "cache_dir"]
+__all__ = ["LabelledImages", "ImageFolder", "cache_dir", "data_dir"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 SPLITS = ("train", "val", "test")
@@ -23,6 +23,12 @@ def cache_dir() -> Path:
     """Where decoded datasets are cached when the data's own folder is
     read-only: ``$FASTMETA_CACHE``, else ``~/.cache/fastmeta``."""
     return Path(os.environ.get("FASTMETA_CACHE", Path.home() / ".cache" / "fastmeta"))
+
+
+def data_dir() -> Path:
+    """Where named datasets (``--data omniglot``) are read from:
+    ``$FASTMETA_DATA``, else ``~/.cache/fastmeta/data``."""
+    return Path(os.environ.get("FASTMETA_DATA", Path.home() / ".cache" / "fastmeta" / "data"))
 
 
 class LabelledImages(torch.utils.data.Dataset):

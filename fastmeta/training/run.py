@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data import Characters, Episode, EpisodeSampler, ImageFolder, LabelledImages, Omniglot
+from ..data import Characters, Episode, EpisodeSampler, ImageFolder, LabelledImages, Omniglot, data_dir
 from ..nn.batch_norm_updates import RunningStatisticsUpdates, blend_running_statistics
 from .config import Config, ConfigError, checked
 from .methods import Method, build_method
@@ -29,7 +29,6 @@ __all__ = ["train", "evaluate", "load_checkpoint", "CheckpointError", "Trained"]
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "fastmeta-run-1"
 CHECKPOINT_FIELDS = ("config", "step", "image_shape", "model", "optimizer", "schedule", "rng")
-SHARED_OMNIGLOT = Path(__file__).resolve().parents[3] / "shared" / "data" / "omniglot"
 SPLIT_FRACTIONS = (0.7, 0.1, 0.2)
 
 
@@ -60,7 +59,7 @@ def _load_data(config: Config, split: str) -> LabelledImages:
     if kind == "chars":
         data = Characters(split=split, rotations=rotations, image_size=size)
     elif kind == "omniglot":
-        root = Path(path) if path else SHARED_OMNIGLOT
+        root = Path(path) if path else data_dir() / "omniglot"
         data = Omniglot(root, split=split, rotations=rotations, image_size=size)
     else:
         root = Path(path)
