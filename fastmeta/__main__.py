@@ -29,7 +29,7 @@ def info() -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastmeta", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("info", help="versions, and whether CUDA kernels are compiled in")
@@ -43,6 +43,11 @@ def main(argv=None) -> int:
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
     add_train_parser(sub)
     add_evaluate_parser(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
 
     if args.command in ("train", "evaluate"):
