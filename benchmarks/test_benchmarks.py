@@ -7,7 +7,7 @@ to save); on a GPU machine the cases run on CUDA.
 import pytest
 import torch
 
-from fastmeta.bench import CASES
+from fastmeta.bench.cases import CASES
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

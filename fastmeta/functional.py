@@ -4,6 +4,5 @@ algorithms it serves, in :mod:`fastmeta.algorithms.engine`."""
 
 from .algorithms import engine as _engine
 from .algorithms.engine import *  # noqa: F401,F403
-from .algorithms.engine import _loss_fn  # noqa: F401
 
 __all__ = _engine.__all__

@@ -157,7 +157,7 @@ def test_mlp_derivatives_nan_stays_in_its_task():
 
 def double_backward_meta_gradient(net, loss, lr, steps, tasks, weights, wrt):
     """The meta-gradient by PyTorch's double backward, task by task."""
-    criterion = functional._loss_fn(loss)
+    criterion = functional.loss_function(loss)
     theta, lr_t = wrt[0], wrt[1]
     x_s, y_s, x_q, y_q = tasks
     losses = []
@@ -184,7 +184,7 @@ def engine_query_losses(path, net, loss):
     one engine path: the fused kernels, the generic path recomputing the
     inner steps (torch.func), or the generic path keeping their graphs."""
     if path == "kept":
-        criterion = functional._loss_fn(loss)
+        criterion = functional.loss_function(loss)
 
         def task_forward(params, x, y):
             outputs = torch.func.functional_call(net, functional.flat_to_dict(net, params[0]), (x,))

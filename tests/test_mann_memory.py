@@ -43,7 +43,7 @@ def test_matches_reference_values_and_gradients(device, dtype, B, T, S, W, H):
     def steps_with_the_same_slots(*leaves):
         if slots is None:
             return reference.mann_memory(*leaves, decay=0.9)
-        reads, memories, history, usage, _ = reference._mann_steps(*leaves, 0.9, slots=slots)
+        reads, memories, history, usage, _ = reference.mann_steps(*leaves, 0.9, slots=slots)
         return reads, memories[:, -1], usage, history[:, -1]
 
     out, _ = compare_with_reference(lambda *t: ops.mann_memory(*t, decay=0.9),

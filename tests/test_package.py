@@ -107,3 +107,68 @@ def test_bench_times_fastmeta_and_its_baselines_interleaved():
     # ones right after an untimed call of their own
     assert calls == ["fast"] * 2 + ["base"] * 2 + ["slow"] * 2 + ["fast", "fast", "base", "base", "slow"] * 3
     assert slow_s >= 0.06 > base_s >= 0.002 > fast_s
+
+
+PACKAGE = os.path.dirname(fastmeta.__file__)
+MODULES = sorted("fastmeta." + os.path.relpath(os.path.join(folder, name), PACKAGE)[:-3].replace(os.sep, ".")
+                 .replace(".__init__", "") for folder, _, files in os.walk(PACKAGE)
+                 for name in files if name.endswith(".py") and name != "__main__.py")
+
+
+@pytest.mark.parametrize("module", [m for m in MODULES if m.count(".") == 1])
+def test_each_subpackage_imports_first_in_a_fresh_interpreter(module):
+    result = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+def module_level_imports():
+    """Each fastmeta module's module-level imports of other fastmeta modules
+    (packages excluded: importing a submodule always runs its package)."""
+    import ast
+    import importlib.util
+
+    def is_module(name):
+        try:
+            spec = importlib.util.find_spec(name)
+        except ModuleNotFoundError:  # a name inside a module, not a module
+            return False
+        return spec is not None and spec.submodule_search_locations is None
+
+    graph = {}
+    for module in MODULES:
+        spec = importlib.util.find_spec(module)
+        package = module if spec.submodule_search_locations else module.rpartition(".")[0]
+        edges = set()
+        for node in ast.parse(open(spec.origin).read()).body:
+            if isinstance(node, ast.ImportFrom):
+                base = ("." * node.level + (node.module or "")) if node.level else node.module
+                base = importlib.util.resolve_name(base, package) if node.level else base
+                for alias in node.names:
+                    target = f"{base}.{alias.name}"
+                    if target.startswith("fastmeta") and is_module(target):
+                        edges.add(target)
+                    elif base.startswith("fastmeta") and is_module(base):
+                        edges.add(base)
+            elif isinstance(node, ast.Import):
+                edges.update(a.name for a in node.names if a.name.startswith("fastmeta") and is_module(a.name))
+        graph[module] = edges - {module}
+    return graph
+
+
+def test_no_import_cycle_between_modules():
+    graph, state, cycles = module_level_imports(), {}, []
+
+    def visit(module, path):
+        state[module] = "open"
+        for target in graph.get(module, ()):
+            if state.get(target) == "open":
+                cycles.append(path[path.index(target):] + [target])
+            elif target not in state:
+                visit(target, path + [target])
+        state[module] = "done"
+
+    for module in graph:
+        if module not in state:
+            visit(module, [module])
+    assert not cycles, cycles
+    assert "fastmeta.formulas" in graph and not graph["fastmeta.formulas"]  # a leaf

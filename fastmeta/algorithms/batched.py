@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from .. import _build_config
-from .engine import (Loss, _loss_fn, _proximal_descent, batch_statistics, flat_to_dict,
+from .engine import (Loss, loss_function, _proximal_descent, batch_statistics, flat_to_dict,
                      implicit_query_loss, kept_graph_implicit_query_loss, kept_graph_query_loss,
                      maml_query_loss, mlp_derivatives, mlp_structure, module_derivatives,
                      module_task_forward, one_task_at_a_time, tracking_batch_norms)
@@ -69,7 +69,7 @@ class _TaskBatchLearner(nn.Module):
         self.module = module
         self.inner_steps = _check_steps(name, inner_steps)
         self.loss = loss
-        _loss_fn(loss)  # rejects unknown loss names
+        loss_function(loss)  # rejects unknown loss names
         self._fused_cache = None
 
     def _fused_derivatives(self):

@@ -34,11 +34,12 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as module_hooks
 
-from ..ops import _common
+from .._checks import check_choice
 from ..ops.mlp_task_derivatives import MLP_LOSSES
 
 __all__ = [
     "batched_hvp",
+    "loss_function",
     "maml_query_loss",
     "kept_graph_query_loss",
     "module_task_forward",
@@ -58,7 +59,7 @@ _MODULE_ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", 
                        nn.Identity: "identity"}
 
 
-def _loss_fn(loss: Loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+def loss_function(loss: Loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
     if callable(loss):
         return loss
     if loss == "mse":
@@ -135,7 +136,7 @@ def mlp_derivatives(widths: Sequence[int], activations: Sequence[str], loss: str
     """The derivatives function of an MLP learner: the fused kernels
     (``fastmeta.ops.mlp_task_derivatives``)."""
 
-    _common.check_choice("mlp_derivatives", "loss", loss, MLP_LOSSES)
+    check_choice("mlp_derivatives", "loss", loss, MLP_LOSSES)
     widths, activations = list(widths), list(activations)
 
     def derivatives(params, x, target, direction=None, input_grad=False):
@@ -157,7 +158,7 @@ def module_derivatives(module: nn.Module, loss: Loss):
     flat parameters follow ``module.parameters()``. Batch norm in training
     mode normalises each task with its own batch statistics and leaves the
     running statistics alone (see :func:`batch_statistics`)."""
-    criterion = _loss_fn(loss)
+    criterion = loss_function(loss)
 
     def task_loss(p, x, y):
         return criterion(torch.func.functional_call(module, flat_to_dict(module, p), (x,)), y)
@@ -443,7 +444,7 @@ def module_task_forward(module: nn.Module, loss: Loss):
     ``module.parameters()`` order, or flat ``[P]``) on ``x``, batch norm in
     training mode on the task's batch statistics (see
     :func:`batch_statistics`)."""
-    criterion = _loss_fn(loss)
+    criterion = loss_function(loss)
     names = [name for name, _ in module.named_parameters()]
 
     def task_forward(params, x, target):

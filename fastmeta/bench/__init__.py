@@ -1,7 +1,4 @@
-"""Benchmarks: ``fastmeta bench`` and the pytest-benchmark files share these cases."""
-
-from .cases import CASES, Variant, build
-from .runner import format_header, format_row, run, time_callable, time_callables
-
-__all__ = ["CASES", "Variant", "build", "run", "format_header", "format_row", "time_callable",
-           "time_callables"]
+"""Benchmarks: ``fastmeta bench`` and the pytest-benchmark files share the
+cases of :mod:`fastmeta.bench.cases`, timed by :mod:`fastmeta.bench.runner`
+against the baselines of :mod:`fastmeta.bench.baselines` and
+:mod:`fastmeta.formulas`."""

@@ -5,7 +5,7 @@ from typing import Iterator, NamedTuple, Optional
 
 import torch
 
-from ..ops._common import check_integer_labels
+from .._checks import check_integer_labels
 from .images import as_float_images
 
 __all__ = ["Episode", "EpisodeSampler"]

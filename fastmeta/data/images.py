@@ -11,7 +11,7 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from ..ops._common import check_integer_labels
+from .._checks import check_integer_labels
 
 __all__ = ["LabelledImages", "ImageFolder", "cache_dir", "data_dir"]
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..ops._common import check_integer_labels
+from .._checks import check_integer_labels
 
 __all__ = ["FewShotClassifier"]
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..ops._common import check_integer_labels
+from .._checks import check_integer_labels
 
 __all__ = ["MANN"]
 

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
-from ..reference import log_sign_preprocess
+from ..formulas import log_sign_preprocess
 from .few_shot import FewShotClassifier
 
 __all__ = ["MetaNetwork"]

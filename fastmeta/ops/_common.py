@@ -6,6 +6,8 @@ from typing import Callable, Optional, Sequence, Union
 
 import torch
 
+from .._checks import check_choice, check_integer_labels  # noqa: F401  (used by the ops)
+
 METRICS = ("sqeuclidean", "euclidean", "cosine", "dot")
 DISTANCE_METRICS = ("sqeuclidean", "euclidean", "cosine")
 REDUCTIONS = ("mean", "sum", "none")
@@ -25,17 +27,6 @@ def check_tensor(op: str, name: str, t, like: Optional[torch.Tensor] = None, flo
                              "move them to the same device")
         if floating and t.dtype != like.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but {like_name} has dtype {like.dtype}")
-
-
-def check_integer_labels(owner: str, name: str, labels: torch.Tensor):
-    """Class labels must have an integer dtype (not floating, complex or bool)."""
-    if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
-        raise TypeError(f"{owner}: {name} must be integers, got {labels.dtype}")
-
-
-def check_choice(op: str, name: str, value: str, choices: Sequence[str]):
-    if value not in choices:
-        raise ValueError(f"{op}: unknown {name} {value!r}; expected one of {', '.join(map(repr, choices))}")
 
 
 def accumulate_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -98,15 +89,6 @@ def metric_operands(op: str, x, y, metric: str, scale: Union[float, torch.Tensor
     else:
         raise TypeError(f"{op}: scale must be a float or a tensor, got {type(scale).__name__}")
     return MetricOperands(x, y, scale, unbatched, dtype)
-
-
-def reduce_loss(loss: torch.Tensor, reduction: str) -> torch.Tensor:
-    """``loss`` reduced as a PyTorch loss's ``reduction`` says."""
-    if reduction == "mean":
-        return loss.mean()
-    if reduction == "sum":
-        return loss.sum()
-    return loss
 
 
 def check_raw_operands(op: str, *operands) -> dict:

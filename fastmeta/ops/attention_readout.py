@@ -3,7 +3,7 @@ from typing import Union
 import torch
 
 from . import _common
-from .. import reference
+from .. import formulas
 
 __all__ = ["attention_readout"]
 
@@ -81,7 +81,7 @@ def _backward(ctx, grad, _grad_logsumexp):
 
 def _reference_backward(grad, out, logsumexp, x, y, values, scale, metric):
     return _common.reference_vjp(
-        lambda x, y, values, scale: reference.attention_readout(x, y, values, metric, scale),
+        lambda x, y, values, scale: formulas.attention_readout(x, y, values, metric, scale),
         (x, y, values, scale), grad)
 
 

@@ -2,7 +2,7 @@ import numbers
 import torch
 
 from . import _common
-from .. import reference
+from .. import formulas
 
 __all__ = ["contrastive_loss"]
 
@@ -46,7 +46,7 @@ def contrastive_loss(x1: torch.Tensor, x2: torch.Tensor, same: torch.Tensor, mar
     pairs = (pairs_shape.numel(), x1.shape[-1])
     loss = _common.call("contrastive_loss", x1.to(work).reshape(pairs), x2.to(work).reshape(pairs),
                         same.to(work).reshape(-1), float(margin))
-    return _common.reduce_loss(loss.view(pairs_shape), reduction).to(x1.dtype)
+    return formulas.reduce_loss(loss.view(pairs_shape), reduction).to(x1.dtype)
 
 
 def _check_raw(op, x1, x2, same, *per_pair):
@@ -80,7 +80,7 @@ def _backward(ctx, grad):
 
 def _reference_backward(grad, x1, x2, same, margin):
     return _common.reference_vjp(
-        lambda x1, x2, same: reference.contrastive_loss(x1, x2, same, margin, "none"),
+        lambda x1, x2, same: formulas.contrastive_loss(x1, x2, same, margin, "none"),
         (x1, x2, same), grad)
 
 

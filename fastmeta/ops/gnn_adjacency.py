@@ -3,6 +3,7 @@ from typing import Sequence
 import torch
 
 from . import _common
+from .. import formulas
 
 __all__ = ["gnn_adjacency"]
 
@@ -36,7 +37,7 @@ def gnn_adjacency(nodes: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
     each tile, and memory stays that of a tile. CPU and CUDA kernels,
     forward and backward (on CUDA the MLP's layers are cuBLAS products on
     tiles of pairs); on other devices the eager formulation
-    (:func:`fastmeta.reference.gnn_adjacency`) runs. Works under
+    (:func:`fastmeta.formulas.gnn_adjacency`) runs. Works under
     ``torch.compile`` and torch.func's ``grad``, ``vjp`` and ``jacrev`` (not
     ``grad`` of ``grad``).
 
@@ -84,8 +85,7 @@ def gnn_adjacency(nodes: torch.Tensor, weights: Sequence[torch.Tensor], biases: 
     if negative_slope < 0:
         raise ValueError(f"{op}: negative_slope must be >= 0, got {negative_slope}")
     if nodes.device.type not in ("cpu", "cuda"):
-        from .. import reference
-        return reference.gnn_adjacency(nodes, weights, biases, negative_slope, last_row)
+        return formulas.gnn_adjacency(nodes, weights, biases, negative_slope, last_row)
     layers = (*weights, *biases)
     keep = (torch.is_grad_enabled() and (nodes.requires_grad or any(t.requires_grad for t in layers))
             and _hidden_values(nodes, weights, last_row) <= KEPT_HIDDEN_VALUES)
@@ -168,7 +168,6 @@ def _setup_double(ctx, inputs, output):
 def _double_backward(ctx, grad_grad_nodes, grad_grad_weights, grad_grad_biases):
     """The backward's own gradient, through the eager formulation (it builds
     the [B, n, n, F] differences, only while this runs)."""
-    from .. import reference
     saved = [t.detach().requires_grad_() for t in ctx.saved_tensors]
     grad, nodes, layers = saved[0], saved[1], saved[2:]
     weights, biases = layers[:ctx.layers], layers[ctx.layers:]
@@ -176,7 +175,7 @@ def _double_backward(ctx, grad_grad_nodes, grad_grad_weights, grad_grad_biases):
     cotangents = [grad_grad_nodes, *(grad_grad_weights or [None] * ctx.layers),
                   *(grad_grad_biases or [None] * ctx.layers)]
     with torch.enable_grad():
-        adjacency = reference.gnn_adjacency(nodes, weights, biases, ctx.negative_slope, ctx.last_row)
+        adjacency = formulas.gnn_adjacency(nodes, weights, biases, ctx.negative_slope, ctx.last_row)
         first = torch.autograd.grad(adjacency, params, grad, create_graph=True, allow_unused=True)
         pairs = [(f, c) for f, c in zip(first, cotangents)
                  if f is not None and c is not None and f.requires_grad]

@@ -1,7 +1,7 @@
 import torch
 
 from . import _common
-from .. import reference
+from .. import formulas
 
 __all__ = ["l2o_lstm_step", "l2o_lstm_step_", "l2o_num_weights"]
 
@@ -133,7 +133,7 @@ def _reference_backward(grad_update, grad_state, grad, state, weights, preproces
     primals = (grad, state, weights)
 
     def outputs(grad, state, weights):
-        update, new_state = reference.l2o_lstm_step(grad, state, weights, preprocess_p, output_scale)
+        update, new_state = formulas.l2o_lstm_step(grad, state, weights, preprocess_p, output_scale)
         return torch.cat([update, new_state.reshape(-1)])
 
     return _common.reference_vjp(outputs, primals,

@@ -4,6 +4,7 @@ from typing import NamedTuple, Union
 import torch
 
 from . import _common
+from .. import formulas
 
 __all__ = ["mann_memory", "MannMemoryOutput"]
 
@@ -33,7 +34,7 @@ def mann_memory(memory: torch.Tensor, usage: torch.Tensor, read_weights: torch.T
 
     The least-used selection, and so the usage, has no gradient, as in the
     paper; reads, memory and read weights are differentiable (twice, through
-    :func:`fastmeta.reference.mann_memory`) in the memory, read weights,
+    :func:`fastmeta.formulas.mann_memory`) in the memory, read weights,
     keys, gates and strengths.
 
     Args:
@@ -157,13 +158,12 @@ def _reference_backward(grad_reads, grad_memory, grad_read_weights, memory, read
                         write_gates, key_strengths, memories, read_weight_history, least_used):
     """The backward op's outputs as differentiable PyTorch operations: the
     steps rerun with the recorded least-used slots."""
-    from ..reference import _mann_steps
     primals = (memory, read_weights, keys, write_gates, key_strengths)
     if keys.shape[1] == 0:
         return grad_memory, grad_read_weights, *(torch.zeros_like(p) for p in primals[2:])
 
     def steps(memory, read_weights, keys, write_gates, key_strengths):
-        reads, memories, history, _, _ = _mann_steps(memory, memory.new_zeros(memory.shape[:2]),
+        reads, memories, history, _, _ = formulas.mann_steps(memory, memory.new_zeros(memory.shape[:2]),
                                                      read_weights, keys, write_gates, key_strengths, 0.0,
                                                      slots=least_used)
         return reads, memories[:, -1], history[:, -1]

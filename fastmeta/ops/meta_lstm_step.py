@@ -1,7 +1,7 @@
 import torch
 
 from . import _common
-from .. import reference
+from .. import formulas
 
 __all__ = ["meta_lstm_step", "meta_lstm_num_weights"]
 
@@ -105,7 +105,7 @@ def _backward(ctx, grad_theta, grad_state):
 
 def _reference_backward(grad_theta, grad_state, grad, loss, theta, state, weights, preprocess_p):
     def outputs(grad, loss, theta, state, weights):
-        new_theta, new_state = reference.meta_lstm_step(grad, loss, theta, state, weights,
+        new_theta, new_state = formulas.meta_lstm_step(grad, loss, theta, state, weights,
                                                         preprocess_p)
         return torch.cat([new_theta, new_state.reshape(-1)])
 

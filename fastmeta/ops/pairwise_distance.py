@@ -1,7 +1,7 @@
 import torch
 
 from . import _common
-from .. import reference
+from .. import formulas
 
 __all__ = ["pairwise_distance"]
 
@@ -67,4 +67,4 @@ _common.register_vmap_over_tasks("pairwise_distance_backward")
 _common.register_reference_double_backward(
     "pairwise_distance_backward",
     lambda grad, distance, x, y, metric: _common.reference_vjp(
-        lambda x, y: reference.pairwise_distance(x, y, metric), (x, y), grad))
+        lambda x, y: formulas.pairwise_distance(x, y, metric), (x, y), grad))

@@ -1,6 +1,7 @@
 import torch
 
 from . import _common
+from .. import formulas
 
 __all__ = ["relation_pair_pool"]
 
@@ -38,8 +39,7 @@ def relation_pair_pool(queries: torch.Tensor, prototypes: torch.Tensor) -> torch
         raise ValueError(f"{op}: queries must be [B, Q, H, W, C] and prototypes [B, N, H, W, C], "
                          f"got {list(queries.shape)} and {list(prototypes.shape)}")
     if queries.device.type != "cpu":
-        from .. import reference
-        return reference.relation_pair_pool(queries, prototypes)
+        return formulas.relation_pair_pool(queries, prototypes)
     dtype = queries.dtype
     compute = _common.compute_dtype(queries)
     return _common.call("relation_pair_pool", queries.to(compute), prototypes.to(compute)).to(dtype)
@@ -79,8 +79,7 @@ def _backward(ctx, grad):
 
 
 def _reference_backward(grad, queries, prototypes):
-    from .. import reference
-    return _common.reference_vjp(reference.relation_pair_pool, (queries, prototypes), grad)
+    return _common.reference_vjp(formulas.relation_pair_pool, (queries, prototypes), grad)
 
 
 _common.register_autograd("relation_pair_pool", _backward, _setup_context)

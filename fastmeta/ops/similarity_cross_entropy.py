@@ -3,7 +3,7 @@ from typing import Union
 import torch
 
 from . import _common
-from .. import reference
+from .. import formulas
 
 __all__ = ["similarity_cross_entropy"]
 
@@ -63,7 +63,7 @@ def similarity_cross_entropy(x: torch.Tensor, y: torch.Tensor, target: torch.Ten
                                  weight)[0]
         return a.output(task_loss.sum())
     loss, _ = _common.call("similarity_cross_entropy", a.x, a.y, target, a.scale, metric)
-    return a.output(_common.reduce_loss(loss, reduction))
+    return a.output(formulas.reduce_loss(loss, reduction))
 
 
 def _check_raw(op, metric, x, y, target, scale, *per_query):
@@ -102,7 +102,7 @@ def _backward(ctx, grad, _grad_logsumexp):
 
 def _reference_backward(grad, x, y, target, scale, logsumexp, metric):
     return _common.reference_vjp(
-        lambda x, y, scale: reference.similarity_cross_entropy(x, y, target, metric, scale, "none"),
+        lambda x, y, scale: formulas.similarity_cross_entropy(x, y, target, metric, scale, "none"),
         (x, y, scale), grad)
 
 
@@ -125,7 +125,7 @@ def _backward_with_grad(ctx, grad_loss, *_unused):
         # Double backward (create_graph): the gradient must itself be
         # differentiable, so it is taken through the reference.
         inputs = [t for t in (x, y, scale) if t.requires_grad]
-        task_loss = ctx.weight * reference.similarity_cross_entropy(
+        task_loss = ctx.weight * formulas.similarity_cross_entropy(
             x, y, target, ctx.metric, scale, "none").sum(1)
         found = iter(torch.autograd.grad(task_loss, inputs, grad_loss, create_graph=True))
         grad_x, grad_y, grad_scale = (next(found) if t.requires_grad else None for t in (x, y, scale))

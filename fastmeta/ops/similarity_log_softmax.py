@@ -3,7 +3,7 @@ from typing import Union
 import torch
 
 from . import _common
-from .. import reference
+from .. import formulas
 
 __all__ = ["similarity_log_softmax"]
 
@@ -69,7 +69,7 @@ def _backward(ctx, grad):
 
 def _reference_backward(grad, log_probs, x, y, scale, metric):
     return _common.reference_vjp(
-        lambda x, y, scale: reference.similarity_log_softmax(x, y, metric, scale), (x, y, scale), grad)
+        lambda x, y, scale: formulas.similarity_log_softmax(x, y, metric, scale), (x, y, scale), grad)
 
 
 _common.register_autograd("similarity_log_softmax", _backward, _setup_context)
