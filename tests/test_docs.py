@@ -56,3 +56,14 @@ def test_shell_block_names_what_exists(block):
             assert (ROOT / words[1]).exists(), f"{words[1]} does not exist"
         elif words[0].startswith(("./", ".ci/", "cuda_emulation/", "benchmarks/")):
             assert (ROOT / words[0]).exists(), f"{words[0]} does not exist"
+
+
+@pytest.mark.parametrize("module", ["anil", "batched_maml", "imaml", "maml", "meta_sgd", "reptile"])
+def test_each_algorithm_names_its_paper_and_its_docstring_example_runs(module):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module(f"fastmeta.algorithms.{module}")
+    assert re.search(r", (19|20)\d\d\)", mod.__doc__), "the paper: title, authors, year"
+    result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

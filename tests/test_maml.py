@@ -14,7 +14,7 @@ import fastmeta
 from fastmeta import functional, ops, reference
 from fastmeta.algorithms import (ANIL, MAML, BatchedMAML, MetaSGD, Reptile, clone_module, iMAML,
                                  maml_update, meta_sgd_update)
-from fastmeta.algorithms import batched as batched_module
+from fastmeta.algorithms import batched_maml
 from fastmeta.data import sinusoid_tasks
 from fastmeta.testing import DEVICES, FLOAT_DTYPES, assert_close_to_reference
 
@@ -330,8 +330,8 @@ def test_memory_policy_auto_keeps_graphs_for_convolutional_learners_on_the_cpu(m
     """"auto" keeps the inner graphs where tasks run one at a time (a
     convolutional learner on the CPU), and recomputes for other learners."""
     calls = []
-    real = batched_module.kept_graph_query_loss
-    monkeypatch.setattr(batched_module, "kept_graph_query_loss",
+    real = batched_maml.kept_graph_query_loss
+    monkeypatch.setattr(batched_maml, "kept_graph_query_loss",
                         lambda *args, **kw: calls.append(1) or real(*args, **kw))
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
     x, y = torch.randn(2, 3, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (2, 3))

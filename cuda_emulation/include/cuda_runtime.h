@@ -4,9 +4,14 @@
 // timing, no memory ordering weaker than the host's. See ../README.md.
 #pragma once
 
+#include <linux/futex.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
 #include <atomic>
 #include <bit>
 #include <chrono>
+#include <climits>
 #include <cmath>
 #include <condition_variable>
 #include <cstdint>
@@ -68,11 +73,15 @@ constexpr unsigned kThreadsPerWave = 2048;
 // A barrier or shuffle with no progress for this long is a deadlock.
 constexpr auto kDeadlock = std::chrono::seconds(60);
 
+// A warp's shuffles. They synchronise its lanes but, as on a GPU, order no
+// memory: they are built from relaxed atomics and futex waits, which
+// ThreadSanitizer does not count as synchronisation, so shared memory that
+// only a shuffle separates (a missing barrier) shows as a race.
 struct Warp {
-  unsigned arrived = 0, mask = 0;
-  unsigned long generation = 0;
-  int line = 0;
-  uint64_t slots[kWarp] = {};
+  std::atomic<unsigned> arrived{0}, mask{0};
+  std::atomic<uint32_t> generation{0};
+  std::atomic<unsigned> lane_masks[kWarp] = {};
+  std::atomic<uint64_t> slots[kWarp] = {};
 };
 
 struct Block {
@@ -81,8 +90,8 @@ struct Block {
   int line = 0;
   std::mutex mutex;
   std::condition_variable changed;
-  std::vector<bool> exited;
-  std::vector<Warp> warps;
+  std::unique_ptr<std::atomic<bool>[]> exited;
+  std::unique_ptr<Warp[]> warps;
   std::map<std::pair<const void*, int>, std::unique_ptr<unsigned char[]>> statics;
   std::unique_ptr<unsigned char[]> dynamic;
 };
@@ -123,18 +132,32 @@ inline void syncthreads(int line) {
 // Called when a thread's kernel returns: it leaves the block's barriers.
 inline void thread_exit() {
   Block& b = *current_block;
-  std::lock_guard<std::mutex> lock(b.mutex);
   const unsigned lane = current_thread % kWarp;
   Warp& w = b.warps[current_thread / kWarp];
-  if (w.arrived > 0 && (w.mask >> lane & 1u))
-    fail("a lane exited while its warp waits for it in a shuffle", w.line);
-  b.exited[current_thread] = true;
+  b.exited[current_thread].store(true, std::memory_order_relaxed);
+  if (w.arrived.load(std::memory_order_relaxed) > 0 && (w.mask.load(std::memory_order_relaxed) >> lane & 1u))
+    fail("a lane exited while its warp waits for it in a shuffle");
+  std::lock_guard<std::mutex> lock(b.mutex);
   --b.live;
   if (b.arrived > 0 && b.arrived == b.live) {
     b.arrived = 0;
     ++b.generation;
   }
   b.changed.notify_all();
+}
+
+// Waits until `word` no longer holds `value` (a futex wait, unseen by
+// ThreadSanitizer), aborting as a deadlock when that takes kDeadlock.
+inline void wait_while(std::atomic<uint32_t>& word, uint32_t value, const char* what, int line) {
+  const auto deadline = std::chrono::steady_clock::now() + kDeadlock;
+  while (word.load(std::memory_order_relaxed) == value) {
+    timespec timeout{1, 0};
+    syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAIT_PRIVATE, value, &timeout, nullptr, 0);
+    if (std::chrono::steady_clock::now() > deadline) fail(what, line);
+  }
+}
+inline void wake_all(std::atomic<uint32_t>& word) {
+  syscall(SYS_futex, reinterpret_cast<uint32_t*>(&word), FUTEX_WAKE_PRIVATE, INT_MAX, nullptr, nullptr, 0);
 }
 
 // A warp-synchronous exchange: every lane of `mask` gives `value`; each gets
@@ -146,37 +169,40 @@ T exchange(unsigned mask, T value, Source source, int width, int line) {
   const unsigned lane = current_thread % kWarp, base = current_thread - lane;
   if (width <= 0 || width > kWarp || (width & (width - 1))) fail("shuffle width is not a power of 2 <= 32", line);
   if (!(mask >> lane & 1u)) fail("shuffle mask lacks the calling lane", line);
-  std::unique_lock<std::mutex> lock(b.mutex);
   for (unsigned l = 0; l < kWarp; ++l)
-    if ((mask >> l & 1u) && (base + l >= b.threads || b.exited[base + l]))
+    if ((mask >> l & 1u) && (base + l >= b.threads || b.exited[base + l].load(std::memory_order_relaxed)))
       fail("shuffle mask names lanes that have exited or do not exist", line);
   Warp& w = b.warps[current_thread / kWarp];
   const unsigned expected = std::popcount(mask);
-  auto barrier = [&] {
-    if (w.arrived == 0) {
-      w.mask = mask;
-      w.line = line;
-    } else if (w.mask != mask) {
-      fail("lanes of a warp shuffle with different masks", line);
+  auto barrier = [&](bool check_masks) {
+    w.lane_masks[lane].store(mask, std::memory_order_relaxed);
+    w.mask.store(mask, std::memory_order_relaxed);
+    const uint32_t generation = w.generation.load(std::memory_order_relaxed);
+    if (w.arrived.fetch_add(1, std::memory_order_relaxed) + 1 == expected) {
+      w.arrived.store(0, std::memory_order_relaxed);
+      w.generation.fetch_add(1, std::memory_order_relaxed);
+      wake_all(w.generation);
+    } else {
+      wait_while(w.generation, generation, "deadlock at a warp shuffle", line);
     }
-    const unsigned long generation = w.generation;
-    if (++w.arrived == expected) {
-      w.arrived = 0;
-      ++w.generation;
-      b.changed.notify_all();
-      return;
-    }
-    wait_for(lock, b, [&] { return w.generation != generation; }, "deadlock at a warp shuffle", line);
+    // (Only after the first barrier: after the second, a lane may already be
+    // in its next shuffle.)
+    for (unsigned l = 0; check_masks && l < kWarp; ++l)
+      if ((mask >> l & 1u) && w.lane_masks[l].load(std::memory_order_relaxed) != mask)
+        fail("lanes of a warp shuffle with different masks", line);
   };
-  std::memcpy(&w.slots[lane], &value, sizeof(T));
-  barrier();
+  uint64_t bits = 0;
+  std::memcpy(&bits, &value, sizeof(T));
+  w.slots[lane].store(bits, std::memory_order_relaxed);
+  barrier(true);
   const int from = source(static_cast<int>(lane));
   T result = value;
   if (from >= 0) {
     if (!(mask >> from & 1u)) fail("a shuffle reads a lane outside its mask", line);
-    std::memcpy(&result, &w.slots[from], sizeof(T));
+    bits = w.slots[from].load(std::memory_order_relaxed);
+    std::memcpy(&result, &bits, sizeof(T));
   }
-  barrier();
+  barrier(false);
   return result;
 }
 
@@ -236,8 +262,8 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cud
     for (unsigned long long k = 0; k < count; ++k) {
       auto b = std::make_unique<Block>();
       b->threads = b->live = threads;
-      b->exited.assign(threads, false);
-      b->warps.resize((threads + kWarp - 1) / kWarp);
+      b->exited.reset(new std::atomic<bool>[threads]());
+      b->warps.reset(new Warp[(threads + kWarp - 1) / kWarp]);
       b->dynamic.reset(shared > 0 ? fresh_shared(shared) : nullptr);
       const unsigned long long linear = first + k;
       const uint3 index{static_cast<unsigned>(linear % grid.x),
