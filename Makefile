@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 BIN := $(VENV)/bin
 SOURCES := $(shell find csrc fastmeta -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh') setup.py pyproject.toml
 
-.PHONY: install bench test cuda-check cuda-glue-check cuda-emulate gpu clean
+.PHONY: install bench test lint format wheel wheel-check cuda-check cuda-glue-check cuda-emulate gpu clean
 
 install: $(VENV)/.installed
 
@@ -18,7 +18,8 @@ $(VENV)/.deps:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install --quiet numpy pybind11 ninja setuptools wheel pytest pytest-benchmark hypothesis pillow matplotlib tqdm
+	$(BIN)/python -m pip install --quiet numpy pybind11 ninja setuptools wheel pytest pytest-benchmark hypothesis pillow matplotlib tqdm \
+	    ruff==0.17.6 clang-format==19.1.7
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
@@ -31,15 +32,43 @@ bench: install
 # The op and model tests again with fastmeta's, PyTorch's, MKL's and oneDNN's
 # kernels capped to AVX2, as an AVX2-only machine runs them.
 AVX2_ONLY := FASTMETA_CPU_ISA=avx2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2
-OP_AND_MODEL_TESTS := $(addprefix tests/test_,metric_ops.py class_prototypes.py contrastive_loss.py \
-	gnn.py learned_optimizers.py maml.py mann_memory.py matching_attention_lstm.py \
-	relation_pair_pool.py random_shapes.py few_shot_modules.py metanet.py imaml.py)
+OP_AND_MODEL_TESTS := $(addprefix tests/ops/test_,metric_ops.py class_prototypes.py contrastive_loss.py \
+	mann_memory.py matching_attention_lstm.py relation_pair_pool.py random_shapes.py) tests/nn tests/algorithms
 
 # The tests read the Omniglot subsets of the shared folder beside the checkout.
 test: export FASTMETA_DATA ?= $(abspath ../shared/data)
 test: install
 	$(BIN)/python -m pytest -q tests
 	$(AVX2_ONLY) $(BIN)/python -m pytest -q $(OP_AND_MODEL_TESTS)
+
+# A wheel with the compiled kernels, in dist/; wheel-check installs it into a
+# fresh virtual environment outside the checkout, with its runtime
+# dependencies only, and runs fastmeta from there.
+WHEEL_CHECK_DIR ?= /tmp/fastmeta-wheel-check
+
+wheel: install
+	rm -rf dist
+	$(BIN)/python -m pip wheel --quiet --no-build-isolation --no-deps --wheel-dir dist .
+
+wheel-check: wheel
+	rm -rf $(WHEEL_CHECK_DIR)
+	$(PYTHON) -m venv $(WHEEL_CHECK_DIR)
+	$(WHEEL_CHECK_DIR)/bin/python -m pip install --quiet "$(TORCH_SPEC)" dist/fastmeta-*.whl
+	cd $(WHEEL_CHECK_DIR) && bin/fastmeta info && bin/python $(abspath tests/wheel_smoke.py)
+
+# Lint and formatting: ruff for the Python, clang-format for the C++ and CUDA
+# (pyproject.toml's [tool.ruff], .clang-format); `make format` applies both.
+CPP_SOURCES = $(shell find csrc cuda_emulation -name '*.cpp' -o -name '*.h' -o -name '*.cu' -o -name '*.cuh')
+
+lint: $(VENV)/.deps
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/clang-format --dry-run --Werror $(CPP_SOURCES)
+
+format: $(VENV)/.deps
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+	$(BIN)/clang-format -i $(CPP_SOURCES)
 
 # Compile-checks the CUDA kernels with nvcc for sm_80 and sm_90, without PyTorch.
 cuda-check:

@@ -40,17 +40,28 @@ def extension():
     # with comparisons vectorise.
     cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-fno-trapping-math"]
     if not WITH_CUDA:
-        return CppExtension("fastmeta._C", sources, define_macros=macros,
-                            extra_compile_args={"cxx": cxx_flags}, extra_link_args=["-fopenmp"])
+        return CppExtension(
+            "fastmeta._C",
+            sources,
+            define_macros=macros,
+            extra_compile_args={"cxx": cxx_flags},
+            extra_link_args=["-fopenmp"],
+        )
     sources += glob.glob("csrc/cuda/*.cpp") + glob.glob("csrc/cuda/*.cu")
     macros += [("FASTMETA_WITH_CUDA", None)]
-    return CUDAExtension("fastmeta._C", sources, define_macros=macros,
-                         extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
-                         extra_link_args=["-fopenmp"])
+    return CUDAExtension(
+        "fastmeta._C",
+        sources,
+        define_macros=macros,
+        extra_compile_args={"cxx": cxx_flags, "nvcc": ["-O3"]},
+        extra_link_args=["-fopenmp"],
+    )
 
 
 write_build_config()
 setup(
+    # The compiled extension works with the PyTorch it was built against only.
+    install_requires=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pillow", "matplotlib", "tqdm"],
     packages=find_packages(include=["fastmeta", "fastmeta.*"]),
     ext_modules=[extension()],
     cmdclass={"build_ext": BuildExtension},

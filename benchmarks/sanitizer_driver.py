@@ -40,8 +40,7 @@ for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16):
     similarity_ops(2, 33, 41, 70, 5, dtype)  # three feature chunks, a partial last one
     similarity_ops(2, 5, 300, 33, 3, dtype)  # N >= 256: the fused cross-entropy path
     similarity_ops(2, 9, 11, 40, 4, dtype, poison=True)  # NaN and inf rows
-    for B, Q, N, D, V in ((0, 4, 5, 6, 3), (2, 0, 5, 6, 3), (2, 4, 0, 6, 3), (2, 4, 5, 0, 3),
-                          (2, 4, 5, 6, 0)):
+    for B, Q, N, D, V in ((0, 4, 5, 6, 3), (2, 0, 5, 6, 3), (2, 4, 0, 6, 3), (2, 4, 5, 0, 3), (2, 4, 5, 6, 0)):
         similarity_ops(B, Q, N, D, V, dtype)
     for B, S, D in ((3, 11, 19), (2, 9, 70), (0, 4, 3), (2, 4, 0)):
         support = torch.randn(B, S, D, device=cuda, dtype=dtype, requires_grad=True)
@@ -87,8 +86,14 @@ for dtype in (torch.float32, torch.float64):
         y = torch.randn(5, points, widths[-1], device=cuda, dtype=dtype)
         bm(x, y, x, y).backward()
     params = torch.randn(0, 9, device=cuda, dtype=dtype)
-    ops.mlp_task_derivatives(params, torch.randn(0, 3, 2, device=cuda, dtype=dtype),
-                             torch.randn(0, 3, 1, device=cuda, dtype=dtype), params,
-                             widths=[2, 2, 1], activations=["relu", "identity"], input_grad=True)
+    ops.mlp_task_derivatives(
+        params,
+        torch.randn(0, 3, 2, device=cuda, dtype=dtype),
+        torch.randn(0, 3, 1, device=cuda, dtype=dtype),
+        params,
+        widths=[2, 2, 1],
+        activations=["relu", "identity"],
+        input_grad=True,
+    )
 torch.cuda.synchronize()
 print("sanitizer driver: all kernels ran")

@@ -118,37 +118,49 @@ TORCH_LIBRARY(fastmeta, m) {
 // CPU kernels use and how the CUDA L2O kernels lay out their shared memory
 // (tested on any machine), and free the ops' recycled CPU buffers.
 PYBIND11_MODULE(_C, m) {
-  m.def("build_info", [] {
-    pybind11::dict info;
-    info["torch_version"] = TORCH_VERSION;
+  m.def(
+      "build_info",
+      [] {
+        pybind11::dict info;
+        info["torch_version"] = TORCH_VERSION;
 #ifdef FASTMETA_WITH_CUDA
-    info["with_cuda"] = true;
+        info["with_cuda"] = true;
 #else
-    info["with_cuda"] = false;
+        info["with_cuda"] = false;
 #endif
-    return info;
-  }, "The PyTorch version this extension was built against, and its CUDA support.");
-  m.def("cpu_isa", [] {
+        return info;
+      },
+      "The PyTorch version this extension was built against, and its CUDA support.");
+  m.def(
+      "cpu_isa",
+      [] {
 #if defined(__x86_64__)
-    switch (fastmeta::cpu::cpu_isa()) {
-      case fastmeta::cpu::Isa::Avx512: return "avx512";
-      case fastmeta::cpu::Isa::Avx2: return "avx2";
-      default: return "baseline";
-    }
+        switch (fastmeta::cpu::cpu_isa()) {
+          case fastmeta::cpu::Isa::Avx512:
+            return "avx512";
+          case fastmeta::cpu::Isa::Avx2:
+            return "avx2";
+          default:
+            return "baseline";
+        }
 #else
-    return "portable";
+        return "portable";
 #endif
-  }, "The vector instructions the CPU kernels' row loops run with: 'avx512', 'avx2' or "
-     "'baseline' (FASTMETA_CPU_ISA caps it), or 'portable' off x86-64.");
-  m.def("release_recycled_buffers", [] { return fastmeta::cpu::RecyclingAllocator::instance().release(); },
-        "Frees the CPU buffers the ops keep for reuse (see csrc/cpu/recycled_buffers.h); "
-        "returns how many bytes that was.");
-  m.def("l2o_shared_plan", [](int64_t num_layers, int64_t hidden_size, bool backward,
-                              int64_t element_bytes, int64_t limit_bytes) {
-    const auto plan = fastmeta::L2oSharedPlan::choose({num_layers, hidden_size, 0}, fastmeta::kLstmThreads,
-                                                      backward, element_bytes, limit_bytes);
-    return pybind11::make_tuple(plan.weights_shared, plan.grads_shared, plan.bytes);
-  }, "Where the CUDA L2O kernels keep weights and weight gradients for a device with "
-     "limit_bytes of shared memory per block: (weights_shared, grads_shared, bytes), bytes -1 "
-     "where nothing fits.");
+      },
+      "The vector instructions the CPU kernels' row loops run with: 'avx512', 'avx2' or "
+      "'baseline' (FASTMETA_CPU_ISA caps it), or 'portable' off x86-64.");
+  m.def(
+      "release_recycled_buffers", [] { return fastmeta::cpu::RecyclingAllocator::instance().release(); },
+      "Frees the CPU buffers the ops keep for reuse (see csrc/cpu/recycled_buffers.h); "
+      "returns how many bytes that was.");
+  m.def(
+      "l2o_shared_plan",
+      [](int64_t num_layers, int64_t hidden_size, bool backward, int64_t element_bytes, int64_t limit_bytes) {
+        const auto plan = fastmeta::L2oSharedPlan::choose(
+            {num_layers, hidden_size, 0}, fastmeta::kLstmThreads, backward, element_bytes, limit_bytes);
+        return pybind11::make_tuple(plan.weights_shared, plan.grads_shared, plan.bytes);
+      },
+      "Where the CUDA L2O kernels keep weights and weight gradients for a device with "
+      "limit_bytes of shared memory per block: (weights_shared, grads_shared, bytes), bytes -1 "
+      "where nothing fits.");
 }

@@ -13,10 +13,14 @@ import shutil
 import sys
 from pathlib import Path
 
-DYNAMIC_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?(?P<type>[\w:\s]+?)\s+"
-                            r"(?P<name>\w+)\s*\[\s*\]\s*;")
-STATIC_SHARED = re.compile(r"__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?(?P<type>[\w:<>,\s]+?)\s+"
-                           r"(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]+\]\s*)*);")
+DYNAMIC_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?(?P<type>[\w:\s]+?)\s+"
+    r"(?P<name>\w+)\s*\[\s*\]\s*;"
+)
+STATIC_SHARED = re.compile(
+    r"__shared__\s+(?:__align__\(\s*\d+\s*\)\s+)?(?P<type>[\w:<>,\s]+?)\s+"
+    r"(?P<name>\w+)\s*(?P<dims>(?:\[[^\]]+\]\s*)*);"
+)
 
 
 def split_top_level(text: str):
@@ -54,31 +58,39 @@ def rewrite_launches(text: str) -> str:
             kernel_start += 1
         kernel = text[kernel_start:start].strip()
         end = text.index(">>>", start)
-        config = split_top_level(text[start + 3:end])
+        config = split_top_level(text[start + 3 : end])
         if not 2 <= len(config) <= 4:
             raise ValueError(f"a launch configuration of {len(config)} parts: {config}")
-        config += ["0", "nullptr"][len(config) - 2:]
+        config += ["0", "nullptr"][len(config) - 2 :]
         opening = end + 3
         while text[opening].isspace():
             opening += 1
         if text[opening] != "(":
             raise ValueError(f"no arguments after the launch of {kernel}")
         closing = matching_parenthesis(text, opening)
-        arguments = text[opening + 1:closing].strip()
-        call = (f"::cuda_emulation::launch({kernel}, dim3({config[0]}), dim3({config[1]}), "
-                f"static_cast<size_t>({config[2]}), {config[3]}{', ' if arguments else ''}{arguments})")
+        arguments = text[opening + 1 : closing].strip()
+        call = (
+            f"::cuda_emulation::launch({kernel}, dim3({config[0]}), dim3({config[1]}), "
+            f"static_cast<size_t>({config[2]}), {config[3]}{', ' if arguments else ''}{arguments})"
+        )
         call = " ".join(call.split())
         newlines = text.count("\n", kernel_start, closing + 1)
-        text = text[:kernel_start] + call + "\n" * newlines + text[closing + 1:]
+        text = text[:kernel_start] + call + "\n" * newlines + text[closing + 1 :]
     return text
 
 
 def rewrite(text: str) -> str:
     text = rewrite_launches(text)
-    text = DYNAMIC_SHARED.sub(lambda m: f"{m['type']}* {m['name']} = "
-                                        f"::cuda_emulation::dynamic_shared<{m['type']}>();", text)
-    return STATIC_SHARED.sub(lambda m: f"auto& {m['name']} = ::cuda_emulation::block_shared<"
-                                       f"{m['type']}{''.join(m['dims'].split())}>(__FILE__, __LINE__);", text)
+    text = DYNAMIC_SHARED.sub(
+        lambda m: f"{m['type']}* {m['name']} = ::cuda_emulation::dynamic_shared<{m['type']}>();", text
+    )
+    return STATIC_SHARED.sub(
+        lambda m: (
+            f"auto& {m['name']} = ::cuda_emulation::block_shared<"
+            f"{m['type']}{''.join(m['dims'].split())}>(__FILE__, __LINE__);"
+        ),
+        text,
+    )
 
 
 def main(source: str, destination: str):

@@ -68,8 +68,7 @@ LEARNING_RATES = [10 ** (e / 4) for e in range(-20, 5)]  # 1e-5 .. 10
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--meta-iterations", type=int, default=2000,
-                        help="horizons of 100 steps to meta-train on")
+    parser.add_argument("--meta-iterations", type=int, default=2000, help="horizons of 100 steps to meta-train on")
     parser.add_argument("--batch", type=int, default=128, help="quadratics per horizon")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
@@ -84,8 +83,9 @@ def main():
     best, best_state = float("inf"), None
     for it in range(1, args.meta_iterations + 1):
         loss_fn, theta0 = quadratics(args.batch, gen)
-        for meta_loss in fastmeta.optim.truncated_unrolls(lstm, lambda t: loss_fn(t).sum(), theta0,
-                                                          horizon=STEPS, unroll=20):
+        for meta_loss in fastmeta.optim.truncated_unrolls(
+            lstm, lambda t: loss_fn(t).sum(), theta0, horizon=STEPS, unroll=20
+        ):
             meta_opt.zero_grad()
             (meta_loss / args.batch).backward()
             meta_opt.step()
@@ -93,8 +93,11 @@ def main():
             val = run_learned(lstm, validation)
             if val < best:
                 best, best_state = val, {k: v.clone() for k, v in lstm.state_dict().items()}
-            print(f"meta-iteration {it:4d}: validation loss after {STEPS} steps {val:.4f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"meta-iteration {it:4d}: validation loss after {STEPS} steps {val:.4f} "
+                f"({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
     lstm.load_state_dict(best_state)
 
     rows = [("LSTM (fastmeta, meta-trained)", "-", run_learned(lstm, test))]

@@ -110,22 +110,34 @@ def main(argv=None):
         model, test_steps, history = train(kind, train_data, val_data, args)
         args.steps = steps
         reached = next(((s, t) for s, t, a in history if a >= args.target), None)
-        timing.append(f"| {kind} | {history[-1][1] / history[-1][0]:.3f} | "
-                      + (f"{reached[1]:.1f} (step {reached[0]})" if reached else "not reached") + " |")
+        timing.append(
+            f"| {kind} | {history[-1][1] / history[-1][0]:.3f} | "
+            + (f"{reached[1]:.1f} (step {reached[0]})" if reached else "not reached")
+            + " |"
+        )
         if kind != "MAML, per-task loop":  # the same meta-gradients as MAML's
-            mean, half = confidence_interval(accuracies(model, test_data, args.test_episodes, test_steps,
-                                                        15, seed=1000) / 100)
-            rows.append(f"| {kind} | {args.data.split(':')[0]} | {history[-1][0]} x {TASKS} tasks | "
-                        f"{mean:.2f} ± {half:.2f} | {PAPER[kind]} |")
-    table = "\n".join(["| method | data | training steps | 5-way 1-shot accuracy % (95% CI) | paper, Omniglot |",
-                       "|---|---|---|---|---|", *rows, "",
-                       f"| MAML training | seconds per step | seconds to {args.target:g}% validation |",
-                       "|---|---|---|", *timing])
+            mean, half = confidence_interval(
+                accuracies(model, test_data, args.test_episodes, test_steps, 15, seed=1000) / 100
+            )
+            rows.append(
+                f"| {kind} | {args.data.split(':')[0]} | {history[-1][0]} x {TASKS} tasks | "
+                f"{mean:.2f} ± {half:.2f} | {PAPER[kind]} |"
+            )
+    table = "\n".join(
+        [
+            "| method | data | training steps | 5-way 1-shot accuracy % (95% CI) | paper, Omniglot |",
+            "|---|---|---|---|---|",
+            *rows,
+            "",
+            f"| MAML training | seconds per step | seconds to {args.target:g}% validation |",
+            "|---|---|---|",
+            *timing,
+        ]
+    )
     print(table)
     if args.out:
         with open(args.out, "a") as f:
-            f.write(f"\nMAML and iMAML on {args.data}, seed {args.seed}, {time.strftime('%Y-%m-%d')}:\n\n"
-                    f"{table}\n")
+            f.write(f"\nMAML and iMAML on {args.data}, seed {args.seed}, {time.strftime('%Y-%m-%d')}:\n\n{table}\n")
 
 
 if __name__ == "__main__":

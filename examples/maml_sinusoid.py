@@ -56,19 +56,24 @@ def svg_plot(path: str, curves, title: str):
 
     panels = []
     for i, (xs, truth, fits, support) in enumerate(curves):
-        lines = [f'<polyline fill="none" stroke="{colours[name]}" stroke-width="1.5" points="'
-                 + " ".join(point(x, y) for x, y in zip(xs, ys)) + '"/>'
-                 for name, ys in [("truth", truth)] + list(fits.items())]
-        dots = [f'<circle cx="{cx}" cy="{cy}" r="3"/>'
-                for cx, cy in (point(x, y).split(",") for x, y in support)]
-        panels.append(f'<g transform="translate({i * width},20)"><rect width="{width}" '
-                      f'height="{height}" fill="none" stroke="#ccc"/>' + "".join(lines + dots) + "</g>")
+        lines = [
+            f'<polyline fill="none" stroke="{colours[name]}" stroke-width="1.5" points="'
+            + " ".join(point(x, y) for x, y in zip(xs, ys))
+            + '"/>'
+            for name, ys in [("truth", truth)] + list(fits.items())
+        ]
+        dots = [f'<circle cx="{cx}" cy="{cy}" r="3"/>' for cx, cy in (point(x, y).split(",") for x, y in support)]
+        panels.append(
+            f'<g transform="translate({i * width},20)"><rect width="{width}" '
+            f'height="{height}" fill="none" stroke="#ccc"/>' + "".join(lines + dots) + "</g>"
+        )
     legend = " ".join(f'<tspan fill="{c}">{name}</tspan>' for name, c in colours.items())
     with open(path, "w") as f:
-        f.write(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(curves)}" '
-                f'height="{height + 40}" font-family="sans-serif" font-size="12">'
-                f'<text x="5" y="14">{title}: {legend}; dots: support points</text>'
-                + "".join(panels) + "</svg>\n")
+        f.write(
+            f'<svg xmlns="http://www.w3.org/2000/svg" width="{width * len(curves)}" '
+            f'height="{height + 40}" font-family="sans-serif" font-size="12">'
+            f'<text x="5" y="14">{title}: {legend}; dots: support points</text>' + "".join(panels) + "</svg>\n"
+        )
 
 
 def main():
@@ -82,39 +87,54 @@ def main():
 
     results, models = {}, {}
     for shots in args.shots:
-        held_out = sinusoid_tasks(args.eval_tasks, shots, num_query=100,
-                                  generator=torch.Generator().manual_seed(10_000 + shots))
+        held_out = sinusoid_tasks(
+            args.eval_tasks, shots, num_query=100, generator=torch.Generator().manual_seed(10_000 + shots)
+        )
         for name in PAPER:
             start = time.perf_counter()
             bm = meta_train(name == "Meta-SGD", shots, args.iterations, seed=shots)
             results[name, shots] = evaluate(bm, held_out)
             models[name, shots] = bm
-            print(f"{name:8s} {shots:2d}-shot: MSE {results[name, shots]:.3f} "
-                  f"(paper {PAPER[name].get(shots, float('nan')):.2f}), "
-                  f"{args.iterations} meta-iterations in {time.perf_counter() - start:.0f} s",
-                  flush=True)
+            print(
+                f"{name:8s} {shots:2d}-shot: MSE {results[name, shots]:.3f} "
+                f"(paper {PAPER[name].get(shots, float('nan')):.2f}), "
+                f"{args.iterations} meta-iterations in {time.perf_counter() - start:.0f} s",
+                flush=True,
+            )
 
-    lines = [f"One-step MSE on {args.eval_tasks} held-out sinusoid tasks (100 points each) after "
-             f"{args.iterations} meta-iterations of 25 tasks", "",
-             "| method | " + " | ".join(f"{k}-shot (paper)" for k in args.shots) + " |",
-             "|---|" + "---|" * len(args.shots)]
+    lines = [
+        f"One-step MSE on {args.eval_tasks} held-out sinusoid tasks (100 points each) after "
+        f"{args.iterations} meta-iterations of 25 tasks",
+        "",
+        "| method | " + " | ".join(f"{k}-shot (paper)" for k in args.shots) + " |",
+        "|---|" + "---|" * len(args.shots),
+    ]
     for name in PAPER:
-        lines.append(f"| {name} | " + " | ".join(
-            f"{results[name, k]:.3f} ({PAPER[name].get(k, float('nan')):.2f})" for k in args.shots)
-            + " |")
+        lines.append(
+            f"| {name} | "
+            + " | ".join(f"{results[name, k]:.3f} ({PAPER[name].get(k, float('nan')):.2f})" for k in args.shots)
+            + " |"
+        )
     table = "\n".join(lines)
     print(table)
     with open(os.path.join(args.out, "maml_sinusoid.md"), "w") as f:
         f.write(table + "\n")
 
     shots = args.shots[0]
-    x_s, y_s, _, _, amp, phase = sinusoid_tasks(3, shots, num_query=0, return_parameters=True,
-                                                generator=torch.Generator().manual_seed(7))
+    x_s, y_s, _, _, amp, phase = sinusoid_tasks(
+        3, shots, num_query=0, return_parameters=True, generator=torch.Generator().manual_seed(7)
+    )
     grid = torch.linspace(-5, 5, 100).view(1, -1, 1).expand(3, -1, -1)
     fits = {name: models[name, shots].predict(x_s, y_s, grid) for name in PAPER}
-    curves = [(grid[i, :, 0].tolist(), (amp[i] * torch.sin(grid[i, :, 0] - phase[i])).tolist(),
-               {name: fits[name][i, :, 0].tolist() for name in PAPER},
-               list(zip(x_s[i, :, 0].tolist(), y_s[i, :, 0].tolist()))) for i in range(3)]
+    curves = [
+        (
+            grid[i, :, 0].tolist(),
+            (amp[i] * torch.sin(grid[i, :, 0] - phase[i])).tolist(),
+            {name: fits[name][i, :, 0].tolist() for name in PAPER},
+            list(zip(x_s[i, :, 0].tolist(), y_s[i, :, 0].tolist())),
+        )
+        for i in range(3)
+    ]
     plot = os.path.join(args.out, "maml_sinusoid.svg")
     svg_plot(plot, curves, f"{shots}-shot, one step")
     print(f"wrote {plot}")

@@ -57,8 +57,7 @@ def evaluate(model, data, episodes: int, seed: int):
         images, labels = sequences(sampler, generator)
         correct = (model(images, labels).argmax(-1) == labels).float()
         seen = presentation(labels)
-        rows += torch.stack([(correct * (seen == k)).sum(1) / (seen == k).sum(1) for k in INSTANCES],
-                            1).tolist()
+        rows += torch.stack([(correct * (seen == k)).sum(1) / (seen == k).sum(1) for k in INSTANCES], 1).tolist()
     model.train()
     return torch.tensor(rows[:episodes])
 
@@ -74,8 +73,11 @@ def main(argv=None):
     args = parser.parse_args(argv)
     torch.manual_seed(args.seed)
     train, test = load(args.data, "train"), load(args.data, "test")
-    print(f"MANN on {args.data}: {train.num_classes} training classes (with rotations), "
-          f"{test.num_classes} test characters; 16 sequences of 5 classes x 10 per step", flush=True)
+    print(
+        f"MANN on {args.data}: {train.num_classes} training classes (with rotations), "
+        f"{test.num_classes} test characters; 16 sequences of 5 classes x 10 per step",
+        flush=True,
+    )
     model = MANN(input_size=400, num_classes=5)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     sampler = EpisodeSampler(train, 5, 10, 0, episodes_per_batch=16, seed=args.seed)
@@ -89,25 +91,32 @@ def main(argv=None):
         optimizer.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % max(1, args.steps // 20) == 0 or step == args.steps:
-            print(f"step {step:6d}  loss {running:.4f}  {step / (time.perf_counter() - start):.1f} steps/s",
-                  flush=True)
+            print(f"step {step:6d}  loss {running:.4f}  {step / (time.perf_counter() - start):.1f} steps/s", flush=True)
 
     accuracy = evaluate(model, test, args.test_episodes, seed=1000)
     cells = [confidence_interval(accuracy[:, i]) for i in range(len(INSTANCES))]
-    table = "\n".join([
-        "| | " + " | ".join(f"{k}{'st' if k == 1 else 'nd' if k == 2 else 'rd' if k == 3 else 'th'}"
-                            for k in INSTANCES) + " |",
-        "|---|" + "---|" * len(INSTANCES),
-        f"| fastmeta MANN, {args.data.split(':')[0]} ({args.steps} steps) | "
-        + " | ".join(f"{m:.1f} ± {h:.1f}" for m, h in cells) + " |",
-        "| Santoro et al. 2016, Omniglot (100,000 episodes) | "
-        + " | ".join(str(PAPER[k]) for k in INSTANCES) + " |"])
+    table = "\n".join(
+        [
+            "| | "
+            + " | ".join(f"{k}{'st' if k == 1 else 'nd' if k == 2 else 'rd' if k == 3 else 'th'}" for k in INSTANCES)
+            + " |",
+            "|---|" + "---|" * len(INSTANCES),
+            f"| fastmeta MANN, {args.data.split(':')[0]} ({args.steps} steps) | "
+            + " | ".join(f"{m:.1f} ± {h:.1f}" for m, h in cells)
+            + " |",
+            "| Santoro et al. 2016, Omniglot (100,000 episodes) | "
+            + " | ".join(str(PAPER[k]) for k in INSTANCES)
+            + " |",
+        ]
+    )
     print(table)
     if args.out:
         with open(args.out, "a") as f:
-            f.write(f"\nMANN on {args.data}, {args.steps} steps of 16 episodes, seed {args.seed}, "
-                    f"{time.strftime('%Y-%m-%d')}; accuracy % at each presentation of a class "
-                    f"(95% CI over {args.test_episodes} test episodes):\n\n{table}\n")
+            f.write(
+                f"\nMANN on {args.data}, {args.steps} steps of 16 episodes, seed {args.seed}, "
+                f"{time.strftime('%Y-%m-%d')}; accuracy % at each presentation of a class "
+                f"(95% CI over {args.test_episodes} test episodes):\n\n{table}\n"
+            )
 
 
 if __name__ == "__main__":

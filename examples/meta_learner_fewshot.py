@@ -58,8 +58,10 @@ def main():
     meta = fastmeta.nn.MetaLearnerLSTM(learner, hidden_size=20)
     opt = torch.optim.Adam(meta.parameters(), lr=1e-3)
     held_out = [sample_task(gen) for _ in range(100)]
-    print(f"before meta-training: query accuracy {evaluate(meta, learner, held_out, args.steps):.3f} "
-          f"(chance {1 / WAYS:.2f})")
+    print(
+        f"before meta-training: query accuracy {evaluate(meta, learner, held_out, args.steps):.3f} "
+        f"(chance {1 / WAYS:.2f})"
+    )
     start = time.perf_counter()
     for it in range(1, args.meta_iterations + 1):
         opt.zero_grad()
@@ -72,8 +74,10 @@ def main():
         opt.step()
         if it % 50 == 0:
             acc = evaluate(meta, learner, held_out, args.steps)
-            print(f"meta-iteration {it:5d}: held-out query accuracy {acc:.3f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+            print(
+                f"meta-iteration {it:5d}: held-out query accuracy {acc:.3f} ({time.perf_counter() - start:.0f} s)",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

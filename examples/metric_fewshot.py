@@ -57,8 +57,9 @@ def main(argv=None):
     parser.add_argument("--method", choices=["protonet", "relation"], default="protonet")
     parser.add_argument("--data", default="chars", help="chars, omniglot or omniglot:PATH")
     parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--ways", type=int, default=None,
-                        help="training ways (default 20 for protonet, 5 for relation)")
+    parser.add_argument(
+        "--ways", type=int, default=None, help="training ways (default 20 for protonet, 5 for relation)"
+    )
     parser.add_argument("--shots", type=int, default=None, help="training shots (default 5 / 1)")
     parser.add_argument("--queries", type=int, default=None, help="training queries (5 / 19)")
     parser.add_argument("--lr", type=float, default=1e-3)
@@ -72,8 +73,10 @@ def main(argv=None):
     queries = args.queries or (5 if args.method == "protonet" else 19)
 
     train, test = load(args.data, "train"), load(args.data, "test")
-    print(f"{args.method} on {args.data}: {train.num_classes} training classes (with rotations), "
-          f"{test.num_classes} test characters; training {ways}-way {shots}-shot {queries}-query")
+    print(
+        f"{args.method} on {args.data}: {train.num_classes} training classes (with rotations), "
+        f"{test.num_classes} test characters; training {ways}-way {shots}-shot {queries}-query"
+    )
     model = build(args.method)
     optimizer = torch.optim.Adam(model.parameters(), lr=args.lr)
     schedule = torch.optim.lr_scheduler.StepLR(optimizer, step_size=max(1, args.steps // 2), gamma=0.5)
@@ -88,22 +91,32 @@ def main(argv=None):
         schedule.step()
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % max(1, args.steps // 10) == 0 or step == args.steps:
-            print(f"step {step:5d}  loss {running:.4f}  {step / (time.perf_counter() - start):.1f} steps/s",
-                  flush=True)
+            print(f"step {step:5d}  loss {running:.4f}  {step / (time.perf_counter() - start):.1f} steps/s", flush=True)
 
     rows = []
     for test_shots in (1, 5):
-        mean, half = confidence_interval(evaluate(model, test, 5, test_shots, args.test_episodes,
-                                                  seed=1000 + test_shots))
-        rows.append(f"| {args.method} | {args.data.split(':')[0]} | 5-way {test_shots}-shot | "
-                    f"{mean:.2f} ± {half:.2f} | {PAPER[(args.method, test_shots)]} |")
-    table = "\n".join([f"| method | data | test episodes | accuracy % (95% CI, {args.test_episodes} episodes) | "
-                       "paper (Omniglot) |", "|---|---|---|---|---|", *rows])
+        mean, half = confidence_interval(
+            evaluate(model, test, 5, test_shots, args.test_episodes, seed=1000 + test_shots)
+        )
+        rows.append(
+            f"| {args.method} | {args.data.split(':')[0]} | 5-way {test_shots}-shot | "
+            f"{mean:.2f} ± {half:.2f} | {PAPER[(args.method, test_shots)]} |"
+        )
+    table = "\n".join(
+        [
+            f"| method | data | test episodes | accuracy % (95% CI, {args.test_episodes} episodes) | "
+            "paper (Omniglot) |",
+            "|---|---|---|---|---|",
+            *rows,
+        ]
+    )
     print(table)
     if args.out:
         with open(args.out, "a") as f:
-            f.write(f"\n{args.method} on {args.data}, {args.steps} steps of {ways}-way {shots}-shot "
-                    f"{queries}-query, seed {args.seed}, {time.strftime('%Y-%m-%d')}:\n\n{table}\n")
+            f.write(
+                f"\n{args.method} on {args.data}, {args.steps} steps of {ways}-way {shots}-shot "
+                f"{queries}-query, seed {args.seed}, {time.strftime('%Y-%m-%d')}:\n\n{table}\n"
+            )
 
 
 if __name__ == "__main__":

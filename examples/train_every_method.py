@@ -38,8 +38,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", nargs="+", default=list(SETTINGS), choices=list(SETTINGS))
     parser.add_argument("--data", nargs="+", default=["chars"], help="chars, omniglot, omniglot:PATH")
-    parser.add_argument("--steps", nargs="*", default=[], metavar="METHOD=N",
-                        help="training steps per method (default 1000)")
+    parser.add_argument(
+        "--steps", nargs="*", default=[], metavar="METHOD=N", help="training steps per method (default 1000)"
+    )
     parser.add_argument("--episodes", type=int, default=600, help="test episodes per shot count")
     parser.add_argument("--out", type=Path, default=Path("examples/results/train"))
     parser.add_argument("--drop-checkpoints", action="store_true")
@@ -51,22 +52,29 @@ def main():
     for data in args.data:
         for method in args.methods:
             run = args.out / f"{method}-{data.split(':')[0]}"
-            config = training.make_config(method, data=data, steps=steps[method],
-                                          validate_every=max(steps[method] // 5, 1),
-                                          checkpoint_every=max(steps[method] // 5, 1),
-                                          **SETTINGS[method])
+            config = training.make_config(
+                method,
+                data=data,
+                steps=steps[method],
+                validate_every=max(steps[method] // 5, 1),
+                checkpoint_every=max(steps[method] // 5, 1),
+                **SETTINGS[method],
+            )
             begin = time.perf_counter()
             training.train(config, run, resume=(run / training.run.CHECKPOINT).exists())
             minutes = (time.perf_counter() - begin) / 60
             results = [training.evaluate(run, args.episodes, ways=5, shots=shots) for shots in (1, 5)]
             (run / "evaluation.json").write_text(json.dumps(results, indent=2) + "\n")
             cells = [f"{r['accuracy']:.2f} ± {r['ci95']:.2f}" for r in results]
-            line = (f"| {method} | {data} | {config.ways}-way {config.shots}-shot, "
-                    f"{config.meta_batch} x {config.steps} | {cells[0]} | {cells[1]} | {minutes:.1f} |")
+            line = (
+                f"| {method} | {data} | {config.ways}-way {config.shots}-shot, "
+                f"{config.meta_batch} x {config.steps} | {cells[0]} | {cells[1]} | {minutes:.1f} |"
+            )
             print(line, flush=True)
             if not table.exists():
-                table.write_text("| method | data | training | 5-way 1-shot | 5-way 5-shot | minutes |\n"
-                                 "|---|---|---|---|---|---|\n")
+                table.write_text(
+                    "| method | data | training | 5-way 1-shot | 5-way 5-shot | minutes |\n|---|---|---|---|---|---|\n"
+                )
             with open(table, "a") as f:
                 f.write(line + "\n")
             if args.drop_checkpoints:

@@ -8,5 +8,15 @@ from . import algorithms, data, functional, nn, ops, optim, reference, training 
 from .training import load_checkpoint  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["algorithms", "data", "functional", "nn", "ops", "optim", "reference", "training",
-           "load_checkpoint", "__version__"]
+__all__ = [
+    "algorithms",
+    "data",
+    "functional",
+    "nn",
+    "ops",
+    "optim",
+    "reference",
+    "training",
+    "load_checkpoint",
+    "__version__",
+]

@@ -23,8 +23,11 @@ def info() -> str:
         f"CPU kernels' vector instructions, by family: {format_cpu_kernel_isas(cpu_kernel_isas())} "
         "(FASTMETA_CPU_ISA=avx2|baseline caps the families compiled for several)",
         "ops run on: CPU kernels for CPU tensors"
-        + ("; CUDA kernels for CUDA tensors" if build["with_cuda"] else
-           "; CUDA tensors are not supported by this build (rebuild with nvcc and a CUDA PyTorch)"),
+        + (
+            "; CUDA kernels for CUDA tensors"
+            if build["with_cuda"]
+            else "; CUDA tensors are not supported by this build (rebuild with nvcc and a CUDA PyTorch)"
+        ),
     ]
     return "\n".join(lines)
 
@@ -35,9 +38,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("info", help="versions, and whether CUDA kernels are compiled in")
     bench = sub.add_parser("bench", help="run the benchmark cases and print a table")
     bench.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    bench.add_argument("--case", action="append", dest="cases", metavar="NAME",
-                       help="a case to run (repeatable); default: a representative subset "
-                            "that runs in a few minutes on a 2-core CPU")
+    bench.add_argument(
+        "--case",
+        action="append",
+        dest="cases",
+        metavar="NAME",
+        help="a case to run (repeatable); default: a representative subset that runs in a few minutes on a 2-core CPU",
+    )
     bench.add_argument("--all", action="store_true", help="run every case")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
@@ -70,10 +77,11 @@ def main(argv=None) -> int:
     if unknown:
         parser.error(f"unknown benchmark case(s) {unknown}; known: {sorted(cases.CASES)}")
     machine = runner.machine()
-    print(f"fastmeta bench on {args.device}: {machine['cpu']}"
-          + (f", {machine['gpu']}" if args.device == "cuda"
-             else f", {machine['threads']} threads")
-          + f", PyTorch {machine['torch']}, {machine['date']}")
+    print(
+        f"fastmeta bench on {args.device}: {machine['cpu']}"
+        + (f", {machine['gpu']}" if args.device == "cuda" else f", {machine['threads']} threads")
+        + f", PyTorch {machine['torch']}, {machine['date']}"
+    )
     if args.device == "cpu":
         print(f"CPU kernels: {runner.format_cpu_kernel_isas(machine['cpu_kernels'])}")
     print(f"cases: {', '.join(names)}" + ("" if args.all or args.cases else " (--all for every case)"))
@@ -90,9 +98,12 @@ def main(argv=None) -> int:
 # flag: help; each is a Config field (dashes for underscores), whose type it takes
 TRAIN_FLAGS = {
     "data": "chars (built-in, the default), omniglot[:PATH] or folder:PATH",
-    "ways": "classes per episode", "shots": "support examples per class",
-    "queries": "query examples per class", "meta-batch": "tasks per step",
-    "steps": "meta-training steps", "backbone": "conv4 or resnet12",
+    "ways": "classes per episode",
+    "shots": "support examples per class",
+    "queries": "query examples per class",
+    "meta-batch": "tasks per step",
+    "steps": "meta-training steps",
+    "backbone": "conv4 or resnet12",
     "lr": "the meta-optimizer's learning rate (Adam)",
     "lr-decay-every": "halve the learning rate every this many steps (0: never)",
     "inner-lr": "MAML family, Reptile: the inner learning rate",
@@ -101,7 +112,8 @@ TRAIN_FLAGS = {
     "outer-lr": "Reptile: the step towards the adapted parameters",
     "lam": "iMAML: the proximal regularisation",
     "cg-steps": "iMAML: conjugate-gradient iterations",
-    "device": "cpu, cuda or cuda:N", "seed": "the run's seed",
+    "device": "cpu, cuda or cuda:N",
+    "seed": "the run's seed",
     "validate-every": "steps between validations",
     "val-episodes": "validation episodes",
     "checkpoint-every": "steps between checkpoints",
@@ -141,6 +153,7 @@ def add_evaluate_parser(sub):
 def run_training_command(args) -> int:
     """``fastmeta train`` and ``fastmeta evaluate``: a bad configuration, data
     folder or checkpoint is one line on stderr and exit status 2."""
+
     def fail(message: str) -> int:
         print(f"fastmeta {args.command}: error: {message}", file=sys.stderr)
         return 2
@@ -153,12 +166,15 @@ def run_training_command(args) -> int:
 
     try:
         if args.command == "evaluate":
-            result = training.evaluate(args.run, args.episodes, args.ways, args.shots, args.queries,
-                                       args.split, args.seed, args.device)
-            print(f"{result['method']} on {result['data']}, {result['split']} classes, "
-                  f"{result['ways']}-way {result['shots']}-shot: {result['accuracy']:.2f}% "
-                  f"+- {result['ci95']:.2f} (95% CI over {result['episodes']} episodes, "
-                  f"step {result['step']})")
+            result = training.evaluate(
+                args.run, args.episodes, args.ways, args.shots, args.queries, args.split, args.seed, args.device
+            )
+            print(
+                f"{result['method']} on {result['data']}, {result['split']} classes, "
+                f"{result['ways']}-way {result['shots']}-shot: {result['accuracy']:.2f}% "
+                f"+- {result['ci95']:.2f} (95% CI over {result['episodes']} episodes, "
+                f"step {result['step']})"
+            )
             if Path(args.run).is_dir():
                 with open(Path(args.run) / "evaluation.jsonl", "a") as f:
                     f.write(json.dumps(result) + "\n")
@@ -170,8 +186,10 @@ def run_training_command(args) -> int:
                 out = out.parent  # the run folder of a checkpoint file
             for given, flag in ((args.config, "--config"), (args.out, "--out")):
                 if given is not None:
-                    return fail(f"{flag} cannot be used with --resume: the run continues in {out} "
-                                "with its config.json; give the values to change as flags")
+                    return fail(
+                        f"{flag} cannot be used with --resume: the run continues in {out} "
+                        "with its config.json; give the values to change as flags"
+                    )
             saved = training.run.read_checkpoint(out)["config"]
             if args.method not in (None, saved["method"]):
                 return fail(f"{args.resume} is a {saved['method']} run, not {args.method}")
@@ -180,13 +198,16 @@ def run_training_command(args) -> int:
             if args.method is None:
                 return fail("give a METHOD, or --resume DIR")
             config = training.make_config(args.method, args.config, **flags)
-            out = Path(args.out or f"runs/{config.method}-{config.data.partition(':')[0]}-"
-                                   f"{config.ways}w{config.shots}s")
+            out = Path(
+                args.out or f"runs/{config.method}-{config.data.partition(':')[0]}-{config.ways}w{config.shots}s"
+            )
         blocking = next((p for p in (out, *out.parents) if p.exists() and not p.is_dir()), None)
         if blocking is not None:
             return fail(f"--out {out}: {blocking} is a file, not a folder")
-        print(f"fastmeta train {config.method}: run folder {out}; "
-              + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items() if k != "method"))
+        print(
+            f"fastmeta train {config.method}: run folder {out}; "
+            + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(config).items() if k != "method")
+        )
         trained = training.train(config, out, resume=bool(args.resume), progress=not args.no_progress)
         print(f"done: {trained.step} steps in {out}; test with fastmeta evaluate {out}")
         return 0

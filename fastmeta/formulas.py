@@ -96,7 +96,8 @@ def class_prototypes(support: torch.Tensor, labels: torch.Tensor, num_classes: i
         raise ValueError(f"class {cls} has no support examples in task {task[0] if task else 0}")
     # Sums by scatter, not one_hot^T @ support: a NaN stays in its own class.
     sums = support.new_zeros(*support.shape[:-2], num_classes, support.shape[-1]).scatter_add(
-        -2, labels.unsqueeze(-1).expand_as(support), support)
+        -2, labels.unsqueeze(-1).expand_as(support), support
+    )
     return sums / counts.unsqueeze(-1)
 
 
@@ -104,8 +105,9 @@ def similarity_log_softmax(x, y, metric: str = "sqeuclidean", scale: Union[float
     return _logits(x, y, metric, scale).log_softmax(-1)
 
 
-def similarity_cross_entropy(x, y, target, metric: str = "sqeuclidean",
-                             scale: Union[float, torch.Tensor] = 1.0, reduction: str = "mean"):
+def similarity_cross_entropy(
+    x, y, target, metric: str = "sqeuclidean", scale: Union[float, torch.Tensor] = 1.0, reduction: str = "mean"
+):
     logits = _logits(x, y, metric, scale)
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1), reduction="none")
     return reduce_loss(loss.view(target.shape), reduction)
@@ -128,8 +130,7 @@ def log_sign_preprocess(grad: torch.Tensor, preprocess_p: float = 10.0) -> torch
     keep = grad.abs() >= math.exp(-preprocess_p)
     log_part = grad.abs().clamp_min(math.exp(-preprocess_p)).log() / preprocess_p
     first = torch.where(keep, log_part, -torch.ones_like(grad))
-    second = torch.where(keep, torch.where(grad > 0, 1.0, -1.0).to(grad.dtype),
-                         grad * math.exp(preprocess_p))
+    second = torch.where(keep, torch.where(grad > 0, 1.0, -1.0).to(grad.dtype), grad * math.exp(preprocess_p))
     return torch.stack([first, second], -1)
 
 
@@ -137,13 +138,18 @@ def _split(weights: torch.Tensor, sizes):
     out, offset = [], 0
     for shape in sizes:
         n = math.prod(shape)
-        out.append(weights[offset:offset + n].view(shape))
+        out.append(weights[offset : offset + n].view(shape))
         offset += n
     return out
 
 
-def l2o_lstm_step(grad: torch.Tensor, state: torch.Tensor, weights: torch.Tensor,
-                  preprocess_p: float = 10.0, output_scale: float = 0.1):
+def l2o_lstm_step(
+    grad: torch.Tensor,
+    state: torch.Tensor,
+    weights: torch.Tensor,
+    preprocess_p: float = 10.0,
+    output_scale: float = 0.1,
+):
     """One step of the coordinatewise LSTM optimizer as ``nn.LSTMCell`` calls
     over P rows; grad ``[P]``, state ``[L, 2, H, P]``, flat weights as in
     ``csrc/math/lstm.h``. Returns ``(update [P], new_state)``."""
@@ -157,27 +163,37 @@ def l2o_lstm_step(grad: torch.Tensor, state: torch.Tensor, weights: torch.Tensor
     for layer in range(num_layers):
         w, b = parts[2 * layer], parts[2 * layer + 1]
         inputs = x.shape[1]
-        h, c = torch.lstm_cell(x, (state[layer, 0].T, state[layer, 1].T), w[:, :inputs],
-                               w[:, inputs:], b, torch.zeros_like(b))
+        h, c = torch.lstm_cell(
+            x, (state[layer, 0].T, state[layer, 1].T), w[:, :inputs], w[:, inputs:], b, torch.zeros_like(b)
+        )
         new_state.append(torch.stack([h.T, c.T]))
         x = h
     update = F.linear(x, parts[-2], parts[-1]).squeeze(-1) * output_scale
     return update, torch.stack(new_state)
 
 
-def meta_lstm_step(grad: torch.Tensor, loss: torch.Tensor, theta: torch.Tensor, state: torch.Tensor,
-                   weights: torch.Tensor, preprocess_p: float = 10.0):
+def meta_lstm_step(
+    grad: torch.Tensor,
+    loss: torch.Tensor,
+    theta: torch.Tensor,
+    state: torch.Tensor,
+    weights: torch.Tensor,
+    preprocess_p: float = 10.0,
+):
     """One step of Ravi & Larochelle's meta-learner: an ``nn.LSTMCell`` over
     (preprocessed grad, preprocessed loss) per coordinate, then
     ``theta = f * theta_prev - i * grad``. grad, theta ``[P]``, loss ``[]``,
     state ``[2H + 2, P]`` (h, c, f_prev, i_prev). Returns ``(theta, new_state)``."""
     hidden = (state.shape[0] - 2) // 2
-    w, b, wf, bf, wi, bi = _split(weights, [(4 * hidden, 4 + hidden), (4 * hidden,), (hidden + 2,),
-                                            (1,), (hidden + 2,), (1,)])
-    x = torch.cat([log_sign_preprocess(grad, preprocess_p),
-                   log_sign_preprocess(loss, preprocess_p).expand(grad.shape[0], 2)], 1)
-    h, c = torch.lstm_cell(x, (state[:hidden].T, state[hidden:2 * hidden].T), w[:, :4], w[:, 4:], b,
-                           torch.zeros_like(b))
+    w, b, wf, bf, wi, bi = _split(
+        weights, [(4 * hidden, 4 + hidden), (4 * hidden,), (hidden + 2,), (1,), (hidden + 2,), (1,)]
+    )
+    x = torch.cat(
+        [log_sign_preprocess(grad, preprocess_p), log_sign_preprocess(loss, preprocess_p).expand(grad.shape[0], 2)], 1
+    )
+    h, c = torch.lstm_cell(
+        x, (state[:hidden].T, state[hidden : 2 * hidden].T), w[:, :4], w[:, 4:], b, torch.zeros_like(b)
+    )
     f_prev, i_prev = state[2 * hidden], state[2 * hidden + 1]
     f = torch.sigmoid(h @ wf[:hidden] + wf[hidden] * theta + wf[hidden + 1] * f_prev + bf)
     i = torch.sigmoid(h @ wi[:hidden] + wi[hidden] * theta + wi[hidden + 1] * i_prev + bi)
@@ -198,15 +214,14 @@ def mlp_forward(params: torch.Tensor, x: torch.Tensor, widths, activations) -> t
     """One task of an MLP learner with flat parameters (per layer W, then b)."""
     offset, a = 0, x
     for n_in, n_out, f in zip(widths[:-1], widths[1:], activations):
-        W = params[offset:offset + n_out * n_in].view(n_out, n_in)
-        b = params[offset + n_out * n_in:offset + n_out * (n_in + 1)]
+        W = params[offset : offset + n_out * n_in].view(n_out, n_in)
+        b = params[offset + n_out * n_in : offset + n_out * (n_in + 1)]
         offset += n_out * (n_in + 1)
         a = _MLP_ACTIVATIONS[f](a @ W.T + b)
     return a
 
 
-def mlp_task_derivatives(params, x, target, direction, widths, activations, loss,
-                         input_grad):
+def mlp_task_derivatives(params, x, target, direction, widths, activations, loss, input_grad):
     """``torch.ops.fastmeta.mlp_task_derivatives`` task by task with
     ``torch.autograd`` (the Hessian-vector product by double backward), with
     empty tensors for the outputs not asked for, as the op."""
@@ -230,11 +245,13 @@ def mlp_task_derivatives(params, x, target, direction, widths, activations, loss
 
     P, features = params.shape[1], x.shape[2:]
     with_x, with_hvp = input_grad, direction is not None
-    return (stacked(losses, ()) if T else params.new_empty(0),
-            stacked(grads, (P,)),
-            stacked(grads_x, (N, *features)) if with_x else x.new_empty(0, N, *features),
-            stacked(hvps, (P,)) if with_hvp else params.new_empty(0, P),
-            stacked(hvps_x, (N, *features)) if with_x and with_hvp else x.new_empty(0, N, *features))
+    return (
+        stacked(losses, ()) if T else params.new_empty(0),
+        stacked(grads, (P,)),
+        stacked(grads_x, (N, *features)) if with_x else x.new_empty(0, N, *features),
+        stacked(hvps, (P,)) if with_hvp else params.new_empty(0, P),
+        stacked(hvps_x, (N, *features)) if with_x and with_hvp else x.new_empty(0, N, *features),
+    )
 
 
 def matching_attention_lstm(query, support, weight_ih, weight_hh, bias=None, steps=None):
@@ -287,8 +304,10 @@ def mann_steps(memory, usage, read_weights, keys, write_gates, key_strengths, de
         memories.append(memory)
         history.append(read_weights)
         usage = (decay * usage + (read_weights + write).sum(1)).detach()
+
     def stacked(steps, *shape):
         return torch.stack(steps, 1) if steps else memory.new_zeros(B, 0, *shape)
+
     least = torch.stack(chosen, 1) if chosen else usage.new_zeros(B, 0, n, dtype=torch.long)
     return stacked(reads, H, W), stacked(memories, S, W), stacked(history, H, S), usage, least
 
@@ -300,10 +319,12 @@ def mann_memory(memory, usage, read_weights, keys, write_gates, key_strengths=1.
     usage update of each step. Returns ``(reads, memory, usage,
     read_weights)`` as :func:`fastmeta.ops.mann_memory`."""
     from .ops.mann_memory import MannMemoryOutput
+
     if not isinstance(key_strengths, torch.Tensor):
         key_strengths = torch.full_like(write_gates, float(key_strengths))
-    reads, memories, history, usage, _ = mann_steps(memory, usage, read_weights, keys, write_gates,
-                                                     key_strengths, decay)
+    reads, memories, history, usage, _ = mann_steps(
+        memory, usage, read_weights, keys, write_gates, key_strengths, decay
+    )
     if keys.shape[1] == 0:
         return MannMemoryOutput(reads, memory, usage, read_weights)
     return MannMemoryOutput(reads, memories[:, -1], usage, history[:, -1])

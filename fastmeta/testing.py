@@ -9,9 +9,17 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch.utils import _pytree as pytree
 
-__all__ = ["DEVICES", "FLOAT_DTYPES", "ERROR_FACTOR", "FLOOR_ULPS", "dtypes_for",
-           "assert_close_to_reference", "compare_with_reference", "randn",
-           "run_until_device_assertion"]
+__all__ = [
+    "DEVICES",
+    "FLOAT_DTYPES",
+    "ERROR_FACTOR",
+    "FLOOR_ULPS",
+    "dtypes_for",
+    "assert_close_to_reference",
+    "compare_with_reference",
+    "randn",
+    "run_until_device_assertion",
+]
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 FLOAT_DTYPES = [torch.float32, torch.float64]
@@ -42,8 +50,9 @@ def _max_error(result: torch.Tensor, expected: torch.Tensor) -> float:
     return (result.double()[finite] - expected[finite]).abs().max().item() if finite.any() else 0.0
 
 
-def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor,
-                              eager: Optional[torch.Tensor] = None, msg: str = ""):
+def assert_close_to_reference(
+    actual: torch.Tensor, expected: torch.Tensor, eager: Optional[torch.Tensor] = None, msg: str = ""
+):
     """Checks fastmeta's ``actual`` against the float64 reference ``expected``,
     with eager PyTorch's error as the tolerance.
 
@@ -62,8 +71,12 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor,
     where = f"{msg}: " if msg else ""
     assert actual.shape == expected.shape, f"{where}shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     special = ~expected.isfinite()
-    torch.testing.assert_close(actual.double()[special], expected[special], equal_nan=True,
-                               msg=f"{where}NaN or infinity where the reference has none, or missing")
+    torch.testing.assert_close(
+        actual.double()[special],
+        expected[special],
+        equal_nan=True,
+        msg=f"{where}NaN or infinity where the reference has none, or missing",
+    )
     assert actual.double()[~special].isfinite().all(), f"{where}NaN or infinity where the reference is finite"
     error = _max_error(actual, expected)
     eager_error = 0.0 if eager is None else _max_error(eager.detach().cpu(), expected)
@@ -71,9 +84,11 @@ def assert_close_to_reference(actual: torch.Tensor, expected: torch.Tensor,
     floor = FLOOR_ULPS[dtype] * torch.finfo(dtype).eps * max(magnitude, 1.0)
     allowed = ERROR_FACTOR * eager_error + floor
     _log(dtype, error, eager_error, floor)
-    assert error <= allowed, (f"{where}largest error {error:.3e} against the float64 reference; "
-                              f"eager PyTorch's in {dtype}: {eager_error:.3e}, allowed "
-                              f"{ERROR_FACTOR:g} x that + {floor:.3e}")
+    assert error <= allowed, (
+        f"{where}largest error {error:.3e} against the float64 reference; "
+        f"eager PyTorch's in {dtype}: {eager_error:.3e}, allowed "
+        f"{ERROR_FACTOR:g} x that + {floor:.3e}"
+    )
 
 
 def _log(dtype, error, eager_error, floor):
@@ -86,8 +101,7 @@ def _log(dtype, error, eager_error, floor):
             f.write(f"{str(dtype)[6:]}\t{error:.6e}\t{eager_error:.6e}\t{floor:.6e}\t{test}\n")
 
 
-def compare_with_reference(fast_fn: Callable, ref_fn: Callable, inputs: Sequence, msg: str = "",
-                           seed: int = 1):
+def compare_with_reference(fast_fn: Callable, ref_fn: Callable, inputs: Sequence, msg: str = "", seed: int = 1):
     """Runs ``fast_fn(*inputs)``, and ``ref_fn`` on the same inputs in float64
     (the reference) and as given (eager PyTorch's error), compares every
     floating-point output, then the gradients of a random weighting of the
@@ -96,19 +110,23 @@ def compare_with_reference(fast_fn: Callable, ref_fn: Callable, inputs: Sequence
     ``inputs`` may hold tensors, lists of tensors and other arguments.
     Returns fastmeta's outputs and the float64 reference's.
     """
+
     def leaves_like(convert):
         def copy(t):
             if isinstance(t, torch.Tensor) and t.is_floating_point():
                 return convert(t.detach()).requires_grad_(t.requires_grad)
             return t
+
         return pytree.tree_map(copy, list(inputs))
 
     def differentiable(args):
         return [t for t in pytree.tree_leaves(args) if isinstance(t, torch.Tensor) and t.requires_grad]
 
     ref_inputs, eager_inputs = leaves_like(torch.Tensor.double), leaves_like(torch.Tensor.clone)
-    outputs, expected, eager = (pytree.tree_leaves(fn(*args)) for fn, args in
-                                ((fast_fn, list(inputs)), (ref_fn, ref_inputs), (ref_fn, eager_inputs)))
+    outputs, expected, eager = (
+        pytree.tree_leaves(fn(*args))
+        for fn, args in ((fast_fn, list(inputs)), (ref_fn, ref_inputs), (ref_fn, eager_inputs))
+    )
     assert len(outputs) == len(expected) == len(eager)
     where = f"{msg}: " if msg else ""
     weighted = [[], [], []]

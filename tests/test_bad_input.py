@@ -15,9 +15,11 @@ SIMILARITY_OPS = {
     "pairwise_distance": lambda x, y, **kw: ops.pairwise_distance(x, y, **kw),
     "similarity_log_softmax": lambda x, y, **kw: ops.similarity_log_softmax(x, y, **kw),
     "similarity_cross_entropy": lambda x, y, **kw: ops.similarity_cross_entropy(
-        x, y, target if x.dim() == 3 else target[0], **kw),
+        x, y, target if x.dim() == 3 else target[0], **kw
+    ),
     "attention_readout": lambda x, y, **kw: ops.attention_readout(
-        x, y, torch.randn(*y.shape[:-1], 6, dtype=y.dtype) if torch.is_tensor(y) else values, **kw),
+        x, y, torch.randn(*y.shape[:-1], 6, dtype=y.dtype) if torch.is_tensor(y) else values, **kw
+    ),
 }
 
 
@@ -129,22 +131,33 @@ def test_numpy_scalars_are_accepted_where_python_numbers_are():
             results.append(fn(x, y, scale=scale))
         torch.testing.assert_close(*results)
     support, labels = torch.randn(6, 3), torch.arange(6) % 3
-    torch.testing.assert_close(ops.class_prototypes(support, labels, np.int64(3)),
-                               ops.class_prototypes(support, labels, 3))
-    torch.testing.assert_close(ops.contrastive_loss(x, y[:, :4], torch.ones(2, 4), np.float32(2.0)),
-                               ops.contrastive_loss(x, y[:, :4], torch.ones(2, 4), 2.0))
+    torch.testing.assert_close(
+        ops.class_prototypes(support, labels, np.int64(3)), ops.class_prototypes(support, labels, 3)
+    )
+    torch.testing.assert_close(
+        ops.contrastive_loss(x, y[:, :4], torch.ones(2, 4), np.float32(2.0)),
+        ops.contrastive_loss(x, y[:, :4], torch.ones(2, 4), 2.0),
+    )
     weights = [torch.randn(12, 6), torch.randn(12, 3), torch.randn(12)]
-    torch.testing.assert_close(ops.matching_attention_lstm(x, y, *weights, steps=np.int64(2)),
-                               ops.matching_attention_lstm(x, y, *weights, steps=2))
-    memory = [torch.randn(2, 5, 3), torch.rand(2, 5), torch.softmax(torch.randn(2, 1, 5), -1),
-              torch.randn(2, 3, 1, 3), torch.rand(2, 3, 1)]
-    torch.testing.assert_close(ops.mann_memory(*memory, np.float32(2.0)).reads,
-                               ops.mann_memory(*memory, 2.0).reads)
+    torch.testing.assert_close(
+        ops.matching_attention_lstm(x, y, *weights, steps=np.int64(2)),
+        ops.matching_attention_lstm(x, y, *weights, steps=2),
+    )
+    memory = [
+        torch.randn(2, 5, 3),
+        torch.rand(2, 5),
+        torch.softmax(torch.randn(2, 1, 5), -1),
+        torch.randn(2, 3, 1, 3),
+        torch.rand(2, 3, 1),
+    ]
+    torch.testing.assert_close(ops.mann_memory(*memory, np.float32(2.0)).reads, ops.mann_memory(*memory, 2.0).reads)
 
 
 def test_non_contiguous_inputs_are_handled():
     xt = torch.randn(2, 3, 4).transpose(1, 2)  # [2, 4, 3], not contiguous
     yt = torch.randn(2, 3, 5).transpose(1, 2)
     assert not xt.is_contiguous()
-    torch.testing.assert_close(ops.similarity_cross_entropy(xt, yt, target),
-                               ops.similarity_cross_entropy(xt.contiguous(), yt.contiguous(), target))
+    torch.testing.assert_close(
+        ops.similarity_cross_entropy(xt, yt, target),
+        ops.similarity_cross_entropy(xt.contiguous(), yt.contiguous(), target),
+    )

@@ -11,8 +11,12 @@ import pytest
 from fastmeta.__main__ import build_parser
 
 ROOT = Path(__file__).resolve().parents[1]
-PAGES = [ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "cuda_emulation" / "README.md",
-         *sorted((ROOT / "docs").glob("*.md"))]
+PAGES = [
+    ROOT / "README.md",
+    ROOT / "CONTRIBUTING.md",
+    ROOT / "cuda_emulation" / "README.md",
+    *sorted((ROOT / "docs").glob("*.md")),
+]
 
 
 def blocks(language):
@@ -26,8 +30,11 @@ def blocks(language):
 def shell_lines(block):
     """The block's commands, continuation lines joined, comments dropped."""
     joined = block.replace("\\\n", " ")
-    return [line.split(" #")[0].strip() for line in joined.splitlines()
-            if line.strip() and not line.lstrip().startswith("#")]
+    return [
+        line.split(" #")[0].strip()
+        for line in joined.splitlines()
+        if line.strip() and not line.lstrip().startswith("#")
+    ]
 
 
 @pytest.mark.parametrize("block", blocks("python"))
@@ -44,7 +51,7 @@ def test_shell_block_names_what_exists(block):
         while words and "=" in words[0]:  # VARIABLE=value prefixes
             words = words[1:]
         if "-m" in words and words[words.index("-m") + 1] == "fastmeta":  # torchrun ... -m fastmeta ...
-            words = ["fastmeta"] + words[words.index("-m") + 2:]
+            words = ["fastmeta"] + words[words.index("-m") + 2 :]
         if words[0].endswith("/fastmeta"):  # .venv/bin/fastmeta
             words[0] = "fastmeta"
         if words[0] == "fastmeta":

@@ -44,8 +44,12 @@ def test_module_entry_point_runs_info():
 
 
 def test_info_names_the_cpu_instruction_set_and_its_cap():
-    capped = subprocess.run([sys.executable, "-m", "fastmeta", "info"], capture_output=True, text=True,
-                            env={**os.environ, "FASTMETA_CPU_ISA": "baseline"})
+    capped = subprocess.run(
+        [sys.executable, "-m", "fastmeta", "info"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "FASTMETA_CPU_ISA": "baseline"},
+    )
     assert capped.returncode == 0
     line = next(l for l in capped.stdout.splitlines() if "vector instructions, by family" in l)
     for family in ("similarity", "lstm", "mlp", "model-based", "prototypes"):
@@ -87,8 +91,17 @@ def test_bench_prints_each_row_as_measured_and_defaults_to_a_subset(monkeypatch,
         assert names == cases.DEFAULT_CASES
         for name in names:
             printed_before.append(capsys.readouterr().out)  # what was printed before this row
-            yield {"case": name, "shape": "s", "device": device, "fastmeta_ms": 1.0, "baseline": "b",
-                   "baseline_ms": 2.0, "speedup": 2.0, "fastmeta_peak_mib": None, "baseline_peak_mib": None}
+            yield {
+                "case": name,
+                "shape": "s",
+                "device": device,
+                "fastmeta_ms": 1.0,
+                "baseline": "b",
+                "baseline_ms": 2.0,
+                "speedup": 2.0,
+                "fastmeta_peak_mib": None,
+                "baseline_peak_mib": None,
+            }
 
     monkeypatch.setattr(runner, "run", fake_run)
     assert main(["bench"]) == 0
@@ -100,8 +113,11 @@ def test_bench_times_fastmeta_and_its_baselines_interleaved():
     from fastmeta.bench import runner
 
     calls = []
-    fns = [lambda: calls.append("fast"), lambda: time.sleep(0.002) or calls.append("base"),
-           lambda: time.sleep(0.06) or calls.append("slow")]
+    fns = [
+        lambda: calls.append("fast"),
+        lambda: time.sleep(0.002) or calls.append("base"),
+        lambda: time.sleep(0.06) or calls.append("slow"),
+    ]
     fast_s, base_s, slow_s = runner.time_callables(fns, "cpu", min_time=0, min_repeats=3)
     # two warm-up calls each, then per round one timed call of each, the short
     # ones right after an untimed call of their own
@@ -110,9 +126,13 @@ def test_bench_times_fastmeta_and_its_baselines_interleaved():
 
 
 PACKAGE = os.path.dirname(fastmeta.__file__)
-MODULES = sorted("fastmeta." + os.path.relpath(os.path.join(folder, name), PACKAGE)[:-3].replace(os.sep, ".")
-                 .replace(".__init__", "") for folder, _, files in os.walk(PACKAGE)
-                 for name in files if name.endswith(".py") and name != "__main__.py")
+MODULES = sorted(
+    "fastmeta."
+    + os.path.relpath(os.path.join(folder, name), PACKAGE)[:-3].replace(os.sep, ".").replace(".__init__", "")
+    for folder, _, files in os.walk(PACKAGE)
+    for name in files
+    if name.endswith(".py") and name != "__main__.py"
+)
 
 
 @pytest.mark.parametrize("module", [m for m in MODULES if m.count(".") == 1])
@@ -162,7 +182,7 @@ def test_no_import_cycle_between_modules():
         state[module] = "open"
         for target in graph.get(module, ()):
             if state.get(target) == "open":
-                cycles.append(path[path.index(target):] + [target])
+                cycles.append(path[path.index(target) :] + [target])
             elif target not in state:
                 visit(target, path + [target])
         state[module] = "done"

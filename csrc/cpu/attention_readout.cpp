@@ -11,10 +11,8 @@
 namespace fastmeta::cpu {
 namespace {
 
-std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in,
-                                                     const at::Tensor& y_in,
-                                                     const at::Tensor& values_in,
-                                                     const at::Tensor& scale_in,
+std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in, const at::Tensor& y_in,
+                                                     const at::Tensor& values_in, const at::Tensor& scale_in,
                                                      c10::string_view metric) {
   const SimilarityOperands o = readout_operands(x_in, y_in, values_in, scale_in, metric);
   const at::Tensor &x = o.x, &y = o.y, &scale = o.scale, &values = o.values;
@@ -61,11 +59,11 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_backward(
-    const at::Tensor& grad_in, const at::Tensor& out_in, const at::Tensor& lse_in,
-    const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& values_in,
-    const at::Tensor& scale_in, c10::string_view metric) {
-  const SimilarityOperands o = readout_backward_operands(grad_in, out_in, lse_in, x_in, y_in,
-                                                         values_in, scale_in, metric);
+    const at::Tensor& grad_in, const at::Tensor& out_in, const at::Tensor& lse_in, const at::Tensor& x_in,
+    const at::Tensor& y_in, const at::Tensor& values_in, const at::Tensor& scale_in,
+    c10::string_view metric) {
+  const SimilarityOperands o =
+      readout_backward_operands(grad_in, out_in, lse_in, x_in, y_in, values_in, scale_in, metric);
   const at::Tensor &scale = o.scale, &values = o.values, &grad = o.grad, &out = o.out, &lse = o.lse;
   const int64_t N = o.N, V = o.V;
   at::Tensor gscale = at::zeros_like(scale);

@@ -12,8 +12,7 @@ namespace fastmeta::cpu {
 namespace {
 
 // Number of support examples of each class in task b; checks the labels.
-std::vector<int64_t> class_counts(const int64_t* labels, int64_t b, int64_t S,
-                                  int64_t num_classes) {
+std::vector<int64_t> class_counts(const int64_t* labels, int64_t b, int64_t S, int64_t num_classes) {
   std::vector<int64_t> counts(num_classes, 0);
   for (int64_t s = 0; s < S; ++s) {
     int64_t c = labels[b * S + s];
@@ -22,14 +21,13 @@ std::vector<int64_t> class_counts(const int64_t* labels, int64_t b, int64_t S,
     ++counts[c];
   }
   for (int64_t c = 0; c < num_classes; ++c) {
-    TORCH_CHECK(counts[c] > 0, "fastmeta: class_prototypes: class ", c,
-                " has no support examples in task ", b);
+    TORCH_CHECK(counts[c] > 0, "fastmeta: class_prototypes: class ", c, " has no support examples in task ",
+                b);
   }
   return counts;
 }
 
-at::Tensor class_prototypes(const at::Tensor& support_in, const at::Tensor& labels_in,
-                            int64_t num_classes) {
+at::Tensor class_prototypes(const at::Tensor& support_in, const at::Tensor& labels_in, int64_t num_classes) {
   const PrototypeOperands o = prototype_operands(support_in, labels_in, num_classes);
   const at::Tensor &support = o.rows, &labels = o.labels;
   const int64_t B = o.B, S = o.S, D = o.D;

@@ -20,8 +20,8 @@ T pair_distance(const T* a, const T* b, int64_t D) {
   return std::sqrt(acc);
 }
 
-at::Tensor contrastive_loss(const at::Tensor& x1_in, const at::Tensor& x2_in,
-                            const at::Tensor& same_in, double margin) {
+at::Tensor contrastive_loss(const at::Tensor& x1_in, const at::Tensor& x2_in, const at::Tensor& same_in,
+                            double margin) {
   const PairOperands o = pair_operands(x1_in, x2_in, same_in);
   const at::Tensor &x1 = o.x1, &x2 = o.x2, &same = o.same;
   const int64_t M = o.M, D = o.D;
@@ -41,9 +41,11 @@ at::Tensor contrastive_loss(const at::Tensor& x1_in, const at::Tensor& x2_in,
   return loss;
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward(
-    const at::Tensor& grad_in, const at::Tensor& x1_in, const at::Tensor& x2_in,
-    const at::Tensor& same_in, double margin) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward(const at::Tensor& grad_in,
+                                                                         const at::Tensor& x1_in,
+                                                                         const at::Tensor& x2_in,
+                                                                         const at::Tensor& same_in,
+                                                                         double margin) {
   const PairOperands o = pair_backward_operands(grad_in, x1_in, x2_in, same_in);
   const at::Tensor &x1 = o.x1, &x2 = o.x2, &same = o.same, &grad = o.grad;
   const int64_t M = o.M, D = o.D;
@@ -63,9 +65,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> contrastive_loss_backward(
         scalar_t d = pair_distance(a, b, D);
         gsp[i] = gp[i] * contrastive_pair_d_same(d, scalar_t(margin));
         // d distance / d x1 = (x1 - x2) / d, taken as 0 where d = 0 (as torch.cdist).
-        scalar_t coeff = d > scalar_t(0)
-                             ? gp[i] * contrastive_pair_d_distance(d, sp[i], scalar_t(margin)) / d
-                             : scalar_t(0);
+        scalar_t coeff = d > scalar_t(0) ? gp[i] * contrastive_pair_d_distance(d, sp[i], scalar_t(margin)) / d
+                                         : scalar_t(0);
         for (int64_t k = 0; k < D; ++k) {
           g1p[i * D + k] = coeff * (a[k] - b[k]);
           g2p[i * D + k] = -g1p[i * D + k];

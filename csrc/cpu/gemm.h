@@ -18,20 +18,18 @@ namespace fastmeta::cpu {
 // null and the matrix products below fall back to at::mm, as they do for
 // sizes the BLAS's 32-bit integers cannot hold.
 extern "C" {
-void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*,
-            const float*, const int*, const float*, const int*, const float*, float*,
-            const int*) __attribute__((weak));
-void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*,
-            const double*, const int*, const double*, const int*, const double*, double*,
-            const int*) __attribute__((weak));
+void sgemm_(const char*, const char*, const int*, const int*, const int*, const float*, const float*,
+            const int*, const float*, const int*, const float*, float*, const int*) __attribute__((weak));
+void dgemm_(const char*, const char*, const int*, const int*, const int*, const double*, const double*,
+            const int*, const double*, const int*, const double*, double*, const int*) __attribute__((weak));
 }
 
 // C[m, n] = alpha * op(A) op(B) + beta * C, with row-major operands: op(A) is
 // A[m, k] (or A[k, m] transposed when trans_a), op(B) is B[k, n] (or B[n, k]
 // transposed when trans_b).
 template <typename T>
-void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda,
-          const T* b, int64_t ldb, T beta, T* c, int64_t ldc) {
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
+          int64_t ldb, T beta, T* c, int64_t ldc) {
   if (m == 0 || n == 0) return;
   if (k == 0) {
     for (int64_t i = 0; i < m; ++i)
@@ -39,7 +37,10 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* 
     return;
   }
   auto blas = [] {
-    if constexpr (std::is_same_v<T, float>) return sgemm_; else return dgemm_;
+    if constexpr (std::is_same_v<T, float>)
+      return sgemm_;
+    else
+      return dgemm_;
   }();
   constexpr int64_t kMaxInt = std::numeric_limits<int>::max();
   if (blas != nullptr && std::max({m, n, k, lda, ldb, ldc}) <= kMaxInt) {
@@ -63,22 +64,22 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const T* 
 
 // C[m, n] = A[m, k] B[n, k]^T (row-major, leading dimensions given).
 template <typename T>
-void gemm_abt(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb,
-              T* c, int64_t ldc) {
+void gemm_abt(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+              int64_t ldc) {
   gemm(false, true, m, n, k, a, lda, b, ldb, T(0), c, ldc);
 }
 
 // C[m, n] += A[m, k] B[k, n].
 template <typename T>
-void gemm_ab_acc(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-                 int64_t ldb, T* c, int64_t ldc) {
+void gemm_ab_acc(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                 int64_t ldc) {
   gemm(false, false, m, n, k, a, lda, b, ldb, T(1), c, ldc);
 }
 
 // C[m, n] += A[k, m]^T B[k, n].
 template <typename T>
-void gemm_atb_acc(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b,
-                  int64_t ldb, T* c, int64_t ldc) {
+void gemm_atb_acc(int64_t m, int64_t n, int64_t k, const T* a, int64_t lda, const T* b, int64_t ldb, T* c,
+                  int64_t ldc) {
   gemm(true, false, m, n, k, a, lda, b, ldb, T(1), c, ldc);
 }
 

@@ -35,9 +35,7 @@ constexpr int64_t kTilePairs = 128;
 
 // Rows per thread of a pass over the adjacency's rows: small adjacencies (up
 // to 2^15 entries) run on one thread.
-int64_t row_grain(int64_t n) {
-  return std::max<int64_t>(64, (int64_t{1} << 15) / std::max<int64_t>(n, 1));
-}
+int64_t row_grain(int64_t n) { return std::max<int64_t>(64, (int64_t{1} << 15) / std::max<int64_t>(n, 1)); }
 
 // The first row r (at most out) of a [out, in] matrix whose first entry,
 // r * in, is at index e or later.
@@ -94,8 +92,8 @@ struct BiasLeakyRelu {
 // columns of g summed into bias_grad.
 struct LeakyReluBackward {
   template <typename T>
-  FASTMETA_INLINE static void run(T* g, const T* acts, T* __restrict__ bias_grad, int64_t count,
-                                  int64_t out, T slope) {
+  FASTMETA_INLINE static void run(T* g, const T* acts, T* __restrict__ bias_grad, int64_t count, int64_t out,
+                                  T slope) {
     for (int64_t r = 0; r < count; ++r, g += out, acts += out)
       for (int64_t c = 0; c < out; ++c) {
         g[c] *= leaky_relu_grad(acts[c], slope);
@@ -108,8 +106,8 @@ struct LeakyReluBackward {
 // (d loss / d its input act) and w_grad += gp act.
 struct LastLayerBackward {
   template <typename T>
-  FASTMETA_INLINE static void run(T* __restrict__ g, T* __restrict__ w_grad, const T* w, const T* act,
-                                  T gp, int64_t H) {
+  FASTMETA_INLINE static void run(T* __restrict__ g, T* __restrict__ w_grad, const T* w, const T* act, T gp,
+                                  int64_t H) {
     for (int64_t c = 0; c < H; ++c) {
       g[c] = gp * w[c];
       w_grad[c] += gp * act[c];
@@ -186,8 +184,8 @@ struct TileScratch {
 };
 
 std::tuple<at::Tensor, at::Tensor> gnn_adjacency(const at::Tensor& nodes, at::TensorList weights,
-                                                 at::TensorList biases, double negative_slope,
-                                                 bool last_row, bool keep_hidden) {
+                                                 at::TensorList biases, double negative_slope, bool last_row,
+                                                 bool keep_hidden) {
   const GnnOperands o = gnn_operands(nodes, weights, biases, negative_slope, last_row);
   const int64_t B = o.B, n = o.n, L = o.weights.size(), H = o.widths[L - 1];
   const int64_t total = o.pairs(), size = tile_pairs(total), tiles = (total + size - 1) / size;
@@ -215,8 +213,7 @@ std::tuple<at::Tensor, at::Tensor> gnn_adjacency(const at::Tensor& nodes, at::Te
       }
     });
     at::parallel_for(0, B * n, row_grain(n), [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row)
-        adjacency_row(logits + row * n, row % n, n, last_row);
+      for (int64_t row = begin; row < end; ++row) adjacency_row(logits + row * n, row % n, n, last_row);
     });
   });
   return {adjacency, hidden};
@@ -251,11 +248,10 @@ struct PairBuffers {
 };
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adjacency_backward(
-    const at::Tensor& grad, const at::Tensor& adjacency, const at::Tensor& hidden,
-    const at::Tensor& nodes, at::TensorList weights, at::TensorList biases, double negative_slope,
-    bool last_row) {
-  const GnnOperands o = gnn_backward_operands(grad, adjacency, hidden, nodes, weights, biases,
-                                              negative_slope, last_row);
+    const at::Tensor& grad, const at::Tensor& adjacency, const at::Tensor& hidden, const at::Tensor& nodes,
+    at::TensorList weights, at::TensorList biases, double negative_slope, bool last_row) {
+  const GnnOperands o =
+      gnn_backward_operands(grad, adjacency, hidden, nodes, weights, biases, negative_slope, last_row);
   const int64_t B = o.B, n = o.n, F = o.F, L = o.weights.size(), H = o.widths[L - 1];
   const int64_t total = o.pairs(), size = tile_pairs(total), tiles = (total + size - 1) / size;
   const bool kept = o.hidden.numel() > 0;
@@ -301,8 +297,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
       std::unique_ptr<PairBuffers<T>> own;
       if (!kept) own = std::make_unique<PairBuffers<T>>(o, size, false);
       const PairBuffers<T>& buffers = kept ? *shared : *own;
-      at::Tensor scratch =
-          empty_recycled({kTilePairs * F + sum_values}, c10::CppTypeToScalarType<T>::value);
+      at::Tensor scratch = empty_recycled({kTilePairs * F + sum_values}, c10::CppTypeToScalarType<T>::value);
       T* grad_diff = scratch.mutable_data_ptr<T>();  // d loss / d a tile's differences
       T* sums = grad_diff + kTilePairs * F;
       std::fill(sums, sums + sum_values, T(0));
@@ -336,8 +331,8 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
           if (!kept)
             gemm_atb_acc(out, in, count, g, out, static_cast<const T*>(acts[l - 1]), in, gw[l - 1], in);
           T* g_in = l > 1 ? buffers.grads[l - 1] + r0 * in : grad_diff;
-          gemm(false, false, count, in, out, g, out, o.weights[l - 1].const_data_ptr<T>(), in, T(0),
-               g_in, in);
+          gemm(false, false, count, in, out, g, out, o.weights[l - 1].const_data_ptr<T>(), in, T(0), g_in,
+               in);
           g = g_in;
         }
         // |x_i - x_j|: g is d loss / d the differences.

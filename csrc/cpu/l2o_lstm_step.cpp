@@ -9,8 +9,8 @@
 #include <cmath>
 
 #include "../operands/lstm.h"
-#include "recycled_buffers.h"
 #include "lstm_chunks.h"
+#include "recycled_buffers.h"
 
 namespace fastmeta::cpu {
 namespace {
@@ -32,8 +32,7 @@ struct L2oChunk {
   Rows<const T> h_last{};
 
   L2oChunk(int64_t L, int64_t H)
-      : features(2 * kChunk), dh(H * kChunk), dxh(L2oLayout{L, H, 0}.widest() * kChunk),
-        du(kChunk) {
+      : features(2 * kChunk), dh(H * kChunk), dxh(L2oLayout{L, H, 0}.widest() * kChunk), du(kChunk) {
     for (int64_t l = 0; l < L; ++l) layers.emplace_back(l == 0 ? 2 : H, H);
   }
 };
@@ -47,8 +46,8 @@ L2oCell<T> make_cell(const L2oOperands& o, double p, double scale) {
 // each layer's new h and c to new_state (which may be state), or keeps them in
 // the chunk for the backward where new_state is null.
 template <typename T>
-void chunk_forward(const L2oCell<T>& cell, L2oChunk<T>& ws, const T* grad, const T* state,
-                   T* new_state, int64_t p0, int64_t n) {
+void chunk_forward(const L2oCell<T>& cell, L2oChunk<T>& ws, const T* grad, const T* state, T* new_state,
+                   int64_t p0, int64_t n) {
   T* f = ws.features.data();
   for (int64_t j = 0; j < n; ++j) cell.prep.features(grad[p0 + j], f[j], f[kChunk + j]);
   Rows<const T> x{f, kChunk};
@@ -86,8 +85,7 @@ void l2o_forward(const L2oCell<T>& cell, const T* grad, const T* state, T* new_s
 }
 
 std::tuple<at::Tensor, at::Tensor> l2o_lstm_step(const at::Tensor& grad_in, const at::Tensor& state_in,
-                                                 const at::Tensor& weights_in, double p,
-                                                 double scale) {
+                                                 const at::Tensor& weights_in, double p, double scale) {
   const L2oOperands o = l2o_operands(grad_in, state_in, weights_in, p);
   at::Tensor update = empty_like_recycled(o.grad), new_state = empty_like_recycled(o.state);
   AT_DISPATCH_FLOATING_TYPES(o.grad.scalar_type(), "fastmeta::l2o_lstm_step", [&] {
@@ -142,8 +140,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> l2o_lstm_step_backward(
           run_loop<AddOuter>(head, ws.du.data(), ws.dh.data(), H, n);
           for (int64_t l = L - 1; l >= 0; --l) {
             layer_backward(ws.layers[l], cell.W(l), ws.dh.data(), {gs + cell.row(l, 1) + p0, P},
-                           {ds + cell.row(l, 1) + p0, P}, {ds + cell.row(l, 0) + p0, P}, n,
-                           ws.dxh.data(), dw + cell.layer_offset(l), dw + cell.bias_offset(l));
+                           {ds + cell.row(l, 1) + p0, P}, {ds + cell.row(l, 0) + p0, P}, n, ws.dxh.data(),
+                           dw + cell.layer_offset(l), dw + cell.bias_offset(l));
             if (l > 0) {
               const T* upstream = gs + cell.row(l - 1, 0) + p0;
               for (int64_t k = 0; k < H; ++k)

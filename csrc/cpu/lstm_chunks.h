@@ -42,14 +42,18 @@ struct Rows {
 template <typename T>
 struct LayerChunk {
   int64_t in = 0, H = 0;
-  std::vector<T> xh;     // [in + H, kChunk]: the input rows, then h_prev
-  std::vector<T> gates;  // [4H, kChunk]: activated i, f, g, o (d pre-activations in backward)
+  std::vector<T> xh;            // [in + H, kChunk]: the input rows, then h_prev
+  std::vector<T> gates;         // [4H, kChunk]: activated i, f, g, o (d pre-activations in backward)
   std::vector<T> c_own, h_own;  // [H, kChunk] each: c and h where the caller keeps no copy
   Rows<const T> c_prev{}, c{};
 
   LayerChunk(int64_t in_size, int64_t hidden)
-      : in(in_size), H(hidden), xh((in_size + hidden) * kChunk), gates(4 * hidden * kChunk),
-        c_own(hidden * kChunk), h_own(hidden * kChunk) {}
+      : in(in_size),
+        H(hidden),
+        xh((in_size + hidden) * kChunk),
+        gates(4 * hidden * kChunk),
+        c_own(hidden * kChunk),
+        h_own(hidden * kChunk) {}
 
   Rows<T> own_c() { return {c_own.data(), kChunk}; }
   Rows<T> own_h() { return {h_own.data(), kChunk}; }
@@ -68,8 +72,8 @@ struct LstmUnitsForward {
   // registers (AVX2) hold them. c and h may alias c_prev and the layer's
   // h_prev: each element is read before it is written.
   template <typename T>
-  FASTMETA_INLINE static void run(T* gates, const T* bias, Rows<const T> c_prev, Rows<T> c,
-                                  Rows<T> h, int64_t H, int64_t n) {
+  FASTMETA_INLINE static void run(T* gates, const T* bias, Rows<const T> c_prev, Rows<T> c, Rows<T> h,
+                                  int64_t H, int64_t n) {
     for (int64_t r = 0; r < 4 * H; ++r) {
       T* row = gates + r * kChunk;
       const T b = bias[r];
@@ -112,8 +116,8 @@ struct LstmUnitsBackward {
       T* dcp = dc_prev.row(k);
 #pragma GCC ivdep
       for (int64_t j = 0; j < n; ++j)
-        lstm_unit_backward(gi[j], gf[j], gg[j], go[j], cp[j], ck[j], dhk[j], dck[j], gi[j], gf[j],
-                           gg[j], go[j], dcp[j]);
+        lstm_unit_backward(gi[j], gf[j], gg[j], go[j], cp[j], ck[j], dhk[j], dck[j], gi[j], gf[j], gg[j],
+                           go[j], dcp[j]);
     }
   }
 };
@@ -121,8 +125,7 @@ struct LstmUnitsBackward {
 // out[j] = a * (b + sum_k w[k] rows[k][j]).
 struct WeightedRowSum {
   template <typename T>
-  FASTMETA_INLINE static void run(const T* w, Rows<const T> rows, int64_t K, T b, T a, T* out,
-                                  int64_t n) {
+  FASTMETA_INLINE static void run(const T* w, Rows<const T> rows, int64_t K, T b, T a, T* out, int64_t n) {
     T acc[kChunk];
     for (int64_t j = 0; j < n; ++j) acc[j] = b;
     for (int64_t k = 0; k < K; ++k) {
@@ -153,8 +156,8 @@ struct AddOuter {
 // state, which may be the old state: the in-place step). Keeps what
 // layer_backward needs.
 template <typename T>
-void layer_forward(LayerChunk<T>& layer, const T* W, const T* bias, Rows<const T> x,
-                   Rows<const T> h_prev, Rows<const T> c_prev, int64_t n, Rows<T> c, Rows<T> h) {
+void layer_forward(LayerChunk<T>& layer, const T* W, const T* bias, Rows<const T> x, Rows<const T> h_prev,
+                   Rows<const T> c_prev, int64_t n, Rows<T> c, Rows<T> h) {
   const int64_t H = layer.H, K = layer.width();
   layer.c_prev = c_prev, layer.c = c;
   T* xh = layer.xh.data();
@@ -168,8 +171,8 @@ void layer_forward(LayerChunk<T>& layer, const T* W, const T* bias, Rows<const T
 // d c_prev, d h_prev and dxh [in + H, kChunk] (d x in its first `in` rows);
 // adds the weight and bias gradients to dW [4H, in + H] and db [4H].
 template <typename T>
-void layer_backward(LayerChunk<T>& layer, const T* W, const T* dh, Rows<const T> dc,
-                    Rows<T> dc_prev, Rows<T> dh_prev, int64_t n, T* dxh, T* dW, T* db) {
+void layer_backward(LayerChunk<T>& layer, const T* W, const T* dh, Rows<const T> dc, Rows<T> dc_prev,
+                    Rows<T> dh_prev, int64_t n, T* dxh, T* dW, T* db) {
   const int64_t H = layer.H, K = layer.width();
   run_loop<LstmUnitsBackward>(layer.gates.data(), layer.c_prev, layer.c, dh, dc, dc_prev, H, n);
   const T* d_pre = layer.gates.data();

@@ -29,12 +29,12 @@ struct MannBackward {
   }
 };
 
-using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                           at::Tensor>;
+using Outputs =
+    std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 
-Outputs mann_memory(const at::Tensor& memory, const at::Tensor& usage,
-                    const at::Tensor& read_weights, const at::Tensor& keys,
-                    const at::Tensor& write_gates, const at::Tensor& key_strengths, double decay) {
+Outputs mann_memory(const at::Tensor& memory, const at::Tensor& usage, const at::Tensor& read_weights,
+                    const at::Tensor& keys, const at::Tensor& write_gates, const at::Tensor& key_strengths,
+                    double decay) {
   const MannOperands o = mann_operands(memory, usage, read_weights, keys, write_gates, key_strengths);
   const MannSizes z = o.sizes;
   const int64_t B = o.B, T = z.T, S = z.S, W = z.W, H = z.H, n = z.least_used();
@@ -53,12 +53,11 @@ Outputs mann_memory(const at::Tensor& memory, const at::Tensor& usage,
       for (int64_t b = begin; b < end; ++b) {
         run_loop<MannForward>(
             &z, o.memory.const_data_ptr<F>() + b * S * W, o.usage.const_data_ptr<F>() + b * S,
-            o.read_weights.const_data_ptr<F>() + b * H * S,
-            o.keys.const_data_ptr<F>() + b * T * H * W, o.write_gates.const_data_ptr<F>() + b * T * H,
-            o.key_strengths.const_data_ptr<F>() + b * T * H, F(decay),
-            reads.mutable_data_ptr<F>() + b * T * H * W, memory_out.mutable_data_ptr<F>() + b * S * W,
-            weights_out.mutable_data_ptr<F>() + b * H * S, usage_out.mutable_data_ptr<F>() + b * S,
-            memories.mutable_data_ptr<F>() + b * T * S * W,
+            o.read_weights.const_data_ptr<F>() + b * H * S, o.keys.const_data_ptr<F>() + b * T * H * W,
+            o.write_gates.const_data_ptr<F>() + b * T * H, o.key_strengths.const_data_ptr<F>() + b * T * H,
+            F(decay), reads.mutable_data_ptr<F>() + b * T * H * W,
+            memory_out.mutable_data_ptr<F>() + b * S * W, weights_out.mutable_data_ptr<F>() + b * H * S,
+            usage_out.mutable_data_ptr<F>() + b * S, memories.mutable_data_ptr<F>() + b * T * S * W,
             history.mutable_data_ptr<F>() + b * T * H * S, slots.mutable_data_ptr<int64_t>() + b * T * n,
             scratch.data());
       }
@@ -68,18 +67,17 @@ Outputs mann_memory(const at::Tensor& memory, const at::Tensor& usage,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mann_memory_backward(
-    const at::Tensor& grad_reads, const at::Tensor& grad_memory,
-    const at::Tensor& grad_read_weights, const at::Tensor& memory, const at::Tensor& read_weights,
-    const at::Tensor& keys, const at::Tensor& write_gates, const at::Tensor& key_strengths,
-    const at::Tensor& memories, const at::Tensor& read_weight_history,
-    const at::Tensor& least_used) {
-  const MannOperands o = mann_backward_operands(grad_reads, grad_memory, grad_read_weights,
-                                                memory, read_weights, keys, write_gates, key_strengths,
-                                                memories, read_weight_history, least_used);
+    const at::Tensor& grad_reads, const at::Tensor& grad_memory, const at::Tensor& grad_read_weights,
+    const at::Tensor& memory, const at::Tensor& read_weights, const at::Tensor& keys,
+    const at::Tensor& write_gates, const at::Tensor& key_strengths, const at::Tensor& memories,
+    const at::Tensor& read_weight_history, const at::Tensor& least_used) {
+  const MannOperands o =
+      mann_backward_operands(grad_reads, grad_memory, grad_read_weights, memory, read_weights, keys,
+                             write_gates, key_strengths, memories, read_weight_history, least_used);
   const MannSizes z = o.sizes;
   const int64_t B = o.B, T = z.T, S = z.S, W = z.W, H = z.H, n = z.least_used();
-  TORCH_CHECK(o.least_used.numel() == 0 || (o.least_used.min().item<int64_t>() >= 0 &&
-                                            o.least_used.max().item<int64_t>() < S),
+  TORCH_CHECK(o.least_used.numel() == 0 ||
+                  (o.least_used.min().item<int64_t>() >= 0 && o.least_used.max().item<int64_t>() < S),
               "fastmeta: least_used must hold slots in [0, ", S, ")");
   at::Tensor grad_memory0 = at::empty_like(o.grad_memory);
   at::Tensor grad_weights0 = at::empty_like(o.read_weights);
@@ -96,13 +94,11 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mann_memo
             o.grad_memory.const_data_ptr<F>() + b * S * W,
             o.grad_read_weights.const_data_ptr<F>() + b * H * S,
             o.read_weights.const_data_ptr<F>() + b * H * S, o.keys.const_data_ptr<F>() + b * T * H * W,
-            o.write_gates.const_data_ptr<F>() + b * T * H,
-            o.key_strengths.const_data_ptr<F>() + b * T * H,
+            o.write_gates.const_data_ptr<F>() + b * T * H, o.key_strengths.const_data_ptr<F>() + b * T * H,
             o.memories.const_data_ptr<F>() + b * T * S * W,
             o.read_weight_history.const_data_ptr<F>() + b * T * H * S,
             o.least_used.const_data_ptr<int64_t>() + b * T * n,
-            grad_memory0.mutable_data_ptr<F>() + b * S * W,
-            grad_weights0.mutable_data_ptr<F>() + b * H * S,
+            grad_memory0.mutable_data_ptr<F>() + b * S * W, grad_weights0.mutable_data_ptr<F>() + b * H * S,
             grad_keys.mutable_data_ptr<F>() + b * T * H * W, grad_gates.mutable_data_ptr<F>() + b * T * H,
             grad_strengths.mutable_data_ptr<F>() + b * T * H, scratch.data());
       }

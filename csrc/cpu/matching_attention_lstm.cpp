@@ -37,9 +37,9 @@ namespace {
 // and hidden states.
 struct GatesForward {
   template <typename T>
-  FASTMETA_INLINE static void run(int64_t begin, int64_t end, int64_t D, T* gates,
-                                  const T* constant, const T* recurrent, int64_t stride,
-                                  const T* cell_prev, T* cell, const T* query, T* hidden) {
+  FASTMETA_INLINE static void run(int64_t begin, int64_t end, int64_t D, T* gates, const T* constant,
+                                  const T* recurrent, int64_t stride, const T* cell_prev, T* cell,
+                                  const T* query, T* hidden) {
     for (int64_t r = begin; r < end; ++r) {
       T* g = gates + r * 4 * D;
       const T* a = constant + r * 4 * D;
@@ -51,9 +51,8 @@ struct GatesForward {
       for (int64_t d = 0; d < D; ++d) {
         lstm_unit_forward(g[d] + a[d] + rec[d], g[D + d] + a[D + d] + rec[D + d],
                           g[2 * D + d] + a[2 * D + d] + rec[2 * D + d],
-                          g[3 * D + d] + a[3 * D + d] + rec[3 * D + d],
-                          cell_prev[r * D + d],
-                          g[d], g[D + d], g[2 * D + d], g[3 * D + d], c[d], h[d]);
+                          g[3 * D + d] + a[3 * D + d] + rec[3 * D + d], cell_prev[r * D + d], g[d], g[D + d],
+                          g[2 * D + d], g[3 * D + d], c[d], h[d]);
         h[d] += q[d];
       }
     }
@@ -65,9 +64,9 @@ struct GatesForward {
 // gradients of the pre-activation gates (row stride `stride`).
 struct GatesBackward {
   template <typename T>
-  FASTMETA_INLINE static void run(int64_t begin, int64_t end, int64_t D, const T* gates,
-                                  const T* cell, const T* cell_prev, const T* grad_hidden,
-                                  T* grad_cell, T* grad_gates, int64_t stride) {
+  FASTMETA_INLINE static void run(int64_t begin, int64_t end, int64_t D, const T* gates, const T* cell,
+                                  const T* cell_prev, const T* grad_hidden, T* grad_cell, T* grad_gates,
+                                  int64_t stride) {
     for (int64_t r = begin; r < end; ++r) {
       const T* g = gates + r * 4 * D;
       T* dg = grad_gates + r * stride;
@@ -76,9 +75,8 @@ struct GatesBackward {
       T* dc = grad_cell + r * D;
 #pragma GCC ivdep
       for (int64_t d = 0; d < D; ++d) {
-        lstm_unit_backward(g[d], g[D + d], g[2 * D + d], g[3 * D + d],
-                           cell_prev[r * D + d], c[d], dh[d], dc[d], dg[d],
-                           dg[D + d], dg[2 * D + d], dg[3 * D + d], dc[d]);
+        lstm_unit_backward(g[d], g[D + d], g[2 * D + d], g[3 * D + d], cell_prev[r * D + d], c[d], dh[d],
+                           dc[d], dg[d], dg[D + d], dg[2 * D + d], dg[3 * D + d], dc[d]);
       }
     }
   }
@@ -207,15 +205,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> matching_
   return {hidden, hiddens, cells, attention, gates};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>
-matching_attention_lstm_backward(const at::Tensor& grad_in, const at::Tensor& query_in,
-                                 const at::Tensor& support_in, const at::Tensor& weight_ih_in,
-                                 const at::Tensor& weight_hh_in, const at::Tensor& hiddens_in,
-                                 const at::Tensor& cells_in, const at::Tensor& attention_in,
-                                 const at::Tensor& gates_in) {
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> matching_attention_lstm_backward(
+    const at::Tensor& grad_in, const at::Tensor& query_in, const at::Tensor& support_in,
+    const at::Tensor& weight_ih_in, const at::Tensor& weight_hh_in, const at::Tensor& hiddens_in,
+    const at::Tensor& cells_in, const at::Tensor& attention_in, const at::Tensor& gates_in) {
   const AttentionLstmOperands o =
-      attention_lstm_backward_operands(grad_in, query_in, support_in, weight_ih_in, weight_hh_in,
-                                       hiddens_in, cells_in, attention_in, gates_in);
+      attention_lstm_backward_operands(grad_in, query_in, support_in, weight_ih_in, weight_hh_in, hiddens_in,
+                                       cells_in, attention_in, gates_in);
   const int64_t B = o.B, Q = o.Q, S = o.S, D = o.D, K = o.K, R = B * Q, F = 4 * D + S;
   const at::Tensor &query = o.query, &support = o.support;
   const at::Tensor weight_read = o.weight_ih.narrow(1, D, D);
@@ -297,8 +293,7 @@ matching_attention_lstm_backward(const at::Tensor& grad_in, const at::Tensor& qu
       at::cat({at::mm(grad_constant.view({R, 4 * D}).t(), query.view({R, D})),
                at::mm(grad_support_gates.view({B * S, 4 * D}).t(), support.view({B * S, D}))},
               1);
-  return {grad_query, grad_support, grad_weight_ih, grad_weight_hh,
-          grad_constant.sum(at::IntArrayRef{0, 1})};
+  return {grad_query, grad_support, grad_weight_ih, grad_weight_hh, grad_constant.sum(at::IntArrayRef{0, 1})};
 }
 
 }  // namespace

@@ -9,8 +9,8 @@
 
 #include <algorithm>
 #include <cstring>
-#include <type_traits>
 #include <new>
+#include <type_traits>
 #include <vector>
 
 #include "../operands/mlp.h"
@@ -65,24 +65,24 @@ struct SerialTeam {
     return Wt;
   }
 
-  FASTMETA_INLINE void linear(T* out, const T* in1, const T* W1, const T* in2, const T* W2,
-                              const T* bias, int64_t N, int64_t n_in, int64_t n_out) {
+  FASTMETA_INLINE void linear(T* out, const T* in1, const T* W1, const T* in2, const T* W2, const T* bias,
+                              int64_t N, int64_t n_in, int64_t n_out) {
     const T* W1t = transpose(W1, n_in, n_out);
     const T* W2t = in2 ? transpose(W2, n_in, n_out) : nullptr;
     combine_rows<kBytes>(out, n_out, N, n_out, bias, {in1, n_in, 1, W1t, n_out, n_in},
                          {in2, n_in, 1, W2t, n_out, in2 ? n_in : 0});
   }
 
-  FASTMETA_INLINE void backprop(T* out, const T* D1, const T* W1, const T* D2, const T* W2,
-                                int64_t N, int64_t n_in, int64_t n_out) {
-    combine_rows<kBytes>(out, n_in, N, n_in, static_cast<const T*>(nullptr),
-                         {D1, n_out, 1, W1, n_in, n_out}, {D2, n_out, 1, W2, n_in, D2 ? n_out : 0});
+  FASTMETA_INLINE void backprop(T* out, const T* D1, const T* W1, const T* D2, const T* W2, int64_t N,
+                                int64_t n_in, int64_t n_out) {
+    combine_rows<kBytes>(out, n_in, N, n_in, static_cast<const T*>(nullptr), {D1, n_out, 1, W1, n_in, n_out},
+                         {D2, n_out, 1, W2, n_in, D2 ? n_out : 0});
   }
 
-  FASTMETA_INLINE void outer(T* gW, T* gb, const T* D1, const T* in1, const T* D2, const T* in2,
-                             int64_t N, int64_t n_in, int64_t n_out) {
-    combine_rows<kBytes>(gW, n_in, n_out, n_in, static_cast<const T*>(nullptr),
-                         {D1, 1, n_out, in1, n_in, N}, {D2, 1, n_out, in2, n_in, D2 ? N : 0});
+  FASTMETA_INLINE void outer(T* gW, T* gb, const T* D1, const T* in1, const T* D2, const T* in2, int64_t N,
+                             int64_t n_in, int64_t n_out) {
+    combine_rows<kBytes>(gW, n_in, n_out, n_in, static_cast<const T*>(nullptr), {D1, 1, n_out, in1, n_in, N},
+                         {D2, 1, n_out, in2, n_in, D2 ? N : 0});
     for (int64_t j = 0; j < n_out; ++j) gb[j] = 0;
     for (int64_t i = 0; i < N; ++i)
       for (int64_t j = 0; j < n_out; ++j) gb[j] += D1[i * n_out + j];
@@ -130,8 +130,10 @@ std::vector<T> workspace(const MlpShape& s) {
   try {
     return std::vector<T>(s.workspace_size());
   } catch (const std::bad_alloc&) {
-    TORCH_CHECK(false, "fastmeta: mlp_task_derivatives: not enough memory for the workspace of a "
-                "task (", s.workspace_size() * sizeof(T), " bytes for N = ", s.N, " points)");
+    TORCH_CHECK(false,
+                "fastmeta: mlp_task_derivatives: not enough memory for the workspace of a "
+                "task (",
+                s.workspace_size() * sizeof(T), " bytes for N = ", s.N, " points)");
   }
 }
 
@@ -139,15 +141,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_task_
     const at::Tensor& params, const at::Tensor& x, const at::Tensor& target,
     const std::optional<at::Tensor>& direction, at::IntArrayRef widths,
     c10::ArrayRef<c10::string_view> activations, c10::string_view loss, bool input_grad) {
-  const MlpOperands o =
-      mlp_operands(params, x, target, direction, widths, activations, loss, input_grad);
+  const MlpOperands o = mlp_operands(params, x, target, direction, widths, activations, loss, input_grad);
   const MlpShape& s = o.shape;
   const bool mse = s.loss == MlpLoss::MSE;
   if (!mse) {
     const int64_t* labels = o.target.const_data_ptr<int64_t>();
     for (int64_t i = 0; i < o.target.numel(); ++i)
-      TORCH_CHECK(labels[i] >= 0 && labels[i] < s.outputs(), "fastmeta: target[", i / s.N, ", ",
-                  i % s.N, "] = ", labels[i], " is out of range for ", s.outputs(), " classes");
+      TORCH_CHECK(labels[i] >= 0 && labels[i] < s.outputs(), "fastmeta: target[", i / s.N, ", ", i % s.N,
+                  "] = ", labels[i], " is out of range for ", s.outputs(), " classes");
   }
   AT_DISPATCH_FLOATING_TYPES(o.params.scalar_type(), "mlp_task_derivatives", [&] {
     MlpBatch<scalar_t> b{s,
@@ -171,8 +172,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_task_
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmeta, CPU, m) {
-  m.impl("mlp_task_derivatives", &mlp_task_derivatives);
-}
+TORCH_LIBRARY_IMPL(fastmeta, CPU, m) { m.impl("mlp_task_derivatives", &mlp_task_derivatives); }
 
 }  // namespace fastmeta::cpu

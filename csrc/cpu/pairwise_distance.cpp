@@ -7,8 +7,7 @@
 namespace fastmeta::cpu {
 namespace {
 
-at::Tensor pairwise_distance(const at::Tensor& x_in, const at::Tensor& y_in,
-                             c10::string_view metric) {
+at::Tensor pairwise_distance(const at::Tensor& x_in, const at::Tensor& y_in, c10::string_view metric) {
   const SimilarityOperands o = pairwise_distance_operands(x_in, y_in, metric);
   const at::Tensor &x = o.x, &y = o.y;
   const int64_t B = o.B, Q = o.Q, N = o.N, D = o.D;
@@ -25,8 +24,7 @@ at::Tensor pairwise_distance(const at::Tensor& x_in, const at::Tensor& y_in,
         scalar_t ax[kQueryBlock];
         row_stats<M>(xp + (b * Q + q0) * D, q1 - q0, D, ax, nullptr);
         scalar_t* rows = op + (b * Q + q0) * N;
-        similarity_tile<M>(xp + (b * Q + q0) * D, q1 - q0, yp + b * N * D, N, D, ax, ay + b * N,
-                           rows, N);
+        similarity_tile<M>(xp + (b * Q + q0) * D, q1 - q0, yp + b * N * D, N, D, ax, ay + b * N, rows, N);
         for (int64_t k = 0; k < (q1 - q0) * N; ++k) rows[k] = distance_from_similarity<M>(rows[k]);
       });
     });
@@ -34,11 +32,11 @@ at::Tensor pairwise_distance(const at::Tensor& x_in, const at::Tensor& y_in,
   return out;
 }
 
-std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward(
-    const at::Tensor& grad_in, const at::Tensor& distance_in, const at::Tensor& x_in,
-    const at::Tensor& y_in, c10::string_view metric) {
-  const SimilarityOperands o =
-      pairwise_distance_backward_operands(grad_in, distance_in, x_in, y_in, metric);
+std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward(const at::Tensor& grad_in,
+                                                              const at::Tensor& distance_in,
+                                                              const at::Tensor& x_in, const at::Tensor& y_in,
+                                                              c10::string_view metric) {
+  const SimilarityOperands o = pairwise_distance_backward_operands(grad_in, distance_in, x_in, y_in, metric);
   const at::Tensor &grad = o.grad, &distance = o.out;
   const int64_t N = o.N;
   auto g = similarity_backward(o, {}, [&](auto& block) {

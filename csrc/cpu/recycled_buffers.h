@@ -84,8 +84,8 @@ class RecyclingAllocator final : public c10::Allocator {
     const unsigned long long mib = std::strtoull(setting, &end, 10);
     TORCH_CHECK(*end == '\0' && std::isdigit(static_cast<unsigned char>(setting[0])) && errno == 0 &&
                     mib < (1ull << 40),
-                "FASTMETA_RECYCLED_MIB must be a whole number of MiB (0 turns recycling off), got '",
-                setting, "'");
+                "FASTMETA_RECYCLED_MIB must be a whole number of MiB (0 turns recycling off), got '", setting,
+                "'");
     limit_bytes_ = size_t(mib) << 20;
   }
 

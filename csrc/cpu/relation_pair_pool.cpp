@@ -53,8 +53,8 @@ FASTMETA_INLINE T window_max(const T* a, const T* b, const int64_t* o, int64_t c
 // One pair's output [OH, OW, C] from its maps a and b.
 struct PairPoolForward {
   template <typename T>
-  FASTMETA_INLINE static void run(const T* a, const T* b, T* out, const int64_t* offsets,
-                                  int64_t cells, int64_t C) {
+  FASTMETA_INLINE static void run(const T* a, const T* b, T* out, const int64_t* offsets, int64_t cells,
+                                  int64_t C) {
     for (int64_t cell = 0; cell < cells; ++cell) {
       const int64_t* o = offsets + 4 * cell;
       T* y = out + cell * C;
@@ -73,8 +73,8 @@ struct PairPoolForward {
 // positive (relu passes no gradient at 0).
 struct PairPoolBackward {
   template <typename T>
-  FASTMETA_INLINE static void run(const T* a, const T* b, const T* grad, T* target,
-                                  const int64_t* offsets, int64_t cells, int64_t C) {
+  FASTMETA_INLINE static void run(const T* a, const T* b, const T* grad, T* target, const int64_t* offsets,
+                                  int64_t cells, int64_t C) {
     for (int64_t cell = 0; cell < cells; ++cell) {
       const int64_t* o = offsets + 4 * cell;
       const T* g = grad + cell * C;
@@ -105,8 +105,8 @@ at::Tensor relation_pair_pool(const at::Tensor& queries_in, const at::Tensor& pr
     at::parallel_for(0, B * Q * N, grain, [&](int64_t begin, int64_t end) {
       for (int64_t pair = begin; pair < end; ++pair) {
         const int64_t b = pair / (Q * N), i = pair / N, j = pair % N;
-        run_loop<PairPoolForward>(q + i * map, p + (b * N + j) * map, y + pair * cells * C,
-                                  offsets.data(), cells, C);
+        run_loop<PairPoolForward>(q + i * map, p + (b * N + j) * map, y + pair * cells * C, offsets.data(),
+                                  cells, C);
       }
     });
   });
@@ -134,9 +134,8 @@ std::tuple<at::Tensor, at::Tensor> relation_pair_pool_backward(const at::Tensor&
       for (int64_t i = begin; i < end; ++i) {  // i: the query, over all episodes
         const int64_t b = i / Q;
         for (int64_t j = 0; j < N; ++j) {
-          run_loop<PairPoolBackward>(q + i * map, p + (b * N + j) * map,
-                                     g + (i * N + j) * out_map, gq + i * map, offsets.data(),
-                                     cells, C);
+          run_loop<PairPoolBackward>(q + i * map, p + (b * N + j) * map, g + (i * N + j) * out_map,
+                                     gq + i * map, offsets.data(), cells, C);
         }
       }
     });
@@ -144,8 +143,7 @@ std::tuple<at::Tensor, at::Tensor> relation_pair_pool_backward(const at::Tensor&
       for (int64_t j = begin; j < end; ++j) {  // j: the prototype, over all episodes
         const int64_t b = j / N;
         for (int64_t i = b * Q; i < (b + 1) * Q; ++i) {
-          run_loop<PairPoolBackward>(q + i * map, p + j * map,
-                                     g + (i * N + j % N) * out_map, gp + j * map,
+          run_loop<PairPoolBackward>(q + i * map, p + j * map, g + (i * N + j % N) * out_map, gp + j * map,
                                      offsets.data(), cells, C);
         }
       }

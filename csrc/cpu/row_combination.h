@@ -44,9 +44,8 @@ struct Vector {
 // add's latency). Written with explicit vectors: left to itself, the
 // compiler vectorised across the kRows outputs instead, with shuffles.
 template <int64_t kRows, typename V, typename T>
-FASTMETA_INLINE void combine_block(T* __restrict__ out, int64_t out_stride, int64_t k0,
-                                   const T* init, const RowCombination<T>& first,
-                                   const RowCombination<T>& second) {
+FASTMETA_INLINE void combine_block(T* __restrict__ out, int64_t out_stride, int64_t k0, const T* init,
+                                   const RowCombination<T>& first, const RowCombination<T>& second) {
   V start = {}, acc[kRows];
   if (init) std::memcpy(&start, init + k0, sizeof(V));
   for (int64_t m = 0; m < kRows; ++m) acc[m] = start;
@@ -63,8 +62,7 @@ FASTMETA_INLINE void combine_block(T* __restrict__ out, int64_t out_stride, int6
 // vector is recomputed overlapping the one before (out aliases no operand).
 template <int64_t kRows, int kBytes, typename T>
 FASTMETA_INLINE void combine_row_block(T* out, int64_t out_stride, int64_t n, const T* init,
-                                       const RowCombination<T>& first,
-                                       const RowCombination<T>& second) {
+                                       const RowCombination<T>& first, const RowCombination<T>& second) {
   constexpr int64_t kLine = kBytes / sizeof(T);
   if (n < kLine) {
     for (int64_t k = 0; k < n; ++k) combine_block<kRows, T>(out, out_stride, k, init, first, second);

@@ -55,9 +55,12 @@ template <typename Loop, typename... Args>
 auto run_loop(Args... args) {
 #if defined(__x86_64__)
   switch (cpu_isa()) {
-    case Isa::Avx512: return run_avx512<Loop>(args...);
-    case Isa::Avx2: return run_avx2<Loop>(args...);
-    default: break;
+    case Isa::Avx512:
+      return run_avx512<Loop>(args...);
+    case Isa::Avx2:
+      return run_avx2<Loop>(args...);
+    default:
+      break;
   }
 #endif
   return Loop::run(args...);
@@ -70,9 +73,12 @@ template <template <int> class Loop, typename... Args>
 auto run_vector_loop(Args... args) {
 #if defined(__x86_64__)
   switch (cpu_isa()) {
-    case Isa::Avx512: return run_avx512<Loop<64>>(args...);
-    case Isa::Avx2: return run_avx2<Loop<32>>(args...);
-    default: break;
+    case Isa::Avx512:
+      return run_avx512<Loop<64>>(args...);
+    case Isa::Avx2:
+      return run_avx2<Loop<32>>(args...);
+    default:
+      break;
   }
 #endif
   return Loop<16>::run(args...);
@@ -207,16 +213,24 @@ struct Sum {
 
 // v[j] = exp(a * v[j] - shift); returns their sum.
 template <typename T>
-T exp_affine_sum(T* v, int64_t n, T a, T shift) { return run_loop<ExpAffineSum>(v, n, a, shift); }
+T exp_affine_sum(T* v, int64_t n, T a, T shift) {
+  return run_loop<ExpAffineSum>(v, n, a, shift);
+}
 
 template <typename T>
-T row_dot(const T* a, const T* b, int64_t n) { return run_loop<Dot>(a, b, n); }
+T row_dot(const T* a, const T* b, int64_t n) {
+  return run_loop<Dot>(a, b, n);
+}
 
 template <typename T>
-T row_dot_shifted(const T* a, const T* b, T c, int64_t n) { return run_loop<ShiftedDot>(a, b, c, n); }
+T row_dot_shifted(const T* a, const T* b, T c, int64_t n) {
+  return run_loop<ShiftedDot>(a, b, c, n);
+}
 
 template <typename T>
-T row_sum(const T* a, int64_t n) { return run_loop<Sum>(a, n); }
+T row_sum(const T* a, int64_t n) {
+  return run_loop<Sum>(a, n);
+}
 
 // The scale's gradient of a softmax row, sum_j w[j] * s[j], has weights
 // w[j] = d loss / d logit[j] that sum to 0, so a constant may be subtracted

@@ -10,8 +10,8 @@
 namespace fastmeta::cpu {
 namespace {
 
-at::Tensor similarity_log_softmax(const at::Tensor& x_in, const at::Tensor& y_in,
-                                  const at::Tensor& scale_in, c10::string_view metric) {
+at::Tensor similarity_log_softmax(const at::Tensor& x_in, const at::Tensor& y_in, const at::Tensor& scale_in,
+                                  c10::string_view metric) {
   const SimilarityOperands o = log_softmax_operands(x_in, y_in, scale_in, metric);
   const at::Tensor &x = o.x, &y = o.y, &scale = o.scale;
   const int64_t B = o.B, Q = o.Q, N = o.N, D = o.D;
@@ -32,8 +32,7 @@ at::Tensor similarity_log_softmax(const at::Tensor& x_in, const at::Tensor& y_in
         row_stats<M>(xb, qb, D, ax, nullptr);
         scalar_t* rows = op + (b * Q + q0) * N;
         scalar_t row_max[kQueryBlock];
-        logits_tile<M>(xb, qb, yp + b * N * D, N, D, ax, ay + b * N, sp + b * Q + q0, rows, N,
-                       row_max);
+        logits_tile<M>(xb, qb, yp + b * N * D, N, D, ax, ay + b * N, sp + b * Q + q0, rows, N, row_max);
         std::vector<scalar_t> scratch(N);
         for (int64_t i = 0; i < qb; ++i) {
           scalar_t* logits = rows + i * N;
@@ -50,8 +49,8 @@ at::Tensor similarity_log_softmax(const at::Tensor& x_in, const at::Tensor& y_in
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_log_softmax_backward(
-    const at::Tensor& grad_in, const at::Tensor& log_probs_in, const at::Tensor& x_in,
-    const at::Tensor& y_in, const at::Tensor& scale_in, c10::string_view metric) {
+    const at::Tensor& grad_in, const at::Tensor& log_probs_in, const at::Tensor& x_in, const at::Tensor& y_in,
+    const at::Tensor& scale_in, c10::string_view metric) {
   const SimilarityOperands o =
       log_softmax_backward_operands(grad_in, log_probs_in, x_in, y_in, scale_in, metric);
   const at::Tensor &scale = o.scale, &grad = o.grad, &log_probs = o.out;

@@ -60,14 +60,22 @@ constexpr int64_t kFewKeys = 8;
 template <typename Loop, typename... Args>
 FASTMETA_INLINE void with_few_keys(int64_t nb, Args... args) {
   switch (nb) {
-    case 1: return Loop::template rows<1>(args...);
-    case 2: return Loop::template rows<2>(args...);
-    case 3: return Loop::template rows<3>(args...);
-    case 4: return Loop::template rows<4>(args...);
-    case 5: return Loop::template rows<5>(args...);
-    case 6: return Loop::template rows<6>(args...);
-    case 7: return Loop::template rows<7>(args...);
-    default: return Loop::template rows<8>(args...);
+    case 1:
+      return Loop::template rows<1>(args...);
+    case 2:
+      return Loop::template rows<2>(args...);
+    case 3:
+      return Loop::template rows<3>(args...);
+    case 4:
+      return Loop::template rows<4>(args...);
+    case 5:
+      return Loop::template rows<5>(args...);
+    case 6:
+      return Loop::template rows<6>(args...);
+    case 7:
+      return Loop::template rows<7>(args...);
+    default:
+      return Loop::template rows<8>(args...);
   }
 }
 
@@ -127,8 +135,8 @@ struct SimilarityRow {
 
 // S[qb, nb] = s(x_i, y_j) for a block of queries and keys.
 template <Metric M, typename T>
-void similarity_tile(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, const T* ax,
-                     const T* ay, T* S, int64_t ld) {
+void similarity_tile(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, const T* ax, const T* ay,
+                     T* S, int64_t ld) {
   key_dots(x, qb, y, nb, D, S, ld);
   for (int64_t i = 0; i < qb; ++i) run_loop<SimilarityRow<M>>(S + i * ld, nb, ax[i], ay);
 }
@@ -159,8 +167,8 @@ struct LogitsRowMax {
 
 // L[qb, nb] = scale_i * s(x_i, y_j), and row_max[i] = max_j L[i, j].
 template <Metric M, typename T>
-void logits_tile(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, const T* ax,
-                 const T* ay, const T* scale, T* L, int64_t ld, T* row_max) {
+void logits_tile(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, const T* ax, const T* ay,
+                 const T* scale, T* L, int64_t ld, T* row_max) {
   key_dots(x, qb, y, nb, D, L, ld);
   for (int64_t i = 0; i < qb; ++i)
     row_max[i] = run_loop<LogitsRowMax<M>>(L + i * ld, nb, ax[i], ay, scale[i]);
@@ -203,9 +211,9 @@ struct OnlineSoftmax {
 // exp(logit - running maximum) and the factors rescale [qb] by which what
 // earlier tiles added must be multiplied.
 template <Metric M, typename T, typename OnLogits, typename OnWeights>
-OnlineSoftmax<T> online_softmax_over_keys(const T* xb, int64_t qb, const T* ax, const T* y,
-                                          const T* ay, int64_t N, int64_t D, const T* scale,
-                                          OnLogits on_logits, OnWeights on_weights) {
+OnlineSoftmax<T> online_softmax_over_keys(const T* xb, int64_t qb, const T* ax, const T* y, const T* ay,
+                                          int64_t N, int64_t D, const T* scale, OnLogits on_logits,
+                                          OnWeights on_weights) {
   OnlineSoftmax<T> softmax(qb);
   std::vector<T> tile(qb * std::min(N, kKeyBlock));
   T tile_max[kQueryBlock], rescale[kQueryBlock];
@@ -274,8 +282,8 @@ struct FewKeyVjp {
   static constexpr int64_t kRowChunk = 16;
 
   template <int K, typename T>
-  FASTMETA_INLINE static void rows(T* __restrict__ gx, T* __restrict__ gy, const T* W, const T* c,
-                                   const T* x, const T* y, int64_t qb, int64_t D) {
+  FASTMETA_INLINE static void rows(T* __restrict__ gx, T* __restrict__ gy, const T* W, const T* c, const T* x,
+                                   const T* y, int64_t qb, int64_t D) {
     using V = typename Vector<T, kBytes>::type;
     constexpr int64_t kLine = kBytes / sizeof(T);
     const int64_t full = D - D % kLine;
@@ -312,8 +320,8 @@ struct FewKeyVjp {
   }
 
   template <typename T>
-  FASTMETA_INLINE static void run(T* gx, T* gy, const T* W, const T* c, const T* x, const T* y,
-                                  int64_t qb, int64_t nb, int64_t D) {
+  FASTMETA_INLINE static void run(T* gx, T* gy, const T* W, const T* c, const T* x, const T* y, int64_t qb,
+                                  int64_t nb, int64_t D) {
     with_few_keys<FewKeyVjp>(nb, gx, gy, W, c, x, y, qb, D);
   }
 };
@@ -327,9 +335,9 @@ struct FewKeyVjp {
 // and few keys, the queries' row-statistic part goes into gx here as well,
 // and the call returns true: the block's finish must then skip gx.
 template <Metric M, typename T>
-bool similarity_tile_vjp(T* W, const T* S, int64_t lds, int64_t qb, int64_t nb,
-                         const T* x, const T* y, int64_t D, const T* ax, const T* ay, T* gx, T* gy,
-                         T* gx_stat, T* gy_stat, bool overwrite, const T* cx) {
+bool similarity_tile_vjp(T* W, const T* S, int64_t lds, int64_t qb, int64_t nb, const T* x, const T* y,
+                         int64_t D, const T* ax, const T* ay, T* gx, T* gy, T* gx_stat, T* gy_stat,
+                         bool overwrite, const T* cx) {
   if constexpr (M != Metric::Dot) {
     for (int64_t i = 0; i < qb; ++i)
       gx_stat[i] += run_loop<SimilarityVjpRow<M>>(W + i * nb, S + i * lds, nb, ax[i], ay, gy_stat);
@@ -337,8 +345,7 @@ bool similarity_tile_vjp(T* W, const T* S, int64_t lds, int64_t qb, int64_t nb,
   if (cx && nb >= 1 && nb <= kFewKeys) {
     T c[kQueryBlock];
     for (int64_t i = 0; i < qb; ++i) c[i] = cx[i] * gx_stat[i];
-    run_vector_loop<FewKeyVjp>(gx, gy, static_cast<const T*>(W), static_cast<const T*>(c), x, y, qb,
-                               nb, D);
+    run_vector_loop<FewKeyVjp>(gx, gy, static_cast<const T*>(W), static_cast<const T*>(c), x, y, qb, nb, D);
     return true;
   }
   if (overwrite && nb <= kCombinedKeys)
@@ -351,8 +358,7 @@ bool similarity_tile_vjp(T* W, const T* S, int64_t lds, int64_t qb, int64_t nb,
 
 // g_r += v_r * coeff_r * stat_grad_r: the gradient through the row statistics.
 template <typename T>
-void finish_row_stat_grad(T* g, const T* v, const T* coeff, const T* stat_grad, int64_t rows,
-                          int64_t D) {
+void finish_row_stat_grad(T* g, const T* v, const T* coeff, const T* stat_grad, int64_t rows, int64_t D) {
   for (int64_t r = 0; r < rows; ++r) {
     T c = coeff[r] * stat_grad[r];
     if (c != T(0)) run_loop<Axpy>(g + r * D, v + r * D, D, c);
@@ -400,9 +406,12 @@ void for_each_query_block(int64_t B, int64_t Q, F fn) {
 template <typename T>
 class KeyGradAccumulator {
  public:
-  KeyGradAccumulator(int64_t B, int64_t Q, int64_t N, std::vector<int64_t> widths,
-                     at::ScalarType dtype, int64_t largest_block)
-      : B_(B), N_(N), size_(query_block_size(B, Q, largest_block)), blocks_((Q + size_ - 1) / size_),
+  KeyGradAccumulator(int64_t B, int64_t Q, int64_t N, std::vector<int64_t> widths, at::ScalarType dtype,
+                     int64_t largest_block)
+      : B_(B),
+        N_(N),
+        size_(query_block_size(B, Q, largest_block)),
+        blocks_((Q + size_ - 1) / size_),
         widths_(std::move(widths)) {
     chunks_ = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), B_ * blocks_));
     for (int64_t w : widths_) buffers_.push_back(empty_recycled({chunks_, B_, N_, w}, dtype));
@@ -489,13 +498,23 @@ struct SimilarityGradBlock {
   T* gx;                 // gradient rows of the block
   T* const* key_rows;    // key gradients of task b: x.y part, row statistics, then the op's own
   T ax[kQueryBlock], cx[kQueryBlock], gx_stat[kQueryBlock] = {};
-  std::vector<T> S, W;   // [qb, min(N, kKeyBlock)] tiles
+  std::vector<T> S, W;  // [qb, min(N, kKeyBlock)] tiles
 
-  SimilarityGradBlock(int64_t b_, int64_t q0_, int64_t qb_, int64_t Q, int64_t N_, int64_t D_,
-                      const T* x, const T* y_, const T* ay_, T* gx_, T* const* key_rows_)
-      : b(b_), q0(q0_), qb(qb_), row(b_ * Q + q0_), N(N_), D(D_), xb(x + row * D_), y(y_),
-        ay(ay_), gx(gx_ + row * D_), key_rows(key_rows_),
-        S(qb_ * std::min(N_, kKeyBlock)), W(S.size()) {
+  SimilarityGradBlock(int64_t b_, int64_t q0_, int64_t qb_, int64_t Q, int64_t N_, int64_t D_, const T* x,
+                      const T* y_, const T* ay_, T* gx_, T* const* key_rows_)
+      : b(b_),
+        q0(q0_),
+        qb(qb_),
+        row(b_ * Q + q0_),
+        N(N_),
+        D(D_),
+        xb(x + row * D_),
+        y(y_),
+        ay(ay_),
+        gx(gx_ + row * D_),
+        key_rows(key_rows_),
+        S(qb_ * std::min(N_, kKeyBlock)),
+        W(S.size()) {
     row_stats<M>(xb, qb, D, ax, cx);
     if (N == 0) std::fill(gx, gx + qb * D, T(0));  // otherwise the first tile writes it
   }
@@ -514,8 +533,8 @@ struct SimilarityGradBlock {
   void apply(int64_t n0, int64_t nb, const T* S_tile, int64_t lds) {
     const bool only_tile = n0 == 0 && nb == N;
     query_stats_applied = similarity_tile_vjp<M>(W.data(), S_tile, lds, qb, nb, xb, y + n0 * D, D, ax,
-                                                 ay + n0, gx, key_rows[0] + n0 * D, gx_stat,
-                                                 key_rows[1] + n0, n0 == 0, only_tile ? cx : nullptr);
+                                                 ay + n0, gx, key_rows[0] + n0 * D, gx_stat, key_rows[1] + n0,
+                                                 n0 == 0, only_tile ? cx : nullptr);
   }
 
   // After the op's tiles: the queries' row-statistic part of gx, unless
@@ -539,8 +558,7 @@ struct SimilarityGradients {
 
 // Blocks have at most largest_block queries.
 template <typename PerBlock>
-SimilarityGradients similarity_backward(const SimilarityOperands& o,
-                                        const std::vector<int64_t>& extra_widths,
+SimilarityGradients similarity_backward(const SimilarityOperands& o, const std::vector<int64_t>& extra_widths,
                                         PerBlock per_block, int64_t largest_block = kQueryBlock) {
   const at::Tensor &x = o.x, &y = o.y;
   const int64_t B = o.B, Q = o.Q, N = o.N, D = o.D;

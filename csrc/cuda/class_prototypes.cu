@@ -18,8 +18,8 @@ __global__ void count_labels_kernel(const int64_t* labels, int64_t S, int64_t N,
 
 // One thread per (task, class): the indices of the class's examples, in
 // order, from offsets[b, c] on in the task's row of members [B, S].
-__global__ void class_members_kernel(const int64_t* labels, const int64_t* offsets, int64_t B,
-                                     int64_t S, int64_t N, int64_t* members) {
+__global__ void class_members_kernel(const int64_t* labels, const int64_t* offsets, int64_t B, int64_t S,
+                                     int64_t N, int64_t* members) {
   const int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (i >= B * N) return;
   const int64_t b = i / N, c = i % N;
@@ -70,26 +70,25 @@ void class_label_counts(const int64_t* labels, int64_t B, int64_t S, int64_t N, 
 void class_members(const int64_t* labels, const int64_t* offsets, int64_t B, int64_t S, int64_t N,
                    int64_t* members, cudaStream_t stream) {
   if (B * N == 0) return;
-  class_members_kernel<<<blocks_for(B * N, kThreads), kThreads, 0, stream>>>(labels, offsets, B, S,
-                                                                              N, members);
+  class_members_kernel<<<blocks_for(B * N, kThreads), kThreads, 0, stream>>>(labels, offsets, B, S, N,
+                                                                             members);
   check_launch("class_members");
 }
 
 void class_prototypes_forward(DType dtype, const void* support, const int64_t* members,
-                              const int64_t* offsets, const int64_t* counts, int64_t B, int64_t S,
-                              int64_t N, int64_t D, void* out, cudaStream_t stream) {
+                              const int64_t* offsets, const int64_t* counts, int64_t B, int64_t S, int64_t N,
+                              int64_t D, void* out, cudaStream_t stream) {
   if (B * N * D == 0) return;
   FASTMETA_DISPATCH_DTYPE(dtype, [&] {
     prototypes_kernel<T><<<blocks_for(B * N * D, kThreads), kThreads, 0, stream>>>(
-        static_cast<const T*>(support), members, offsets, counts, B, S, N, D,
-        static_cast<acc_t<T>*>(out));
+        static_cast<const T*>(support), members, offsets, counts, B, S, N, D, static_cast<acc_t<T>*>(out));
     check_launch("class_prototypes");
   });
 }
 
-void class_prototypes_backward(DType dtype, const void* grad, const int64_t* labels,
-                               const int64_t* counts, int64_t B, int64_t S, int64_t N, int64_t D,
-                               void* grad_support, cudaStream_t stream) {
+void class_prototypes_backward(DType dtype, const void* grad, const int64_t* labels, const int64_t* counts,
+                               int64_t B, int64_t S, int64_t N, int64_t D, void* grad_support,
+                               cudaStream_t stream) {
   if (B * S * D == 0) return;
   FASTMETA_DISPATCH_DTYPE(dtype, [&] {
     prototypes_backward_kernel<T><<<blocks_for(B * S * D, kThreads), kThreads, 0, stream>>>(

@@ -29,8 +29,8 @@ __global__ void contrastive_kernel(const T* x1, const T* x2, const T* same, acc_
 
 template <typename T>
 __global__ void contrastive_backward_kernel(const T* grad, const T* x1, const T* x2, const T* same,
-                                            acc_t<T> margin, int64_t M, int64_t D, acc_t<T>* g1,
-                                            acc_t<T>* g2, acc_t<T>* gsame) {
+                                            acc_t<T> margin, int64_t M, int64_t D, acc_t<T>* g1, acc_t<T>* g2,
+                                            acc_t<T>* gsame) {
   using A = acc_t<T>;
   const int64_t i = blockIdx.x * int64_t(kWarpsPerBlock) + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
@@ -49,8 +49,8 @@ __global__ void contrastive_backward_kernel(const T* grad, const T* x1, const T*
 
 }  // namespace
 
-void contrastive_loss_forward(DType dtype, const void* x1, const void* x2, const void* same,
-                              double margin, int64_t M, int64_t D, void* loss, cudaStream_t stream) {
+void contrastive_loss_forward(DType dtype, const void* x1, const void* x2, const void* same, double margin,
+                              int64_t M, int64_t D, void* loss, cudaStream_t stream) {
   if (M == 0) return;
   FASTMETA_DISPATCH_DTYPE(dtype, [&] {
     contrastive_kernel<T><<<blocks_for(M, kWarpsPerBlock), kWarpsPerBlock * 32, 0, stream>>>(

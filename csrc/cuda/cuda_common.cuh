@@ -64,12 +64,12 @@ inline unsigned int blocks_for(int64_t n, int threads) { return grid_blocks((n +
 // wait for the GPU on every call. A failed assertion stops the kernel; the
 // error surfaces at the next synchronisation.
 #if defined(NDEBUG)  // <cassert> declares it only without NDEBUG
-extern "C" __host__ __device__ void __assert_fail(const char* assertion, const char* file,
-                                                  unsigned int line, const char* function) noexcept
+extern "C" __host__ __device__ void __assert_fail(const char* assertion, const char* file, unsigned int line,
+                                                  const char* function) noexcept
     __attribute__((__noreturn__));
 #endif
-#define FASTMETA_DEVICE_ASSERT(cond)                                           \
-  do {                                                                         \
+#define FASTMETA_DEVICE_ASSERT(cond)                                            \
+  do {                                                                          \
     if (!(cond)) __assert_fail(#cond, __FILE__, __LINE__, __PRETTY_FUNCTION__); \
   } while (0)
 
@@ -87,37 +87,37 @@ void dispatch_float_or_double(DType dtype, const char* op, Body body) {
 }
 
 // Calls body with T bound to the element type of `dtype`.
-#define FASTMETA_DISPATCH_DTYPE(dtype, ...)                                   \
-  [&] {                                                                      \
-    switch (dtype) {                                                         \
-      case ::fastmeta::cuda::DType::Float64: {                               \
-        using T = double;                                                    \
-        return __VA_ARGS__();                                                \
-      }                                                                      \
-      case ::fastmeta::cuda::DType::Float16: {                               \
-        using T = __half;                                                    \
-        return __VA_ARGS__();                                                \
-      }                                                                      \
-      case ::fastmeta::cuda::DType::BFloat16: {                              \
-        using T = __nv_bfloat16;                                             \
-        return __VA_ARGS__();                                                \
-      }                                                                      \
-      default: {                                                             \
-        using T = float;                                                     \
-        return __VA_ARGS__();                                                \
-      }                                                                      \
-    }                                                                        \
+#define FASTMETA_DISPATCH_DTYPE(dtype, ...)     \
+  [&] {                                         \
+    switch (dtype) {                            \
+      case ::fastmeta::cuda::DType::Float64: {  \
+        using T = double;                       \
+        return __VA_ARGS__();                   \
+      }                                         \
+      case ::fastmeta::cuda::DType::Float16: {  \
+        using T = __half;                       \
+        return __VA_ARGS__();                   \
+      }                                         \
+      case ::fastmeta::cuda::DType::BFloat16: { \
+        using T = __nv_bfloat16;                \
+        return __VA_ARGS__();                   \
+      }                                         \
+      default: {                                \
+        using T = float;                        \
+        return __VA_ARGS__();                   \
+      }                                         \
+    }                                           \
   }()
 
 // Calls body with T bound to float or double (the ops without half-precision kernels).
-#define FASTMETA_DISPATCH_FLOAT(dtype, ...)                                   \
-  [&] {                                                                      \
-    if ((dtype) == ::fastmeta::cuda::DType::Float64) {                       \
-      using T = double;                                                      \
-      return __VA_ARGS__();                                                  \
-    }                                                                        \
-    using T = float;                                                         \
-    return __VA_ARGS__();                                                    \
+#define FASTMETA_DISPATCH_FLOAT(dtype, ...)            \
+  [&] {                                                \
+    if ((dtype) == ::fastmeta::cuda::DType::Float64) { \
+      using T = double;                                \
+      return __VA_ARGS__();                            \
+    }                                                  \
+    using T = float;                                   \
+    return __VA_ARGS__();                              \
   }()
 
 }  // namespace fastmeta::cuda

@@ -15,10 +15,14 @@ namespace fastmeta {
 
 inline cuda::DType dtype_of(const at::Tensor& t) {
   switch (t.scalar_type()) {
-    case at::kFloat: return cuda::DType::Float32;
-    case at::kDouble: return cuda::DType::Float64;
-    case at::kHalf: return cuda::DType::Float16;
-    case at::kBFloat16: return cuda::DType::BFloat16;
+    case at::kFloat:
+      return cuda::DType::Float32;
+    case at::kDouble:
+      return cuda::DType::Float64;
+    case at::kHalf:
+      return cuda::DType::Float16;
+    case at::kBFloat16:
+      return cuda::DType::BFloat16;
     default:
       TORCH_CHECK(false, "fastmeta: CUDA kernels take float16, bfloat16, float32 or float64, got ",
                   t.scalar_type());

@@ -18,8 +18,7 @@ __global__ void pairs_kernel(GnnArgs a, int64_t first, int64_t count, int64_t* p
 }
 
 template <typename T>
-__global__ void differences_kernel(GnnArgs a, const T* nodes, const int64_t* pairs, int64_t count,
-                                   T* diff) {
+__global__ void differences_kernel(GnnArgs a, const T* nodes, const int64_t* pairs, int64_t count, T* diff) {
   const int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x;
   if (e >= count * a.F) return;
   const int64_t r = e / a.F, c = e % a.F, b = pairs[3 * r];
@@ -92,8 +91,8 @@ void gnn_pair_differences(const GnnArgs& a, const void* nodes, const int64_t* pa
   });
 }
 
-void gnn_scatter_logits(const GnnArgs& a, const void* tile_logits, const int64_t* pairs,
-                        int64_t count, void* logits, cudaStream_t stream) {
+void gnn_scatter_logits(const GnnArgs& a, const void* tile_logits, const int64_t* pairs, int64_t count,
+                        void* logits, cudaStream_t stream) {
   if (count == 0) return;
   dispatch_float_or_double(a.dtype, "gnn_adjacency", [&](auto zero) {
     using T = decltype(zero);
@@ -112,8 +111,7 @@ void gnn_adjacency_rows(const GnnArgs& a, void* logits, cudaStream_t stream) {
   });
 }
 
-void gnn_adjacency_rows_backward(const GnnArgs& a, const void* adjacency, void* grad,
-                                 cudaStream_t stream) {
+void gnn_adjacency_rows_backward(const GnnArgs& a, const void* adjacency, void* grad, cudaStream_t stream) {
   if (a.B * a.n == 0) return;
   dispatch_float_or_double(a.dtype, "gnn_adjacency", [&](auto zero) {
     using T = decltype(zero);

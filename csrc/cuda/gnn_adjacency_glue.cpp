@@ -29,8 +29,7 @@ struct PairTiles {
   at::Tensor pairs;
 
   explicit PairTiles(const GnnOperands& operands)
-      : o(operands),
-        args{dtype_of(operands.nodes), operands.B, operands.n, operands.F, operands.last_row} {
+      : o(operands), args{dtype_of(operands.nodes), operands.B, operands.n, operands.F, operands.last_row} {
     total = o.pairs();
     size = std::min(tile_pairs(o), std::max<int64_t>(total, 1));
     pairs = at::empty({size, 3}, o.nodes.options().dtype(at::kLong));
@@ -63,8 +62,8 @@ struct PairTiles {
 };
 
 std::tuple<at::Tensor, at::Tensor> gnn_adjacency(const at::Tensor& nodes, at::TensorList weights,
-                                                 at::TensorList biases, double negative_slope,
-                                                 bool last_row, bool keep_hidden) {
+                                                 at::TensorList biases, double negative_slope, bool last_row,
+                                                 bool keep_hidden) {
   const GnnOperands o = gnn_operands(nodes, weights, biases, negative_slope, last_row);
   c10::cuda::CUDAGuard guard(nodes.device());
   PairTiles tiles(o);
@@ -84,17 +83,16 @@ std::tuple<at::Tensor, at::Tensor> gnn_adjacency(const at::Tensor& nodes, at::Te
 }
 
 std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adjacency_backward(
-    const at::Tensor& grad, const at::Tensor& adjacency, const at::Tensor& hidden,
-    const at::Tensor& nodes, at::TensorList weights, at::TensorList biases, double negative_slope,
-    bool last_row) {
-  const GnnOperands o = gnn_backward_operands(grad, adjacency, hidden, nodes, weights, biases,
-                                              negative_slope, last_row);
+    const at::Tensor& grad, const at::Tensor& adjacency, const at::Tensor& hidden, const at::Tensor& nodes,
+    at::TensorList weights, at::TensorList biases, double negative_slope, bool last_row) {
+  const GnnOperands o =
+      gnn_backward_operands(grad, adjacency, hidden, nodes, weights, biases, negative_slope, last_row);
   c10::cuda::CUDAGuard guard(nodes.device());
   PairTiles tiles(o);
   const int64_t L = o.weights.size();
   at::Tensor grad_logits = o.grad.clone();
-  cuda::gnn_adjacency_rows_backward(tiles.args, o.adjacency.const_data_ptr(),
-                                    grad_logits.mutable_data_ptr(), current_stream());
+  cuda::gnn_adjacency_rows_backward(tiles.args, o.adjacency.const_data_ptr(), grad_logits.mutable_data_ptr(),
+                                    current_stream());
   at::Tensor grad_nodes = at::zeros_like(o.nodes);
   std::vector<at::Tensor> grad_weights, grad_biases;
   for (int64_t l = 0; l < L; ++l) {

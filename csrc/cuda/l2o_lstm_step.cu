@@ -11,21 +11,22 @@ namespace {
 // layer reads from the state is read before it is written, so new_state may
 // be state (the in-place step).
 template <typename T>
-__device__ void l2o_forward_layers(const L2oLayout& lay, const T* w, const LogSign<T>& prep,
-                                   const T* grad, const T* state, int64_t p, bool active, int upto,
-                                   Column<T> xh, Column<T> gates, Column<T> c, Column<T> h,
-                                   T* new_state) {
+__device__ void l2o_forward_layers(const L2oLayout& lay, const T* w, const LogSign<T>& prep, const T* grad,
+                                   const T* state, int64_t p, bool active, int upto, Column<T> xh,
+                                   Column<T> gates, Column<T> c, Column<T> h, T* new_state) {
   // Padding lanes (p >= P) take features 0, not those of a zero gradient,
   // which are NaN where e^p overflows (0 * inf).
-  if (active) prep.features(grad[p], xh[0], xh[1]);
-  else xh[0] = xh[1] = T(0);
+  if (active)
+    prep.features(grad[p], xh[0], xh[1]);
+  else
+    xh[0] = xh[1] = T(0);
   for (int l = 0; l <= upto; ++l) {
     const int in = lay.in(l), H = lay.H;
     if (l > 0)
       for (int k = 0; k < H; ++k) xh[k] = h[k];
     for (int k = 0; k < H; ++k) xh[in + k] = active ? state[lay.row(l, 0) + k * lay.P + p] : T(0);
-    lstm_layer_forward(w + lay.layer_offset(l), w + lay.bias_offset(l), in, H, xh,
-                       state + lay.row(l, 1) + p, lay.P, active, gates, c, h);
+    lstm_layer_forward(w + lay.layer_offset(l), w + lay.bias_offset(l), in, H, xh, state + lay.row(l, 1) + p,
+                       lay.P, active, gates, c, h);
     if (new_state == nullptr) continue;
     for (int k = 0; k < H; ++k) {
       new_state[lay.row(l, 0) + k * lay.P + p] = h[k];
@@ -35,9 +36,9 @@ __device__ void l2o_forward_layers(const L2oLayout& lay, const T* w, const LogSi
 }
 
 template <typename T>
-__global__ void l2o_forward_kernel(L2oLayout lay, int64_t nw, L2oSharedPlan plan, LogSign<T> prep,
-                                   T scale, const T* grad, const T* state, const T* weights,
-                                   T* new_state, T* update, bool accumulate) {
+__global__ void l2o_forward_kernel(L2oLayout lay, int64_t nw, L2oSharedPlan plan, LogSign<T> prep, T scale,
+                                   const T* grad, const T* state, const T* weights, T* new_state, T* update,
+                                   bool accumulate) {
   extern __shared__ __align__(16) unsigned char shared[];
   const int H = lay.H;
   T* next = reinterpret_cast<T*>(shared);
@@ -62,10 +63,9 @@ __global__ void l2o_forward_kernel(L2oLayout lay, int64_t nw, L2oSharedPlan plan
 }
 
 template <typename T>
-__global__ void l2o_backward_kernel(L2oLayout lay, int64_t nw, L2oSharedPlan plan, LogSign<T> prep,
-                                    T scale, const T* grad, const T* state, const T* weights,
-                                    const T* grad_update, const T* grad_state, T* d_grad,
-                                    T* d_state, T* partial) {
+__global__ void l2o_backward_kernel(L2oLayout lay, int64_t nw, L2oSharedPlan plan, LogSign<T> prep, T scale,
+                                    const T* grad, const T* state, const T* weights, const T* grad_update,
+                                    const T* grad_state, T* d_grad, T* d_state, T* partial) {
   extern __shared__ __align__(16) unsigned char shared[];
   const int H = lay.H, K = lay.widest();
   const int64_t P = lay.P;
@@ -108,8 +108,7 @@ __global__ void l2o_backward_kernel(L2oLayout lay, int64_t nw, L2oSharedPlan pla
       const int64_t offset = lay.layer_offset(l);
       lstm_layer_backward(w + offset, in, H, gates, c, state + lay.row(l, 1) + p, dh,
                           grad_state + lay.row(l, 1) + p, d_state + lay.row(l, 1) + p, P, active, dxh);
-      accumulate_weight_grad(dw + offset, dw + lay.bias_offset(l), 4 * H, in + H, gates.base,
-                             xh.base);
+      accumulate_weight_grad(dw + offset, dw + lay.bias_offset(l), 4 * H, in + H, gates.base, xh.base);
       if (!active) continue;
       for (int k = 0; k < H; ++k) d_state[lay.row(l, 0) + k * P + p] = dxh[in + k];
       if (l > 0) {
@@ -134,7 +133,8 @@ L2oSharedPlan shared_plan(const L2oLayout& lay, bool backward, const char* op) {
         std::string("fastmeta: ") + op + " needs " +
         std::to_string(sizeof(T) * L2oSharedPlan::elements(lay, kLstmThreads, backward, false, false)) +
         " bytes of shared memory per block even with the weights in global memory, more than this "
-        "GPU's " + std::to_string(max_shared_bytes()) + "; use a smaller hidden_size");
+        "GPU's " +
+        std::to_string(max_shared_bytes()) + "; use a smaller hidden_size");
   }
   return plan;
 }
@@ -146,8 +146,7 @@ int64_t lstm_grad_blocks(int64_t P) {
   return tiles < kLstmGradBlocks ? tiles : kLstmGradBlocks;
 }
 
-void l2o_lstm_forward(const L2oArgs& a, void* new_state, void* update, bool accumulate,
-                      cudaStream_t stream) {
+void l2o_lstm_forward(const L2oArgs& a, void* new_state, void* update, bool accumulate, cudaStream_t stream) {
   if (a.P == 0) return;
   const L2oLayout lay{a.L, a.H, a.P};
   const int64_t nw = lay.num_weights();
@@ -162,9 +161,8 @@ void l2o_lstm_forward(const L2oArgs& a, void* new_state, void* update, bool accu
   });
 }
 
-void l2o_lstm_backward(const L2oArgs& a, const void* grad_update, const void* grad_state,
-                       void* d_grad, void* d_state, void* d_weights, void* partial,
-                       cudaStream_t stream) {
+void l2o_lstm_backward(const L2oArgs& a, const void* grad_update, const void* grad_state, void* d_grad,
+                       void* d_state, void* d_weights, void* partial, cudaStream_t stream) {
   const L2oLayout lay{a.L, a.H, a.P};
   const int64_t nw = lay.num_weights();
   const int64_t blocks = lstm_grad_blocks(a.P);
@@ -175,8 +173,8 @@ void l2o_lstm_backward(const L2oArgs& a, const void* grad_update, const void* gr
       l2o_backward_kernel<T><<<grid_blocks(blocks), kLstmThreads, plan.bytes, stream>>>(
           lay, nw, plan, LogSign<T>::with_p(a.preprocess_p), T(a.output_scale), static_cast<const T*>(a.grad),
           static_cast<const T*>(a.state), static_cast<const T*>(a.weights),
-          static_cast<const T*>(grad_update), static_cast<const T*>(grad_state),
-          static_cast<T*>(d_grad), static_cast<T*>(d_state), static_cast<T*>(partial));
+          static_cast<const T*>(grad_update), static_cast<const T*>(grad_state), static_cast<T*>(d_grad),
+          static_cast<T*>(d_state), static_cast<T*>(partial));
       check_launch("l2o_lstm_step backward");
     }
     lstm_sum_partials<T><<<blocks_for(nw, 256), 256, 0, stream>>>(

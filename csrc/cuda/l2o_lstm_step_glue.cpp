@@ -11,8 +11,15 @@ namespace fastmeta {
 namespace {
 
 cuda::L2oArgs l2o_args(const L2oOperands& o, double p, double scale) {
-  return {dtype_of(o.grad), o.layout.L, o.layout.H, o.layout.P, p, scale,
-          o.grad.const_data_ptr(), o.state.const_data_ptr(), o.weights.const_data_ptr()};
+  return {dtype_of(o.grad),
+          o.layout.L,
+          o.layout.H,
+          o.layout.P,
+          p,
+          scale,
+          o.grad.const_data_ptr(),
+          o.state.const_data_ptr(),
+          o.weights.const_data_ptr()};
 }
 
 std::tuple<at::Tensor, at::Tensor> l2o_lstm_step(const at::Tensor& grad, const at::Tensor& state,
@@ -20,8 +27,8 @@ std::tuple<at::Tensor, at::Tensor> l2o_lstm_step(const at::Tensor& grad, const a
   const L2oOperands o = l2o_operands(grad, state, weights, p);
   c10::cuda::CUDAGuard guard(grad.device());
   at::Tensor update = at::empty_like(o.grad), new_state = at::empty_like(o.state);
-  cuda::l2o_lstm_forward(l2o_args(o, p, scale), new_state.mutable_data_ptr(),
-                         update.mutable_data_ptr(), false, current_stream());
+  cuda::l2o_lstm_forward(l2o_args(o, p, scale), new_state.mutable_data_ptr(), update.mutable_data_ptr(),
+                         false, current_stream());
   return {update, new_state};
 }
 
@@ -29,8 +36,8 @@ void l2o_lstm_step_(const at::Tensor& param, const at::Tensor& grad, const at::T
                     const at::Tensor& weights, double p, double scale) {
   const L2oOperands o = l2o_in_place_operands(param, grad, state, weights, p);
   c10::cuda::CUDAGuard guard(grad.device());
-  cuda::l2o_lstm_forward(l2o_args(o, p, scale), state.mutable_data_ptr(), param.mutable_data_ptr(),
-                         true, current_stream());
+  cuda::l2o_lstm_forward(l2o_args(o, p, scale), state.mutable_data_ptr(), param.mutable_data_ptr(), true,
+                         current_stream());
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> l2o_lstm_step_backward(

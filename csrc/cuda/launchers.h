@@ -31,14 +31,14 @@ struct SimilarityArgs {
   DType dtype;
   Metric metric;
   int64_t B, Q, N, D, V;
-  const void* x;         // [B, Q, D]
-  const void* y;         // [B, N, D]
-  const void* scale;     // [B, Q] (dtype)
-  const int64_t* target; // [B, Q]          cross entropy
-  const void* values;    // [B, N, V]       attention readout
-  void* x_stat;          // [B, Q] row statistics and gradient coefficients
+  const void* x;          // [B, Q, D]
+  const void* y;          // [B, N, D]
+  const void* scale;      // [B, Q] (dtype)
+  const int64_t* target;  // [B, Q]          cross entropy
+  const void* values;     // [B, N, V]       attention readout
+  void* x_stat;           // [B, Q] row statistics and gradient coefficients
   void* x_coeff;
-  void* y_stat;          // [B, N]
+  void* y_stat;  // [B, N]
   void* y_coeff;
 };
 
@@ -48,8 +48,7 @@ void similarity_row_stats(const SimilarityArgs& a, cudaStream_t stream);
 // Forward: `out` is [B, Q, N] (distance, log-softmax), [B, Q] (cross-entropy
 // loss) or [B, Q, V] (readout, zero-initialised); `lse` [B, Q] the
 // log-sum-exp of the logits, where the op has one.
-void similarity_forward(SimilarityOp op, const SimilarityArgs& a, void* out, void* lse,
-                        cudaStream_t stream);
+void similarity_forward(SimilarityOp op, const SimilarityArgs& a, void* out, void* lse, cudaStream_t stream);
 
 // Backward inputs, of the accumulation type where computed by the forward.
 struct SimilarityGrads {
@@ -81,20 +80,18 @@ void class_label_counts(const int64_t* labels, int64_t B, int64_t S, int64_t N, 
 void class_members(const int64_t* labels, const int64_t* offsets, int64_t B, int64_t S, int64_t N,
                    int64_t* members, cudaStream_t stream);
 void class_prototypes_forward(DType dtype, const void* support, const int64_t* members,
-                              const int64_t* offsets, const int64_t* counts, int64_t B, int64_t S,
-                              int64_t N, int64_t D, void* out, cudaStream_t stream);
-void class_prototypes_backward(DType dtype, const void* grad, const int64_t* labels,
-                               const int64_t* counts, int64_t B, int64_t S, int64_t N, int64_t D,
-                               void* grad_support, cudaStream_t stream);
+                              const int64_t* offsets, const int64_t* counts, int64_t B, int64_t S, int64_t N,
+                              int64_t D, void* out, cudaStream_t stream);
+void class_prototypes_backward(DType dtype, const void* grad, const int64_t* labels, const int64_t* counts,
+                               int64_t B, int64_t S, int64_t N, int64_t D, void* grad_support,
+                               cudaStream_t stream);
 
 // contrastive_loss over M pairs of size D.
-void contrastive_loss_forward(DType dtype, const void* x1, const void* x2, const void* same,
-                              double margin, int64_t M, int64_t D, void* loss,
-                              cudaStream_t stream);
+void contrastive_loss_forward(DType dtype, const void* x1, const void* x2, const void* same, double margin,
+                              int64_t M, int64_t D, void* loss, cudaStream_t stream);
 void contrastive_loss_backward(DType dtype, const void* grad, const void* x1, const void* x2,
-                               const void* same, double margin, int64_t M, int64_t D,
-                               void* grad_x1, void* grad_x2, void* grad_same,
-                               cudaStream_t stream);
+                               const void* same, double margin, int64_t M, int64_t D, void* grad_x1,
+                               void* grad_x2, void* grad_same, cudaStream_t stream);
 
 // Coordinatewise LSTM optimizers, float32 and float64 (layouts in
 // math/lstm.h). grad [P], state [L, 2, H, P], flat weights.
@@ -113,12 +110,10 @@ int64_t lstm_grad_blocks(int64_t P);
 
 // new_state may be state (the in-place step); update is written, or added to
 // when accumulate.
-void l2o_lstm_forward(const L2oArgs& a, void* new_state, void* update, bool accumulate,
-                      cudaStream_t stream);
+void l2o_lstm_forward(const L2oArgs& a, void* new_state, void* update, bool accumulate, cudaStream_t stream);
 // partial: lstm_grad_blocks(P) x (number of weights) elements.
-void l2o_lstm_backward(const L2oArgs& a, const void* grad_update, const void* grad_state,
-                       void* d_grad, void* d_state, void* d_weights, void* partial,
-                       cudaStream_t stream);
+void l2o_lstm_backward(const L2oArgs& a, const void* grad_update, const void* grad_state, void* d_grad,
+                       void* d_state, void* d_weights, void* partial, cudaStream_t stream);
 
 // Ravi & Larochelle meta-learner: grad, theta [P], loss [] (on the device),
 // state [2H + 2, P].
@@ -135,9 +130,9 @@ struct MetaArgs {
 
 void meta_lstm_forward(const MetaArgs& a, void* theta_out, void* new_state, cudaStream_t stream);
 // partial: (lstm_grad_blocks(P) + 1) x (number of weights + 2) elements.
-void meta_lstm_backward(const MetaArgs& a, const void* grad_theta, const void* grad_state,
-                        void* d_grad, void* d_loss, void* d_theta, void* d_state, void* d_weights,
-                        void* partial, cudaStream_t stream);
+void meta_lstm_backward(const MetaArgs& a, const void* grad_theta, const void* grad_state, void* d_grad,
+                        void* d_loss, void* d_theta, void* d_state, void* d_weights, void* partial,
+                        cudaStream_t stream);
 
 // Batched MLP derivatives (math/mlp.h): one block per task. Outputs that
 // are not wanted are null; all floating operands are of `dtype` (float32 or
@@ -146,7 +141,7 @@ struct MlpArgs {
   DType dtype;
   MlpShape shape;
   int64_t T;
-  const void* params;     // [T, P], rows params_stride apart
+  const void* params;  // [T, P], rows params_stride apart
   int64_t params_stride;
   const void* x;          // [T, N, width[0]]
   const void* y;          // [T, N, C] (MSE) or null
@@ -178,18 +173,17 @@ struct MannArgs {
   const void* strengths;     // [B, T, H]
 };
 
-void mann_memory_forward(const MannArgs& a, double decay, void* reads, void* memory_out,
-                         void* weights_out, void* usage_out, void* memories, void* history,
-                         int64_t* slots, void* scratch, cudaStream_t stream);
+void mann_memory_forward(const MannArgs& a, double decay, void* reads, void* memory_out, void* weights_out,
+                         void* usage_out, void* memories, void* history, int64_t* slots, void* scratch,
+                         cudaStream_t stream);
 
 // Gradients of the reads [B, T, H, W] and of the final memory [B, S, W] and
 // read weights [B, H, S]; a.memory and a.usage are unused. Slots out of
 // range fail a device-side assertion.
 void mann_memory_backward(const MannArgs& a, const void* grad_reads, const void* grad_memory,
                           const void* grad_weights, const void* memories, const void* history,
-                          const int64_t* slots, void* grad_memory0, void* grad_weights0,
-                          void* grad_keys, void* grad_gates, void* grad_strengths, void* scratch,
-                          cudaStream_t stream);
+                          const int64_t* slots, void* grad_memory0, void* grad_weights0, void* grad_keys,
+                          void* grad_gates, void* grad_strengths, void* scratch, cudaStream_t stream);
 
 // Few-shot GNN adjacency (math/gnn.h), float32 or float64 only. The glue
 // runs the pair MLP's matrix products; these kernels do the rest, on a tile
@@ -205,14 +199,13 @@ void gnn_pairs(const GnnArgs& a, int64_t first, int64_t count, int64_t* pairs, c
 void gnn_pair_differences(const GnnArgs& a, const void* nodes, const int64_t* pairs, int64_t count,
                           void* diff, cudaStream_t stream);
 // logits [B, n, n] at (i, j) and (j, i) from the tile's [count].
-void gnn_scatter_logits(const GnnArgs& a, const void* tile_logits, const int64_t* pairs,
-                        int64_t count, void* logits, cudaStream_t stream);
+void gnn_scatter_logits(const GnnArgs& a, const void* tile_logits, const int64_t* pairs, int64_t count,
+                        void* logits, cudaStream_t stream);
 // In place over [B, n, n]: the rows' softmax over j != i; its backward
 // (grad becomes d loss / d logits given the adjacency). With last_row the
 // other rows become 0.
 void gnn_adjacency_rows(const GnnArgs& a, void* logits, cudaStream_t stream);
-void gnn_adjacency_rows_backward(const GnnArgs& a, const void* adjacency, void* grad,
-                                 cudaStream_t stream);
+void gnn_adjacency_rows_backward(const GnnArgs& a, const void* adjacency, void* grad, cudaStream_t stream);
 // pair_grad [count] = grad_logits[i, j] + grad_logits[j, i].
 void gnn_pair_grads(const GnnArgs& a, const void* grad_logits, const int64_t* pairs, int64_t count,
                     void* pair_grad, cudaStream_t stream);

@@ -34,9 +34,8 @@ __device__ void load_shared(T* dst, const T* src, int64_t n) {
 // c_prev[k * ld] is unit k's previous cell value (not read when inactive).
 // Keeps the activated gates and c, and writes h to h_out.
 template <typename T>
-__device__ void lstm_layer_forward(const T* W, const T* b, int in, int H, Column<T> xh,
-                                   const T* c_prev, int64_t ld, bool active, Column<T> gates,
-                                   Column<T> c, Column<T> h_out) {
+__device__ void lstm_layer_forward(const T* W, const T* b, int in, int H, Column<T> xh, const T* c_prev,
+                                   int64_t ld, bool active, Column<T> gates, Column<T> c, Column<T> h_out) {
   const int K = in + H;
   for (int k = 0; k < H; ++k) {
     T pre[4];
@@ -47,8 +46,7 @@ __device__ void lstm_layer_forward(const T* W, const T* b, int in, int H, Column
       pre[q] = acc;
     }
     T i, f, g, o, cv, hv;
-    lstm_unit_forward(pre[0], pre[1], pre[2], pre[3], active ? c_prev[k * ld] : T(0), i, f, g, o, cv,
-                      hv);
+    lstm_unit_forward(pre[0], pre[1], pre[2], pre[3], active ? c_prev[k * ld] : T(0), i, f, g, o, cv, hv);
     gates[k] = i;
     gates[H + k] = f;
     gates[2 * H + k] = g;
@@ -61,14 +59,14 @@ __device__ void lstm_layer_forward(const T* W, const T* b, int in, int H, Column
 // Its backward: the gates column becomes d pre-activations (0 when inactive),
 // d c_prev goes to dc_prev[k * ld] and d xh to dxh.
 template <typename T>
-__device__ void lstm_layer_backward(const T* W, int in, int H, Column<T> gates, Column<T> c,
-                                    const T* c_prev, Column<T> dh, const T* dc, T* dc_prev,
-                                    int64_t ld, bool active, Column<T> dxh) {
+__device__ void lstm_layer_backward(const T* W, int in, int H, Column<T> gates, Column<T> c, const T* c_prev,
+                                    Column<T> dh, const T* dc, T* dc_prev, int64_t ld, bool active,
+                                    Column<T> dxh) {
   for (int k = 0; k < H; ++k) {
     T di = 0, df = 0, dg = 0, dout = 0, dcp = 0;
     if (active)
-      lstm_unit_backward(gates[k], gates[H + k], gates[2 * H + k], gates[3 * H + k], c_prev[k * ld],
-                         c[k], dh[k], dc[k * ld], di, df, dg, dout, dcp);
+      lstm_unit_backward(gates[k], gates[H + k], gates[2 * H + k], gates[3 * H + k], c_prev[k * ld], c[k],
+                         dh[k], dc[k * ld], di, df, dg, dout, dcp);
     gates[k] = di;
     gates[H + k] = df;
     gates[2 * H + k] = dg;
@@ -93,7 +91,10 @@ __device__ void accumulate_weight_grad(T* dW, T* db, int rows, int K, const T* d
     T acc = 0;
     for (int t = 0; t < kLstmThreads; ++t)
       acc += d_pre[r * kLstmThreads + t] * (j < K ? x[j * kLstmThreads + t] : T(1));
-    if (j < K) dW[r * K + j] += acc; else db[r] += acc;
+    if (j < K)
+      dW[r * K + j] += acc;
+    else
+      db[r] += acc;
   }
   __syncthreads();
 }
@@ -115,10 +116,10 @@ void set_shared_memory(Kernel kernel, size_t bytes, const char* op) {
   if (bytes > static_cast<size_t>(limit)) {
     throw std::runtime_error(std::string("fastmeta: ") + op + " needs " + std::to_string(bytes) +
                              " bytes of shared memory per block for these weights, more than this "
-                             "GPU's " + std::to_string(limit) + "; use a smaller hidden_size");
+                             "GPU's " +
+                             std::to_string(limit) + "; use a smaller hidden_size");
   }
   cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes));
 }
-
 
 }  // namespace fastmeta::cuda

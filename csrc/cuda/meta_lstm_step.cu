@@ -9,10 +9,9 @@ constexpr int kInputs = MetaLayout::kInputs;
 
 // The LSTM layer and both gates for this thread's coordinate; returns f and i.
 template <typename T>
-__device__ void meta_forward(const MetaLayout& lay, const T* w, const LogSign<T>& prep, T loss,
-                             const T* grad, const T* theta, const T* state, int64_t p, bool active,
-                             Column<T> xh, Column<T> gates, Column<T> c, Column<T> h, T& f, T& i,
-                             T& theta_new) {
+__device__ void meta_forward(const MetaLayout& lay, const T* w, const LogSign<T>& prep, T loss, const T* grad,
+                             const T* theta, const T* state, int64_t p, bool active, Column<T> xh,
+                             Column<T> gates, Column<T> c, Column<T> h, T& f, T& i, T& theta_new) {
   const int H = lay.H;
   const int64_t P = lay.P;
   const T g = active ? grad[p] : T(0);
@@ -25,8 +24,7 @@ __device__ void meta_forward(const MetaLayout& lay, const T* w, const LogSign<T>
     xh[0] = xh[1] = xh[2] = xh[3] = T(0);
   }
   for (int k = 0; k < H; ++k) xh[kInputs + k] = active ? state[k * P + p] : T(0);
-  lstm_layer_forward(w, w + lay.bias_offset(), kInputs, H, xh, state + H * P + p, P, active, gates, c,
-                     h);
+  lstm_layer_forward(w, w + lay.bias_offset(), kInputs, H, xh, state + H * P + p, P, active, gates, c, h);
   const T* wf = w + lay.forget_offset();
   const T* wi = w + lay.input_offset();
   T pre_f = wf[H + 2], pre_i = wi[H + 2];
@@ -70,9 +68,8 @@ __global__ void meta_forward_kernel(MetaLayout lay, LogSign<T> prep, const T* gr
 
 template <typename T>
 __global__ void meta_backward_kernel(MetaLayout lay, LogSign<T> prep, const T* grad, const T* loss,
-                                     const T* theta, const T* state, const T* weights,
-                                     const T* grad_theta, const T* grad_state, T* d_grad,
-                                     T* d_theta, T* d_state, T* partial) {
+                                     const T* theta, const T* state, const T* weights, const T* grad_theta,
+                                     const T* grad_state, T* d_grad, T* d_theta, T* d_state, T* partial) {
   extern __shared__ __align__(16) unsigned char shared[];
   const int H = lay.H;
   const int64_t P = lay.P, nw = lay.num_weights(), width = nw + 2;
@@ -105,13 +102,12 @@ __global__ void meta_backward_kernel(MetaLayout lay, LogSign<T> prep, const T* g
     d_pre[1] = dpi;
     h[H] = active ? theta[p] : T(0);
     h[H + 1] = active ? state[2 * H * P + p] : T(0);
-    accumulate_weight_grad(dw + lay.forget_offset(), dw + lay.forget_offset() + H + 2, 1, H + 2,
-                           d_pre.base, h.base);
+    accumulate_weight_grad(dw + lay.forget_offset(), dw + lay.forget_offset() + H + 2, 1, H + 2, d_pre.base,
+                           h.base);
     h[H + 1] = active ? state[(2 * H + 1) * P + p] : T(0);
     accumulate_weight_grad(dw + lay.input_offset(), dw + lay.input_offset() + H + 2, 1, H + 2,
                            d_pre.base + kLstmThreads, h.base);
-    for (int k = 0; k < H; ++k)
-      dh[k] = active ? grad_state[k * P + p] + wf[k] * dpf + wi[k] * dpi : T(0);
+    for (int k = 0; k < H; ++k) dh[k] = active ? grad_state[k * P + p] + wf[k] * dpf + wi[k] * dpi : T(0);
     lstm_layer_backward(w, kInputs, H, gates, c, state + H * P + p, dh, grad_state + H * P + p,
                         d_state + H * P + p, P, active, dxh);
     accumulate_weight_grad(dw, dw + lay.bias_offset(), 4 * H, kInputs + H, gates.base, xh.base);
@@ -141,39 +137,38 @@ void meta_lstm_forward(const MetaArgs& a, void* theta_out, void* new_state, cuda
   if (a.P == 0) return;
   const MetaLayout lay{a.H, a.P};
   FASTMETA_DISPATCH_FLOAT(a.dtype, [&] {
-    const size_t bytes =
-        sizeof(T) * (lay.num_weights() + int64_t(kLstmThreads) * (kInputs + 7 * lay.H));
+    const size_t bytes = sizeof(T) * (lay.num_weights() + int64_t(kLstmThreads) * (kInputs + 7 * lay.H));
     set_shared_memory(meta_forward_kernel<T>, bytes, "meta_lstm_step");
     meta_forward_kernel<T><<<blocks_for(a.P, kLstmThreads), kLstmThreads, bytes, stream>>>(
-        lay, LogSign<T>::with_p(a.preprocess_p), static_cast<const T*>(a.grad),
-        static_cast<const T*>(a.loss), static_cast<const T*>(a.theta), static_cast<const T*>(a.state),
-        static_cast<const T*>(a.weights), static_cast<T*>(theta_out), static_cast<T*>(new_state));
+        lay, LogSign<T>::with_p(a.preprocess_p), static_cast<const T*>(a.grad), static_cast<const T*>(a.loss),
+        static_cast<const T*>(a.theta), static_cast<const T*>(a.state), static_cast<const T*>(a.weights),
+        static_cast<T*>(theta_out), static_cast<T*>(new_state));
     check_launch("meta_lstm_step");
   });
 }
 
-void meta_lstm_backward(const MetaArgs& a, const void* grad_theta, const void* grad_state,
-                        void* d_grad, void* d_loss, void* d_theta, void* d_state, void* d_weights,
-                        void* partial, cudaStream_t stream) {
+void meta_lstm_backward(const MetaArgs& a, const void* grad_theta, const void* grad_state, void* d_grad,
+                        void* d_loss, void* d_theta, void* d_state, void* d_weights, void* partial,
+                        cudaStream_t stream) {
   const MetaLayout lay{a.H, a.P};
   const int64_t nw = lay.num_weights(), blocks = lstm_grad_blocks(a.P);
   FASTMETA_DISPATCH_FLOAT(a.dtype, [&] {
     T* rows = static_cast<T*>(partial);
     T* totals = rows + blocks * (nw + 2);
     if (blocks > 0) {
-      const size_t bytes = sizeof(T) * (2 * nw + 2 + int64_t(kLstmThreads) *
-                                                         (2 * (kInputs + lay.H) + 8 * lay.H + 4));
+      const size_t bytes =
+          sizeof(T) * (2 * nw + 2 + int64_t(kLstmThreads) * (2 * (kInputs + lay.H) + 8 * lay.H + 4));
       set_shared_memory(meta_backward_kernel<T>, bytes, "meta_lstm_step backward");
       meta_backward_kernel<T><<<grid_blocks(blocks), kLstmThreads, bytes, stream>>>(
           lay, LogSign<T>::with_p(a.preprocess_p), static_cast<const T*>(a.grad),
-          static_cast<const T*>(a.loss), static_cast<const T*>(a.theta),
-          static_cast<const T*>(a.state), static_cast<const T*>(a.weights),
-          static_cast<const T*>(grad_theta), static_cast<const T*>(grad_state),
-          static_cast<T*>(d_grad), static_cast<T*>(d_theta), static_cast<T*>(d_state), rows);
+          static_cast<const T*>(a.loss), static_cast<const T*>(a.theta), static_cast<const T*>(a.state),
+          static_cast<const T*>(a.weights), static_cast<const T*>(grad_theta),
+          static_cast<const T*>(grad_state), static_cast<T*>(d_grad), static_cast<T*>(d_theta),
+          static_cast<T*>(d_state), rows);
       check_launch("meta_lstm_step backward");
     }
-    lstm_sum_partials<T><<<blocks_for(nw + 2, 256), 256, 0, stream>>>(
-        rows, static_cast<int>(blocks), nw + 2, totals);
+    lstm_sum_partials<T>
+        <<<blocks_for(nw + 2, 256), 256, 0, stream>>>(rows, static_cast<int>(blocks), nw + 2, totals);
     check_launch("meta_lstm_step backward (weight gradients)");
     cudaMemcpyAsync(d_weights, totals, sizeof(T) * nw, cudaMemcpyDeviceToDevice, stream);
     meta_loss_grad_kernel<T><<<1, 1, 0, stream>>>(LogSign<T>::with_p(a.preprocess_p),

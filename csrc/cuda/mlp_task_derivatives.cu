@@ -19,8 +19,8 @@ struct BlockTeam {
   }
   __device__ void sync() { __syncthreads(); }
 
-  __device__ void linear(T* out, const T* in1, const T* W1, const T* in2, const T* W2,
-                         const T* bias, int64_t N, int64_t n_in, int64_t n_out) {
+  __device__ void linear(T* out, const T* in1, const T* W1, const T* in2, const T* W2, const T* bias,
+                         int64_t N, int64_t n_in, int64_t n_out) {
     for (int64_t e = threadIdx.x; e < N * n_out; e += blockDim.x) {
       const int64_t i = e / n_out, j = e % n_out;
       T acc = bias[j];
@@ -43,8 +43,8 @@ struct BlockTeam {
     }
   }
 
-  __device__ void outer(T* gW, T* gb, const T* D1, const T* in1, const T* D2, const T* in2,
-                        int64_t N, int64_t n_in, int64_t n_out) {
+  __device__ void outer(T* gW, T* gb, const T* D1, const T* in1, const T* D2, const T* in2, int64_t N,
+                        int64_t n_in, int64_t n_out) {
     for (int64_t e = threadIdx.x; e < n_out * (n_in + 1); e += blockDim.x) {
       T acc = 0;
       if (e < n_out * n_in) {
@@ -73,23 +73,22 @@ __device__ const T* task_ptr(const void* base, int64_t task, int64_t size) {
 }
 
 template <typename T>
-__global__ void __launch_bounds__(kMlpThreads)
-    mlp_task_kernel(MlpArgs a, T* global_workspace) {
+__global__ void __launch_bounds__(kMlpThreads) mlp_task_kernel(MlpArgs a, T* global_workspace) {
   extern __shared__ __align__(16) unsigned char shared[];
   const MlpShape& s = a.shape;
   const int64_t t = blockIdx.x, P = s.num_params(), X = s.N * s.width[0];
-  MlpTaskArgs<T> task{task_ptr<T>(a.params, t, a.params_stride),
-                      task_ptr<T>(a.x, t, X),
-                      task_ptr<T>(a.y, t, s.N * s.outputs()),
-                      a.labels ? a.labels + t * s.N : nullptr,
-                      task_ptr<T>(a.direction, t, P),
-                      task_ptr<T>(a.loss, t, 1),
-                      task_ptr<T>(a.grad, t, P),
-                      task_ptr<T>(a.grad_input, t, X),
-                      task_ptr<T>(a.hvp, t, P),
-                      task_ptr<T>(a.hvp_input, t, X),
-                      global_workspace ? global_workspace + t * s.workspace_size()
-                                       : reinterpret_cast<T*>(shared)};
+  MlpTaskArgs<T> task{
+      task_ptr<T>(a.params, t, a.params_stride),
+      task_ptr<T>(a.x, t, X),
+      task_ptr<T>(a.y, t, s.N * s.outputs()),
+      a.labels ? a.labels + t * s.N : nullptr,
+      task_ptr<T>(a.direction, t, P),
+      task_ptr<T>(a.loss, t, 1),
+      task_ptr<T>(a.grad, t, P),
+      task_ptr<T>(a.grad_input, t, X),
+      task_ptr<T>(a.hvp, t, P),
+      task_ptr<T>(a.hvp_input, t, X),
+      global_workspace ? global_workspace + t * s.workspace_size() : reinterpret_cast<T*>(shared)};
   if (task.labels)
     for (int64_t i = threadIdx.x; i < s.N; i += blockDim.x)
       FASTMETA_DEVICE_ASSERT(task.labels[i] >= 0 && task.labels[i] < s.outputs() &&
@@ -115,8 +114,7 @@ void mlp_task_derivatives(const MlpArgs& a, void* global_workspace, cudaStream_t
     if (shared_bytes > 48 * 1024)
       cudaFuncSetAttribute(mlp_task_kernel<T>, cudaFuncAttributeMaxDynamicSharedMemorySize,
                            static_cast<int>(shared_bytes));
-    mlp_task_kernel<T><<<grid_blocks(a.T), kMlpThreads,
-                         static_cast<size_t>(shared_bytes), stream>>>(
+    mlp_task_kernel<T><<<grid_blocks(a.T), kMlpThreads, static_cast<size_t>(shared_bytes), stream>>>(
         a, static_cast<T*>(global_workspace));
     check_launch("mlp_task_derivatives");
   });

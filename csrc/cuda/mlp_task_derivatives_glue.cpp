@@ -16,8 +16,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_task_
     const at::Tensor& params, const at::Tensor& x, const at::Tensor& target,
     const std::optional<at::Tensor>& direction, at::IntArrayRef widths,
     c10::ArrayRef<c10::string_view> activations, c10::string_view loss, bool input_grad) {
-  const MlpOperands o =
-      mlp_operands(params, x, target, direction, widths, activations, loss, input_grad);
+  const MlpOperands o = mlp_operands(params, x, target, direction, widths, activations, loss, input_grad);
   const MlpShape& s = o.shape;
   c10::cuda::CUDAGuard guard(o.params.device());
   const bool mse = s.loss == MlpLoss::MSE;
@@ -43,8 +42,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> mlp_task_
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) {
-  m.impl("mlp_task_derivatives", &mlp_task_derivatives);
-}
+TORCH_LIBRARY_IMPL(fastmeta, CUDA, m) { m.impl("mlp_task_derivatives", &mlp_task_derivatives); }
 
 }  // namespace fastmeta

@@ -37,8 +37,7 @@ __device__ __forceinline__ A pair_dlogit(const SimilarityArgs& a, const Similari
 // KEY_SIDE = false: blocks of queries, accumulating grad_x and grad_scale;
 // KEY_SIDE = true: blocks of keys, accumulating grad_y and grad_values.
 template <SimilarityOp OP, Metric M, typename T, bool KEY_SIDE>
-__global__ void __launch_bounds__(kThreads)
-similarity_backward_kernel(SimilarityArgs a, SimilarityGrads g) {
+__global__ void __launch_bounds__(kThreads) similarity_backward_kernel(SimilarityArgs a, SimilarityGrads g) {
   using A = acc_t<T>;
   __shared__ TileStorage<A> smem;
   __shared__ A probs[kRows][kCols + 1];
@@ -67,8 +66,8 @@ similarity_backward_kernel(SimilarityArgs a, SimilarityGrads g) {
         const int64_t q = KEY_SIDE ? other : own, n = KEY_SIDE ? own : other;
         const A ax = x_stat[q], ay = y_stat[n];
         const A s = similarity<M>(dots[i], ax, ay);
-        const A sc = OP == SimilarityOp::PairwiseDistance ? A(1)
-                                                          : to_acc(static_cast<const T*>(a.scale)[b * a.Q + q]);
+        const A sc =
+            OP == SimilarityOp::PairwiseDistance ? A(1) : to_acc(static_cast<const T*>(a.scale)[b * a.Q + q]);
         const A dlogit = pair_dlogit<OP, T, A>(a, g, b, q, n, s, sc, p);
         const A w = dlogit * sc;  // d loss / d s
         const SimilarityPartials<A> partials = similarity_partials<M>(s, ax, ay);
@@ -83,7 +82,8 @@ similarity_backward_kernel(SimilarityArgs a, SimilarityGrads g) {
     accumulate_weighted_rows(smem, other_rows, other_count, c0, a.D, grad_own, valid_own);
     if constexpr (KEY_SIDE && OP == SimilarityOp::AttentionReadout) {
       __syncthreads();
-      for (int i = 0; i < kColsPerThread; ++i) smem.weights[r][lane + kLanes * i] = probs[r][lane + kLanes * i];
+      for (int i = 0; i < kColsPerThread; ++i)
+        smem.weights[r][lane + kLanes * i] = probs[r][lane + kLanes * i];
       __syncthreads();
       accumulate_weighted_rows(smem, static_cast<const T*>(g.grad) + b * a.Q * a.V, a.Q, c0, a.V,
                                static_cast<A*>(g.grad_values) + (b * a.N + own) * a.V, valid_own);
@@ -125,7 +125,8 @@ void launch_similarity_backward(const SimilarityArgs& a, const SimilarityGrads& 
 
 }  // namespace
 
-void similarity_backward(SimilarityOp op, const SimilarityArgs& a, const SimilarityGrads& g, cudaStream_t stream) {
+void similarity_backward(SimilarityOp op, const SimilarityArgs& a, const SimilarityGrads& g,
+                         cudaStream_t stream) {
   switch (op) {
     case SimilarityOp::PairwiseDistance:
       return launch_similarity_backward<SimilarityOp::PairwiseDistance>(a, g, stream);

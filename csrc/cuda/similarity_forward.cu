@@ -36,7 +36,7 @@ __global__ void row_stats_kernel(SimilarityArgs a) {
 
 template <SimilarityOp OP, Metric M, typename T>
 __global__ void __launch_bounds__(kThreads)
-similarity_forward_kernel(SimilarityArgs a, acc_t<T>* out, acc_t<T>* lse) {
+    similarity_forward_kernel(SimilarityArgs a, acc_t<T>* out, acc_t<T>* lse) {
   using A = acc_t<T>;
   __shared__ TileStorage<A> smem;
   const int r = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
@@ -48,10 +48,12 @@ similarity_forward_kernel(SimilarityArgs a, acc_t<T>* out, acc_t<T>* lse) {
   const T* y = static_cast<const T*>(a.y) + b * a.N * a.D;
   const A* ay = static_cast<const A*>(a.y_stat) + b * a.N;
   const A ax = valid_q ? static_cast<const A*>(a.x_stat)[row] : A(0);
-  const A sc = (OP != SimilarityOp::PairwiseDistance && valid_q) ? to_acc(static_cast<const T*>(a.scale)[row]) : A(0);
+  const A sc =
+      (OP != SimilarityOp::PairwiseDistance && valid_q) ? to_acc(static_cast<const T*>(a.scale)[row]) : A(0);
   const int64_t target = (OP == SimilarityOp::CrossEntropy && valid_q) ? a.target[row] : -1;
   if (OP == SimilarityOp::CrossEntropy && valid_q)
-    FASTMETA_DEVICE_ASSERT(target >= 0 && target < a.N && "similarity_cross_entropy: a target is out of range");
+    FASTMETA_DEVICE_ASSERT(target >= 0 && target < a.N &&
+                           "similarity_cross_entropy: a target is out of range");
   const A neg_inf = -INFINITY;
   A running_max = neg_inf, running_sum = 0, target_logit = 0;
 
@@ -92,8 +94,8 @@ similarity_forward_kernel(SimilarityArgs a, acc_t<T>* out, acc_t<T>* lse) {
         A* o = out + row * a.V;
         if (valid_q)
           for (int64_t v = lane; v < a.V; v += kLanes) o[v] *= rescale;
-        accumulate_weighted_rows(smem, static_cast<const T*>(a.values) + b * a.N * a.V, a.N, n0,
-                                 a.V, o, valid_q);
+        accumulate_weighted_rows(smem, static_cast<const T*>(a.values) + b * a.N * a.V, a.N, n0, a.V, o,
+                                 valid_q);
         __syncthreads();
       }
     }
@@ -123,8 +125,9 @@ void launch_similarity_forward(const SimilarityArgs& a, void* out, void* lse, cu
   if (a.B == 0 || a.Q == 0) return;
   FASTMETA_DISPATCH_DTYPE(a.dtype, [&] {
     FASTMETA_DISPATCH_METRIC(a.metric, [&] {
-      similarity_forward_kernel<OP, M, T><<<grid_blocks((a.Q + kRows - 1) / kRows * a.B), kThreads, 0, stream>>>(
-          a, static_cast<acc_t<T>*>(out), static_cast<acc_t<T>*>(lse));
+      similarity_forward_kernel<OP, M, T>
+          <<<grid_blocks((a.Q + kRows - 1) / kRows * a.B), kThreads, 0, stream>>>(
+              a, static_cast<acc_t<T>*>(out), static_cast<acc_t<T>*>(lse));
       check_launch("similarity_forward");
     });
   });

@@ -52,15 +52,15 @@ struct Similarity {
   // Forward: `out` and `lse` are written in the accumulation dtype.
   void forward(SimilarityOp op, at::Tensor& out, const at::Tensor* lse) const {
     cuda::similarity_forward(op, args, out.mutable_data_ptr(), lse ? lse->mutable_data_ptr() : nullptr,
-                       current_stream());
+                             current_stream());
   }
 
   // Backward from d loss / d output (`grad`, the input dtype) and what the
   // op's backward reads besides (forward output, log-sum-exps, row weights).
   // Returns the gradients of x, y, scale and values in the input dtype.
   std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward(
-      SimilarityOp op, const at::Tensor& grad, const at::Tensor& out = {},
-      const at::Tensor& lse = {}, const at::Tensor& row_weight = {}) const {
+      SimilarityOp op, const at::Tensor& grad, const at::Tensor& out = {}, const at::Tensor& lse = {},
+      const at::Tensor& row_weight = {}) const {
     const at::Tensor grad_c = grad.contiguous(), out_acc = out.defined() ? in_acc(out) : out;
     const at::Tensor lse_acc = lse.defined() ? in_acc(lse) : lse;
     at::Tensor gx = at::zeros(o.x.sizes(), acc_options(o.x)), gy = at::zeros(o.y.sizes(), acc_options(o.x));
@@ -90,9 +90,8 @@ at::Tensor pairwise_distance(const at::Tensor& x, const at::Tensor& y, c10::stri
 }
 
 std::tuple<at::Tensor, at::Tensor> pairwise_distance_backward(const at::Tensor& grad,
-                                                               const at::Tensor& distance,
-                                                               const at::Tensor& x, const at::Tensor& y,
-                                                               c10::string_view metric) {
+                                                              const at::Tensor& distance, const at::Tensor& x,
+                                                              const at::Tensor& y, c10::string_view metric) {
   const SimilarityOperands o = pairwise_distance_backward_operands(grad, distance, x, y, metric);
   auto [gx, gy, gscale, gvalues] = Similarity(o).backward(SimilarityOp::PairwiseDistance, o.grad);
   return {gx, gy};
@@ -112,8 +111,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_log_softmax_backward(
     const at::Tensor& scale, c10::string_view metric) {
   const SimilarityOperands o = log_softmax_backward_operands(grad, log_probs, x, y, scale, metric);
   const Similarity s(o);
-  auto [gx, gy, gscale, gvalues] = s.backward(SimilarityOp::LogSoftmax, o.grad, o.out, {},
-                                              s.in_acc(o.grad).sum(-1));
+  auto [gx, gy, gscale, gvalues] =
+      s.backward(SimilarityOp::LogSoftmax, o.grad, o.out, {}, s.in_acc(o.grad).sum(-1));
   return {gx, gy, gscale};
 }
 
@@ -125,8 +124,7 @@ std::pair<at::Tensor, at::Tensor> cross_entropy_forward(const Similarity& s) {
 }
 
 std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x, const at::Tensor& y,
-                                                            const at::Tensor& target,
-                                                            const at::Tensor& scale,
+                                                            const at::Tensor& target, const at::Tensor& scale,
                                                             c10::string_view metric) {
   const SimilarityOperands o = cross_entropy_operands(x, y, target, scale, metric);
   const Similarity s(o);
@@ -137,10 +135,8 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x,
 std::tuple<at::Tensor, at::Tensor, at::Tensor> similarity_cross_entropy_backward(
     const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& target,
     const at::Tensor& scale, const at::Tensor& lse, c10::string_view metric) {
-  const SimilarityOperands o =
-      cross_entropy_backward_operands(grad, x, y, target, scale, lse, metric);
-  auto [gx, gy, gscale, gvalues] =
-      Similarity(o).backward(SimilarityOp::CrossEntropy, o.grad, {}, o.lse);
+  const SimilarityOperands o = cross_entropy_backward_operands(grad, x, y, target, scale, lse, metric);
+  auto [gx, gy, gscale, gvalues] = Similarity(o).backward(SimilarityOp::CrossEntropy, o.grad, {}, o.lse);
   return {gx, gy, gscale};
 }
 
@@ -170,8 +166,7 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x, const 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> attention_readout_backward(
     const at::Tensor& grad, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& x,
     const at::Tensor& y, const at::Tensor& values, const at::Tensor& scale, c10::string_view metric) {
-  const SimilarityOperands o =
-      readout_backward_operands(grad, out, lse, x, y, values, scale, metric);
+  const SimilarityOperands o = readout_backward_operands(grad, out, lse, x, y, values, scale, metric);
   const Similarity s(o);
   auto [gx, gy, gscale, gvalues] = s.backward(SimilarityOp::AttentionReadout, o.grad, o.out, o.lse,
                                               (s.in_acc(o.grad) * s.in_acc(o.out)).sum(-1));

@@ -40,7 +40,8 @@ __device__ __forceinline__ A group_max(A v) {
 
 template <typename A>
 __device__ __forceinline__ A group_sum(A v) {
-  for (int offset = kLanes / 2; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset, kLanes);
+  for (int offset = kLanes / 2; offset > 0; offset >>= 1)
+    v += __shfl_xor_sync(0xffffffffu, v, offset, kLanes);
   return v;
 }
 
@@ -62,9 +63,8 @@ struct TileStorage {
 // the order in which the row statistics sum |v|^2, so that a row's distance
 // to itself is exactly 0.
 template <typename T, typename A>
-__device__ void dot_tile(const T* rows, int64_t num_rows, int64_t r0, const T* cols,
-                         int64_t num_cols, int64_t c0, int64_t D, TileStorage<A>& smem,
-                         A (&dots)[kColsPerThread]) {
+__device__ void dot_tile(const T* rows, int64_t num_rows, int64_t r0, const T* cols, int64_t num_cols,
+                         int64_t c0, int64_t D, TileStorage<A>& smem, A (&dots)[kColsPerThread]) {
   const int r = threadIdx.x / kLanes, lane = threadIdx.x % kLanes;
   for (int i = 0; i < kColsPerThread; ++i) dots[i] = A(0);
   for (int64_t d0 = 0; d0 < D; d0 += kChunk) {

@@ -83,8 +83,7 @@ FASTMETA_HOST_DEVICE void adjacency_row(T* row, int64_t i, int64_t n, bool last_
 // d loss / d logits of row i, in place over grad: A (g - sum_k A_k g_k);
 // 0 for the rows adjacency_row sets to 0 with last_row.
 template <typename T>
-FASTMETA_HOST_DEVICE void adjacency_row_backward(const T* a, T* grad, int64_t i, int64_t n,
-                                                 bool last_row) {
+FASTMETA_HOST_DEVICE void adjacency_row_backward(const T* a, T* grad, int64_t i, int64_t n, bool last_row) {
   if (last_row && i != n - 1) {
     for (int64_t j = 0; j < n; ++j) grad[j] = T(0);
     return;

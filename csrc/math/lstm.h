@@ -42,9 +42,7 @@ struct L2oLayout {
     for (int64_t m = 0; m < l; ++m) offset += 4 * H * (in(m) + H) + 4 * H;
     return offset;
   }
-  FASTMETA_HOST_DEVICE int64_t bias_offset(int64_t l) const {
-    return layer_offset(l) + 4 * H * (in(l) + H);
-  }
+  FASTMETA_HOST_DEVICE int64_t bias_offset(int64_t l) const { return layer_offset(l) + 4 * H * (in(l) + H); }
   FASTMETA_HOST_DEVICE int64_t head_offset() const { return layer_offset(L); }
   FASTMETA_HOST_DEVICE int64_t num_weights() const { return head_offset() + H + 1; }
   // Offset of row 0 of h (which = 0) or c (which = 1) of layer l in the state.
@@ -66,8 +64,8 @@ struct L2oSharedPlan {
   // Elements per block: the weights and gradients kept there, then per
   // coordinate the columns of the kernel: forward [input; h] (K), gates (4H),
   // c, h (H each); backward also dh (H), d[input; h] (K) and d update (1).
-  static int64_t elements(const L2oLayout& lay, int64_t threads, bool backward,
-                          bool weights_shared, bool grads_shared) {
+  static int64_t elements(const L2oLayout& lay, int64_t threads, bool backward, bool weights_shared,
+                          bool grads_shared) {
     const int64_t nw = lay.num_weights(), K = lay.widest(), H = lay.H;
     const int64_t columns = backward ? 2 * K + 7 * H + 1 : K + 6 * H;
     return (weights_shared ? nw : 0) + (backward && grads_shared ? nw : 0) + threads * columns;
@@ -75,12 +73,11 @@ struct L2oSharedPlan {
 
   // The fastest layout that fits in `limit_bytes` per block: everything in
   // shared memory, then the gradients in global memory, then the weights too.
-  static L2oSharedPlan choose(const L2oLayout& lay, int64_t threads, bool backward,
-                              int64_t element_bytes, int64_t limit_bytes) {
+  static L2oSharedPlan choose(const L2oLayout& lay, int64_t threads, bool backward, int64_t element_bytes,
+                              int64_t limit_bytes) {
     for (int level = 0; level < 3; ++level) {
       const bool weights_shared = level < 2, grads_shared = backward && level == 0;
-      const int64_t bytes =
-          element_bytes * elements(lay, threads, backward, weights_shared, grads_shared);
+      const int64_t bytes = element_bytes * elements(lay, threads, backward, weights_shared, grads_shared);
       if (bytes <= limit_bytes) return {weights_shared, grads_shared, bytes};
     }
     return {false, false, -1};
@@ -134,8 +131,8 @@ FASTMETA_HOST_DEVICE void lstm_cell(T i, T f, T g, T o, T c_prev, T& c, T& h) {
 }
 
 template <typename T>
-FASTMETA_HOST_DEVICE void lstm_unit_forward(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev, T& i,
-                                            T& f, T& g, T& o, T& c, T& h) {
+FASTMETA_HOST_DEVICE void lstm_unit_forward(T pre_i, T pre_f, T pre_g, T pre_o, T c_prev, T& i, T& f, T& g,
+                                            T& o, T& c, T& h) {
   i = sigmoid(pre_i);
   f = sigmoid(pre_f);
   g = tanh_fast(pre_g);
@@ -146,9 +143,8 @@ FASTMETA_HOST_DEVICE void lstm_unit_forward(T pre_i, T pre_f, T pre_g, T pre_o, 
 // Its backward: from the activated gates, c_prev, c and the gradients dh, dc
 // of h and c, the gradients of the pre-activations and of c_prev.
 template <typename T>
-FASTMETA_HOST_DEVICE void lstm_unit_backward(T i, T f, T g, T o, T c_prev, T c, T dh, T dc,
-                                             T& d_pre_i, T& d_pre_f, T& d_pre_g, T& d_pre_o,
-                                             T& dc_prev) {
+FASTMETA_HOST_DEVICE void lstm_unit_backward(T i, T f, T g, T o, T c_prev, T c, T dh, T dc, T& d_pre_i,
+                                             T& d_pre_f, T& d_pre_g, T& d_pre_o, T& dc_prev) {
   const T tc = tanh_fast(c);
   const T dc_total = dc + dh * o * (T(1) - tc * tc);
   d_pre_o = dh * tc * o * (T(1) - o);
@@ -165,8 +161,8 @@ template <typename T>
 struct MetaGates {
   T wf_theta, wf_gate, wi_theta, wi_gate;  // w[H] and w[H + 1] of each gate
 
-  FASTMETA_HOST_DEVICE void forward(T pre_f, T pre_i, T theta_prev, T f_prev, T i_prev, T grad,
-                                    T& f, T& i, T& theta) const {
+  FASTMETA_HOST_DEVICE void forward(T pre_f, T pre_i, T theta_prev, T f_prev, T i_prev, T grad, T& f, T& i,
+                                    T& theta) const {
     f = sigmoid(pre_f + wf_theta * theta_prev + wf_gate * f_prev);
     i = sigmoid(pre_i + wi_theta * theta_prev + wi_gate * i_prev);
     theta = f * theta_prev - i * grad;
@@ -175,9 +171,8 @@ struct MetaGates {
   // From the gates, the inputs and the gradients of theta, f and i (the new
   // state's), the gradients of both gates' full pre-activations and the direct
   // gradients of theta_prev, f_prev, i_prev and grad.
-  FASTMETA_HOST_DEVICE void backward(T f, T i, T theta_prev, T grad, T d_theta, T d_f, T d_i,
-                                     T& d_pre_f, T& d_pre_i, T& d_theta_prev, T& d_f_prev,
-                                     T& d_i_prev, T& d_grad) const {
+  FASTMETA_HOST_DEVICE void backward(T f, T i, T theta_prev, T grad, T d_theta, T d_f, T d_i, T& d_pre_f,
+                                     T& d_pre_i, T& d_theta_prev, T& d_f_prev, T& d_i_prev, T& d_grad) const {
     d_pre_f = (d_theta * theta_prev + d_f) * f * (T(1) - f);
     d_pre_i = (d_i - d_theta * grad) * i * (T(1) - i);
     d_theta_prev = d_theta * f + d_pre_f * wf_theta + d_pre_i * wi_theta;

@@ -55,8 +55,8 @@ FASTMETA_HOST_DEVICE void least_used_slots(const T* usage, int64_t S, int64_t n,
 
 // Write weights of one head: g r + (1 - g) 1_lu.
 template <typename T>
-FASTMETA_HOST_DEVICE void mann_write_weights(const T* read_weights, T gate, const int64_t* slots,
-                                             int64_t n, int64_t S, T* out) {
+FASTMETA_HOST_DEVICE void mann_write_weights(const T* read_weights, T gate, const int64_t* slots, int64_t n,
+                                             int64_t S, T* out) {
   for (int64_t i = 0; i < S; ++i) out[i] = gate * read_weights[i];
   for (int64_t k = 0; k < n; ++k) out[slots[k]] += T(1) - gate;
 }
@@ -92,12 +92,11 @@ FASTMETA_HOST_DEVICE void mann_slot_stats(const T* memory, int64_t S, int64_t W,
 template <typename T>
 FASTMETA_HOST_DEVICE void mann_forward_episode(const MannSizes& z, const T* memory0, const T* usage0,
                                                const T* weights0, const T* keys, const T* gates,
-                                               const T* strengths, T decay, T* reads,
-                                               T* memory_out, T* weights_out, T* usage,
-                                               T* memories, T* read_weights, int64_t* slots,
-                                               T* scratch) {
+                                               const T* strengths, T decay, T* reads, T* memory_out,
+                                               T* weights_out, T* usage, T* memories, T* read_weights,
+                                               int64_t* slots, T* scratch) {
   const int64_t S = z.S, W = z.W, H = z.H, n = z.least_used();
-  T* write = scratch;          // [H, S]
+  T* write = scratch;           // [H, S]
   T* inv_norm = write + H * S;  // [S]
   for (int64_t i = 0; i < S; ++i) usage[i] = usage0[i];
   for (int64_t t = 0; t < z.T; ++t) {
@@ -154,15 +153,16 @@ FASTMETA_HOST_DEVICE void mann_forward_episode(const MannSizes& z, const T* memo
 // and of the final memory [S, W] and read weights [H, S]. Writes the
 // gradients of memory0, weights0, keys, gates and strengths.
 template <typename T>
-FASTMETA_HOST_DEVICE void mann_backward_episode(
-    const MannSizes& z, const T* grad_reads, const T* grad_memory_out, const T* grad_weights_out,
-    const T* weights0, const T* keys, const T* gates, const T* strengths,
-    const T* memories, const T* read_weights, const int64_t* slots, T* grad_memory0,
-    T* grad_weights0, T* grad_keys, T* grad_gates, T* grad_strengths, T* scratch) {
+FASTMETA_HOST_DEVICE void mann_backward_episode(const MannSizes& z, const T* grad_reads,
+                                                const T* grad_memory_out, const T* grad_weights_out,
+                                                const T* weights0, const T* keys, const T* gates,
+                                                const T* strengths, const T* memories, const T* read_weights,
+                                                const int64_t* slots, T* grad_memory0, T* grad_weights0,
+                                                T* grad_keys, T* grad_gates, T* grad_strengths, T* scratch) {
   const int64_t S = z.S, W = z.W, H = z.H, n = z.least_used();
-  T* gm = scratch;            // [S, W] d loss / d memory after the step
-  T* gw = gm + S * W;         // [H, S] d loss / d read weights after the step
-  T* write = gw + H * S;      // [H, S]
+  T* gm = scratch;              // [S, W] d loss / d memory after the step
+  T* gw = gm + S * W;           // [H, S] d loss / d read weights after the step
+  T* write = gw + H * S;        // [H, S]
   T* inv_norm = write + H * S;  // [S]
   T* g_write = inv_norm + S;    // [S]
   for (int64_t e = 0; e < S * W; ++e) gm[e] = grad_memory_out[e];
@@ -202,8 +202,7 @@ FASTMETA_HOST_DEVICE void mann_backward_episode(
         g_beta += g_logit * cos;
         const T g_cos = g_logit * beta;
         // d cos / d key = stat_m (stat_k m + dot coeff_k key), and alike for m.
-        const T m_coeff = row_stat_coeff<Metric::Cosine>(T(1) / (inv_norm[i] * inv_norm[i]),
-                                                          inv_norm[i]);
+        const T m_coeff = row_stat_coeff<Metric::Cosine>(T(1) / (inv_norm[i] * inv_norm[i]), inv_norm[i]);
         const T to_key = g_cos * inv_norm[i] * key_stat, key_self = g_cos * inv_norm[i] * dot * key_coeff;
         const T to_m = g_cos * key_stat * inv_norm[i], m_self = g_cos * key_stat * dot * m_coeff;
         for (int64_t c = 0; c < W; ++c) {

@@ -30,11 +30,16 @@ constexpr int kMaxMlpLayers = 8;
 template <typename T>
 FASTMETA_HOST_DEVICE T activate(Activation f, T z) {
   switch (f) {
-    case Activation::ReLU: return z < T(0) ? T(0) : z;  // NaN stays NaN
-    case Activation::Tanh: return std::tanh(z);
-    case Activation::Sigmoid: return T(1) / (T(1) + std::exp(-z));
-    case Activation::ELU: return z > T(0) ? z : std::expm1(z);
-    default: return z;
+    case Activation::ReLU:
+      return z < T(0) ? T(0) : z;  // NaN stays NaN
+    case Activation::Tanh:
+      return std::tanh(z);
+    case Activation::Sigmoid:
+      return T(1) / (T(1) + std::exp(-z));
+    case Activation::ELU:
+      return z > T(0) ? z : std::expm1(z);
+    default:
+      return z;
   }
 }
 
@@ -42,11 +47,16 @@ FASTMETA_HOST_DEVICE T activate(Activation f, T z) {
 template <typename T>
 FASTMETA_HOST_DEVICE T activation_slope(Activation f, T a) {
   switch (f) {
-    case Activation::ReLU: return a <= T(0) ? T(0) : T(1);
-    case Activation::Tanh: return T(1) - a * a;
-    case Activation::Sigmoid: return a * (T(1) - a);
-    case Activation::ELU: return a > T(0) ? T(1) : a + T(1);
-    default: return T(1);
+    case Activation::ReLU:
+      return a <= T(0) ? T(0) : T(1);
+    case Activation::Tanh:
+      return T(1) - a * a;
+    case Activation::Sigmoid:
+      return a * (T(1) - a);
+    case Activation::ELU:
+      return a > T(0) ? T(1) : a + T(1);
+    default:
+      return T(1);
   }
 }
 
@@ -54,10 +64,14 @@ FASTMETA_HOST_DEVICE T activation_slope(Activation f, T a) {
 template <typename T>
 FASTMETA_HOST_DEVICE T activation_curvature(Activation f, T a) {
   switch (f) {
-    case Activation::Tanh: return T(-2) * a * (T(1) - a * a);
-    case Activation::Sigmoid: return a * (T(1) - a) * (T(1) - T(2) * a);
-    case Activation::ELU: return a >= T(0) ? T(0) : a + T(1);
-    default: return T(0);
+    case Activation::Tanh:
+      return T(-2) * a * (T(1) - a * a);
+    case Activation::Sigmoid:
+      return a * (T(1) - a) * (T(1) - T(2) * a);
+    case Activation::ELU:
+      return a >= T(0) ? T(0) : a + T(1);
+    default:
+      return T(0);
   }
 }
 
@@ -73,11 +87,21 @@ struct ActivationConstant {
 template <typename F>
 FASTMETA_HOST_DEVICE void with_activation(Activation a, F f) {
   switch (a) {
-    case Activation::ReLU: f(ActivationConstant<Activation::ReLU>{}); break;
-    case Activation::Tanh: f(ActivationConstant<Activation::Tanh>{}); break;
-    case Activation::Sigmoid: f(ActivationConstant<Activation::Sigmoid>{}); break;
-    case Activation::ELU: f(ActivationConstant<Activation::ELU>{}); break;
-    default: f(ActivationConstant<Activation::Identity>{}); break;
+    case Activation::ReLU:
+      f(ActivationConstant<Activation::ReLU>{});
+      break;
+    case Activation::Tanh:
+      f(ActivationConstant<Activation::Tanh>{});
+      break;
+    case Activation::Sigmoid:
+      f(ActivationConstant<Activation::Sigmoid>{});
+      break;
+    case Activation::ELU:
+      f(ActivationConstant<Activation::ELU>{});
+      break;
+    default:
+      f(ActivationConstant<Activation::Identity>{});
+      break;
   }
 }
 
@@ -95,9 +119,7 @@ struct MlpShape {
     for (int m = 0; m < l; ++m) offset += width[m + 1] * (width[m] + 1);
     return offset;
   }
-  FASTMETA_HOST_DEVICE int64_t bias_offset(int l) const {
-    return weight_offset(l) + width[l + 1] * width[l];
-  }
+  FASTMETA_HOST_DEVICE int64_t bias_offset(int l) const { return weight_offset(l) + width[l + 1] * width[l]; }
   FASTMETA_HOST_DEVICE int64_t num_params() const { return weight_offset(layers); }
   // Offset of layer l's activations [N, width[l + 1]] in one activation buffer.
   FASTMETA_HOST_DEVICE int64_t activation_offset(int l) const {
@@ -118,8 +140,7 @@ struct MlpShape {
 // One point's loss; g = d loss / d output. MSE targets are y[C]; cross-entropy
 // targets the label.
 template <typename T>
-FASTMETA_HOST_DEVICE T loss_row_forward(const MlpShape& s, const T* out, const T* y, int64_t label,
-                                        T* g) {
+FASTMETA_HOST_DEVICE T loss_row_forward(const MlpShape& s, const T* out, const T* y, int64_t label, T* g) {
   const int64_t C = s.outputs();
   const T scale = s.loss_scale<T>();
   if (s.loss == MlpLoss::MSE) {
@@ -142,8 +163,8 @@ FASTMETA_HOST_DEVICE T loss_row_forward(const MlpShape& s, const T* out, const T
 
 // The tangent of g along the output tangent `out_dot`: (d^2 loss / d output^2) out_dot.
 template <typename T>
-FASTMETA_HOST_DEVICE void loss_row_tangent(const MlpShape& s, const T* out, const T* out_dot,
-                                           const T* g, int64_t label, T* g_dot) {
+FASTMETA_HOST_DEVICE void loss_row_tangent(const MlpShape& s, const T* out, const T* out_dot, const T* g,
+                                           int64_t label, T* g_dot) {
   const int64_t C = s.outputs();
   const T scale = s.loss_scale<T>();
   if (s.loss == MlpLoss::MSE) {
@@ -153,8 +174,7 @@ FASTMETA_HOST_DEVICE void loss_row_tangent(const MlpShape& s, const T* out, cons
   // softmax p = g / scale + onehot; g_dot = scale * p * (out_dot - p . out_dot).
   T mean = 0;
   for (int64_t c = 0; c < C; ++c) mean += (g[c] / scale + (c == label ? T(1) : T(0))) * out_dot[c];
-  for (int64_t c = 0; c < C; ++c)
-    g_dot[c] = (g[c] + (c == label ? scale : T(0))) * (out_dot[c] - mean);
+  for (int64_t c = 0; c < C; ++c) g_dot[c] = (g[c] + (c == label ? scale : T(0))) * (out_dot[c] - mean);
 }
 
 // One task's operands. Outputs that are not wanted are null: grad_input
@@ -214,8 +234,8 @@ FASTMETA_HOST_DEVICE void mlp_task(const MlpShape& s, const MlpTaskArgs<T>& a, T
   }
   T* g_out = layer(g_act, L - 1);
   team.for_each(N, [&](int64_t i) {
-    row_loss[i] = loss_row_forward(s, out + i * C, a.y ? a.y + i * C : a.y,
-                                   a.labels ? a.labels[i] : 0, g_out + i * C);
+    row_loss[i] =
+        loss_row_forward(s, out + i * C, a.y ? a.y + i * C : a.y, a.labels ? a.labels[i] : 0, g_out + i * C);
   });
   team.sync();
   team.for_each(1, [&](int64_t) {
@@ -237,8 +257,8 @@ FASTMETA_HOST_DEVICE void mlp_task(const MlpShape& s, const MlpTaskArgs<T>& a, T
                static_cast<const T*>(nullptr), static_cast<const T*>(nullptr), N, n_in, n_out);
     T* g_in = l > 0 ? layer(g_act, l - 1) : a.grad_input;
     if (g_in)
-      team.backprop(g_in, g_z, W(a.params, l), static_cast<const T*>(nullptr),
-                    static_cast<const T*>(nullptr), N, n_in, n_out);
+      team.backprop(g_in, g_z, W(a.params, l), static_cast<const T*>(nullptr), static_cast<const T*>(nullptr),
+                    N, n_in, n_out);
     team.sync();
   }
   if (!a.direction) return;
@@ -281,8 +301,7 @@ FASTMETA_HOST_DEVICE void mlp_task(const MlpShape& s, const MlpTaskArgs<T>& a, T
     team.outer(a.hvp + s.weight_offset(l), a.hvp + s.bias_offset(l), g_z_dot, input_of(l),
                l > 0 ? g_z : nullptr, l > 0 ? layer(act_dot, l - 1) : nullptr, N, n_in, n_out);
     T* g_in_dot = l > 0 ? layer(g_act_dot, l - 1) : a.hvp_input;
-    if (g_in_dot)
-      team.backprop(g_in_dot, g_z_dot, W(a.params, l), g_z, W(a.direction, l), N, n_in, n_out);
+    if (g_in_dot) team.backprop(g_in_dot, g_z_dot, W(a.params, l), g_z, W(a.direction, l), N, n_in, n_out);
     team.sync();
   }
 }

@@ -71,8 +71,7 @@ template <Metric M, typename T>
 FASTMETA_HOST_DEVICE SimilarityPartials<T> similarity_partials(T s, T ax, T ay) {
   if constexpr (M == Metric::SqEuclidean) {
     // s == 0 only where the distance was clamped at 0: gradient 0 there.
-    return s == T(0) ? SimilarityPartials<T>{T(0), T(0), T(0)}
-                     : SimilarityPartials<T>{T(2), T(-1), T(-1)};
+    return s == T(0) ? SimilarityPartials<T>{T(0), T(0), T(0)} : SimilarityPartials<T>{T(2), T(-1), T(-1)};
   } else if constexpr (M == Metric::Euclidean) {
     if (s == T(0)) return SimilarityPartials<T>{T(0), T(0), T(0)};
     T inv = T(-1) / s;  // 1 / distance
@@ -120,7 +119,7 @@ FASTMETA_HOST_DEVICE T contrastive_pair_d_same(T d, T margin) {
 
 // Calls `body` with `M` bound to the metric as a compile-time constant, so that
 // kernels are instantiated once per metric and the inner loops stay branch-free.
-#define FASTMETA_DISPATCH_METRIC(metric, ...)                              \
+#define FASTMETA_DISPATCH_METRIC(metric, ...)                             \
   [&] {                                                                   \
     switch (metric) {                                                     \
       case ::fastmeta::Metric::SqEuclidean: {                             \

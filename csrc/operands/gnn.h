@@ -13,8 +13,8 @@
 
 #include <vector>
 
-#include "common.h"
 #include "../math/gnn.h"
+#include "common.h"
 
 namespace fastmeta {
 
@@ -40,8 +40,8 @@ struct GnnOperands {
   }
 };
 
-inline GnnOperands gnn_operands(const at::Tensor& nodes, at::TensorList weights,
-                                at::TensorList biases, double negative_slope, bool last_row) {
+inline GnnOperands gnn_operands(const at::Tensor& nodes, at::TensorList weights, at::TensorList biases,
+                                double negative_slope, bool last_row) {
   GnnOperands o;
   o.last_row = last_row;
   TORCH_CHECK(nodes.scalar_type() == at::kFloat || nodes.scalar_type() == at::kDouble,
@@ -57,30 +57,31 @@ inline GnnOperands gnn_operands(const at::Tensor& nodes, at::TensorList weights,
     check_operand(weights[l], "weights[l]", 2, nodes);
     check_operand(biases[l], "biases[l]", 1, nodes);
     TORCH_CHECK(weights[l].size(1) == o.widths.back(), "fastmeta: weights[", l, "] must have ",
-                o.widths.back(), " columns (the previous layer's width), got shape ",
-                weights[l].sizes());
+                o.widths.back(), " columns (the previous layer's width), got shape ", weights[l].sizes());
     TORCH_CHECK(biases[l].size(0) == weights[l].size(0), "fastmeta: biases[", l, "] must have ",
-                weights[l].size(0), " elements like weights[", l, "]'s rows, got shape ",
-                biases[l].sizes());
+                weights[l].size(0), " elements like weights[", l, "]'s rows, got shape ", biases[l].sizes());
     o.widths.push_back(weights[l].size(0));
     o.weights.push_back(weights[l].contiguous());
     o.biases.push_back(biases[l].contiguous());
   }
-  TORCH_CHECK(o.widths.back() == 1, "fastmeta: the adjacency MLP's last layer must have one "
-              "output, got ", o.widths.back());
+  TORCH_CHECK(o.widths.back() == 1,
+              "fastmeta: the adjacency MLP's last layer must have one "
+              "output, got ",
+              o.widths.back());
   o.nodes = nodes.contiguous();
   return o;
 }
 
 inline GnnOperands gnn_backward_operands(const at::Tensor& grad, const at::Tensor& adjacency,
                                          const at::Tensor& hidden, const at::Tensor& nodes,
-                                         at::TensorList weights, at::TensorList biases,
-                                         double negative_slope, bool last_row) {
+                                         at::TensorList weights, at::TensorList biases, double negative_slope,
+                                         bool last_row) {
   GnnOperands o = gnn_operands(nodes, weights, biases, negative_slope, last_row);
   check_operand(hidden, "hidden", 1, nodes);
-  TORCH_CHECK(hidden.numel() == 0 || hidden.numel() == o.hidden_values(), "fastmeta: hidden must "
-              "be empty or hold the ", o.hidden_values(), " kept hidden activations, got shape ",
-              hidden.sizes());
+  TORCH_CHECK(hidden.numel() == 0 || hidden.numel() == o.hidden_values(),
+              "fastmeta: hidden must "
+              "be empty or hold the ",
+              o.hidden_values(), " kept hidden activations, got shape ", hidden.sizes());
   o.hidden = hidden.contiguous();
   for (const auto& [t, name] : {std::pair{&grad, "grad"}, std::pair{&adjacency, "adjacency"}}) {
     check_operand(*t, name, 3, nodes);

@@ -15,20 +15,19 @@ namespace fastmeta {
 // grad [P], a coordinate-minor state [..., P] of the same dtype and device,
 // and the flat shared weights whose size the state's shape implies
 // (`num_weights`, or -1 where the shape is too large to be real).
-inline void check_coordinate_operands(const at::Tensor& grad, const at::Tensor& state,
-                                      int64_t state_dim, const at::Tensor& weights,
-                                      int64_t num_weights, const char* state_shape) {
+inline void check_coordinate_operands(const at::Tensor& grad, const at::Tensor& state, int64_t state_dim,
+                                      const at::Tensor& weights, int64_t num_weights,
+                                      const char* state_shape) {
   TORCH_CHECK(grad.scalar_type() == at::kFloat || grad.scalar_type() == at::kDouble,
               "fastmeta: grad must be a float32 or float64 tensor, got ", grad.scalar_type());
   check_operand(grad, "grad", 1, grad);
   check_operand(state, "state", state_dim, grad);
   check_operand(weights, "weights", 1, grad);
   check_size(state, "state", state_dim - 1, grad.size(0), "the number of coordinates P in grad");
-  TORCH_CHECK(num_weights >= 0 && weights.size(0) == num_weights, "fastmeta: a state of shape ",
-              state.sizes(), " (", state_shape, ") needs ",
-              num_weights >= 0 ? std::to_string(num_weights) : std::string("too many"),
-              " weights, but weights has ", weights.size(0),
-              "; are the state and the weights from the same LSTM?");
+  TORCH_CHECK(
+      num_weights >= 0 && weights.size(0) == num_weights, "fastmeta: a state of shape ", state.sizes(), " (",
+      state_shape, ") needs ", num_weights >= 0 ? std::to_string(num_weights) : std::string("too many"),
+      " weights, but weights has ", weights.size(0), "; are the state and the weights from the same LSTM?");
 }
 
 // The number of weights of a cell, or -1 if the sizes are too large for any
@@ -46,14 +45,15 @@ inline int64_t meta_num_weights(int64_t H) {
 
 // The gradients of a step's outputs: a per-coordinate one [P] like grad, and
 // that of the new state, shaped like the state.
-inline void check_output_grads(const at::Tensor& grad_out, const char* name,
-                               const at::Tensor& grad_state, const at::Tensor& grad,
-                               const at::Tensor& state) {
+inline void check_output_grads(const at::Tensor& grad_out, const char* name, const at::Tensor& grad_state,
+                               const at::Tensor& grad, const at::Tensor& state) {
   check_operand(grad_out, name, 1, grad);
   check_size(grad_out, name, 0, grad.size(0), "the number of coordinates P in grad");
   check_operand(grad_state, "grad_state", state.dim(), grad);
-  TORCH_CHECK(grad_state.sizes() == state.sizes(), "fastmeta: grad_state must have the shape of "
-              "state ", state.sizes(), ", got ", grad_state.sizes());
+  TORCH_CHECK(grad_state.sizes() == state.sizes(),
+              "fastmeta: grad_state must have the shape of "
+              "state ",
+              state.sizes(), ", got ", grad_state.sizes());
 }
 
 inline void check_preprocess_p(double p) {
@@ -68,22 +68,19 @@ struct L2oOperands {
   at::Tensor grad_update, grad_state;  // backward only
 };
 
-inline L2oOperands l2o_operands(const at::Tensor& grad, const at::Tensor& state,
-                                const at::Tensor& weights, double preprocess_p) {
+inline L2oOperands l2o_operands(const at::Tensor& grad, const at::Tensor& state, const at::Tensor& weights,
+                                double preprocess_p) {
   TORCH_CHECK(state.dim() == 4 && state.size(1) == 2 && state.size(0) >= 1,
-              "fastmeta: state must have shape [num_layers, 2, hidden_size, P], got ",
-              state.sizes());
+              "fastmeta: state must have shape [num_layers, 2, hidden_size, P], got ", state.sizes());
   const int64_t L = state.size(0), H = state.size(2);
-  check_coordinate_operands(grad, state, 4, weights, l2o_num_weights(L, H),
-                            "num_layers, 2, hidden_size, P");
+  check_coordinate_operands(grad, state, 4, weights, l2o_num_weights(L, H), "num_layers, 2, hidden_size, P");
   check_preprocess_p(preprocess_p);
   return {{L, H, grad.size(0)}, grad.contiguous(), state.contiguous(), weights.contiguous(), {}, {}};
 }
 
-inline L2oOperands l2o_backward_operands(const at::Tensor& grad_update,
-                                         const at::Tensor& grad_state, const at::Tensor& grad,
-                                         const at::Tensor& state, const at::Tensor& weights,
-                                         double preprocess_p) {
+inline L2oOperands l2o_backward_operands(const at::Tensor& grad_update, const at::Tensor& grad_state,
+                                         const at::Tensor& grad, const at::Tensor& state,
+                                         const at::Tensor& weights, double preprocess_p) {
   L2oOperands o = l2o_operands(grad, state, weights, preprocess_p);
   check_output_grads(grad_update, "grad_update", grad_state, grad, state);
   o.grad_update = grad_update.contiguous();
@@ -116,28 +113,32 @@ struct MetaOperands {
   at::Tensor grad_theta, grad_state;  // backward only
 };
 
-inline MetaOperands meta_operands(const at::Tensor& grad, const at::Tensor& loss,
-                                  const at::Tensor& theta, const at::Tensor& state,
-                                  const at::Tensor& weights, double preprocess_p) {
+inline MetaOperands meta_operands(const at::Tensor& grad, const at::Tensor& loss, const at::Tensor& theta,
+                                  const at::Tensor& state, const at::Tensor& weights, double preprocess_p) {
   TORCH_CHECK(state.dim() == 2 && state.size(0) >= 4 && state.size(0) % 2 == 0,
               "fastmeta: state must have shape [2 * hidden_size + 2, P] with hidden_size >= 1, "
-              "got ", state.sizes());
+              "got ",
+              state.sizes());
   const int64_t H = state.size(0) / 2 - 1;
-  check_coordinate_operands(grad, state, 2, weights, meta_num_weights(H),
-                            "2 * hidden_size + 2, P");
+  check_coordinate_operands(grad, state, 2, weights, meta_num_weights(H), "2 * hidden_size + 2, P");
   check_operand(loss, "loss", 0, grad);
   check_operand(theta, "theta", 1, grad);
   check_size(theta, "theta", 0, grad.size(0), "the number of coordinates P in grad");
   check_preprocess_p(preprocess_p);
-  return {{H, grad.size(0)}, grad.contiguous(), loss.contiguous(), theta.contiguous(),
-          state.contiguous(), weights.contiguous(), {}, {}};
+  return {{H, grad.size(0)},
+          grad.contiguous(),
+          loss.contiguous(),
+          theta.contiguous(),
+          state.contiguous(),
+          weights.contiguous(),
+          {},
+          {}};
 }
 
-inline MetaOperands meta_backward_operands(const at::Tensor& grad_theta,
-                                           const at::Tensor& grad_state, const at::Tensor& grad,
-                                           const at::Tensor& loss, const at::Tensor& theta,
-                                           const at::Tensor& state, const at::Tensor& weights,
-                                           double preprocess_p) {
+inline MetaOperands meta_backward_operands(const at::Tensor& grad_theta, const at::Tensor& grad_state,
+                                           const at::Tensor& grad, const at::Tensor& loss,
+                                           const at::Tensor& theta, const at::Tensor& state,
+                                           const at::Tensor& weights, double preprocess_p) {
   MetaOperands o = meta_operands(grad, loss, theta, state, weights, preprocess_p);
   check_output_grads(grad_theta, "grad_theta", grad_state, grad, state);
   o.grad_theta = grad_theta.contiguous();

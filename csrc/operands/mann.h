@@ -19,21 +19,18 @@ struct MannOperands {
   at::Tensor grad_reads, grad_memory, grad_read_weights, memories, read_weight_history, least_used;
 };
 
-inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want,
-                        const char* what) {
-  TORCH_CHECK(t.sizes() == want, "fastmeta: ", name, " must have shape ", want, " (", what,
-              "), got ", t.sizes());
+inline void check_shape(const at::Tensor& t, const char* name, at::IntArrayRef want, const char* what) {
+  TORCH_CHECK(t.sizes() == want, "fastmeta: ", name, " must have shape ", want, " (", what, "), got ",
+              t.sizes());
 }
 
 // The checks both ops make: `memory` is the memory or its gradient, [B, S, W].
 inline MannOperands mann_step_operands(const at::Tensor& memory, const char* memory_name,
                                        const at::Tensor& read_weights, const at::Tensor& keys,
-                                       const at::Tensor& write_gates,
-                                       const at::Tensor& key_strengths) {
+                                       const at::Tensor& write_gates, const at::Tensor& key_strengths) {
   MannOperands o;
   TORCH_CHECK(memory.scalar_type() == at::kFloat || memory.scalar_type() == at::kDouble,
-              "fastmeta: ", memory_name, " must have dtype float32 or float64, got ",
-              memory.scalar_type());
+              "fastmeta: ", memory_name, " must have dtype float32 or float64, got ", memory.scalar_type());
   check_operand(memory, memory_name, 3, memory);
   check_operand(read_weights, "read_weights", 3, memory);
   check_operand(keys, "keys", 4, memory);
@@ -67,14 +64,13 @@ inline MannOperands mann_operands(const at::Tensor& memory, const at::Tensor& us
   return o;
 }
 
-inline MannOperands mann_backward_operands(
-    const at::Tensor& grad_reads, const at::Tensor& grad_memory,
-    const at::Tensor& grad_read_weights, const at::Tensor& memory, const at::Tensor& read_weights,
-    const at::Tensor& keys, const at::Tensor& write_gates, const at::Tensor& key_strengths,
-    const at::Tensor& memories, const at::Tensor& read_weight_history,
-    const at::Tensor& least_used) {
-  MannOperands o = mann_step_operands(memory, "memory", read_weights, keys, write_gates,
-                                      key_strengths);
+inline MannOperands mann_backward_operands(const at::Tensor& grad_reads, const at::Tensor& grad_memory,
+                                           const at::Tensor& grad_read_weights, const at::Tensor& memory,
+                                           const at::Tensor& read_weights, const at::Tensor& keys,
+                                           const at::Tensor& write_gates, const at::Tensor& key_strengths,
+                                           const at::Tensor& memories, const at::Tensor& read_weight_history,
+                                           const at::Tensor& least_used) {
+  MannOperands o = mann_step_operands(memory, "memory", read_weights, keys, write_gates, key_strengths);
   const MannSizes& z = o.sizes;
   check_operand(grad_memory, "grad_memory", 3, memory);
   check_shape(grad_memory, "grad_memory", memory.sizes(), "memory's shape");

@@ -14,10 +14,9 @@ struct AttentionLstmOperands {
   at::Tensor grad, hiddens, cells, attention, gates;
 };
 
-inline AttentionLstmOperands attention_lstm_inputs(const at::Tensor& query,
-                                                   const at::Tensor& support,
-                                                   const at::Tensor& weight_ih,
-                                                   const at::Tensor& weight_hh, int64_t steps) {
+inline AttentionLstmOperands attention_lstm_inputs(const at::Tensor& query, const at::Tensor& support,
+                                                   const at::Tensor& weight_ih, const at::Tensor& weight_hh,
+                                                   int64_t steps) {
   AttentionLstmOperands o;
   check_floating(query, "query");
   check_operand(query, "query", 3, query);
@@ -41,10 +40,8 @@ inline AttentionLstmOperands attention_lstm_inputs(const at::Tensor& query,
   return o;
 }
 
-inline AttentionLstmOperands attention_lstm_operands(const at::Tensor& query,
-                                                     const at::Tensor& support,
-                                                     const at::Tensor& weight_ih,
-                                                     const at::Tensor& weight_hh,
+inline AttentionLstmOperands attention_lstm_operands(const at::Tensor& query, const at::Tensor& support,
+                                                     const at::Tensor& weight_ih, const at::Tensor& weight_hh,
                                                      const at::Tensor& bias, int64_t steps) {
   AttentionLstmOperands o = attention_lstm_inputs(query, support, weight_ih, weight_hh, steps);
   check_operand(bias, "bias", 1, query);
@@ -54,12 +51,11 @@ inline AttentionLstmOperands attention_lstm_operands(const at::Tensor& query,
 }
 
 inline AttentionLstmOperands attention_lstm_backward_operands(
-    const at::Tensor& grad, const at::Tensor& query, const at::Tensor& support,
-    const at::Tensor& weight_ih, const at::Tensor& weight_hh, const at::Tensor& hiddens,
-    const at::Tensor& cells, const at::Tensor& attention, const at::Tensor& gates) {
+    const at::Tensor& grad, const at::Tensor& query, const at::Tensor& support, const at::Tensor& weight_ih,
+    const at::Tensor& weight_hh, const at::Tensor& hiddens, const at::Tensor& cells,
+    const at::Tensor& attention, const at::Tensor& gates) {
   check_operand(hiddens, "hiddens", 4, query);
-  AttentionLstmOperands o =
-      attention_lstm_inputs(query, support, weight_ih, weight_hh, hiddens.size(0));
+  AttentionLstmOperands o = attention_lstm_inputs(query, support, weight_ih, weight_hh, hiddens.size(0));
   check_operand(grad, "grad", 3, query);
   check_operand(cells, "cells", 4, query);
   check_operand(attention, "attention", 4, query);

@@ -80,12 +80,11 @@ inline SimilarityOperands similarity_operands(const at::Tensor& x, const at::Ten
 
 // The log-sum-exps a forward returned: [B, Q] in the accumulation dtype.
 inline at::Tensor checked_lse(const SimilarityOperands& o, const at::Tensor& lse) {
-  TORCH_CHECK(lse.device() == o.x.device() &&
-                  lse.scalar_type() == accumulate_type(o.x.scalar_type()) &&
+  TORCH_CHECK(lse.device() == o.x.device() && lse.scalar_type() == accumulate_type(o.x.scalar_type()) &&
                   lse.sizes() == o.x.sizes().slice(0, 2),
               "fastmeta: logsumexp must be the forward's [B, Q] = ", o.x.sizes().slice(0, 2), " ",
-              accumulate_type(o.x.scalar_type()), " tensor on ", o.x.device(), ", got ",
-              lse.sizes(), " ", lse.scalar_type(), " on ", lse.device());
+              accumulate_type(o.x.scalar_type()), " tensor on ", o.x.device(), ", got ", lse.sizes(), " ",
+              lse.scalar_type(), " on ", lse.device());
   return lse.contiguous();
 }
 
@@ -96,9 +95,9 @@ inline SimilarityOperands pairwise_distance_operands(const at::Tensor& x, const 
   return o;
 }
 
-inline SimilarityOperands pairwise_distance_backward_operands(
-    const at::Tensor& grad, const at::Tensor& distance, const at::Tensor& x, const at::Tensor& y,
-    c10::string_view metric) {
+inline SimilarityOperands pairwise_distance_backward_operands(const at::Tensor& grad,
+                                                              const at::Tensor& distance, const at::Tensor& x,
+                                                              const at::Tensor& y, c10::string_view metric) {
   SimilarityOperands o = pairwise_distance_operands(x, y, metric);
   o.grad = o.per_query(grad, "grad", o.N, "the number of keys N in y");
   o.out = o.per_query(distance, "distance", o.N, "the number of keys N in y");
@@ -110,9 +109,9 @@ inline SimilarityOperands log_softmax_operands(const at::Tensor& x, const at::Te
   return similarity_operands(x, y, metric, &scale, nullptr, nullptr);
 }
 
-inline SimilarityOperands log_softmax_backward_operands(
-    const at::Tensor& grad, const at::Tensor& log_probs, const at::Tensor& x, const at::Tensor& y,
-    const at::Tensor& scale, c10::string_view metric) {
+inline SimilarityOperands log_softmax_backward_operands(const at::Tensor& grad, const at::Tensor& log_probs,
+                                                        const at::Tensor& x, const at::Tensor& y,
+                                                        const at::Tensor& scale, c10::string_view metric) {
   SimilarityOperands o = log_softmax_operands(x, y, scale, metric);
   o.grad = o.per_query(grad, "grad", o.N, "the number of keys N in y");
   o.out = o.per_query(log_probs, "log_probs", o.N, "the number of keys N in y");
@@ -128,25 +127,25 @@ inline SimilarityOperands cross_entropy_operands(const at::Tensor& x, const at::
   return similarity_operands(x, y, metric, &scale, &target, nullptr);
 }
 
-inline SimilarityOperands cross_entropy_backward_operands(
-    const at::Tensor& grad, const at::Tensor& x, const at::Tensor& y, const at::Tensor& target,
-    const at::Tensor& scale, const at::Tensor& lse, c10::string_view metric) {
+inline SimilarityOperands cross_entropy_backward_operands(const at::Tensor& grad, const at::Tensor& x,
+                                                          const at::Tensor& y, const at::Tensor& target,
+                                                          const at::Tensor& scale, const at::Tensor& lse,
+                                                          c10::string_view metric) {
   SimilarityOperands o = cross_entropy_operands(x, y, target, scale, metric);
   o.grad = o.per_query(grad, "grad");
   o.lse = checked_lse(o, lse);
   return o;
 }
 
-inline SimilarityOperands readout_operands(const at::Tensor& x, const at::Tensor& y,
-                                           const at::Tensor& values, const at::Tensor& scale,
-                                           c10::string_view metric) {
+inline SimilarityOperands readout_operands(const at::Tensor& x, const at::Tensor& y, const at::Tensor& values,
+                                           const at::Tensor& scale, c10::string_view metric) {
   return similarity_operands(x, y, metric, &scale, nullptr, &values);
 }
 
-inline SimilarityOperands readout_backward_operands(
-    const at::Tensor& grad, const at::Tensor& out, const at::Tensor& lse, const at::Tensor& x,
-    const at::Tensor& y, const at::Tensor& values, const at::Tensor& scale,
-    c10::string_view metric) {
+inline SimilarityOperands readout_backward_operands(const at::Tensor& grad, const at::Tensor& out,
+                                                    const at::Tensor& lse, const at::Tensor& x,
+                                                    const at::Tensor& y, const at::Tensor& values,
+                                                    const at::Tensor& scale, c10::string_view metric) {
   SimilarityOperands o = readout_operands(x, y, values, scale, metric);
   o.grad = o.per_query(grad, "grad", o.V, "the value size V of values");
   o.out = o.per_query(out, "out", o.V, "the value size V of values");
@@ -174,16 +173,14 @@ inline PrototypeOperands prototype_operands(const at::Tensor& support, const at:
   check_size(labels, "labels", 1, o.S, "the number of support examples S in support");
   TORCH_CHECK(num_classes >= 0, "fastmeta: num_classes must be >= 0, got ", num_classes);
   // Every class needs an example, so a task has at least num_classes of them.
-  TORCH_CHECK(o.B == 0 || num_classes <= o.S, "fastmeta: class_prototypes: num_classes = ",
-              num_classes, " but each task has only S = ", o.S,
-              " support examples, so some class has none");
+  TORCH_CHECK(o.B == 0 || num_classes <= o.S, "fastmeta: class_prototypes: num_classes = ", num_classes,
+              " but each task has only S = ", o.S, " support examples, so some class has none");
   o.rows = support.contiguous();
   o.labels = labels.contiguous();
   return o;
 }
 
-inline PrototypeOperands prototype_backward_operands(const at::Tensor& grad,
-                                                     const at::Tensor& labels) {
+inline PrototypeOperands prototype_backward_operands(const at::Tensor& grad, const at::Tensor& labels) {
   PrototypeOperands o;
   check_floating(grad, "grad");
   check_operand(grad, "grad", 3, grad);
@@ -204,15 +201,14 @@ struct PairOperands {
   at::Tensor x1, x2, same, grad;
 };
 
-inline PairOperands pair_operands(const at::Tensor& x1, const at::Tensor& x2,
-                                  const at::Tensor& same) {
+inline PairOperands pair_operands(const at::Tensor& x1, const at::Tensor& x2, const at::Tensor& same) {
   PairOperands o;
   check_floating(x1, "x1");
   check_operand(x1, "x1", 2, x1);
   check_operand(x2, "x2", 2, x1);
   check_operand(same, "same", 1, x1);
-  TORCH_CHECK(x1.sizes() == x2.sizes(), "fastmeta: x1 and x2 must have the same shape, got ",
-              x1.sizes(), " and ", x2.sizes());
+  TORCH_CHECK(x1.sizes() == x2.sizes(), "fastmeta: x1 and x2 must have the same shape, got ", x1.sizes(),
+              " and ", x2.sizes());
   o.M = x1.size(0), o.D = x1.size(1);
   check_size(same, "same", 0, o.M, "the number of pairs in x1");
   o.x1 = x1.contiguous();
@@ -221,8 +217,8 @@ inline PairOperands pair_operands(const at::Tensor& x1, const at::Tensor& x2,
   return o;
 }
 
-inline PairOperands pair_backward_operands(const at::Tensor& grad, const at::Tensor& x1,
-                                           const at::Tensor& x2, const at::Tensor& same) {
+inline PairOperands pair_backward_operands(const at::Tensor& grad, const at::Tensor& x1, const at::Tensor& x2,
+                                           const at::Tensor& same) {
   PairOperands o = pair_operands(x1, x2, same);
   check_operand(grad, "grad", 1, x1);
   check_size(grad, "grad", 0, o.M, "the number of pairs in x1");

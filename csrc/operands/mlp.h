@@ -18,18 +18,17 @@ namespace fastmeta {
 // target [T, N, C] (MSE) or int64 labels [T, N] (cross-entropy), direction
 // [T, P] or undefined. Returns the learner's shape. Label values are checked
 // where the kernels read them (on CUDA by a device-side assertion).
-inline MlpShape check_mlp_operands(const at::Tensor& params, const at::Tensor& x,
-                                   const at::Tensor& target, const at::Tensor& direction,
-                                   at::IntArrayRef widths, c10::ArrayRef<c10::string_view> activations,
-                                   c10::string_view loss) {
+inline MlpShape check_mlp_operands(const at::Tensor& params, const at::Tensor& x, const at::Tensor& target,
+                                   const at::Tensor& direction, at::IntArrayRef widths,
+                                   c10::ArrayRef<c10::string_view> activations, c10::string_view loss) {
   TORCH_CHECK(params.scalar_type() == at::kFloat || params.scalar_type() == at::kDouble,
               "fastmeta: params must be float32 or float64, got ", params.scalar_type());
   check_operand(params, "params", 2, params);
   check_operand(x, "x", 3, params);
   check_size(x, "x", 0, params.size(0), "the number of tasks T in params");
   const int64_t layers = static_cast<int64_t>(widths.size()) - 1;
-  TORCH_CHECK(layers >= 1 && layers <= kMaxMlpLayers, "fastmeta: the learner must have 1 to ",
-              kMaxMlpLayers, " linear layers, got widths ", widths);
+  TORCH_CHECK(layers >= 1 && layers <= kMaxMlpLayers, "fastmeta: the learner must have 1 to ", kMaxMlpLayers,
+              " linear layers, got widths ", widths);
   TORCH_CHECK(static_cast<int64_t>(activations.size()) == layers, "fastmeta: ", layers,
               " linear layers need ", layers, " activations, got ", activations.size());
   MlpShape s{};
@@ -40,12 +39,12 @@ inline MlpShape check_mlp_operands(const at::Tensor& params, const at::Tensor& x
   }
   for (int64_t l = 0; l < layers; ++l) {
     const c10::string_view f = activations[l];
-    s.activation[l] = f == "identity" ? Activation::Identity
-                      : f == "relu"   ? Activation::ReLU
-                      : f == "tanh"   ? Activation::Tanh
+    s.activation[l] = f == "identity"  ? Activation::Identity
+                      : f == "relu"    ? Activation::ReLU
+                      : f == "tanh"    ? Activation::Tanh
                       : f == "sigmoid" ? Activation::Sigmoid
-                      : f == "elu"    ? Activation::ELU
-                                      : static_cast<Activation>(-1);
+                      : f == "elu"     ? Activation::ELU
+                                       : static_cast<Activation>(-1);
     TORCH_CHECK(static_cast<int>(s.activation[l]) >= 0, "fastmeta: unknown activation '", f,
                 "'; expected one of 'identity', 'relu', 'tanh', 'sigmoid', 'elu'");
   }
@@ -98,12 +97,10 @@ struct MlpOperands {
   }
 };
 
-inline MlpOperands mlp_operands(const at::Tensor& params, const at::Tensor& x,
-                                const at::Tensor& target,
-                                const std::optional<at::Tensor>& direction,
-                                at::IntArrayRef widths,
-                                c10::ArrayRef<c10::string_view> activations,
-                                c10::string_view loss, bool input_grad) {
+inline MlpOperands mlp_operands(const at::Tensor& params, const at::Tensor& x, const at::Tensor& target,
+                                const std::optional<at::Tensor>& direction, at::IntArrayRef widths,
+                                c10::ArrayRef<c10::string_view> activations, c10::string_view loss,
+                                bool input_grad) {
   MlpOperands o;
   o.direction = direction.has_value() ? direction->contiguous() : at::Tensor();
   o.shape = check_mlp_operands(params, x, target, o.direction, widths, activations, loss);

@@ -12,8 +12,7 @@ struct PairPoolOperands {
   at::Tensor queries, prototypes, grad;
 };
 
-inline PairPoolOperands pair_pool_operands(const at::Tensor& queries,
-                                           const at::Tensor& prototypes) {
+inline PairPoolOperands pair_pool_operands(const at::Tensor& queries, const at::Tensor& prototypes) {
   PairPoolOperands o;
   check_floating(queries, "queries");
   check_operand(queries, "queries", 5, queries);
@@ -30,8 +29,7 @@ inline PairPoolOperands pair_pool_operands(const at::Tensor& queries,
   return o;
 }
 
-inline PairPoolOperands pair_pool_backward_operands(const at::Tensor& grad,
-                                                    const at::Tensor& queries,
+inline PairPoolOperands pair_pool_backward_operands(const at::Tensor& grad, const at::Tensor& queries,
                                                     const at::Tensor& prototypes) {
   PairPoolOperands o = pair_pool_operands(queries, prototypes);
   check_operand(grad, "grad", 6, queries);

@@ -28,10 +28,10 @@ inline __half __float2half(float f) {
   std::memcpy(&x, &f, 4);
   const uint16_t sign = uint16_t((x >> 16) & 0x8000u);
   const uint32_t magnitude = x & 0x7FFFFFFFu;
-  if (magnitude > 0x7F800000u) return {uint16_t(sign | 0x7E00u)};  // NaN
+  if (magnitude > 0x7F800000u) return {uint16_t(sign | 0x7E00u)};   // NaN
   if (magnitude >= 0x477FF000u) return {uint16_t(sign | 0x7C00u)};  // rounds to infinity
-  if (magnitude < 0x38800000u) {  // subnormal or zero in half
-    const float scaled = std::fabs(f) * 16777216.0f;  // units of 2^-24
+  if (magnitude < 0x38800000u) {                                    // subnormal or zero in half
+    const float scaled = std::fabs(f) * 16777216.0f;                // units of 2^-24
     return {uint16_t(sign | uint16_t(std::nearbyint(scaled)))};
   }
   const uint32_t rounded = magnitude - 0x38000000u + 0xFFFu + ((magnitude >> 13) & 1u);

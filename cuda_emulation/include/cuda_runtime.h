@@ -47,8 +47,11 @@ enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidC
 enum cudaDeviceAttr { cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 enum cudaMemcpyKind {
-  cudaMemcpyHostToHost = 0, cudaMemcpyHostToDevice = 1, cudaMemcpyDeviceToHost = 2,
-  cudaMemcpyDeviceToDevice = 3, cudaMemcpyDefault = 4
+  cudaMemcpyHostToHost = 0,
+  cudaMemcpyHostToDevice = 1,
+  cudaMemcpyDeviceToHost = 2,
+  cudaMemcpyDeviceToDevice = 3,
+  cudaMemcpyDefault = 4
 };
 
 namespace cuda_emulation {
@@ -167,7 +170,8 @@ T exchange(unsigned mask, T value, Source source, int width, int line) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffles of at most 8 bytes");
   Block& b = *current_block;
   const unsigned lane = current_thread % kWarp, base = current_thread - lane;
-  if (width <= 0 || width > kWarp || (width & (width - 1))) fail("shuffle width is not a power of 2 <= 32", line);
+  if (width <= 0 || width > kWarp || (width & (width - 1)))
+    fail("shuffle width is not a power of 2 <= 32", line);
   if (!(mask >> lane & 1u)) fail("shuffle mask lacks the calling lane", line);
   for (unsigned l = 0; l < kWarp; ++l)
     if ((mask >> l & 1u) && (base + l >= b.threads || b.exited[base + l].load(std::memory_order_relaxed)))
@@ -299,30 +303,38 @@ void launch(void (*kernel)(Params...), dim3 grid, dim3 block, size_t shared, cud
 
 template <typename T>
 T __shfl_xor_sync(unsigned mask, T value, int lane_mask, int width = 32) {
-  return ::cuda_emulation::exchange(mask, value, [&](int lane) {
-    const int source = lane ^ lane_mask;
-    return source > (lane | (width - 1)) ? -1 : source;  // later segments give the lane's own value
-  }, width, 0);
+  return ::cuda_emulation::exchange(
+      mask, value,
+      [&](int lane) {
+        const int source = lane ^ lane_mask;
+        return source > (lane | (width - 1)) ? -1 : source;  // later segments give the lane's own value
+      },
+      width, 0);
 }
 template <typename T>
 T __shfl_sync(unsigned mask, T value, int source_lane, int width = 32) {
-  return ::cuda_emulation::exchange(mask, value, [&](int lane) {
-    return (lane & ~(width - 1)) + (source_lane & (width - 1));
-  }, width, 0);
+  return ::cuda_emulation::exchange(
+      mask, value, [&](int lane) { return (lane & ~(width - 1)) + (source_lane & (width - 1)); }, width, 0);
 }
 template <typename T>
 T __shfl_down_sync(unsigned mask, T value, unsigned delta, int width = 32) {
-  return ::cuda_emulation::exchange(mask, value, [&](int lane) {
-    const int source = lane + static_cast<int>(delta);
-    return source > (lane | (width - 1)) ? -1 : source;
-  }, width, 0);
+  return ::cuda_emulation::exchange(
+      mask, value,
+      [&](int lane) {
+        const int source = lane + static_cast<int>(delta);
+        return source > (lane | (width - 1)) ? -1 : source;
+      },
+      width, 0);
 }
 template <typename T>
 T __shfl_up_sync(unsigned mask, T value, unsigned delta, int width = 32) {
-  return ::cuda_emulation::exchange(mask, value, [&](int lane) {
-    const int source = lane - static_cast<int>(delta);
-    return source < (lane & ~(width - 1)) ? -1 : source;
-  }, width, 0);
+  return ::cuda_emulation::exchange(
+      mask, value,
+      [&](int lane) {
+        const int source = lane - static_cast<int>(delta);
+        return source < (lane & ~(width - 1)) ? -1 : source;
+      },
+      width, 0);
 }
 
 template <typename T>
@@ -336,9 +348,12 @@ inline cudaError_t cudaGetLastError() {
 }
 inline const char* cudaGetErrorString(cudaError_t error) {
   switch (error) {
-    case cudaSuccess: return "no error";
-    case cudaErrorInvalidConfiguration: return "invalid configuration argument";
-    default: return "invalid argument";
+    case cudaSuccess:
+      return "no error";
+    case cudaErrorInvalidConfiguration:
+      return "invalid configuration argument";
+    default:
+      return "invalid argument";
   }
 }
 inline cudaError_t cudaGetDevice(int* device) {

@@ -2,6 +2,9 @@
 // double-precision reference computed in the test, and the count of checks.
 #pragma once
 
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -9,9 +12,6 @@
 #include <random>
 #include <string>
 #include <vector>
-
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
 
 #include "launchers.h"
 
@@ -39,8 +39,9 @@ void compare(const std::vector<T>& got, const std::vector<double>& want, double 
   for (size_t i = 0; i < got.size(); ++i) {
     const double g = static_cast<double>(got[i]), w = want[i];
     const bool ok = std::isnan(w) ? std::isnan(g)
-                    : std::isinf(w) ? g == w
-                                    : std::isfinite(g) && std::fabs(g - w) <= rtol * std::fabs(w) + atol * scale;
+                    : std::isinf(w)
+                        ? g == w
+                        : std::isfinite(g) && std::fabs(g - w) <= rtol * std::fabs(w) + atol * scale;
     if (!ok) {
       std::printf("  %s[%zu] = %.9g, want %.9g\n", what.c_str(), i, g, w);
       return check(false, what);
@@ -85,15 +86,21 @@ inline std::vector<double> uniform(size_t n, double low, double high) {
 // A double rounded to T (float16 and bfloat16 through float), and back.
 template <typename T>
 T from_double(double v) {
-  if constexpr (std::is_same_v<T, __half>) return __float2half(float(v));
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __float2bfloat16(float(v));
-  else return static_cast<T>(v);
+  if constexpr (std::is_same_v<T, __half>)
+    return __float2half(float(v));
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __float2bfloat16(float(v));
+  else
+    return static_cast<T>(v);
 }
 template <typename T>
 double to_double(T v) {
-  if constexpr (std::is_same_v<T, __half>) return __half2float(v);
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return __bfloat162float(v);
-  else return static_cast<double>(v);
+  if constexpr (std::is_same_v<T, __half>)
+    return __half2float(v);
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return __bfloat162float(v);
+  else
+    return static_cast<double>(v);
 }
 
 // Values of type T, and the doubles they hold exactly (what the reference takes).
@@ -116,18 +123,26 @@ using acc_t_of = std::conditional_t<std::is_same_v<T, double>, double, float>;
 
 template <typename T>
 constexpr DType dtype_of() {
-  if constexpr (std::is_same_v<T, double>) return DType::Float64;
-  else if constexpr (std::is_same_v<T, __half>) return DType::Float16;
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return DType::BFloat16;
-  else return DType::Float32;
+  if constexpr (std::is_same_v<T, double>)
+    return DType::Float64;
+  else if constexpr (std::is_same_v<T, __half>)
+    return DType::Float16;
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return DType::BFloat16;
+  else
+    return DType::Float32;
 }
 
 template <typename T>
 const char* name_of() {
-  if constexpr (std::is_same_v<T, double>) return "float64";
-  else if constexpr (std::is_same_v<T, __half>) return "float16";
-  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return "bfloat16";
-  else return "float32";
+  if constexpr (std::is_same_v<T, double>)
+    return "float64";
+  else if constexpr (std::is_same_v<T, __half>)
+    return "float16";
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>)
+    return "bfloat16";
+  else
+    return "float32";
 }
 
 inline int finish(const char* test) {

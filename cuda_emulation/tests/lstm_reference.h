@@ -22,7 +22,8 @@ inline void log_sign(double g, double p, double* out) {
 
 // nn.LSTMCell with weights [4H, in + H] (input then hidden columns), bias
 // [4H], gates i, f, g, o; h and c updated in place.
-inline void cell(const double* x, int64_t in, double* h, double* c, const double* W, const double* b, int64_t H) {
+inline void cell(const double* x, int64_t in, double* h, double* c, const double* W, const double* b,
+                 int64_t H) {
   std::vector<double> gates(4 * H);
   for (int64_t r = 0; r < 4 * H; ++r) {
     double v = b[r];

@@ -10,8 +10,8 @@ template <typename T>
 void run(int64_t B, int64_t S, int64_t N, int64_t D) {
   using A = acc_t_of<T>;
   const DType dtype = dtype_of<T>();
-  const std::string where = std::string(name_of<T>()) + " B=" + std::to_string(B) + " S=" + std::to_string(S) +
-                            " N=" + std::to_string(N) + " D=" + std::to_string(D);
+  const std::string where = std::string(name_of<T>()) + " B=" + std::to_string(B) +
+                            " S=" + std::to_string(S) + " N=" + std::to_string(N) + " D=" + std::to_string(D);
   // Every class present in every task, in a shuffled order.
   std::vector<int64_t> labels(B * S);
   for (int64_t b = 0; b < B; ++b) {
@@ -40,8 +40,8 @@ void run(int64_t B, int64_t S, int64_t N, int64_t D) {
   check(members_ok, where + " members");
 
   std::vector<A> out(B * N * D, A(-7)), grad_support(B * S * D, A(-7));
-  fc::class_prototypes_forward(dtype, support.data(), members.data(), offsets.data(), counts.data(), B, S,
-                               N, D, out.data(), nullptr);
+  fc::class_prototypes_forward(dtype, support.data(), members.data(), offsets.data(), counts.data(), B, S, N,
+                               D, out.data(), nullptr);
   fc::class_prototypes_backward(dtype, grad.data(), labels.data(), counts.data(), B, S, N, D,
                                 grad_support.data(), nullptr);
   std::vector<double> want(out.size(), 0), want_grad(grad_support.size());
@@ -74,8 +74,8 @@ int death(const std::string& name) {
                                   grad_support.data(), nullptr);
   } else if (name == "empty-class") {
     counts = {3, 0};  // class 1 has no examples
-    fc::class_prototypes_forward(DType::Float32, support.data(), members.data(), offsets.data(), counts.data(),
-                                 1, 3, 2, 2, out.data(), nullptr);
+    fc::class_prototypes_forward(DType::Float32, support.data(), members.data(), offsets.data(),
+                                 counts.data(), 1, 3, 2, 2, out.data(), nullptr);
   }
   std::printf("no assertion failed\n");
   return 0;

@@ -20,7 +20,8 @@ void run(int64_t M, int64_t D, double margin, bool special) {
   fc::contrastive_loss_forward(dtype_of<T>(), as<T>(x1).data(), as<T>(x2).data(), as<T>(same).data(), margin,
                                M, D, loss.data(), nullptr);
   fc::contrastive_loss_backward(dtype_of<T>(), as<T>(grad).data(), as<T>(x1).data(), as<T>(x2).data(),
-                                as<T>(same).data(), margin, M, D, g1.data(), g2.data(), gsame.data(), nullptr);
+                                as<T>(same).data(), margin, M, D, g1.data(), g2.data(), gsame.data(),
+                                nullptr);
   std::vector<double> want(M), w1(M * D), w2(M * D), wsame(M);
   for (int64_t i = 0; i < M; ++i) {
     double sum = 0;

@@ -10,9 +10,9 @@ namespace fc = fastmeta::cuda;
 
 template <typename T>
 void run(int64_t B, int64_t n, int64_t F, bool last_row, int64_t tile) {
-  const std::string where = std::string(name_of<T>()) + " B=" + std::to_string(B) + " n=" + std::to_string(n) +
-                            " F=" + std::to_string(F) + (last_row ? " last_row" : "") + " tile=" +
-                            std::to_string(tile);
+  const std::string where = std::string(name_of<T>()) + " B=" + std::to_string(B) +
+                            " n=" + std::to_string(n) + " F=" + std::to_string(F) +
+                            (last_row ? " last_row" : "") + " tile=" + std::to_string(tile);
   auto nodes = held<T>(normal(B * n * F)), w = held<T>(normal(F)), upstream = held<T>(normal(B * n * n));
   if (n > 2) nodes[F + 1] = nodes[1];  // a tie: |x_i - x_j| has gradient 0 there
   const fc::GnnArgs a{dtype_of<T>(), B, n, F, last_row};
@@ -29,7 +29,8 @@ void run(int64_t B, int64_t n, int64_t F, bool last_row, int64_t tile) {
       for (int64_t j = 0; j < n; ++j) {
         if (j == i) continue;
         logit[j] = 0;
-        for (int64_t c = 0; c < F; ++c) logit[j] += w[c] * std::fabs(nodes[(b * n + i) * F + c] - nodes[(b * n + j) * F + c]);
+        for (int64_t c = 0; c < F; ++c)
+          logit[j] += w[c] * std::fabs(nodes[(b * n + i) * F + c] - nodes[(b * n + j) * F + c]);
         top = std::max(top, logit[j]);
       }
       for (int64_t j = 0; j < n; ++j) sum += j == i ? 0 : std::exp(logit[j] - top);

@@ -14,14 +14,16 @@ namespace fc = fastmeta::cuda;
 
 // update [P] then new state [L, 2, H, P].
 std::vector<double> step(const std::vector<double>& grad, const std::vector<double>& state,
-                         const std::vector<double>& w, int64_t L, int64_t H, int64_t P, double p, double scale) {
+                         const std::vector<double>& w, int64_t L, int64_t H, int64_t P, double p,
+                         double scale) {
   std::vector<double> out(P + L * 2 * H * P);
   for (int64_t c = 0; c < P; ++c) {
     std::vector<double> x(std::max<int64_t>(2, H)), h(H), cs(H);
     log_sign(grad[c], p, x.data());
     int64_t in = 2, offset = 0;
     for (int64_t l = 0; l < L; ++l) {
-      for (int64_t k = 0; k < H; ++k) h[k] = state[((l * 2) * H + k) * P + c], cs[k] = state[((l * 2 + 1) * H + k) * P + c];
+      for (int64_t k = 0; k < H; ++k)
+        h[k] = state[((l * 2) * H + k) * P + c], cs[k] = state[((l * 2 + 1) * H + k) * P + c];
       cell(x.data(), in, h.data(), cs.data(), &w[offset], &w[offset + 4 * H * (in + H)], H);
       offset += 4 * H * (in + H) + 4 * H;
       for (int64_t k = 0; k < H; ++k) {
@@ -39,8 +41,9 @@ std::vector<double> step(const std::vector<double>& grad, const std::vector<doub
 
 template <typename T>
 void run(int64_t L, int64_t H, int64_t P, size_t most_checked = 300, double p = 10) {
-  const std::string where = std::string(name_of<T>()) + " L=" + std::to_string(L) + " H=" + std::to_string(H) +
-                            " P=" + std::to_string(P) + " p=" + std::to_string(int(p));
+  const std::string where = std::string(name_of<T>()) + " L=" + std::to_string(L) +
+                            " H=" + std::to_string(H) + " P=" + std::to_string(P) +
+                            " p=" + std::to_string(int(p));
   const double scale = 0.1;
   int64_t nw = 0;
   for (int64_t l = 0; l < L; ++l) nw += 4 * H * ((l == 0 ? 2 : H) + H) + 4 * H;
@@ -73,15 +76,17 @@ void run(int64_t L, int64_t H, int64_t P, size_t most_checked = 300, double p = 
   weight.insert(weight.end(), gs.begin(), gs.end());
   std::vector<T> d_grad(P, T(NAN)), d_state(st.size(), T(NAN)), d_weights(nw, T(NAN));
   std::vector<T> partial(fc::lstm_grad_blocks(P) * nw, T(NAN));
-  fc::l2o_lstm_backward(a, as<T>(gu).data(), as<T>(gs).data(), d_grad.data(), d_state.data(), d_weights.data(),
-                        partial.data(), nullptr);
+  fc::l2o_lstm_backward(a, as<T>(gu).data(), as<T>(gs).data(), d_grad.data(), d_state.data(),
+                        d_weights.data(), partial.data(), nullptr);
   auto f = [&] { return step(grad, state, weights, L, H, P, p, scale); };
   const auto at_grad = some_indices(P, most_checked), at_state = some_indices(state.size(), most_checked),
              at_weights = some_indices(nw, most_checked);
   // The preprocessing multiplies small gradients by e^p: a smaller step there.
   const double fd = std::is_same_v<T, double> ? 1e-6 : 1e-4;
-  compare(picked(d_grad, at_grad), numeric_gradient(grad, weight, f, at_grad, 1e-9), fd, fd, where + " d grad");
-  compare(picked(d_state, at_state), numeric_gradient(state, weight, f, at_state), fd, fd, where + " d state");
+  compare(picked(d_grad, at_grad), numeric_gradient(grad, weight, f, at_grad, 1e-9), fd, fd,
+          where + " d grad");
+  compare(picked(d_state, at_state), numeric_gradient(state, weight, f, at_state), fd, fd,
+          where + " d state");
   compare(picked(d_weights, at_weights), numeric_gradient(weights, weight, f, at_weights), fd, fd,
           where + " d weights");
 }
@@ -114,8 +119,9 @@ int main() {
     run<double>(2, 20, 70, 40);
     check(false, "float64 backward of 2 layers of 20 on 101,376 B is refused");
   } catch (const std::runtime_error& error) {
-    check(std::string(error.what()).find("needs 113152 bytes of shared memory per block") != std::string::npos,
-          "float64 backward of 2 layers of 20 on 101,376 B is refused with a clear error");
+    check(
+        std::string(error.what()).find("needs 113152 bytes of shared memory per block") != std::string::npos,
+        "float64 backward of 2 layers of 20 on 101,376 B is refused with a clear error");
   }
   unsetenv("CUDA_EMULATION_SHARED_OPTIN");
   return finish("l2o_lstm_step");

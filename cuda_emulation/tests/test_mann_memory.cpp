@@ -45,9 +45,10 @@ Outputs steps(const Inputs& in, int64_t b, int64_t T, int64_t S, int64_t W, int6
       std::vector<double> logit(S);
       for (int64_t s = 0; s < S; ++s) {
         double dot = 0, norm = 0;
-        for (int64_t w = 0; w < W; ++w) dot += key[h * W + w] * memory[s * W + w], norm += memory[s * W + w] * memory[s * W + w];
-        logit[s] = in.strengths[(b * T + t) * H + h] * dot / (std::max(std::sqrt(key_norm), 1e-8) *
-                                                             std::max(std::sqrt(norm), 1e-8));
+        for (int64_t w = 0; w < W; ++w)
+          dot += key[h * W + w] * memory[s * W + w], norm += memory[s * W + w] * memory[s * W + w];
+        logit[s] = in.strengths[(b * T + t) * H + h] * dot /
+                   (std::max(std::sqrt(key_norm), 1e-8) * std::max(std::sqrt(norm), 1e-8));
         top = std::max(top, logit[s]);
       }
       for (int64_t s = 0; s < S; ++s) sum += std::exp(logit[s] - top);
@@ -70,23 +71,34 @@ Outputs steps(const Inputs& in, int64_t b, int64_t T, int64_t S, int64_t W, int6
 
 template <typename T>
 void run(int64_t B, int64_t T_, int64_t S, int64_t W, int64_t H) {
-  const std::string where = std::string(name_of<T>()) + " B=" + std::to_string(B) + " T=" + std::to_string(T_) +
-                            " S=" + std::to_string(S) + " W=" + std::to_string(W) + " H=" + std::to_string(H);
+  const std::string where = std::string(name_of<T>()) + " B=" + std::to_string(B) +
+                            " T=" + std::to_string(T_) + " S=" + std::to_string(S) +
+                            " W=" + std::to_string(W) + " H=" + std::to_string(H);
   const double decay = 0.9;
-  Inputs in{held<T>(normal(B * S * W, 0.5)), held<T>(uniform(B * S, 0, 3)), held<T>(uniform(B * H * S, 0, 0.5)),
-            held<T>(normal(B * T_ * H * W)), held<T>(uniform(B * T_ * H, 0, 1)), held<T>(uniform(B * T_ * H, 0.5, 4))};
+  Inputs in{held<T>(normal(B * S * W, 0.5)),     held<T>(uniform(B * S, 0, 3)),
+            held<T>(uniform(B * H * S, 0, 0.5)), held<T>(normal(B * T_ * H * W)),
+            held<T>(uniform(B * T_ * H, 0, 1)),  held<T>(uniform(B * T_ * H, 0.5, 4))};
   Outputs want;
   for (int64_t b = 0; b < B; ++b) {
     Outputs o = steps(in, b, T_, S, W, H, decay);
-    for (auto [to, from] : {std::pair{&want.reads, &o.reads}, {&want.memory, &o.memory}, {&want.usage, &o.usage},
+    for (auto [to, from] : {std::pair{&want.reads, &o.reads},
+                            {&want.memory, &o.memory},
+                            {&want.usage, &o.usage},
                             {&want.weights, &o.weights}})
       to->insert(to->end(), from->begin(), from->end());
     want.slots.insert(want.slots.end(), o.slots.begin(), o.slots.end());
   }
   std::vector<T> memory = as<T>(in.memory), usage = as<T>(in.usage), weights = as<T>(in.weights),
                  keys = as<T>(in.keys), gates = as<T>(in.gates), strengths = as<T>(in.strengths);
-  fc::MannArgs args{dtype_of<T>(), fastmeta::MannSizes{T_, S, W, H}, B, memory.data(), usage.data(),
-                    weights.data(), keys.data(), gates.data(), strengths.data()};
+  fc::MannArgs args{dtype_of<T>(),
+                    fastmeta::MannSizes{T_, S, W, H},
+                    B,
+                    memory.data(),
+                    usage.data(),
+                    weights.data(),
+                    keys.data(),
+                    gates.data(),
+                    strengths.data()};
   const int64_t n = std::min(H, S);
   std::vector<T> reads(B * T_ * H * W, T(NAN)), memory_out(B * S * W, T(NAN)), weights_out(B * H * S, T(NAN)),
       usage_out(B * S, T(NAN)), memories(B * T_ * S * W, T(NAN)), history(B * T_ * H * S, T(NAN)),
@@ -117,7 +129,7 @@ void run(int64_t B, int64_t T_, int64_t S, int64_t W, int64_t H) {
     }
     return total;
   };
-  auto numeric = [&](std::vector<double> Inputs::*field) {
+  auto numeric = [&](std::vector<double> Inputs::* field) {
     std::vector<double> grad((in.*field).size());
     for (size_t i = 0; i < grad.size(); ++i) {
       Inputs plus = in, minus = in;
@@ -127,8 +139,8 @@ void run(int64_t B, int64_t T_, int64_t S, int64_t W, int64_t H) {
     return grad;
   };
   std::vector<T> grad_memory0(memory_out.size(), T(NAN)), grad_weights0(weights_out.size(), T(NAN)),
-      grad_keys(keys.size(), T(NAN)), grad_gates(gates.size(), T(NAN)), grad_strengths(strengths.size(), T(NAN)),
-      back_scratch(B * (S * W + 2 * H * S + 2 * S), T(NAN));
+      grad_keys(keys.size(), T(NAN)), grad_gates(gates.size(), T(NAN)),
+      grad_strengths(strengths.size(), T(NAN)), back_scratch(B * (S * W + 2 * H * S + 2 * S), T(NAN));
   fc::mann_memory_backward(args, as<T>(gr).data(), as<T>(gm).data(), as<T>(gw).data(), memories.data(),
                            history.data(), slots.data(), grad_memory0.data(), grad_weights0.data(),
                            grad_keys.data(), grad_gates.data(), grad_strengths.data(), back_scratch.data(),
@@ -146,11 +158,13 @@ int death(const std::string& name) {
   const int64_t B = 1, T = 1, S = 2, W = 1, H = 1;
   std::vector<double> v(16, 0.5), scratch(16);
   std::vector<int64_t> slots{S};  // out of range
-  fc::MannArgs a{DType::Float64, fastmeta::MannSizes{T, S, W, H}, B, v.data(), v.data(), v.data(), v.data(),
-                 v.data(), v.data()};
+  fc::MannArgs a{
+      DType::Float64, fastmeta::MannSizes{T, S, W, H}, B, v.data(), v.data(), v.data(), v.data(), v.data(),
+      v.data()};
   if (name == "slot")
-    fc::mann_memory_backward(a, v.data(), v.data(), v.data(), v.data(), v.data(), slots.data(), scratch.data(),
-                             scratch.data(), scratch.data(), scratch.data(), scratch.data(), scratch.data(), nullptr);
+    fc::mann_memory_backward(a, v.data(), v.data(), v.data(), v.data(), v.data(), slots.data(),
+                             scratch.data(), scratch.data(), scratch.data(), scratch.data(), scratch.data(),
+                             scratch.data(), nullptr);
   std::printf("no assertion failed\n");
   return 0;
 }
@@ -158,7 +172,8 @@ int death(const std::string& name) {
 int main(int argc, char** argv) {
   if (argc == 3 && std::string(argv[1]) == "--death") return death(argv[2]);
   // One slot; more heads than slots; odd sizes over several blocks of 32 episodes; no steps.
-  const int64_t shapes[][5] = {{2, 3, 1, 2, 1}, {3, 4, 3, 2, 5}, {2, 5, 7, 5, 3}, {40, 2, 4, 3, 2}, {2, 0, 5, 3, 2}};
+  const int64_t shapes[][5] = {
+      {2, 3, 1, 2, 1}, {3, 4, 3, 2, 5}, {2, 5, 7, 5, 3}, {40, 2, 4, 3, 2}, {2, 0, 5, 3, 2}};
   for (const auto& s : shapes) {
     run<float>(s[0], s[1], s[2], s[3], s[4]);
     run<double>(s[0], s[1], s[2], s[3], s[4]);

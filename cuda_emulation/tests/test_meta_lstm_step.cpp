@@ -37,19 +37,21 @@ std::vector<double> step(const std::vector<double>& grad, double loss, const std
 
 template <typename T>
 void run(int64_t H, int64_t P, double loss_value, double p = 10) {
-  const std::string where = std::string(name_of<T>()) + " H=" + std::to_string(H) + " P=" + std::to_string(P) +
-                            " p=" + std::to_string(int(p));
+  const std::string where = std::string(name_of<T>()) + " H=" + std::to_string(H) +
+                            " P=" + std::to_string(P) + " p=" + std::to_string(int(p));
   const int64_t nw = 4 * H * (4 + H) + 4 * H + 2 * (H + 2) + 2;
   auto grad = normal(P);
   if (p < 20)
     for (int64_t c = 0; c < P; c += 4) grad[c] *= 1e-7;  // below e^-p: the linear branch
   grad = held<T>(grad);
-  auto theta = held<T>(normal(P)), state = held<T>(uniform((2 * H + 2) * P, 0, 1)), weights = held<T>(normal(nw, 0.3));
+  auto theta = held<T>(normal(P)), state = held<T>(uniform((2 * H + 2) * P, 0, 1)),
+       weights = held<T>(normal(nw, 0.3));
   std::vector<double> loss{static_cast<double>(static_cast<T>(loss_value))};
   const auto want = step(grad, loss[0], theta, state, weights, H, P, p);
   std::vector<double> want_theta(want.begin(), want.begin() + P), want_state(want.begin() + P, want.end());
 
-  std::vector<T> gt = as<T>(grad), lt = as<T>(loss), tt = as<T>(theta), st = as<T>(state), wt = as<T>(weights);
+  std::vector<T> gt = as<T>(grad), lt = as<T>(loss), tt = as<T>(theta), st = as<T>(state),
+                 wt = as<T>(weights);
   const fc::MetaArgs a{dtype_of<T>(), H, P, p, gt.data(), lt.data(), tt.data(), st.data(), wt.data()};
   std::vector<T> theta_out(P, T(NAN)), new_state(st.size(), T(NAN));
   fc::meta_lstm_forward(a, theta_out.data(), new_state.data(), nullptr);
@@ -66,11 +68,14 @@ void run(int64_t H, int64_t P, double loss_value, double p = 10) {
                          d_theta.data(), d_state.data(), d_weights.data(), partial.data(), nullptr);
   auto f = [&] { return step(grad, loss[0], theta, state, weights, H, P, p); };
   const double fd = std::is_same_v<T, double> ? 1e-6 : 1e-4;
-  const auto at_p = some_indices(P, 300), at_state = some_indices(state.size(), 300), at_w = some_indices(nw, 300);
+  const auto at_p = some_indices(P, 300), at_state = some_indices(state.size(), 300),
+             at_w = some_indices(nw, 300);
   compare(picked(d_grad, at_p), numeric_gradient(grad, weight, f, at_p, 1e-9), fd, fd, where + " d grad");
-  compare(d_loss, numeric_gradient(loss, weight, f, {0}, loss[0] < 1e-4 ? 1e-10 : 1e-6), fd, fd, where + " d loss");
+  compare(d_loss, numeric_gradient(loss, weight, f, {0}, loss[0] < 1e-4 ? 1e-10 : 1e-6), fd, fd,
+          where + " d loss");
   compare(picked(d_theta, at_p), numeric_gradient(theta, weight, f, at_p), fd, fd, where + " d theta");
-  compare(picked(d_state, at_state), numeric_gradient(state, weight, f, at_state), fd, fd, where + " d state");
+  compare(picked(d_state, at_state), numeric_gradient(state, weight, f, at_state), fd, fd,
+          where + " d state");
   compare(picked(d_weights, at_w), numeric_gradient(weights, weight, f, at_w), fd, fd, where + " d weights");
 }
 

@@ -12,20 +12,30 @@ using fastmeta::MlpLoss;
 
 double act(Activation f, double z) {
   switch (f) {
-    case Activation::ReLU: return z > 0 ? z : 0;
-    case Activation::Tanh: return std::tanh(z);
-    case Activation::Sigmoid: return 1 / (1 + std::exp(-z));
-    case Activation::ELU: return z > 0 ? z : std::expm1(z);
-    default: return z;
+    case Activation::ReLU:
+      return z > 0 ? z : 0;
+    case Activation::Tanh:
+      return std::tanh(z);
+    case Activation::Sigmoid:
+      return 1 / (1 + std::exp(-z));
+    case Activation::ELU:
+      return z > 0 ? z : std::expm1(z);
+    default:
+      return z;
   }
 }
 double act_slope(Activation f, double z) {
   switch (f) {
-    case Activation::ReLU: return z > 0 ? 1 : 0;
-    case Activation::Tanh: return 1 - std::tanh(z) * std::tanh(z);
-    case Activation::Sigmoid: return act(f, z) * (1 - act(f, z));
-    case Activation::ELU: return z > 0 ? 1 : std::exp(z);
-    default: return 1;
+    case Activation::ReLU:
+      return z > 0 ? 1 : 0;
+    case Activation::Tanh:
+      return 1 - std::tanh(z) * std::tanh(z);
+    case Activation::Sigmoid:
+      return act(f, z) * (1 - act(f, z));
+    case Activation::ELU:
+      return z > 0 ? 1 : std::exp(z);
+    default:
+      return 1;
   }
 }
 
@@ -66,7 +76,8 @@ Derivatives derivatives(const fastmeta::MlpShape& s, const double* p, const doub
       for (int64_t c = 0; c < C; ++c) top = std::max(top, o[c]);
       for (int64_t c = 0; c < C; ++c) sum += std::exp(o[c] - top);
       loss += (top + std::log(sum) - o[labels[i]]) / double(N);
-      for (int64_t c = 0; c < C; ++c) d[i * C + c] = (std::exp(o[c] - top) / sum - (c == labels[i])) / double(N);
+      for (int64_t c = 0; c < C; ++c)
+        d[i * C + c] = (std::exp(o[c] - top) / sum - (c == labels[i])) / double(N);
     }
   }
   Derivatives r{loss, std::vector<double>(s.num_params(), 0), {}};
@@ -100,16 +111,28 @@ void run(std::vector<int64_t> widths, std::vector<Activation> acts, MlpLoss loss
   const std::string where = std::string(name_of<T>()) + (loss == MlpLoss::MSE ? " mse" : " cross-entropy") +
                             " layers=" + std::to_string(s.layers) + " tasks=" + std::to_string(tasks) +
                             " N=" + std::to_string(N);
-  auto params = held<T>(normal(tasks * P, 0.5)), x = held<T>(normal(tasks * X)), y = held<T>(normal(tasks * N * C));
+  auto params = held<T>(normal(tasks * P, 0.5)), x = held<T>(normal(tasks * X)),
+       y = held<T>(normal(tasks * N * C));
   auto direction = held<T>(normal(tasks * P));
   std::vector<int64_t> labels(tasks * N);
   for (auto& l : labels) l = int64_t(rng()() % C);
   std::vector<T> pt = as<T>(params), xt = as<T>(x), yt = as<T>(y), dt = as<T>(direction);
   std::vector<T> got_loss(tasks, T(NAN)), grad(tasks * P, T(NAN)), grad_input(tasks * X, T(NAN)),
       hvp(tasks * P, T(NAN)), hvp_input(tasks * X, T(NAN));
-  fc::MlpArgs a{dtype_of<T>(), s, tasks, pt.data(), P, xt.data(), loss == MlpLoss::MSE ? yt.data() : nullptr,
-                loss == MlpLoss::MSE ? nullptr : labels.data(), dt.data(), got_loss.data(), grad.data(),
-                grad_input.data(), hvp.data(), hvp_input.data()};
+  fc::MlpArgs a{dtype_of<T>(),
+                s,
+                tasks,
+                pt.data(),
+                P,
+                xt.data(),
+                loss == MlpLoss::MSE ? yt.data() : nullptr,
+                loss == MlpLoss::MSE ? nullptr : labels.data(),
+                dt.data(),
+                got_loss.data(),
+                grad.data(),
+                grad_input.data(),
+                hvp.data(),
+                hvp_input.data()};
   int64_t bytes = fc::mlp_global_workspace_bytes(a);
   if (force_global) bytes = tasks * s.workspace_size() * int64_t(sizeof(T));
   std::vector<T> workspace(bytes / sizeof(T), T(NAN));
@@ -128,7 +151,8 @@ void run(std::vector<int64_t> widths, std::vector<Activation> acts, MlpLoss loss
     want_grad.insert(want_grad.end(), d.grad.begin(), d.grad.end());
     want_input.insert(want_input.end(), d.grad_input.begin(), d.grad_input.end());
     for (int64_t i = 0; i < P; ++i) want_hvp.push_back((plus.grad[i] - minus.grad[i]) / (2 * h));
-    for (int64_t i = 0; i < X; ++i) want_hvp_input.push_back((plus.grad_input[i] - minus.grad_input[i]) / (2 * h));
+    for (int64_t i = 0; i < X; ++i)
+      want_hvp_input.push_back((plus.grad_input[i] - minus.grad_input[i]) / (2 * h));
   }
   const double tol = tolerance<T>() * 10, fd = std::is_same_v<T, double> ? 1e-6 : 1e-3;
   compare(got_loss, want_loss, tol, tol, where + " loss");
@@ -146,8 +170,8 @@ int death(const std::string& name) {
   s.loss = MlpLoss::CrossEntropy, s.N = 2;
   std::vector<double> params(9, 0.1), x(4, 1.0), loss(1), grad(9);
   std::vector<int64_t> labels{0, 3};  // 3 classes
-  fc::MlpArgs a{DType::Float64, s, 1, params.data(), 9, x.data(), nullptr, labels.data(), nullptr, loss.data(),
-                grad.data(), nullptr, nullptr, nullptr};
+  fc::MlpArgs a{DType::Float64, s,       1,           params.data(), 9,       x.data(), nullptr,
+                labels.data(),  nullptr, loss.data(), grad.data(),   nullptr, nullptr,  nullptr};
   if (name == "label") fc::mlp_task_derivatives(a, nullptr, nullptr);
   std::printf("no assertion failed\n");
   return 0;
@@ -164,7 +188,8 @@ int main(int argc, char** argv) {
   // Shared memory past the 48 KiB default (opted in), and global scratch.
   run<float>({3, 40, 17, 6, 2}, {A::Tanh, A::ELU, A::Sigmoid, A::Identity}, MlpLoss::MSE, 2, 40);
   run<double>({3, 40, 17, 6, 2}, {A::Tanh, A::ELU, A::Sigmoid, A::Identity}, MlpLoss::MSE, 2, 40);
-  run<double>({3, 40, 17, 6, 2}, {A::Tanh, A::ELU, A::Sigmoid, A::Identity}, MlpLoss::CrossEntropy, 2, 10, true);
+  run<double>({3, 40, 17, 6, 2}, {A::Tanh, A::ELU, A::Sigmoid, A::Identity}, MlpLoss::CrossEntropy, 2, 10,
+              true);
   run<float>({2, 8, 3}, {A::ReLU, A::Identity}, MlpLoss::MSE, 2, 900);
   return finish("mlp_task_derivatives");
 }

@@ -43,7 +43,9 @@ Pair similarity(Metric m, const double* x, const double* y, int64_t D) {
   for (int64_t d = 0; d < D; ++d) {
     const double diff = x[d] - y[d];
     switch (m) {
-      case Metric::SqEuclidean: p.dx[d] = -2 * diff, p.dy[d] = 2 * diff; break;
+      case Metric::SqEuclidean:
+        p.dx[d] = -2 * diff, p.dy[d] = 2 * diff;
+        break;
       case Metric::Euclidean:
         p.dx[d] = dist > 0 ? -diff / dist : 0, p.dy[d] = dist > 0 ? diff / dist : 0;
         break;
@@ -51,10 +53,15 @@ Pair similarity(Metric m, const double* x, const double* y, int64_t D) {
         p.dx[d] = ax * ay * y[d] - (nx > eps ? dot * ay * ax * ax * ax * x[d] : 0);
         p.dy[d] = ax * ay * x[d] - (ny > eps ? dot * ax * ay * ay * ay * y[d] : 0);
         break;
-      case Metric::Dot: p.dx[d] = y[d], p.dy[d] = x[d]; break;
+      case Metric::Dot:
+        p.dx[d] = y[d], p.dy[d] = x[d];
+        break;
     }
   }
-  p.s = m == Metric::SqEuclidean ? -d2 : m == Metric::Euclidean ? -dist : m == Metric::Cosine ? dot * ax * ay : dot;
+  p.s = m == Metric::SqEuclidean ? -d2
+        : m == Metric::Euclidean ? -dist
+        : m == Metric::Cosine    ? dot * ax * ay
+                                 : dot;
   return p;
 }
 
@@ -69,9 +76,9 @@ template <typename T>
 void run(Op op, Metric m, int64_t B, int64_t Q, int64_t N, int64_t D, Poison poison = Poison::None) {
   using A = acc_t_of<T>;
   const int64_t V = 3;
-  const std::string where = std::string(op_name(op)) + " " + metric_name(m) + " " + name_of<T>() + " B=" +
-                            std::to_string(B) + " Q=" + std::to_string(Q) + " N=" + std::to_string(N) +
-                            " D=" + std::to_string(D) + poison_name(poison);
+  const std::string where = std::string(op_name(op)) + " " + metric_name(m) + " " + name_of<T>() +
+                            " B=" + std::to_string(B) + " Q=" + std::to_string(Q) +
+                            " N=" + std::to_string(N) + " D=" + std::to_string(D) + poison_name(poison);
   auto x = held<T>(normal(B * Q * D)), y = held<T>(normal(B * N * D)), values = held<T>(normal(B * N * V));
   auto scale = held<T>(uniform(B * Q, 0.3, 1.5));
   for (int64_t b = 0; b < B; ++b)  // a query equal to a key: distance 0
@@ -83,7 +90,9 @@ void run(Op op, Metric m, int64_t B, int64_t Q, int64_t N, int64_t D, Poison poi
   std::vector<int64_t> target(B * Q);
   for (auto& t : target) t = int64_t(rng()() % N);
   const bool distance = op == Op::PairwiseDistance;
-  const int64_t out_size = op == Op::CrossEntropy ? B * Q : op == Op::AttentionReadout ? B * Q * V : B * Q * N;
+  const int64_t out_size = op == Op::CrossEntropy       ? B * Q
+                           : op == Op::AttentionReadout ? B * Q * V
+                                                        : B * Q * N;
   std::vector<double> upstream = held<T>(normal(out_size));
 
   // Reference forward and backward. With a poisoned entry, the upstream
@@ -193,17 +202,21 @@ void run(Op op, Metric m, int64_t B, int64_t Q, int64_t N, int64_t D, Poison poi
     std::vector<size_t> at;
     for (int64_t row = 0; row < rows; ++row) {
       const bool last_task = row / per_task == B - 1;
-      if (poison != Poison::None && last_task && (!query_side || poison == Poison::InfKey || row == bad_row)) continue;
+      if (poison != Poison::None && last_task && (!query_side || poison == Poison::InfKey || row == bad_row))
+        continue;
       for (int64_t j = 0; j < width; ++j) at.push_back(size_t(row * width + j));
     }
     return at;
   };
-  auto compare_at = [&](const std::vector<A>& got, const std::vector<double>& want, const std::vector<size_t>& at,
-                        const std::string& what) { compare(picked(got, at), picked(want, at), tol, tol, where + what); };
+  auto compare_at = [&](const std::vector<A>& got, const std::vector<double>& want,
+                        const std::vector<size_t>& at, const std::string& what) {
+    compare(picked(got, at), picked(want, at), tol, tol, where + what);
+  };
   compare_at(got_gx, gx, untouched(B * Q, Q, D, true), " grad x");
   compare_at(got_gy, gy, untouched(B * N, N, D, false), " grad y");
   if (!distance) compare_at(got_gscale, gscale, untouched(B * Q, Q, 1, true), " grad scale");
-  if (op == Op::AttentionReadout) compare_at(got_gvalues, gvalues, untouched(B * N, N, V, false), " grad values");
+  if (op == Op::AttentionReadout)
+    compare_at(got_gvalues, gvalues, untouched(B * N, N, V, false), " grad values");
   // A key whose distances are all infinite or NaN has cotangents 0 and, as on
   // the CPU, gradient 0, not 0 * inf = NaN (desk review, finding 5a).
   if (poison == Poison::InfKey && distance && m == Metric::SqEuclidean) {
@@ -222,7 +235,8 @@ int death(const std::string& name) {
   fc::SimilarityArgs a{};
   a.dtype = DType::Float32, a.metric = Metric::Dot, a.B = 1, a.Q = 2, a.N = 3, a.D = 2, a.V = 0;
   a.x = x.data(), a.y = y.data(), a.scale = scale.data(), a.target = target.data();
-  a.x_stat = stats.data(), a.x_coeff = stats.data() + 2, a.y_stat = stats.data() + 4, a.y_coeff = stats.data() + 7;
+  a.x_stat = stats.data(), a.x_coeff = stats.data() + 2, a.y_stat = stats.data() + 4,
+  a.y_coeff = stats.data() + 7;
   if (name == "target-forward") fc::similarity_forward(Op::CrossEntropy, a, out.data(), lse.data(), nullptr);
   if (name == "target-backward") {
     fc::SimilarityGrads gr{};
@@ -250,7 +264,8 @@ int main(int argc, char** argv) {
       }
       run<__half>(op, m, 1, 33, 37, 35);
       run<__nv_bfloat16>(op, m, 2, 3, 5, 7);
-      for (Poison poison : {Poison::NanQuery, Poison::InfQuery, Poison::InfKey}) run<double>(op, m, 2, 3, 4, 5, poison);
+      for (Poison poison : {Poison::NanQuery, Poison::InfQuery, Poison::InfKey})
+        run<double>(op, m, 2, 3, 4, 5, poison);
     }
   return finish("similarity");
 }

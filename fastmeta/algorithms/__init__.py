@@ -16,5 +16,16 @@ from .maml import MAML, clone_module, maml_update, update_module
 from .meta_sgd import MetaSGD, meta_sgd_update
 from .reptile import Reptile
 
-__all__ = ["MAML", "MetaSGD", "ANIL", "BatchedMAML", "MetaBatchOutput", "Reptile", "iMAML",
-           "clone_module", "update_module", "maml_update", "meta_sgd_update"]
+__all__ = [
+    "MAML",
+    "MetaSGD",
+    "ANIL",
+    "BatchedMAML",
+    "MetaBatchOutput",
+    "Reptile",
+    "iMAML",
+    "clone_module",
+    "update_module",
+    "maml_update",
+    "meta_sgd_update",
+]

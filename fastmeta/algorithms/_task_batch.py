@@ -10,9 +10,17 @@ import torch
 from torch import nn
 
 from .. import _build_config
-from .engine import (Loss, loss_function, batch_statistics, flat_to_dict,
-                     mlp_derivatives, mlp_structure, module_derivatives,
-                     one_task_at_a_time, tracking_batch_norms)
+from .engine import (
+    Loss,
+    batch_statistics,
+    flat_to_dict,
+    loss_function,
+    mlp_derivatives,
+    mlp_structure,
+    module_derivatives,
+    one_task_at_a_time,
+    tracking_batch_norms,
+)
 
 __all__ = ["MetaBatchOutput"]
 
@@ -32,15 +40,17 @@ def check_tasks(name: str, device: torch.device, **tensors: torch.Tensor):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name}: {key} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() < 2:
-            raise ValueError(f"{name}: {key} must be [T, N, ...] (tasks, points), got shape "
-                             f"{list(t.shape)}")
+            raise ValueError(f"{name}: {key} must be [T, N, ...] (tasks, points), got shape {list(t.shape)}")
         if t.device != device:
-            raise ValueError(f"{name}: {key} is on {t.device} but the module's parameters are on "
-                             f"{device}; move them to the same device")
+            raise ValueError(
+                f"{name}: {key} is on {t.device} but the module's parameters are on "
+                f"{device}; move them to the same device"
+            )
     counts = {key: t.shape[0] for key, t in tensors.items()}
     if len(set(counts.values())) > 1:
-        raise ValueError(f"{name}: the number of tasks differs between "
-                         + ", ".join(f"{k} ({v})" for k, v in counts.items()))
+        raise ValueError(
+            f"{name}: the number of tasks differs between " + ", ".join(f"{k} ({v})" for k, v in counts.items())
+        )
     if 0 in counts.values():
         raise ValueError(f"{name}: there are no tasks (T = 0); pass at least one task")
     for key, what in (("x_support", "support"), ("x_query", "query")):
@@ -99,8 +109,10 @@ class TaskBatchLearner(nn.Module):
 
     def _check_memory(self, memory: str) -> str:
         if memory not in self.MEMORY_POLICIES:
-            raise ValueError(f"{type(self).__name__}: unknown memory policy {memory!r}; expected "
-                             "one of " + ", ".join(map(repr, self.MEMORY_POLICIES)))
+            raise ValueError(
+                f"{type(self).__name__}: unknown memory policy {memory!r}; expected "
+                "one of " + ", ".join(map(repr, self.MEMORY_POLICIES))
+            )
         return memory
 
     def _keeps_graphs(self, derivatives, device: torch.device) -> bool:
@@ -108,17 +120,14 @@ class TaskBatchLearner(nn.Module):
         policy (``self.memory``, BatchedMAML and iMAML)."""
         if self._runs_fused(derivatives):
             return False
-        return self.memory == "keep" or (self.memory == "auto"
-                                         and one_task_at_a_time(self.module, device))
+        return self.memory == "keep" or (self.memory == "auto" and one_task_at_a_time(self.module, device))
 
     def derivatives(self, x: torch.Tensor, dtype: torch.dtype):
         """The derivatives function for inputs ``x`` and parameters of
         ``dtype``: the fused kernels where they support the learner."""
         fused = self._fused_derivatives()
-        on_fused_device = x.device.type == "cpu" or (x.device.type == "cuda" and
-                                                     _build_config.WITH_CUDA)
-        if (fused is not None and x.dim() == 3 and on_fused_device
-                and dtype in (torch.float32, torch.float64)):
+        on_fused_device = x.device.type == "cpu" or (x.device.type == "cuda" and _build_config.WITH_CUDA)
+        if fused is not None and x.dim() == 3 and on_fused_device and dtype in (torch.float32, torch.float64):
             return fused
         return module_derivatives(self.module, self.loss)
 
@@ -149,8 +158,9 @@ class TaskBatchLearner(nn.Module):
         dtype = functools.reduce(torch.promote_types, (p.dtype for p in params))
         lr = self._inner_lr(dtype, params[0].device)
         if not all(p.requires_grad for p in params):
-            lr = lr * torch.cat([torch.full((p.numel(),), float(p.requires_grad), dtype=dtype,
-                                            device=lr.device) for p in params])
+            lr = lr * torch.cat(
+                [torch.full((p.numel(),), float(p.requires_grad), dtype=dtype, device=lr.device) for p in params]
+            )
         return params, lr
 
     def _flat_parameters_and_step_size(self):
@@ -171,8 +181,9 @@ class TaskBatchLearner(nn.Module):
         return theta, thetas.expand(x.shape[0], -1), losses
 
     @torch.no_grad()
-    def adapt(self, x_support: torch.Tensor, y_support: torch.Tensor,
-              steps: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    def adapt(
+        self, x_support: torch.Tensor, y_support: torch.Tensor, steps: Optional[int] = None
+    ) -> Dict[str, torch.Tensor]:
         """Per-task adapted parameters ``{name: [T, *shape]}`` after ``steps``
         (default ``inner_steps``) inner steps, without meta-gradients; use
         with ``torch.func.functional_call`` or :meth:`predict`."""
@@ -182,11 +193,11 @@ class TaskBatchLearner(nn.Module):
         return flat_to_dict(self.module, self._adapted(x_support, y_support, steps)[1])
 
     @torch.no_grad()
-    def predict(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
-                steps: Optional[int] = None) -> torch.Tensor:
+    def predict(
+        self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor, steps: Optional[int] = None
+    ) -> torch.Tensor:
         """The adapted learners' outputs on ``x_query`` ``[T, ...]``."""
-        check_tasks(type(self).__name__, self._device(), x_support=x_support, y_support=y_support,
-                     x_query=x_query)
+        check_tasks(type(self).__name__, self._device(), x_support=x_support, y_support=y_support, x_query=x_query)
         steps = self.inner_steps if steps is None else check_steps(type(self).__name__, steps)
         return self._task_outputs(self._adapted(x_support, y_support, steps)[1], x_query)
 
@@ -195,16 +206,23 @@ class TaskBatchLearner(nn.Module):
         """Each task's outputs on ``x [T, N, ...]`` under its parameters
         ``[T, P]``, batch norm on the task's batch as in the inner loop (one
         task at a time for convolutional learners on the CPU, as there)."""
+
         def call(p, inputs):
             return torch.func.functional_call(self.module, flat_to_dict(self.module, p), (inputs,))
+
         with batch_statistics(self.module):
             if one_task_at_a_time(self.module, x.device):
                 return torch.stack([call(p, inputs) for p, inputs in zip(params, x)])
             return torch.func.vmap(call)(params, x)
 
-    def _meta_batch_output(self, losses: torch.Tensor, adapted: torch.Tensor, x_query: torch.Tensor,
-                           y_query: torch.Tensor, outputs: Optional[torch.Tensor] = None
-                           ) -> MetaBatchOutput:
+    def _meta_batch_output(
+        self,
+        losses: torch.Tensor,
+        adapted: torch.Tensor,
+        x_query: torch.Tensor,
+        y_query: torch.Tensor,
+        outputs: Optional[torch.Tensor] = None,
+    ) -> MetaBatchOutput:
         """The output of one meta-batch; the query ``outputs`` computed here
         unless the adaptation gave them."""
         if outputs is None:

@@ -7,8 +7,8 @@ from typing import Dict, Optional
 import torch
 from torch import nn
 
-from .engine import (Loss)
 from .batched_maml import BatchedMAML
+from .engine import Loss
 
 __all__ = ["ANIL"]
 
@@ -44,8 +44,16 @@ class ANIL(nn.Module):
         torch.Size([4, 10, 5])
     """
 
-    def __init__(self, body: nn.Module, head: nn.Module, inner_lr: float, inner_steps: int = 1,
-                 first_order: bool = False, learn_inner_lr: bool = False, loss: Loss = "cross_entropy"):
+    def __init__(
+        self,
+        body: nn.Module,
+        head: nn.Module,
+        inner_lr: float,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        learn_inner_lr: bool = False,
+        loss: Loss = "cross_entropy",
+    ):
         super().__init__()
         self.body = body
         self.head = BatchedMAML(head, inner_lr, inner_steps, first_order, learn_inner_lr, loss)
@@ -53,29 +61,34 @@ class ANIL(nn.Module):
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """The body's features ``[T, N, D]`` of inputs ``[T, N, ...]``."""
         if x.dim() < 2:
-            raise ValueError(f"ANIL: inputs must be [T, N, ...] (tasks, examples, ...), got shape "
-                             f"{list(x.shape)}")
+            raise ValueError(f"ANIL: inputs must be [T, N, ...] (tasks, examples, ...), got shape {list(x.shape)}")
         features = self.body(x.flatten(0, 1))
         if features.dim() != 2:
-            raise ValueError(f"ANIL: the body must return [n, D] features, got shape "
-                             f"{list(features.shape)}")
+            raise ValueError(f"ANIL: the body must return [n, D] features, got shape {list(features.shape)}")
         return features.unflatten(0, x.shape[:2])
 
-    def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
-                y_query: torch.Tensor, return_outputs: bool = False):
+    def forward(
+        self,
+        x_support: torch.Tensor,
+        y_support: torch.Tensor,
+        x_query: torch.Tensor,
+        y_query: torch.Tensor,
+        return_outputs: bool = False,
+    ):
         """The mean over tasks of the query loss after adapting the head
         (with ``return_outputs``, a :class:`MetaBatchOutput`)."""
-        return self.head(self.features(x_support), y_support, self.features(x_query), y_query,
-                         return_outputs)
+        return self.head(self.features(x_support), y_support, self.features(x_query), y_query, return_outputs)
 
     @torch.no_grad()
-    def adapt(self, x_support: torch.Tensor, y_support: torch.Tensor,
-              steps: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    def adapt(
+        self, x_support: torch.Tensor, y_support: torch.Tensor, steps: Optional[int] = None
+    ) -> Dict[str, torch.Tensor]:
         """The head's per-task adapted parameters ``{name: [T, *shape]}``."""
         return self.head.adapt(self.features(x_support), y_support, steps)
 
     @torch.no_grad()
-    def predict(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
-                steps: Optional[int] = None) -> torch.Tensor:
+    def predict(
+        self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor, steps: Optional[int] = None
+    ) -> torch.Tensor:
         """The adapted heads' outputs on the query features, ``[T, Q, ...]``."""
         return self.head.predict(self.features(x_support), y_support, self.features(x_query), steps)

@@ -3,13 +3,11 @@ Meta-Learning for Fast Adaptation of Deep Networks", 2017), first-order MAML
 and Meta-SGD (Li, Zhou, Chen and Li, "Meta-SGD: Learning to Learn Quickly
 for Few-Shot Learning", 2017), all tasks of a meta-batch at once."""
 
-
 import torch
 from torch import nn
 
-from .engine import (Loss, kept_graph_query_loss,
-                     maml_query_loss, module_task_forward)
 from ._task_batch import TaskBatchLearner, check_tasks
+from .engine import Loss, kept_graph_query_loss, maml_query_loss, module_task_forward
 
 __all__ = ["BatchedMAML"]
 
@@ -73,16 +71,24 @@ class BatchedMAML(TaskBatchLearner):
         torch.Size([25, 10, 1])
     """
 
-    def __init__(self, module: nn.Module, inner_lr: float, inner_steps: int = 1,
-                 first_order: bool = False, learn_inner_lr: bool = False, loss: Loss = "mse",
-                 memory: str = "auto"):
+    def __init__(
+        self,
+        module: nn.Module,
+        inner_lr: float,
+        inner_steps: int = 1,
+        first_order: bool = False,
+        learn_inner_lr: bool = False,
+        loss: Loss = "mse",
+        memory: str = "auto",
+    ):
         super().__init__(module, inner_steps, loss)
         self.memory = self._check_memory(memory)
         self.first_order = bool(first_order)
         self.learn_inner_lr = bool(learn_inner_lr)
         if learn_inner_lr:
             self.inner_lrs = nn.ParameterList(
-                [nn.Parameter(torch.full_like(p, float(inner_lr))) for p in module.parameters()])
+                [nn.Parameter(torch.full_like(p, float(inner_lr))) for p in module.parameters()]
+            )
         else:
             self.inner_lr = float(inner_lr)
 
@@ -91,25 +97,50 @@ class BatchedMAML(TaskBatchLearner):
             return torch.cat([lr.reshape(-1) for lr in self.inner_lrs]).to(device, dtype)
         return super()._inner_lr(dtype, device)
 
-    def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
-                y_query: torch.Tensor, return_outputs: bool = False):
+    def forward(
+        self,
+        x_support: torch.Tensor,
+        y_support: torch.Tensor,
+        x_query: torch.Tensor,
+        y_query: torch.Tensor,
+        return_outputs: bool = False,
+    ):
         """The mean over tasks of the query loss after adaptation; with
         ``return_outputs``, a :class:`MetaBatchOutput`: that loss, the
         adapted learners' query outputs and (cross-entropy) their accuracy,
         from the same adaptation."""
         params, lr = self._parameters_and_step_size()
-        check_tasks("BatchedMAML", lr.device, x_support=x_support, y_support=y_support,
-                     x_query=x_query, y_query=y_query)
+        check_tasks(
+            "BatchedMAML", lr.device, x_support=x_support, y_support=y_support, x_query=x_query, y_query=y_query
+        )
         derivatives = self.derivatives(x_support, lr.dtype)
         outputs = None  # the query outputs, where the adaptation gave them
         if self._keeps_graphs(derivatives, x_support.device):
             losses, adapted, outputs = kept_graph_query_loss(
-                module_task_forward(self.module, self.loss), params, lr, x_support, y_support, x_query,
-                y_query, self.inner_steps, self.first_order, return_adapted=True)
+                module_task_forward(self.module, self.loss),
+                params,
+                lr,
+                x_support,
+                y_support,
+                x_query,
+                y_query,
+                self.inner_steps,
+                self.first_order,
+                return_adapted=True,
+            )
         else:
-            losses, adapted = maml_query_loss(derivatives, params, lr, x_support, y_support, x_query,
-                                              y_query, self.inner_steps, self.first_order,
-                                              return_adapted=True)
+            losses, adapted = maml_query_loss(
+                derivatives,
+                params,
+                lr,
+                x_support,
+                y_support,
+                x_query,
+                y_query,
+                self.inner_steps,
+                self.first_order,
+                return_adapted=True,
+            )
         self._update_running_statistics(x_support, derivatives)
         if return_outputs:
             return self._meta_batch_output(losses, adapted, x_query, y_query, outputs)

@@ -55,8 +55,7 @@ __all__ = [
 ]
 
 Loss = Union[str, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]
-_MODULE_ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ELU: "elu",
-                       nn.Identity: "identity"}
+_MODULE_ACTIVATIONS = {nn.ReLU: "relu", nn.Tanh: "tanh", nn.Sigmoid: "sigmoid", nn.ELU: "elu", nn.Identity: "identity"}
 
 
 def loss_function(loss: Loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
@@ -67,8 +66,10 @@ def loss_function(loss: Loss) -> Callable[[torch.Tensor, torch.Tensor], torch.Te
         return lambda out, y: ((out - y) ** 2).mean()
     if loss == "cross_entropy":
         return F.cross_entropy
-    raise ValueError(f"unknown loss {loss!r}; expected one of {', '.join(map(repr, MLP_LOSSES))} "
-                     "or a callable (outputs, targets) -> scalar loss")
+    raise ValueError(
+        f"unknown loss {loss!r}; expected one of {', '.join(map(repr, MLP_LOSSES))} "
+        "or a callable (outputs, targets) -> scalar loss"
+    )
 
 
 def flat_to_dict(module: nn.Module, flat: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -78,8 +79,9 @@ def flat_to_dict(module: nn.Module, flat: torch.Tensor) -> Dict[str, torch.Tenso
     named = list(module.named_parameters())
     total = sum(p.numel() for _, p in named)
     if flat.dim() == 0 or flat.shape[-1] != total:
-        raise ValueError(f"flat_to_dict: flat must be [..., {total}] (the module's parameter count), "
-                         f"got shape {list(flat.shape)}")
+        raise ValueError(
+            f"flat_to_dict: flat must be [..., {total}] (the module's parameter count), got shape {list(flat.shape)}"
+        )
     if not named:
         return {}
     # One split rather than a slice per parameter: the gradient with respect
@@ -88,13 +90,18 @@ def flat_to_dict(module: nn.Module, flat: torch.Tensor) -> Dict[str, torch.Tenso
     return {name: part.reshape(*flat.shape[:-1], *p.shape) for (name, p), part in zip(named, parts)}
 
 
-_GLOBAL_HOOKS = (module_hooks._global_forward_hooks, module_hooks._global_forward_pre_hooks,
-                 module_hooks._global_backward_hooks, module_hooks._global_backward_pre_hooks)
+_GLOBAL_HOOKS = (
+    module_hooks._global_forward_hooks,
+    module_hooks._global_forward_pre_hooks,
+    module_hooks._global_backward_hooks,
+    module_hooks._global_backward_pre_hooks,
+)
 
 
 def _has_hooks(module: nn.Module) -> bool:
-    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
-                or module._backward_pre_hooks)
+    return bool(
+        module._forward_hooks or module._forward_pre_hooks or module._backward_hooks or module._backward_pre_hooks
+    )
 
 
 def mlp_structure(module: nn.Module) -> Optional[Tuple[list, list]]:
@@ -143,11 +150,16 @@ def mlp_derivatives(widths: Sequence[int], activations: Sequence[str], loss: str
         if params.dim() == 1:
             params = params.expand(x.shape[0], -1)
         # The op checks its operands.
-        out = torch.ops.fastmeta.mlp_task_derivatives(params, x, target, direction, widths,
-                                                      activations, loss, input_grad)
-        return out[0], out[1], out[2] if input_grad else None, \
-            None if direction is None else out[3], \
-            out[4] if input_grad and direction is not None else None
+        out = torch.ops.fastmeta.mlp_task_derivatives(
+            params, x, target, direction, widths, activations, loss, input_grad
+        )
+        return (
+            out[0],
+            out[1],
+            out[2] if input_grad else None,
+            None if direction is None else out[3],
+            out[4] if input_grad and direction is not None else None,
+        )
 
     return derivatives
 
@@ -177,14 +189,16 @@ def one_task_at_a_time(module: nn.Module, device: torch.device) -> bool:
     batching rule would run a convolution with per-task weights as one
     grouped convolution, several times slower than a plain convolution per
     task (32 tasks of a conv4 learner: 4x)."""
-    return device.type == "cpu" and any(isinstance(m, nn.modules.conv._ConvNd)
-                                        for m in module.modules())
+    return device.type == "cpu" and any(isinstance(m, nn.modules.conv._ConvNd) for m in module.modules())
 
 
 def tracking_batch_norms(module: nn.Module) -> list:
     """The batch-norm layers of ``module`` that are training and update running statistics."""
-    return [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
-            and m.training and m.track_running_stats]
+    return [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training and m.track_running_stats
+    ]
 
 
 class batch_statistics:
@@ -211,8 +225,15 @@ class batch_statistics:
         self.saved = []
 
 
-def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: torch.Tensor,
-                     direction=None, input_grad: bool = False, vectorize: bool = True):
+def task_derivatives(
+    loss_fn,
+    params: torch.Tensor,
+    x: torch.Tensor,
+    target: torch.Tensor,
+    direction=None,
+    input_grad: bool = False,
+    vectorize: bool = True,
+):
     """Per-task loss, gradient and Hessian-vector product through torch.func.
 
     ``loss_fn(params, x, target)`` is one task's scalar loss; ``x``,
@@ -238,9 +259,9 @@ def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: tor
             return torch.func.vmap(fn, in_dims=in_dims)
 
         def one_by_one(*args):
-            outs = [fn(*(a if d is None else a[t] for a, d in zip(args, in_dims)))
-                    for t in range(args[1].shape[0])]
+            outs = [fn(*(a if d is None else a[t] for a, d in zip(args, in_dims))) for t in range(args[1].shape[0])]
             return tree_map(lambda *parts: torch.stack(parts), *outs)
+
         return one_by_one
 
     # Gradients with respect to the parameters, and to the inputs only where asked for.
@@ -293,14 +314,18 @@ def task_derivatives(loss_fn, params: torch.Tensor, x: torch.Tensor, target: tor
         except RuntimeError:
             # vmap of reverse-over-reverse through a custom op's autograd.Function
             # trips an internal assertion of PyTorch 2.13: one task at a time.
-            (grads, loss), products = vmap(reverse_over_reverse, in_dims, True)(
-                params, x, target, direction)
+            (grads, loss), products = vmap(reverse_over_reverse, in_dims, True)(params, x, target, direction)
     return (loss, *unpack(grads), *unpack(products))
 
 
-def batched_hvp(module: nn.Module, params: Dict[str, torch.Tensor],
-                vector: Dict[str, torch.Tensor], x: torch.Tensor, target: torch.Tensor,
-                loss: Loss = "mse"):
+def batched_hvp(
+    module: nn.Module,
+    params: Dict[str, torch.Tensor],
+    vector: Dict[str, torch.Tensor],
+    x: torch.Tensor,
+    target: torch.Tensor,
+    loss: Loss = "mse",
+):
     """Per-task Hessian-vector products of a per-task loss, for any module.
 
     Args:
@@ -320,14 +345,17 @@ def batched_hvp(module: nn.Module, params: Dict[str, torch.Tensor],
     if not names:
         raise ValueError("batched_hvp: the module has no parameters")
     if set(params) != set(names) or set(vector) != set(names):
-        raise ValueError(f"batched_hvp: params and vector must have the module's parameter names "
-                         f"{names}; got {sorted(params)} and {sorted(vector)}")
+        raise ValueError(
+            f"batched_hvp: params and vector must have the module's parameter names "
+            f"{names}; got {sorted(params)} and {sorted(vector)}"
+        )
     T = x.shape[0]
     for name in names:
         for what, t in (("params", params[name]), ("vector", vector[name])):
             if t.dim() == 0 or t.shape[0] != T:
-                raise ValueError(f"batched_hvp: {what}[{name!r}] must be [T = {T}, ...] like x, "
-                                 f"got shape {list(t.shape)}")
+                raise ValueError(
+                    f"batched_hvp: {what}[{name!r}] must be [T = {T}, ...] like x, got shape {list(t.shape)}"
+                )
     flat = torch.cat([params[n].reshape(T, -1) for n in names], 1)
     direction = torch.cat([vector[n].reshape(T, -1) for n in names], 1)
     value, grad, _, hvp, _ = module_derivatives(module, loss)(flat, x, target, direction)
@@ -347,8 +375,7 @@ class _InnerLoop(torch.autograd.Function):
     def forward(ctx, derivatives, steps, first_order, lr, x_s, y_s, x_q, y_q, *parts):
         # theta_0 [P], shared by every task until the first step: the parts
         # flattened here, so that autograd has no node per part.
-        theta = parts[0] if len(parts) == 1 and parts[0].dim() == 1 else torch.cat(
-            [p.reshape(-1) for p in parts])
+        theta = parts[0] if len(parts) == 1 and parts[0].dim() == 1 else torch.cat([p.reshape(-1) for p in parts])
         # Detached parts: their shapes and dtypes for the backward (not the
         # tensors themselves, which may belong to the graph).
         ctx.parts = [p.detach() for p in parts]
@@ -359,11 +386,9 @@ class _InnerLoop(torch.autograd.Function):
             _, grad, *_ = derivatives(theta, x_s, y_s)
             kept.append(grad if first_order else theta)
             theta = torch.addcmul(theta, lr, grad, value=-1)
-        loss, grad_q, grad_x_q, _, _ = derivatives(theta, x_q, y_q,
-                                                   input_grad=ctx.needs_input_grad[6])
+        loss, grad_q, grad_x_q, _, _ = derivatives(theta, x_q, y_q, input_grad=ctx.needs_input_grad[6])
         ctx.derivatives, ctx.steps, ctx.first_order = derivatives, steps, first_order
-        ctx.save_for_backward(lr, x_s, y_s, grad_q,
-                              grad_x_q if grad_x_q is not None else x_q.new_empty(0), *kept)
+        ctx.save_for_backward(lr, x_s, y_s, grad_q, grad_x_q if grad_x_q is not None else x_q.new_empty(0), *kept)
         adapted = _per_task(theta, x_s.shape[0])
         ctx.mark_non_differentiable(adapted)
         return loss, adapted
@@ -385,15 +410,16 @@ class _InnerLoop(torch.autograd.Function):
             if ctx.first_order:
                 grad = kept[k]
             else:
-                _, grad, _, hvp, hvp_x = ctx.derivatives(kept[k], x_s, y_s,
-                                                         v if scalar_lr else lr * v,
-                                                         input_grad=d_x_s is not None)
+                _, grad, _, hvp, hvp_x = ctx.derivatives(
+                    kept[k], x_s, y_s, v if scalar_lr else lr * v, input_grad=d_x_s is not None
+                )
             if need_lr:
                 d_lr -= (grad_loss[:, None] * v * grad).sum_to_size(lr.shape)
             if not ctx.first_order:
                 v = torch.addcmul(v, hvp, hvp_scale, value=-1)
                 if d_x_s is not None:
                     d_x_s.addcmul_(hvp_x, hvp_scale, value=-1)
+
         def per_task(t):  # each task's rows times its grad_loss
             return t * grad_loss.view(-1, *[1] * (t.dim() - 1))
 
@@ -405,15 +431,25 @@ class _InnerLoop(torch.autograd.Function):
             # The views of the parts in one C++ call: for six parts, 8 us
             # against 24 us for split and six Python views.
             d_parts = torch._C._nn.unflatten_dense_tensors(d_theta, ctx.parts)
-            d_parts = [(d if d.dtype == p.dtype else d.to(p.dtype)) if need else None
-                       for d, p, need in zip(d_parts, ctx.parts, need_parts)]
+            d_parts = [
+                (d if d.dtype == p.dtype else d.to(p.dtype)) if need else None
+                for d, p, need in zip(d_parts, ctx.parts, need_parts)
+            ]
         return (None, None, None, d_lr, d_x_s, None, d_x_q, None, *d_parts)
 
 
-def maml_query_loss(derivatives, theta: Union[torch.Tensor, Sequence[torch.Tensor]], lr: torch.Tensor,
-                    x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
-                    y_query: torch.Tensor, steps: int = 1, first_order: bool = False,
-                    return_adapted: bool = False):
+def maml_query_loss(
+    derivatives,
+    theta: Union[torch.Tensor, Sequence[torch.Tensor]],
+    lr: torch.Tensor,
+    x_support: torch.Tensor,
+    y_support: torch.Tensor,
+    x_query: torch.Tensor,
+    y_query: torch.Tensor,
+    steps: int = 1,
+    first_order: bool = False,
+    return_adapted: bool = False,
+):
     """Per-task query losses ``[T]`` after ``steps`` inner gradient steps
     (with ``return_adapted``, also the adapted parameters ``[T, P]``, without
     gradient).
@@ -430,11 +466,11 @@ def maml_query_loss(derivatives, theta: Union[torch.Tensor, Sequence[torch.Tenso
     if y_support.requires_grad or y_query.requires_grad:
         raise ValueError("maml_query_loss: targets that require grad are not supported; detach them")
     # Contiguous once here, not at each of the kernels' calls.
-    x_support, y_support, x_query, y_query = (t.contiguous() for t in (x_support, y_support,
-                                                                       x_query, y_query))
+    x_support, y_support, x_query, y_query = (t.contiguous() for t in (x_support, y_support, x_query, y_query))
     parts = (theta,) if isinstance(theta, torch.Tensor) else tuple(theta)
-    loss, adapted = _InnerLoop.apply(derivatives, int(steps), bool(first_order), lr, x_support,
-                                     y_support, x_query, y_query, *parts)
+    loss, adapted = _InnerLoop.apply(
+        derivatives, int(steps), bool(first_order), lr, x_support, y_support, x_query, y_query, *parts
+    )
     return (loss, adapted) if return_adapted else loss
 
 
@@ -448,8 +484,7 @@ def module_task_forward(module: nn.Module, loss: Loss):
     names = [name for name, _ in module.named_parameters()]
 
     def task_forward(params, x, target):
-        named = (flat_to_dict(module, params) if isinstance(params, torch.Tensor)
-                 else dict(zip(names, params)))
+        named = flat_to_dict(module, params) if isinstance(params, torch.Tensor) else dict(zip(names, params))
         with batch_statistics(module):
             outputs = torch.func.functional_call(module, named, (x,))
         return criterion(outputs, target), outputs
@@ -475,21 +510,28 @@ class _KeptGraphLoop(torch.autograd.Function):
         with torch.enable_grad():
             theta = [p.detach().requires_grad_() for p in params]
             lr_leaf = lr.detach().requires_grad_(need_lr)
-            lrs = ([lr_leaf] * len(params) if lr.dim() == 0 else
-                   [part.view(p.shape) for part, p in zip(lr_leaf.split(sizes), params)])
+            lrs = (
+                [lr_leaf] * len(params)
+                if lr.dim() == 0
+                else [part.view(p.shape) for part, p in zip(lr_leaf.split(sizes), params)]
+            )
             for t in range(x_s.shape[0]):
                 xs_t = x_s[t].detach().requires_grad_(need_x_s)
                 xq_t = x_q[t].detach().requires_grad_(need_x_q)
                 fast = theta
                 for _ in range(steps):
-                    grads = torch.autograd.grad(task_forward(fast, xs_t, y_s[t])[0], fast,
-                                                create_graph=second_order, materialize_grads=True)
+                    grads = torch.autograd.grad(
+                        task_forward(fast, xs_t, y_s[t])[0], fast, create_graph=second_order, materialize_grads=True
+                    )
                     fast = [p - step * g for p, step, g in zip(fast, lrs, grads)]
                 loss, output = task_forward(fast, xq_t, y_q[t])
                 outputs.append(output.detach())
-                wrt = {"params": [p for p, n in zip(theta, need_params) if n],
-                       "lr": [lr_leaf] if need_lr else [], "x_s": [xs_t] if need_x_s else [],
-                       "x_q": [xq_t] if need_x_q else []}
+                wrt = {
+                    "params": [p for p, n in zip(theta, need_params) if n],
+                    "lr": [lr_leaf] if need_lr else [],
+                    "x_s": [xs_t] if need_x_s else [],
+                    "x_q": [xq_t] if need_x_q else [],
+                }
                 flat_wrt = [w for ws in wrt.values() for w in ws]
                 if flat_wrt:
                     grads = iter(torch.autograd.grad(loss, flat_wrt, materialize_grads=True))
@@ -499,8 +541,7 @@ class _KeptGraphLoop(torch.autograd.Function):
                 adapted.append(torch.cat([p.detach().reshape(-1) for p in fast]))
         ctx.parts = [(p.shape, p.dtype) for p in params]
         # per input: its gradients stacked over tasks [T, ...]
-        ctx.kept = {key: [torch.stack(g) for g in zip(*per_task)] for key, per_task in kept.items()
-                    if per_task}
+        ctx.kept = {key: [torch.stack(g) for g in zip(*per_task)] for key, per_task in kept.items() if per_task}
         adapted, outputs = torch.stack(adapted), torch.stack(outputs)
         ctx.mark_non_differentiable(adapted, outputs)
         return torch.stack(losses), adapted, outputs
@@ -516,17 +557,23 @@ class _KeptGraphLoop(torch.autograd.Function):
 
         need_params = ctx.needs_input_grad[9:]
         d_params = iter(weighed("params"))
-        d_parts = [next(d_params).to(dtype) if need else None
-                   for need, (_, dtype) in zip(need_params, ctx.parts)]
-        d_lr, d_x_s, d_x_q = (next(iter(found), None) for found in (weighed("lr"), per_task("x_s"),
-                                                                      per_task("x_q")))
+        d_parts = [next(d_params).to(dtype) if need else None for need, (_, dtype) in zip(need_params, ctx.parts)]
+        d_lr, d_x_s, d_x_q = (next(iter(found), None) for found in (weighed("lr"), per_task("x_s"), per_task("x_q")))
         return (None, None, None, None, d_lr, d_x_s, None, d_x_q, None, *d_parts)
 
 
-def kept_graph_query_loss(task_forward, params: Sequence[torch.Tensor], lr: torch.Tensor,
-                          x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
-                          y_query: torch.Tensor, steps: int = 1, first_order: bool = False,
-                          return_adapted: bool = False):
+def kept_graph_query_loss(
+    task_forward,
+    params: Sequence[torch.Tensor],
+    lr: torch.Tensor,
+    x_support: torch.Tensor,
+    y_support: torch.Tensor,
+    x_query: torch.Tensor,
+    y_query: torch.Tensor,
+    steps: int = 1,
+    first_order: bool = False,
+    return_adapted: bool = False,
+):
     """:func:`maml_query_loss` through PyTorch autograd, task by task, each
     task's inner graph kept until its meta-gradient is taken (in this call,
     where gradients are enabled): faster than recomputing the inner steps
@@ -538,14 +585,24 @@ def kept_graph_query_loss(task_forward, params: Sequence[torch.Tensor], lr: torc
     [T, Q, ...])``, the last two without gradient."""
     if y_support.requires_grad or y_query.requires_grad:
         raise ValueError("maml_query_loss: targets that require grad are not supported; detach them")
-    loss, adapted, outputs = _KeptGraphLoop.apply(task_forward, int(steps), bool(first_order),
-                                                  torch.is_grad_enabled(), lr, x_support, y_support,
-                                                  x_query, y_query, *params)
+    loss, adapted, outputs = _KeptGraphLoop.apply(
+        task_forward,
+        int(steps),
+        bool(first_order),
+        torch.is_grad_enabled(),
+        lr,
+        x_support,
+        y_support,
+        x_query,
+        y_query,
+        *params,
+    )
     return (loss, adapted, outputs) if return_adapted else loss
 
 
-def _proximal_descent(derivatives, theta: torch.Tensor, lr: torch.Tensor, lam: float,
-                      x_s: torch.Tensor, y_s: torch.Tensor, steps: int) -> torch.Tensor:
+def _proximal_descent(
+    derivatives, theta: torch.Tensor, lr: torch.Tensor, lam: float, x_s: torch.Tensor, y_s: torch.Tensor, steps: int
+) -> torch.Tensor:
     """iMAML's inner problem: ``steps`` gradient steps on each task's
     L_support(phi) + lam/2 ||phi - theta||^2 from phi = theta; ``[T, P]``."""
     phi = theta
@@ -630,13 +687,13 @@ class _KeptImplicitLoop(torch.autograd.Function):
                 outputs.append(output.detach())
                 if not graphs:
                     continue
-                grad_q, = torch.autograd.grad(loss, phi, materialize_grads=True)
-                grad_s, = torch.autograd.grad(task_forward(phi, x_s[t], y_s[t])[0], phi,
-                                              create_graph=True, materialize_grads=True)
+                (grad_q,) = torch.autograd.grad(loss, phi, materialize_grads=True)
+                (grad_s,) = torch.autograd.grad(
+                    task_forward(phi, x_s[t], y_s[t])[0], phi, create_graph=True, materialize_grads=True
+                )
 
                 def apply(u):  # (I + H(phi) / lam) u
-                    hvp, = torch.autograd.grad(grad_s, phi, u[0], retain_graph=True,
-                                               materialize_grads=True)
+                    (hvp,) = torch.autograd.grad(grad_s, phi, u[0], retain_graph=True, materialize_grads=True)
                     return u + hvp[None] / lam
 
                 # conjugate gradient is homogeneous in b: grad_loss scales it in the backward
@@ -653,9 +710,19 @@ class _KeptImplicitLoop(torch.autograd.Function):
         return None, None, None, None, None, d_theta, None, None, None, None, None
 
 
-def implicit_query_loss(derivatives, theta: torch.Tensor, lr: torch.Tensor, x_support: torch.Tensor,
-                        y_support: torch.Tensor, x_query: torch.Tensor, y_query: torch.Tensor,
-                        steps: int, lam: float, cg_steps: int, return_adapted: bool = False):
+def implicit_query_loss(
+    derivatives,
+    theta: torch.Tensor,
+    lr: torch.Tensor,
+    x_support: torch.Tensor,
+    y_support: torch.Tensor,
+    x_query: torch.Tensor,
+    y_query: torch.Tensor,
+    steps: int,
+    lam: float,
+    cg_steps: int,
+    return_adapted: bool = False,
+):
     """Per-task query losses ``[T]`` (with ``return_adapted``, also each
     task's phi ``[T, P]``, without gradient) of implicit MAML (Rajeswaran et al.
     2019): each task's phi approximately minimises L_support(phi) + lam/2
@@ -667,15 +734,25 @@ def implicit_query_loss(derivatives, theta: torch.Tensor, lr: torch.Tensor, x_su
 
     The Hessian-vector products are recomputed at each conjugate-gradient
     step (see :func:`kept_graph_implicit_query_loss` for the alternative)."""
-    loss, adapted = _ImplicitLoop.apply(derivatives, int(steps), float(lam), int(cg_steps), theta,
-                                        lr, x_support, y_support, x_query, y_query)
+    loss, adapted = _ImplicitLoop.apply(
+        derivatives, int(steps), float(lam), int(cg_steps), theta, lr, x_support, y_support, x_query, y_query
+    )
     return (loss, adapted) if return_adapted else loss
 
 
-def kept_graph_implicit_query_loss(task_forward, theta: torch.Tensor, lr: torch.Tensor,
-                                   x_support: torch.Tensor, y_support: torch.Tensor,
-                                   x_query: torch.Tensor, y_query: torch.Tensor, steps: int,
-                                   lam: float, cg_steps: int, return_adapted: bool = False):
+def kept_graph_implicit_query_loss(
+    task_forward,
+    theta: torch.Tensor,
+    lr: torch.Tensor,
+    x_support: torch.Tensor,
+    y_support: torch.Tensor,
+    x_query: torch.Tensor,
+    y_query: torch.Tensor,
+    steps: int,
+    lam: float,
+    cg_steps: int,
+    return_adapted: bool = False,
+):
     """:func:`implicit_query_loss` through PyTorch autograd, task by task,
     each task's support-gradient graph at phi kept for its
     conjugate-gradient steps, and its meta-gradient solved in this call
@@ -683,7 +760,17 @@ def kept_graph_implicit_query_loss(task_forward, theta: torch.Tensor, lr: torch.
     (loss, outputs)`` is one task's (:func:`module_task_forward`). With
     ``return_adapted``, returns ``(losses, phi [T, P], query outputs [T, Q,
     ...])``, the last two without gradient."""
-    loss, adapted, outputs = _KeptImplicitLoop.apply(task_forward, int(steps), float(lam),
-                                                     int(cg_steps), torch.is_grad_enabled(), theta,
-                                                     lr, x_support, y_support, x_query, y_query)
+    loss, adapted, outputs = _KeptImplicitLoop.apply(
+        task_forward,
+        int(steps),
+        float(lam),
+        int(cg_steps),
+        torch.is_grad_enabled(),
+        theta,
+        lr,
+        x_support,
+        y_support,
+        x_query,
+        y_query,
+    )
     return (loss, adapted, outputs) if return_adapted else loss

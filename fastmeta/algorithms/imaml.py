@@ -6,8 +6,8 @@ import numbers
 import torch
 from torch import nn
 
-from .engine import (Loss, _proximal_descent, implicit_query_loss, kept_graph_implicit_query_loss, module_task_forward)
 from ._task_batch import TaskBatchLearner, check_tasks
+from .engine import Loss, _proximal_descent, implicit_query_loss, kept_graph_implicit_query_loss, module_task_forward
 
 __all__ = ["iMAML"]
 
@@ -52,8 +52,16 @@ class iMAML(TaskBatchLearner):
         >>> imaml(x_s, y_s, x_q, y_q).backward()   # the implicit meta-gradient
     """
 
-    def __init__(self, module: nn.Module, inner_lr: float, inner_steps: int = 16, lam: float = 2.0,
-                 cg_steps: int = 5, loss: Loss = "mse", memory: str = "auto"):
+    def __init__(
+        self,
+        module: nn.Module,
+        inner_lr: float,
+        inner_steps: int = 16,
+        lam: float = 2.0,
+        cg_steps: int = 5,
+        loss: Loss = "mse",
+        memory: str = "auto",
+    ):
         super().__init__(module, inner_steps, loss)
         self.memory = self._check_memory(memory)
         if not isinstance(lam, numbers.Real) or isinstance(lam, bool) or not lam > 0:
@@ -67,22 +75,27 @@ class iMAML(TaskBatchLearner):
         phi = _proximal_descent(self.derivatives(x, theta.dtype), theta, lr, self.lam, x, y, steps)
         return theta, phi.expand(x.shape[0], -1), []
 
-    def forward(self, x_support: torch.Tensor, y_support: torch.Tensor, x_query: torch.Tensor,
-                y_query: torch.Tensor, return_outputs: bool = False):
+    def forward(
+        self,
+        x_support: torch.Tensor,
+        y_support: torch.Tensor,
+        x_query: torch.Tensor,
+        y_query: torch.Tensor,
+        return_outputs: bool = False,
+    ):
         """The mean over tasks of the query loss at the inner solutions (with
         ``return_outputs``, a :class:`MetaBatchOutput`, as BatchedMAML's)."""
         theta, lr = self._flat_parameters_and_step_size()
-        check_tasks("iMAML", theta.device, x_support=x_support, y_support=y_support,
-                     x_query=x_query, y_query=y_query)
+        check_tasks("iMAML", theta.device, x_support=x_support, y_support=y_support, x_query=x_query, y_query=y_query)
         if y_support.requires_grad or y_query.requires_grad:
             raise ValueError("iMAML: targets that require grad are not supported; detach them")
         derivatives = self.derivatives(x_support, theta.dtype)
-        args = (theta, lr, x_support, y_support, x_query, y_query, self.inner_steps, self.lam,
-                self.cg_steps)
+        args = (theta, lr, x_support, y_support, x_query, y_query, self.inner_steps, self.lam, self.cg_steps)
         outputs = None
         if self._keeps_graphs(derivatives, x_support.device):
             losses, adapted, outputs = kept_graph_implicit_query_loss(
-                module_task_forward(self.module, self.loss), *args, return_adapted=True)
+                module_task_forward(self.module, self.loss), *args, return_adapted=True
+            )
         else:
             losses, adapted = implicit_query_loss(derivatives, *args, return_adapted=True)
         self._update_running_statistics(x_support, derivatives)

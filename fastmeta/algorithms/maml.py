@@ -35,8 +35,9 @@ def clone_module(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
     return clone
 
 
-def update_module(module: nn.Module, updates: Optional[List[Optional[torch.Tensor]]] = None,
-                  memo: Optional[dict] = None) -> nn.Module:
+def update_module(
+    module: nn.Module, updates: Optional[List[Optional[torch.Tensor]]] = None, memo: Optional[dict] = None
+) -> nn.Module:
     """Replaces each parameter p of ``module`` (in ``parameters()`` order) by
     ``p + update``, differentiably; a None update leaves p. Without
     ``updates``, uses each parameter's ``.update`` attribute."""
@@ -67,8 +68,7 @@ def _apply_updates(module: nn.Module, memo: dict) -> nn.Module:
     return module
 
 
-def maml_update(model: nn.Module, lr: float, grads: Optional[List[Optional[torch.Tensor]]] = None
-                ) -> nn.Module:
+def maml_update(model: nn.Module, lr: float, grads: Optional[List[Optional[torch.Tensor]]] = None) -> nn.Module:
     """learn2learn's functional MAML step: each parameter p of ``model`` (in
     ``parameters()`` order) becomes ``p - lr * grad``, differentiably, in
     place; a None gradient leaves p. Without ``grads``, applies each
@@ -105,8 +105,9 @@ def _check_has_parameters(owner: str, params: List[torch.Tensor]):
         raise ValueError(f"{owner}.adapt: the module has no parameters to adapt")
 
 
-def _gradients(loss: torch.Tensor, params: List[torch.Tensor], second_order: bool,
-               allow_unused: bool, allow_nograd: bool) -> List[Optional[torch.Tensor]]:
+def _gradients(
+    loss: torch.Tensor, params: List[torch.Tensor], second_order: bool, allow_unused: bool, allow_nograd: bool
+) -> List[Optional[torch.Tensor]]:
     """d loss / d params, None for parameters without one (where allowed)."""
     _check_has_parameters("MAML", params)
     if not allow_nograd:
@@ -114,15 +115,19 @@ def _gradients(loss: torch.Tensor, params: List[torch.Tensor], second_order: boo
         if frozen:
             raise RuntimeError(
                 f"MAML.adapt: parameters {frozen} (in parameters() order) do not require grad; "
-                "pass allow_nograd=True to adapt only the others")
+                "pass allow_nograd=True to adapt only the others"
+            )
     wanted = [p for p in params if p.requires_grad]
     try:
-        grads = torch.autograd.grad(loss, wanted, retain_graph=second_order,
-                                    create_graph=second_order, allow_unused=allow_unused)
+        grads = torch.autograd.grad(
+            loss, wanted, retain_graph=second_order, create_graph=second_order, allow_unused=allow_unused
+        )
     except RuntimeError as error:
         if "appears to not have been used in the graph" in str(error):
-            raise RuntimeError("MAML.adapt: a parameter was not used to compute the loss; pass "
-                               "allow_unused=True to leave such parameters unchanged") from error
+            raise RuntimeError(
+                "MAML.adapt: a parameter was not used to compute the loss; pass "
+                "allow_unused=True to leave such parameters unchanged"
+            ) from error
         raise
     it = iter(grads)
     return [next(it) if p.requires_grad else None for p in params]
@@ -157,8 +162,14 @@ class MAML(_Learner):
         >>> F.mse_loss(learner(x_query), y_query).backward()   # gradients reach maml's parameters
     """
 
-    def __init__(self, module: nn.Module, lr: float, first_order: bool = False,
-                 allow_unused: Optional[bool] = None, allow_nograd: bool = False):
+    def __init__(
+        self,
+        module: nn.Module,
+        lr: float,
+        first_order: bool = False,
+        allow_unused: Optional[bool] = None,
+        allow_nograd: bool = False,
+    ):
         super().__init__()
         self.module = module
         self.lr = lr
@@ -169,21 +180,32 @@ class MAML(_Learner):
     def forward(self, *args, **kwargs):
         return self.module(*args, **kwargs)
 
-    def adapt(self, loss: torch.Tensor, first_order: Optional[bool] = None,
-              allow_unused: Optional[bool] = None, allow_nograd: Optional[bool] = None):
+    def adapt(
+        self,
+        loss: torch.Tensor,
+        first_order: Optional[bool] = None,
+        allow_unused: Optional[bool] = None,
+        allow_nograd: Optional[bool] = None,
+    ):
         """One inner gradient step on ``loss``, in place."""
         first_order = self.first_order if first_order is None else first_order
         allow_nograd = self.allow_nograd if allow_nograd is None else allow_nograd
         allow_unused = self.allow_unused if allow_unused is None else allow_unused
         params = list(self.module.parameters())
         grads = _gradients(loss, params, not first_order, allow_unused, allow_nograd)
-        self.module = update_module(self.module,
-                                    [None if g is None else -self.lr * g for g in grads])
+        self.module = update_module(self.module, [None if g is None else -self.lr * g for g in grads])
 
-    def clone(self, first_order: Optional[bool] = None, allow_unused: Optional[bool] = None,
-              allow_nograd: Optional[bool] = None) -> "MAML":
+    def clone(
+        self,
+        first_order: Optional[bool] = None,
+        allow_unused: Optional[bool] = None,
+        allow_nograd: Optional[bool] = None,
+    ) -> "MAML":
         """A differentiable copy to adapt to one task; the original is unchanged."""
-        return MAML(clone_module(self.module), lr=self.lr,
-                    first_order=self.first_order if first_order is None else first_order,
-                    allow_unused=self.allow_unused if allow_unused is None else allow_unused,
-                    allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd)
+        return MAML(
+            clone_module(self.module),
+            lr=self.lr,
+            first_order=self.first_order if first_order is None else first_order,
+            allow_unused=self.allow_unused if allow_unused is None else allow_unused,
+            allow_nograd=self.allow_nograd if allow_nograd is None else allow_nograd,
+        )

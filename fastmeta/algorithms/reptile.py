@@ -1,12 +1,11 @@
 """Reptile (Nichol, Achiam and Schulman, "On First-Order Meta-Learning
 Algorithms", 2018), batched."""
 
-
 import torch
 from torch import nn
 
-from .engine import (Loss, flat_to_dict)
 from ._task_batch import TaskBatchLearner, check_tasks
+from .engine import Loss, flat_to_dict
 
 __all__ = ["Reptile"]
 
@@ -31,8 +30,9 @@ class Reptile(TaskBatchLearner):
         >>> loss = reptile.step(x, y)   # moves net's parameters towards the adapted ones
     """
 
-    def __init__(self, module: nn.Module, inner_lr: float, inner_steps: int = 5,
-                 outer_lr: float = 0.1, loss: Loss = "mse"):
+    def __init__(
+        self, module: nn.Module, inner_lr: float, inner_steps: int = 5, outer_lr: float = 0.1, loss: Loss = "mse"
+    ):
         super().__init__(module, inner_steps, loss)
         self.inner_lr = float(inner_lr)
         self.outer_lr = float(outer_lr)

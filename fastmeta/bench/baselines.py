@@ -44,8 +44,9 @@ def _named(module, params):
     return dict(zip((name for name, _ in module.named_parameters()), params))
 
 
-def maml_query_losses_loop(module, loss_fn, inner_lr, steps: int, x_support, y_support, x_query,
-                           y_query, first_order: bool = False):
+def maml_query_losses_loop(
+    module, loss_fn, inner_lr, steps: int, x_support, y_support, x_query, y_query, first_order: bool = False
+):
     """MAML as learn2learn and higher run it: a Python loop over tasks, each
     adapted with ``torch.autograd.grad(create_graph=True)``. ``inner_lr`` is a
     float or a list of per-parameter tensors (Meta-SGD). Returns the query
@@ -57,23 +58,20 @@ def maml_query_losses_loop(module, loss_fn, inner_lr, steps: int, x_support, y_s
         fast = params
         for _ in range(steps):
             out = torch.func.functional_call(module, _named(module, fast), (x_support[t],))
-            grads = torch.autograd.grad(loss_fn(out, y_support[t]), fast,
-                                        create_graph=not first_order)
+            grads = torch.autograd.grad(loss_fn(out, y_support[t]), fast, create_graph=not first_order)
             fast = [p - lr * g for p, lr, g in zip(fast, lrs, grads)]
         out = torch.func.functional_call(module, _named(module, fast), (x_query[t],))
         losses.append(loss_fn(out, y_query[t]))
     return torch.stack(losses)
 
 
-def maml_query_losses_vmap(module, loss_fn, inner_lr, steps: int, x_support, y_support, x_query,
-                           y_query):
+def maml_query_losses_vmap(module, loss_fn, inner_lr, steps: int, x_support, y_support, x_query, y_query):
     """MAML vectorised with torch.func: ``grad`` for the inner steps, ``vmap``
     over tasks. Returns the query losses ``[T]``."""
     from torch.func import functional_call, grad, vmap
 
     params = dict(module.named_parameters())
-    lrs = (dict(zip(params, inner_lr)) if isinstance(inner_lr, (list, tuple))
-           else dict.fromkeys(params, inner_lr))
+    lrs = dict(zip(params, inner_lr)) if isinstance(inner_lr, (list, tuple)) else dict.fromkeys(params, inner_lr)
 
     def task_loss(p, x, y):
         return loss_fn(functional_call(module, p, (x,)), y)
@@ -106,8 +104,9 @@ def reptile_mean_adapted_loop(module, loss_fn, inner_lr, steps: int, x, y):
     return [s / x.shape[0] for s in total]
 
 
-def imaml_meta_gradient_loop(module, loss_fn, inner_lr, steps: int, lam: float, cg_steps: int,
-                             x_support, y_support, x_query, y_query):
+def imaml_meta_gradient_loop(
+    module, loss_fn, inner_lr, steps: int, lam: float, cg_steps: int, x_support, y_support, x_query, y_query
+):
     """iMAML's meta-gradient written plainly, task by task: ``steps``
     gradient steps on the proximal problem, then conjugate gradient on
     (I + H / lam) v = grad L_query(phi), each Hessian-vector product a double
@@ -125,12 +124,10 @@ def imaml_meta_gradient_loop(module, loss_fn, inner_lr, steps: int, lam: float, 
         for _ in range(steps):
             leaves = [p.requires_grad_() for p in phi]
             grads = torch.autograd.grad(loss_at(leaves, x_support[t], y_support[t]), leaves)
-            phi = [(p - inner_lr * (g + lam * (p - p0))).detach()
-                   for p, g, p0 in zip(leaves, grads, theta)]
+            phi = [(p - inner_lr * (g + lam * (p - p0))).detach() for p, g, p0 in zip(leaves, grads, theta)]
         leaves = [p.requires_grad_() for p in phi]
         b = torch.autograd.grad(loss_at(leaves, x_query[t], y_query[t]), leaves)
-        support_grads = torch.autograd.grad(loss_at(leaves, x_support[t], y_support[t]), leaves,
-                                            create_graph=True)
+        support_grads = torch.autograd.grad(loss_at(leaves, x_support[t], y_support[t]), leaves, create_graph=True)
 
         def apply(u):
             hvp = torch.autograd.grad(support_grads, leaves, u, retain_graph=True)
@@ -163,7 +160,7 @@ def prototypical_scores(backbone, support, support_labels, query, metric: str = 
     Euclidean distance of each query's features to each class mean."""
     prototypes = _class_means(backbone(support), support_labels)
     distance = torch.cdist(backbone(query), prototypes)
-    return -(distance ** 2 if metric == "sqeuclidean" else distance)
+    return -(distance**2 if metric == "sqeuclidean" else distance)
 
 
 def matching_scores(backbone, support_encoder, query_encoder, support, support_labels, query):
@@ -191,8 +188,13 @@ def relation_scores(backbone, relation_module, support, support_labels, query):
     prototypes = _class_means(backbone(support), support_labels)
     query_features = backbone(query)
     Q, N = len(query_features), len(prototypes)
-    pairs = torch.cat([prototypes[None].expand(Q, *prototypes.shape),
-                       query_features[:, None].expand(Q, N, *query_features.shape[1:])], 2)
+    pairs = torch.cat(
+        [
+            prototypes[None].expand(Q, *prototypes.shape),
+            query_features[:, None].expand(Q, N, *query_features.shape[1:]),
+        ],
+        2,
+    )
     return relation_module(pairs.flatten(0, 1)).view(Q, N)
 
 
@@ -223,13 +225,12 @@ def sample_episode_loop(dataset, ways: int, shots: int, queries: int, generator=
     support, support_labels, query, query_labels = [], [], [], []
     for new_label, c in enumerate(chosen):
         members = by_class[classes[c]]
-        picked = torch.randperm(len(members), generator=generator)[:shots + queries].tolist()
+        picked = torch.randperm(len(members), generator=generator)[: shots + queries].tolist()
         for k, position in enumerate(picked):
             image, _ = dataset[members[position]]
             (support if k < shots else query).append(image)
             (support_labels if k < shots else query_labels).append(new_label)
-    return (torch.stack(support), torch.tensor(support_labels), torch.stack(query),
-            torch.tensor(query_labels))
+    return (torch.stack(support), torch.tensor(support_labels), torch.stack(query), torch.tensor(query_labels))
 
 
 def mann_logits(model, inputs, labels):
@@ -243,14 +244,14 @@ def mann_logits(model, inputs, labels):
     memory, usage, read_weights = model.initial_state(x.shape[0], x)
     logits = []
     for t in range(x.shape[1]):
-        gates = (x[:, t] @ lstm.weight_ih_l0.T + lstm.bias_ih_l0
-                 + hidden @ lstm.weight_hh_l0.T + lstm.bias_hh_l0)
+        gates = x[:, t] @ lstm.weight_ih_l0.T + lstm.bias_ih_l0 + hidden @ lstm.weight_hh_l0.T + lstm.bias_hh_l0
         i, f, g, o = gates.chunk(4, -1)
         cell = torch.sigmoid(f) * cell + torch.sigmoid(i) * torch.tanh(g)
         hidden = torch.sigmoid(o) * torch.tanh(cell)
         keys, write_gates, strengths = model.head_outputs(hidden[:, None])
-        reads, memory, usage, read_weights = mann_memory(memory, usage, read_weights, keys, write_gates,
-                                                         strengths, model.decay)
+        reads, memory, usage, read_weights = mann_memory(
+            memory, usage, read_weights, keys, write_gates, strengths, model.decay
+        )
         logits.append(model.classifier(torch.cat([hidden, reads.flatten(1)], -1)))
     return torch.stack(logits, 1) if logits else x.new_zeros(*x.shape[:2], model.num_classes)
 
@@ -280,7 +281,7 @@ def metanet_scores(model, support_features, support_labels, query_features):
             weight = model.embedding.weight.detach().clone().requires_grad_()
             keys = F.relu(h_s.detach() @ weight.T + model.embedding.bias.detach())
             means = torch.stack([keys[labels == c].mean(0) for c in range(C)])
-            loss = F.cross_entropy(-torch.cdist(keys, means) ** 2, labels, reduction="sum")
+            loss = F.cross_entropy(-(torch.cdist(keys, means) ** 2), labels, reduction="sum")
             task_fast = meta(model.task_learner, torch.autograd.grad(loss, weight)[0])
         values = []
         for x, y in zip(h_s, labels):
@@ -290,14 +291,15 @@ def metanet_scores(model, support_features, support_labels, query_features):
                 units = F.relu(x.detach() @ w1.T + model.base_hidden.bias)
                 logit = units @ w2.T + model.base_out.bias
                 g1, g2 = torch.autograd.grad(F.cross_entropy(logit[None], y[None]), (w1, w2))
-            values.append(torch.cat([meta(model.example_learner, g1).flatten(),
-                                     meta(model.example_learner, g2).flatten()]))
+            values.append(
+                torch.cat([meta(model.example_learner, g1).flatten(), meta(model.example_learner, g2).flatten()])
+            )
         keys = F.relu(model.embedding(h_s)) + F.relu(h_s @ task_fast.T)
         reads = F.relu(model.embedding(h_q)) + F.relu(h_q @ task_fast.T)
         fast = attention_readout(reads, keys, torch.stack(values), "cosine")
         logits = []
         for x, f in zip(h_q, fast):
-            units = F.relu(model.base_hidden(x)) + F.relu(f[:H * D].view(H, D) @ x)
-            logits.append(model.base_out(units) + f[H * D:].view(C, H) @ units)
+            units = F.relu(model.base_hidden(x)) + F.relu(f[: H * D].view(H, D) @ x)
+            logits.append(model.base_out(units) + f[H * D :].view(C, H) @ units)
         episodes.append(torch.stack(logits))
     return torch.stack(episodes)

@@ -1,5 +1,5 @@
-"""Benchmark cases of BENCHMARKS.md, defined once for ``fastmeta bench`` and for
-the pytest-benchmark files in ``benchmarks/``.
+"""The benchmark cases (``docs/benchmarks.md``), defined once for ``fastmeta
+bench`` and for the pytest-benchmark files in ``benchmarks/``.
 
 A case builds its inputs on a device and returns variants; each variant is a
 fastmeta callable and the baselines a user would otherwise run, all on the
@@ -12,7 +12,6 @@ from typing import Callable, Dict, List
 
 import torch
 import torch.nn.functional as F
-
 from torch import nn
 
 from .. import nn as fnn
@@ -55,7 +54,7 @@ def proto_episode(device: str) -> List[Variant]:
 
     def eager_cdist():
         protos = support.view(B, N, K, D).mean(2)
-        logits = -torch.cdist(query, protos) ** 2
+        logits = -(torch.cdist(query, protos) ** 2)
         _backward(F.cross_entropy(logits.flatten(0, 1), query_labels.flatten()), support, query)
 
     def eager_matmul():
@@ -97,9 +96,14 @@ def proto_large_way(device: str) -> List[Variant]:
             with torch.no_grad():
                 x @ y.T, w @ y, w.T @ x
 
-        variants.append(Variant("proto_large_way", f"Q=N=8192 D={D}", fast,
-                                {"eager (matmul)": eager_matmul, "eager (cdist)": eager_cdist,
-                                 "floor: 3 products": three_products}))
+        variants.append(
+            Variant(
+                "proto_large_way",
+                f"Q=N=8192 D={D}",
+                fast,
+                {"eager (matmul)": eager_matmul, "eager (cdist)": eager_cdist, "floor: 3 products": three_products},
+            )
+        )
     return variants
 
 
@@ -133,12 +137,12 @@ def lstm_step(device: str) -> List[Variant]:
         lstm = fnn.CoordinatewiseLSTM().to(device)
         grad = (torch.randn(P, generator=g) * 1e-3).to(device)
         state = (0.1 * torch.randn(2, 2, 20, P, generator=g)).to(device).requires_grad_()
-        rows = [(state[l, 0].T.contiguous().requires_grad_(), state[l, 1].T.contiguous().requires_grad_())
-                for l in range(2)]
+        rows = [
+            (state[l, 0].T.contiguous().requires_grad_(), state[l, 1].T.contiguous().requires_grad_()) for l in range(2)
+        ]
         grad_update = torch.randn(P, generator=g).to(device)
         grad_state = torch.randn(2, 2, 20, P, generator=g).to(device)
-        grad_rows = [t for l in range(2) for t in (grad_state[l, 0].T.contiguous(),
-                                                  grad_state[l, 1].T.contiguous())]
+        grad_rows = [t for l in range(2) for t in (grad_state[l, 0].T.contiguous(), grad_state[l, 1].T.contiguous())]
         weights = list(lstm.parameters())
         label = f"P={P // 1024}k" if P < 1 << 20 else f"P={P >> 20}M"
 
@@ -150,21 +154,19 @@ def lstm_step(device: str) -> List[Variant]:
         def cells_forward(lstm=lstm, grad=grad, rows=rows):
             reference.l2o_lstm_cells(lstm, grad, rows)
 
-        def fast_backward(lstm=lstm, grad=grad, state=state, gu=grad_update, gs=grad_state,
-                          weights=weights):
+        def fast_backward(lstm=lstm, grad=grad, state=state, gu=grad_update, gs=grad_state, weights=weights):
             update, new_state = lstm(grad, state)
             torch.autograd.grad((update, new_state), [state] + weights, (gu, gs))
 
-        def cells_backward(lstm=lstm, grad=grad, rows=rows, gu=grad_update, gs=grad_rows,
-                           weights=weights):
+        def cells_backward(lstm=lstm, grad=grad, rows=rows, gu=grad_update, gs=grad_rows, weights=weights):
             update, new_states = reference.l2o_lstm_cells(lstm, grad, rows)
             outputs = [update] + [t for hc in new_states for t in hc]
             torch.autograd.grad(outputs, [t for hc in rows for t in hc] + weights, [gu] + gs)
 
-        variants.append(Variant("lstm_step", f"{label} forward", fast_forward,
-                                {"nn.LSTMCell": cells_forward}))
-        variants.append(Variant("lstm_step", f"{label} forward+backward", fast_backward,
-                                {"nn.LSTMCell": cells_backward}))
+        variants.append(Variant("lstm_step", f"{label} forward", fast_forward, {"nn.LSTMCell": cells_forward}))
+        variants.append(
+            Variant("lstm_step", f"{label} forward+backward", fast_backward, {"nn.LSTMCell": cells_backward})
+        )
     return variants
 
 
@@ -185,20 +187,23 @@ def meta_lstm_step(device: str) -> List[Variant]:
         grad_theta = torch.randn(P, generator=g).to(device)
         grad_state = torch.randn(2 * H + 2, P, generator=g).to(device)
 
-        def run(step, grad=grad, loss=loss, theta=theta, state=state, weights=weights,
-                gt=grad_theta, gs=grad_state):
+        def run(step, grad=grad, loss=loss, theta=theta, state=state, weights=weights, gt=grad_theta, gs=grad_state):
             outputs = step(grad, loss, theta, state, weights)
             torch.autograd.grad(outputs, (theta, state, weights), (gt, gs))
 
         label = f"P={P // 1024}k" if P < 1 << 20 else f"P={P >> 20}M"
-        variants.append(Variant("meta_lstm_step", f"{label} forward+backward",
-                                lambda run=run: run(ops.meta_lstm_step),
-                                {"eager": lambda run=run: run(reference.meta_lstm_step)}))
+        variants.append(
+            Variant(
+                "meta_lstm_step",
+                f"{label} forward+backward",
+                lambda run=run: run(ops.meta_lstm_step),
+                {"eager": lambda run=run: run(reference.meta_lstm_step)},
+            )
+        )
     return variants
 
 
-def _maml_variants(case: str, label: str, net: nn.Module, loss: str, inner_lr: float, steps: int,
-                   tasks) -> Variant:
+def _maml_variants(case: str, label: str, net: nn.Module, loss: str, inner_lr: float, steps: int, tasks) -> Variant:
     """BatchedMAML against the per-task create_graph loop and torch.func, all
     computing the meta-gradient of the module's parameters."""
     params = list(net.parameters())
@@ -206,12 +211,17 @@ def _maml_variants(case: str, label: str, net: nn.Module, loss: str, inner_lr: f
     loss_fn = F.mse_loss if loss == "mse" else F.cross_entropy
 
     def baseline(query_losses):
-        return lambda: torch.autograd.grad(
-            query_losses(net, loss_fn, inner_lr, steps, *tasks).mean(), params)
+        return lambda: torch.autograd.grad(query_losses(net, loss_fn, inner_lr, steps, *tasks).mean(), params)
 
-    return Variant(case, label, lambda: torch.autograd.grad(bm(*tasks), params),
-                   {"per-task loop": baseline(reference.maml_query_losses_loop),
-                    "torch.func vmap": baseline(reference.maml_query_losses_vmap)})
+    return Variant(
+        case,
+        label,
+        lambda: torch.autograd.grad(bm(*tasks), params),
+        {
+            "per-task loop": baseline(reference.maml_query_losses_loop),
+            "torch.func vmap": baseline(reference.maml_query_losses_vmap),
+        },
+    )
 
 
 def maml_sinusoid(device: str) -> List[Variant]:
@@ -221,10 +231,10 @@ def maml_sinusoid(device: str) -> List[Variant]:
     variants = []
     for tasks_per_batch, steps in ((25, 1), (25, 5), (1000, 5)):
         torch.manual_seed(0)
-        net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(),
-                            nn.Linear(40, 1)).to(device)
-        tasks = sinusoid_tasks(tasks_per_batch, 10, num_query=10,
-                               generator=torch.Generator().manual_seed(0), device=device)
+        net = nn.Sequential(nn.Linear(1, 40), nn.ReLU(), nn.Linear(40, 40), nn.ReLU(), nn.Linear(40, 1)).to(device)
+        tasks = sinusoid_tasks(
+            tasks_per_batch, 10, num_query=10, generator=torch.Generator().manual_seed(0), device=device
+        )
         label = f"T={tasks_per_batch} {steps} inner step{'s' * (steps > 1)}"
         variants.append(_maml_variants("maml_sinusoid", label, net, "mse", 0.01, steps, tasks))
     return variants
@@ -235,8 +245,12 @@ def conv4(channels: int, filters: int, size: int, ways: int) -> nn.Module:
     (batch statistics), ReLU and 2x2 max-pooling, then a linear classifier."""
     layers, c = [], channels
     for _ in range(4):
-        layers += [nn.Conv2d(c, filters, 3, padding=1),
-                   nn.BatchNorm2d(filters, track_running_stats=False), nn.ReLU(), nn.MaxPool2d(2)]
+        layers += [
+            nn.Conv2d(c, filters, 3, padding=1),
+            nn.BatchNorm2d(filters, track_running_stats=False),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+        ]
         c, size = filters, size // 2
     return nn.Sequential(*layers, nn.Flatten(), nn.Linear(filters * size * size, ways))
 
@@ -267,12 +281,18 @@ def maml_conv4(device: str) -> List[Variant]:
             variants.append(_maml_variants("maml_conv4", label, net, "cross_entropy", 0.4, steps, data))
             params = list(net.parameters())
             first = BatchedMAML(net, 0.4, steps, first_order=True, loss="cross_entropy")
-            variants.append(Variant(
-                "maml_conv4", label + " first order", lambda m=first, d=data, p=params:
-                torch.autograd.grad(m(*d), p),
-                {"per-task loop": lambda d=data, p=params, n=net, k=steps: torch.autograd.grad(
-                    reference.maml_query_losses_loop(n, F.cross_entropy, 0.4, k, *d,
-                                                     first_order=True).mean(), p)}))
+            variants.append(
+                Variant(
+                    "maml_conv4",
+                    label + " first order",
+                    lambda m=first, d=data, p=params: torch.autograd.grad(m(*d), p),
+                    {
+                        "per-task loop": lambda d=data, p=params, n=net, k=steps: torch.autograd.grad(
+                            reference.maml_query_losses_loop(n, F.cross_entropy, 0.4, k, *d, first_order=True).mean(), p
+                        )
+                    },
+                )
+            )
             body, head = net[:-1], nn.Sequential(net[-1])
             anil = BatchedMAML(head, 0.4, steps, loss="cross_entropy")
 
@@ -283,11 +303,12 @@ def maml_conv4(device: str) -> List[Variant]:
                 return torch.autograd.grad(m(features(d[0]), d[1], features(d[2]), d[3]), p)
 
             def anil_loop(d=data, h=head, p=params, k=steps, features=features):
-                losses = reference.maml_query_losses_loop(h, F.cross_entropy, 0.4, k, features(d[0]),
-                                                          d[1], features(d[2]), d[3])
+                losses = reference.maml_query_losses_loop(
+                    h, F.cross_entropy, 0.4, k, features(d[0]), d[1], features(d[2]), d[3]
+                )
                 return torch.autograd.grad(losses.mean(), p)
-            variants.append(Variant("maml_conv4", label + " ANIL", anil_fast,
-                                    {"per-task loop": anil_loop}))
+
+            variants.append(Variant("maml_conv4", label + " ANIL", anil_fast, {"per-task loop": anil_loop}))
     return variants
 
 
@@ -302,11 +323,18 @@ def imaml_conv4(device: str) -> List[Variant]:
         net, data = _conv4_tasks(1, 64, 28, 4, device)
         params = list(net.parameters())
         imaml = iMAML(net, 0.1, steps, lam=2.0, cg_steps=5, loss="cross_entropy")
-        variants.append(Variant(
-            "imaml_conv4", f"28x28x1 64f T=4 K={steps} CG=5",
-            lambda m=imaml, d=data, p=params: torch.autograd.grad(m(*d), p),
-            {"plain, task by task": lambda n=net, d=data, k=steps: reference.imaml_meta_gradient_loop(
-                n, F.cross_entropy, 0.1, k, 2.0, 5, *d)}))
+        variants.append(
+            Variant(
+                "imaml_conv4",
+                f"28x28x1 64f T=4 K={steps} CG=5",
+                lambda m=imaml, d=data, p=params: torch.autograd.grad(m(*d), p),
+                {
+                    "plain, task by task": lambda n=net, d=data, k=steps: reference.imaml_meta_gradient_loop(
+                        n, F.cross_entropy, 0.1, k, 2.0, 5, *d
+                    )
+                },
+            )
+        )
     return variants
 
 
@@ -321,16 +349,22 @@ def reptile_conv4(device: str) -> List[Variant]:
             net, (x_s, y_s, x_q, y_q) = _conv4_tasks(channels, filters, size, tasks, device)
             x, y = torch.cat([x_s, x_q], 1), torch.cat([y_s, y_q], 1)
             reptile = Reptile(net, 0.4, steps, outer_lr=0.0, loss="cross_entropy")
-            variants.append(Variant(
-                "reptile_conv4", f"{size}x{size}x{channels} {filters}f T={tasks} K={steps}",
-                lambda m=reptile, x=x, y=y: m.step(x, y),
-                {"per-task loop": lambda n=net, x=x, y=y, k=steps: reference.reptile_mean_adapted_loop(
-                    n, F.cross_entropy, 0.4, k, x, y)}))
+            variants.append(
+                Variant(
+                    "reptile_conv4",
+                    f"{size}x{size}x{channels} {filters}f T={tasks} K={steps}",
+                    lambda m=reptile, x=x, y=y: m.step(x, y),
+                    {
+                        "per-task loop": lambda n=net, x=x, y=y, k=steps: reference.reptile_mean_adapted_loop(
+                            n, F.cross_entropy, 0.4, k, x, y
+                        )
+                    },
+                )
+            )
     return variants
 
 
-def _episode_images(batch, ways, shots, queries, image_shape, device, generator,
-                    requires_grad=False):
+def _episode_images(batch, ways, shots, queries, image_shape, device, generator, requires_grad=False):
     """Random episodes (images, or features with ``requires_grad``), labels grouped by class."""
     support = torch.rand(batch, ways * shots, *image_shape, generator=generator).to(device)
     query = torch.rand(batch, ways * queries, *image_shape, generator=generator).to(device)
@@ -349,6 +383,7 @@ def _training_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Cal
         optimizer.zero_grad(set_to_none=True)
         loss_fn().backward()
         optimizer.step()
+
     return step
 
 
@@ -361,16 +396,24 @@ def _module_variants(case, label, model, reference_scores, loss_of_scores, episo
     batch = support.shape[0]
 
     def eager_loss():
-        return sum(loss_of_scores(reference_scores(support[b], support_labels[b], query[b]),
-                                  query_labels[b]) for b in range(batch)) / batch
+        return (
+            sum(
+                loss_of_scores(reference_scores(support[b], support_labels[b], query[b]), query_labels[b])
+                for b in range(batch)
+            )
+            / batch
+        )
 
     fast = lambda: model.loss(support, support_labels, query, query_labels)  # noqa: E731
     if head_only:
         leaves = [support, query, *model.parameters()]
-        return Variant(case, label + " head", lambda: _backward(fast(), *leaves),
-                       {"eager (easyfsl)": lambda: _backward(eager_loss(), *leaves)})
-    return Variant(case, label, _training_step(model, fast),
-                   {"eager (easyfsl)": _training_step(model, eager_loss)})
+        return Variant(
+            case,
+            label + " head",
+            lambda: _backward(fast(), *leaves),
+            {"eager (easyfsl)": lambda: _backward(eager_loss(), *leaves)},
+        )
+    return Variant(case, label, _training_step(model, fast), {"eager (easyfsl)": _training_step(model, eager_loss)})
 
 
 def _cross_entropy(scores, labels):
@@ -389,25 +432,35 @@ def protonet_step(device: str) -> List[Variant]:
             torch.manual_seed(0)
             backbone = nn.Identity() if head_only else fnn.Conv4(1)
             model = fnn.PrototypicalNetworks(backbone).to(device)
-            episodes = _episode_images(batch, ways, shots, queries, (64,) if head_only else (1, 28, 28),
-                                       device, g, requires_grad=head_only)
-            variants.append(_module_variants(
-                "protonet_step", label, model,
-                lambda s, l, q, m=model: reference.prototypical_scores(m.backbone, s, l, q, "sqeuclidean"),
-                _cross_entropy, episodes, head_only))
+            episodes = _episode_images(
+                batch, ways, shots, queries, (64,) if head_only else (1, 28, 28), device, g, requires_grad=head_only
+            )
+            variants.append(
+                _module_variants(
+                    "protonet_step",
+                    label,
+                    model,
+                    lambda s, l, q, m=model: reference.prototypical_scores(m.backbone, s, l, q, "sqeuclidean"),
+                    _cross_entropy,
+                    episodes,
+                    head_only,
+                )
+            )
         if device == "cpu" and batch > 1:
             # what a user who batches by hand would write: one backbone call
             base = variants[-2]
             support, support_labels, query, query_labels = _episode_images(
-                batch, ways, shots, queries, (1, 28, 28), device, torch.Generator().manual_seed(0))
+                batch, ways, shots, queries, (1, 28, 28), device, torch.Generator().manual_seed(0)
+            )
             torch.manual_seed(0)
             net = fnn.Conv4(1).to(device)
 
             def batched_eager():
                 s = net(support.flatten(0, 1)).view(batch, ways, shots, -1).mean(2)
                 q = net(query.flatten(0, 1)).view(batch, ways * queries, -1)
-                logits = -torch.cdist(q, s) ** 2
+                logits = -(torch.cdist(q, s) ** 2)
                 return F.cross_entropy(logits.flatten(0, 1), query_labels.flatten())
+
             base.baselines["eager (batched by hand)"] = _training_step(net, batched_eager)
     return variants
 
@@ -423,15 +476,24 @@ def relation_step(device: str) -> List[Variant]:
             torch.manual_seed(0)
             backbone = nn.Identity() if head_only else fnn.Conv4(1, pooled_blocks=2, flatten=False)
             model = fnn.RelationNetworks(backbone, feature_dimension=64).to(device)
-            episodes = _episode_images(1, ways, 1, queries, (64, 7, 7) if head_only else (1, 28, 28),
-                                       device, g, requires_grad=head_only)
+            episodes = _episode_images(
+                1, ways, 1, queries, (64, 7, 7) if head_only else (1, 28, 28), device, g, requires_grad=head_only
+            )
 
             def mse(scores, labels):
                 return F.mse_loss(scores, F.one_hot(labels, scores.shape[-1]).to(scores.dtype))
-            variants.append(_module_variants(
-                "relation_step", f"{ways}-way 1+{queries}", model,
-                lambda s, l, q, m=model: reference.relation_scores(m.backbone, m.relation_module, s, l, q),
-                mse, episodes, head_only))
+
+            variants.append(
+                _module_variants(
+                    "relation_step",
+                    f"{ways}-way 1+{queries}",
+                    model,
+                    lambda s, l, q, m=model: reference.relation_scores(m.backbone, m.relation_module, s, l, q),
+                    mse,
+                    episodes,
+                    head_only,
+                )
+            )
     return variants
 
 
@@ -443,15 +505,23 @@ def matching_fce_step(device: str) -> List[Variant]:
     for head_only in (False, True):
         g = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
-        model = fnn.MatchingNetworks(nn.Identity() if head_only else fnn.Conv4(1),
-                                     feature_dimension=64).to(device)
-        episodes = _episode_images(1, 20, 1, 15, (64,) if head_only else (1, 28, 28), device, g,
-                                   requires_grad=head_only)
-        variants.append(_module_variants(
-            "matching_fce_step", "20-way 1+15", model,
-            lambda s, l, q, m=model: reference.matching_scores(m.backbone, m.support_encoder,
-                                                               m.query_encoder, s, l, q),
-            lambda scores, labels: F.nll_loss(scores, labels), episodes, head_only))
+        model = fnn.MatchingNetworks(nn.Identity() if head_only else fnn.Conv4(1), feature_dimension=64).to(device)
+        episodes = _episode_images(
+            1, 20, 1, 15, (64,) if head_only else (1, 28, 28), device, g, requires_grad=head_only
+        )
+        variants.append(
+            _module_variants(
+                "matching_fce_step",
+                "20-way 1+15",
+                model,
+                lambda s, l, q, m=model: reference.matching_scores(
+                    m.backbone, m.support_encoder, m.query_encoder, s, l, q
+                ),
+                lambda scores, labels: F.nll_loss(scores, labels),
+                episodes,
+                head_only,
+            )
+        )
     return variants
 
 
@@ -463,15 +533,23 @@ def mann_episode(device: str) -> List[Variant]:
     torch.manual_seed(0)
     model = fnn.MANN(400, 5).to(device)
     inputs = torch.rand(16, 50, 1, 20, 20, generator=g).to(device)
-    labels = torch.stack([torch.arange(5).repeat_interleave(10)[torch.randperm(50, generator=g)]
-                          for _ in range(16)]).to(device)
+    labels = torch.stack(
+        [torch.arange(5).repeat_interleave(10)[torch.randperm(50, generator=g)] for _ in range(16)]
+    ).to(device)
     params = list(model.parameters())
 
     def eager():
         logits = reference.mann_logits(model, inputs, labels)
         _backward(F.cross_entropy(logits.flatten(0, 1), labels.flatten()), *params)
-    return [Variant("mann_episode", "16x50 steps, 4 heads, 128x40",
-                    lambda: _backward(model.loss(inputs, labels), *params), {"eager LRUA": eager})]
+
+    return [
+        Variant(
+            "mann_episode",
+            "16x50 steps, 4 heads, 128x40",
+            lambda: _backward(model.loss(inputs, labels), *params),
+            {"eager LRUA": eager},
+        )
+    ]
 
 
 def gnn_episode(device: str) -> List[Variant]:
@@ -480,12 +558,12 @@ def gnn_episode(device: str) -> List[Variant]:
     graphs) and 20-way 5-shot (101 nodes); two graph layers and the last,
     metric MLPs of widths [2, 2, 1, 1] x the node width; forward and
     backward."""
+
     def variant(ways: int, shots: int) -> Variant:
         g = torch.Generator().manual_seed(0)
         torch.manual_seed(0)
         model = fnn.FewShotGNN(feature_dimension=64, ways=ways).to(device)
-        support, support_labels, _, _ = _episode_images(32, ways, shots, 0, (64,), device, g,
-                                                        requires_grad=True)
+        support, support_labels, _, _ = _episode_images(32, ways, shots, 0, (64,), device, g, requires_grad=True)
         query = torch.randn(32, 1, 64, generator=g).to(device).requires_grad_()
         query_labels = torch.randint(0, ways, (32, 1), generator=g).to(device)
         leaves = [support, query, *model.parameters()]
@@ -494,9 +572,14 @@ def gnn_episode(device: str) -> List[Variant]:
             graphs = model.query_graphs(model.prepare_support(support, support_labels, ways), query)
             logits = reference.gnn_logits(model, graphs)
             _backward(F.cross_entropy(logits, query_labels.flatten()), *leaves)
-        return Variant("gnn_episode", f"32x{ways}-way {shots}-shot, 1 query",
-                       lambda: _backward(model.loss(support, support_labels, query, query_labels), *leaves),
-                       {"eager [B, n, n, D]": eager})
+
+        return Variant(
+            "gnn_episode",
+            f"32x{ways}-way {shots}-shot, 1 query",
+            lambda: _backward(model.loss(support, support_labels, query, query_labels), *leaves),
+            {"eager [B, n, n, D]": eager},
+        )
+
     return [variant(5, 1), variant(20, 5)]
 
 
@@ -506,15 +589,21 @@ def metanet_episode(device: str) -> List[Variant]:
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
     model = fnn.MetaNetwork(feature_dimension=64, ways=5).to(device)
-    support, support_labels, query, query_labels = _episode_images(32, 5, 1, 15, (64,), device, g,
-                                                                   requires_grad=True)
+    support, support_labels, query, query_labels = _episode_images(32, 5, 1, 15, (64,), device, g, requires_grad=True)
     leaves = [support, query, *model.parameters()]
 
     def eager():
         scores = reference.metanet_scores(model, support, support_labels, query)
         _backward(F.cross_entropy(scores.flatten(0, 1), query_labels.flatten()), *leaves)
-    return [Variant("metanet_episode", "32x5-way 1+15", lambda: _backward(
-        model.loss(support, support_labels, query, query_labels), *leaves), {"eager": eager})]
+
+    return [
+        Variant(
+            "metanet_episode",
+            "32x5-way 1+15",
+            lambda: _backward(model.loss(support, support_labels, query, query_labels), *leaves),
+            {"eager": eager},
+        )
+    ]
 
 
 def episode_sampling(device: str) -> List[Variant]:
@@ -529,8 +618,12 @@ def episode_sampling(device: str) -> List[Variant]:
     def loop():
         for _ in range(32):
             reference.sample_episode_loop(data, 5, 1, 15, generator=g)
-    return [Variant("episode_sampling", "32x5-way 1+15 of 32,000 images", sampler.sample,
-                    {"per-example loop (easyfsl)": loop})]
+
+    return [
+        Variant(
+            "episode_sampling", "32x5-way 1+15 of 32,000 images", sampler.sample, {"per-example loop (easyfsl)": loop}
+        )
+    ]
 
 
 CASES: Dict[str, Callable[[str], List[Variant]]] = {
@@ -556,9 +649,17 @@ CASES: Dict[str, Callable[[str], List[Variant]]] = {
 # What `fastmeta bench` runs by default: one case of each kernel family and
 # method, a few minutes on a 2-core CPU (--all adds lstm_step, proto_large_way,
 # maml_conv4, imaml_conv4, reptile_conv4, protonet_step and gnn_episode, the long ones).
-DEFAULT_CASES = ["proto_episode", "matching_readout", "meta_lstm_step", "maml_sinusoid",
-                 "relation_step", "matching_fce_step", "episode_sampling", "mann_episode",
-                 "metanet_episode"]
+DEFAULT_CASES = [
+    "proto_episode",
+    "matching_readout",
+    "meta_lstm_step",
+    "maml_sinusoid",
+    "relation_step",
+    "matching_fce_step",
+    "episode_sampling",
+    "mann_episode",
+    "metanet_episode",
+]
 
 
 def build(names, device: str) -> List[Variant]:

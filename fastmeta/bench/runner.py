@@ -1,8 +1,8 @@
 """Times benchmark variants: median after warm-up, in one process, fastmeta
 and its baselines interleaved, and peak memory of one call."""
 
-import json
 import ctypes
+import json
 import platform
 import statistics
 import time
@@ -10,8 +10,8 @@ from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
 
-from . import cases
 from .. import ops
+from . import cases
 
 __all__ = ["time_callable", "time_callables", "run", "format_header", "format_row"]
 
@@ -23,8 +23,9 @@ __all__ = ["time_callable", "time_callables", "run", "format_header", "format_ro
 _REWARM_BELOW_S = 0.05
 
 
-def time_callables(fns: Sequence[Callable[[], None]], device: str, min_time: float = 1.0,
-                   min_repeats: int = 5, max_repeats: int = 50) -> List[float]:
+def time_callables(
+    fns: Sequence[Callable[[], None]], device: str, min_time: float = 1.0, min_repeats: int = 5, max_repeats: int = 50
+) -> List[float]:
     """Median seconds per call of each of ``fns`` after two warm-up calls,
     the calls interleaved (one timed call of each per round) so that a drift
     of the machine's speed during the measurement falls on all of them alike."""
@@ -48,8 +49,7 @@ def time_callables(fns: Sequence[Callable[[], None]], device: str, min_time: flo
     times: List[List[float]] = [[] for _ in fns]
     start = time.perf_counter()
     rounds = 0
-    while rounds < min_repeats or (time.perf_counter() - start < min_time * len(fns)
-                                   and rounds < max_repeats):
+    while rounds < min_repeats or (time.perf_counter() - start < min_time * len(fns) and rounds < max_repeats):
         for fn, fn_times, again in zip(fns, times, rewarm):
             if again:
                 fn()
@@ -58,8 +58,9 @@ def time_callables(fns: Sequence[Callable[[], None]], device: str, min_time: flo
     return [statistics.median(t) for t in times]
 
 
-def time_callable(fn: Callable[[], None], device: str, min_time: float = 1.0,
-                  min_repeats: int = 5, max_repeats: int = 50) -> float:
+def time_callable(
+    fn: Callable[[], None], device: str, min_time: float = 1.0, min_repeats: int = 5, max_repeats: int = 50
+) -> float:
     """Median seconds per call after two warm-up calls."""
     return time_callables([fn], device, min_time, min_repeats, max_repeats)[0]
 
@@ -115,9 +116,13 @@ def run(names: List[str], device: str, memory: bool = True, progress: bool = Fal
             fast_mib = peak_memory_mib(variant.fastmeta, device) if memory else None
             for (baseline_name, baseline), base_s in zip(variant.baselines.items(), base_times):
                 yield {
-                    "case": variant.case, "shape": variant.label, "device": device,
-                    "fastmeta_ms": fast_s * 1e3, "baseline": baseline_name,
-                    "baseline_ms": base_s * 1e3, "speedup": base_s / fast_s,
+                    "case": variant.case,
+                    "shape": variant.label,
+                    "device": device,
+                    "fastmeta_ms": fast_s * 1e3,
+                    "baseline": baseline_name,
+                    "baseline_ms": base_s * 1e3,
+                    "speedup": base_s / fast_s,
                     "fastmeta_peak_mib": fast_mib,
                     "baseline_peak_mib": peak_memory_mib(baseline, device) if memory else None,
                 }
@@ -131,8 +136,7 @@ def run(names: List[str], device: str, memory: bool = True, progress: bool = Fal
 # (l2o_lstm_step, meta_lstm_step, matching_attention_lstm); mlp
 # (mlp_task_derivatives); model-based (mann_memory, gnn_adjacency);
 # prototypes (class_prototypes, contrastive_loss).
-CPU_KERNEL_FAMILIES = {"similarity": True, "lstm": True, "mlp": True, "model-based": True,
-                       "prototypes": False}
+CPU_KERNEL_FAMILIES = {"similarity": True, "lstm": True, "mlp": True, "model-based": True, "prototypes": False}
 
 
 def cpu_kernel_isas() -> Dict[str, str]:
@@ -142,8 +146,7 @@ def cpu_kernel_isas() -> Dict[str, str]:
     import fastmeta
 
     isa = fastmeta._C.cpu_isa()
-    isas = {family: isa if dispatched else "baseline"
-            for family, dispatched in CPU_KERNEL_FAMILIES.items()}
+    isas = {family: isa if dispatched else "baseline" for family, dispatched in CPU_KERNEL_FAMILIES.items()}
     isas["blas"] = f"PyTorch's ({torch.backends.cpu.get_cpu_capability().lower()})"
     return isas
 
@@ -155,9 +158,14 @@ def format_cpu_kernel_isas(isas: Dict[str, str]) -> str:
 def machine() -> Dict:
     import fastmeta
 
-    info = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-            "cpu_isa": fastmeta._C.cpu_isa(), "cpu_kernels": cpu_kernel_isas()}
+    info = {
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_isa": fastmeta._C.cpu_isa(),
+        "cpu_kernels": cpu_kernel_isas(),
+    }
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
@@ -168,8 +176,7 @@ def machine() -> Dict:
     return info
 
 
-HEADER = ["case", "shape", "fastmeta ms", "baseline", "baseline ms", "speedup", "fastmeta MiB",
-          "baseline MiB"]
+HEADER = ["case", "shape", "fastmeta ms", "baseline", "baseline ms", "speedup", "fastmeta MiB", "baseline MiB"]
 WIDTHS = [18, 30, 11, 26, 11, 8, 12, 12]  # fixed, so rows print as they are measured
 
 
@@ -181,9 +188,18 @@ def format_row(r: Dict) -> str:
     def mib(v):
         return "-" if v is None else f"{v:.0f}"
 
-    return _line([r["case"], r["shape"], f"{r['fastmeta_ms']:.2f}", r["baseline"],
-                  f"{r['baseline_ms']:.2f}", f"{r['speedup']:.2f}x", mib(r["fastmeta_peak_mib"]),
-                  mib(r["baseline_peak_mib"])])
+    return _line(
+        [
+            r["case"],
+            r["shape"],
+            f"{r['fastmeta_ms']:.2f}",
+            r["baseline"],
+            f"{r['baseline_ms']:.2f}",
+            f"{r['speedup']:.2f}x",
+            mib(r["fastmeta_peak_mib"]),
+            mib(r["baseline_peak_mib"]),
+        ]
+    )
 
 
 def _line(cells) -> str:

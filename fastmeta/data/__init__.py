@@ -8,5 +8,14 @@ from .images import ImageFolder, LabelledImages, cache_dir, data_dir
 from .omniglot import Omniglot
 from .sinusoid import sinusoid_tasks
 
-__all__ = ["Characters", "Episode", "EpisodeSampler", "ImageFolder", "LabelledImages", "Omniglot",
-           "cache_dir", "data_dir", "sinusoid_tasks"]
+__all__ = [
+    "Characters",
+    "Episode",
+    "EpisodeSampler",
+    "ImageFolder",
+    "LabelledImages",
+    "Omniglot",
+    "cache_dir",
+    "data_dir",
+    "sinusoid_tasks",
+]

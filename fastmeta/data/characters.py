@@ -15,11 +15,11 @@ from .images import LabelledImages, cached
 __all__ = ["Characters"]
 
 RENDER_SIZE = 64
-GLYPH_BOX = 40          # the glyph's longer side, in pixels of the render canvas
-THUMBNAIL = 16          # resolution at which near-identical glyphs are merged
+GLYPH_BOX = 40  # the glyph's longer side, in pixels of the render canvas
+THUMBNAIL = 16  # resolution at which near-identical glyphs are merged
 DUPLICATE_DISTANCE = 0.9  # L2 distance of thumbnails (pixels in [0, 1]) below which glyphs merge
 MIN_ALPHABET = 10
-FORMAT_VERSION = 1      # bump when the rendering changes, to invalidate caches
+FORMAT_VERSION = 1  # bump when the rendering changes, to invalidate caches
 
 
 class Characters(LabelledImages):
@@ -51,13 +51,22 @@ class Characters(LabelledImages):
         True
     """
 
-    def __init__(self, split: Optional[str] = None, *, image_size: int = 28,
-                 examples_per_class: int = 20, rotations: bool = False,
-                 split_fractions: Tuple[float, float, float] = (0.7, 0.1, 0.2),
-                 split_seed: int = 0, seed: int = 0, cache: bool = True):
+    def __init__(
+        self,
+        split: Optional[str] = None,
+        *,
+        image_size: int = 28,
+        examples_per_class: int = 20,
+        rotations: bool = False,
+        split_fractions: Tuple[float, float, float] = (0.7, 0.1, 0.2),
+        split_seed: int = 0,
+        seed: int = 0,
+        cache: bool = True,
+    ):
         if image_size < 1 or examples_per_class < 1:
-            raise ValueError("Characters: image_size and examples_per_class must be >= 1, got "
-                             f"{image_size} and {examples_per_class}")
+            raise ValueError(
+                f"Characters: image_size and examples_per_class must be >= 1, got {image_size} and {examples_per_class}"
+            )
         font = _font_path()
 
         def build():
@@ -67,11 +76,20 @@ class Characters(LabelledImages):
             return {"images": images, "labels": labels, "names": names}
 
         from PIL import __version__ as pillow_version
-        key = [FORMAT_VERSION, os.path.getsize(font), pillow_version, torch.__version__.split("+")[0],
-               image_size, examples_per_class, seed]
+
+        key = [
+            FORMAT_VERSION,
+            os.path.getsize(font),
+            pillow_version,
+            torch.__version__.split("+")[0],
+            image_size,
+            examples_per_class,
+            seed,
+        ]
         content = cached(key, "characters", None, build) if cache else build()
         data = LabelledImages(content["images"], content["labels"], content["names"]).choose_split(
-            split, split_fractions, split_seed, rotations)
+            split, split_fractions, split_seed, rotations
+        )
         super().__init__(data.images, data.labels, data.class_names)
 
     @property
@@ -83,8 +101,7 @@ class Characters(LabelledImages):
 def _font_path() -> str:
     import matplotlib
 
-    return os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf",
-                        "DejaVuSans.ttf")
+    return os.path.join(os.path.dirname(matplotlib.__file__), "mpl-data", "fonts", "ttf", "DejaVuSans.ttf")
 
 
 def _unique_glyphs(font_path: str):
@@ -103,15 +120,15 @@ def _unique_glyphs(font_path: str):
     glyphs, names = [], []
     for script, code in candidates:
         canvas = Image.new("L", (4 * GLYPH_BOX, 4 * GLYPH_BOX))
-        ImageDraw.Draw(canvas).text((2 * GLYPH_BOX, 2 * GLYPH_BOX), chr(code), fill=255, font=font,
-                                    anchor="mm")
+        ImageDraw.Draw(canvas).text((2 * GLYPH_BOX, 2 * GLYPH_BOX), chr(code), fill=255, font=font, anchor="mm")
         box = canvas.getbbox()
         if box is None or min(box[2] - box[0], box[3] - box[1]) < 2:
             continue
         glyph = canvas.crop(box)
         ratio = GLYPH_BOX / max(glyph.size)
-        glyph = glyph.resize((max(1, round(glyph.size[0] * ratio)), max(1, round(glyph.size[1] * ratio))),
-                             Image.Resampling.BILINEAR)
+        glyph = glyph.resize(
+            (max(1, round(glyph.size[0] * ratio)), max(1, round(glyph.size[1] * ratio))), Image.Resampling.BILINEAR
+        )
         centred = Image.new("L", (RENDER_SIZE, RENDER_SIZE))
         centred.paste(glyph, ((RENDER_SIZE - glyph.size[0]) // 2, (RENDER_SIZE - glyph.size[1]) // 2))
         glyphs.append(np.asarray(centred, dtype=np.float32) / 255)
@@ -135,8 +152,7 @@ def _distinct(glyphs: torch.Tensor) -> List[int]:
     return np.flatnonzero(kept).tolist()
 
 
-def _draw_examples(glyphs: torch.Tensor, per_class: int, size: int, seed: int,
-                   chunk: int = 2048) -> torch.Tensor:
+def _draw_examples(glyphs: torch.Tensor, per_class: int, size: int, seed: int, chunk: int = 2048) -> torch.Tensor:
     """``per_class`` distorted drawings of each glyph, ``uint8 [C*per_class, 1, size, size]``."""
     g = torch.Generator().manual_seed(seed)
     count = len(glyphs) * per_class
@@ -149,13 +165,17 @@ def _draw_examples(glyphs: torch.Tensor, per_class: int, size: int, seed: int,
         shear = (torch.rand(n, generator=g) - 0.5) * 0.4
         shift = (torch.rand(n, 2, generator=g) - 0.5) * 0.16
         cos, sin = torch.cos(angle), torch.sin(angle)
-        theta = torch.stack([torch.stack([cos / scale[:, 0], (shear - sin) / scale[:, 0], shift[:, 0]], 1),
-                             torch.stack([sin / scale[:, 1], cos / scale[:, 1], shift[:, 1]], 1)], 1)
+        theta = torch.stack(
+            [
+                torch.stack([cos / scale[:, 0], (shear - sin) / scale[:, 0], shift[:, 0]], 1),
+                torch.stack([sin / scale[:, 1], cos / scale[:, 1], shift[:, 1]], 1),
+            ],
+            1,
+        )
         grid = F.affine_grid(theta, (n, 1, RENDER_SIZE, RENDER_SIZE), align_corners=False)
         # elastic noise: a smooth random displacement field
         coarse = (torch.rand(n, 2, 5, 5, generator=g) - 0.5) * 0.12
-        grid = grid + F.interpolate(coarse, size=RENDER_SIZE, mode="bicubic",
-                                    align_corners=True).permute(0, 2, 3, 1)
+        grid = grid + F.interpolate(coarse, size=RENDER_SIZE, mode="bicubic", align_corners=True).permute(0, 2, 3, 1)
         drawn = F.grid_sample(source, grid, align_corners=False)
         # stroke width: thinner (min-pool), as rendered, or thicker (max-pool)
         width = torch.randint(0, 3, (n, 1, 1, 1), generator=g)
@@ -163,5 +183,5 @@ def _draw_examples(glyphs: torch.Tensor, per_class: int, size: int, seed: int,
         thicker = F.max_pool2d(drawn, 3, 1, 1)
         drawn = torch.where(width == 0, thinner, torch.where(width == 1, drawn, thicker))
         small = F.interpolate(drawn, size=size, mode="area")
-        out[start:start + n] = (small.clamp(0, 1) * 255).round().to(torch.uint8)
+        out[start : start + n] = (small.clamp(0, 1) * 255).round().to(torch.uint8)
     return out

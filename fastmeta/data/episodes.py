@@ -20,6 +20,7 @@ class Episode(NamedTuple):
     ``classes [B, ways]`` holds each episode's original class ids, and
     ``support_indices`` / ``query_indices`` the dataset indices drawn.
     """
+
     support: torch.Tensor
     support_labels: torch.Tensor
     query: torch.Tensor
@@ -63,16 +64,28 @@ class EpisodeSampler:
         (torch.Size([4, 5, 1, 8, 8]), torch.Size([4, 15]))
     """
 
-    def __init__(self, dataset, ways: int, shots: int, queries: int, *,
-                 episodes_per_batch: int = 1, num_batches: Optional[int] = None,
-                 seed: Optional[int] = None, generator: Optional[torch.Generator] = None):
-        for name, value, least in (("ways", ways, 1), ("shots", shots, 1), ("queries", queries, 0),
-                                   ("episodes_per_batch", episodes_per_batch, 1)):
+    def __init__(
+        self,
+        dataset,
+        ways: int,
+        shots: int,
+        queries: int,
+        *,
+        episodes_per_batch: int = 1,
+        num_batches: Optional[int] = None,
+        seed: Optional[int] = None,
+        generator: Optional[torch.Generator] = None,
+    ):
+        for name, value, least in (
+            ("ways", ways, 1),
+            ("shots", shots, 1),
+            ("queries", queries, 0),
+            ("episodes_per_batch", episodes_per_batch, 1),
+        ):
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
                 raise ValueError(f"EpisodeSampler: {name} must be an integer >= {least}, got {value!r}")
         if num_batches is not None and (not isinstance(num_batches, numbers.Integral) or num_batches < 0):
-            raise ValueError(f"EpisodeSampler: num_batches must be an integer >= 0 or None, "
-                             f"got {num_batches!r}")
+            raise ValueError(f"EpisodeSampler: num_batches must be an integer >= 0 or None, got {num_batches!r}")
         ways, shots, queries, episodes_per_batch = int(ways), int(shots), int(queries), int(episodes_per_batch)
         num_batches = None if num_batches is None else int(num_batches)
         if generator is not None and seed is not None:
@@ -88,22 +101,21 @@ class EpisodeSampler:
 
     def _index_classes(self, labels: torch.Tensor):
         if labels.dim() != 1:
-            raise ValueError(f"EpisodeSampler: labels must be one-dimensional, got shape "
-                             f"{list(labels.shape)}")
+            raise ValueError(f"EpisodeSampler: labels must be one-dimensional, got shape {list(labels.shape)}")
         check_integer_labels("EpisodeSampler", "labels", labels)
         labels = labels.cpu()
-        class_ids, per_example_class, counts = torch.unique(labels, return_inverse=True,
-                                                            return_counts=True)
+        class_ids, per_example_class, counts = torch.unique(labels, return_inverse=True, return_counts=True)
         if len(class_ids) < self.ways:
-            raise ValueError(f"EpisodeSampler: ways={self.ways} but the dataset has only "
-                             f"{len(class_ids)} classes")
+            raise ValueError(f"EpisodeSampler: ways={self.ways} but the dataset has only {len(class_ids)} classes")
         needed = self.shots + self.queries
         short = (counts < needed).nonzero().squeeze(1)
         if len(short):
             c = short[0].item()
-            raise ValueError(f"EpisodeSampler: class {class_ids[c].item()} has {counts[c].item()} "
-                             f"examples, fewer than shots + queries = {needed} "
-                             f"({len(short)} such classes)")
+            raise ValueError(
+                f"EpisodeSampler: class {class_ids[c].item()} has {counts[c].item()} "
+                f"examples, fewer than shots + queries = {needed} "
+                f"({len(short)} such classes)"
+            )
         # table[c, j]: the index of class c's j-th example; padded with 0.
         order = torch.argsort(per_example_class, stable=True)
         starts = torch.cumsum(counts, 0) - counts
@@ -122,8 +134,8 @@ class EpisodeSampler:
         keys.masked_fill_(torch.arange(self.table.shape[1]) >= self.counts[chosen][..., None], -1.0)
         positions = keys.topk(K, dim=2).indices
         indices = self.table[chosen[..., None], positions]
-        support = indices[..., :self.shots].reshape(B, W * self.shots)
-        query = indices[..., self.shots:].reshape(B, W * self.queries)
+        support = indices[..., : self.shots].reshape(B, W * self.shots)
+        query = indices[..., self.shots :].reshape(B, W * self.queries)
         return support, query, self.class_ids[chosen]
 
     def sample(self) -> Episode:
@@ -133,15 +145,20 @@ class EpisodeSampler:
         device = self.examples.device if self.examples is not None else torch.device("cpu")
         support_labels = torch.arange(W, device=device).repeat_interleave(self.shots).expand(B, -1)
         query_labels = torch.arange(W, device=device).repeat_interleave(self.queries).expand(B, -1)
-        return Episode(self._gather(support_idx), support_labels.contiguous(),
-                       self._gather(query_idx), query_labels.contiguous(), classes.to(device),
-                       support_idx, query_idx)
+        return Episode(
+            self._gather(support_idx),
+            support_labels.contiguous(),
+            self._gather(query_idx),
+            query_labels.contiguous(),
+            classes.to(device),
+            support_idx,
+            query_idx,
+        )
 
     def _gather(self, indices: torch.Tensor) -> torch.Tensor:
         if self.fetch is not None:
             items = [self.fetch(i) for i in indices.flatten().tolist()]
-            return torch.stack(items).view(*indices.shape, *items[0].shape) if items else \
-                torch.empty(*indices.shape)
+            return torch.stack(items).view(*indices.shape, *items[0].shape) if items else torch.empty(*indices.shape)
         if self.examples is None:
             return indices
         gathered = self.examples[indices.to(self.examples.device, non_blocking=True)]
@@ -163,18 +180,20 @@ def _examples_and_labels(dataset):
     """(examples tensor or None, per-index fetch function or None, labels)."""
     if isinstance(dataset, torch.Tensor):
         return None, None, dataset
-    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and \
-            all(isinstance(t, torch.Tensor) for t in dataset):
+    if isinstance(dataset, (tuple, list)) and len(dataset) == 2 and all(isinstance(t, torch.Tensor) for t in dataset):
         examples, labels = dataset
-    elif isinstance(getattr(dataset, "images", None), torch.Tensor) and \
-            isinstance(getattr(dataset, "labels", None), torch.Tensor):
+    elif isinstance(getattr(dataset, "images", None), torch.Tensor) and isinstance(
+        getattr(dataset, "labels", None), torch.Tensor
+    ):
         examples, labels = dataset.images, dataset.labels
     elif hasattr(dataset, "get_labels"):
         return None, lambda i: torch.as_tensor(dataset[i][0]), torch.as_tensor(dataset.get_labels())
     else:
-        raise TypeError("EpisodeSampler: dataset must be a LabelledImages, an (examples, labels) "
-                        "pair of tensors, a dataset with get_labels(), or a tensor of labels; got "
-                        f"{type(dataset).__name__}")
+        raise TypeError(
+            "EpisodeSampler: dataset must be a LabelledImages, an (examples, labels) "
+            "pair of tensors, a dataset with get_labels(), or a tensor of labels; got "
+            f"{type(dataset).__name__}"
+        )
     if examples.shape[:1] != labels.shape[:1]:
         raise ValueError(f"EpisodeSampler: {examples.shape[0]} examples but {labels.shape[0]} labels")
     return examples, None, labels

@@ -48,29 +48,31 @@ class LabelledImages(torch.utils.data.Dataset):
         (2, 2)
     """
 
-    def __init__(self, images: torch.Tensor, labels: torch.Tensor,
-                 class_names: Optional[Sequence[str]] = None):
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, class_names: Optional[Sequence[str]] = None):
         if not isinstance(images, torch.Tensor) or images.dim() != 4:
-            raise ValueError("LabelledImages: images must be a tensor [N, C, H, W], got "
-                             f"{getattr(images, 'shape', type(images).__name__)}")
+            raise ValueError(
+                "LabelledImages: images must be a tensor [N, C, H, W], got "
+                f"{getattr(images, 'shape', type(images).__name__)}"
+            )
         labels = torch.as_tensor(labels)
         if labels.dim() != 1 or labels.numel() != images.shape[0]:
-            raise ValueError(f"LabelledImages: labels must have shape [{images.shape[0]}] (one per "
-                             f"image), got {list(labels.shape)}")
+            raise ValueError(
+                f"LabelledImages: labels must have shape [{images.shape[0]}] (one per image), got {list(labels.shape)}"
+            )
         check_integer_labels("LabelledImages", "labels", labels)
         if labels.numel() and int(labels.min()) < 0:
             raise ValueError("LabelledImages: labels must be >= 0")
         num_classes = int(labels.max()) + 1 if labels.numel() else 0
         if class_names is None and num_classes > labels.numel():
-            raise ValueError(f"LabelledImages: labels go up to {num_classes - 1} for "
-                             f"{labels.numel()} images; number the classes 0..num_classes-1")
+            raise ValueError(
+                f"LabelledImages: labels go up to {num_classes - 1} for "
+                f"{labels.numel()} images; number the classes 0..num_classes-1"
+            )
         if class_names is not None and len(class_names) != num_classes:
-            raise ValueError(f"LabelledImages: {len(class_names)} class names for "
-                             f"{num_classes} classes")
+            raise ValueError(f"LabelledImages: {len(class_names)} class names for {num_classes} classes")
         self.images = images
         self.labels = labels.to(device=images.device, dtype=torch.long)
-        self.class_names = (list(class_names) if class_names is not None
-                            else [str(c) for c in range(num_classes)])
+        self.class_names = list(class_names) if class_names is not None else [str(c) for c in range(num_classes)]
 
     @property
     def num_classes(self) -> int:
@@ -95,8 +97,9 @@ class LabelledImages(torch.utils.data.Dataset):
         relabel[classes] = torch.arange(len(classes))
         new_labels = relabel[self.labels.cpu()]
         keep = (new_labels >= 0).nonzero().squeeze(1)
-        return LabelledImages(self.images[keep.to(self.images.device)], new_labels[keep],
-                              [self.class_names[c] for c in classes.tolist()])
+        return LabelledImages(
+            self.images[keep.to(self.images.device)], new_labels[keep], [self.class_names[c] for c in classes.tolist()]
+        )
 
     def split(self, sizes: Sequence[Union[int, float]], seed: int = 0) -> Tuple["LabelledImages", ...]:
         """Splits the classes (not the images) into disjoint parts, in a random
@@ -105,8 +108,7 @@ class LabelledImages(torch.utils.data.Dataset):
         order = torch.randperm(self.num_classes, generator=torch.Generator().manual_seed(seed))
         counts = _split_counts(sizes, self.num_classes)
         bounds = np.cumsum([0] + counts)
-        return tuple(self.select_classes(sorted(order[a:b].tolist()))
-                     for a, b in zip(bounds[:-1], bounds[1:]))
+        return tuple(self.select_classes(sorted(order[a:b].tolist())) for a, b in zip(bounds[:-1], bounds[1:]))
 
     def with_rotations(self) -> "LabelledImages":
         """Four classes per class: the images rotated by 0, 90, 180 and 270
@@ -117,8 +119,9 @@ class LabelledImages(torch.utils.data.Dataset):
         names = [f"{name}/rot{90 * k}" for name in self.class_names for k in range(4)]
         return LabelledImages(rotated.flatten(0, 1), labels, names)
 
-    def choose_split(self, split: Optional[str], fractions: Sequence[float], seed: int,
-                     rotations: bool = False) -> "LabelledImages":
+    def choose_split(
+        self, split: Optional[str], fractions: Sequence[float], seed: int, rotations: bool = False
+    ) -> "LabelledImages":
         """The ``"train"``, ``"val"`` or ``"test"`` part of :meth:`split` (all
         for None), with :meth:`with_rotations` applied after the split when
         ``rotations``."""
@@ -127,14 +130,15 @@ class LabelledImages(torch.utils.data.Dataset):
             if split not in SPLITS:
                 raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
             if len(fractions) != 3:
-                raise ValueError(f"split_fractions must be three fractions (train, val, test), got "
-                                 f"{tuple(fractions)}")
+                raise ValueError(f"split_fractions must be three fractions (train, val, test), got {tuple(fractions)}")
             part = self.split(fractions, seed)[SPLITS.index(split)]
         return part.with_rotations() if rotations else part
 
     def __repr__(self) -> str:
-        return (f"{type(self).__name__}({len(self)} images of {tuple(self.images.shape[1:])}, "
-                f"{self.num_classes} classes, {self.images.dtype}, {self.images.device})")
+        return (
+            f"{type(self).__name__}({len(self)} images of {tuple(self.images.shape[1:])}, "
+            f"{self.num_classes} classes, {self.images.dtype}, {self.images.device})"
+        )
 
 
 def _split_counts(sizes, total: int) -> List[int]:
@@ -188,8 +192,7 @@ def _decoded(image, size: Tuple[int, int], mode: str) -> np.ndarray:
     return array[None] if array.ndim == 2 else array.transpose(2, 0, 1)
 
 
-def cached(key_parts: Sequence, name: str, preferred_dir: Optional[Path],
-           build: Callable[[], dict]) -> dict:
+def cached(key_parts: Sequence, name: str, preferred_dir: Optional[Path], build: Callable[[], dict]) -> dict:
     """``build()``'s tensors, cached in ``preferred_dir`` (or :func:`cache_dir`
     when that is not writable) under a name hashed from ``key_parts``. The
     cache is optional: a corrupted or foreign cache file is rebuilt, and one
@@ -219,8 +222,9 @@ def cached(key_parts: Sequence, name: str, preferred_dir: Optional[Path],
             break
         except Exception as error:  # noqa: BLE001: a full disk surfaces as OSError or RuntimeError
             temporary.unlink(missing_ok=True)
-            warnings.warn(f"could not write the cache in {directory} ({str(error).splitlines()[0]}); "
-                          "continuing without it")
+            warnings.warn(
+                f"could not write the cache in {directory} ({str(error).splitlines()[0]}); continuing without it"
+            )
     return content
 
 
@@ -252,34 +256,43 @@ class ImageFolder(LabelledImages):
         >>> train = ImageFolder("mini-imagenet/train", image_size=84)  # doctest: +SKIP
     """
 
-    def __init__(self, root: Union[str, Path], image_size: Union[int, Tuple[int, int]] = 84,
-                 channels: int = 3, cache: bool = True):
+    def __init__(
+        self,
+        root: Union[str, Path],
+        image_size: Union[int, Tuple[int, int]] = 84,
+        channels: int = 3,
+        cache: bool = True,
+    ):
         root = Path(root)
         if not root.is_dir():
-            raise FileNotFoundError(f"ImageFolder: {root} is not a folder; expected "
-                                    f"{root}/<class>/<image>.jpg, one folder per class")
+            raise FileNotFoundError(
+                f"ImageFolder: {root} is not a folder; expected {root}/<class>/<image>.jpg, one folder per class"
+            )
         if channels not in (1, 3):
             raise ValueError(f"ImageFolder: channels must be 1 or 3, got {channels}")
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-        files = [sorted(f for f in (root / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
-                 for c in classes]
+        files = [sorted(f for f in (root / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) for c in classes]
         if not classes:
-            raise FileNotFoundError(f"ImageFolder: no class folders in {root}; expected "
-                                    f"{root}/<class>/<image>.jpg, one folder per class")
+            raise FileNotFoundError(
+                f"ImageFolder: no class folders in {root}; expected {root}/<class>/<image>.jpg, one folder per class"
+            )
         empty = [c for c, class_files in zip(classes, files) if not class_files]
         if empty:
-            raise FileNotFoundError(f"ImageFolder: class folder(s) {empty[:5]} in {root} hold no "
-                                    f"images ({', '.join(IMAGE_SUFFIXES)})")
+            raise FileNotFoundError(
+                f"ImageFolder: class folder(s) {empty[:5]} in {root} hold no images ({', '.join(IMAGE_SUFFIXES)})"
+            )
         mode = "RGB" if channels == 3 else "L"
 
         def build():
-            images = [decode_image(f.read_bytes(), (width, height), mode, str(f))
-                      for class_files in files for f in class_files]
+            images = [
+                decode_image(f.read_bytes(), (width, height), mode, str(f))
+                for class_files in files
+                for f in class_files
+            ]
             labels = [c for c, class_files in enumerate(files) for _ in class_files]
             return {"images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels)}
 
         key = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for fs in files for f in fs]
-        content = (cached([key, height, width, mode], "folder", root / ".fastmeta-cache", build)
-                   if cache else build())
+        content = cached([key, height, width, mode], "folder", root / ".fastmeta-cache", build) if cache else build()
         super().__init__(content["images"], content["labels"], classes)

@@ -11,12 +11,13 @@ from .images import LabelledImages, cached, decode_image
 
 __all__ = ["Omniglot"]
 
-OFFICIAL_SUBSETS = ("images_background", "images_evaluation",
-                    "images_background_small1", "images_background_small2")
-FETCH_HINT = ("put the official files (github.com/brendenlake/omniglot, python/: "
-              "images_background.zip, images_evaluation.zip, or the small subsets) in {root}, "
-              "zipped or unpacked as {root}/images_background/<Alphabet>/<character>/<drawing>.png "
-              "(torchvision's {root}/omniglot-py/ layout works too)")
+OFFICIAL_SUBSETS = ("images_background", "images_evaluation", "images_background_small1", "images_background_small2")
+FETCH_HINT = (
+    "put the official files (github.com/brendenlake/omniglot, python/: "
+    "images_background.zip, images_evaluation.zip, or the small subsets) in {root}, "
+    "zipped or unpacked as {root}/images_background/<Alphabet>/<character>/<drawing>.png "
+    "(torchvision's {root}/omniglot-py/ layout works too)"
+)
 
 
 class Omniglot(LabelledImages):
@@ -48,10 +49,18 @@ class Omniglot(LabelledImages):
         >>> train = Omniglot("data/omniglot", split="train", rotations=True)  # doctest: +SKIP
     """
 
-    def __init__(self, root: Union[str, Path], split: Optional[str] = None, *,
-                 subsets: Optional[Sequence[str]] = None, image_size: int = 28,
-                 rotations: bool = False, split_fractions: Tuple[float, float, float] = (0.7, 0.1, 0.2),
-                 split_seed: int = 0, cache: bool = True):
+    def __init__(
+        self,
+        root: Union[str, Path],
+        split: Optional[str] = None,
+        *,
+        subsets: Optional[Sequence[str]] = None,
+        image_size: int = 28,
+        rotations: bool = False,
+        split_fractions: Tuple[float, float, float] = (0.7, 0.1, 0.2),
+        split_seed: int = 0,
+        cache: bool = True,
+    ):
         root = Path(root)
         sources = _find_sources(root, subsets)
 
@@ -62,21 +71,28 @@ class Omniglot(LabelledImages):
                     drawings.setdefault((alphabet, character), {})[name] = data
             keys = sorted(drawings)
             if not keys:
-                raise FileNotFoundError(f"Omniglot: no drawings in {', '.join(map(str, sources))}; "
-                                        "expected <subset>/<Alphabet>/<character>/<drawing>.png")
+                raise FileNotFoundError(
+                    f"Omniglot: no drawings in {', '.join(map(str, sources))}; "
+                    "expected <subset>/<Alphabet>/<character>/<drawing>.png"
+                )
             images, labels = [], []
             for label, key in enumerate(keys):
                 for name in sorted(drawings[key]):
-                    images.append(255 - decode_image(drawings[key][name], (image_size, image_size), "L",
-                                                     "/".join((*key, name))))
+                    images.append(
+                        255 - decode_image(drawings[key][name], (image_size, image_size), "L", "/".join((*key, name)))
+                    )
                     labels.append(label)
-            return {"images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels),
-                    "names": ["/".join(k) for k in keys]}
+            return {
+                "images": torch.from_numpy(np.stack(images)),
+                "labels": torch.tensor(labels),
+                "names": ["/".join(k) for k in keys],
+            }
 
         key = [(str(s), s.stat().st_size, s.stat().st_mtime_ns) for s in sources] + [image_size]
         content = cached(key, "omniglot", root / ".fastmeta-cache", build) if cache else build()
         data = LabelledImages(content["images"], content["labels"], content["names"]).choose_split(
-            split, split_fractions, split_seed, rotations)
+            split, split_fractions, split_seed, rotations
+        )
         super().__init__(data.images, data.labels, data.class_names)
 
 
@@ -86,8 +102,7 @@ def _find_sources(root: Path, subsets: Optional[Sequence[str]]):
     names = OFFICIAL_SUBSETS if subsets is None else tuple(subsets)
     unknown = [n for n in names if n not in OFFICIAL_SUBSETS]
     if unknown:
-        raise ValueError(f"Omniglot: unknown subsets {unknown}; the official ones are "
-                         f"{OFFICIAL_SUBSETS}")
+        raise ValueError(f"Omniglot: unknown subsets {unknown}; the official ones are {OFFICIAL_SUBSETS}")
     sources = []
     for name in names:
         for base in (root, root / "omniglot-py"):
@@ -99,11 +114,9 @@ def _find_sources(root: Path, subsets: Optional[Sequence[str]]):
                 break
         else:
             if subsets is not None:
-                raise FileNotFoundError(f"Omniglot: subset {name} not found in {root}; "
-                                        + FETCH_HINT.format(root=root))
+                raise FileNotFoundError(f"Omniglot: subset {name} not found in {root}; " + FETCH_HINT.format(root=root))
     if not sources:
-        raise FileNotFoundError(f"Omniglot: no Omniglot subset in {root}; "
-                                + FETCH_HINT.format(root=root))
+        raise FileNotFoundError(f"Omniglot: no Omniglot subset in {root}; " + FETCH_HINT.format(root=root))
     return sources
 
 

@@ -8,10 +8,19 @@ import torch
 __all__ = ["sinusoid_tasks"]
 
 
-def sinusoid_tasks(num_tasks: int, num_points: int, *, amplitude=(0.1, 5.0),
-                   phase=(0.0, math.pi), x_range=(-5.0, 5.0), num_query: Optional[int] = None,
-                   return_parameters: bool = False, generator: Optional[torch.Generator] = None,
-                   dtype=torch.float32, device=None) -> Tuple[torch.Tensor, ...]:
+def sinusoid_tasks(
+    num_tasks: int,
+    num_points: int,
+    *,
+    amplitude=(0.1, 5.0),
+    phase=(0.0, math.pi),
+    x_range=(-5.0, 5.0),
+    num_query: Optional[int] = None,
+    return_parameters: bool = False,
+    generator: Optional[torch.Generator] = None,
+    dtype=torch.float32,
+    device=None,
+) -> Tuple[torch.Tensor, ...]:
     """Sinusoid regression tasks (Finn et al. 2017): y = A sin(x - phi).
 
     Each task draws A uniformly from ``amplitude`` and phi from ``phase``;
@@ -33,6 +42,5 @@ def sinusoid_tasks(num_tasks: int, num_points: int, *, amplitude=(0.1, 5.0),
     shift = uniform((num_tasks, 1, 1), phase)
     x = uniform((num_tasks, num_points + (num_query or 0), 1), x_range)
     y = amp * torch.sin(x - shift)
-    out = (x, y) if num_query is None else (x[:, :num_points], y[:, :num_points],
-                                            x[:, num_points:], y[:, num_points:])
+    out = (x, y) if num_query is None else (x[:, :num_points], y[:, :num_points], x[:, num_points:], y[:, num_points:])
     return out + (amp.view(-1), shift.view(-1)) if return_parameters else out

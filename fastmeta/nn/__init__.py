@@ -13,6 +13,18 @@ from .prototypical import PrototypicalNetworks
 from .relation import RelationModule, RelationNetworks
 from .siamese import SiameseNetworks
 
-__all__ = ["Conv4", "CoordinatewiseLSTM", "FewShotClassifier", "FewShotGNN", "MANN", "MatchingNetworks",
-           "MetaLearnerLSTM", "MetaNetwork", "PrototypicalNetworks", "RelationModule", "RelationNetworks",
-           "ResNet12", "SiameseNetworks"]
+__all__ = [
+    "Conv4",
+    "CoordinatewiseLSTM",
+    "FewShotClassifier",
+    "FewShotGNN",
+    "MANN",
+    "MatchingNetworks",
+    "MetaLearnerLSTM",
+    "MetaNetwork",
+    "PrototypicalNetworks",
+    "RelationModule",
+    "RelationNetworks",
+    "ResNet12",
+    "SiameseNetworks",
+]

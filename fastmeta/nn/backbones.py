@@ -10,8 +10,7 @@ __all__ = ["Conv4", "ResNet12"]
 
 def conv_block(in_channels: int, out_channels: int, pool: bool) -> nn.Sequential:
     """3x3 convolution, batch norm, ReLU and (optionally) 2x2 max-pooling."""
-    layers = [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels),
-              nn.ReLU()]
+    layers = [nn.Conv2d(in_channels, out_channels, 3, padding=1), nn.BatchNorm2d(out_channels), nn.ReLU()]
     return nn.Sequential(*layers, nn.MaxPool2d(2)) if pool else nn.Sequential(*layers)
 
 
@@ -36,12 +35,12 @@ class Conv4(nn.Sequential):
         torch.Size([2, 64])
     """
 
-    def __init__(self, in_channels: int = 1, hidden_channels: int = 64, pooled_blocks: int = 4,
-                 flatten: bool = True):
+    def __init__(self, in_channels: int = 1, hidden_channels: int = 64, pooled_blocks: int = 4, flatten: bool = True):
         if not 0 <= pooled_blocks <= 4:
             raise ValueError(f"Conv4: pooled_blocks must be in 0..4, got {pooled_blocks}")
-        blocks = [conv_block(in_channels if i == 0 else hidden_channels, hidden_channels,
-                             i < pooled_blocks) for i in range(4)]
+        blocks = [
+            conv_block(in_channels if i == 0 else hidden_channels, hidden_channels, i < pooled_blocks) for i in range(4)
+        ]
         super().__init__(*blocks, *([nn.Flatten()] if flatten else []))
 
 
@@ -52,13 +51,16 @@ class ResidualBlock(nn.Module):
     def __init__(self, in_channels: int, out_channels: int):
         super().__init__()
         self.body = nn.Sequential(
-            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
             nn.LeakyReLU(0.1),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels),
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
             nn.LeakyReLU(0.1),
-            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False), nn.BatchNorm2d(out_channels))
-        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False),
-                                      nn.BatchNorm2d(out_channels))
+            nn.Conv2d(out_channels, out_channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+        )
+        self.shortcut = nn.Sequential(nn.Conv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
         self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2, ceil_mode=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -76,8 +78,7 @@ class ResNet12(nn.Module):
         torch.Size([2, 640])
     """
 
-    def __init__(self, in_channels: int = 3, channels: Sequence[int] = (64, 160, 320, 640),
-                 flatten: bool = True):
+    def __init__(self, in_channels: int = 3, channels: Sequence[int] = (64, 160, 320, 640), flatten: bool = True):
         super().__init__()
         widths = [in_channels, *channels]
         self.blocks = nn.Sequential(*(ResidualBlock(a, b) for a, b in zip(widths[:-1], widths[1:])))

@@ -34,8 +34,11 @@ class RunningStatisticsUpdates:
     ``before[name]`` the running mean, variance and count at the start."""
 
     def __init__(self, model: nn.Module):
-        self.names = {module: name for name, module in model.named_modules()
-                      if isinstance(module, _BatchNorm) and module.track_running_stats}
+        self.names = {
+            module: name
+            for name, module in model.named_modules()
+            if isinstance(module, _BatchNorm) and module.track_running_stats
+        }
         self.updates: Dict[str, List[torch.Tensor]] = {name: [] for name in self.names.values()}
         self.before: Dict[str, List[torch.Tensor]] = {}
         self._hooks = []
@@ -52,8 +55,10 @@ class RunningStatisticsUpdates:
             self.record(norm, mean, variance)
 
     def __enter__(self):
-        self.before = {name: [norm.running_mean.clone(), norm.running_var.clone(),
-                              norm.num_batches_tracked.clone()] for norm, name in self.names.items()}
+        self.before = {
+            name: [norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone()]
+            for norm, name in self.names.items()
+        }
         self._hooks = [norm.register_forward_hook(self._after_forward) for norm in self.names]
         _active.append(self)
         return self

@@ -61,10 +61,14 @@ class FewShotClassifier(nn.Module):
         flat vector per image (or one feature map, for relation networks)."""
         features = self.backbone(images)
         if features.dim() != 1 + self.feature_dims:
-            expected = ("one flat feature vector per image, [n, D]" if self.feature_dims == 1 else
-                        "one feature map per image, [n, C, h, w]")
-            raise ValueError(f"{type(self).__name__}: the backbone must return {expected}; got "
-                             f"shape {list(features.shape)}")
+            expected = (
+                "one flat feature vector per image, [n, D]"
+                if self.feature_dims == 1
+                else "one feature map per image, [n, C, h, w]"
+            )
+            raise ValueError(
+                f"{type(self).__name__}: the backbone must return {expected}; got shape {list(features.shape)}"
+            )
         return features
 
     def process_support_set(self, support_images: torch.Tensor, support_labels: torch.Tensor):
@@ -72,23 +76,27 @@ class FewShotClassifier(nn.Module):
         ``0..ways-1`` (every class present) and keeps what ``forward`` needs."""
         labels = torch.as_tensor(support_labels, device=support_images.device)
         if labels.dim() != 1 or labels.shape[0] != support_images.shape[0]:
-            raise ValueError(f"{type(self).__name__}: support_labels must have shape "
-                             f"[{support_images.shape[0]}], got {list(labels.shape)}")
+            raise ValueError(
+                f"{type(self).__name__}: support_labels must have shape "
+                f"[{support_images.shape[0]}], got {list(labels.shape)}"
+            )
         ways = self._ways(labels[None], None)
-        self.support_state = self.prepare_support(self.compute_features(support_images)[None],
-                                                  labels[None], ways)
+        self.support_state = self.prepare_support(self.compute_features(support_images)[None], labels[None], ways)
 
     def forward(self, query_images: torch.Tensor) -> torch.Tensor:
         """Scores ``[Q, ways]`` of ``query_images [Q, ...]`` against the support
         set given to :meth:`process_support_set`."""
         if self.support_state is None:
-            raise RuntimeError(f"{type(self).__name__}: call process_support_set(support_images, "
-                               "support_labels) before forward(query_images)")
+            raise RuntimeError(
+                f"{type(self).__name__}: call process_support_set(support_images, "
+                "support_labels) before forward(query_images)"
+            )
         scores = self.score_queries(self.support_state, self.compute_features(query_images)[None])[0]
         return scores.softmax(-1) if self.use_softmax else scores
 
-    def score_episodes(self, support: torch.Tensor, support_labels: torch.Tensor,
-                       query: torch.Tensor, ways: Optional[int] = None) -> torch.Tensor:
+    def score_episodes(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, ways: Optional[int] = None
+    ) -> torch.Tensor:
         """Scores ``[B, Q, ways]`` of B episodes (``[Q, ways]`` for one
         unbatched episode). ``ways`` defaults to the largest label + 1."""
         state, query_features, batched = self.embed_episodes(support, support_labels, query, ways)
@@ -96,44 +104,52 @@ class FewShotClassifier(nn.Module):
         scores = scores.softmax(-1) if self.use_softmax else scores
         return scores if batched else scores[0]
 
-    def loss(self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor,
-             query_labels: torch.Tensor, ways: Optional[int] = None) -> torch.Tensor:
+    def loss(
+        self,
+        support: torch.Tensor,
+        support_labels: torch.Tensor,
+        query: torch.Tensor,
+        query_labels: torch.Tensor,
+        ways: Optional[int] = None,
+    ) -> torch.Tensor:
         """The method's training loss over the queries of the episodes:
         :meth:`loss_of_scores` of their scores."""
         state, query_features, batched = self.embed_episodes(support, support_labels, query, ways)
         scores = self.score_queries(state, query_features)
-        return self.loss_of_scores(scores, self.batched_query_labels(query_labels, scores.shape[:-1],
-                                                                     batched))
+        return self.loss_of_scores(scores, self.batched_query_labels(query_labels, scores.shape[:-1], batched))
 
     def loss_of_scores(self, scores: torch.Tensor, query_labels: torch.Tensor) -> torch.Tensor:
         """The loss of scores ``[B, Q, ways]`` for labels ``[B, Q]``: here
         their cross-entropy, averaged over the queries."""
         return F.cross_entropy(scores.flatten(0, 1), query_labels.flatten())
 
-    def embed_episodes(self, support: torch.Tensor, support_labels: torch.Tensor,
-                       query: torch.Tensor, ways: Optional[int] = None):
+    def embed_episodes(
+        self, support: torch.Tensor, support_labels: torch.Tensor, query: torch.Tensor, ways: Optional[int] = None
+    ):
         """``(support state, query features [B, Q, ...], batched)``: the
         episodes checked, embedded by the backbone, and the support prepared."""
         batched = self._check_episode(support, support_labels, query)
         if not batched:
             support, support_labels, query = support[None], support_labels[None], query[None]
-        state = self.prepare_support(self._embed(support), support_labels,
-                                     self._ways(support_labels, ways))
+        state = self.prepare_support(self._embed(support), support_labels, self._ways(support_labels, ways))
         return state, self._embed(query), batched
 
     def batched_query_labels(self, query_labels: torch.Tensor, shape, batched: bool) -> torch.Tensor:
         """``query_labels`` checked against the queries' shape ``[B, Q]``, batched."""
         query_labels = query_labels if batched else query_labels[None]
         if tuple(query_labels.shape) != tuple(shape):
-            raise ValueError(f"{type(self).__name__}: query_labels must have shape "
-                             f"{list(shape) if batched else list(shape[1:])}, got "
-                             f"{list(query_labels.shape if batched else query_labels.shape[1:])}")
+            raise ValueError(
+                f"{type(self).__name__}: query_labels must have shape "
+                f"{list(shape) if batched else list(shape[1:])}, got "
+                f"{list(query_labels.shape if batched else query_labels.shape[1:])}"
+            )
         check_integer_labels(type(self).__name__, "query_labels", query_labels)
         return query_labels
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         def embed(part):
             return self.compute_features(part.flatten(0, 1)).unflatten(0, part.shape[:2])
+
         if type(self.backbone) is nn.Identity:
             return embed(images)  # features given: one call, not one per episode (and its slices)
         return self.per_episode_chunk(embed, images)
@@ -142,24 +158,25 @@ class FewShotClassifier(nn.Module):
         """``function`` applied to ``episodes_per_call`` episodes at a time."""
         B = episodes[0].shape[0]
         chunk = self.episodes_per_call or max(B, 1)
-        parts = [function(*(e[i:i + chunk] for e in episodes)) for i in range(0, max(B, 1), chunk)]
+        parts = [function(*(e[i : i + chunk] for e in episodes)) for i in range(0, max(B, 1), chunk)]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _check_episode(self, support, support_labels, query) -> bool:
         name = type(self).__name__
         batched = support_labels.dim() == 2
         if support_labels.dim() not in (1, 2):
-            raise ValueError(f"{name}: support_labels must be [B, S] (or [S]), got shape "
-                             f"{list(support_labels.shape)}")
-        if tuple(support.shape[:support_labels.dim()]) != tuple(support_labels.shape):
-            raise ValueError(f"{name}: support {list(support.shape)} and support_labels "
-                             f"{list(support_labels.shape)} disagree on the episode shape")
+            raise ValueError(f"{name}: support_labels must be [B, S] (or [S]), got shape {list(support_labels.shape)}")
+        if tuple(support.shape[: support_labels.dim()]) != tuple(support_labels.shape):
+            raise ValueError(
+                f"{name}: support {list(support.shape)} and support_labels "
+                f"{list(support_labels.shape)} disagree on the episode shape"
+            )
         if batched and query.shape[0] != support.shape[0]:
-            raise ValueError(f"{name}: query has {query.shape[0]} episodes, support "
-                             f"{support.shape[0]}")
-        if query.shape[support_labels.dim():] != support.shape[support_labels.dim():]:
-            raise ValueError(f"{name}: query images {list(query.shape)} and support images "
-                             f"{list(support.shape)} differ in shape")
+            raise ValueError(f"{name}: query has {query.shape[0]} episodes, support {support.shape[0]}")
+        if query.shape[support_labels.dim() :] != support.shape[support_labels.dim() :]:
+            raise ValueError(
+                f"{name}: query images {list(query.shape)} and support images {list(support.shape)} differ in shape"
+            )
         return batched
 
     def check_built_for(self, ways: Optional[int], features: torch.Tensor, what: str = "features"):
@@ -168,11 +185,12 @@ class FewShotClassifier(nn.Module):
         episodes' ``ways`` (None: not checked) and the features' last size."""
         name = type(self).__name__
         if ways is not None and ways != self.ways:
-            raise ValueError(f"{name}: the model was built for ways = {self.ways}, got episodes of "
-                             f"{ways} classes")
+            raise ValueError(f"{name}: the model was built for ways = {self.ways}, got episodes of {ways} classes")
         if features.shape[-1] != self.feature_dimension:
-            raise ValueError(f"{name}: the backbone gives {features.shape[-1]} {what}, but "
-                             f"feature_dimension is {self.feature_dimension}")
+            raise ValueError(
+                f"{name}: the backbone gives {features.shape[-1]} {what}, but "
+                f"feature_dimension is {self.feature_dimension}"
+            )
 
     def _ways(self, labels: torch.Tensor, ways: Optional[int]) -> int:
         """Checks episode labels ``[B, S]``: integers in ``0..ways-1``, every
@@ -186,11 +204,15 @@ class FewShotClassifier(nn.Module):
         low, high = (int(v) for v in labels.aminmax())
         ways = high + 1 if ways is None else ways
         if low < 0 or high >= ways:
-            raise ValueError(f"{name}: support_labels must lie in 0..{ways - 1} (labels "
-                             f"remapped per episode), got values in {low}..{high}")
+            raise ValueError(
+                f"{name}: support_labels must lie in 0..{ways - 1} (labels "
+                f"remapped per episode), got values in {low}..{high}"
+            )
         counts = torch.zeros(labels.shape[0], ways, dtype=torch.long, device=labels.device)
         counts.scatter_add_(1, labels.long(), torch.ones_like(labels, dtype=torch.long))
         if bool((counts == 0).any()):
-            raise ValueError(f"{name}: every class 0..{ways - 1} needs at least one support "
-                             "example in every episode; some class has none")
+            raise ValueError(
+                f"{name}: every class 0..{ways - 1} needs at least one support "
+                "example in every episode; some class has none"
+            )
         return ways

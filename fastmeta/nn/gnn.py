@@ -24,12 +24,14 @@ class PairMLP(nn.Module):
         self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
         self.negative_slope = negative_slope
 
-    def adjacency(self, nodes: torch.Tensor, function: Callable = ops.gnn_adjacency,
-                  last_row: bool = False) -> torch.Tensor:
+    def adjacency(
+        self, nodes: torch.Tensor, function: Callable = ops.gnn_adjacency, last_row: bool = False
+    ) -> torch.Tensor:
         """``[G, n, n]``: softmax over the other nodes of the MLP's outputs
         (only the last node's row with ``last_row``, the others 0)."""
-        return function(nodes, [m.weight for m in self.layers], [m.bias for m in self.layers],
-                        self.negative_slope, last_row)
+        return function(
+            nodes, [m.weight for m in self.layers], [m.bias for m in self.layers], self.negative_slope, last_row
+        )
 
 
 class GraphConv(nn.Module):
@@ -84,12 +86,24 @@ class FewShotGNN(FewShotClassifier):
         torch.Size([2, 3, 5])
     """
 
-    def __init__(self, backbone: Optional[nn.Module] = None, feature_dimension: int = 64, ways: int = 5,
-                 layers: int = 2, hidden: int = 96, metric_ratio: Sequence[float] = (2, 2, 1, 1),
-                 negative_slope: float = 0.01, use_softmax: bool = False):
+    def __init__(
+        self,
+        backbone: Optional[nn.Module] = None,
+        feature_dimension: int = 64,
+        ways: int = 5,
+        layers: int = 2,
+        hidden: int = 96,
+        metric_ratio: Sequence[float] = (2, 2, 1, 1),
+        negative_slope: float = 0.01,
+        use_softmax: bool = False,
+    ):
         super().__init__(backbone, use_softmax)
-        for name, value, least in (("feature_dimension", feature_dimension, 1), ("ways", ways, 1),
-                                   ("layers", layers, 0), ("hidden", hidden, 2)):
+        for name, value, least in (
+            ("feature_dimension", feature_dimension, 1),
+            ("ways", ways, 1),
+            ("layers", layers, 0),
+            ("hidden", hidden, 2),
+        ):
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < least:
                 raise ValueError(f"FewShotGNN: {name} must be an integer >= {least}, got {value!r}")
         feature_dimension, ways, layers, hidden = int(feature_dimension), int(ways), int(layers), int(hidden)

@@ -30,24 +30,26 @@ class CoordinatewiseLSTM(nn.Module):
         >>> theta = theta + update
     """
 
-    def __init__(self, hidden_size: int = 20, num_layers: int = 2, preprocess_p: float = 10.0,
-                 output_scale: float = 0.1):
+    def __init__(
+        self, hidden_size: int = 20, num_layers: int = 2, preprocess_p: float = 10.0, output_scale: float = 0.1
+    ):
         super().__init__()
         if num_layers < 1 or hidden_size < 1:
-            raise ValueError(f"CoordinatewiseLSTM: num_layers and hidden_size must be positive, "
-                             f"got {num_layers} and {hidden_size}")
+            raise ValueError(
+                f"CoordinatewiseLSTM: num_layers and hidden_size must be positive, got {num_layers} and {hidden_size}"
+            )
         self.hidden_size, self.num_layers = hidden_size, num_layers
         self.preprocess_p, self.output_scale = float(preprocess_p), float(output_scale)
         self.cells = nn.ModuleList(
-            nn.LSTMCell(2 if layer == 0 else hidden_size, hidden_size) for layer in range(num_layers))
+            nn.LSTMCell(2 if layer == 0 else hidden_size, hidden_size) for layer in range(num_layers)
+        )
         self.head = nn.Linear(hidden_size, 1)
 
     def flat_weights(self) -> torch.Tensor:
         """The weights in the layout of ``fastmeta.ops.l2o_lstm_step`` (differentiable)."""
         parts = []
         for cell in self.cells:
-            parts += [torch.cat([cell.weight_ih, cell.weight_hh], 1).reshape(-1),
-                      cell.bias_ih + cell.bias_hh]
+            parts += [torch.cat([cell.weight_ih, cell.weight_hh], 1).reshape(-1), cell.bias_ih + cell.bias_hh]
         parts += [self.head.weight.reshape(-1), self.head.bias]
         return torch.cat(parts)
 
@@ -58,22 +60,28 @@ class CoordinatewiseLSTM(nn.Module):
         flat = _flat(grad, "CoordinatewiseLSTM")
         weights = self.flat_weights()
         if flat.dtype != weights.dtype:
-            raise TypeError(f"CoordinatewiseLSTM: grad has dtype {grad.dtype} but the LSTM's weights "
-                            f"are {weights.dtype}; convert one of them (e.g. lstm.to({grad.dtype}))")
+            raise TypeError(
+                f"CoordinatewiseLSTM: grad has dtype {grad.dtype} but the LSTM's weights "
+                f"are {weights.dtype}; convert one of them (e.g. lstm.to({grad.dtype}))"
+            )
         if state is None:
             state = self.initial_state(grad)
         own = (self.num_layers, self.hidden_size)
         if isinstance(state, torch.Tensor) and state.dim() == 4 and (state.shape[0], state.shape[2]) != own:
-            raise ValueError(f"CoordinatewiseLSTM: state has shape {list(state.shape)}, the state of "
-                             f"an LSTM with num_layers = {state.shape[0]} and hidden_size = "
-                             f"{state.shape[2]}, but this one has num_layers = {own[0]} and "
-                             f"hidden_size = {own[1]}")
+            raise ValueError(
+                f"CoordinatewiseLSTM: state has shape {list(state.shape)}, the state of "
+                f"an LSTM with num_layers = {state.shape[0]} and hidden_size = "
+                f"{state.shape[2]}, but this one has num_layers = {own[0]} and "
+                f"hidden_size = {own[1]}"
+            )
         update, state = ops.l2o_lstm_step(flat, state, weights, self.preprocess_p, self.output_scale)
         return update.view(grad.shape), state
 
     def extra_repr(self) -> str:
-        return (f"hidden_size={self.hidden_size}, num_layers={self.num_layers}, "
-                f"preprocess_p={self.preprocess_p}, output_scale={self.output_scale}")
+        return (
+            f"hidden_size={self.hidden_size}, num_layers={self.num_layers}, "
+            f"preprocess_p={self.preprocess_p}, output_scale={self.output_scale}"
+        )
 
 
 def _flat(t, owner: str) -> torch.Tensor:
@@ -123,40 +131,54 @@ class MetaLearnerLSTM(nn.Module):
         self.forget_bias = nn.Parameter(torch.empty(1).uniform_(4, 6))
         self.input_weight = nn.Parameter(torch.empty(hidden_size + 2).uniform_(-0.01, 0.01))
         self.input_bias = nn.Parameter(torch.empty(1).uniform_(-5, -4))
-        self.initial_params = nn.Parameter(
-            torch.cat([p.detach().reshape(-1) for _, p in named]).clone())
+        self.initial_params = nn.Parameter(torch.cat([p.detach().reshape(-1) for _, p in named]).clone())
 
     def flat_weights(self) -> torch.Tensor:
         """The weights in the layout of ``fastmeta.ops.meta_lstm_step`` (differentiable)."""
         cell = self.lstm
-        return torch.cat([torch.cat([cell.weight_ih, cell.weight_hh], 1).reshape(-1),
-                          cell.bias_ih + cell.bias_hh, self.forget_weight, self.forget_bias,
-                          self.input_weight, self.input_bias])
+        return torch.cat(
+            [
+                torch.cat([cell.weight_ih, cell.weight_hh], 1).reshape(-1),
+                cell.bias_ih + cell.bias_hh,
+                self.forget_weight,
+                self.forget_bias,
+                self.input_weight,
+                self.input_bias,
+            ]
+        )
 
     def initial_state(self, theta: torch.Tensor) -> torch.Tensor:
         return theta.new_zeros(2 * self.hidden_size + 2, theta.numel())
 
-    def forward(self, grad: torch.Tensor, loss: torch.Tensor, theta: torch.Tensor,
-                state: Optional[torch.Tensor] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    def forward(
+        self, grad: torch.Tensor, loss: torch.Tensor, theta: torch.Tensor, state: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
         """One update: ``theta, state = meta(grad, loss, theta, state)`` for flat ``[P]``
         grad and theta and a scalar loss."""
         if state is None:
             state = self.initial_state(theta)
-        return ops.meta_lstm_step(_flat(grad, "MetaLearnerLSTM"), loss.reshape(()), theta, state,
-                                  self.flat_weights(), self.preprocess_p)
+        return ops.meta_lstm_step(
+            _flat(grad, "MetaLearnerLSTM"), loss.reshape(()), theta, state, self.flat_weights(), self.preprocess_p
+        )
 
     def unflatten(self, theta: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The learner's parameters as a dict of views of the flat ``theta``."""
         out, offset = {}, 0
         for name, shape in self.param_shapes.items():
             n = shape.numel()
-            out[name] = theta[offset:offset + n].view(shape)
+            out[name] = theta[offset : offset + n].view(shape)
             offset += n
         return out
 
-    def adapt(self, learner: nn.Module, x: torch.Tensor, y: torch.Tensor,
-              loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], steps: int,
-              batch_size: Optional[int] = None) -> Dict[str, torch.Tensor]:
+    def adapt(
+        self,
+        learner: nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+        steps: int,
+        batch_size: Optional[int] = None,
+    ) -> Dict[str, torch.Tensor]:
         """Adapts ``learner`` to the support set (x, y) with ``steps`` updates
         (on minibatches of ``batch_size`` when given) starting from
         ``initial_params``; returns the adapted parameters (a dict)."""

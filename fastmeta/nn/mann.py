@@ -25,11 +25,11 @@ class MANN(nn.Module):
 
     From the controller's output, each of ``read_heads`` heads emits a key
     (tanh), a write gate ``sigmoid(alpha)`` and a key strength (softplus, as
-    the Neural Turing Machine's; the paper's reads correspond to strength 1). The memory ``[B, memory_slots, memory_width]`` is
-    written and read by :func:`fastmeta.ops.mann_memory` (usage update,
-    least-used selection, write and cosine-softmax read, one fused call for
-    all steps), and a linear classifier maps [controller output, reads] to
-    logits.
+    the Neural Turing Machine's; the paper's reads correspond to strength 1).
+    The memory ``[B, memory_slots, memory_width]`` is written and read by
+    :func:`fastmeta.ops.mann_memory` (usage update, least-used selection,
+    write and cosine-softmax read, one fused call for all steps), and a
+    linear classifier maps [controller output, reads] to logits.
 
     The controller sees no reads, so it runs over the whole sequence in one
     ``nn.LSTM`` call before the memory; the memory starts at ``1e-6`` in every
@@ -52,13 +52,26 @@ class MANN(nn.Module):
         torch.Size([16, 50, 5])
     """
 
-    def __init__(self, input_size: int, num_classes: int, hidden_size: int = 200,
-                 memory_slots: int = 128, memory_width: int = 40, read_heads: int = 4,
-                 decay: float = 0.95, embedding: Optional[nn.Module] = None):
+    def __init__(
+        self,
+        input_size: int,
+        num_classes: int,
+        hidden_size: int = 200,
+        memory_slots: int = 128,
+        memory_width: int = 40,
+        read_heads: int = 4,
+        decay: float = 0.95,
+        embedding: Optional[nn.Module] = None,
+    ):
         super().__init__()
-        for name, value in (("input_size", input_size), ("num_classes", num_classes),
-                            ("hidden_size", hidden_size), ("memory_slots", memory_slots),
-                            ("memory_width", memory_width), ("read_heads", read_heads)):
+        for name, value in (
+            ("input_size", input_size),
+            ("num_classes", num_classes),
+            ("hidden_size", hidden_size),
+            ("memory_slots", memory_slots),
+            ("memory_width", memory_width),
+            ("read_heads", read_heads),
+        ):
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MANN: {name} must be a positive integer, got {value!r}")
         input_size, num_classes, hidden_size = int(input_size), int(num_classes), int(hidden_size)
@@ -75,22 +88,27 @@ class MANN(nn.Module):
         """``[B, T, input_size + num_classes]``: each step's features and the
         previous step's one-hot label (zeros at the first step)."""
         if inputs.dim() < 2:
-            raise ValueError(f"MANN: inputs must be [B, T, ...] (episodes, steps, example), got "
-                             f"shape {list(inputs.shape)}")
+            raise ValueError(
+                f"MANN: inputs must be [B, T, ...] (episodes, steps, example), got shape {list(inputs.shape)}"
+            )
         B, T = inputs.shape[:2]
         check_integer_labels("MANN", "labels", labels)
         if list(labels.shape) != [B, T]:
-            raise ValueError(f"MANN: labels must be [B, T] = {[B, T]} like inputs' first two "
-                             f"dimensions, got {list(labels.shape)}")
+            raise ValueError(
+                f"MANN: labels must be [B, T] = {[B, T]} like inputs' first two dimensions, got {list(labels.shape)}"
+            )
         if labels.numel() and (labels.min() < -1 or labels.max() >= self.num_classes):
-            raise ValueError(f"MANN: labels must be in 0..{self.num_classes - 1} (num_classes = "
-                             f"{self.num_classes}), or -1 for a label not shown; got values in "
-                             f"{labels.min().item()}..{labels.max().item()}")
-        features = self.embedding(inputs.flatten(0, 1)) if B * T else \
-            inputs.new_zeros(0, self.input_size)
+            raise ValueError(
+                f"MANN: labels must be in 0..{self.num_classes - 1} (num_classes = "
+                f"{self.num_classes}), or -1 for a label not shown; got values in "
+                f"{labels.min().item()}..{labels.max().item()}"
+            )
+        features = self.embedding(inputs.flatten(0, 1)) if B * T else inputs.new_zeros(0, self.input_size)
         if features.dim() != 2 or features.shape[1] != self.input_size:
-            raise ValueError(f"MANN: each example must give input_size = {self.input_size} features "
-                             f"after the embedding, got shape {list(features.shape[1:])}")
+            raise ValueError(
+                f"MANN: each example must give input_size = {self.input_size} features "
+                f"after the embedding, got shape {list(features.shape[1:])}"
+            )
         shown = F.one_hot(labels.clamp_min(0), self.num_classes) * (labels >= 0)[..., None]
         previous = shown.to(features.dtype).roll(1, dims=1)
         previous[:, :1] = 0
@@ -117,12 +135,10 @@ class MANN(nn.Module):
             return x.new_zeros(*x.shape[:2], self.num_classes)
         hidden, _ = self.controller(x)
         keys, gates, strengths = self.head_outputs(hidden)
-        memory = ops.mann_memory(*self.initial_state(x.shape[0], x), keys, gates, strengths,
-                                 self.decay)
+        memory = ops.mann_memory(*self.initial_state(x.shape[0], x), keys, gates, strengths, self.decay)
         return self.classifier(torch.cat([hidden, memory.reads.flatten(2)], -1))
 
-    def loss(self, inputs: torch.Tensor, labels: torch.Tensor,
-             targets: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def loss(self, inputs: torch.Tensor, labels: torch.Tensor, targets: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Cross-entropy of every step's prediction of ``targets`` (default:
         ``labels``), averaged; targets of -1 are left out."""
         logits = self(inputs, labels)

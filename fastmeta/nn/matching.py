@@ -46,24 +46,33 @@ class MatchingNetworks(FewShotClassifier):
         torch.Size([3, 5])
     """
 
-    def __init__(self, backbone: Optional[nn.Module] = None, *, feature_dimension: int,
-                 support_encoder: Optional[nn.Module] = None,
-                 query_encoder: Optional[nn.Module] = None, fce: bool = True,
-                 use_softmax: bool = False):
+    def __init__(
+        self,
+        backbone: Optional[nn.Module] = None,
+        *,
+        feature_dimension: int,
+        support_encoder: Optional[nn.Module] = None,
+        query_encoder: Optional[nn.Module] = None,
+        fce: bool = True,
+        use_softmax: bool = False,
+    ):
         super().__init__(backbone, use_softmax)
         self.feature_dimension, self.fce = feature_dimension, fce
         if fce:
             self.support_encoder = support_encoder or nn.LSTM(
-                feature_dimension, feature_dimension, batch_first=True, bidirectional=True)
+                feature_dimension, feature_dimension, batch_first=True, bidirectional=True
+            )
             self.query_encoder = query_encoder or nn.LSTMCell(2 * feature_dimension, feature_dimension)
 
     def prepare_support(self, features: torch.Tensor, labels: torch.Tensor, ways: int):
         if features.shape[-1] != self.feature_dimension:
-            raise ValueError(f"MatchingNetworks: the backbone returns {features.shape[-1]} "
-                             f"features, feature_dimension is {self.feature_dimension}")
+            raise ValueError(
+                f"MatchingNetworks: the backbone returns {features.shape[-1]} "
+                f"features, feature_dimension is {self.feature_dimension}"
+            )
         if self.fce:
             both = self.support_encoder(features)[0]
-            features = features + both[..., :self.feature_dimension] + both[..., self.feature_dimension:]
+            features = features + both[..., : self.feature_dimension] + both[..., self.feature_dimension :]
         one_hot = F.one_hot(labels.long(), ways).to(features.dtype)
         return features, F.normalize(features, dim=-1), one_hot
 

@@ -66,22 +66,34 @@ class MetaNetwork(FewShotClassifier):
         torch.Size([2, 3, 5])
     """
 
-    def __init__(self, backbone: Optional[nn.Module] = None, feature_dimension: int = 64, ways: int = 5,
-                 hidden: int = 64, key_dimension: int = 64, meta_hidden: int = 20,
-                 use_softmax: bool = False):
+    def __init__(
+        self,
+        backbone: Optional[nn.Module] = None,
+        feature_dimension: int = 64,
+        ways: int = 5,
+        hidden: int = 64,
+        key_dimension: int = 64,
+        meta_hidden: int = 20,
+        use_softmax: bool = False,
+    ):
         super().__init__(backbone, use_softmax)
-        for name, value in (("feature_dimension", feature_dimension), ("ways", ways), ("hidden", hidden),
-                            ("key_dimension", key_dimension), ("meta_hidden", meta_hidden)):
+        for name, value in (
+            ("feature_dimension", feature_dimension),
+            ("ways", ways),
+            ("hidden", hidden),
+            ("key_dimension", key_dimension),
+            ("meta_hidden", meta_hidden),
+        ):
             if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value < 1:
                 raise ValueError(f"MetaNetwork: {name} must be a positive integer, got {value!r}")
         feature_dimension, ways, hidden = int(feature_dimension), int(ways), int(hidden)
         key_dimension, meta_hidden = int(key_dimension), int(meta_hidden)
         self.feature_dimension, self.ways = feature_dimension, ways
-        self.embedding = nn.Linear(feature_dimension, key_dimension)   # u's slow weights
-        self.base_hidden = nn.Linear(feature_dimension, hidden)         # b's slow weights
+        self.embedding = nn.Linear(feature_dimension, key_dimension)  # u's slow weights
+        self.base_hidden = nn.Linear(feature_dimension, hidden)  # b's slow weights
         self.base_out = nn.Linear(hidden, ways)
-        self.task_learner = coordinatewise_learner(meta_hidden)         # d
-        self.example_learner = coordinatewise_learner(meta_hidden)      # m
+        self.task_learner = coordinatewise_learner(meta_hidden)  # d
+        self.example_learner = coordinatewise_learner(meta_hidden)  # m
 
     def fast_weights(self, learner: nn.Module, grad: torch.Tensor) -> torch.Tensor:
         return learner(log_sign_preprocess(grad)).squeeze(-1)
@@ -92,14 +104,21 @@ class MetaNetwork(FewShotClassifier):
         keys = F.relu(self.embedding(features))
         return keys if fast is None else keys + F.relu(features @ fast.transpose(1, 2))
 
-    def base_logits(self, features: torch.Tensor, hidden_weight: torch.Tensor,
-                    out_weight: torch.Tensor, fast_hidden: Optional[torch.Tensor] = None,
-                    fast_out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def base_logits(
+        self,
+        features: torch.Tensor,
+        hidden_weight: torch.Tensor,
+        out_weight: torch.Tensor,
+        fast_hidden: Optional[torch.Tensor] = None,
+        fast_out: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
         """``b`` on features ``[B, N, D]`` with weights of shape ``[H, D]``
         and ``[C, H]``, or one per row (``[B, N, H, D]``, ``[B, N, C, H]``),
         plus optional per-row fast weights."""
+
         def linear(x, w):
             return x @ w.T if w.dim() == 2 else torch.einsum("bnd,bnhd->bnh", x, w)
+
         units = F.relu(linear(features, hidden_weight) + self.base_hidden.bias)
         if fast_hidden is not None:
             units = units + F.relu(linear(features, fast_hidden))
@@ -115,7 +134,7 @@ class MetaNetwork(FewShotClassifier):
         with torch.enable_grad():
             keys = F.relu(features.detach() @ weight.transpose(1, 2) + self.embedding.bias.detach())
             means = ops.class_prototypes(keys, labels, ways)
-            logits = -torch.cdist(keys, means) ** 2
+            logits = -(torch.cdist(keys, means) ** 2)
             loss = F.cross_entropy(logits.flatten(0, 1), labels.flatten(), reduction="sum")
             return torch.autograd.grad(loss, weight)[0]
 
@@ -135,8 +154,13 @@ class MetaNetwork(FewShotClassifier):
         task_fast = self.fast_weights(self.task_learner, self.task_gradient(features, labels, ways))
         keys = self.embed(features, task_fast)
         grad_hidden, grad_out = self.example_gradients(features, labels)
-        values = torch.cat([self.fast_weights(self.example_learner, grad_hidden).flatten(2),
-                            self.fast_weights(self.example_learner, grad_out).flatten(2)], -1)
+        values = torch.cat(
+            [
+                self.fast_weights(self.example_learner, grad_hidden).flatten(2),
+                self.fast_weights(self.example_learner, grad_out).flatten(2),
+            ],
+            -1,
+        )
         return task_fast, keys, values
 
     def score_queries(self, state, query_features: torch.Tensor) -> torch.Tensor:
@@ -144,7 +168,6 @@ class MetaNetwork(FewShotClassifier):
         B, Q, D = query_features.shape
         fast = ops.attention_readout(self.embed(query_features, task_fast), keys, values, "cosine")
         H = self.base_hidden.out_features
-        fast_hidden = fast[..., :H * D].unflatten(-1, (H, D))
-        fast_out = fast[..., H * D:].unflatten(-1, (self.ways, H))
-        return self.base_logits(query_features, self.base_hidden.weight, self.base_out.weight,
-                                fast_hidden, fast_out)
+        fast_hidden = fast[..., : H * D].unflatten(-1, (H, D))
+        fast_out = fast[..., H * D :].unflatten(-1, (self.ways, H))
+        return self.base_logits(query_features, self.base_hidden.weight, self.base_out.weight, fast_hidden, fast_out)

@@ -40,8 +40,7 @@ class PrototypicalNetworks(FewShotClassifier):
         torch.Size([3, 5])
     """
 
-    def __init__(self, backbone: Optional[nn.Module] = None, metric: str = "sqeuclidean",
-                 use_softmax: bool = False):
+    def __init__(self, backbone: Optional[nn.Module] = None, metric: str = "sqeuclidean", use_softmax: bool = False):
         super().__init__(backbone, use_softmax)
         if metric not in METRICS:
             raise ValueError(f"PrototypicalNetworks: metric must be one of {METRICS}, got {metric!r}")

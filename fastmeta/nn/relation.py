@@ -33,10 +33,19 @@ class RelationModule(nn.Module):
         C = feature_channels
         self.first = nn.Conv2d(2 * C, C, 3, padding=1)
         self.rest = nn.Sequential(
-            nn.BatchNorm2d(C), nn.ReLU(), nn.MaxPool2d(2, ceil_mode=True),
-            nn.Conv2d(C, C, 3, padding=1), nn.BatchNorm2d(C), nn.ReLU(), nn.AdaptiveMaxPool2d(1),
-            nn.Flatten(), nn.Linear(C, hidden_units), nn.ReLU(), nn.Linear(hidden_units, 1),
-            nn.Sigmoid())
+            nn.BatchNorm2d(C),
+            nn.ReLU(),
+            nn.MaxPool2d(2, ceil_mode=True),
+            nn.Conv2d(C, C, 3, padding=1),
+            nn.BatchNorm2d(C),
+            nn.ReLU(),
+            nn.AdaptiveMaxPool2d(1),
+            nn.Flatten(),
+            nn.Linear(C, hidden_units),
+            nn.ReLU(),
+            nn.Linear(hidden_units, 1),
+            nn.Sigmoid(),
+        )
 
     def forward(self, pairs: torch.Tensor) -> torch.Tensor:
         return self.rest(self.first(pairs)).squeeze(-1)
@@ -57,10 +66,12 @@ class RelationModule(nn.Module):
         B, N, C = prototypes.shape[:3]
         Q = queries.shape[1]
         conv = self.first
-        prototype_half = F.conv2d(prototypes.flatten(0, 1), conv.weight[:, :C], conv.bias,
-                                  conv.stride, conv.padding, conv.dilation).unflatten(0, (B, N))
-        query_half = F.conv2d(queries.flatten(0, 1), conv.weight[:, C:], None,
-                              conv.stride, conv.padding, conv.dilation).unflatten(0, (B, Q))
+        prototype_half = F.conv2d(
+            prototypes.flatten(0, 1), conv.weight[:, :C], conv.bias, conv.stride, conv.padding, conv.dilation
+        ).unflatten(0, (B, N))
+        query_half = F.conv2d(
+            queries.flatten(0, 1), conv.weight[:, C:], None, conv.stride, conv.padding, conv.dilation
+        ).unflatten(0, (B, Q))
         rest = self.rest
         if isinstance(rest[0], nn.BatchNorm2d) and B and Q and N:
             query_half, prototype_half = separable_batch_norm(rest[0], query_half, prototype_half)
@@ -72,7 +83,7 @@ class RelationModule(nn.Module):
             pairs = ops.relation_pair_pool(query_half, prototype_half)  # [B, Q, N, h', w', C]
             rest = rest[2:]
         else:
-            pairs = query_half[:, :, None] + prototype_half[:, None]   # [B, Q, N, h, w, C]
+            pairs = query_half[:, :, None] + prototype_half[:, None]  # [B, Q, N, h, w, C]
         return rest(pairs.flatten(0, 2).permute(0, 3, 1, 2)).view(B, Q, N)
 
 
@@ -98,16 +109,18 @@ def separable_batch_norm(norm: nn.BatchNorm2d, queries: torch.Tensor, prototypes
     if norm.training or not norm.track_running_stats:
         count = B * Q * N * h * w
         if count <= 1:
-            raise ValueError(f"Expected more than 1 value per channel when training, got "
-                             f"{count} relation pairs")
+            raise ValueError(f"Expected more than 1 value per channel when training, got {count} relation pairs")
         query_mean = queries.mean((0, 1, 3, 4))
         prototype_mean = prototypes.mean((0, 1, 3, 4))
         centred_queries = queries - query_mean.view(channel)
         centred_prototypes = prototypes - prototype_mean.view(channel)
         covariance = (centred_queries.mean(1) * centred_prototypes.mean(1)).mean((0, 2, 3))
         mean = query_mean + prototype_mean
-        variance = (centred_queries.square().mean((0, 1, 3, 4))
-                    + centred_prototypes.square().mean((0, 1, 3, 4)) + 2 * covariance)
+        variance = (
+            centred_queries.square().mean((0, 1, 3, 4))
+            + centred_prototypes.square().mean((0, 1, 3, 4))
+            + 2 * covariance
+        )
         if norm.training and norm.track_running_stats:
             blend_running_statistics(norm, mean, variance * count / (count - 1))
     else:
@@ -116,8 +129,10 @@ def separable_batch_norm(norm: nn.BatchNorm2d, queries: torch.Tensor, prototypes
     if norm.affine:
         scale = scale * norm.weight
     shift = norm.bias if norm.affine else torch.zeros_like(scale)
-    return ((queries - mean.view(channel)) * scale.view(channel),
-            prototypes * scale.view(channel) + shift.view(channel))
+    return (
+        (queries - mean.view(channel)) * scale.view(channel),
+        prototypes * scale.view(channel) + shift.view(channel),
+    )
 
 
 class RelationNetworks(FewShotClassifier):
@@ -145,16 +160,24 @@ class RelationNetworks(FewShotClassifier):
 
     feature_dims = 3
 
-    def __init__(self, backbone: Optional[nn.Module] = None, *, feature_dimension: int,
-                 relation_module: Optional[nn.Module] = None, use_softmax: bool = False):
+    def __init__(
+        self,
+        backbone: Optional[nn.Module] = None,
+        *,
+        feature_dimension: int,
+        relation_module: Optional[nn.Module] = None,
+        use_softmax: bool = False,
+    ):
         super().__init__(backbone, use_softmax)
         self.feature_dimension = feature_dimension
         self.relation_module = relation_module or RelationModule(feature_dimension)
 
     def prepare_support(self, features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
         if features.shape[2] != self.feature_dimension:
-            raise ValueError(f"RelationNetworks: the backbone returns {features.shape[2]} channels, "
-                             f"feature_dimension is {self.feature_dimension}")
+            raise ValueError(
+                f"RelationNetworks: the backbone returns {features.shape[2]} channels, "
+                f"feature_dimension is {self.feature_dimension}"
+            )
         prototypes = ops.class_prototypes(features.flatten(2), labels, ways)
         return prototypes.unflatten(2, features.shape[2:])
 
@@ -165,8 +188,13 @@ class RelationNetworks(FewShotClassifier):
         if isinstance(self.relation_module, RelationModule):
             return self.relation_module.pair_scores(prototypes, query_features)
         B, Q, N = query_features.shape[0], query_features.shape[1], prototypes.shape[1]
-        pairs = torch.cat([prototypes[:, None].expand(B, Q, *prototypes.shape[1:]),
-                           query_features[:, :, None].expand(B, Q, N, *query_features.shape[2:])], 3)
+        pairs = torch.cat(
+            [
+                prototypes[:, None].expand(B, Q, *prototypes.shape[1:]),
+                query_features[:, :, None].expand(B, Q, N, *query_features.shape[2:]),
+            ],
+            3,
+        )
         return self.relation_module(pairs.flatten(0, 2)).view(B, Q, N)
 
     def loss_of_scores(self, scores: torch.Tensor, query_labels: torch.Tensor) -> torch.Tensor:

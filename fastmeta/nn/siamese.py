@@ -39,9 +39,15 @@ class SiameseNetworks(FewShotClassifier):
         torch.Size([3, 5])
     """
 
-    def __init__(self, backbone: Optional[nn.Module] = None, head: str = "koch", *,
-                 feature_dimension: Optional[int] = None, margin: float = 1.0,
-                 use_softmax: bool = False):
+    def __init__(
+        self,
+        backbone: Optional[nn.Module] = None,
+        head: str = "koch",
+        *,
+        feature_dimension: Optional[int] = None,
+        margin: float = 1.0,
+        use_softmax: bool = False,
+    ):
         super().__init__(backbone, use_softmax)
         if head not in HEADS:
             raise ValueError(f"SiameseNetworks: head must be one of {HEADS}, got {head!r}")
@@ -70,25 +76,29 @@ class SiameseNetworks(FewShotClassifier):
     def loss(self, support, support_labels, query, query_labels, ways=None) -> torch.Tensor:
         """Verification loss over every (query, support) pair of the episodes."""
         (support_features, labels, ways), query_features, batched = self.embed_episodes(
-            support, support_labels, query, ways)
+            support, support_labels, query, ways
+        )
         targets = self.batched_query_labels(query_labels, query_features.shape[:2], batched)
         if targets.numel():
             low, high = (int(v) for v in targets.aminmax())
             if low < 0 or high >= ways:
-                raise ValueError(f"SiameseNetworks: query_labels must lie in 0..{ways - 1}, got values "
-                                 f"in {low}..{high}")
+                raise ValueError(
+                    f"SiameseNetworks: query_labels must lie in 0..{ways - 1}, got values in {low}..{high}"
+                )
         same = (targets[:, :, None] == labels[:, None]).to(query_features.dtype)
         B, Q, S = same.shape
-        return self._verification(query_features[:, :, None].expand(B, Q, S, -1),
-                                  support_features[:, None].expand(B, Q, S, -1), same)
+        return self._verification(
+            query_features[:, :, None].expand(B, Q, S, -1), support_features[:, None].expand(B, Q, S, -1), same
+        )
 
-    def verification_loss(self, images1: torch.Tensor, images2: torch.Tensor,
-                          same: torch.Tensor) -> torch.Tensor:
+    def verification_loss(self, images1: torch.Tensor, images2: torch.Tensor, same: torch.Tensor) -> torch.Tensor:
         """The head's loss on pairs of images ``[n, ...]`` with ``same [n]``
         (1 for pairs of one class, 0 otherwise)."""
         if images1.shape != images2.shape or same.shape != images1.shape[:1]:
-            raise ValueError(f"SiameseNetworks: images1 {list(images1.shape)}, images2 "
-                             f"{list(images2.shape)} and same {list(same.shape)} must pair up")
+            raise ValueError(
+                f"SiameseNetworks: images1 {list(images1.shape)}, images2 "
+                f"{list(images2.shape)} and same {list(same.shape)} must pair up"
+            )
         features = self.compute_features(torch.cat([images1, images2]))
         first, second = features.chunk(2)
         return self._verification(first, second, same.to(features.dtype))

@@ -9,14 +9,14 @@ support.
 from .attention_readout import attention_readout
 from .class_prototypes import class_prototypes
 from .contrastive_loss import contrastive_loss
-from .mann_memory import MannMemoryOutput, mann_memory
-from .matching_attention_lstm import matching_attention_lstm
 from .gnn_adjacency import gnn_adjacency
 from .l2o_lstm_step import l2o_lstm_step, l2o_lstm_step_, l2o_num_weights
-from .recycled_buffers import release_recycled_buffers
+from .mann_memory import MannMemoryOutput, mann_memory
+from .matching_attention_lstm import matching_attention_lstm
 from .meta_lstm_step import meta_lstm_num_weights, meta_lstm_step
 from .mlp_task_derivatives import mlp_task_derivatives
 from .pairwise_distance import pairwise_distance
+from .recycled_buffers import release_recycled_buffers
 from .relation_pair_pool import relation_pair_pool
 from .similarity_cross_entropy import similarity_cross_entropy
 from .similarity_log_softmax import similarity_log_softmax

@@ -15,16 +15,18 @@ REDUCTIONS = ("mean", "sum", "none")
 _CPU_UPCAST = (torch.float16, torch.bfloat16)
 
 
-def check_tensor(op: str, name: str, t, like: Optional[torch.Tensor] = None, floating: bool = True,
-                 like_name: str = "x"):
+def check_tensor(
+    op: str, name: str, t, like: Optional[torch.Tensor] = None, floating: bool = True, like_name: str = "x"
+):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{op}: {name} must be a torch.Tensor, got {type(t).__name__}")
     if floating and not t.is_floating_point():
         raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
     if like is not None:
         if t.device != like.device:
-            raise ValueError(f"{op}: {name} is on {t.device} but {like_name} is on {like.device}; "
-                             "move them to the same device")
+            raise ValueError(
+                f"{op}: {name} is on {t.device} but {like_name} is on {like.device}; move them to the same device"
+            )
         if floating and t.dtype != like.dtype:
             raise TypeError(f"{op}: {name} has dtype {t.dtype} but {like_name} has dtype {like.dtype}")
 
@@ -54,17 +56,19 @@ class MetricOperands:
         return t.to(self.dtype)
 
 
-def metric_operands(op: str, x, y, metric: str, scale: Union[float, torch.Tensor] = 1.0,
-                    metrics: Sequence[str] = METRICS) -> MetricOperands:
+def metric_operands(
+    op: str, x, y, metric: str, scale: Union[float, torch.Tensor] = 1.0, metrics: Sequence[str] = METRICS
+) -> MetricOperands:
     check_tensor(op, "x", x)
     check_tensor(op, "y", y, like=x)
     check_choice(op, "metric", metric, metrics)
     if x.dim() not in (2, 3) or y.dim() != x.dim():
-        raise ValueError(f"{op}: x and y must both be [Q, D] and [N, D], or [B, Q, D] and "
-                         f"[B, N, D]; got x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}")
+        raise ValueError(
+            f"{op}: x and y must both be [Q, D] and [N, D], or [B, Q, D] and "
+            f"[B, N, D]; got x of shape {tuple(x.shape)} and y of shape {tuple(y.shape)}"
+        )
     if x.shape[-1] != y.shape[-1]:
-        raise ValueError(f"{op}: feature sizes differ: x has D = {x.shape[-1]} but y has "
-                         f"D = {y.shape[-1]}")
+        raise ValueError(f"{op}: feature sizes differ: x has D = {x.shape[-1]} but y has D = {y.shape[-1]}")
     unbatched = x.dim() == 2
     if unbatched:
         x, y = x.unsqueeze(0), y.unsqueeze(0)
@@ -82,8 +86,7 @@ def metric_operands(op: str, x, y, metric: str, scale: Union[float, torch.Tensor
             scale = torch.broadcast_to(scale.to(device=x.device, dtype=work), batch_shape)
         except RuntimeError:
             want = f"[Q] = [{x.shape[1]}]" if unbatched else f"[B, Q] = {list(batch_shape)}"
-            raise ValueError(f"{op}: scale of shape {list(scale.shape)} does not broadcast to "
-                             f"{want}") from None
+            raise ValueError(f"{op}: scale of shape {list(scale.shape)} does not broadcast to {want}") from None
     elif isinstance(scale, numbers.Real) and not isinstance(scale, bool):
         scale = torch.full(batch_shape, float(scale), dtype=work, device=x.device)
     else:
@@ -102,34 +105,52 @@ def check_raw_operands(op: str, *operands) -> dict:
     each letter.
     """
     first_name, first = operands[0][0], operands[0][1]
-    torch._check(first.is_floating_point(),
-                 lambda: f"fastmeta::{op}: {first_name} must be a floating-point tensor, got {first.dtype}")
+    torch._check(
+        first.is_floating_point(),
+        lambda: f"fastmeta::{op}: {first_name} must be a floating-point tensor, got {first.dtype}",
+    )
     sizes = {}
     for name, t, dims, dtype in operands:
         want = first.dtype if dtype is None else dtype
-        torch._check(t.device == first.device,
-                     lambda: f"fastmeta::{op}: {name} must be on {first.device} like {first_name}, "
-                             f"got {t.device}")
+        torch._check(
+            t.device == first.device,
+            lambda: f"fastmeta::{op}: {name} must be on {first.device} like {first_name}, got {t.device}",
+        )
         torch._check(t.dtype == want, lambda: f"fastmeta::{op}: {name} must have dtype {want}, got {t.dtype}")
-        torch._check(t.dim() == len(dims),
-                     lambda: f"fastmeta::{op}: {name} must have {len(dims)} dimensions "
-                             f"[{', '.join(dims)}], got shape {list(t.shape)}")
+        torch._check(
+            t.dim() == len(dims),
+            lambda: (
+                f"fastmeta::{op}: {name} must have {len(dims)} dimensions "
+                f"[{', '.join(dims)}], got shape {list(t.shape)}"
+            ),
+        )
         for i, (letter, size) in enumerate(zip(dims, t.shape)):
             if letter.isdigit():
-                torch._check(size == int(letter), lambda: f"fastmeta::{op}: {name} must have size "
-                             f"{letter} in dimension {i}, got shape {list(t.shape)}")
+                torch._check(
+                    size == int(letter),
+                    lambda: (
+                        f"fastmeta::{op}: {name} must have size {letter} in dimension {i}, got shape {list(t.shape)}"
+                    ),
+                )
             elif letter in sizes:
                 other_name, other = sizes[letter]
-                torch._check(size == other, lambda: f"fastmeta::{op}: {name} has {letter} = {size} in "
-                             f"dimension {i} but {other_name} has {letter} = {other}")
+                torch._check(
+                    size == other,
+                    lambda: (
+                        f"fastmeta::{op}: {name} has {letter} = {size} in "
+                        f"dimension {i} but {other_name} has {letter} = {other}"
+                    ),
+                )
             else:
                 sizes[letter] = (name, size)
     return {letter: size for letter, (_, size) in sizes.items()}
 
 
 def check_raw_metric(op: str, metric: str, metrics: Sequence[str] = METRICS):
-    torch._check(metric in metrics, lambda: f"fastmeta::{op}: unknown metric {metric!r}; expected one "
-                 f"of {', '.join(map(repr, metrics))}")
+    torch._check(
+        metric in metrics,
+        lambda: f"fastmeta::{op}: unknown metric {metric!r}; expected one of {', '.join(map(repr, metrics))}",
+    )
 
 
 def register_vmap_over_tasks(op_name: str):
@@ -188,8 +209,7 @@ def register_autograd(op_name: str, backward: Callable, setup_context: Callable)
 def functorch_active() -> bool:
     """Whether a torch.func transform (grad, vjp, vmap, ...) is running
     (outside torch.compile's tracing, which handles the ops' own autograd)."""
-    return (torch._C._functorch.peek_interpreter_stack() is not None
-            and not torch.compiler.is_compiling())
+    return torch._C._functorch.peek_interpreter_stack() is not None and not torch.compiler.is_compiling()
 
 
 def call_without_autograd(op, *args):
@@ -221,6 +241,7 @@ def register_reference_double_backward(op_name: str, reference_vjp: Callable):
     arguments and returns its outputs computed with differentiable PyTorch
     operations; the second derivative is taken through it, so it materialises
     the [B, Q, N] similarity matrix, but only while the second backward runs."""
+
     def setup_context(ctx, inputs, output):
         ctx.tensor_positions = [i for i, a in enumerate(inputs) if isinstance(a, torch.Tensor)]
         ctx.constants = {i: a for i, a in enumerate(inputs) if not isinstance(a, torch.Tensor)}
@@ -233,11 +254,13 @@ def register_reference_double_backward(op_name: str, reference_vjp: Callable):
             args[i] = t
         positions = [i for i in ctx.tensor_positions if args[i].is_floating_point()]
         if functorch_active():  # torch.func's transforms: no requires_grad_ or autograd.grad
+
             def outputs_of(*floating):
                 full = list(args)
                 for i, t in zip(positions, floating):
                     full[i] = t
                 return tuple(reference_vjp(*full))
+
             outputs, pullback = torch.func.vjp(outputs_of, *(args[i] for i in positions))
             found = pullback(tuple(torch.zeros_like(o) if g is None else g for o, g in zip(outputs, grads)))
         else:
@@ -245,11 +268,14 @@ def register_reference_double_backward(op_name: str, reference_vjp: Callable):
                 args[i] = args[i].detach().requires_grad_()
             with torch.enable_grad():
                 outputs = reference_vjp(*args)
-                pairs = [(o, g) for o, g in zip(outputs, grads)
-                         if g is not None and o is not None and o.requires_grad]
-                found = torch.autograd.grad([o for o, _ in pairs], [args[i] for i in positions],
-                                            [g for _, g in pairs], allow_unused=True) \
-                    if pairs else [None] * len(positions)
+                pairs = [(o, g) for o, g in zip(outputs, grads) if g is not None and o is not None and o.requires_grad]
+                found = (
+                    torch.autograd.grad(
+                        [o for o, _ in pairs], [args[i] for i in positions], [g for _, g in pairs], allow_unused=True
+                    )
+                    if pairs
+                    else [None] * len(positions)
+                )
         result = [None] * ctx.num_inputs
         for i, g in zip(positions, found):
             result[i] = g

@@ -1,4 +1,5 @@
 import numbers
+
 import torch
 
 from . import _common
@@ -33,8 +34,10 @@ def class_prototypes(support: torch.Tensor, labels: torch.Tensor, num_classes: i
     if labels.device != support.device:
         raise ValueError(f"{op}: labels is on {labels.device} but support is on {support.device}")
     if support.dim() not in (2, 3) or labels.shape != support.shape[:-1]:
-        raise ValueError(f"{op}: support must be [B, S, D] or [S, D] and labels [B, S] or [S]; got "
-                         f"support of shape {tuple(support.shape)} and labels of shape {tuple(labels.shape)}")
+        raise ValueError(
+            f"{op}: support must be [B, S, D] or [S, D] and labels [B, S] or [S]; got "
+            f"support of shape {tuple(support.shape)} and labels of shape {tuple(labels.shape)}"
+        )
     if isinstance(num_classes, bool) or not isinstance(num_classes, numbers.Integral) or num_classes < 0:
         raise ValueError(f"{op}: num_classes must be a non-negative int, got {num_classes!r}")
     num_classes = int(num_classes)
@@ -50,16 +53,16 @@ def class_prototypes(support: torch.Tensor, labels: torch.Tensor, num_classes: i
 @torch.library.register_fake("fastmeta::class_prototypes")
 def _(support, labels, num_classes):
     op = "class_prototypes"
-    size = _common.check_raw_operands(op, ("support", support, "BSD", None),
-                                      ("labels", labels, "BS", torch.int64))
+    size = _common.check_raw_operands(op, ("support", support, "BSD", None), ("labels", labels, "BS", torch.int64))
     torch._check(num_classes >= 0, lambda: f"fastmeta::{op}: num_classes must be >= 0, got {num_classes}")
     return support.new_empty(size["B"], num_classes, size["D"])
 
 
 @torch.library.register_fake("fastmeta::class_prototypes_backward")
 def _(grad, labels):
-    size = _common.check_raw_operands("class_prototypes_backward", ("grad", grad, "BND", None),
-                                      ("labels", labels, "BS", torch.int64))
+    size = _common.check_raw_operands(
+        "class_prototypes_backward", ("grad", grad, "BND", None), ("labels", labels, "BS", torch.int64)
+    )
     return grad.new_empty(size["B"], size["S"], size["D"])
 
 

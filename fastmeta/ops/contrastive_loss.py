@@ -1,14 +1,16 @@
 import numbers
+
 import torch
 
-from . import _common
 from .. import formulas
+from . import _common
 
 __all__ = ["contrastive_loss"]
 
 
-def contrastive_loss(x1: torch.Tensor, x2: torch.Tensor, same: torch.Tensor, margin: float = 1.0,
-                     reduction: str = "mean") -> torch.Tensor:
+def contrastive_loss(
+    x1: torch.Tensor, x2: torch.Tensor, same: torch.Tensor, margin: float = 1.0, reduction: str = "mean"
+) -> torch.Tensor:
     """Contrastive loss of Siamese networks (Hadsell, Chopra & LeCun 2006).
 
     ``loss_i = same_i * d_i^2 + (1 - same_i) * max(margin - d_i, 0)^2`` with
@@ -30,11 +32,11 @@ def contrastive_loss(x1: torch.Tensor, x2: torch.Tensor, same: torch.Tensor, mar
     _common.check_tensor(op, "same", same, floating=False)
     _common.check_choice(op, "reduction", reduction, _common.REDUCTIONS)
     if x1.dim() < 1 or x1.shape != x2.shape:
-        raise ValueError(f"{op}: x1 and x2 must have the same shape [..., D], got "
-                         f"{list(x1.shape)} and {list(x2.shape)}")
+        raise ValueError(
+            f"{op}: x1 and x2 must have the same shape [..., D], got {list(x1.shape)} and {list(x2.shape)}"
+        )
     if same.shape != x1.shape[:-1]:
-        raise ValueError(f"{op}: same must have shape {list(x1.shape[:-1])} (one per pair), "
-                         f"got {list(same.shape)}")
+        raise ValueError(f"{op}: same must have shape {list(x1.shape[:-1])} (one per pair), got {list(same.shape)}")
     if same.device != x1.device:
         raise ValueError(f"{op}: same is on {same.device} but x1 is on {x1.device}")
     if not (same.dtype == torch.bool or same.is_floating_point()):
@@ -44,14 +46,20 @@ def contrastive_loss(x1: torch.Tensor, x2: torch.Tensor, same: torch.Tensor, mar
     work = _common.compute_dtype(x1)
     pairs_shape = x1.shape[:-1]
     pairs = (pairs_shape.numel(), x1.shape[-1])
-    loss = _common.call("contrastive_loss", x1.to(work).reshape(pairs), x2.to(work).reshape(pairs),
-                        same.to(work).reshape(-1), float(margin))
+    loss = _common.call(
+        "contrastive_loss",
+        x1.to(work).reshape(pairs),
+        x2.to(work).reshape(pairs),
+        same.to(work).reshape(-1),
+        float(margin),
+    )
     return formulas.reduce_loss(loss.view(pairs_shape), reduction).to(x1.dtype)
 
 
 def _check_raw(op, x1, x2, same, *per_pair):
-    return _common.check_raw_operands(op, ("x1", x1, "MD", None), ("x2", x2, "MD", None),
-                                      ("same", same, "M", None), *per_pair)
+    return _common.check_raw_operands(
+        op, ("x1", x1, "MD", None), ("x2", x2, "MD", None), ("same", same, "M", None), *per_pair
+    )
 
 
 @torch.library.register_fake("fastmeta::contrastive_loss")
@@ -80,8 +88,8 @@ def _backward(ctx, grad):
 
 def _reference_backward(grad, x1, x2, same, margin):
     return _common.reference_vjp(
-        lambda x1, x2, same: formulas.contrastive_loss(x1, x2, same, margin, "none"),
-        (x1, x2, same), grad)
+        lambda x1, x2, same: formulas.contrastive_loss(x1, x2, same, margin, "none"), (x1, x2, same), grad
+    )
 
 
 _common.register_autograd("contrastive_loss", _backward, _setup_context)

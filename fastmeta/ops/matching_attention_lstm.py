@@ -8,9 +8,14 @@ from . import _common
 __all__ = ["matching_attention_lstm"]
 
 
-def matching_attention_lstm(query: torch.Tensor, support: torch.Tensor, weight_ih: torch.Tensor,
-                            weight_hh: torch.Tensor, bias: Optional[torch.Tensor] = None,
-                            steps: Optional[int] = None) -> torch.Tensor:
+def matching_attention_lstm(
+    query: torch.Tensor,
+    support: torch.Tensor,
+    weight_ih: torch.Tensor,
+    weight_hh: torch.Tensor,
+    bias: Optional[torch.Tensor] = None,
+    steps: Optional[int] = None,
+) -> torch.Tensor:
     """The attention LSTM of Matching networks' full-context query
     embeddings (Vinyals et al. 2016), ``steps`` reads of the support set:
 
@@ -41,12 +46,15 @@ def matching_attention_lstm(query: torch.Tensor, support: torch.Tensor, weight_i
     for name, t in (("support", support), ("weight_ih", weight_ih), ("weight_hh", weight_hh)):
         _common.check_tensor(op, name, t, like=query, like_name="query")
     if query.dim() != 3 or support.dim() != 3 or support.shape[::2] != query.shape[::2]:
-        raise ValueError(f"{op}: query must be [B, Q, D] and support [B, S, D], got "
-                         f"{list(query.shape)} and {list(support.shape)}")
+        raise ValueError(
+            f"{op}: query must be [B, Q, D] and support [B, S, D], got {list(query.shape)} and {list(support.shape)}"
+        )
     D = query.shape[2]
     if weight_ih.shape != (4 * D, 2 * D) or weight_hh.shape != (4 * D, D):
-        raise ValueError(f"{op}: weight_ih must be [{4 * D}, {2 * D}] and weight_hh [{4 * D}, {D}] "
-                         f"for D = {D}, got {list(weight_ih.shape)} and {list(weight_hh.shape)}")
+        raise ValueError(
+            f"{op}: weight_ih must be [{4 * D}, {2 * D}] and weight_hh [{4 * D}, {D}] "
+            f"for D = {D}, got {list(weight_ih.shape)} and {list(weight_hh.shape)}"
+        )
     if bias is None:
         bias = query.new_zeros(4 * D)
     _common.check_tensor(op, "bias", bias, like=query, like_name="query")
@@ -58,8 +66,7 @@ def matching_attention_lstm(query: torch.Tensor, support: torch.Tensor, weight_i
     steps = int(steps)
     if query.device.type != "cpu":
         return _composite(query, support, weight_ih, weight_hh, bias, steps)
-    return _common.call("matching_attention_lstm", query, support, weight_ih, weight_hh, bias,
-                                                      steps)[0]
+    return _common.call("matching_attention_lstm", query, support, weight_ih, weight_hh, bias, steps)[0]
 
 
 def _composite(query, support, weight_ih, weight_hh, bias, steps):
@@ -71,19 +78,16 @@ def _composite(query, support, weight_ih, weight_hh, bias, steps):
     hidden, cell = query, torch.zeros_like(query)
     for _ in range(steps):
         both = torch.bmm(hidden, keys)
-        gates = torch.baddbmm(constant + both[..., :4 * D], torch.softmax(both[..., 4 * D:], -1),
-                              support_gates)
-        input_forget = torch.sigmoid(gates[..., :2 * D])
-        cell = torch.addcmul(input_forget[..., D:] * cell, input_forget[..., :D],
-                             torch.tanh(gates[..., 2 * D:3 * D]))
-        hidden = torch.addcmul(query, torch.sigmoid(gates[..., 3 * D:]), torch.tanh(cell))
+        gates = torch.baddbmm(constant + both[..., : 4 * D], torch.softmax(both[..., 4 * D :], -1), support_gates)
+        input_forget = torch.sigmoid(gates[..., : 2 * D])
+        cell = torch.addcmul(input_forget[..., D:] * cell, input_forget[..., :D], torch.tanh(gates[..., 2 * D : 3 * D]))
+        hidden = torch.addcmul(query, torch.sigmoid(gates[..., 3 * D :]), torch.tanh(cell))
     return hidden
 
 
 @torch.library.register_fake("fastmeta::matching_attention_lstm")
 def _(query, support, weight_ih, weight_hh, bias, steps):
-    sizes = _check_raw("matching_attention_lstm", query, support, weight_ih, weight_hh,
-                       ("bias", bias, "F", None))
+    sizes = _check_raw("matching_attention_lstm", query, support, weight_ih, weight_hh, ("bias", bias, "F", None))
     torch._check(steps >= 0, lambda: f"fastmeta::matching_attention_lstm: steps must be >= 0, got {steps}")
     B, Q, S, D = sizes["B"], sizes["Q"], sizes["S"], sizes["D"]
     new = query.new_empty
@@ -92,22 +96,44 @@ def _(query, support, weight_ih, weight_hh, bias, steps):
 
 @torch.library.register_fake("fastmeta::matching_attention_lstm_backward")
 def _(grad, query, support, weight_ih, weight_hh, hiddens, cells, attention, gates):
-    _check_raw("matching_attention_lstm_backward", query, support, weight_ih, weight_hh,
-               ("grad", grad, "BQD", None), ("hiddens", hiddens, "KBQD", None),
-               ("cells", cells, "KBQD", None), ("attention", attention, "KBQS", None),
-               ("gates", gates, "KBQF", None))
-    return (torch.empty_like(query), torch.empty_like(support), torch.empty_like(weight_ih),
-            torch.empty_like(weight_hh), weight_hh.new_empty(weight_hh.shape[0]))
+    _check_raw(
+        "matching_attention_lstm_backward",
+        query,
+        support,
+        weight_ih,
+        weight_hh,
+        ("grad", grad, "BQD", None),
+        ("hiddens", hiddens, "KBQD", None),
+        ("cells", cells, "KBQD", None),
+        ("attention", attention, "KBQS", None),
+        ("gates", gates, "KBQF", None),
+    )
+    return (
+        torch.empty_like(query),
+        torch.empty_like(support),
+        torch.empty_like(weight_ih),
+        torch.empty_like(weight_hh),
+        weight_hh.new_empty(weight_hh.shape[0]),
+    )
 
 
 def _check_raw(op, query, support, weight_ih, weight_hh, *others):
-    sizes = _common.check_raw_operands(op, ("query", query, "BQD", None), ("support", support, "BSD", None),
-                                       ("weight_ih", weight_ih, "FE", None),
-                                       ("weight_hh", weight_hh, "FD", None), *others)
+    sizes = _common.check_raw_operands(
+        op,
+        ("query", query, "BQD", None),
+        ("support", support, "BSD", None),
+        ("weight_ih", weight_ih, "FE", None),
+        ("weight_hh", weight_hh, "FD", None),
+        *others,
+    )
     D = sizes["D"]
-    torch._check(sizes["F"] == 4 * D and sizes["E"] == 2 * D,
-                 lambda: f"fastmeta::{op}: weight_ih must be [{4 * D}, {2 * D}] and weight_hh "
-                         f"[{4 * D}, {D}], got {list(weight_ih.shape)} and {list(weight_hh.shape)}")
+    torch._check(
+        sizes["F"] == 4 * D and sizes["E"] == 2 * D,
+        lambda: (
+            f"fastmeta::{op}: weight_ih must be [{4 * D}, {2 * D}] and weight_hh "
+            f"[{4 * D}, {D}], got {list(weight_ih.shape)} and {list(weight_hh.shape)}"
+        ),
+    )
     return sizes
 
 

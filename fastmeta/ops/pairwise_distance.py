@@ -1,7 +1,7 @@
 import torch
 
-from . import _common
 from .. import formulas
+from . import _common
 
 __all__ = ["pairwise_distance"]
 
@@ -26,15 +26,15 @@ def pairwise_distance(x: torch.Tensor, y: torch.Tensor, metric: str = "sqeuclide
         >>> d.shape
         torch.Size([5, 3])
     """
-    a = _common.metric_operands("pairwise_distance", x, y, metric,
-                                metrics=_common.DISTANCE_METRICS)
+    a = _common.metric_operands("pairwise_distance", x, y, metric, metrics=_common.DISTANCE_METRICS)
     return a.output(_common.call("pairwise_distance", a.x, a.y, metric))
 
 
 def _check_raw(op, metric, x, y, *outputs):
     _common.check_raw_metric(op, metric, _common.DISTANCE_METRICS)
-    return _common.check_raw_operands(op, ("x", x, "BQD", None), ("y", y, "BND", None),
-                                      *((name, t, "BQN", None) for name, t in outputs))
+    return _common.check_raw_operands(
+        op, ("x", x, "BQD", None), ("y", y, "BND", None), *((name, t, "BQN", None) for name, t in outputs)
+    )
 
 
 @torch.library.register_fake("fastmeta::pairwise_distance")
@@ -67,4 +67,6 @@ _common.register_vmap_over_tasks("pairwise_distance_backward")
 _common.register_reference_double_backward(
     "pairwise_distance_backward",
     lambda grad, distance, x, y, metric: _common.reference_vjp(
-        lambda x, y: formulas.pairwise_distance(x, y, metric), (x, y), grad))
+        lambda x, y: formulas.pairwise_distance(x, y, metric), (x, y), grad
+    ),
+)

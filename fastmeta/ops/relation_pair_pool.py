@@ -1,7 +1,7 @@
 import torch
 
-from . import _common
 from .. import formulas
+from . import _common
 
 __all__ = ["relation_pair_pool"]
 
@@ -34,10 +34,16 @@ def relation_pair_pool(queries: torch.Tensor, prototypes: torch.Tensor) -> torch
     op = "relation_pair_pool"
     _common.check_tensor(op, "queries", queries)
     _common.check_tensor(op, "prototypes", prototypes, like=queries, like_name="queries")
-    if queries.dim() != 5 or prototypes.dim() != 5 or prototypes.shape[0] != queries.shape[0] \
-            or prototypes.shape[2:] != queries.shape[2:]:
-        raise ValueError(f"{op}: queries must be [B, Q, H, W, C] and prototypes [B, N, H, W, C], "
-                         f"got {list(queries.shape)} and {list(prototypes.shape)}")
+    if (
+        queries.dim() != 5
+        or prototypes.dim() != 5
+        or prototypes.shape[0] != queries.shape[0]
+        or prototypes.shape[2:] != queries.shape[2:]
+    ):
+        raise ValueError(
+            f"{op}: queries must be [B, Q, H, W, C] and prototypes [B, N, H, W, C], "
+            f"got {list(queries.shape)} and {list(prototypes.shape)}"
+        )
     if queries.device.type != "cpu":
         return formulas.relation_pair_pool(queries, prototypes)
     dtype = queries.dtype
@@ -51,8 +57,9 @@ def _out_shape(queries, prototypes):
 
 
 def _check_raw(op, queries, prototypes, *others):
-    return _common.check_raw_operands(op, ("queries", queries, "BQHWC", None),
-                                      ("prototypes", prototypes, "BNHWC", None), *others)
+    return _common.check_raw_operands(
+        op, ("queries", queries, "BQHWC", None), ("prototypes", prototypes, "BNHWC", None), *others
+    )
 
 
 @torch.library.register_fake("fastmeta::relation_pair_pool")
@@ -64,9 +71,13 @@ def _(queries, prototypes):
 @torch.library.register_fake("fastmeta::relation_pair_pool_backward")
 def _(grad, queries, prototypes):
     _check_raw("relation_pair_pool_backward", queries, prototypes, ("grad", grad, "BQNIJC", None))
-    torch._check(tuple(grad.shape) == _out_shape(queries, prototypes),
-                 lambda: f"fastmeta::relation_pair_pool_backward: grad must be "
-                         f"{list(_out_shape(queries, prototypes))}, got {list(grad.shape)}")
+    torch._check(
+        tuple(grad.shape) == _out_shape(queries, prototypes),
+        lambda: (
+            f"fastmeta::relation_pair_pool_backward: grad must be "
+            f"{list(_out_shape(queries, prototypes))}, got {list(grad.shape)}"
+        ),
+    )
     return torch.empty_like(queries), torch.empty_like(prototypes)
 
 

@@ -2,8 +2,8 @@ from typing import Union
 
 import torch
 
-from . import _common
 from .. import formulas
+from . import _common
 
 __all__ = ["similarity_cross_entropy"]
 
@@ -15,9 +15,14 @@ __all__ = ["similarity_cross_entropy"]
 FUSED_KEYS = (256, 65536)
 
 
-def similarity_cross_entropy(x: torch.Tensor, y: torch.Tensor, target: torch.Tensor,
-                             metric: str = "sqeuclidean", scale: Union[float, torch.Tensor] = 1.0,
-                             reduction: str = "mean") -> torch.Tensor:
+def similarity_cross_entropy(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    target: torch.Tensor,
+    metric: str = "sqeuclidean",
+    scale: Union[float, torch.Tensor] = 1.0,
+    reduction: str = "mean",
+) -> torch.Tensor:
     """Cross-entropy of the softmax over keys of scaled similarities.
 
     ``loss_q = -log softmax_n(scale_q * s(x_q, y_n))[target_q]``, computed with
@@ -49,18 +54,17 @@ def similarity_cross_entropy(x: torch.Tensor, y: torch.Tensor, target: torch.Ten
         raise ValueError(f"{op}: target is on {target.device} but x is on {a.x.device}")
     want = a.x.shape[1:2] if a.unbatched else a.x.shape[:2]
     if target.shape != want:
-        raise ValueError(f"{op}: target must have shape {list(want)} (one class per query), "
-                         f"got {list(target.shape)}")
+        raise ValueError(f"{op}: target must have shape {list(want)} (one class per query), got {list(target.shape)}")
     target = target.unsqueeze(0) if a.unbatched else target
     # The fused loss-and-gradient op serves plain autograd; under torch.func's
     # transforms the two-pass ops do (their rules work at every order there).
-    needs_grad = (torch.is_grad_enabled() and any(t.requires_grad for t in (a.x, a.y, a.scale))
-                  and not _common.functorch_active())
+    needs_grad = (
+        torch.is_grad_enabled() and any(t.requires_grad for t in (a.x, a.y, a.scale)) and not _common.functorch_active()
+    )
     queries = a.x.shape[0] * a.x.shape[1]
     if reduction != "none" and needs_grad and queries > 0 and FUSED_KEYS[0] <= a.y.shape[1] <= FUSED_KEYS[1]:
         weight = 1.0 if reduction == "sum" else 1.0 / queries
-        task_loss = _common.call("similarity_cross_entropy_with_grad", a.x, a.y, target, a.scale, metric,
-                                 weight)[0]
+        task_loss = _common.call("similarity_cross_entropy_with_grad", a.x, a.y, target, a.scale, metric, weight)[0]
         return a.output(task_loss.sum())
     loss, _ = _common.call("similarity_cross_entropy", a.x, a.y, target, a.scale, metric)
     return a.output(formulas.reduce_loss(loss, reduction))
@@ -68,9 +72,14 @@ def similarity_cross_entropy(x: torch.Tensor, y: torch.Tensor, target: torch.Ten
 
 def _check_raw(op, metric, x, y, target, scale, *per_query):
     _common.check_raw_metric(op, metric)
-    return _common.check_raw_operands(op, ("x", x, "BQD", None), ("y", y, "BND", None),
-                                      ("target", target, "BQ", torch.int64),
-                                      ("scale", scale, "BQ", None), *per_query)
+    return _common.check_raw_operands(
+        op,
+        ("x", x, "BQD", None),
+        ("y", y, "BND", None),
+        ("target", target, "BQ", torch.int64),
+        ("scale", scale, "BQ", None),
+        *per_query,
+    )
 
 
 @torch.library.register_fake("fastmeta::similarity_cross_entropy")
@@ -81,9 +90,16 @@ def _(x, y, target, scale, metric):
 
 @torch.library.register_fake("fastmeta::similarity_cross_entropy_backward")
 def _(grad, x, y, target, scale, logsumexp, metric):
-    _check_raw("similarity_cross_entropy_backward", metric, x, y, target, scale,
-               ("grad", grad, "BQ", None),
-               ("logsumexp", logsumexp, "BQ", _common.accumulate_dtype(x.dtype)))
+    _check_raw(
+        "similarity_cross_entropy_backward",
+        metric,
+        x,
+        y,
+        target,
+        scale,
+        ("grad", grad, "BQ", None),
+        ("logsumexp", logsumexp, "BQ", _common.accumulate_dtype(x.dtype)),
+    )
     return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
 
 
@@ -95,15 +111,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad, _grad_logsumexp):
     x, y, target, scale, logsumexp = ctx.saved_tensors
-    gx, gy, gscale = _common.call("similarity_cross_entropy_backward", grad, x, y, target, scale,
-                                  logsumexp, ctx.metric)
+    gx, gy, gscale = _common.call("similarity_cross_entropy_backward", grad, x, y, target, scale, logsumexp, ctx.metric)
     return gx, gy, None, gscale, None
 
 
 def _reference_backward(grad, x, y, target, scale, logsumexp, metric):
     return _common.reference_vjp(
-        lambda x, y, scale: formulas.similarity_cross_entropy(x, y, target, metric, scale, "none"),
-        (x, y, scale), grad)
+        lambda x, y, scale: formulas.similarity_cross_entropy(x, y, target, metric, scale, "none"), (x, y, scale), grad
+    )
 
 
 @torch.library.register_fake("fastmeta::similarity_cross_entropy_with_grad")
@@ -125,19 +140,16 @@ def _backward_with_grad(ctx, grad_loss, *_unused):
         # Double backward (create_graph): the gradient must itself be
         # differentiable, so it is taken through the reference.
         inputs = [t for t in (x, y, scale) if t.requires_grad]
-        task_loss = ctx.weight * formulas.similarity_cross_entropy(
-            x, y, target, ctx.metric, scale, "none").sum(1)
+        task_loss = ctx.weight * formulas.similarity_cross_entropy(x, y, target, ctx.metric, scale, "none").sum(1)
         found = iter(torch.autograd.grad(task_loss, inputs, grad_loss, create_graph=True))
         grad_x, grad_y, grad_scale = (next(found) if t.requires_grad else None for t in (x, y, scale))
         return grad_x, grad_y, None, grad_scale, None, None
     per_task = grad_loss.view(-1, 1)
-    return (per_task.unsqueeze(-1) * grad_x, per_task.unsqueeze(-1) * grad_y, None,
-            per_task * grad_scale, None, None)
+    return (per_task.unsqueeze(-1) * grad_x, per_task.unsqueeze(-1) * grad_y, None, per_task * grad_scale, None, None)
 
 
 _common.register_autograd("similarity_cross_entropy", _backward, _setup_context)
-_common.register_autograd("similarity_cross_entropy_with_grad", _backward_with_grad,
-                          _setup_context_with_grad)
+_common.register_autograd("similarity_cross_entropy_with_grad", _backward_with_grad, _setup_context_with_grad)
 _common.register_vmap_over_tasks("similarity_cross_entropy_with_grad")
 _common.register_vmap_over_tasks("similarity_cross_entropy")
 _common.register_vmap_over_tasks("similarity_cross_entropy_backward")

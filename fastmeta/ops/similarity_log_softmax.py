@@ -2,14 +2,15 @@ from typing import Union
 
 import torch
 
-from . import _common
 from .. import formulas
+from . import _common
 
 __all__ = ["similarity_log_softmax"]
 
 
-def similarity_log_softmax(x: torch.Tensor, y: torch.Tensor, metric: str = "sqeuclidean",
-                           scale: Union[float, torch.Tensor] = 1.0) -> torch.Tensor:
+def similarity_log_softmax(
+    x: torch.Tensor, y: torch.Tensor, metric: str = "sqeuclidean", scale: Union[float, torch.Tensor] = 1.0
+) -> torch.Tensor:
     """Log-softmax over keys of scaled similarities (Prototypical / Matching nets).
 
     ``log p(n | x_q) = scale_q * s(x_q, y_n) - log sum_m exp(scale_q * s(x_q, y_m))``
@@ -36,9 +37,13 @@ def similarity_log_softmax(x: torch.Tensor, y: torch.Tensor, metric: str = "sqeu
 
 def _check_raw(op, metric, x, y, scale, *outputs):
     _common.check_raw_metric(op, metric)
-    return _common.check_raw_operands(op, ("x", x, "BQD", None), ("y", y, "BND", None),
-                                      ("scale", scale, "BQ", None),
-                                      *((name, t, "BQN", None) for name, t in outputs))
+    return _common.check_raw_operands(
+        op,
+        ("x", x, "BQD", None),
+        ("y", y, "BND", None),
+        ("scale", scale, "BQ", None),
+        *((name, t, "BQN", None) for name, t in outputs),
+    )
 
 
 @torch.library.register_fake("fastmeta::similarity_log_softmax")
@@ -49,8 +54,7 @@ def _(x, y, scale, metric):
 
 @torch.library.register_fake("fastmeta::similarity_log_softmax_backward")
 def _(grad, log_probs, x, y, scale, metric):
-    _check_raw("similarity_log_softmax_backward", metric, x, y, scale, ("grad", grad),
-               ("log_probs", log_probs))
+    _check_raw("similarity_log_softmax_backward", metric, x, y, scale, ("grad", grad), ("log_probs", log_probs))
     return torch.empty_like(x), torch.empty_like(y), torch.empty_like(scale)
 
 
@@ -62,14 +66,14 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad):
     log_probs, x, y, scale = ctx.saved_tensors
-    gx, gy, gscale = _common.call("similarity_log_softmax_backward", grad, log_probs, x, y, scale,
-                                  ctx.metric)
+    gx, gy, gscale = _common.call("similarity_log_softmax_backward", grad, log_probs, x, y, scale, ctx.metric)
     return gx, gy, gscale, None
 
 
 def _reference_backward(grad, log_probs, x, y, scale, metric):
     return _common.reference_vjp(
-        lambda x, y, scale: formulas.similarity_log_softmax(x, y, metric, scale), (x, y, scale), grad)
+        lambda x, y, scale: formulas.similarity_log_softmax(x, y, metric, scale), (x, y, scale), grad
+    )
 
 
 _common.register_autograd("similarity_log_softmax", _backward, _setup_context)

@@ -22,8 +22,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params, lstm: CoordinatewiseLSTM):
         if not isinstance(lstm, CoordinatewiseLSTM):
-            raise TypeError(f"LearnedOptimizer: lstm must be a fastmeta.nn.CoordinatewiseLSTM, got "
-                            f"{type(lstm).__name__}")
+            raise TypeError(
+                f"LearnedOptimizer: lstm must be a fastmeta.nn.CoordinatewiseLSTM, got {type(lstm).__name__}"
+            )
         super().__init__(params, {})
         self.lstm = lstm
 
@@ -41,8 +42,10 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 if param.grad.is_sparse:
                     raise RuntimeError("LearnedOptimizer does not support sparse gradients")
                 if param.dtype not in (torch.float32, torch.float64):
-                    raise TypeError(f"LearnedOptimizer: a parameter has dtype {param.dtype}; the "
-                                    "coordinatewise LSTM kernels take float32 and float64 parameters")
+                    raise TypeError(
+                        f"LearnedOptimizer: a parameter has dtype {param.dtype}; the "
+                        "coordinatewise LSTM kernels take float32 and float64 parameters"
+                    )
                 key = (param.dtype, param.device)
                 if key not in weights:
                     weights[key] = self.lstm.flat_weights().detach().to(param.device, param.dtype)
@@ -50,9 +53,14 @@ class LearnedOptimizer(torch.optim.Optimizer):
                 if "lstm_state" not in state:
                     state["lstm_state"] = self.lstm.initial_state(param.detach())
                 target = param if param.is_contiguous() else param.contiguous()
-                ops.l2o_lstm_step_(target.view(-1), param.grad.reshape(-1).to(param.dtype),
-                                   state["lstm_state"], weights[key], self.lstm.preprocess_p,
-                                   self.lstm.output_scale)
+                ops.l2o_lstm_step_(
+                    target.view(-1),
+                    param.grad.reshape(-1).to(param.dtype),
+                    state["lstm_state"],
+                    weights[key],
+                    self.lstm.preprocess_p,
+                    self.lstm.output_scale,
+                )
                 if target is not param:
                     param.copy_(target)
         return loss
@@ -61,8 +69,9 @@ class LearnedOptimizer(torch.optim.Optimizer):
 Params = Union[torch.Tensor, Sequence[torch.Tensor]]
 
 
-def truncated_unrolls(lstm: CoordinatewiseLSTM, loss_fn: Callable[..., torch.Tensor], params: Params,
-                      horizon: int = 100, unroll: int = 20) -> Iterator[torch.Tensor]:
+def truncated_unrolls(
+    lstm: CoordinatewiseLSTM, loss_fn: Callable[..., torch.Tensor], params: Params, horizon: int = 100, unroll: int = 20
+) -> Iterator[torch.Tensor]:
     """Meta-training of a coordinatewise LSTM by truncated backpropagation
     through the optimization (Andrychowicz et al. 2016).
 
@@ -81,8 +90,7 @@ def truncated_unrolls(lstm: CoordinatewiseLSTM, loss_fn: Callable[..., torch.Ten
     """
     params = [params] if isinstance(params, torch.Tensor) else list(params)
     if horizon < 1 or unroll < 1:
-        raise ValueError(f"truncated_unrolls: horizon and unroll must be positive, got {horizon} "
-                         f"and {unroll}")
+        raise ValueError(f"truncated_unrolls: horizon and unroll must be positive, got {horizon} and {unroll}")
     sizes = [p.numel() for p in params]
     flat = torch.cat([p.detach().reshape(-1) for p in params])
     state = None

@@ -50,24 +50,33 @@ class Config:
 
 # Each method's defaults where they differ from Config's (papers' Omniglot settings).
 METHODS: Dict[str, Dict[str, Any]] = {
-    "protonet": dict(ways=60, queries=5, lr_decay_every=2000),   # Snell et al.
-    "matching": dict(ways=5, queries=15),                         # Vinyals et al.
-    "relation": dict(ways=5, queries=19),                         # Sung et al.
-    "siamese": dict(ways=20, queries=5),                          # Koch et al., on episodes
-    "maml": dict(meta_batch=32),                                  # Finn et al.
+    "protonet": dict(ways=60, queries=5, lr_decay_every=2000),  # Snell et al.
+    "matching": dict(ways=5, queries=15),  # Vinyals et al.
+    "relation": dict(ways=5, queries=19),  # Sung et al.
+    "siamese": dict(ways=20, queries=5),  # Koch et al., on episodes
+    "maml": dict(meta_batch=32),  # Finn et al.
     "fomaml": dict(meta_batch=32),
-    "metasgd": dict(meta_batch=32),                               # Li et al.
-    "anil": dict(meta_batch=32),                                  # Raghu et al.
+    "metasgd": dict(meta_batch=32),  # Li et al.
+    "anil": dict(meta_batch=32),  # Raghu et al.
     "imaml": dict(meta_batch=32, inner_lr=0.1, inner_steps=16, test_inner_steps=16),  # Rajeswaran et al.
     "reptile": dict(meta_batch=5, inner_lr=0.1, inner_steps=5, test_inner_steps=10),  # Nichol et al.
     "meta-lstm": dict(meta_batch=4, inner_steps=5, test_inner_steps=5),  # Ravi & Larochelle
-    "mann": dict(meta_batch=16, shots=9, queries=1),              # Santoro et al.: 5 x 10 steps
-    "gnn": dict(meta_batch=32, queries=1),                        # Garcia & Bruna
-    "metanet": dict(meta_batch=4, queries=5),                     # Munkhdalai & Yu
+    "mann": dict(meta_batch=16, shots=9, queries=1),  # Santoro et al.: 5 x 10 steps
+    "gnn": dict(meta_batch=32, queries=1),  # Garcia & Bruna
+    "metanet": dict(meta_batch=4, queries=5),  # Munkhdalai & Yu
 }
 BACKBONES = ("conv4", "resnet12")
-POSITIVE = ("ways", "shots", "meta_batch", "cg_steps", "validate_every", "val_episodes", "checkpoint_every",
-            "log_every", "image_size")
+POSITIVE = (
+    "ways",
+    "shots",
+    "meta_batch",
+    "cg_steps",
+    "validate_every",
+    "val_episodes",
+    "checkpoint_every",
+    "log_every",
+    "image_size",
+)
 
 
 def make_config(method: str, config_file: Optional[str] = None, **flags) -> Config:
@@ -79,8 +88,10 @@ def make_config(method: str, config_file: Optional[str] = None, **flags) -> Conf
     if config_file is not None:
         from_file = _read_toml(Path(config_file))
         if from_file.get("method", method) != method:
-            raise ConfigError(f"the configuration file {config_file} sets method = "
-                              f"{from_file['method']!r}, but the command names {method!r}")
+            raise ConfigError(
+                f"the configuration file {config_file} sets method = "
+                f"{from_file['method']!r}, but the command names {method!r}"
+            )
         values.update(from_file)
     values.update({k: v for k, v in flags.items() if v is not None})
     return checked(values)
@@ -143,8 +154,10 @@ def check_device(device: str):
         raise ConfigError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
     if parsed.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device {device!r}: no GPU is available to this PyTorch "
-                              f"({torch.__version__}, CUDA {torch.version.cuda or 'none'})")
+            raise ConfigError(
+                f"device {device!r}: no GPU is available to this PyTorch "
+                f"({torch.__version__}, CUDA {torch.version.cuda or 'none'})"
+            )
         if parsed.index is not None and parsed.index >= torch.cuda.device_count():
             raise ConfigError(f"device {device!r}: there are {torch.cuda.device_count()} GPU(s)")
 

@@ -10,8 +10,18 @@ from torch import nn
 
 from ..algorithms import ANIL, BatchedMAML, Reptile, iMAML
 from ..data import Episode
-from ..nn import (MANN, Conv4, FewShotGNN, MatchingNetworks, MetaLearnerLSTM, MetaNetwork,
-                  PrototypicalNetworks, RelationNetworks, ResNet12, SiameseNetworks)
+from ..nn import (
+    MANN,
+    Conv4,
+    FewShotGNN,
+    MatchingNetworks,
+    MetaLearnerLSTM,
+    MetaNetwork,
+    PrototypicalNetworks,
+    RelationNetworks,
+    ResNet12,
+    SiameseNetworks,
+)
 from .config import Config
 
 __all__ = ["Method", "build_method"]
@@ -127,12 +137,18 @@ class MAMLMethod(Method):
         super().__init__(config, image_shape)
         learner = adapted_classifier(config, image_shape)
         if config.method == "imaml":
-            self.model = iMAML(learner, config.inner_lr, config.inner_steps, config.lam,
-                               config.cg_steps, loss="cross_entropy")
+            self.model = iMAML(
+                learner, config.inner_lr, config.inner_steps, config.lam, config.cg_steps, loss="cross_entropy"
+            )
             return
-        self.model = BatchedMAML(learner, config.inner_lr, config.inner_steps,
-                                 first_order=config.method == "fomaml",
-                                 learn_inner_lr=config.method == "metasgd", loss="cross_entropy")
+        self.model = BatchedMAML(
+            learner,
+            config.inner_lr,
+            config.inner_steps,
+            first_order=config.method == "fomaml",
+            learn_inner_lr=config.method == "metasgd",
+            loss="cross_entropy",
+        )
 
     def compute_gradients(self, e: Episode):
         out = self.model(e.support, e.support_labels, e.query, e.query_labels, return_outputs=True)
@@ -140,8 +156,7 @@ class MAMLMethod(Method):
         return out.loss.detach(), out.accuracy
 
     def predict(self, e: Episode) -> torch.Tensor:
-        return self.model.predict(e.support, e.support_labels, e.query,
-                                  self.config.test_inner_steps).argmax(-1)
+        return self.model.predict(e.support, e.support_labels, e.query, self.config.test_inner_steps).argmax(-1)
 
 
 class AnilMethod(Method):
@@ -160,8 +175,7 @@ class AnilMethod(Method):
         return out.loss.detach(), out.accuracy
 
     def predict(self, e: Episode) -> torch.Tensor:
-        return self.model.predict(e.support, e.support_labels, e.query,
-                                  self.config.test_inner_steps).argmax(-1)
+        return self.model.predict(e.support, e.support_labels, e.query, self.config.test_inner_steps).argmax(-1)
 
 
 class ReptileMethod(Method):
@@ -171,8 +185,7 @@ class ReptileMethod(Method):
     def __init__(self, config: Config, image_shape):
         super().__init__(config, image_shape)
         learner = adapted_classifier(config, image_shape)
-        self.model = Reptile(learner, config.inner_lr, config.inner_steps, config.outer_lr,
-                             loss="cross_entropy")
+        self.model = Reptile(learner, config.inner_lr, config.inner_steps, config.outer_lr, loss="cross_entropy")
 
     def optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.model.parameters(), lr=self.config.outer_lr)
@@ -184,8 +197,7 @@ class ReptileMethod(Method):
         return (loss if loss is not None else torch.zeros(())), None
 
     def predict(self, e: Episode) -> torch.Tensor:
-        return self.model.predict(e.support, e.support_labels, e.query,
-                                  self.config.test_inner_steps).argmax(-1)
+        return self.model.predict(e.support, e.support_labels, e.query, self.config.test_inner_steps).argmax(-1)
 
 
 class MetaLstmMethod(Method):
@@ -198,8 +210,7 @@ class MetaLstmMethod(Method):
         self.model = MetaLearnerLSTM(self.learner)
 
     def _query_logits(self, e: Episode, task: int, steps: int) -> torch.Tensor:
-        params = self.model.adapt(self.learner, e.support[task], e.support_labels[task],
-                                  F.cross_entropy, steps)
+        params = self.model.adapt(self.learner, e.support[task], e.support_labels[task], F.cross_entropy, steps)
         return torch.func.functional_call(self.learner, params, (e.query[task],))
 
     def compute_gradients(self, e: Episode):
@@ -215,8 +226,12 @@ class MetaLstmMethod(Method):
 
     def predict(self, e: Episode) -> torch.Tensor:
         with torch.enable_grad():  # the learner's gradients are the meta-learner's inputs
-            return torch.stack([self._query_logits(e, task, self.config.test_inner_steps).detach()
-                                for task in range(e.support.shape[0])]).argmax(-1)
+            return torch.stack(
+                [
+                    self._query_logits(e, task, self.config.test_inner_steps).detach()
+                    for task in range(e.support.shape[0])
+                ]
+            ).argmax(-1)
 
 
 class MannMethod(Method):
@@ -230,10 +245,8 @@ class MannMethod(Method):
         self.model = MANN(int(torch.Size(image_shape).numel()), config.ways)
 
     def _sequence(self, e: Episode, generator: Optional[torch.Generator] = None):
-        order = torch.rand(e.support_labels.shape, device=e.support.device,
-                           generator=generator).argsort(1)
-        support = e.support.gather(1, order.view(*order.shape, *[1] * (e.support.dim() - 2))
-                                   .expand_as(e.support))
+        order = torch.rand(e.support_labels.shape, device=e.support.device, generator=generator).argsort(1)
+        support = e.support.gather(1, order.view(*order.shape, *[1] * (e.support.dim() - 2)).expand_as(e.support))
         labels = e.support_labels.gather(1, order)
         inputs = torch.cat([support, e.query], 1)
         hidden = torch.full_like(e.query_labels, -1)
@@ -252,14 +265,25 @@ class MannMethod(Method):
         # a fixed order of the support examples: evaluation leaves the training RNG alone
         generator = torch.Generator(e.support.device).manual_seed(0)
         inputs, shown, _ = self._sequence(e, generator)
-        return self.model(inputs, shown)[:, -e.query.shape[1]:].argmax(-1)
+        return self.model(inputs, shown)[:, -e.query.shape[1] :].argmax(-1)
 
 
-METHOD_CLASSES = {"protonet": MetricMethod, "matching": MetricMethod, "relation": MetricMethod,
-                  "siamese": MetricMethod, "maml": MAMLMethod, "fomaml": MAMLMethod,
-                  "metasgd": MAMLMethod, "imaml": MAMLMethod, "anil": AnilMethod, "reptile": ReptileMethod,
-                  "meta-lstm": MetaLstmMethod, "mann": MannMethod, "gnn": MetricMethod,
-                  "metanet": MetricMethod}
+METHOD_CLASSES = {
+    "protonet": MetricMethod,
+    "matching": MetricMethod,
+    "relation": MetricMethod,
+    "siamese": MetricMethod,
+    "maml": MAMLMethod,
+    "fomaml": MAMLMethod,
+    "metasgd": MAMLMethod,
+    "imaml": MAMLMethod,
+    "anil": AnilMethod,
+    "reptile": ReptileMethod,
+    "meta-lstm": MetaLstmMethod,
+    "mann": MannMethod,
+    "gnn": MetricMethod,
+    "metanet": MetricMethod,
+}
 
 
 def build_method(config: Config, image_shape) -> Method:

@@ -72,8 +72,7 @@ def _load_data(config: Config, split: str) -> LabelledImages:
 
 def check_ways(data: LabelledImages, ways: int, split: str):
     if data.num_classes < ways:
-        raise ConfigError(f"{ways}-way episodes need {ways} classes, but the {split} split has "
-                          f"{data.num_classes}")
+        raise ConfigError(f"{ways}-way episodes need {ways} classes, but the {split} split has {data.num_classes}")
 
 
 def episode_sampler(data: LabelledImages, ways: int, shots: int, queries: int, **options):
@@ -140,17 +139,15 @@ def start_processes(config: Config) -> Processes:
 def all_reduce_gradients(model: torch.nn.Module, weight: float):
     """Sums ``weight * grad`` over the processes, as one flat buffer."""
     params = [p for p in model.parameters() if p.requires_grad]
-    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
-                      for p in params]) * weight
+    flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]) * weight
     dist.all_reduce(flat)
     offset = 0
     for p in params:
-        p.grad = flat[offset:offset + p.numel()].view_as(p).clone()
+        p.grad = flat[offset : offset + p.numel()].view_as(p).clone()
         offset += p.numel()
 
 
-def apply_updates_in_one_process_order(model: torch.nn.Module, recorded: RunningStatisticsUpdates,
-                                       local_tasks: int):
+def apply_updates_in_one_process_order(model: torch.nn.Module, recorded: RunningStatisticsUpdates, local_tasks: int):
     """Sets the batch norms' running statistics to what one process running
     every task of the step computes: back to their values before the
     step, then every process's recorded updates applied in one
@@ -161,15 +158,18 @@ def apply_updates_in_one_process_order(model: torch.nn.Module, recorded: Running
     norms = dict(model.named_modules())
     for name, local in recorded.updates.items():
         norm = norms[name]
-        for buffer, value in zip((norm.running_mean, norm.running_var, norm.num_batches_tracked),
-                                 recorded.before[name]):
+        for buffer, value in zip(
+            (norm.running_mean, norm.running_var, norm.num_batches_tracked), recorded.before[name]
+        ):
             buffer.copy_(value)
         device = norm.running_mean.device
         counts = [torch.zeros((), dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
         dist.all_gather(counts, torch.tensor(len(local), device=device))
         if len(set(int(c) for c in counts)) != 1:
-            raise RuntimeError(f"batch norm {name}: the processes made {[int(c) for c in counts]} "
-                               "updates in one step; they must make as many")
+            raise RuntimeError(
+                f"batch norm {name}: the processes made {[int(c) for c in counts]} "
+                "updates in one step; they must make as many"
+            )
         if not local:
             continue
         mine = torch.stack(local).to(dtype=norm.running_mean.dtype)
@@ -179,7 +179,7 @@ def apply_updates_in_one_process_order(model: torch.nn.Module, recorded: Running
         per_phase = local_tasks if calls % local_tasks == 0 else calls
         for first in range(0, calls, per_phase):
             for updates in gathered:
-                for mean, variance in updates[first:first + per_phase]:
+                for mean, variance in updates[first : first + per_phase]:
                     blend_running_statistics(norm, mean, variance)
 
 
@@ -199,8 +199,12 @@ def meta_batch_gradients(method: Method, e: Episode, processes: Processes, local
 
 def all_reduce_mean(loss: torch.Tensor, acc: Optional[torch.Tensor]):
     """The mean over the processes of the loss (and accuracy) for the logs."""
-    both = torch.stack([loss.detach().float().reshape(()),
-                        (loss.new_tensor(-1.0) if acc is None else acc).float().reshape(()).to(loss.device)])
+    both = torch.stack(
+        [
+            loss.detach().float().reshape(()),
+            (loss.new_tensor(-1.0) if acc is None else acc).float().reshape(()).to(loss.device),
+        ]
+    )
     dist.all_reduce(both)
     both /= dist.get_world_size()
     return both[0], None if acc is None else both[1]
@@ -217,8 +221,9 @@ def confidence_interval(accuracies: torch.Tensor):
     return mean, 1.96 * accuracies.std().item() * 100 / math.sqrt(len(accuracies))
 
 
-def episode_accuracies(method: Method, data: LabelledImages, ways: int, shots: int, queries: int,
-                       episodes: int, seed: int, batch: int = 25) -> torch.Tensor:
+def episode_accuracies(
+    method: Method, data: LabelledImages, ways: int, shots: int, queries: int, episodes: int, seed: int, batch: int = 25
+) -> torch.Tensor:
     """Each episode's query accuracy, over ``episodes`` episodes of ``data``."""
     sampler = episode_sampler(data, ways, shots, queries, episodes_per_batch=batch, seed=seed)
     training = method.model.training
@@ -237,8 +242,7 @@ def episode_accuracies(method: Method, data: LabelledImages, ways: int, shots: i
 
 
 def rng_states() -> Dict:
-    states = {"torch": torch.get_rng_state(), "python": random.getstate(),
-              "numpy": np.random.get_state()}
+    states = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()
     return states
@@ -263,8 +267,10 @@ def save_atomically(content: Dict, path: Path):
         os.replace(temporary, path)
     except Exception as error:  # noqa: BLE001: a full disk surfaces as OSError or RuntimeError
         temporary.unlink(missing_ok=True)
-        raise CheckpointError(f"could not write the checkpoint {path} (disk full?): "
-                              f"{str(error).splitlines()[0]}; the previous one is kept") from None
+        raise CheckpointError(
+            f"could not write the checkpoint {path} (disk full?): "
+            f"{str(error).splitlines()[0]}; the previous one is kept"
+        ) from None
 
 
 def read_checkpoint(path: Union[str, Path]) -> Dict:
@@ -276,8 +282,10 @@ def read_checkpoint(path: Union[str, Path]) -> Dict:
     try:
         content = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as error:  # noqa: BLE001: torch.load raises many kinds on a bad file
-        raise CheckpointError(f"{path} is not a readable checkpoint (truncated or corrupted?): "
-                              f"{type(error).__name__}: {str(error).splitlines()[0]}") from None
+        raise CheckpointError(
+            f"{path} is not a readable checkpoint (truncated or corrupted?): "
+            f"{type(error).__name__}: {str(error).splitlines()[0]}"
+        ) from None
     if not isinstance(content, dict) or content.get("format") != FORMAT:
         raise CheckpointError(f"{path} is not a fastmeta training checkpoint")
     missing = [key for key in CHECKPOINT_FIELDS if key not in content]
@@ -291,6 +299,7 @@ class Trained:
     """A checkpoint, loaded: ``model`` (the method's ``nn.Module``), the
     ``config``, the ``step`` it was saved at, and ``method``, whose
     ``predict(episode)`` classifies an episode's queries."""
+
     method: Method
     config: Config
     step: int
@@ -314,9 +323,11 @@ def build_checked_method(config: Config, image_shape) -> Method:
     try:
         return build_method(config, image_shape)
     except (RuntimeError, ValueError) as error:  # e.g. images too small for the pooling
-        raise ConfigError(f"{config.method} with the {config.backbone} backbone cannot take "
-                          f"{tuple(image_shape)} images (image_size {config.image_size}): "
-                          f"{str(error).splitlines()[0]}") from None
+        raise ConfigError(
+            f"{config.method} with the {config.backbone} backbone cannot take "
+            f"{tuple(image_shape)} images (image_size {config.image_size}): "
+            f"{str(error).splitlines()[0]}"
+        ) from None
 
 
 def load_model_state(model: torch.nn.Module, state: Dict, path):
@@ -324,9 +335,11 @@ def load_model_state(model: torch.nn.Module, state: Dict, path):
         model.load_state_dict(state)
     except RuntimeError as error:  # shapes that differ: a flag changed the model
         detail = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), "")
-        raise CheckpointError(f"the model saved in {path} does not fit this configuration "
-                              f"(a flag such as --ways, --backbone or --image-size changed it?): "
-                              f"{detail}") from None
+        raise CheckpointError(
+            f"the model saved in {path} does not fit this configuration "
+            f"(a flag such as --ways, --backbone or --image-size changed it?): "
+            f"{detail}"
+        ) from None
 
 
 # ---------------------------------------------------------------- training
@@ -394,6 +407,7 @@ class Log:
 
     def _plot(self):
         import matplotlib
+
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
@@ -403,8 +417,9 @@ class Log:
         figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
         left.plot([r["step"] for r in train], [r["loss"] for r in train])
         left.set(xlabel="step", ylabel="training loss")
-        right.errorbar([r["step"] for r in val], [r["val_accuracy"] for r in val],
-                       yerr=[r["val_ci"] for r in val], marker="o")
+        right.errorbar(
+            [r["step"] for r in val], [r["val_accuracy"] for r in val], yerr=[r["val_ci"] for r in val], marker="o"
+        )
         right.set(xlabel="step", ylabel="validation accuracy (%)")
         figure.tight_layout()
         temporary = self.plot_path.with_name("metrics.tmp.png")
@@ -438,15 +453,17 @@ def train(config: Config, out: Union[str, Path], resume: bool = False, progress:
     out = Path(out)
     processes = start_processes(config)
     if config.meta_batch % processes.world:
-        raise ConfigError(f"meta_batch {config.meta_batch} must be a multiple of the number of "
-                          f"processes ({processes.world})")
+        raise ConfigError(
+            f"meta_batch {config.meta_batch} must be a multiple of the number of processes ({processes.world})"
+        )
     saved = read_checkpoint(out) if resume else None
     if not resume and (out / CHECKPOINT).exists():
-        raise ConfigError(f"{out} already holds a run; resume it with --resume {out} or choose "
-                          "another --out")
+        raise ConfigError(f"{out} already holds a run; resume it with --resume {out} or choose another --out")
     if not resume and (out / "metrics.jsonl").exists():
-        raise ConfigError(f"{out} holds the logs of a run that stopped before its first checkpoint; "
-                          "remove them or choose another --out")
+        raise ConfigError(
+            f"{out} holds the logs of a run that stopped before its first checkpoint; "
+            "remove them or choose another --out"
+        )
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -472,22 +489,37 @@ def train(config: Config, out: Union[str, Path], resume: bool = False, progress:
 
     def save():
         if processes.main:
-            save_atomically({"format": FORMAT, "config": config.to_dict(), "step": step,
-                             "image_shape": tuple(train_data.images.shape[1:]),
-                             "model": method.model.state_dict(), "optimizer": optimizer.state_dict(),
-                             "schedule": schedule.state_dict(), "rng": rng_states()}, out / CHECKPOINT)
+            save_atomically(
+                {
+                    "format": FORMAT,
+                    "config": config.to_dict(),
+                    "step": step,
+                    "image_shape": tuple(train_data.images.shape[1:]),
+                    "model": method.model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(),
+                    "rng": rng_states(),
+                },
+                out / CHECKPOINT,
+            )
 
     def validate():
-        accuracies = episode_accuracies(method, val_data, config.ways, config.shots, config.queries,
-                                        config.val_episodes, seed=config.seed + 1)
+        accuracies = episode_accuracies(
+            method, val_data, config.ways, config.shots, config.queries, config.val_episodes, seed=config.seed + 1
+        )
         mean, ci = confidence_interval(accuracies)
         log.write(step=step, val_accuracy=mean, val_ci=ci)
         log.plot()
         return mean
 
     local = config.meta_batch // processes.world
-    bar = tqdm(total=config.steps, initial=step, disable=not (progress and processes.main),
-               desc=f"{config.method} {config.ways}-way {config.shots}-shot", unit="step")
+    bar = tqdm(
+        total=config.steps,
+        initial=step,
+        disable=not (progress and processes.main),
+        desc=f"{config.method} {config.ways}-way {config.shots}-shot",
+        unit="step",
+    )
     started, done_since = time.perf_counter(), step
     with StopRequest() as stop, saved_on_failure(save):
         while step < config.steps and stop.signal is None:
@@ -514,15 +546,23 @@ def train(config: Config, out: Union[str, Path], resume: bool = False, progress:
     if stop.signal is not None:
         name = signal.Signals(stop.signal).name
         if processes.main:
-            print(f"{name}: stopped at step {step}; the checkpoint is saved. Continue with "
-                  f"fastmeta train --resume {out}")
+            print(
+                f"{name}: stopped at step {step}; the checkpoint is saved. Continue with fastmeta train --resume {out}"
+            )
         raise KeyboardInterrupt(name)
     return Trained(method, config, step)
 
 
-def evaluate(path: Union[str, Path], episodes: int = 600, ways: Optional[int] = None,
-             shots: Optional[int] = None, queries: int = 15, split: str = "test", seed: int = 0,
-             device: Optional[str] = None) -> Dict:
+def evaluate(
+    path: Union[str, Path],
+    episodes: int = 600,
+    ways: Optional[int] = None,
+    shots: Optional[int] = None,
+    queries: int = 15,
+    split: str = "test",
+    seed: int = 0,
+    device: Optional[str] = None,
+) -> Dict:
     """Accuracy of a run (folder or checkpoint) on ``episodes`` episodes of
     its held-out ``split`` classes: mean and 95% confidence interval."""
     for name, value in (("episodes", episodes), ("queries", queries), ("ways", ways), ("shots", shots)):
@@ -535,12 +575,22 @@ def evaluate(path: Union[str, Path], episodes: int = 600, ways: Optional[int] = 
     ways = config.ways if ways is None else ways
     shots = config.shots if shots is None else shots
     if config.method not in ("protonet", "matching", "relation", "siamese") and ways != config.ways:
-        raise ConfigError(f"{config.method} was trained with a {config.ways}-way classifier; "
-                          f"it evaluates {config.ways}-way episodes only, got ways={ways}")
+        raise ConfigError(
+            f"{config.method} was trained with a {config.ways}-way classifier; "
+            f"it evaluates {config.ways}-way episodes only, got ways={ways}"
+        )
     data = load_data(config, split)
     check_ways(data, ways, split)
     accuracies = episode_accuracies(trained.method, data, ways, shots, queries, episodes, seed)
     mean, ci = confidence_interval(accuracies)
-    return {"method": config.method, "data": config.data, "split": split, "ways": ways,
-            "shots": shots, "episodes": len(accuracies), "accuracy": mean, "ci95": ci,
-            "step": trained.step}
+    return {
+        "method": config.method,
+        "data": config.data,
+        "split": split,
+        "ways": ways,
+        "shots": shots,
+        "episodes": len(accuracies),
+        "accuracy": mean,
+        "ci95": ci,
+        "step": trained.step,
+    }

@@ -49,8 +49,9 @@ def meta_inputs(H, P, dtype, device):
 @pytest.mark.parametrize("L, H, P", L2O_SHAPES)
 def test_l2o_step_matches_reference(device, dtype, L, H, P):
     inputs = l2o_inputs(L, H, P, dtype, device)
-    compare_with_reference(lambda *a: ops.l2o_lstm_step(*a, 7.0, 0.3),
-                           lambda *a: reference.l2o_lstm_step(*a, 7.0, 0.3), inputs)
+    compare_with_reference(
+        lambda *a: ops.l2o_lstm_step(*a, 7.0, 0.3), lambda *a: reference.l2o_lstm_step(*a, 7.0, 0.3), inputs
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -129,8 +130,13 @@ def _recycled_state_buffers(env_mib: str) -> subprocess.CompletedProcess:
                               torch.zeros(ops.l2o_num_weights(2, 20), dtype=torch.float64))
         print(ops.release_recycled_buffers())
     """)
-    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
-                          env=dict(os.environ, FASTMETA_RECYCLED_MIB=env_mib), timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, FASTMETA_RECYCLED_MIB=env_mib),
+        timeout=300,
+    )
 
 
 # The state's buffer (38.4 MB) and the update's (480 kB) are kept where the limit allows.
@@ -145,8 +151,9 @@ def test_recycled_buffers_honour_their_limit(env_mib, kept):
 def test_recycled_buffers_bad_limit_is_a_clear_error(env_mib):
     result = _recycled_state_buffers(env_mib)
     assert result.returncode != 0
-    assert f"FASTMETA_RECYCLED_MIB must be a whole number of MiB (0 turns recycling off), got '{env_mib}'" \
-        in result.stderr
+    assert (
+        f"FASTMETA_RECYCLED_MIB must be a whole number of MiB (0 turns recycling off), got '{env_mib}'" in result.stderr
+    )
 
 
 def smooth_gradients(inputs):
@@ -174,11 +181,13 @@ def test_opcheck(device):
     grad, state, weights = l2o_inputs(2, 4, 300, torch.float32, device)
     torch.library.opcheck(fm.l2o_lstm_step, (grad, state, weights, 10.0, 0.1))
     upstream = (torch.randn_like(grad), torch.randn_like(state))
-    torch.library.opcheck(fm.l2o_lstm_step_backward,
-                          (*upstream, grad.detach(), state.detach(), weights.detach(), 10.0, 0.1))
+    torch.library.opcheck(
+        fm.l2o_lstm_step_backward, (*upstream, grad.detach(), state.detach(), weights.detach(), 10.0, 0.1)
+    )
     param = torch.randn_like(grad).detach()
-    torch.library.opcheck(fm.l2o_lstm_step_,
-                          (param, grad.detach(), state.detach().clone(), weights.detach(), 10.0, 0.1))
+    torch.library.opcheck(
+        fm.l2o_lstm_step_, (param, grad.detach(), state.detach().clone(), weights.detach(), 10.0, 0.1)
+    )
     meta = meta_inputs(4, 300, torch.float32, device)
     torch.library.opcheck(fm.meta_lstm_step, (*meta, 10.0))
     upstream = (torch.randn_like(meta[2]), torch.randn_like(meta[3]))
@@ -307,7 +316,7 @@ def test_learned_optimizer_skips_params_without_grad_and_handles_non_contiguous(
     b = torch.randn(5, requires_grad=True)
     before_b = b.detach().clone()
     opt = fastmeta.optim.LearnedOptimizer([a, b], lstm)
-    (a ** 2).sum().backward()
+    (a**2).sum().backward()
     expected, _ = lstm(a.grad.detach())
     before_a = a.detach().clone()
     opt.step()
@@ -320,14 +329,18 @@ def test_truncated_unrolls_yields_differentiable_meta_losses():
     lstm = fastmeta.nn.CoordinatewiseLSTM(hidden_size=5)
     W, y = torch.randn(10, 10), torch.randn(10)
     theta0 = torch.randn(10)
-    losses = list(fastmeta.optim.truncated_unrolls(lstm, lambda t: ((W @ t - y) ** 2).sum(), theta0,
-                                                   horizon=10, unroll=4))
+    losses = list(
+        fastmeta.optim.truncated_unrolls(lstm, lambda t: ((W @ t - y) ** 2).sum(), theta0, horizon=10, unroll=4)
+    )
     assert len(losses) == 3  # 4 + 4 + 2 steps
     grads = torch.autograd.grad(losses[1], list(lstm.parameters()))
     assert all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
     # Several tensors: each is optimized with its own slice of the one state.
-    parts = list(fastmeta.optim.truncated_unrolls(lstm, lambda a, b: (a ** 2).sum() + (b ** 2).sum(),
-                                                  [torch.ones(2, 3), torch.ones(4)], horizon=2, unroll=2))
+    parts = list(
+        fastmeta.optim.truncated_unrolls(
+            lstm, lambda a, b: (a**2).sum() + (b**2).sum(), [torch.ones(2, 3), torch.ones(4)], horizon=2, unroll=2
+        )
+    )
     assert len(parts) == 1 and parts[0].shape == ()
 
 
@@ -352,8 +365,9 @@ def test_meta_learner_step_equals_reference_composition():
     grad, theta = torch.randn(8, dtype=torch.float64) * 1e-3, meta.initial_params
     loss = torch.tensor(0.4, dtype=torch.float64)
     fused_theta, fused_state = meta(grad, loss, theta)
-    ref_theta, ref_state = reference.meta_lstm_step(grad, loss, theta, meta.initial_state(theta),
-                                                    meta.flat_weights(), meta.preprocess_p)
+    ref_theta, ref_state = reference.meta_lstm_step(
+        grad, loss, theta, meta.initial_state(theta), meta.flat_weights(), meta.preprocess_p
+    )
     torch.testing.assert_close(fused_theta, ref_theta, rtol=1e-12, atol=1e-14)
     torch.testing.assert_close(fused_state, ref_state, rtol=1e-12, atol=1e-14)
 
@@ -378,8 +392,7 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match=r"weights must be a flat tensor of \d+ values"):
         ops.l2o_lstm_step(grad, state, weights[:-1])
     with pytest.raises(ValueError, match="param and state must be contiguous"):
-        ops.l2o_lstm_step_(torch.randn(10), grad, state.transpose(0, 2).contiguous().transpose(0, 2),
-                           weights)
+        ops.l2o_lstm_step_(torch.randn(10), grad, state.transpose(0, 2).contiguous().transpose(0, 2), weights)
     with pytest.raises(TypeError, match="lstm must be a fastmeta.nn.CoordinatewiseLSTM"):
         fastmeta.optim.LearnedOptimizer([torch.zeros(1, requires_grad=True)], torch.nn.LSTMCell(2, 4))
     # The raw ops check their arguments too.

@@ -10,8 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from fastmeta import reference
-from fastmeta.nn import (Conv4, MatchingNetworks, PrototypicalNetworks, RelationModule,
-                         RelationNetworks, ResNet12, SiameseNetworks)
+from fastmeta.nn import (
+    Conv4,
+    MatchingNetworks,
+    PrototypicalNetworks,
+    RelationModule,
+    RelationNetworks,
+    ResNet12,
+    SiameseNetworks,
+)
 from fastmeta.nn.relation import _is_relu_pool
 from fastmeta.testing import DEVICES
 
@@ -33,8 +40,9 @@ def episode(ways, shots, queries, image_shape, batch=None, device="cpu", seed=0)
 
 def mlp_backbone(features=6, image=(1, 3, 3)):
     """A backbone without batch norm, so per-episode and batched calls agree."""
-    return nn.Sequential(nn.Flatten(), nn.Linear(int(torch.tensor(image).prod()), 10), nn.Tanh(),
-                         nn.Linear(10, features)).double()
+    return nn.Sequential(
+        nn.Flatten(), nn.Linear(int(torch.tensor(image).prod()), 10), nn.Tanh(), nn.Linear(10, features)
+    ).double()
 
 
 def map_backbone(channels=4):
@@ -66,17 +74,24 @@ def models(device="cpu"):
     return [
         (proto, lambda s, l, q: reference.prototypical_scores(proto.backbone, s, l, q, "euclidean"), (1, 3, 3)),
         (proto_sq, lambda s, l, q: reference.prototypical_scores(proto_sq.backbone, s, l, q, "sqeuclidean"), (1, 3, 3)),
-        (matching, lambda s, l, q: reference.matching_scores(matching.backbone, matching.support_encoder,
-                                                             matching.query_encoder, s, l, q), (1, 3, 3)),
-        (relation, lambda s, l, q: reference.relation_scores(relation.backbone, relation.relation_module,
-                                                             s, l, q), (1, 5, 5)),
+        (
+            matching,
+            lambda s, l, q: reference.matching_scores(
+                matching.backbone, matching.support_encoder, matching.query_encoder, s, l, q
+            ),
+            (1, 3, 3),
+        ),
+        (
+            relation,
+            lambda s, l, q: reference.relation_scores(relation.backbone, relation.relation_module, s, l, q),
+            (1, 5, 5),
+        ),
         (koch, lambda s, l, q: reference.siamese_scores(koch.backbone, koch.verifier, s, l, q), (1, 3, 3)),
         (contrastive, lambda s, l, q: reference.siamese_scores(contrastive.backbone, None, s, l, q), (1, 3, 3)),
     ]
 
 
-METHODS = ["proto-euclidean", "proto-sqeuclidean", "matching", "relation", "siamese-koch",
-           "siamese-contrastive"]
+METHODS = ["proto-euclidean", "proto-sqeuclidean", "matching", "relation", "siamese-koch", "siamese-contrastive"]
 
 
 @pytest.mark.parametrize("method", range(len(METHODS)), ids=METHODS)
@@ -101,8 +116,7 @@ def test_batched_episodes_equal_per_episode_reference(method, batch, ways, shots
     model.eval()  # batch norm with running statistics: episodes independent
     support, support_labels, query, query_labels = episode(ways, shots, queries, image, batch)
     scores = model.score_episodes(support, support_labels, query)
-    expected = torch.stack([reference_scores(support[b], support_labels[b], query[b])
-                            for b in range(batch)])
+    expected = torch.stack([reference_scores(support[b], support_labels[b], query[b]) for b in range(batch)])
     assert scores.shape == (batch, ways * queries, ways)
     torch.testing.assert_close(scores, expected, rtol=1e-9, atol=1e-10)
     if queries:
@@ -117,8 +131,12 @@ def test_batched_episodes_in_train_mode_equal_each_episode_alone(method):
     """Batch norm in train mode: each episode's statistics are its own, as
     easyfsl's; with all episodes in one backbone call they span the batch."""
     model, reference_scores, image = models()[method]
-    model.backbone = nn.Sequential(nn.Conv2d(1, 3, 3, padding=1), nn.BatchNorm2d(3), nn.ReLU(),
-                                   *([] if image[1] == 5 else [nn.Flatten(), nn.Linear(27, 6)])).double()
+    model.backbone = nn.Sequential(
+        nn.Conv2d(1, 3, 3, padding=1),
+        nn.BatchNorm2d(3),
+        nn.ReLU(),
+        *([] if image[1] == 5 else [nn.Flatten(), nn.Linear(27, 6)]),
+    ).double()
     if hasattr(model, "relation_module"):
         model.backbone[0] = nn.Conv2d(1, 4, 3, padding=1).double()
         model.backbone[1] = nn.BatchNorm2d(4).double()
@@ -145,31 +163,44 @@ def test_losses_of_the_other_methods():
     support, support_labels, query, query_labels = episode(4, 2, 3, (1, 5, 5), batch=2)
     relation = RelationNetworks(map_backbone(), feature_dimension=4).double()
     scores = relation.score_episodes(support, support_labels, query)
-    torch.testing.assert_close(relation.loss(support, support_labels, query, query_labels),
-                               F.mse_loss(scores, F.one_hot(query_labels, 4).double()))
+    torch.testing.assert_close(
+        relation.loss(support, support_labels, query, query_labels),
+        F.mse_loss(scores, F.one_hot(query_labels, 4).double()),
+    )
     support, support_labels, query, query_labels = episode(4, 2, 3, (1, 3, 3), batch=2)
     matching = MatchingNetworks(mlp_backbone(), feature_dimension=6).double()
     scores = matching.score_episodes(support, support_labels, query)
-    torch.testing.assert_close(matching.loss(support, support_labels, query, query_labels),
-                               F.nll_loss(scores.flatten(0, 1), query_labels.flatten()))
+    torch.testing.assert_close(
+        matching.loss(support, support_labels, query, query_labels),
+        F.nll_loss(scores.flatten(0, 1), query_labels.flatten()),
+    )
     same = (query_labels[:, :, None] == support_labels[:, None]).double()
     koch = SiameseNetworks(mlp_backbone(), feature_dimension=6).double()
     features = [koch.backbone(x.flatten(0, 1)).unflatten(0, x.shape[:2]) for x in (query, support)]
     logits = koch.verifier((features[0][:, :, None] - features[1][:, None]).abs()).squeeze(-1)
-    torch.testing.assert_close(koch.loss(support, support_labels, query, query_labels),
-                               F.binary_cross_entropy_with_logits(logits, same))
+    torch.testing.assert_close(
+        koch.loss(support, support_labels, query, query_labels), F.binary_cross_entropy_with_logits(logits, same)
+    )
     contrastive = SiameseNetworks(mlp_backbone(), "contrastive", margin=2.0)
     features = [contrastive.backbone(x.flatten(0, 1)).unflatten(0, x.shape[:2]) for x in (query, support)]
     distance = torch.cdist(features[0], features[1])
-    expected = (same * distance ** 2 + (1 - same) * (2.0 - distance).clamp(min=0) ** 2).mean()
+    expected = (same * distance**2 + (1 - same) * (2.0 - distance).clamp(min=0) ** 2).mean()
     torch.testing.assert_close(contrastive.loss(support, support_labels, query, query_labels), expected)
     pairs = contrastive.verification_loss(support[0, :3], query[0, :3], same[0, :3, 0])
     assert pairs.shape == () and pairs.requires_grad
 
 
-@pytest.mark.parametrize("size, channels, momentum, pool", [
-    (1, 3, 0.1, None), (5, 4, None, None), (7, 2, 0.5, None), (6, 1, 0.1, None),
-    (6, 3, 0.1, nn.MaxPool2d(2)), (7, 2, 0.1, nn.MaxPool2d(3, 1, padding=1))])
+@pytest.mark.parametrize(
+    "size, channels, momentum, pool",
+    [
+        (1, 3, 0.1, None),
+        (5, 4, None, None),
+        (7, 2, 0.5, None),
+        (6, 1, 0.1, None),
+        (6, 3, 0.1, nn.MaxPool2d(2)),
+        (7, 2, 0.1, nn.MaxPool2d(3, 1, padding=1)),
+    ],
+)
 def test_separable_relation_layer_equals_concatenation(size, channels, momentum, pool):
     """The separable first convolution and batch norm (and, with the default
     pooling, the fused ReLU and pooling of the pairs) equal the concatenation
@@ -188,9 +219,15 @@ def test_separable_relation_layer_equals_concatenation(size, channels, momentum,
     queries = torch.randn(2, 4, channels, size, size, **DOUBLE, requires_grad=True)
 
     def concatenation(m):
-        pairs = torch.cat([prototypes[:, None].expand(2, 4, 3, channels, size, size),
-                           queries[:, :, None].expand(2, 4, 3, channels, size, size)], 3)
+        pairs = torch.cat(
+            [
+                prototypes[:, None].expand(2, 4, 3, channels, size, size),
+                queries[:, :, None].expand(2, 4, 3, channels, size, size),
+            ],
+            3,
+        )
         return m(pairs.flatten(0, 2)).view(2, 4, 3)
+
     for _ in range(2):
         separable, concatenated = module.pair_scores(prototypes, queries), concatenation(twin)
         torch.testing.assert_close(separable, concatenated, rtol=1e-10, atol=1e-12)
@@ -215,12 +252,14 @@ def test_separable_batch_norm_rejects_a_single_value_per_channel():
 def test_custom_query_encoder_uses_the_step_by_step_attention_lstm():
     class MyCell(nn.LSTMCell):
         pass
+
     torch.manual_seed(1)
     model = MatchingNetworks(mlp_backbone(), feature_dimension=6, query_encoder=MyCell(12, 6)).double()
     support, support_labels, query, _ = episode(4, 2, 3, (1, 3, 3))
     model.process_support_set(support, support_labels)
-    expected = reference.matching_scores(model.backbone, model.support_encoder, model.query_encoder,
-                                         support, support_labels, query)
+    expected = reference.matching_scores(
+        model.backbone, model.support_encoder, model.query_encoder, support, support_labels, query
+    )
     torch.testing.assert_close(model(query), expected, rtol=1e-9, atol=1e-10)
 
 
@@ -229,8 +268,9 @@ def test_custom_relation_module_uses_the_concatenation():
     model = RelationNetworks(map_backbone(), feature_dimension=4, relation_module=custom)
     support, support_labels, query, _ = episode(3, 2, 2, (1, 5, 5))
     model.process_support_set(support, support_labels)
-    torch.testing.assert_close(model(query), reference.relation_scores(model.backbone, custom, support,
-                                                                       support_labels, query))
+    torch.testing.assert_close(
+        model(query), reference.relation_scores(model.backbone, custom, support, support_labels, query)
+    )
 
 
 @pytest.mark.parametrize("method", range(len(METHODS)), ids=METHODS)
@@ -247,9 +287,12 @@ def test_gradcheck_through_the_modules(method):
 def test_modules_on_every_device_with_real_backbones(device):
     support, support_labels, query, query_labels = episode(5, 1, 2, (1, 28, 28), batch=2, device=device)
     support, query = support.float(), query.float()
-    for model in (PrototypicalNetworks(Conv4(1)), MatchingNetworks(Conv4(1), feature_dimension=64),
-                  RelationNetworks(Conv4(1, pooled_blocks=2, flatten=False), feature_dimension=64),
-                  SiameseNetworks(Conv4(1), feature_dimension=64)):
+    for model in (
+        PrototypicalNetworks(Conv4(1)),
+        MatchingNetworks(Conv4(1), feature_dimension=64),
+        RelationNetworks(Conv4(1, pooled_blocks=2, flatten=False), feature_dimension=64),
+        SiameseNetworks(Conv4(1), feature_dimension=64),
+    ):
         model.to(device)
         loss = model.loss(support, support_labels, query, query_labels)
         loss.backward()
@@ -281,8 +324,11 @@ def test_bad_input_messages():
     support, support_labels, query, query_labels = episode(3, 2, 2, (1, 28, 28))
     support, query = support.float(), query.float()
     flat_maps = PrototypicalNetworks(Conv4(1, flatten=False))
-    with pytest.raises(ValueError, match=r"must return one flat feature vector per image, \[n, D\]; "
-                                         r"got shape \[6, 64, 1, 1\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"must return one flat feature vector per image, \[n, D\]; "
+        r"got shape \[6, 64, 1, 1\]",
+    ):
         flat_maps.process_support_set(support, support_labels)
     with pytest.raises(ValueError, match=r"RelationNetworks: the backbone must return one feature map"):
         RelationNetworks(Conv4(1), feature_dimension=64).process_support_set(support, support_labels)
@@ -320,8 +366,7 @@ def test_bad_input_messages():
     with pytest.raises(ValueError, match="the backbone returns 64 features, feature_dimension is 32"):
         MatchingNetworks(Conv4(1), feature_dimension=32).process_support_set(support, support_labels)
     with pytest.raises(ValueError, match="the backbone returns 64 channels, feature_dimension is 8"):
-        RelationNetworks(Conv4(1, flatten=False), feature_dimension=8).process_support_set(
-            support, support_labels)
+        RelationNetworks(Conv4(1, flatten=False), feature_dimension=8).process_support_set(support, support_labels)
     with pytest.raises(ValueError, match="images1 .* must pair up"):
         SiameseNetworks(Conv4(1), "contrastive").verification_loss(support, query[:5], torch.ones(6))
 
@@ -346,6 +391,7 @@ def test_siamese_loss_checks_the_query_labels():
 
 def test_numpy_integers_are_accepted_where_python_integers_are():
     from fastmeta.nn import MANN, FewShotGNN, MetaNetwork
+
     gnn = FewShotGNN(mlp_backbone(), feature_dimension=np.int64(6), ways=np.int64(3))
     assert gnn.ways == 3 and type(gnn.ways) is int
     assert MetaNetwork(mlp_backbone(), feature_dimension=np.int32(6), ways=np.int64(3)).ways == 3

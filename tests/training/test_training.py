@@ -19,8 +19,23 @@ import fastmeta
 from fastmeta.__main__ import main
 from fastmeta.training import METHODS
 
-TINY = ["--ways", "3", "--shots", "1", "--queries", "2", "--meta-batch", "2", "--val-episodes", "2",
-        "--validate-every", "2", "--log-every", "1", "--no-progress"]
+TINY = [
+    "--ways",
+    "3",
+    "--shots",
+    "1",
+    "--queries",
+    "2",
+    "--meta-batch",
+    "2",
+    "--val-episodes",
+    "2",
+    "--validate-every",
+    "2",
+    "--log-every",
+    "1",
+    "--no-progress",
+]
 
 
 def train(tmp_path, method, *flags, name="run"):
@@ -68,9 +83,25 @@ def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path, method):
 @pytest.mark.parametrize("number, status", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_stops_the_run_with_a_loadable_checkpoint(tmp_path, number, status):
     out = tmp_path / "run"
-    process = subprocess.Popen([sys.executable, "-m", "fastmeta", "train", "protonet", "--out", str(out),
-                                *TINY, "--steps", "100000", "--validate-every", "100000"],
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fastmeta",
+            "train",
+            "protonet",
+            "--out",
+            str(out),
+            *TINY,
+            "--steps",
+            "100000",
+            "--validate-every",
+            "100000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     deadline = time.monotonic() + 120
     while not (out / "metrics.jsonl").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
@@ -95,12 +126,15 @@ def test_bad_configurations_get_one_line_and_status_2(tmp_path, capsys):
     out = ["--out", str(tmp_path / "x")]
     assert "unknown method 'mamll'; choose one of protonet" in error_of(["train", "mamll", *out], capsys)
     assert "500-way episodes need 500 classes, but the val split has" in error_of(
-        ["train", "protonet", "--ways", "500", *out], capsys)
+        ["train", "protonet", "--ways", "500", *out], capsys
+    )
     assert "fewer than shots + queries = 25" in error_of(
-        ["train", "protonet", "--ways", "5", "--shots", "10", "--queries", "15", *out], capsys)
+        ["train", "protonet", "--ways", "5", "--shots", "10", "--queries", "15", *out], capsys
+    )
     missing = tmp_path / "nowhere"
     assert f"Omniglot: no folder {missing}; put the official files" in error_of(
-        ["train", "protonet", "--data", f"omniglot:{missing}", *out], capsys)
+        ["train", "protonet", "--data", f"omniglot:{missing}", *out], capsys
+    )
     assert "unknown data 'imagenet'" in error_of(["train", "protonet", "--data", "imagenet", *out], capsys)
     assert "unknown data 'folder:'" in error_of(["train", "protonet", "--data", "folder:", *out], capsys)
     assert "unknown backbone 'vgg'" in error_of(["train", "maml", "--backbone", "vgg", *out], capsys)
@@ -109,19 +143,20 @@ def test_bad_configurations_get_one_line_and_status_2(tmp_path, capsys):
     config = tmp_path / "run.toml"
     config.write_text("ways = 5\nlearning_rate = 0.1\n")
     assert "unknown configuration key(s) ['learning_rate']" in error_of(
-        ["train", "protonet", "--config", str(config), *out], capsys)
+        ["train", "protonet", "--config", str(config), *out], capsys
+    )
     config.write_text("ways = [\n")
     assert "is not valid TOML" in error_of(["train", "protonet", "--config", str(config), *out], capsys)
     config.write_text("ways = 'five'\n")
-    assert "ways must be a int, got 'five'" in error_of(
-        ["train", "protonet", "--config", str(config), *out], capsys)
+    assert "ways must be a int, got 'five'" in error_of(["train", "protonet", "--config", str(config), *out], capsys)
     assert "give a METHOD, or --resume DIR" in error_of(["train", *out], capsys)
 
 
 def test_named_data_is_read_from_fastmeta_data(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FASTMETA_DATA", str(tmp_path / "data"))
     assert f"Omniglot: no folder {tmp_path / 'data' / 'omniglot'}; put the official files" in error_of(
-        ["train", "protonet", "--data", "omniglot", "--out", str(tmp_path / "x")], capsys)
+        ["train", "protonet", "--data", "omniglot", "--out", str(tmp_path / "x")], capsys
+    )
     monkeypatch.delenv("FASTMETA_DATA")
     assert fastmeta.data.data_dir() == Path.home() / ".cache" / "fastmeta" / "data"
 
@@ -129,21 +164,23 @@ def test_named_data_is_read_from_fastmeta_data(tmp_path, capsys, monkeypatch):
 def test_bad_checkpoints_get_one_line_and_status_2(tmp_path, capsys):
     run = train(tmp_path, "protonet", "--steps", "1")
     assert f"{run} already holds a run; resume it with --resume" in error_of(
-        ["train", "protonet", "--out", str(run)], capsys)
+        ["train", "protonet", "--out", str(run)], capsys
+    )
     assert f"{run} is a protonet run, not maml" in error_of(["train", "maml", "--resume", str(run)], capsys)
     data = (run / "checkpoint.pt").read_bytes()
     truncated = tmp_path / "truncated.pt"
-    truncated.write_bytes(data[:len(data) // 2])
-    assert "is not a readable checkpoint (truncated or corrupted?)" in error_of(
-        ["evaluate", str(truncated)], capsys)
+    truncated.write_bytes(data[: len(data) // 2])
+    assert "is not a readable checkpoint (truncated or corrupted?)" in error_of(["evaluate", str(truncated)], capsys)
     foreign = tmp_path / "foreign.pt"
     torch.save({"state_dict": {}}, foreign)
     assert "is not a fastmeta training checkpoint" in error_of(["evaluate", str(foreign)], capsys)
     (tmp_path / "empty").mkdir()
     assert f"no checkpoint at {tmp_path / 'empty' / 'checkpoint.pt'}" in error_of(
-        ["evaluate", str(tmp_path / "empty")], capsys)
+        ["evaluate", str(tmp_path / "empty")], capsys
+    )
     assert "maml was trained with a 3-way classifier; it evaluates 3-way episodes only" in error_of(
-        ["evaluate", str(train(tmp_path, "maml", "--steps", "1", name="maml")), "--ways", "5"], capsys)
+        ["evaluate", str(train(tmp_path, "maml", "--steps", "1", name="maml")), "--ways", "5"], capsys
+    )
     assert (run / "checkpoint.pt").read_bytes() == data  # nothing already written is lost
 
 
@@ -173,8 +210,8 @@ def test_undrawable_validation_episodes_are_refused_before_training(tmp_path, ca
     image_folder(data / "test", classes=4, per_class=5)
     out = tmp_path / "run"
     assert "fewer than shots + queries = 3" in error_of(
-        ["train", "protonet", "--data", f"folder:{data}", "--image-size", "16", "--out", str(out), *TINY],
-        capsys)
+        ["train", "protonet", "--data", f"folder:{data}", "--image-size", "16", "--out", str(out), *TINY], capsys
+    )
     assert not out.exists()
 
 
@@ -191,6 +228,7 @@ def test_a_checkpoint_that_cannot_be_written_leaves_no_partial_file(tmp_path, ca
     def disk_full(content, path):
         Path(path).write_bytes(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64")
+
     monkeypatch.setattr(torch, "save", disk_full)
     out = tmp_path / "run"
     message = error_of(["train", "protonet", "--out", str(out), *TINY, "--steps", "1"], capsys)
@@ -201,10 +239,10 @@ def test_a_checkpoint_that_cannot_be_written_leaves_no_partial_file(tmp_path, ca
 def test_a_failed_validation_still_writes_the_checkpoint(tmp_path, monkeypatch):
     def failing(*args, **kwargs):
         raise MemoryError("validation ran out of memory")
+
     monkeypatch.setattr(fastmeta.training.run, "episode_accuracies", failing)
     with pytest.raises(MemoryError):
-        main(["train", "protonet", "--out", str(tmp_path / "run"), *TINY, "--steps", "3",
-              "--checkpoint-every", "100"])
+        main(["train", "protonet", "--out", str(tmp_path / "run"), *TINY, "--steps", "3", "--checkpoint-every", "100"])
     assert fastmeta.load_checkpoint(tmp_path / "run").step == 2
 
 
@@ -213,40 +251,45 @@ def test_a_new_run_never_appends_to_another_runs_logs(tmp_path, capsys):
     out.mkdir()
     (out / "metrics.jsonl").write_text('{"step": 1, "loss": 2.0}\n')
     assert "holds the logs of a run that stopped before its first checkpoint" in error_of(
-        ["train", "protonet", "--out", str(out), *TINY], capsys)
+        ["train", "protonet", "--out", str(out), *TINY], capsys
+    )
     assert (out / "metrics.jsonl").read_text() == '{"step": 1, "loss": 2.0}\n'
 
 
 def test_bad_values_and_flag_combinations_get_one_line_and_status_2(tmp_path, capsys):
     out = ["--out", str(tmp_path / "x")]
     for flags, message in [
-            (["--lr", "inf"], "lr must be a finite number, got inf"),
-            (["--lr", "nan"], "lr must be a finite number, got nan"),
-            (["--lr", "-1"], "lr must be > 0, got -1.0"),
-            (["--inner-lr", "-0.1"], "inner_lr must be >= 0, got -0.1"),
-            (["--lam", "inf"], "lam must be a finite number, got inf"),
-            (["--seed", "-1"], "seed must be in 0 .. 2**32 - 1, got -1"),
-            (["--seed", str(2**33)], f"seed must be in 0 .. 2**32 - 1, got {2**33}"),
-            (["--device", "foo"], "unknown device 'foo'; use cpu, cuda or cuda:N"),
-            (["--device", "meta"], "device 'meta' is not supported; use cpu, cuda or cuda:N"),
-            (["--image-size", "2"], "maml with the conv4 backbone cannot take (1, 2, 2) images (image_size 2)"),
+        (["--lr", "inf"], "lr must be a finite number, got inf"),
+        (["--lr", "nan"], "lr must be a finite number, got nan"),
+        (["--lr", "-1"], "lr must be > 0, got -1.0"),
+        (["--inner-lr", "-0.1"], "inner_lr must be >= 0, got -0.1"),
+        (["--lam", "inf"], "lam must be a finite number, got inf"),
+        (["--seed", "-1"], "seed must be in 0 .. 2**32 - 1, got -1"),
+        (["--seed", str(2**33)], f"seed must be in 0 .. 2**32 - 1, got {2**33}"),
+        (["--device", "foo"], "unknown device 'foo'; use cpu, cuda or cuda:N"),
+        (["--device", "meta"], "device 'meta' is not supported; use cpu, cuda or cuda:N"),
+        (["--image-size", "2"], "maml with the conv4 backbone cannot take (1, 2, 2) images (image_size 2)"),
     ]:
         assert message in error_of(["train", "maml", *out, *flags], capsys), flags
     if not torch.cuda.is_available():
         assert "device 'cuda': no GPU is available to this PyTorch" in error_of(
-            ["train", "maml", *out, "--device", "cuda"], capsys)
+            ["train", "maml", *out, "--device", "cuda"], capsys
+        )
     assert "is a folder" in error_of(["train", "maml", *out, "--config", str(tmp_path)], capsys)
     binary = tmp_path / "binary.toml"
     binary.write_bytes(bytes(range(256)))
     assert f"the configuration file {binary} is not valid TOML" in error_of(
-        ["train", "maml", *out, "--config", str(binary)], capsys)
+        ["train", "maml", *out, "--config", str(binary)], capsys
+    )
     reptile = tmp_path / "reptile.toml"
     reptile.write_text('method = "reptile"\n')
-    assert f"the configuration file {reptile} sets method = 'reptile', but the command names 'maml'" in \
-        error_of(["train", "maml", *out, "--config", str(reptile)], capsys)
+    assert f"the configuration file {reptile} sets method = 'reptile', but the command names 'maml'" in error_of(
+        ["train", "maml", *out, "--config", str(reptile)], capsys
+    )
     (tmp_path / "file").write_text("")
     assert f"--out {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is a file, not a folder" in error_of(
-        ["train", "maml", "--out", str(tmp_path / "file" / "run")], capsys)
+        ["train", "maml", "--out", str(tmp_path / "file" / "run")], capsys
+    )
 
 
 def test_flags_given_with_resume_are_applied_or_refused(tmp_path, capsys):
@@ -254,9 +297,11 @@ def test_flags_given_with_resume_are_applied_or_refused(tmp_path, capsys):
     config = tmp_path / "more.toml"
     config.write_text("steps = 5\n")
     assert "--config cannot be used with --resume" in error_of(
-        ["train", "--resume", str(run), "--config", str(config)], capsys)
+        ["train", "--resume", str(run), "--config", str(config)], capsys
+    )
     assert "--out cannot be used with --resume: the run continues in" in error_of(
-        ["train", "--resume", str(run), "--out", str(tmp_path / "other")], capsys)
+        ["train", "--resume", str(run), "--out", str(tmp_path / "other")], capsys
+    )
     message = error_of(["train", "--resume", str(run), "--backbone", "resnet12"], capsys)
     assert f"the model saved in {run} does not fit this configuration" in message
     assert main(["train", "--resume", str(run / "checkpoint.pt"), "--steps", "2", "--no-progress"]) == 0
@@ -265,15 +310,18 @@ def test_flags_given_with_resume_are_applied_or_refused(tmp_path, capsys):
     del content["optimizer"]
     torch.save(content, run / "checkpoint.pt")
     assert "is a damaged fastmeta checkpoint: it lacks ['optimizer']" in error_of(
-        ["train", "--resume", str(run), "--steps", "3"], capsys)
+        ["train", "--resume", str(run), "--steps", "3"], capsys
+    )
 
 
 def test_files_that_cannot_be_written_get_one_line_or_a_warning(tmp_path, capsys, monkeypatch):
     assert "/proc/fastmeta-run: No such file or directory" in error_of(
-        ["train", "protonet", "--out", "/proc/fastmeta-run/run", *TINY, "--steps", "1"], capsys)
+        ["train", "protonet", "--out", "/proc/fastmeta-run/run", *TINY, "--steps", "1"], capsys
+    )
 
     def broken_plot(self):
         raise RuntimeError("no space left for the figure")
+
     monkeypatch.setattr(fastmeta.training.run.Log, "_plot", broken_plot)
     with pytest.warns(UserWarning, match="could not draw .*metrics.png: no space left for the figure"):
         run = train(tmp_path, "protonet", "--steps", "2")
@@ -282,12 +330,14 @@ def test_files_that_cannot_be_written_get_one_line_or_a_warning(tmp_path, capsys
 
 def test_bad_evaluation_values_get_one_line_and_status_2(tmp_path, capsys):
     run = train(tmp_path, "protonet", "--steps", "1")
-    for flags, message in [(["--episodes", "0"], "episodes must be >= 1, got 0"),
-                           (["--episodes", "-5"], "episodes must be >= 1, got -5"),
-                           (["--queries", "0"], "queries must be >= 1, got 0"),
-                           (["--ways", "0"], "ways must be >= 1, got 0"),
-                           (["--shots", "0"], "shots must be >= 1, got 0"),
-                           (["--device", "foo"], "unknown device 'foo'")]:
+    for flags, message in [
+        (["--episodes", "0"], "episodes must be >= 1, got 0"),
+        (["--episodes", "-5"], "episodes must be >= 1, got -5"),
+        (["--queries", "0"], "queries must be >= 1, got 0"),
+        (["--ways", "0"], "ways must be >= 1, got 0"),
+        (["--shots", "0"], "shots must be >= 1, got 0"),
+        (["--device", "foo"], "unknown device 'foo'"),
+    ]:
         assert message in error_of(["evaluate", str(run), *flags], capsys), flags
     assert not (run / "evaluation.jsonl").exists()
 
@@ -339,10 +389,17 @@ def test_two_processes_give_one_process_meta_gradient_and_batch_norm_statistics(
     script = tmp_path / "first_step.py"
     script.write_text(FIRST_STEP)
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    for launcher, name in (([], "one.pt"),
-                           (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "two.pt")):
-        result = subprocess.run([sys.executable, *launcher, str(script), method, str(tmp_path / name)],
-                                capture_output=True, text=True, env=env, timeout=600)
+    for launcher, name in (
+        ([], "one.pt"),
+        (["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"], "two.pt"),
+    ):
+        result = subprocess.run(
+            [sys.executable, *launcher, str(script), method, str(tmp_path / name)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=600,
+        )
         assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     one, two = (torch.load(tmp_path / name) for name in ("one.pt", "two.pt"))
     torch.testing.assert_close(two["loss"].double(), one["loss"], rtol=1e-6, atol=0)  # logged in float32
@@ -362,11 +419,29 @@ def test_two_processes_train_with_the_losses_of_one(tmp_path, method):
     assert main([*flags, "--out", str(one)]) == 0
     two = tmp_path / "two"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node", "2", "-m", "fastmeta", *flags, "--out", str(two)],
-                            capture_output=True, text=True, env=env, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "fastmeta",
+            *flags,
+            "--out",
+            str(two),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
-    losses = [[r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
-               if "loss" in r] for run in (one, two)]
+    losses = [
+        [r["loss"] for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+        for run in (one, two)
+    ]
     assert len(losses[0]) == 3
     torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), rtol=1e-4, atol=1e-6)

@@ -28,15 +28,20 @@ def functions(device, metric):
     fns = {
         "similarity_log_softmax": (lambda x, y, s: ops.similarity_log_softmax(x, y, metric, s), (x, y, scale)),
         "similarity_cross_entropy": (
-            lambda x, y, s: ops.similarity_cross_entropy(x, y, target, metric, s, "none"), (x, y, scale)),
+            lambda x, y, s: ops.similarity_cross_entropy(x, y, target, metric, s, "none"),
+            (x, y, scale),
+        ),
         # A reduced loss with gradients and many keys takes the fused op.
         "similarity_cross_entropy (fused)": (
             lambda x, y, s: ops.similarity_cross_entropy(x, y.repeat(1, 43, 1), target, metric, s),
-            (x, y, scale)),
+            (x, y, scale),
+        ),
         "attention_readout": (lambda x, y, v, s: ops.attention_readout(x, y, v, metric, s), (x, y, values, scale)),
         "class_prototypes": (lambda s: ops.class_prototypes(s, labels, 3), (support,)),
-        "contrastive_loss": (lambda a, b, s: ops.contrastive_loss(a, b, s, 1.5, "none"),
-                             (x, x.detach().flip(0).requires_grad_(), same)),
+        "contrastive_loss": (
+            lambda a, b, s: ops.contrastive_loss(a, b, s, 1.5, "none"),
+            (x, x.detach().flip(0).requires_grad_(), same),
+        ),
     }
     if metric != "dot":
         fns["pairwise_distance"] = (lambda x, y: ops.pairwise_distance(x, y, metric), (x, y))
@@ -117,10 +122,8 @@ def test_opcheck_backward_ops(device):
         distance = fm.pairwise_distance(x, y, "cosine")
     cases = [
         (fm.similarity_cross_entropy_backward, (torch.rand_like(loss), x, y, target, scale, lse, "cosine")),
-        (fm.similarity_log_softmax_backward,
-         (torch.rand_like(log_probs), log_probs, x, y, scale, "cosine")),
-        (fm.attention_readout_backward,
-         (torch.rand_like(out), out, out_lse, x, y, values, scale, "cosine")),
+        (fm.similarity_log_softmax_backward, (torch.rand_like(log_probs), log_probs, x, y, scale, "cosine")),
+        (fm.attention_readout_backward, (torch.rand_like(out), out, out_lse, x, y, values, scale, "cosine")),
         (fm.pairwise_distance_backward, (torch.rand_like(distance), distance, x, y, "cosine")),
     ]
     for op, args in cases:
@@ -166,35 +169,72 @@ def every_op_cases(n):
     H = 3
     cases = [
         ("pairwise_distance", lambda f, x, y: f.pairwise_distance(x, y, "euclidean"), (x, y)),
-        ("similarity_log_softmax", lambda f, x, y, s: f.similarity_log_softmax(x, y, "cosine", s),
-         (x, y, scale)),
+        ("similarity_log_softmax", lambda f, x, y, s: f.similarity_log_softmax(x, y, "cosine", s), (x, y, scale)),
         ("attention_readout", lambda f, x, y, v: f.attention_readout(x, y, v, "dot", 2.0), (x, y, values)),
-        ("class_prototypes", lambda f, s, labels: f.class_prototypes(s, labels, labels.shape[1] // 2),
-         (r(2, 2 * n, 3), labels)),
-        ("contrastive_loss", lambda f, a, b, same: f.contrastive_loss(a, b, same),
-         (r(n, 3), r(n, 3), (torch.arange(n) % 2).double())),
+        (
+            "class_prototypes",
+            lambda f, s, labels: f.class_prototypes(s, labels, labels.shape[1] // 2),
+            (r(2, 2 * n, 3), labels),
+        ),
+        (
+            "contrastive_loss",
+            lambda f, a, b, same: f.contrastive_loss(a, b, same),
+            (r(n, 3), r(n, 3), (torch.arange(n) % 2).double()),
+        ),
         ("relation_pair_pool", lambda f, q, p: f.relation_pair_pool(q, p), (r(1, n, 3, 3, 2), r(1, 2, 3, 3, 2))),
-        ("matching_attention_lstm", lambda f, *t: f.matching_attention_lstm(*t, steps=2),
-         (r(2, n, 3), r(2, 4, 3), r(12, 6, scale=0.5), r(12, 3, scale=0.5), r(12))),
-        ("mann_memory", lambda f, *t: f.mann_memory(*t),
-         (r(2, 5, 3), torch.zeros(2, 5, dtype=torch.float64), torch.full((2, 1, 5), 0.2, dtype=torch.float64),
-          r(2, n, 1, 3), torch.full((2, n, 1), 0.5, dtype=torch.float64))),
-        ("gnn_adjacency", lambda f, nodes, w1, w2, b1, b2: f.gnn_adjacency(nodes, [w1, w2], [b1, b2], 0.1),
-         (r(2, n, 3), r(4, 3), r(1, 4), r(4), r(1))),
-        ("l2o_lstm_step", lambda f, *t: f.l2o_lstm_step(*t),
-         (r(n, scale=1e-2), r(1, 2, H, n, scale=0.5), r(ops.l2o_num_weights(1, H), scale=0.3))),
-        ("meta_lstm_step", lambda f, *t: f.meta_lstm_step(*t),
-         (r(n, scale=1e-2), torch.tensor(0.7, dtype=torch.float64), r(n), r(2 * H + 2, n, scale=0.5),
-          r(ops.meta_lstm_num_weights(H), scale=0.3))),
-        ("mlp_task_derivatives", lambda f, p, x, t: f.mlp_task_derivatives(
-            p, x, t, None, widths=[3, 4, 2], activations=["tanh", "identity"], loss="mse",
-            input_grad=False)[:2],
-         (r(2, 26, scale=0.5, grad=False), r(2, n, 3, grad=False), r(2, n, 2, grad=False))),
+        (
+            "matching_attention_lstm",
+            lambda f, *t: f.matching_attention_lstm(*t, steps=2),
+            (r(2, n, 3), r(2, 4, 3), r(12, 6, scale=0.5), r(12, 3, scale=0.5), r(12)),
+        ),
+        (
+            "mann_memory",
+            lambda f, *t: f.mann_memory(*t),
+            (
+                r(2, 5, 3),
+                torch.zeros(2, 5, dtype=torch.float64),
+                torch.full((2, 1, 5), 0.2, dtype=torch.float64),
+                r(2, n, 1, 3),
+                torch.full((2, n, 1), 0.5, dtype=torch.float64),
+            ),
+        ),
+        (
+            "gnn_adjacency",
+            lambda f, nodes, w1, w2, b1, b2: f.gnn_adjacency(nodes, [w1, w2], [b1, b2], 0.1),
+            (r(2, n, 3), r(4, 3), r(1, 4), r(4), r(1)),
+        ),
+        (
+            "l2o_lstm_step",
+            lambda f, *t: f.l2o_lstm_step(*t),
+            (r(n, scale=1e-2), r(1, 2, H, n, scale=0.5), r(ops.l2o_num_weights(1, H), scale=0.3)),
+        ),
+        (
+            "meta_lstm_step",
+            lambda f, *t: f.meta_lstm_step(*t),
+            (
+                r(n, scale=1e-2),
+                torch.tensor(0.7, dtype=torch.float64),
+                r(n),
+                r(2 * H + 2, n, scale=0.5),
+                r(ops.meta_lstm_num_weights(H), scale=0.3),
+            ),
+        ),
+        (
+            "mlp_task_derivatives",
+            lambda f, p, x, t: f.mlp_task_derivatives(
+                p, x, t, None, widths=[3, 4, 2], activations=["tanh", "identity"], loss="mse", input_grad=False
+            )[:2],
+            (r(2, 26, scale=0.5, grad=False), r(2, n, 3, grad=False), r(2, n, 2, grad=False)),
+        ),
     ]
-    cases += [(f"similarity_cross_entropy-{reduction}",
-               lambda f, x, y, t, s, reduction=reduction: f.similarity_cross_entropy(
-                   x, y, t, "sqeuclidean", s, reduction), (x, y, target, scale))
-              for reduction in ("mean", "sum", "none")]
+    cases += [
+        (
+            f"similarity_cross_entropy-{reduction}",
+            lambda f, x, y, t, s, reduction=reduction: f.similarity_cross_entropy(x, y, t, "sqeuclidean", s, reduction),
+            (x, y, target, scale),
+        )
+        for reduction in ("mean", "sum", "none")
+    ]
     return cases
 
 
@@ -203,8 +243,10 @@ def test_every_op_compiles_with_dynamic_shapes():
     other sizes (the second size reuses the graph or recompiles), with
     values and gradients those of the reference."""
     names = [name for name, _, _ in every_op_cases(3)]
-    compiled = {name: torch.compile(lambda *t, case=case: case(ops, *t), dynamic=True, backend="aot_eager")
-                for name, case, _ in every_op_cases(3)}
+    compiled = {
+        name: torch.compile(lambda *t, case=case: case(ops, *t), dynamic=True, backend="aot_eager")
+        for name, case, _ in every_op_cases(3)
+    }
     for n in (3, 5, 8):
         for name, case, args in every_op_cases(n):
             got = compiled[name](*args)
@@ -216,9 +258,12 @@ def test_every_op_compiles_with_dynamic_shapes():
             outputs = [(a, b) for a, b in zip(got, want) if a.requires_grad]
             if outputs:
                 weights = [torch.randn_like(b) for _, b in outputs]
-                grads = [torch.autograd.grad(sum((o * w).sum() for (o, w) in zip(side, weights)),
-                                             differentiable, allow_unused=True)
-                         for side in ([a for a, _ in outputs], [b for _, b in outputs])]
+                grads = [
+                    torch.autograd.grad(
+                        sum((o * w).sum() for (o, w) in zip(side, weights)), differentiable, allow_unused=True
+                    )
+                    for side in ([a for a, _ in outputs], [b for _, b in outputs])
+                ]
                 for a, b in zip(*grads):
                     if b is not None:
                         torch.testing.assert_close(a, b, msg=f"gradient of {name}, n = {n}")
@@ -253,15 +298,16 @@ def test_vmap_over_an_extra_leading_dimension(device):
     cases = [
         (lambda x, y: ops.pairwise_distance(x, y), (x, y), (0, 0)),
         (lambda x, y: ops.similarity_log_softmax(x, y, "cosine", 2.0), (x, y), (0, 0)),
-        (lambda x, y, t: ops.similarity_cross_entropy(x, y, t, "sqeuclidean", 1.0, "none"),
-         (x, y, target), (0, 0, 0)),
+        (lambda x, y, t: ops.similarity_cross_entropy(x, y, t, "sqeuclidean", 1.0, "none"), (x, y, target), (0, 0, 0)),
         # unbatched inputs inside vmap, with y shared by all (in_dims None)
-        (lambda x, y: ops.similarity_cross_entropy(x, y, target[0, 0], reduction="sum"),
-         (x[:, 0], y[0, 0]), (0, None)),
+        (lambda x, y: ops.similarity_cross_entropy(x, y, target[0, 0], reduction="sum"), (x[:, 0], y[0, 0]), (0, None)),
         (lambda x, y, v: ops.attention_readout(x, y, v), (x, y, values), (0, 0, 0)),
         (lambda s: ops.class_prototypes(s, labels, 3), (support,), (0,)),
-        (lambda a, b: ops.contrastive_loss(a, b, torch.ones(4, dtype=a.dtype, device=device), 1.0, "none"),
-         (x[:, 0], x[:, 1]), (0, 0)),
+        (
+            lambda a, b: ops.contrastive_loss(a, b, torch.ones(4, dtype=a.dtype, device=device), 1.0, "none"),
+            (x[:, 0], x[:, 1]),
+            (0, 0),
+        ),
     ]
     for fn, args, in_dims in cases:
         got = torch.func.vmap(fn, in_dims=in_dims)(*args)
@@ -286,11 +332,9 @@ def test_vmap_of_a_reduced_loss_that_needs_gradients(device):
     y = randn(3, 2, 300, 5, dtype=torch.float64, device=device)  # enough keys for the fused op
     target = torch.randint(0, 300, (3, 2, 4), device=device)
     losses = torch.func.vmap(lambda x, y, t: ops.similarity_cross_entropy(x, y, t, "cosine", 2.0))(x, y, target)
-    expected = torch.stack([reference.similarity_cross_entropy(x[i], y[i], target[i], "cosine", 2.0)
-                            for i in range(3)])
+    expected = torch.stack([reference.similarity_cross_entropy(x[i], y[i], target[i], "cosine", 2.0) for i in range(3)])
     torch.testing.assert_close(losses, expected)
-    torch.testing.assert_close(torch.autograd.grad(losses.sum(), x)[0],
-                               torch.autograd.grad(expected.sum(), x)[0])
+    torch.testing.assert_close(torch.autograd.grad(losses.sum(), x)[0], torch.autograd.grad(expected.sum(), x)[0])
 
 
 def reference_functions(metric):
@@ -300,10 +344,10 @@ def reference_functions(metric):
     labels = torch.tensor([[0, 1, 2, 0, 1, 2, 2], [2, 2, 1, 0, 0, 1, 1]])
     return {
         "similarity_log_softmax": lambda x, y, s: reference.similarity_log_softmax(x, y, metric, s),
-        "similarity_cross_entropy": lambda x, y, s: reference.similarity_cross_entropy(
-            x, y, target, metric, s, "none"),
+        "similarity_cross_entropy": lambda x, y, s: reference.similarity_cross_entropy(x, y, target, metric, s, "none"),
         "similarity_cross_entropy (fused)": lambda x, y, s: reference.similarity_cross_entropy(
-            x, y.repeat(1, 43, 1), target, metric, s),
+            x, y.repeat(1, 43, 1), target, metric, s
+        ),
         "attention_readout": lambda x, y, v, s: reference.attention_readout(x, y, v, metric, s),
         "class_prototypes": lambda s: reference.class_prototypes(s, labels, 3),
         "contrastive_loss": lambda a, b, s: reference.contrastive_loss(a, b, s, 1.5, "none"),
@@ -328,8 +372,9 @@ def test_metric_ops_under_torch_func_grad_vjp_jacrev_and_maml_style_vmap(metric)
             "vjp": lambda f: torch.func.vjp(f, *args)[1](torch.ones_like(f(*args))),
             "jacrev": lambda f: torch.func.jacrev(f, argnums)(*args),
             "grad of grad": lambda f: torch.func.grad(
-                lambda *a: sum(g.pow(2).sum() for g in torch.func.grad(
-                    lambda *b: f(*b).pow(2).sum(), argnums)(*a)), argnums)(*args),
+                lambda *a: sum(g.pow(2).sum() for g in torch.func.grad(lambda *b: f(*b).pow(2).sum(), argnums)(*a)),
+                argnums,
+            )(*args),
         }
         for check, transform in checks.items():
             for got, want in zip(transform(fn), transform(ref)):
@@ -341,16 +386,18 @@ def test_metric_ops_under_torch_func_grad_vjp_jacrev_and_maml_style_vmap(metric)
     def meta_loss(op, x, y, target):
         def task_loss(x):
             return op(x[None], y[None], target[None], metric).sum()
+
         adapted = x - 0.1 * torch.func.grad(task_loss)(x)
         return task_loss(adapted)
+
     got = torch.func.vmap(torch.func.grad(lambda *a: meta_loss(ops.similarity_cross_entropy, *a)))(x, y, target)
-    want = torch.func.vmap(torch.func.grad(lambda *a: meta_loss(reference.similarity_cross_entropy, *a)))(
-        x, y, target)
+    want = torch.func.vmap(torch.func.grad(lambda *a: meta_loss(reference.similarity_cross_entropy, *a)))(x, y, target)
     torch.testing.assert_close(got, want)
 
 
 def test_lstm_matching_relation_and_mann_ops_under_torch_func_grad_and_vjp():
     from fastmeta.nn import CoordinatewiseLSTM, MetaLearnerLSTM
+
     torch.manual_seed(0)
     d = torch.float64
     l2o, meta = CoordinatewiseLSTM().double(), MetaLearnerLSTM(torch.nn.Linear(2, 3)).double()
@@ -359,32 +406,44 @@ def test_lstm_matching_relation_and_mann_ops_under_torch_func_grad_and_vjp():
     query, support = torch.randn(2, 3, 4, dtype=d), torch.randn(2, 5, 4, dtype=d)
     cell = torch.nn.LSTMCell(8, 4).double()
     maps = torch.randn(1, 3, 5, 5, 2, dtype=d), torch.randn(1, 2, 5, 5, 2, dtype=d)
-    mann_args = [torch.randn(2, 5, 3, dtype=d), torch.rand(2, 5, dtype=d),
-                 torch.softmax(torch.randn(2, 2, 5, dtype=d), -1), torch.randn(2, 4, 2, 3, dtype=d),
-                 torch.rand(2, 4, 2, dtype=d), torch.rand(2, 4, 2, dtype=d)]
+    mann_args = [
+        torch.randn(2, 5, 3, dtype=d),
+        torch.rand(2, 5, dtype=d),
+        torch.softmax(torch.randn(2, 2, 5, dtype=d), -1),
+        torch.randn(2, 4, 2, 3, dtype=d),
+        torch.rand(2, 4, 2, dtype=d),
+        torch.rand(2, 4, 2, dtype=d),
+    ]
     weights = (cell.weight_ih.detach(), cell.weight_hh.detach(), (cell.bias_ih + cell.bias_hh).detach())
     cases = {
         "l2o_lstm_step": (
             lambda g, w: ops.l2o_lstm_step(g, l2o_state, w, l2o.preprocess_p, l2o.output_scale)[0],
             lambda g, w: reference.l2o_lstm_step(g, l2o_state, w, l2o.preprocess_p, l2o.output_scale)[0],
-            (grad, l2o.flat_weights().detach())),
+            (grad, l2o.flat_weights().detach()),
+        ),
         "meta_lstm_step": (
             lambda t, w: ops.meta_lstm_step(grad, loss, t, meta_state, w)[0],
             lambda t, w: reference.meta_lstm_step(grad, loss, t, meta_state, w)[0],
-            (theta, meta.flat_weights().detach())),
+            (theta, meta.flat_weights().detach()),
+        ),
         "matching_attention_lstm": (
             lambda q, s: ops.matching_attention_lstm(q, s, *weights),
-            lambda q, s: reference.matching_attention_lstm(q, s, *weights), (query, support)),
+            lambda q, s: reference.matching_attention_lstm(q, s, *weights),
+            (query, support),
+        ),
         "relation_pair_pool": (ops.relation_pair_pool, reference.relation_pair_pool, maps),
-        "mann_memory": (lambda m, k: ops.mann_memory(m, mann_args[1], mann_args[2], k, *mann_args[4:]).reads,
-                        lambda m, k: reference.mann_memory(m, mann_args[1], mann_args[2], k,
-                                                           *mann_args[4:]).reads,
-                        (mann_args[0], mann_args[3])),
+        "mann_memory": (
+            lambda m, k: ops.mann_memory(m, mann_args[1], mann_args[2], k, *mann_args[4:]).reads,
+            lambda m, k: reference.mann_memory(m, mann_args[1], mann_args[2], k, *mann_args[4:]).reads,
+            (mann_args[0], mann_args[3]),
+        ),
     }
     for name, (fn, ref, args) in cases.items():
         argnums = tuple(range(len(args)))
-        for got, want in zip(torch.func.grad(lambda *a: fn(*a).pow(2).sum(), argnums)(*args),
-                             torch.func.grad(lambda *a: ref(*a).pow(2).sum(), argnums)(*args)):
+        for got, want in zip(
+            torch.func.grad(lambda *a: fn(*a).pow(2).sum(), argnums)(*args),
+            torch.func.grad(lambda *a: ref(*a).pow(2).sum(), argnums)(*args),
+        ):
             torch.testing.assert_close(got, want, msg=f"{name}, grad")
         cotangent = torch.randn_like(fn(*args))
         for got, want in zip(torch.func.vjp(fn, *args)[1](cotangent), torch.func.vjp(ref, *args)[1](cotangent)):

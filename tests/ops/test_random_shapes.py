@@ -13,8 +13,12 @@ shapes = st.tuples(st.integers(0, 3), st.integers(0, 80), st.integers(1, 700), s
 
 @pytest.mark.parametrize("device", DEVICES)
 @settings(max_examples=25, deadline=None)
-@given(shape=shapes, metric=st.sampled_from(["sqeuclidean", "euclidean", "cosine", "dot"]),
-       scale=st.floats(0.05, 4.0), seed=st.integers(0, 2**31 - 1))
+@given(
+    shape=shapes,
+    metric=st.sampled_from(["sqeuclidean", "euclidean", "cosine", "dot"]),
+    scale=st.floats(0.05, 4.0),
+    seed=st.integers(0, 2**31 - 1),
+)
 def test_cross_entropy_and_log_softmax(device, shape, metric, scale, seed):
     B, Q, N, D = shape
     g = torch.Generator().manual_seed(seed)
@@ -26,5 +30,6 @@ def test_cross_entropy_and_log_softmax(device, shape, metric, scale, seed):
     assert_close_to_reference(got, want)
     for a, b in zip(torch.autograd.grad(got, (x, y)), torch.autograd.grad(want, (x, y))):
         assert_close_to_reference(a, b)
-    assert_close_to_reference(ops.similarity_log_softmax(x, y, metric, scale),
-                              reference.similarity_log_softmax(x, y, metric, scale))
+    assert_close_to_reference(
+        ops.similarity_log_softmax(x, y, metric, scale), reference.similarity_log_softmax(x, y, metric, scale)
+    )

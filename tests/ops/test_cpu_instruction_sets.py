@@ -90,10 +90,15 @@ SCRIPT = textwrap.dedent("""
 # PyTorch's, MKL's and oneDNN's kernels (the eager error the tolerance is
 # measured against runs with the same cap).
 CAPS = {
-    "baseline": dict(FASTMETA_CPU_ISA="baseline", ATEN_CPU_CAPABILITY="default",
-                     MKL_ENABLE_INSTRUCTIONS="SSE4_2", ONEDNN_MAX_CPU_ISA="SSE41"),
-    "avx2": dict(FASTMETA_CPU_ISA="avx2", ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2",
-                 ONEDNN_MAX_CPU_ISA="AVX2"),
+    "baseline": dict(
+        FASTMETA_CPU_ISA="baseline",
+        ATEN_CPU_CAPABILITY="default",
+        MKL_ENABLE_INSTRUCTIONS="SSE4_2",
+        ONEDNN_MAX_CPU_ISA="SSE41",
+    ),
+    "avx2": dict(
+        FASTMETA_CPU_ISA="avx2", ATEN_CPU_CAPABILITY="avx2", MKL_ENABLE_INSTRUCTIONS="AVX2", ONEDNN_MAX_CPU_ISA="AVX2"
+    ),
     "native": {},
 }
 
@@ -102,6 +107,5 @@ CAPS = {
 @pytest.mark.parametrize("isa", list(CAPS))
 def test_each_instruction_set_matches_the_reference(isa):
     env = dict(os.environ, **CAPS[isa])
-    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
-                            timeout=300)
+    result = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr

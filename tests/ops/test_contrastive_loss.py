@@ -17,7 +17,9 @@ def test_matches_reference(device, shape, reduction):
         same = (torch.rand(shape[:-1], device=device) > 0.5).to(dtype).requires_grad_()
         (out,), _ = compare_with_reference(
             lambda *t: ops.contrastive_loss(*t, 2.0, reduction),
-            lambda *t: reference.contrastive_loss(*t, 2.0, reduction), (x1, x2, same))
+            lambda *t: reference.contrastive_loss(*t, 2.0, reduction),
+            (x1, x2, same),
+        )
         assert out.dtype == dtype
 
 

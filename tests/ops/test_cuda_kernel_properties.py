@@ -1,6 +1,8 @@
-"""The findings of the desk review of the CUDA kernels (shared/CUDA-REVIEW.md),
-each as a test that runs on CUDA when a GPU is present (and on the CPU where
-the property holds there too)."""
+"""Properties the CUDA kernels once lacked (found by reading them and by
+running them under emulation, before any GPU run): NaN and infinity
+propagation, exact zero self-distances, determinism, shared-memory plans that
+fit every GPU, device-side assertions. Each runs on CUDA when a GPU is
+present, and on the CPU where the property holds there too."""
 
 import pytest
 import torch
@@ -63,9 +65,11 @@ def test_a_row_of_logits_all_minus_infinity_gives_nan(device):
     values = torch.randn(1, 3, 4, dtype=torch.float64, device=device)
     scale = torch.ones(1, 2, dtype=torch.float64, device=device)
     target = torch.tensor([[1, 2]], device=device)
-    outputs = [ops.attention_readout(x, y, values, "sqeuclidean", scale),
-               ops.similarity_log_softmax(x, y, "sqeuclidean", scale),
-               ops.similarity_cross_entropy(x, y, target, "sqeuclidean", scale, "none")]
+    outputs = [
+        ops.attention_readout(x, y, values, "sqeuclidean", scale),
+        ops.similarity_log_softmax(x, y, "sqeuclidean", scale),
+        ops.similarity_cross_entropy(x, y, target, "sqeuclidean", scale, "none"),
+    ]
     for out in outputs:
         rows = out.reshape(2, -1)
         assert rows[0].isnan().all() and rows[1].isfinite().all()
@@ -80,8 +84,10 @@ def test_infinite_inputs_give_the_cpus_values_and_gradients(metric):
         x, y, target, values, scale = inputs(device, poison="inf entry")
         x.requires_grad_(), y.requires_grad_()
         outs = metric_outputs(x, y, metric, target, values, scale)
-        results[device] = {name: [out.detach()] + list(torch.autograd.grad(
-            torch.nan_to_num(out).sum(), (x, y), allow_unused=True)) for name, out in outs.items()}
+        results[device] = {
+            name: [out.detach()] + list(torch.autograd.grad(torch.nan_to_num(out).sum(), (x, y), allow_unused=True))
+            for name, out in outs.items()
+        }
     for name, on_cpu in results["cpu"].items():
         for a, b in zip(results["cuda"][name], on_cpu):
             if a is None or b is None:
@@ -196,5 +202,6 @@ def test_class_prototypes_backward_with_labels_out_of_range_is_a_device_assertio
     output = run_until_device_assertion(
         "import torch, fastmeta; torch.ops.fastmeta.class_prototypes_backward("
         "torch.randn(1, 3, 2, device='cuda'), torch.tensor([[0, 5, 1]], device='cuda')); "
-        "torch.cuda.synchronize()")
+        "torch.cuda.synchronize()"
+    )
     assert "a label is out of range" in output

@@ -2,28 +2,36 @@ import pytest
 import torch
 
 from fastmeta import ops, reference
-from fastmeta.testing import (DEVICES, assert_close_to_reference, compare_with_reference, dtypes_for, randn,
-                              run_until_device_assertion)
+from fastmeta.testing import (
+    DEVICES,
+    assert_close_to_reference,
+    compare_with_reference,
+    dtypes_for,
+    randn,
+    run_until_device_assertion,
+)
 
 
 def labels_covering_all_classes(B, S, N, device):
     """Random labels in which every class appears at least once per task."""
     assert S >= N
-    labels = torch.stack([torch.cat([torch.arange(N), torch.randint(0, N, (S - N,))])[torch.randperm(S)]
-                          for _ in range(B)]) if B else torch.zeros(0, S, dtype=torch.long)
+    labels = (
+        torch.stack([torch.cat([torch.arange(N), torch.randint(0, N, (S - N,))])[torch.randperm(S)] for _ in range(B)])
+        if B
+        else torch.zeros(0, S, dtype=torch.long)
+    )
     return labels.to(device)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("B,S,N,D", [(1, 1, 1, 1), (2, 25, 5, 1600), (3, 17, 7, 3), (0, 5, 5, 2),
-                                     (4, 9, 9, 5)])
+@pytest.mark.parametrize("B,S,N,D", [(1, 1, 1, 1), (2, 25, 5, 1600), (3, 17, 7, 3), (0, 5, 5, 2), (4, 9, 9, 5)])
 def test_matches_reference(device, B, S, N, D):
     for dtype in dtypes_for(device):
         support = randn(B, S, D, dtype=dtype, device=device, requires_grad=True)
         labels = labels_covering_all_classes(B, S, N, device)
-        (out,), _ = compare_with_reference(lambda s: ops.class_prototypes(s, labels, N),
-                                           lambda s: reference.class_prototypes(s, labels, N),
-                                           [support])
+        (out,), _ = compare_with_reference(
+            lambda s: ops.class_prototypes(s, labels, N), lambda s: reference.class_prototypes(s, labels, N), [support]
+        )
         assert out.dtype == dtype
 
 
@@ -31,8 +39,7 @@ def test_matches_reference(device, B, S, N, D):
 def test_unbatched(device):
     support = randn(10, 4, dtype=torch.float64, device=device)
     labels = (torch.arange(10) % 5).to(device)
-    assert_close_to_reference(ops.class_prototypes(support, labels, 5),
-                              reference.class_prototypes(support, labels, 5))
+    assert_close_to_reference(ops.class_prototypes(support, labels, 5), reference.class_prototypes(support, labels, 5))
 
 
 def test_class_without_support_names_task_and_class():
@@ -53,15 +60,19 @@ def test_label_out_of_range():
 # On CUDA, label values are device-side assertions (no host synchronisation
 # per call), which end the process's CUDA context: each runs in a subprocess.
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("labels,message", [
-    ("[[0, 1, 2, 0], [0, 1, 1, 0]]", "a class has no support examples"),
-    ("[[0, 3, 2, 1]]", "a label is out of range"),
-])
+@pytest.mark.parametrize(
+    "labels,message",
+    [
+        ("[[0, 1, 2, 0], [0, 1, 1, 0]]", "a class has no support examples"),
+        ("[[0, 3, 2, 1]]", "a label is out of range"),
+    ],
+)
 def test_bad_labels_on_cuda_are_device_side_assertions(labels, message):
     output = run_until_device_assertion(
         f"import torch, fastmeta; labels = torch.tensor({labels}, device='cuda'); "
         "support = torch.randn(*labels.shape, 2, device='cuda'); "
-        "fastmeta.ops.class_prototypes(support, labels, 3); torch.cuda.synchronize()")
+        "fastmeta.ops.class_prototypes(support, labels, 3); torch.cuda.synchronize()"
+    )
     assert message in output
 
 

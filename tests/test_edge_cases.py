@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 import fastmeta
@@ -13,8 +12,8 @@ from fastmeta import ops, reference
 from fastmeta.algorithms import MAML, BatchedMAML, MetaSGD, Reptile
 from fastmeta.data import sinusoid_tasks
 
-
 # --- in-place ops and autograd versions -----------------------------------------------------------
+
 
 def lstm_and_weights():
     lstm = fastmeta.nn.CoordinatewiseLSTM(hidden_size=4)
@@ -51,14 +50,14 @@ def test_in_place_step_rejects_aliased_arguments():
         op(param, param, state, weights, 10.0, 0.1)
     flat = torch.randn(6 + state.numel())
     with pytest.raises(RuntimeError, match="param is written in place and must not share memory with state"):
-        op(flat[:6], torch.randn(6), flat[4:4 + state.numel()].view(state.shape), weights, 10.0, 0.1)
+        op(flat[:6], torch.randn(6), flat[4 : 4 + state.numel()].view(state.shape), weights, 10.0, 0.1)
     with pytest.raises(RuntimeError, match="state is written in place and must not share memory with weights"):
         big = torch.randn(state.numel() + weights.numel())
-        op(param, torch.randn(6), big[:state.numel()].view(state.shape), big[1:1 + weights.numel()],
-           10.0, 0.1)
+        op(param, torch.randn(6), big[: state.numel()].view(state.shape), big[1 : 1 + weights.numel()], 10.0, 0.1)
 
 
 # --- BatchedMAML takes the fused path only where it is exact ----------------------------------------
+
 
 class ScaledLinear(nn.Linear):
     def forward(self, x):
@@ -80,8 +79,13 @@ def learners():
     spectral = mlp(nn.utils.parametrizations.spectral_norm(nn.Linear(1, 6))).eval()
     tied = nn.Sequential(nn.Linear(3, 3), nn.Tanh(), nn.Linear(3, 3)).double()
     tied[2].weight = tied[0].weight
-    return {"subclass": mlp(ScaledLinear(1, 6)), "forward hook": hooked,
-            "forward pre-hook": pre_hooked, "spectral norm": spectral, "tied weights": tied}
+    return {
+        "subclass": mlp(ScaledLinear(1, 6)),
+        "forward hook": hooked,
+        "forward pre-hook": pre_hooked,
+        "spectral norm": spectral,
+        "tied weights": tied,
+    }
 
 
 @pytest.mark.parametrize("kind", list(learners()))
@@ -97,7 +101,8 @@ def test_batched_maml_is_exact_for_modules_the_fused_kernels_do_not_reproduce(ki
     got = torch.autograd.grad(bm(x_s, y_s, x_q, y_q), params)
     loss_fn = lambda out, y: ((out - y) ** 2).mean()  # noqa: E731
     want = torch.autograd.grad(
-        reference.maml_query_losses_loop(net, loss_fn, 0.1, 2, x_s, y_s, x_q, y_q).mean(), params)
+        reference.maml_query_losses_loop(net, loss_fn, 0.1, 2, x_s, y_s, x_q, y_q).mean(), params
+    )
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
 
@@ -138,11 +143,11 @@ def test_batched_maml_names_both_devices_of_a_meta_operand():
 def test_raw_ops_with_one_meta_operand_are_errors_not_uninitialised_results():
     params, x, y = torch.randn(2, 9), torch.randn(2, 3, 2), torch.randn(2, 3, 1)
     with pytest.raises(RuntimeError, match="target must be on cpu like params, got meta"):
-        torch.ops.fastmeta.mlp_task_derivatives(params, x, y.to("meta"), None, [2, 2, 1],
-                                                ["relu", "identity"], "mse", False)
+        torch.ops.fastmeta.mlp_task_derivatives(
+            params, x, y.to("meta"), None, [2, 2, 1], ["relu", "identity"], "mse", False
+        )
     with pytest.raises(RuntimeError, match="y must be on meta like x, got cpu"):
-        torch.ops.fastmeta.pairwise_distance(torch.randn(1, 2, 3, device="meta"), torch.randn(1, 2, 3),
-                                             "sqeuclidean")
+        torch.ops.fastmeta.pairwise_distance(torch.randn(1, 2, 3, device="meta"), torch.randn(1, 2, 3), "sqeuclidean")
 
 
 def test_reptile_with_zero_tasks_is_an_error_and_leaves_the_parameters():
@@ -157,12 +162,14 @@ def test_reptile_with_zero_tasks_is_an_error_and_leaves_the_parameters():
 
 # --- sizes ---------------------------------------------------------------------------------------
 
+
 def test_huge_mlp_widths_are_an_error_not_an_overflow():
     params, x, y = torch.randn(1, 9), torch.randn(1, 3, 2), torch.randn(1, 3, 1)
     for widths in ([2, 2**40, 2**40, 1], [2, 2**62, 1], [2**61, 4, 1], [2, 2**31, 2**31, 2**31, 1]):
         with pytest.raises(RuntimeError, match="on N = 3 points per task is too large"):
-            torch.ops.fastmeta.mlp_task_derivatives(params, x, y, None, widths,
-                                                    ["relu"] * (len(widths) - 1), "mse", False)
+            torch.ops.fastmeta.mlp_task_derivatives(
+                params, x, y, None, widths, ["relu"] * (len(widths) - 1), "mse", False
+            )
 
 
 def test_an_mlp_workspace_beyond_memory_is_a_clear_error():
@@ -170,8 +177,7 @@ def test_an_mlp_workspace_beyond_memory_is_a_clear_error():
     params = torch.zeros(1, 3 * hidden + 1)
     x, y = torch.zeros(1, N, 1), torch.zeros(1, N, 1)
     with pytest.raises(RuntimeError, match="not enough memory for the workspace of a task"):
-        torch.ops.fastmeta.mlp_task_derivatives(params, x, y, None, [1, hidden, 1],
-                                                ["relu", "identity"], "mse", False)
+        torch.ops.fastmeta.mlp_task_derivatives(params, x, y, None, [1, hidden, 1], ["relu", "identity"], "mse", False)
 
 
 def test_more_classes_than_support_examples_is_an_error_not_an_allocation():
@@ -204,6 +210,7 @@ def test_feature_size_beyond_32_bits_is_not_truncated_in_the_matrix_products():
 
 # --- clear messages ------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("algorithm", [MAML, MetaSGD])
 def test_maml_on_a_module_without_parameters(algorithm):
     learner = algorithm(nn.ReLU(), 0.1).clone()
@@ -228,14 +235,20 @@ def test_state_of_another_lstm_is_blamed_on_the_state():
     small, large = fastmeta.nn.CoordinatewiseLSTM(hidden_size=4), fastmeta.nn.CoordinatewiseLSTM(hidden_size=6)
     grad = torch.randn(10)
     _, state = small(grad)
-    with pytest.raises(ValueError, match=r"state has shape \[2, 2, 4, 10\], the state of an LSTM with "
-                                         r"num_layers = 2 and hidden_size = 4, but this one has "
-                                         r"num_layers = 2 and hidden_size = 6"):
+    with pytest.raises(
+        ValueError,
+        match=r"state has shape \[2, 2, 4, 10\], the state of an LSTM with "
+        r"num_layers = 2 and hidden_size = 4, but this one has "
+        r"num_layers = 2 and hidden_size = 6",
+    ):
         large(grad, state)
     with pytest.raises(ValueError, match="are the state and the weights from the same LSTM"):
         ops.l2o_lstm_step(grad, state, large.flat_weights().detach())
-    with pytest.raises(RuntimeError, match=r"a state of shape \[2, 2, 4, 10\] .* needs 261 weights, "
-                                           r"but weights has 535; are the state and the weights"):
+    with pytest.raises(
+        RuntimeError,
+        match=r"a state of shape \[2, 2, 4, 10\] .* needs 261 weights, "
+        r"but weights has 535; are the state and the weights",
+    ):
         torch.ops.fastmeta.l2o_lstm_step(grad, state, large.flat_weights().detach(), 10.0, 0.1)
 
 
@@ -253,8 +266,9 @@ def test_fakes_name_what_is_wrong():
     with FakeTensorMode():
         x, y = torch.randn(2, 3, 4), torch.randn(2, 5, 4)
         with pytest.raises(RuntimeError, match=r"grad has N = 4 in dimension 2 but y has N = 5"):
-            torch.ops.fastmeta.pairwise_distance_backward(torch.randn(2, 3, 4), torch.randn(2, 3, 5), x, y,
-                                                          "sqeuclidean")
+            torch.ops.fastmeta.pairwise_distance_backward(
+                torch.randn(2, 3, 4), torch.randn(2, 3, 5), x, y, "sqeuclidean"
+            )
         with pytest.raises(RuntimeError, match="unknown metric 'l2'"):
             torch.ops.fastmeta.pairwise_distance(x, y, "l2")
 

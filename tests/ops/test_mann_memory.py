@@ -13,16 +13,29 @@ def operands(B, T, S, W, H, dtype=torch.float64, device="cpu", seed=0):
     """Memory, usage, read weights, keys, write gates and key strengths; all
     but the usage require grad."""
     g = torch.Generator().manual_seed(seed)
-    tensors = [torch.randn(B, S, W, generator=g) * 0.5, torch.rand(B, S, generator=g) * 3,
-               torch.softmax(torch.randn(B, H, S, generator=g), -1), torch.randn(B, T, H, W, generator=g),
-               torch.rand(B, T, H, generator=g), torch.rand(B, T, H, generator=g) * 4]
+    tensors = [
+        torch.randn(B, S, W, generator=g) * 0.5,
+        torch.rand(B, S, generator=g) * 3,
+        torch.softmax(torch.randn(B, H, S, generator=g), -1),
+        torch.randn(B, T, H, W, generator=g),
+        torch.rand(B, T, H, generator=g),
+        torch.rand(B, T, H, generator=g) * 4,
+    ]
     tensors = [t.to(device, dtype) for t in tensors]
     return [t if i == 1 else t.requires_grad_() for i, t in enumerate(tensors)]
 
 
 # (B, T, S, W, H): odd sizes, one slot, one head, more heads than slots, B = 0, T = 0
-SHAPES = [(2, 5, 7, 5, 3), (3, 4, 1, 1, 1), (1, 6, 5, 3, 6), (4, 50, 16, 9, 4), (2, 3, 3, 17, 1),
-          (0, 4, 5, 3, 2), (2, 0, 5, 3, 2), (1, 1, 128, 40, 4)]
+SHAPES = [
+    (2, 5, 7, 5, 3),
+    (3, 4, 1, 1, 1),
+    (1, 6, 5, 3, 6),
+    (4, 50, 16, 9, 4),
+    (2, 3, 3, 17, 1),
+    (0, 4, 5, 3, 2),
+    (2, 0, 5, 3, 2),
+    (1, 1, 128, 40, 4),
+]
 
 
 def differentiable(args):
@@ -46,8 +59,7 @@ def test_matches_reference_values_and_gradients(device, dtype, B, T, S, W, H):
         reads, memories, history, usage, _ = reference.mann_steps(*leaves, 0.9, slots=slots)
         return reads, memories[:, -1], usage, history[:, -1]
 
-    out, _ = compare_with_reference(lambda *t: ops.mann_memory(*t, decay=0.9),
-                                    steps_with_the_same_slots, args)
+    out, _ = compare_with_reference(lambda *t: ops.mann_memory(*t, decay=0.9), steps_with_the_same_slots, args)
     assert [o.shape for o in out] == [(B, T, H, W), (B, S, W), (B, S), (B, H, S)]
     assert all(o.dtype == dtype for o in out)
 
@@ -57,8 +69,9 @@ def test_least_used_ties_go_to_the_lowest_slots_and_the_least_used_is_cleared():
     memory = torch.arange(S * W, dtype=torch.float64).view(B, S, W) + 1
     usage = torch.tensor([[3.0, 1.0, 2.0, 1.0, 5.0, 1.0]], dtype=torch.float64)
     keys = torch.zeros(B, 1, H, W, dtype=torch.float64)
-    out = ops.mann_memory(memory, usage, torch.zeros(B, H, S, dtype=torch.float64), keys,
-                          torch.zeros(B, 1, H, dtype=torch.float64))
+    out = ops.mann_memory(
+        memory, usage, torch.zeros(B, H, S, dtype=torch.float64), keys, torch.zeros(B, 1, H, dtype=torch.float64)
+    )
     # least used: slots 1 and 3 (usage 1, the lowest of the tied), slot 1 cleared
     expected_memory = memory.clone()
     expected_memory[0, 1] = 0
@@ -71,8 +84,7 @@ def test_continuing_from_the_returned_state_equals_one_call():
     memory, usage, weights, keys, gates, strengths = operands(3, 9, 6, 4, 2)
     whole = ops.mann_memory(memory, usage, weights, keys, gates, strengths)
     first = ops.mann_memory(memory, usage, weights, keys[:, :4], gates[:, :4], strengths[:, :4])
-    second = ops.mann_memory(first.memory, first.usage, first.read_weights, keys[:, 4:], gates[:, 4:],
-                             strengths[:, 4:])
+    second = ops.mann_memory(first.memory, first.usage, first.read_weights, keys[:, 4:], gates[:, 4:], strengths[:, 4:])
     torch.testing.assert_close(torch.cat([first.reads, second.reads], 1), whole.reads)
     for a, b in zip(second[1:], whole[1:]):
         torch.testing.assert_close(a, b)
@@ -101,8 +113,7 @@ def test_float_key_strength_and_half_precision():
     torch.testing.assert_close(out.reads, expected.reads)
     half = ops.mann_memory(*(t.detach().bfloat16() for t in args))
     assert half.reads.dtype == torch.bfloat16
-    torch.testing.assert_close(half.reads.double(), ops.mann_memory(*args).reads.detach(),
-                               atol=0.05, rtol=0.05)
+    torch.testing.assert_close(half.reads.double(), ops.mann_memory(*args).reads.detach(), atol=0.05, rtol=0.05)
 
 
 def test_gradcheck_and_gradgradcheck():
@@ -112,6 +123,7 @@ def test_gradcheck_and_gradgradcheck():
     def fn(memory, weights, keys, gates, strengths):
         out = ops.mann_memory(memory, usage, weights, keys, gates, strengths, decay=0.8)
         return out.reads, out.memory, out.read_weights
+
     assert torch.autograd.gradcheck(fn, differentiable(args))
     assert torch.autograd.gradgradcheck(fn, differentiable(args))
 
@@ -124,8 +136,11 @@ def test_opcheck():
 
 def test_bad_input_messages():
     memory, usage, weights, keys, gates, strengths = [t.detach() for t in operands(2, 3, 5, 4, 2)]
-    with pytest.raises(ValueError, match=r"keys must be \[2, 3, 2, 4\] for memory of shape "
-                                         r"\[2, 5, 4\] and keys of shape \[2, 3, 2, 3\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"keys must be \[2, 3, 2, 4\] for memory of shape "
+        r"\[2, 5, 4\] and keys of shape \[2, 3, 2, 3\]",
+    ):
         ops.mann_memory(memory, usage, weights, keys[..., :3], gates, strengths)
     with pytest.raises(ValueError, match=r"keys must be \[2, 3, 2, 4\] .* got \[1, 3, 2, 4\]"):
         ops.mann_memory(memory, usage, weights, keys[:1], gates, strengths)
@@ -148,14 +163,23 @@ def test_bad_input_messages():
     with pytest.raises(RuntimeError, match="least_used must hold slots in"):
         out = torch.ops.fastmeta.mann_memory(memory, usage, weights, keys, gates, strengths, 0.9)
         torch.ops.fastmeta.mann_memory_backward(
-            torch.zeros_like(keys), torch.zeros_like(memory), torch.zeros_like(weights), memory,
-            weights, keys, gates, strengths, out[4], out[5], out[6] + 5)
+            torch.zeros_like(keys),
+            torch.zeros_like(memory),
+            torch.zeros_like(weights),
+            memory,
+            weights,
+            keys,
+            gates,
+            strengths,
+            out[4],
+            out[5],
+            out[6] + 5,
+        )
 
 
 def mann(dtype=torch.float64, **kwargs):
     torch.manual_seed(0)
-    return fnn.MANN(input_size=36, num_classes=5, hidden_size=24, memory_slots=16, memory_width=8,
-                    **kwargs).to(dtype)
+    return fnn.MANN(input_size=36, num_classes=5, hidden_size=24, memory_slots=16, memory_width=8, **kwargs).to(dtype)
 
 
 def episodes(B=3, T=12, seed=0, dtype=torch.float64):
@@ -172,9 +196,10 @@ def test_mann_equals_its_step_by_step_formulation(heads):
     assert logits.shape == (3, 12, 5)
     torch.testing.assert_close(logits, expected)
     params = list(model.parameters())
-    for a, b in zip(torch.autograd.grad(model.loss(x, y), params),
-                    torch.autograd.grad(torch.nn.functional.cross_entropy(expected.flatten(0, 1),
-                                                                          y.flatten()), params)):
+    for a, b in zip(
+        torch.autograd.grad(model.loss(x, y), params),
+        torch.autograd.grad(torch.nn.functional.cross_entropy(expected.flatten(0, 1), y.flatten()), params),
+    ):
         torch.testing.assert_close(a, b)
 
 
@@ -199,8 +224,9 @@ def test_a_label_of_minus_one_is_not_shown_and_not_a_target():
     keep = hidden.flatten() >= 0
     want = torch.nn.functional.cross_entropy(logits.flatten(0, 1)[keep], y.flatten()[keep])
     torch.testing.assert_close(model.loss(x, hidden), want)
-    torch.testing.assert_close(model.loss(x, hidden, targets=y),
-                               torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten()))
+    torch.testing.assert_close(
+        model.loss(x, hidden, targets=y), torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+    )
 
 
 def test_mann_nan_stays_in_its_episode():
@@ -214,18 +240,27 @@ def test_mann_nan_stays_in_its_episode():
 def test_mann_bad_input_messages():
     model = mann()
     x, y = episodes()
-    with pytest.raises(ValueError, match=r"labels must be in 0..4 \(num_classes = 5\), or -1 for a "
-                                         r"label not shown; got values in 1..7"):
+    with pytest.raises(
+        ValueError,
+        match=r"labels must be in 0..4 \(num_classes = 5\), or -1 for a "
+        r"label not shown; got values in 1..7",
+    ):
         model(x, torch.where(y == 0, 7, y))
     with pytest.raises(ValueError, match=r"got values in -2..4"):
         model(x, torch.where(y == 0, -2, y))
-    with pytest.raises(ValueError, match=r"labels must be \[B, T\] = \[3, 12\] like inputs' first two "
-                                         r"dimensions, got \[2, 12\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"labels must be \[B, T\] = \[3, 12\] like inputs' first two "
+        r"dimensions, got \[2, 12\]",
+    ):
         model(x, y[:2])
     with pytest.raises(TypeError, match="labels must be integers"):
         model(x, y.double())
-    with pytest.raises(ValueError, match=r"each example must give input_size = 36 features after the "
-                                         r"embedding, got shape \[25\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"each example must give input_size = 36 features after the "
+        r"embedding, got shape \[25\]",
+    ):
         model(x[..., :5, :5], y)
     with pytest.raises(ValueError, match="memory_slots must be a positive integer, got 0"):
         fnn.MANN(36, 5, memory_slots=0)

@@ -20,7 +20,8 @@ from fastmeta.testing import DEVICES
 OMNIGLOT = data_dir() / "omniglot"
 needs_omniglot = pytest.mark.skipif(
     not (OMNIGLOT / "images_background_small1.zip").exists(),
-    reason=f"the Omniglot subsets are not at {OMNIGLOT} (set FASTMETA_DATA)")
+    reason=f"the Omniglot subsets are not at {OMNIGLOT} (set FASTMETA_DATA)",
+)
 
 
 def uneven_dataset(seed=0):
@@ -34,20 +35,19 @@ def uneven_dataset(seed=0):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("ways, shots, queries, batch", [(5, 1, 3, 8), (12, 2, 2, 3), (1, 4, 0, 5),
-                                                         (3, 1, 1, 1)])
+@pytest.mark.parametrize("ways, shots, queries, batch", [(5, 1, 3, 8), (12, 2, 2, 3), (1, 4, 0, 5), (3, 1, 1, 1)])
 def test_sampler_episodes_have_right_classes_and_counts(device, ways, shots, queries, batch):
     images, labels = uneven_dataset()
-    sampler = EpisodeSampler((images.to(device), labels.to(device)), ways, shots, queries,
-                             episodes_per_batch=batch, seed=1)
+    sampler = EpisodeSampler(
+        (images.to(device), labels.to(device)), ways, shots, queries, episodes_per_batch=batch, seed=1
+    )
     for episode in (sampler.sample() for _ in range(20)):
         assert episode.support.shape == (batch, ways * shots, 1, 2, 2)
         assert episode.query.shape == (batch, ways * queries, 1, 2, 2)
         assert episode.support.device.type == device
         expected = torch.arange(ways).repeat_interleave(shots).expand(batch, -1)
         assert torch.equal(episode.support_labels.cpu(), expected)
-        assert torch.equal(episode.query_labels.cpu(), torch.arange(ways).repeat_interleave(queries)
-                           .expand(batch, -1))
+        assert torch.equal(episode.query_labels.cpu(), torch.arange(ways).repeat_interleave(queries).expand(batch, -1))
         for b in range(batch):
             assert len(set(episode.classes[b].tolist())) == ways
             drawn = torch.cat([episode.support_indices[b], episode.query_indices[b]]).tolist()
@@ -62,8 +62,9 @@ def test_sampler_episodes_have_right_classes_and_counts(device, ways, shots, que
 def test_sampler_is_deterministic_and_covers_every_class():
     images, labels = uneven_dataset()
     a = EpisodeSampler((images, labels), 5, 1, 2, episodes_per_batch=50, seed=3).sample()
-    b = EpisodeSampler((images, labels), 5, 1, 2, episodes_per_batch=50,
-                       generator=torch.Generator().manual_seed(3)).sample()
+    b = EpisodeSampler(
+        (images, labels), 5, 1, 2, episodes_per_batch=50, generator=torch.Generator().manual_seed(3)
+    ).sample()
     c = EpisodeSampler((images, labels), 5, 1, 2, episodes_per_batch=50, seed=4).sample()
     assert torch.equal(a.support_indices, b.support_indices)
     assert not torch.equal(a.support_indices, c.support_indices)
@@ -100,18 +101,21 @@ def test_sampler_iterates_num_batches_and_converts_uint8():
     assert episodes[0].support.dtype == torch.float32 and float(episodes[0].support.max()) == 1.0
 
 
-@pytest.mark.parametrize("kwargs, labels, error, message", [
-    ({"ways": 13}, None, ValueError, "ways=13 but the dataset has only 12 classes"),
-    ({"shots": 10, "queries": 6}, None, ValueError, "fewer than shots + queries = 16"),
-    ({}, torch.arange(40.0) % 5, TypeError, "labels must be integers, got torch.float32"),
-    ({}, torch.zeros(40, 2, dtype=torch.long), ValueError, "labels must be one-dimensional"),
-    ({"ways": 0}, None, ValueError, "ways must be an integer >= 1, got 0"),
-    ({"shots": 1.5}, None, ValueError, "shots must be an integer >= 1, got 1.5"),
-    ({"queries": -1}, None, ValueError, "queries must be an integer >= 0"),
-    ({"episodes_per_batch": 0}, None, ValueError, "episodes_per_batch must be an integer >= 1"),
-    ({"num_batches": -2}, None, ValueError, "num_batches must be an integer >= 0 or None"),
-    ({"seed": 1, "generator": torch.Generator()}, None, ValueError, "a seed or a generator"),
-])
+@pytest.mark.parametrize(
+    "kwargs, labels, error, message",
+    [
+        ({"ways": 13}, None, ValueError, "ways=13 but the dataset has only 12 classes"),
+        ({"shots": 10, "queries": 6}, None, ValueError, "fewer than shots + queries = 16"),
+        ({}, torch.arange(40.0) % 5, TypeError, "labels must be integers, got torch.float32"),
+        ({}, torch.zeros(40, 2, dtype=torch.long), ValueError, "labels must be one-dimensional"),
+        ({"ways": 0}, None, ValueError, "ways must be an integer >= 1, got 0"),
+        ({"shots": 1.5}, None, ValueError, "shots must be an integer >= 1, got 1.5"),
+        ({"queries": -1}, None, ValueError, "queries must be an integer >= 0"),
+        ({"episodes_per_batch": 0}, None, ValueError, "episodes_per_batch must be an integer >= 1"),
+        ({"num_batches": -2}, None, ValueError, "num_batches must be an integer >= 0 or None"),
+        ({"seed": 1, "generator": torch.Generator()}, None, ValueError, "a seed or a generator"),
+    ],
+)
 def test_sampler_bad_input(kwargs, labels, error, message):
     if labels is None:
         _, labels = uneven_dataset()
@@ -167,12 +171,11 @@ def test_labelled_images_split_rotations_and_selection():
     names = [set(part.class_names) for part in (train, val, test)]
     assert [len(n) for n in names] == [6, 2, 2]
     assert set.union(*names) == set(data.class_names) and not (names[0] & names[1] | names[0] & names[2])
-    assert [p.class_names for p in data.split((0.6, 0.2, 0.2), seed=1)] == [
-        p.class_names for p in (train, val, test)]
+    assert [p.class_names for p in data.split((0.6, 0.2, 0.2), seed=1)] == [p.class_names for p in (train, val, test)]
     for part in (train, val, test):  # each image keeps its class
         for label, name in enumerate(part.class_names):
             original = int(name[1:])
-            assert torch.equal(part.images[part.labels == label], images[original * 3:original * 3 + 3])
+            assert torch.equal(part.images[part.labels == label], images[original * 3 : original * 3 + 3])
     rotated = data.with_rotations()
     assert rotated.num_classes == 40 and len(rotated) == 120
     assert torch.equal(rotated.images[rotated.labels == 4 * 2 + 1], torch.rot90(images[6:9], 1, (2, 3)))
@@ -182,22 +185,42 @@ def test_labelled_images_split_rotations_and_selection():
     assert data.choose_split("val", (0.6, 0.2, 0.2), 1).class_names == val.class_names
 
 
-@pytest.mark.parametrize("call, error, message", [
-    (lambda: LabelledImages(torch.zeros(3, 4, 4), torch.zeros(3)), ValueError, "tensor \\[N, C, H, W\\]"),
-    (lambda: LabelledImages(torch.zeros(3, 1, 4, 4), torch.zeros(2)), ValueError, "labels must have shape \\[3\\]"),
-    (lambda: LabelledImages(torch.zeros(3, 1, 4, 4), torch.zeros(3)), TypeError, "labels must be integers"),
-    (lambda: LabelledImages(torch.zeros(2, 1, 4, 4), torch.tensor([0, -1])), ValueError, "labels must be >= 0"),
-    (lambda: LabelledImages(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]), ["a"]), ValueError, "1 class names for 2"),
-    (lambda: LabelledImages(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])).split((0.9, 0.9)), ValueError, "sum to at most 1"),
-    (lambda: LabelledImages(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])).split((2, 1)), ValueError, "there are 2"),
-    (lambda: LabelledImages(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])).choose_split("dev", (1, 0, 0), 0), ValueError, "split must be one of"),
-])
+@pytest.mark.parametrize(
+    "call, error, message",
+    [
+        (lambda: LabelledImages(torch.zeros(3, 4, 4), torch.zeros(3)), ValueError, "tensor \\[N, C, H, W\\]"),
+        (lambda: LabelledImages(torch.zeros(3, 1, 4, 4), torch.zeros(2)), ValueError, "labels must have shape \\[3\\]"),
+        (lambda: LabelledImages(torch.zeros(3, 1, 4, 4), torch.zeros(3)), TypeError, "labels must be integers"),
+        (lambda: LabelledImages(torch.zeros(2, 1, 4, 4), torch.tensor([0, -1])), ValueError, "labels must be >= 0"),
+        (
+            lambda: LabelledImages(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1]), ["a"]),
+            ValueError,
+            "1 class names for 2",
+        ),
+        (
+            lambda: LabelledImages(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])).split((0.9, 0.9)),
+            ValueError,
+            "sum to at most 1",
+        ),
+        (
+            lambda: LabelledImages(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])).split((2, 1)),
+            ValueError,
+            "there are 2",
+        ),
+        (
+            lambda: LabelledImages(torch.zeros(2, 1, 4, 4), torch.tensor([0, 1])).choose_split("dev", (1, 0, 0), 0),
+            ValueError,
+            "split must be one of",
+        ),
+    ],
+)
 def test_labelled_images_bad_input(call, error, message):
     with pytest.raises(error, match=message):
         call()
 
 
 # Omniglot ------------------------------------------------------------------
+
 
 @needs_omniglot
 def test_omniglot_reads_zips_and_folders_identically(tmp_path):
@@ -281,6 +304,7 @@ def test_omniglot_missing_or_corrupted_files(tmp_path):
 
 # Image folders -------------------------------------------------------------
 
+
 def write_image_folder(root: Path):
     rng = np.random.default_rng(0)
     arrays = {}
@@ -349,6 +373,7 @@ def test_an_unwritable_or_foreign_cache_is_skipped(tmp_path, monkeypatch):
     def disk_full(content, path):
         Path(path).write_bytes(b"partial")
         raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 64")
+
     with monkeypatch.context() as patch:
         patch.setattr(torch, "save", disk_full)
         with pytest.warns(UserWarning, match="could not write the cache in .*continuing without it"):
@@ -379,8 +404,9 @@ def test_omniglot_zip_with_a_bad_crc_or_no_drawings(tmp_path):
 
 def test_sampler_takes_numpy_integers():
     images, labels = uneven_dataset()
-    sampler = EpisodeSampler(LabelledImages(images, labels), np.int64(5), np.int32(1), np.int64(3),
-                             episodes_per_batch=np.int64(2), seed=0)
+    sampler = EpisodeSampler(
+        LabelledImages(images, labels), np.int64(5), np.int32(1), np.int64(3), episodes_per_batch=np.int64(2), seed=0
+    )
     assert sampler.sample().support.shape[:2] == (2, 5)
 
 
@@ -392,6 +418,7 @@ def test_labels_are_checked_before_anything_is_sized_by_them():
 
 
 # Built-in characters -------------------------------------------------------
+
 
 def test_characters_dataset():
     data = Characters()

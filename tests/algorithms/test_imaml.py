@@ -3,7 +3,6 @@ from the full Hessian, on the fused (MLP) and generic (torch.func) paths."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fastmeta.algorithms import iMAML
@@ -33,7 +32,7 @@ def direct_meta_gradient(module, lr, lam, steps, x_s, y_s, x_q, y_q):
     def loss_at(flat, x, y):
         params, offset = {}, 0
         for name, p in module.named_parameters():
-            params[name] = flat[offset:offset + p.numel()].view_as(p)
+            params[name] = flat[offset : offset + p.numel()].view_as(p)
             offset += p.numel()
         return mse(torch.func.functional_call(module, params, (x,)), y)
 
@@ -60,8 +59,7 @@ PATHS = [("mse", "auto"), (mse, "recompute"), (mse, "keep")]
 @pytest.mark.parametrize("steps", [1, 5])
 def test_meta_gradient_equals_the_direct_solve(loss, memory, steps):
     module = learner()
-    imaml = iMAML(module, inner_lr=0.1, inner_steps=steps, lam=4.0, cg_steps=40, loss=loss,
-                  memory=memory)
+    imaml = iMAML(module, inner_lr=0.1, inner_steps=steps, lam=4.0, cg_steps=40, loss=loss, memory=memory)
     assert imaml.fused == (loss == "mse")
     data = tasks()
     value = imaml(*data)
@@ -93,8 +91,9 @@ def test_adapt_and_predict_solve_the_proximal_problem():
     theta = dict(module.named_parameters())
     phi = {n: p.detach().expand(3, *p.shape).clone() for n, p in theta.items()}
     for _ in range(4):
-        grads = torch.func.vmap(lambda p, x, y: torch.func.grad(
-            lambda q: mse(torch.func.functional_call(module, q, (x,)), y))(p))(phi, x_s, y_s)
+        grads = torch.func.vmap(
+            lambda p, x, y: torch.func.grad(lambda q: mse(torch.func.functional_call(module, q, (x,)), y))(p)
+        )(phi, x_s, y_s)
         phi = {n: phi[n] - 0.1 * (grads[n] + 2.0 * (phi[n] - theta[n].detach())) for n in phi}
     for n in phi:
         torch.testing.assert_close(adapted[n], phi[n])
@@ -109,8 +108,9 @@ def test_classification_with_a_conv_learner_runs_on_the_generic_path():
     results = []
     for memory in ("keep", "recompute"):
         torch.manual_seed(0)
-        module = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(),
-                               nn.Linear(4 * 4 * 4, 3)).double()
+        module = nn.Sequential(
+            nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3)
+        ).double()
         imaml = iMAML(module, 0.1, 3, lam=1.0, cg_steps=2, loss="cross_entropy", memory=memory)
         g = torch.Generator().manual_seed(1)
         x_s, x_q = torch.randn(2, 3, 1, 6, 6, generator=g, **DOUBLE), torch.randn(2, 6, 1, 6, 6, generator=g, **DOUBLE)
@@ -119,8 +119,7 @@ def test_classification_with_a_conv_learner_runs_on_the_generic_path():
         output.loss.backward()
         assert not imaml.fused and output.loss.item() > 0
         torch.testing.assert_close(output.outputs, imaml.predict(x_s, y_s, x_q))
-        results.append((output.loss, output.outputs,
-                        torch.cat([p.grad.reshape(-1) for p in module.parameters()])))
+        results.append((output.loss, output.outputs, torch.cat([p.grad.reshape(-1) for p in module.parameters()])))
     for keep, recompute in zip(*results):
         torch.testing.assert_close(keep, recompute, rtol=1e-10, atol=1e-12)
 
@@ -131,8 +130,7 @@ def test_kept_graphs_without_gradients_only_solve_the_inner_problem():
     imaml = iMAML(module, 0.1, 3, lam=2.0, loss=mse, memory="keep")
     with torch.no_grad():
         loss = imaml(*data)
-    torch.testing.assert_close(loss, iMAML(module, 0.1, 3, lam=2.0, loss=mse,
-                                           memory="recompute")(*data).detach())
+    torch.testing.assert_close(loss, iMAML(module, 0.1, 3, lam=2.0, loss=mse, memory="recompute")(*data).detach())
 
 
 def test_bad_arguments():

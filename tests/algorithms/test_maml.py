@@ -12,9 +12,18 @@ from torch import nn
 
 import fastmeta
 from fastmeta import functional, ops, reference
-from fastmeta.algorithms import (ANIL, MAML, BatchedMAML, MetaSGD, Reptile, clone_module, iMAML,
-                                 maml_update, meta_sgd_update)
-from fastmeta.algorithms import batched_maml
+from fastmeta.algorithms import (
+    ANIL,
+    MAML,
+    BatchedMAML,
+    MetaSGD,
+    Reptile,
+    batched_maml,
+    clone_module,
+    iMAML,
+    maml_update,
+    meta_sgd_update,
+)
 from fastmeta.data import sinusoid_tasks
 from fastmeta.testing import DEVICES, FLOAT_DTYPES, assert_close_to_reference
 
@@ -46,8 +55,7 @@ def mlp_operands(widths, loss, T, N, dtype, device, seed=0):
 
     params = randn(T, P, scale=0.7)
     x = randn(T, N, widths[0])
-    target = randn(T, N, widths[-1]) if loss == "mse" else \
-        torch.randint(0, widths[-1], (T, N), generator=g).to(device)
+    target = randn(T, N, widths[-1]) if loss == "mse" else torch.randint(0, widths[-1], (T, N), generator=g).to(device)
     return params, x, target, randn(T, P)
 
 
@@ -63,6 +71,7 @@ def mlp_module(widths, activations, dtype=torch.float64):
 
 # --- the fused op -------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
 @pytest.mark.parametrize("widths,activations,loss", MLPS)
@@ -70,13 +79,22 @@ def mlp_module(widths, activations, dtype=torch.float64):
 def test_mlp_derivatives_match_torch_func(widths, activations, loss, T, N, dtype, device):
     params, x, target, direction = mlp_operands(widths, loss, T, N, dtype, device)
     for d, input_grad in ((None, False), (direction, True), (direction, False), (None, True)):
-        got = fastmeta.ops.mlp_task_derivatives(params, x, target, d, widths=widths,
-                                                activations=activations, loss=loss,
-                                                input_grad=input_grad)
-        want, eager = (reference.mlp_task_derivatives(
-            params.to(to), x.to(to), target.to(to) if loss == "mse" else target,
-            None if d is None else d.to(to), widths, activations, loss, input_grad)
-            for to in (torch.float64, dtype))
+        got = fastmeta.ops.mlp_task_derivatives(
+            params, x, target, d, widths=widths, activations=activations, loss=loss, input_grad=input_grad
+        )
+        want, eager = (
+            reference.mlp_task_derivatives(
+                params.to(to),
+                x.to(to),
+                target.to(to) if loss == "mse" else target,
+                None if d is None else d.to(to),
+                widths,
+                activations,
+                loss,
+                input_grad,
+            )
+            for to in (torch.float64, dtype)
+        )
         for name, a, b, c in zip(("loss", "grad", "grad_input", "hvp", "hvp_input"), got, want, eager):
             assert a.shape == b.shape, name
             assert_close_to_reference(a, b, c, msg=f"{name} differs")
@@ -85,12 +103,11 @@ def test_mlp_derivatives_match_torch_func(widths, activations, loss, T, N, dtype
 def test_mlp_derivatives_hvp_equals_the_autograd_hessian():
     widths, activations = [3, 5, 2], ["sigmoid", "identity"]
     params, x, target, direction = mlp_operands(widths, "mse", 2, 4, torch.float64, "cpu")
-    hvp = fastmeta.ops.mlp_task_derivatives(params, x, target, direction, widths=widths,
-                                            activations=activations)[3]
+    hvp = fastmeta.ops.mlp_task_derivatives(params, x, target, direction, widths=widths, activations=activations)[3]
     for t in range(2):
         hessian = torch.autograd.functional.hessian(
-            lambda p: F.mse_loss(reference.mlp_forward(p, x[t], widths, activations), target[t]),
-            params[t])
+            lambda p: F.mse_loss(reference.mlp_forward(p, x[t], widths, activations), target[t]), params[t]
+        )
         torch.testing.assert_close(hvp[t], hessian @ direction[t], rtol=1e-10, atol=1e-12)
 
 
@@ -101,10 +118,10 @@ def test_mlp_derivatives_kinks_follow_pytorch():
     x = torch.zeros(1, 1, 1, dtype=torch.float64)
     target = torch.ones(1, 1, 1, dtype=torch.float64)
     for f in ("relu", "elu"):
-        got = fastmeta.ops.mlp_task_derivatives(params, x, target, torch.ones_like(params),
-                                                widths=widths, activations=[f], input_grad=True)
-        want = reference.mlp_task_derivatives(params, x, target, torch.ones_like(params), widths,
-                                              [f], "mse", True)
+        got = fastmeta.ops.mlp_task_derivatives(
+            params, x, target, torch.ones_like(params), widths=widths, activations=[f], input_grad=True
+        )
+        want = reference.mlp_task_derivatives(params, x, target, torch.ones_like(params), widths, [f], "mse", True)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b)
 
@@ -113,8 +130,9 @@ def test_mlp_derivatives_opcheck():
     for widths, activations, loss in MLPS[:3]:
         params, x, target, direction = mlp_operands(widths, loss, 3, 5, torch.float64, "cpu")
         for d in (None, direction):
-            torch.library.opcheck(torch.ops.fastmeta.mlp_task_derivatives,
-                                  (params, x, target, d, widths, activations, loss, True))
+            torch.library.opcheck(
+                torch.ops.fastmeta.mlp_task_derivatives, (params, x, target, d, widths, activations, loss, True)
+            )
 
 
 def test_mlp_derivatives_non_contiguous_inputs():
@@ -122,10 +140,10 @@ def test_mlp_derivatives_non_contiguous_inputs():
     params, x, target, direction = mlp_operands(widths, "mse", 4, 6, torch.float64, "cpu")
     x_strided = x.transpose(1, 2).contiguous().transpose(1, 2)
     params_strided = params.t().contiguous().t()
-    got = fastmeta.ops.mlp_task_derivatives(params_strided, x_strided, target, direction,
-                                            widths=widths, activations=activations)
-    want = fastmeta.ops.mlp_task_derivatives(params, x, target, direction, widths=widths,
-                                             activations=activations)
+    got = fastmeta.ops.mlp_task_derivatives(
+        params_strided, x_strided, target, direction, widths=widths, activations=activations
+    )
+    want = fastmeta.ops.mlp_task_derivatives(params, x, target, direction, widths=widths, activations=activations)
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b)
 
@@ -135,10 +153,12 @@ def test_mlp_derivatives_take_expanded_parameters_without_a_copy():
     widths, activations = [3, 8, 2], ["elu", "identity"]
     params, x, target, direction = mlp_operands(widths, "mse", 4, 6, torch.float64, "cpu")
     expanded = params[0].expand(4, -1)
-    got = fastmeta.ops.mlp_task_derivatives(expanded, x, target, direction, widths=widths,
-                                            activations=activations, input_grad=True)
-    want = fastmeta.ops.mlp_task_derivatives(expanded.contiguous(), x, target, direction,
-                                             widths=widths, activations=activations, input_grad=True)
+    got = fastmeta.ops.mlp_task_derivatives(
+        expanded, x, target, direction, widths=widths, activations=activations, input_grad=True
+    )
+    want = fastmeta.ops.mlp_task_derivatives(
+        expanded.contiguous(), x, target, direction, widths=widths, activations=activations, input_grad=True
+    )
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
@@ -147,13 +167,15 @@ def test_mlp_derivatives_nan_stays_in_its_task():
     widths, activations = [2, 4, 1], ["relu", "identity"]
     params, x, target, direction = mlp_operands(widths, "mse", 3, 5, torch.float64, "cpu")
     x[1, 2, 0] = float("nan")
-    loss, grad, _, hvp, _ = fastmeta.ops.mlp_task_derivatives(params, x, target, direction,
-                                                              widths=widths, activations=activations)
+    loss, grad, _, hvp, _ = fastmeta.ops.mlp_task_derivatives(
+        params, x, target, direction, widths=widths, activations=activations
+    )
     assert loss[1].isnan() and loss[[0, 2]].isfinite().all()
     assert grad[[0, 2]].isfinite().all() and hvp[[0, 2]].isfinite().all()
 
 
 # --- the meta-gradient engine -------------------------------------------------------------------
+
 
 def double_backward_meta_gradient(net, loss, lr, steps, tasks, weights, wrt):
     """The meta-gradient by PyTorch's double backward, task by task."""
@@ -165,7 +187,7 @@ def double_backward_meta_gradient(net, loss, lr, steps, tasks, weights, wrt):
         p = theta
         for _ in range(steps):
             out = torch.func.functional_call(net, functional.flat_to_dict(net, p), (x_s[t],))
-            g, = torch.autograd.grad(criterion(out, y_s[t]), p, create_graph=True)
+            (g,) = torch.autograd.grad(criterion(out, y_s[t]), p, create_graph=True)
             p = p - lr_t * g
         out = torch.func.functional_call(net, functional.flat_to_dict(net, p), (x_q[t],))
         losses.append(criterion(out, y_q[t]))
@@ -189,9 +211,13 @@ def engine_query_losses(path, net, loss):
         def task_forward(params, x, y):
             outputs = torch.func.functional_call(net, functional.flat_to_dict(net, params[0]), (x,))
             return criterion(outputs, y), outputs
+
         return lambda theta, *args: functional.kept_graph_query_loss(task_forward, [theta], *args)
-    derivatives = (functional.mlp_derivatives(*functional.mlp_structure(net), loss) if path == "fused"
-                   else functional.module_derivatives(net, loss))
+    derivatives = (
+        functional.mlp_derivatives(*functional.mlp_structure(net), loss)
+        if path == "fused"
+        else functional.module_derivatives(net, loss)
+    )
     return lambda *args: functional.maml_query_loss(derivatives, *args)
 
 
@@ -213,12 +239,14 @@ def test_engine_equals_double_backward(path, loss, meta_sgd, steps):
     y_s = torch.randn(T, n_s, 3, dtype=torch.float64) if loss == "mse" else torch.randint(0, 3, (T, n_s))
     y_q = torch.randn(T, n_q, 3, dtype=torch.float64) if loss == "mse" else torch.randint(0, 3, (T, n_q))
     theta = torch.cat([p.detach().reshape(-1) for p in net.parameters()]).requires_grad_()
-    lr = (0.05 + 0.4 * torch.rand(theta.numel(), dtype=torch.float64) if meta_sgd
-          else torch.tensor(0.3, dtype=torch.float64)).requires_grad_()
+    lr = (
+        0.05 + 0.4 * torch.rand(theta.numel(), dtype=torch.float64)
+        if meta_sgd
+        else torch.tensor(0.3, dtype=torch.float64)
+    ).requires_grad_()
     weights = torch.rand(T, dtype=torch.float64)
     wrt = [theta, lr, x_s, x_q]
-    want_losses, want = double_backward_meta_gradient(net, loss, lr, steps, (x_s, y_s, x_q, y_q),
-                                                      weights, wrt)
+    want_losses, want = double_backward_meta_gradient(net, loss, lr, steps, (x_s, y_s, x_q, y_q), weights, wrt)
     losses = engine_query_losses(path, net, loss)(theta, lr, x_s, y_s, x_q, y_q, steps)
     got = torch.autograd.grad((losses * weights).sum(), wrt, allow_unused=True)
     torch.testing.assert_close(losses, want_losses, rtol=1e-12, atol=0)
@@ -246,8 +274,7 @@ def test_maml_query_loss_takes_the_parameters_as_a_list(first_order):
     trainable = [p for p in parts if p.requires_grad]
     got = torch.autograd.grad((losses * weights).sum(), trainable)
     (want_flat,) = torch.autograd.grad((want * weights).sum(), flat)
-    expected = [g.view(p.shape) for g, p in zip(want_flat.split([p.numel() for p in parts]), parts)
-                if p.requires_grad]
+    expected = [g.view(p.shape) for g, p in zip(want_flat.split([p.numel() for p in parts]), parts) if p.requires_grad]
     for a, b in zip(got, expected):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # a float32 part among float64 ones: flattened in float64, its gradient in float32
@@ -259,8 +286,9 @@ def test_maml_query_loss_takes_the_parameters_as_a_list(first_order):
         torch.testing.assert_close(a, b.to(a.dtype), rtol=1e-6, atol=1e-6)
     # one part of any shape is flattened too
     single = flat.detach().view(-1, 1).requires_grad_()
-    torch.testing.assert_close(functional.maml_query_loss(derivatives, [single], lr, x_s, y_s, x_q, y_q,
-                                                          2, first_order), want)
+    torch.testing.assert_close(
+        functional.maml_query_loss(derivatives, [single], lr, x_s, y_s, x_q, y_q, 2, first_order), want
+    )
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -296,22 +324,24 @@ def test_first_order_batched_maml_equals_the_per_task_loop():
     BatchedMAML(net, 0.1, inner_steps=2, first_order=True)(*tasks).backward()
     want = torch.autograd.grad(
         reference.maml_query_losses_loop(net, F.mse_loss, 0.1, 2, *tasks, first_order=True).mean(),
-        list(net.parameters()))
+        list(net.parameters()),
+    )
     for p, w in zip(net.parameters(), want):
         assert relative_error(p.grad, w) < 1e-9
 
 
-def assert_generic_path_matches_loop(net, inner_lr, x_s, y_s, x_q, y_q, memory="auto",
-                                     first_order=False):
+def assert_generic_path_matches_loop(net, inner_lr, x_s, y_s, x_q, y_q, memory="auto", first_order=False):
     """BatchedMAML's generic path (2 inner steps, cross-entropy) gives the
     per-task create_graph loop's meta-gradient."""
-    bm = BatchedMAML(net, inner_lr, inner_steps=2, first_order=first_order, loss="cross_entropy",
-                     memory=memory)
+    bm = BatchedMAML(net, inner_lr, inner_steps=2, first_order=first_order, loss="cross_entropy", memory=memory)
     assert not bm.fused
     bm(x_s, y_s, x_q, y_q).backward()
-    want = torch.autograd.grad(reference.maml_query_losses_loop(
-        net, F.cross_entropy, inner_lr, 2, x_s, y_s, x_q, y_q, first_order=first_order).mean(),
-        list(net.parameters()))
+    want = torch.autograd.grad(
+        reference.maml_query_losses_loop(
+            net, F.cross_entropy, inner_lr, 2, x_s, y_s, x_q, y_q, first_order=first_order
+        ).mean(),
+        list(net.parameters()),
+    )
     for p, w in zip(net.parameters(), want):
         assert relative_error(p.grad, w) < 1e-9
 
@@ -327,12 +357,11 @@ def test_batched_maml_generic_path_for_a_conv_learner(memory, first_order):
 
 
 def test_memory_policy_auto_keeps_graphs_for_convolutional_learners_on_the_cpu(monkeypatch):
-    """"auto" keeps the inner graphs where tasks run one at a time (a
+    """ "auto" keeps the inner graphs where tasks run one at a time (a
     convolutional learner on the CPU), and recomputes for other learners."""
     calls = []
     real = batched_maml.kept_graph_query_loss
-    monkeypatch.setattr(batched_maml, "kept_graph_query_loss",
-                        lambda *args, **kw: calls.append(1) or real(*args, **kw))
+    monkeypatch.setattr(batched_maml, "kept_graph_query_loss", lambda *args, **kw: calls.append(1) or real(*args, **kw))
     conv = nn.Sequential(nn.Conv2d(1, 2, 3), nn.Flatten(), nn.Linear(2 * 4 * 4, 3)).double()
     x, y = torch.randn(2, 3, 1, 6, 6, dtype=torch.float64), torch.randint(0, 3, (2, 3))
     BatchedMAML(conv, 0.1, loss="cross_entropy")(x, y, x, y)
@@ -355,10 +384,19 @@ def test_generic_path_nan_stays_in_its_task(memory):
 
     def task_losses(inputs):
         if memory == "keep":
-            return functional.kept_graph_query_loss(functional.module_task_forward(net, "cross_entropy"),
-                                                    list(net.parameters()), lr, inputs, y, inputs, y, 2)
-        return functional.maml_query_loss(functional.module_derivatives(net, "cross_entropy"),
-                                          list(net.parameters()), lr, inputs, y, inputs, y, 2)
+            return functional.kept_graph_query_loss(
+                functional.module_task_forward(net, "cross_entropy"),
+                list(net.parameters()),
+                lr,
+                inputs,
+                y,
+                inputs,
+                y,
+                2,
+            )
+        return functional.maml_query_loss(
+            functional.module_derivatives(net, "cross_entropy"), list(net.parameters()), lr, inputs, y, inputs, y, 2
+        )
 
     x_nan = x.clone()
     x_nan[1, 0, 0, 2, 2] = float("nan")
@@ -379,8 +417,9 @@ def test_kept_graphs_without_gradients_only_adapt():
     with torch.no_grad():
         loss = bm(x, y, x, y)
     assert not loss.requires_grad
-    torch.testing.assert_close(loss, BatchedMAML(net, 0.3, 2, loss="cross_entropy",
-                                                 memory="recompute")(x, y, x, y).detach())
+    torch.testing.assert_close(
+        loss, BatchedMAML(net, 0.3, 2, loss="cross_entropy", memory="recompute")(x, y, x, y).detach()
+    )
 
 
 def test_anil_head_adaptation_trains_the_body():
@@ -427,8 +466,11 @@ def test_anil_module_equals_batched_maml_on_the_head_fed_by_the_body():
     predicted = anil.predict(x_s, y_s, x_q)
     assert predicted.shape == (3, 6, 2)
     torch.testing.assert_close(predicted, anil.head.predict(body(x_s), y_s, body(x_q)))
-    with pytest.raises(ValueError, match=r"ANIL: the body must return \[n, D\] features, got shape "
-                                         r"\[12, 8, 1\]"):
+    with pytest.raises(
+        ValueError,
+        match=r"ANIL: the body must return \[n, D\] features, got shape "
+        r"\[12, 8, 1\]",
+    ):
         ANIL(nn.Sequential(body, nn.Unflatten(1, (8, 1))), head, 0.3)(x_s, y_s, x_q, y_q)
     with pytest.raises(ValueError, match=r"ANIL: inputs must be \[T, N, ...\]"):
         anil(x_s[0, 0], y_s, x_q, y_q)
@@ -445,8 +487,10 @@ def test_return_outputs_gives_the_query_outputs_and_accuracy_of_the_same_adaptat
         x_s = torch.randn(3, 4, 1, 4, 4, dtype=torch.float64)
         x_q = torch.randn(3, 6, 1, 4, 4, dtype=torch.float64)
     y_s, y_q = torch.randint(0, 2, (3, 4)), torch.randint(0, 2, (3, 6))
-    for model in (BatchedMAML(net, 0.3, inner_steps=2, loss="cross_entropy"),
-                  iMAML(net, 0.1, inner_steps=3, lam=1.0, cg_steps=2, loss="cross_entropy")):
+    for model in (
+        BatchedMAML(net, 0.3, inner_steps=2, loss="cross_entropy"),
+        iMAML(net, 0.1, inner_steps=3, lam=1.0, cg_steps=2, loss="cross_entropy"),
+    ):
         out = model(x_s, y_s, x_q, y_q, return_outputs=True)
         torch.testing.assert_close(out.loss, model(x_s, y_s, x_q, y_q))
         expected = model.predict(x_s, y_s, x_q, steps=model.inner_steps)
@@ -456,8 +500,13 @@ def test_return_outputs_gives_the_query_outputs_and_accuracy_of_the_same_adaptat
         queries = F.cross_entropy(out.outputs.flatten(0, 1), y_q.flatten(), reduction="none")
         torch.testing.assert_close(out.loss, queries.view(3, 6).mean(1).mean())
     mse = BatchedMAML(nn.Linear(3, 1).double(), 0.1)
-    out = mse(x_s.flatten(2)[..., :3], torch.zeros(3, 4, 1, dtype=torch.float64), x_q.flatten(2)[..., :3],
-              torch.zeros(3, 6, 1, dtype=torch.float64), return_outputs=True)
+    out = mse(
+        x_s.flatten(2)[..., :3],
+        torch.zeros(3, 4, 1, dtype=torch.float64),
+        x_q.flatten(2)[..., :3],
+        torch.zeros(3, 6, 1, dtype=torch.float64),
+        return_outputs=True,
+    )
     assert out.accuracy is None and out.outputs.shape == (3, 6, 1)
 
 
@@ -499,8 +548,10 @@ def test_batched_maml_does_not_adapt_frozen_parameters(memory):
     outputs.loss.backward()
     assert net[0].weight.grad is None and net[0].bias.grad is not None
     twin = copy.deepcopy(net).requires_grad_()  # the frozen weight: learning rate 0
-    want = torch.autograd.grad(reference.maml_query_losses_loop(
-        twin, F.mse_loss, [0.0, 0.1, 0.1, 0.1], 2, *tasks).mean(), list(twin.parameters())[1:])
+    want = torch.autograd.grad(
+        reference.maml_query_losses_loop(twin, F.mse_loss, [0.0, 0.1, 0.1, 0.1], 2, *tasks).mean(),
+        list(twin.parameters())[1:],
+    )
     for p, w in zip(list(net.parameters())[1:], want):
         assert relative_error(p.grad, w) < 1e-9
 
@@ -531,8 +582,7 @@ def test_reptile_moves_towards_the_mean_adapted_parameters():
     initial = reptile.step(x, y)
     for name, p in net.named_parameters():
         torch.testing.assert_close(p.detach(), before[name] + 0.5 * (adapted[name].mean(0) - before[name]))
-    want = torch.stack([F.mse_loss(torch.func.functional_call(net, before, (x[t],)), y[t])
-                        for t in range(4)]).mean()
+    want = torch.stack([F.mse_loss(torch.func.functional_call(net, before, (x[t],)), y[t]) for t in range(4)]).mean()
     torch.testing.assert_close(initial, want)
 
 
@@ -569,8 +619,9 @@ def test_batched_hvp_equals_per_task_hessians():
 
 
 def test_sinusoid_tasks():
-    x_s, y_s, x_q, y_q, amp, phase = sinusoid_tasks(50, 10, num_query=7, return_parameters=True,
-                                                    generator=torch.Generator().manual_seed(0))
+    x_s, y_s, x_q, y_q, amp, phase = sinusoid_tasks(
+        50, 10, num_query=7, return_parameters=True, generator=torch.Generator().manual_seed(0)
+    )
     assert x_s.shape == (50, 10, 1) and y_q.shape == (50, 7, 1)
     assert x_s.min() >= -5 and x_s.max() <= 5
     assert amp.min() >= 0.1 and amp.max() <= 5 and phase.min() >= 0 and phase.max() <= torch.pi
@@ -578,6 +629,7 @@ def test_sinusoid_tasks():
 
 
 # --- learn2learn-style MAML and MetaSGD ---------------------------------------------------------
+
 
 def test_maml_clone_adapt_and_meta_gradient():
     torch.manual_seed(0)
@@ -599,8 +651,8 @@ def test_maml_clone_adapt_and_meta_gradient():
         assert torch.equal(p.detach(), b)  # clone leaves the original unchanged
     (total / 3).backward()
     want = torch.autograd.grad(
-        reference.maml_query_losses_loop(net, F.mse_loss, 0.1, 1, x_s, y_s, x_q, y_q).mean(),
-        list(net.parameters()))
+        reference.maml_query_losses_loop(net, F.mse_loss, 0.1, 1, x_s, y_s, x_q, y_q).mean(), list(net.parameters())
+    )
     for p, w in zip(net.parameters(), want):
         assert relative_error(p.grad, w) < 1e-12
 
@@ -613,8 +665,9 @@ def test_maml_first_order_uses_the_adapted_gradient():
     learner.adapt(F.mse_loss(learner(x_s[0]), y_s[0]))
     F.mse_loss(learner(x_q[0]), y_q[0]).backward()
     adapted = {n: p.detach().requires_grad_() for n, p in learner.module.named_parameters()}
-    want = torch.autograd.grad(F.mse_loss(torch.func.functional_call(net, adapted, (x_q[0],)), y_q[0]),
-                               list(adapted.values()))
+    want = torch.autograd.grad(
+        F.mse_loss(torch.func.functional_call(net, adapted, (x_q[0],)), y_q[0]), list(adapted.values())
+    )
     for p, w in zip(net.parameters(), want):
         torch.testing.assert_close(p.grad, w)
 
@@ -657,12 +710,14 @@ def test_meta_sgd_learns_its_learning_rates():
     lrs = list(meta.lrs)
     want = torch.autograd.grad(
         reference.maml_query_losses_loop(net, F.mse_loss, lrs, 1, x_s, y_s, x_q, y_q).mean(),
-        list(net.parameters()) + lrs)
+        list(net.parameters()) + lrs,
+    )
     for p, w in zip(list(net.parameters()) + lrs, want):
         assert relative_error(p.grad, w) < 1e-12
 
 
 # --- bad input ----------------------------------------------------------------------------------
+
 
 def sinusoid_bm():
     return BatchedMAML(nn.Sequential(nn.Linear(1, 4), nn.ReLU(), nn.Linear(4, 1)), 0.01)
@@ -689,8 +744,14 @@ def test_bad_input_unknown_loss():
     with pytest.raises(ValueError, match="unknown loss 'hinge'"):
         BatchedMAML(nn.Linear(1, 1), 0.01, loss="hinge")
     with pytest.raises(ValueError, match="unknown loss 'l1'"):
-        fastmeta.ops.mlp_task_derivatives(torch.zeros(1, 2), torch.zeros(1, 1, 1), torch.zeros(1, 1, 1),
-                                          widths=[1, 1], activations=["identity"], loss="l1")
+        fastmeta.ops.mlp_task_derivatives(
+            torch.zeros(1, 2),
+            torch.zeros(1, 1, 1),
+            torch.zeros(1, 1, 1),
+            widths=[1, 1],
+            activations=["identity"],
+            loss="l1",
+        )
 
 
 def test_bad_input_unknown_memory_policy():
@@ -823,8 +884,7 @@ def test_functional_updates_equal_the_wrappers_steps():
     stepped = MAML(net, lr=0.3).clone()
     stepped.adapt(F.mse_loss(stepped(x), y))
     functional = clone_module(net)
-    grads = torch.autograd.grad(F.mse_loss(functional(x), y), list(functional.parameters()),
-                                create_graph=True)
+    grads = torch.autograd.grad(F.mse_loss(functional(x), y), list(functional.parameters()), create_graph=True)
     maml_update(functional, 0.3, grads)
     for a, b in zip(stepped.parameters(), functional.parameters()):
         torch.testing.assert_close(a, b)
@@ -844,15 +904,15 @@ def test_functional_updates_equal_the_wrappers_steps():
 
 def conv_learner_with_batch_norm(seed=0):
     torch.manual_seed(seed)
-    return nn.Sequential(nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
-                         nn.Linear(3 * 4 * 4, 2)).double()
+    return nn.Sequential(
+        nn.Conv2d(1, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)
+    ).double()
 
 
 @pytest.mark.parametrize("steps", [1, 5])
 @pytest.mark.parametrize("learn_inner_lr", [False, True])
 @pytest.mark.parametrize("memory", ["keep", "recompute"])
-def test_batched_maml_with_a_default_batch_norm_equals_the_per_task_loop(steps, learn_inner_lr,
-                                                                         memory):
+def test_batched_maml_with_a_default_batch_norm_equals_the_per_task_loop(steps, learn_inner_lr, memory):
     """A default nn.BatchNorm2d (running statistics tracked, training mode):
     each task is normalised with its own batch statistics, the meta-gradient
     equals double backward through the per-task loop (float64), and the
@@ -862,8 +922,7 @@ def test_batched_maml_with_a_default_batch_norm_equals_the_per_task_loop(steps, 
     g = torch.Generator().manual_seed(3)
     x_s, x_q = torch.randn(3, 4, 1, 6, 6, generator=g, **DOUBLE), torch.randn(3, 6, 1, 6, 6, generator=g, **DOUBLE)
     y_s, y_q = torch.randint(0, 2, (3, 4), generator=g), torch.randint(0, 2, (3, 6), generator=g)
-    bm = BatchedMAML(net, 0.3, steps, learn_inner_lr=learn_inner_lr, loss="cross_entropy",
-                     memory=memory)
+    bm = BatchedMAML(net, 0.3, steps, learn_inner_lr=learn_inner_lr, loss="cross_entropy", memory=memory)
     loss = bm(x_s, y_s, x_q, y_q)
     wrt = list(net.parameters()) + (list(bm.inner_lrs) if learn_inner_lr else [])
     got = torch.autograd.grad(loss, wrt)
@@ -898,6 +957,7 @@ def test_task_derivatives_one_task_at_a_time_equal_the_vmapped_ones(shared):
 
     def task_loss(p, xt, yt):
         return F.cross_entropy(torch.func.functional_call(net, engine.flat_to_dict(net, p), (xt,)), yt)
+
     with engine.batch_statistics(net):
         for d in (direction, None):  # None: gradients only (PyTorch autograd task by task)
             for input_grad in (True, False):

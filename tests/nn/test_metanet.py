@@ -31,8 +31,9 @@ def test_equals_its_eager_formulation(shots):
     torch.testing.assert_close(scores, expected)
     leaves = [support, *model.parameters()]
     loss = torch.nn.functional.cross_entropy(expected.flatten(0, 1), query_labels.flatten())
-    for a, b in zip(torch.autograd.grad(model.loss(support, labels, query, query_labels), leaves),
-                    torch.autograd.grad(loss, leaves)):
+    for a, b in zip(
+        torch.autograd.grad(model.loss(support, labels, query, query_labels), leaves), torch.autograd.grad(loss, leaves)
+    ):
         torch.testing.assert_close(a, b)
 
 

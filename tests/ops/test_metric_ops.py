@@ -11,8 +11,17 @@ METRICS = ["sqeuclidean", "euclidean", "cosine", "dot"]
 # (blocks of 64 to 256 queries, 512 keys), several blocks of 256 queries and
 # several key tiles, few keys over widths that do not divide a vector, and
 # empty dimensions.
-SHAPES = [(1, 1, 1, 1), (2, 3, 5, 7), (3, 65, 513, 17), (1, 70, 1100, 5), (2, 1100, 300, 9),
-          (2, 19, 20, 37), (0, 4, 5, 3), (2, 0, 6, 4), (2, 3, 4, 0)]
+SHAPES = [
+    (1, 1, 1, 1),
+    (2, 3, 5, 7),
+    (3, 65, 513, 17),
+    (1, 70, 1100, 5),
+    (2, 1100, 300, 9),
+    (2, 19, 20, 37),
+    (0, 4, 5, 3),
+    (2, 0, 6, 4),
+    (2, 3, 4, 0),
+]
 DEVICE_DTYPES = [(d, t) for d in DEVICES for t in dtypes_for(d)]
 
 
@@ -34,8 +43,12 @@ def compare(fast_fn, ref_fn, inputs, dtype):
 @pytest.mark.parametrize("metric", ["sqeuclidean", "euclidean", "cosine"])
 def test_pairwise_distance(device, dtype, shape, metric):
     x, y, _ = make_inputs(*shape, dtype, device)
-    compare(lambda x, y: ops.pairwise_distance(x, y, metric),
-            lambda x, y: reference.pairwise_distance(x, y, metric), (x, y), dtype)
+    compare(
+        lambda x, y: ops.pairwise_distance(x, y, metric),
+        lambda x, y: reference.pairwise_distance(x, y, metric),
+        (x, y),
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
@@ -43,8 +56,12 @@ def test_pairwise_distance(device, dtype, shape, metric):
 @pytest.mark.parametrize("metric", METRICS)
 def test_similarity_log_softmax(device, dtype, shape, metric):
     x, y, scale = make_inputs(*shape, dtype, device)
-    compare(lambda x, y, s: ops.similarity_log_softmax(x, y, metric, s),
-            lambda x, y, s: reference.similarity_log_softmax(x, y, metric, s), (x, y, scale), dtype)
+    compare(
+        lambda x, y, s: ops.similarity_log_softmax(x, y, metric, s),
+        lambda x, y, s: reference.similarity_log_softmax(x, y, metric, s),
+        (x, y, scale),
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
@@ -55,9 +72,12 @@ def test_similarity_cross_entropy(device, dtype, shape, metric, reduction):
     B, Q, N, D = shape
     x, y, scale = make_inputs(*shape, dtype, device)
     target = torch.randint(0, N, (B, Q), device=device)
-    compare(lambda x, y, s: ops.similarity_cross_entropy(x, y, target, metric, s, reduction),
-            lambda x, y, s: reference.similarity_cross_entropy(x, y, target, metric, s, reduction),
-            (x, y, scale), dtype)
+    compare(
+        lambda x, y, s: ops.similarity_cross_entropy(x, y, target, metric, s, reduction),
+        lambda x, y, s: reference.similarity_cross_entropy(x, y, target, metric, s, reduction),
+        (x, y, scale),
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
@@ -67,9 +87,12 @@ def test_attention_readout(device, dtype, shape, metric):
     B, Q, N, D = shape
     x, y, scale = make_inputs(*shape, dtype, device)
     values = randn(B, N, 6, dtype=dtype, device=device, requires_grad=True)
-    compare(lambda x, y, v, s: ops.attention_readout(x, y, v, metric, s),
-            lambda x, y, v, s: reference.attention_readout(x, y, v, metric, s),
-            (x, y, values, scale), dtype)
+    compare(
+        lambda x, y, v, s: ops.attention_readout(x, y, v, metric, s),
+        lambda x, y, v, s: reference.attention_readout(x, y, v, metric, s),
+        (x, y, values, scale),
+        dtype,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -79,16 +102,30 @@ def test_unbatched_inputs_and_float_scale(device, metric):
     target = torch.randint(0, 13, (9,), device=device)
     values = randn(13, 3, dtype=torch.float64, device=device, requires_grad=True)
     cases = [
-        (lambda x, y: ops.similarity_log_softmax(x, y, metric, 2.5),
-         lambda x, y: reference.similarity_log_softmax(x, y, metric, 2.5), (x, y)),
-        (lambda x, y: ops.similarity_cross_entropy(x, y, target, metric, 0.7),
-         lambda x, y: reference.similarity_cross_entropy(x, y, target, metric, 0.7), (x, y)),
-        (lambda x, y, v: ops.attention_readout(x, y, v, metric, 3.0),
-         lambda x, y, v: reference.attention_readout(x, y, v, metric, 3.0), (x, y, values)),
+        (
+            lambda x, y: ops.similarity_log_softmax(x, y, metric, 2.5),
+            lambda x, y: reference.similarity_log_softmax(x, y, metric, 2.5),
+            (x, y),
+        ),
+        (
+            lambda x, y: ops.similarity_cross_entropy(x, y, target, metric, 0.7),
+            lambda x, y: reference.similarity_cross_entropy(x, y, target, metric, 0.7),
+            (x, y),
+        ),
+        (
+            lambda x, y, v: ops.attention_readout(x, y, v, metric, 3.0),
+            lambda x, y, v: reference.attention_readout(x, y, v, metric, 3.0),
+            (x, y, values),
+        ),
     ]
     if metric != "dot":
-        cases.append((lambda x, y: ops.pairwise_distance(x, y, metric),
-                      lambda x, y: reference.pairwise_distance(x, y, metric), (x, y)))
+        cases.append(
+            (
+                lambda x, y: ops.pairwise_distance(x, y, metric),
+                lambda x, y: reference.pairwise_distance(x, y, metric),
+                (x, y),
+            )
+        )
     for fast_fn, ref_fn, inputs in cases:
         compare(fast_fn, ref_fn, inputs, torch.float64)
 
@@ -99,9 +136,12 @@ def test_scale_broadcasts_to_tasks_and_queries(device, scale_shape):
     x, y, _ = make_inputs(4, 7, 5, 3, torch.float64, device)
     scale = (1 + torch.rand(scale_shape, dtype=torch.float64, device=device)).requires_grad_()
     target = torch.randint(0, 5, (4, 7), device=device)
-    compare(lambda x, y, s: ops.similarity_cross_entropy(x, y, target, "cosine", s),
-            lambda x, y, s: reference.similarity_cross_entropy(x, y, target, "cosine", s),
-            (x, y, scale), torch.float64)
+    compare(
+        lambda x, y, s: ops.similarity_cross_entropy(x, y, target, "cosine", s),
+        lambda x, y, s: reference.similarity_cross_entropy(x, y, target, "cosine", s),
+        (x, y, scale),
+        torch.float64,
+    )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -154,9 +194,12 @@ def test_half_precision_inputs_give_results_in_their_dtype(device):
     for dtype in (torch.float16, torch.bfloat16):
         x, y, scale = make_inputs(2, 9, 11, 8, dtype, device)
         target = torch.randint(0, 11, (2, 9), device=device)
-        compare(lambda x, y, s: ops.similarity_cross_entropy(x, y, target, "sqeuclidean", s),
-                lambda x, y, s: reference.similarity_cross_entropy(x, y, target, "sqeuclidean", s),
-                (x, y, scale), dtype)
+        compare(
+            lambda x, y, s: ops.similarity_cross_entropy(x, y, target, "sqeuclidean", s),
+            lambda x, y, s: reference.similarity_cross_entropy(x, y, target, "sqeuclidean", s),
+            (x, y, scale),
+            dtype,
+        )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -166,9 +209,11 @@ def test_no_keys_give_zero_query_gradients(device):
     x = torch.randn(2, 3, 5, device=device, requires_grad=True)
     y = torch.randn(2, 0, 5, device=device, requires_grad=True)
     values = torch.randn(2, 0, 4, device=device)
-    for name, fn in [("pairwise_distance", lambda: ops.pairwise_distance(x, y, "euclidean")),
-                     ("similarity_log_softmax", lambda: ops.similarity_log_softmax(x, y, "cosine")),
-                     ("attention_readout", lambda: ops.attention_readout(x, y, values, "sqeuclidean"))]:
+    for name, fn in [
+        ("pairwise_distance", lambda: ops.pairwise_distance(x, y, "euclidean")),
+        ("similarity_log_softmax", lambda: ops.similarity_log_softmax(x, y, "cosine")),
+        ("attention_readout", lambda: ops.attention_readout(x, y, values, "sqeuclidean")),
+    ]:
         out = fn()
         torch.full_like(x, float("nan"))  # freed at once: NaN in memory the gradient may reuse
         grad_x, grad_y = torch.autograd.grad(out, (x, y), torch.randn_like(out))
@@ -196,8 +241,13 @@ def test_cpu_query_gradient_reuses_the_buffer_just_freed(keys):
     del first
     second = grad_x()
     assert second.data_ptr() == freed
-    expected, eager = (torch.autograd.grad(reference.similarity_cross_entropy(
-        ref_x, y.detach().to(ref_x.dtype), target, "sqeuclidean", scale.detach().to(ref_x.dtype),
-        "none").sum(), ref_x)[0] for ref_x in (x.detach().double().requires_grad_(),
-                                               x.detach().clone().requires_grad_()))
+    expected, eager = (
+        torch.autograd.grad(
+            reference.similarity_cross_entropy(
+                ref_x, y.detach().to(ref_x.dtype), target, "sqeuclidean", scale.detach().to(ref_x.dtype), "none"
+            ).sum(),
+            ref_x,
+        )[0]
+        for ref_x in (x.detach().double().requires_grad_(), x.detach().clone().requires_grad_())
+    )
     assert_close_to_reference(second, expected, eager)

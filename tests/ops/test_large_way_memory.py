@@ -36,8 +36,7 @@ SCRIPT = textwrap.dedent("""
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_65536_way_head_peak_memory_is_proportional_to_q_plus_n(device):
-    result = subprocess.run([sys.executable, "-c", SCRIPT, device], capture_output=True, text=True,
-                            timeout=600)
+    result = subprocess.run([sys.executable, "-c", SCRIPT, device], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr
     extra_mib = float(result.stdout.strip().splitlines()[-1])
     # A [Q, N] float32 buffer is 16 GiB; inputs and gradients are 16 MiB each.

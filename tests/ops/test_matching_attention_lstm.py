@@ -11,13 +11,22 @@ from fastmeta.testing import DEVICES, compare_with_reference
 def operands(B, Q, S, D, dtype=torch.float64, device="cpu", bias=True, seed=0):
     g = torch.Generator().manual_seed(seed)
     shapes = [(B, Q, D), (B, S, D), (4 * D, 2 * D), (4 * D, D)] + ([(4 * D,)] if bias else [])
-    return [(0.5 * torch.randn(*s, generator=g, dtype=torch.float64)).to(device, dtype).requires_grad_()
-            for s in shapes]
+    return [
+        (0.5 * torch.randn(*s, generator=g, dtype=torch.float64)).to(device, dtype).requires_grad_() for s in shapes
+    ]
 
 
-SHAPES = [(2, 3, 4, 5, None), (1, 1, 1, 1, 1), (3, 7, 5, 6, 0), (2, 0, 3, 4, 2), (2, 3, 0, 4, 2),
-          (3, 5, 2, 3, 7), (1, 300, 20, 64, None), (4, 17, 9, 13, 3),
-          (2, 301, 5, 3, 2)]  # several blocks of queries per episode, the last one short
+SHAPES = [
+    (2, 3, 4, 5, None),
+    (1, 1, 1, 1, 1),
+    (3, 7, 5, 6, 0),
+    (2, 0, 3, 4, 2),
+    (2, 3, 0, 4, 2),
+    (3, 5, 2, 3, 7),
+    (1, 300, 20, 64, None),
+    (4, 17, 9, 13, 3),
+    (2, 301, 5, 3, 2),
+]  # several blocks of queries per episode, the last one short
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -25,9 +34,11 @@ SHAPES = [(2, 3, 4, 5, None), (1, 1, 1, 1, 1), (3, 7, 5, 6, 0), (2, 0, 3, 4, 2),
 @pytest.mark.parametrize("B, Q, S, D, steps", SHAPES)
 def test_matches_reference_values_and_gradients(device, dtype, B, Q, S, D, steps):
     inputs = operands(B, Q, S, D, dtype, device)
-    (out,), _ = compare_with_reference(lambda *t: ops.matching_attention_lstm(*t, steps=steps),
-                                       lambda *t: reference.matching_attention_lstm(*t, steps=steps),
-                                       inputs)
+    (out,), _ = compare_with_reference(
+        lambda *t: ops.matching_attention_lstm(*t, steps=steps),
+        lambda *t: reference.matching_attention_lstm(*t, steps=steps),
+        inputs,
+    )
     assert out.shape == (B, Q, D) and out.dtype == dtype
 
 
@@ -79,10 +90,7 @@ def test_bad_input_messages():
         ops.matching_attention_lstm(q.long(), s, wi, wh, b)
     with pytest.raises(ValueError, match="support is on meta but query is on cpu"):
         ops.matching_attention_lstm(q, s.to("meta"), wi, wh, b)
-    with pytest.raises(RuntimeError, match="weight_ih has size 10 in dimension 0 but 4 x the "
-                                           "feature size is 20"):
-        torch.ops.fastmeta.matching_attention_lstm(q.detach(), s.detach(), wi.detach().T, wh.detach(),
-                                                   b.detach(), 2)
+    with pytest.raises(RuntimeError, match="weight_ih has size 10 in dimension 0 but 4 x the feature size is 20"):
+        torch.ops.fastmeta.matching_attention_lstm(q.detach(), s.detach(), wi.detach().T, wh.detach(), b.detach(), 2)
     with pytest.raises(RuntimeError, match="fastmeta: steps must be >= 0, got -2"):
-        torch.ops.fastmeta.matching_attention_lstm(q.detach(), s.detach(), wi.detach(), wh.detach(),
-                                                   b.detach(), -2)
+        torch.ops.fastmeta.matching_attention_lstm(q.detach(), s.detach(), wi.detach(), wh.detach(), b.detach(), -2)
