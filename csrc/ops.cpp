@@ -1,6 +1,6 @@
 // Op schemas: every fastmeta op is declared here, once. Device kernels register
 // implementations beside their kernels: csrc/cpu/<op>.cpp, and the CUDA glue
-// of each op family in csrc/cuda/<family>_glue.cpp. Each op family checks its
+// of each CUDA kernel file in csrc/cuda/<file>_glue.cpp. Each op family checks its
 // operands in one prologue, csrc/operands/<family>.h, which both call.
 //
 // The ops take the canonical batched form ([B, Q, D] queries, [B, N, D] keys,

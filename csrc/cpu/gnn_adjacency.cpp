@@ -11,8 +11,7 @@
 // gradients are then one product per layer over all pairs, the threads
 // taking rows of them; else each thread recomputes a tile's activations in
 // its own buffers and adds the tile's products to its sums of the weights'
-// gradients (a tile stays in cache: buffers of every pair were 1.1x slower
-// in the 20-way 5-shot case).
+// gradients (a tile stays in cache, which buffers of every pair do not).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -289,8 +288,7 @@ std::tuple<at::Tensor, std::vector<at::Tensor>, std::vector<at::Tensor>> gnn_adj
     const T* x = o.nodes.const_data_ptr<T>();
     const T* w_last = o.weights[L - 1].const_data_ptr<T>();
     // Kept activations: every pair's layer gradients go to shared buffers.
-    // Recomputed: each thread's buffers hold one tile (which stays in cache:
-    // buffers of every pair, recomputed, were 1.1x slower at 20-way 5-shot).
+    // Recomputed: each thread's buffers hold one tile, which stays in cache.
     std::unique_ptr<PairBuffers<T>> shared;
     if (kept) shared = std::make_unique<PairBuffers<T>>(o, total, true);
     at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {

@@ -1,16 +1,13 @@
 // CPU outputs and scratch in recycled buffers. A fresh buffer larger than
 // glibc's heap keeps at hand comes from mmap (or from heap memory it handed
-// back), and is paged in on first touch, 4 KiB at a time: lstm_step's
-// P = 1M forward took 258 ms that way against 152 ms in a recycled buffer
-// (AVX2 path; 212 against 131 ms on AVX-512), and the few-shot GNN's
-// training step (three gnn_adjacency forwards and backwards) 6.6 against
-// 6.0 ms; proto_episode's step between eager calls (a 15 MB query gradient)
-// took 2.4 and 4.9 ms in two processes, against 2.3 ms recycled. These ops
-// make buffers of the same sizes at every step, after the step before freed
-// its own. So their buffers of 64 KiB and more are not returned to the
-// system when freed: up to FASTMETA_RECYCLED_MIB MiB of them (default 1024;
-// 0 turns recycling off; the oldest go first) are kept for the next buffer of
-// the same size, already paged in.
+// back), and is paged in on first touch, 4 KiB at a time, which can take a
+// large share of a step (lstm_step's P = 1M forward, the few-shot GNN's
+// training step, proto_episode's query gradient). These ops make buffers of
+// the same sizes at every step, after the step before freed its own. So
+// their buffers of 64 KiB and more are not returned to the system when
+// freed: up to FASTMETA_RECYCLED_MIB MiB of them (default 1024; 0 turns
+// recycling off; the oldest go first) are kept for the next buffer of the
+// same size, already paged in.
 // release_recycled_buffers() frees them.
 #pragma once
 

@@ -13,7 +13,7 @@
 #include <limits>
 #include <type_traits>
 
-#include "../math/similarity.h"
+#include "../math/metric.h"
 
 #define FASTMETA_INLINE inline __attribute__((always_inline))
 
@@ -94,7 +94,7 @@ struct Axpy {
 
 // The independent accumulators of a reduction loop: one 64-byte vector of T.
 // Eight float32 lanes made GCC's AVX-512 code for such loops a tangle of
-// permutations, 4-5x slower than its AVX2 code.
+// permutations, slower than its AVX2 code.
 template <typename T>
 constexpr int kLanes = 64 / sizeof(T);
 

@@ -22,7 +22,7 @@
 #include <type_traits>
 #include <vector>
 
-#include "../math/similarity.h"
+#include "../math/metric.h"
 #include "../operands/metric.h"
 #include "gemm.h"
 #include "recycled_buffers.h"
@@ -229,10 +229,8 @@ OnlineSoftmax<T> online_softmax_over_keys(const T* xb, int64_t qb, const T* ax, 
 
 // Past kFewKeys and up to this many keys, a block's query gradient W y
 // [qb, D] from its one tile of keys is written by combine_rows, in one pass,
-// instead of zeroed and accumulated by a BLAS product. Measured with the
-// vectorised finish_row_stat_grad, forward and backward of 32 tasks at D =
-// 1600: 20 keys 15.2-15.8 against 17.4-22.0 ms; 32 keys even (and 5 keys,
-// before the few-key loops took them, 6.7-7.3 against 8.7-10.4 ms).
+// instead of zeroed and accumulated by a BLAS product (faster up to about 32
+// keys; docs/benchmarks.md).
 constexpr int64_t kCombinedKeys = 32;
 
 // out [rows, D] = W [rows, nb] y [nb, D].

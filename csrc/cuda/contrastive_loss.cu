@@ -1,5 +1,5 @@
 // CUDA kernels of fastmeta::contrastive_loss and its backward: one warp per pair.
-#include "../math/similarity.h"
+#include "../math/metric.h"
 #include "cuda_common.cuh"
 
 namespace fastmeta::cuda {

@@ -1,6 +1,6 @@
 // What the PyTorch-facing glue of every CUDA op family shares: the dtype
 // of a tensor as the kernels name it, and the options of outputs in the
-// accumulation dtype. Each <family>_glue.cpp checks its operands with the
+// accumulation dtype. Each <kernel file>_glue.cpp checks its operands with the
 // family's prologue (csrc/operands/), sets the device guard, launches on the
 // current stream and registers its TORCH_LIBRARY_IMPL.
 #pragma once

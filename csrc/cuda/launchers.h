@@ -1,6 +1,6 @@
 // Host entry points of the CUDA kernels. This header and the .cu files use no
 // PyTorch headers (raw pointers, sizes, cudaStream_t), so the kernels compile
-// with nvcc alone; the <family>_glue.cpp files are the PyTorch-facing glue.
+// with nvcc alone; each <kernel file>_glue.cpp is its PyTorch-facing glue.
 //
 // Floating inputs are of `dtype`; every floating output and the row
 // statistics are of the accumulation type (float, or double for float64
@@ -13,8 +13,8 @@
 
 #include "../math/gnn.h"
 #include "../math/mann.h"
+#include "../math/metric.h"
 #include "../math/mlp.h"
-#include "../math/similarity.h"
 
 namespace fastmeta::cuda {
 
@@ -42,7 +42,7 @@ struct SimilarityArgs {
   void* y_coeff;
 };
 
-// Row statistics of x and y (see math/similarity.h).
+// Row statistics of x and y (see math/metric.h).
 void similarity_row_stats(const SimilarityArgs& a, cudaStream_t stream);
 
 // Forward: `out` is [B, Q, N] (distance, log-softmax), [B, Q] (cross-entropy

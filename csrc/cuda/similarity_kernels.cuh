@@ -12,7 +12,7 @@
 
 #include <cmath>
 
-#include "../math/similarity.h"
+#include "../math/metric.h"
 #include "cuda_common.cuh"
 
 namespace fastmeta::cuda {

@@ -17,7 +17,7 @@
 #pragma once
 
 #include "common.h"
-#include "similarity.h"
+#include "metric.h"
 
 namespace fastmeta {
 

@@ -8,7 +8,7 @@
 
 #include <string_view>
 
-#include "../math/similarity.h"
+#include "../math/metric.h"
 #include "common.h"
 
 namespace fastmeta {

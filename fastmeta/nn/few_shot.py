@@ -27,8 +27,8 @@ class FewShotClassifier(nn.Module):
     embeds each episode's support set, then its query set, in separate calls
     as easyfsl does, so batch norm statistics are per episode and the batched
     form equals running the episodes one by one (and an episode's images stay
-    in the CPU's caches: one call on all images of 32 episodes is 2.7x slower
-    on a 2-core CPU). Set ``episodes_per_call`` to embed more
+    in the CPU's caches, which one call on all images of many episodes does
+    not on a small CPU). Set ``episodes_per_call`` to embed more
     episodes per call (None: all; batch norm statistics then span them), the
     faster choice on a GPU.
 

@@ -219,9 +219,8 @@ def _op_inputs(nodes, negative_slope, last_row, keep_hidden, layers, *tensors):
 
 class _Adjacency(torch.autograd.Function):
     """The op with the autograd rule registered for it, for :func:`gnn_adjacency`:
-    it costs less per call than the op's registered autograd (about 0.2 ms
-    less per forward and backward at the GNN's 5-way 1-shot sizes, measured,
-    of a 7 ms step with three calls). An ``autograd.Function`` tracks
+    it costs less per call than the op's registered autograd, which matters
+    at the GNN's small sizes. An ``autograd.Function`` tracks
     only tensor arguments, so it takes the layers as separate tensors; its
     forward takes ``ctx`` (a separate ``setup_context`` would make ``apply``
     bind the arguments to the signature at every call)."""

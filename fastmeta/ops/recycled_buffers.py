@@ -11,8 +11,7 @@ def release_recycled_buffers() -> int:
     On the CPU those ops' outputs, gradients and scratch of 64 KiB and more
     are not returned to the system when freed: up to ``FASTMETA_RECYCLED_MIB``
     MiB of them (default 1024; 0 turns this off) are kept for the next buffer
-    of the same size, which then needs no page faults (at P = 1M the L2O
-    forward is about 1.6x faster; the few-shot GNN's training step about
-    1.1x). Like ``torch.cuda.empty_cache``, this hands them back.
+    of the same size, which then needs no page faults. Like
+    ``torch.cuda.empty_cache``, this hands them back.
     """
     return _C.release_recycled_buffers()

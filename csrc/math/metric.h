@@ -1,4 +1,5 @@
-// Per-element similarity math, written once for the CPU and CUDA kernels.
+// The metric family's per-element math (distances, similarities, the
+// contrastive loss), written once for the CPU and CUDA kernels.
 //
 // Every metric is a function of three numbers: the dot product x.y and one
 // statistic per row of x and of y (`row_stat`). Kernels get x.y from a tiled
