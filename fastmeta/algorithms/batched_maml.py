@@ -115,32 +115,13 @@ class BatchedMAML(TaskBatchLearner):
         )
         derivatives = self.derivatives(x_support, lr.dtype)
         outputs = None  # the query outputs, where the adaptation gave them
+        args = (params, lr, x_support, y_support, x_query, y_query, self.inner_steps, self.first_order)
         if self._keeps_graphs(derivatives, x_support.device):
             losses, adapted, outputs = kept_graph_query_loss(
-                module_task_forward(self.module, self.loss),
-                params,
-                lr,
-                x_support,
-                y_support,
-                x_query,
-                y_query,
-                self.inner_steps,
-                self.first_order,
-                return_adapted=True,
+                module_task_forward(self.module, self.loss), *args, return_adapted=True
             )
         else:
-            losses, adapted = maml_query_loss(
-                derivatives,
-                params,
-                lr,
-                x_support,
-                y_support,
-                x_query,
-                y_query,
-                self.inner_steps,
-                self.first_order,
-                return_adapted=True,
-            )
+            losses, adapted = maml_query_loss(derivatives, *args, return_adapted=True)
         self._update_running_statistics(x_support, derivatives)
         if return_outputs:
             return self._meta_batch_output(losses, adapted, x_query, y_query, outputs)
