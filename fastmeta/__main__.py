@@ -3,6 +3,7 @@
 import argparse
 import os
 import sys
+import warnings
 
 import torch
 
@@ -58,7 +59,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.command in ("train", "evaluate"):
-        return run_training_command(args)
+        with warnings.catch_warnings():
+            warnings.showwarning = lambda message, *_, **__: print(
+                f"fastmeta {args.command}: warning: {message}", file=sys.stderr
+            )
+            return run_training_command(args)
     if args.command == "info":
         print(info())
         return 0
@@ -98,6 +103,8 @@ def main(argv=None) -> int:
 # flag: help; each is a Config field (dashes for underscores), whose type it takes
 TRAIN_FLAGS = {
     "data": "chars (built-in, the default), omniglot[:PATH] or folder:PATH",
+    "split": "which classes train, validate and test: auto (the default: the data's official split, else random), "
+    "random, vinyals or lake (Omniglot), files (a folder's train/val/test CSV files or folders)",
     "ways": "classes per episode",
     "shots": "support examples per class",
     "queries": "query examples per class",
@@ -148,6 +155,11 @@ def add_evaluate_parser(sub):
     evaluate.add_argument("--split", choices=["test", "val", "train"], default="test")
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", help="default: the run's")
+    evaluate.add_argument(
+        "--oneshot-runs",
+        metavar="PATH",
+        help="instead, Lake et al.'s 20 runs of 20-way one-shot classification: all_runs.zip or its folder",
+    )
 
 
 def run_training_command(args) -> int:
@@ -166,15 +178,18 @@ def run_training_command(args) -> int:
 
     try:
         if args.command == "evaluate":
-            result = training.evaluate(
-                args.run, args.episodes, args.ways, args.shots, args.queries, args.split, args.seed, args.device
-            )
-            print(
-                f"{result['method']} on {result['data']}, {result['split']} classes, "
-                f"{result['ways']}-way {result['shots']}-shot: {result['accuracy']:.2f}% "
-                f"+- {result['ci95']:.2f} (95% CI over {result['episodes']} episodes, "
-                f"step {result['step']})"
-            )
+            if args.oneshot_runs is not None:
+                result = run_one_shot_evaluation(args)
+            else:
+                result = training.evaluate(
+                    args.run, args.episodes, args.ways, args.shots, args.queries, args.split, args.seed, args.device
+                )
+                print(
+                    f"{result['method']} on {result['data']} ({result['protocol']} split), {result['split']} classes, "
+                    f"{result['ways']}-way {result['shots']}-shot: {result['accuracy']:.2f}% "
+                    f"+- {result['ci95']:.2f} (95% CI over {result['episodes']} episodes, "
+                    f"step {result['step']})"
+                )
             if Path(args.run).is_dir():
                 with open(Path(args.run) / "evaluation.jsonl", "a") as f:
                     f.write(json.dumps(result) + "\n")
@@ -218,6 +233,27 @@ def run_training_command(args) -> int:
     except OSError as error:  # a folder or file that cannot be created, read or written
         where = f"{error.filename}: " if error.filename else ""
         return fail(f"{where}{error.strerror or str(error).splitlines()[0]}")
+
+
+def run_one_shot_evaluation(args) -> dict:
+    """``fastmeta evaluate RUN --oneshot-runs PATH``: each run's accuracy,
+    then the overall one beside people's and Koch et al.'s."""
+    from fastmeta import training
+
+    defaults = build_parser().parse_args(["evaluate", args.run])
+    given = [f"--{name}" for name in ("episodes", "ways", "shots", "queries", "split", "seed")]
+    given = [flag for flag in given if getattr(args, flag[2:]) != getattr(defaults, flag[2:])]
+    if given:
+        raise training.ConfigError(f"{', '.join(given)} cannot be used with --oneshot-runs: the runs fix the episodes")
+    result = training.evaluate_one_shot_runs(args.run, args.oneshot_runs, args.device)
+    for name, accuracy in result["runs"].items():
+        print(f"{name}: {accuracy:.2f}%")
+    print(
+        f"{result['method']} on Lake et al.'s {len(result['runs'])} one-shot runs ({result['ways']}-way 1-shot): "
+        f"{result['accuracy']:.2f}% +- {result['ci95']:.2f} (95% CI over the runs, step {result['step']}); "
+        f"humans {result['humans']}%, Koch et al.'s Siamese network {result['koch_siamese']}%"
+    )
+    return result
 
 
 if __name__ == "__main__":

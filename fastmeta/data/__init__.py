@@ -1,14 +1,15 @@
 """Data for meta-learning, without downloads: episodes drawn with tensor
-indexing, Omniglot and class-per-folder image sets read from local files, a
+indexing, Omniglot, class-per-folder image sets and CSV split files read from local files, a
 built-in character dataset, and MAML's sinusoid tasks."""
 
 from .characters import Characters
 from .episodes import Episode, EpisodeSampler
-from .images import ImageFolder, LabelledImages, cache_dir, data_dir
-from .omniglot import Omniglot
+from .images import CSVImages, ImageFolder, LabelledImages, cache_dir, data_dir
+from .omniglot import Omniglot, official_characters, one_shot_runs
 from .sinusoid import sinusoid_tasks
 
 __all__ = [
+    "CSVImages",
     "Characters",
     "Episode",
     "EpisodeSampler",
@@ -17,5 +18,7 @@ __all__ = [
     "Omniglot",
     "cache_dir",
     "data_dir",
+    "official_characters",
+    "one_shot_runs",
     "sinusoid_tasks",
 ]

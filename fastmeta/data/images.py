@@ -13,10 +13,10 @@ import torch
 
 from .._checks import check_integer_labels
 
-__all__ = ["LabelledImages", "ImageFolder", "cache_dir", "data_dir"]
+__all__ = ["LabelledImages", "ImageFolder", "CSVImages", "cache_dir", "data_dir"]
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-SPLITS = ("train", "val", "test")
+SPLITS = ("train", "val", "test", "trainval")
 
 
 def cache_dir() -> Path:
@@ -105,10 +105,13 @@ class LabelledImages(torch.utils.data.Dataset):
         """Splits the classes (not the images) into disjoint parts, in a random
         order fixed by ``seed``: ``sizes`` are class counts, or fractions
         summing to at most 1 (the last part then takes the rounding)."""
+        return tuple(self.select_classes(classes) for classes in self._split_classes(sizes, seed))
+
+    def _split_classes(self, sizes: Sequence[Union[int, float]], seed: int) -> List[List[int]]:
         order = torch.randperm(self.num_classes, generator=torch.Generator().manual_seed(seed))
         counts = _split_counts(sizes, self.num_classes)
         bounds = np.cumsum([0] + counts)
-        return tuple(self.select_classes(sorted(order[a:b].tolist())) for a, b in zip(bounds[:-1], bounds[1:]))
+        return [sorted(order[a:b].tolist()) for a, b in zip(bounds[:-1], bounds[1:])]
 
     def with_rotations(self) -> "LabelledImages":
         """Four classes per class: the images rotated by 0, 90, 180 and 270
@@ -122,16 +125,19 @@ class LabelledImages(torch.utils.data.Dataset):
     def choose_split(
         self, split: Optional[str], fractions: Sequence[float], seed: int, rotations: bool = False
     ) -> "LabelledImages":
-        """The ``"train"``, ``"val"`` or ``"test"`` part of :meth:`split` (all
-        for None), with :meth:`with_rotations` applied after the split when
-        ``rotations``."""
+        """The ``"train"``, ``"val"`` or ``"test"`` part of :meth:`split` (or
+        ``"trainval"``, the first two together; all for None), with
+        :meth:`with_rotations` applied after the split when ``rotations``."""
         part = self
         if split is not None:
             if split not in SPLITS:
                 raise ValueError(f"split must be one of {SPLITS} or None, got {split!r}")
             if len(fractions) != 3:
                 raise ValueError(f"split_fractions must be three fractions (train, val, test), got {tuple(fractions)}")
-            part = self.split(fractions, seed)[SPLITS.index(split)]
+            train, val, test = self._split_classes(fractions, seed)
+            part = self.select_classes(
+                {"train": train, "val": val, "test": test, "trainval": sorted(train + val)}[split]
+            )
         return part.with_rotations() if rotations else part
 
     def __repr__(self) -> str:
@@ -270,7 +276,6 @@ class ImageFolder(LabelledImages):
             )
         if channels not in (1, 3):
             raise ValueError(f"ImageFolder: channels must be 1 or 3, got {channels}")
-        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         files = [sorted(f for f in (root / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) for c in classes]
         if not classes:
@@ -282,17 +287,87 @@ class ImageFolder(LabelledImages):
             raise FileNotFoundError(
                 f"ImageFolder: class folder(s) {empty[:5]} in {root} hold no images ({', '.join(IMAGE_SUFFIXES)})"
             )
-        mode = "RGB" if channels == 3 else "L"
+        labels = [c for c, class_files in enumerate(files) for _ in class_files]
+        images = decoded_files([f for fs in files for f in fs], image_size, channels, root / ".fastmeta-cache", cache)
+        super().__init__(images, torch.tensor(labels), classes)
 
-        def build():
-            images = [
-                decode_image(f.read_bytes(), (width, height), mode, str(f))
-                for class_files in files
-                for f in class_files
-            ]
-            labels = [c for c, class_files in enumerate(files) for _ in class_files]
-            return {"images": torch.from_numpy(np.stack(images)), "labels": torch.tensor(labels)}
 
-        key = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for fs in files for f in fs]
-        content = cached([key, height, width, mode], "folder", root / ".fastmeta-cache", build) if cache else build()
-        super().__init__(content["images"], content["labels"], classes)
+class CSVImages(LabelledImages):
+    """The images listed in a CSV split file whose rows are ``file name,
+    class`` (Ravi & Larochelle's mini-ImageNet ``train.csv``, ``val.csv``
+    and ``test.csv``, or any such list), read from ``image_dir``, decoded
+    with Pillow, resized to ``image_size``, held as one ``uint8`` tensor and
+    cached decoded.
+
+    A first row whose file name has no image suffix (``filename,label``) is
+    a header. Classes are numbered in the sorted order of their names.
+
+    Args:
+        csv_file: the split file.
+        image_dir: the folder the file names are relative to (default: the
+            ``images/`` folder beside ``csv_file``, Ravi & Larochelle's
+            layout).
+        image_size, channels, cache: as for :class:`ImageFolder`.
+
+    Example:
+        >>> test = CSVImages("mini-imagenet/test.csv", image_size=84)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        csv_file: Union[str, Path],
+        image_dir: Optional[Union[str, Path]] = None,
+        image_size: Union[int, Tuple[int, int]] = 84,
+        channels: int = 3,
+        cache: bool = True,
+    ):
+        csv_file = Path(csv_file)
+        image_dir = csv_file.parent / "images" if image_dir is None else Path(image_dir)
+        rows = _read_split_file(csv_file)
+        if not image_dir.is_dir():
+            raise FileNotFoundError(f"CSVImages: no image folder {image_dir} for the file names in {csv_file}")
+        classes = sorted({name for _, name in rows})
+        number = {name: c for c, name in enumerate(classes)}
+        files = [image_dir / file for file, _ in rows]
+        absent = [str(f) for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(
+                f"CSVImages: {len(absent)} image(s) listed in {csv_file} are not in {image_dir}, e.g. {absent[0]}"
+            )
+        images = decoded_files(files, image_size, channels, image_dir / ".fastmeta-cache", cache)
+        super().__init__(images, torch.tensor([number[name] for _, name in rows]), classes)
+
+
+def _read_split_file(path: Path) -> List[Tuple[str, str]]:
+    import csv
+
+    if not path.is_file():
+        raise FileNotFoundError(f"CSVImages: no split file {path}; expected rows 'file name,class'")
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        lines = [(n, [field.strip() for field in row]) for n, row in enumerate(csv.reader(f), 1) if any(row)]
+    if lines and not lines[0][1][0].lower().endswith(IMAGE_SUFFIXES):
+        lines = lines[1:]  # a header
+    for n, row in lines:
+        if len(row) != 2 or not all(row):
+            raise ValueError(f"CSVImages: {path} line {n}: expected 'file name,class', got {','.join(row)!r}")
+    if not lines:
+        raise ValueError(f"CSVImages: {path} lists no images; expected rows 'file name,class'")
+    return [(row[0], row[1]) for _, row in lines]
+
+
+def decoded_files(
+    files: Sequence[Path], image_size: Union[int, Tuple[int, int]], channels: int, cache_in: Path, cache: bool
+) -> torch.Tensor:
+    """The image files decoded with Pillow into one ``uint8`` tensor
+    ``[N, channels, height, width]``, cached in ``cache_in`` when ``cache``."""
+    if channels not in (1, 3):
+        raise ValueError(f"channels must be 1 or 3, got {channels}")
+    height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+    mode = "RGB" if channels == 3 else "L"
+
+    def build():
+        images = [decode_image(f.read_bytes(), (width, height), mode, str(f)) for f in files]
+        return {"images": torch.from_numpy(np.stack(images)), "labels": torch.zeros(len(files), dtype=torch.long)}
+
+    key = [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files]
+    return (cached([key, height, width, mode], "images", cache_in, build) if cache else build())["images"]

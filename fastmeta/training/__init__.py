@@ -1,7 +1,7 @@
 """Meta-training and evaluation runs (``fastmeta train``, ``fastmeta evaluate``)."""
 
 from .config import METHODS, Config, ConfigError, make_config
-from .run import CheckpointError, Trained, evaluate, load_checkpoint, train
+from .run import CheckpointError, Trained, evaluate, evaluate_one_shot_runs, load_checkpoint, train
 
 __all__ = [
     "Config",
@@ -11,6 +11,7 @@ __all__ = [
     "CheckpointError",
     "Trained",
     "evaluate",
+    "evaluate_one_shot_runs",
     "load_checkpoint",
     "train",
 ]

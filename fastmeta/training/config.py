@@ -22,6 +22,7 @@ class ConfigError(ValueError):
 class Config:
     method: str
     data: str = "chars"
+    split: str = "auto"  # which classes train, validate and test: SPLITS
     ways: int = 5
     shots: int = 1
     queries: int = 15
@@ -66,6 +67,12 @@ METHODS: Dict[str, Dict[str, Any]] = {
     "metanet": dict(meta_batch=4, queries=5),  # Munkhdalai & Yu
 }
 BACKBONES = ("conv4", "resnet12")
+# The named splits each kind of data takes; "auto" is resolved when a run starts.
+SPLITS = {
+    "chars": ("auto", "random"),
+    "omniglot": ("auto", "random", "vinyals", "lake"),
+    "folder": ("auto", "random", "files"),
+}
 POSITIVE = (
     "ways",
     "shots",
@@ -139,6 +146,8 @@ def checked(values: Dict[str, Any]) -> Config:
     kind = config.data.partition(":")[0]
     if kind not in ("chars", "omniglot", "folder") or (kind == "folder" and not config.data[7:]):
         raise ConfigError(f"unknown data {config.data!r}; use chars, omniglot[:PATH] or folder:PATH")
+    if config.split not in SPLITS[kind]:
+        raise ConfigError(f"split {config.split!r} does not apply to {kind} data; use {', '.join(SPLITS[kind])}")
     return config
 
 

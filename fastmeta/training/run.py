@@ -11,20 +11,31 @@ import random
 import signal
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..data import Characters, Episode, EpisodeSampler, ImageFolder, LabelledImages, Omniglot, data_dir
+from ..data import (
+    Characters,
+    CSVImages,
+    Episode,
+    EpisodeSampler,
+    ImageFolder,
+    LabelledImages,
+    Omniglot,
+    data_dir,
+    official_characters,
+    one_shot_runs,
+)
 from ..nn.batch_norm_updates import RunningStatisticsUpdates, blend_running_statistics
 from .config import Config, ConfigError, checked
 from .methods import Method, build_method
 
-__all__ = ["train", "evaluate", "load_checkpoint", "CheckpointError", "Trained"]
+__all__ = ["train", "evaluate", "evaluate_one_shot_runs", "load_checkpoint", "CheckpointError", "Trained"]
 
 CHECKPOINT = "checkpoint.pt"
 FORMAT = "fastmeta-run-1"
@@ -39,35 +50,65 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------- data
 
 
-def load_data(config: Config, split: str) -> LabelledImages:
-    """The ``split`` ("train", "val", "test") classes of the run's data;
-    training classes get their rotations as extra classes (as in the
-    literature) for 28x28 character data. Data that cannot be read is a
-    ConfigError naming what failed."""
+@contextlib.contextmanager
+def data_errors(source: str):
+    """Data that cannot be read becomes a ConfigError naming its source and what failed."""
     try:
-        return _load_data(config, split)
+        yield
     except ConfigError:
         raise
     except (OSError, ValueError) as error:
-        raise ConfigError(f"{config.data}: {str(error).splitlines()[0]}") from None
+        raise ConfigError(f"{source}: {str(error).splitlines()[0]}") from None
 
 
-def _load_data(config: Config, split: str) -> LabelledImages:
+def load_data(config: Config, part: str) -> LabelledImages:
+    """The ``part`` ("train", "val", "test") classes of the run's data, as
+    its named split (``config.split``) defines them. Training classes of
+    character data split at random get their rotations as extra classes (as
+    in the literature); Vinyals et al.'s split has them in every part."""
+    with data_errors(config.data):
+        return _load_data(config, resolved_split(config), part).to(config.device)
+
+
+def resolved_split(config: Config) -> str:
+    """``config.split``, with "auto" made the official split the data has:
+    Vinyals et al.'s for the complete Omniglot, the split files or folders
+    of a folder that has them, else "random"."""
     kind, _, path = config.data.partition(":")
-    rotations = split == "train" and kind in ("chars", "omniglot")
+    if config.split != "auto":
+        return config.split
+    with data_errors(config.data):
+        if kind == "omniglot":
+            names = Omniglot(omniglot_root(config), image_size=config.image_size).class_names
+            return "vinyals" if set(official_characters()) <= set(names) else "random"
+        if kind == "folder":
+            root = Path(path)
+            has_files = any((root / f"{p}.csv").is_file() or (root / p).is_dir() for p in ("train", "val", "test"))
+            return "files" if has_files else "random"
+    return "random"
+
+
+def omniglot_root(config: Config) -> Path:
+    path = config.data.partition(":")[2]
+    return Path(path) if path else data_dir() / "omniglot"
+
+
+def _load_data(config: Config, split: str, part: str) -> LabelledImages:
+    kind, _, path = config.data.partition(":")
     size = config.image_size
     if kind == "chars":
-        data = Characters(split=split, rotations=rotations, image_size=size)
-    elif kind == "omniglot":
-        root = Path(path) if path else data_dir() / "omniglot"
-        data = Omniglot(root, split=split, rotations=rotations, image_size=size)
-    else:
-        root = Path(path)
-        if (root / split).is_dir():  # the mini-ImageNet layout: train/, val/, test/
-            data = ImageFolder(root / split, image_size=size)
-        else:
-            data = ImageFolder(root, image_size=size).choose_split(split, SPLIT_FRACTIONS, 0)
-    return data.to(config.device)
+        return Characters(split=part, rotations=part == "train", image_size=size)
+    if kind == "omniglot":
+        rotations = split == "vinyals" or (split == "random" and part == "train")
+        return Omniglot(omniglot_root(config), split=part, protocol=split, rotations=rotations, image_size=size)
+    root = Path(path)
+    if split == "random":
+        return ImageFolder(root, image_size=size).choose_split(part, SPLIT_FRACTIONS, 0)
+    if (root / f"{part}.csv").is_file():  # Ravi & Larochelle's split files, and images/
+        return CSVImages(root / f"{part}.csv", image_size=size)
+    if (root / part).is_dir():  # class folders in train/, val/, test/
+        return ImageFolder(root / part, image_size=size)
+    raise FileNotFoundError(f"no {part}.csv (with images/) nor {part}/ folder of classes in {root}")
 
 
 def check_ways(data: LabelledImages, ways: int, split: str):
@@ -226,16 +267,18 @@ def episode_accuracies(
 ) -> torch.Tensor:
     """Each episode's query accuracy, over ``episodes`` episodes of ``data``."""
     sampler = episode_sampler(data, ways, shots, queries, episodes_per_batch=batch, seed=seed)
+    accuracies = [query_accuracies(method, sampler.sample()) for _ in range(math.ceil(episodes / batch))]
+    return torch.cat(accuracies)[:episodes] if accuracies else torch.zeros(0)
+
+
+def query_accuracies(method: Method, e: Episode) -> torch.Tensor:
+    """Each of the batched episodes' query accuracy, the model in eval mode."""
     training = method.model.training
     method.model.eval()
-    accuracies: List[torch.Tensor] = []
     try:
-        for _ in range(math.ceil(episodes / batch)):
-            e = sampler.sample()
-            accuracies.append((method.predict(e) == e.query_labels).float().mean(1).cpu())
+        return (method.predict(e) == e.query_labels).float().mean(1).cpu()
     finally:
         method.model.train(training)
-    return torch.cat(accuracies)[:episodes] if accuracies else torch.zeros(0)
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -303,6 +346,7 @@ class Trained:
     method: Method
     config: Config
     step: int
+    image_shape: Tuple[int, ...]
 
     @property
     def model(self) -> torch.nn.Module:
@@ -316,7 +360,7 @@ def load_checkpoint(path: Union[str, Path], device: Optional[str] = None) -> Tra
     config = checked({**content["config"], **({} if device is None else {"device": device})})
     method = build_checked_method(config, content["image_shape"])
     load_model_state(method.model, content["model"], path)
-    return Trained(method, config, content["step"])
+    return Trained(method, config, content["step"], tuple(content["image_shape"]))
 
 
 def build_checked_method(config: Config, image_shape) -> Method:
@@ -464,6 +508,7 @@ def train(config: Config, out: Union[str, Path], resume: bool = False, progress:
             f"{out} holds the logs of a run that stopped before its first checkpoint; "
             "remove them or choose another --out"
         )
+    config = replace(config, split=resolved_split(config))
     torch.manual_seed(config.seed)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -550,7 +595,7 @@ def train(config: Config, out: Union[str, Path], resume: bool = False, progress:
                 f"{name}: stopped at step {step}; the checkpoint is saved. Continue with fastmeta train --resume {out}"
             )
         raise KeyboardInterrupt(name)
-    return Trained(method, config, step)
+    return Trained(method, config, step, tuple(train_data.images.shape[1:]))
 
 
 def evaluate(
@@ -574,11 +619,7 @@ def evaluate(
     config = trained.config
     ways = config.ways if ways is None else ways
     shots = config.shots if shots is None else shots
-    if config.method not in ("protonet", "matching", "relation", "siamese") and ways != config.ways:
-        raise ConfigError(
-            f"{config.method} was trained with a {config.ways}-way classifier; "
-            f"it evaluates {config.ways}-way episodes only, got ways={ways}"
-        )
+    check_evaluated_ways(config, ways)
     data = load_data(config, split)
     check_ways(data, ways, split)
     accuracies = episode_accuracies(trained.method, data, ways, shots, queries, episodes, seed)
@@ -586,11 +627,60 @@ def evaluate(
     return {
         "method": config.method,
         "data": config.data,
+        "protocol": resolved_split(config),
         "split": split,
         "ways": ways,
         "shots": shots,
         "episodes": len(accuracies),
         "accuracy": mean,
         "ci95": ci,
+        "step": trained.step,
+    }
+
+
+def check_evaluated_ways(config: Config, ways: int):
+    if config.method not in ("protonet", "matching", "relation", "siamese") and ways != config.ways:
+        raise ConfigError(
+            f"{config.method} was trained with a {config.ways}-way classifier; "
+            f"it evaluates {config.ways}-way episodes only, got ways={ways}"
+        )
+
+
+# Lake et al.'s one-shot benchmark: people's accuracy (Lake et al. 2015) and
+# Koch et al.'s Siamese network's (2015).
+HUMAN_ONE_SHOT_ACCURACY = 95.5
+KOCH_ONE_SHOT_ACCURACY = 92.0
+
+
+def evaluate_one_shot_runs(path: Union[str, Path], runs: Union[str, Path], device: Optional[str] = None) -> Dict:
+    """Accuracy of a run (folder or checkpoint) on Lake et al.'s 20 runs of
+    20-way one-shot classification (:func:`~fastmeta.data.one_shot_runs`):
+    per run, and over all the runs' test images."""
+    trained = load_checkpoint(path, device)
+    config = trained.config
+    with data_errors("--oneshot-runs"):
+        names, e = one_shot_runs(runs, config.image_size)
+    ways = e.support.shape[1]
+    check_evaluated_ways(config, ways)
+    if trained.image_shape[0] != e.support.shape[2]:
+        raise ConfigError(
+            f"{config.method} was trained on {trained.image_shape[0]}-channel images; "
+            f"the one-shot runs are greyscale characters"
+        )
+    e = Episode(*(field.to(config.device) for field in e))
+    accuracies = query_accuracies(trained.method, e)
+    mean, ci = confidence_interval(accuracies)
+    return {
+        "method": config.method,
+        "data": config.data,
+        "protocol": "lake-one-shot-runs",
+        "runs_path": str(runs),
+        "ways": ways,
+        "shots": 1,
+        "runs": {name: round(100 * accuracy, 4) for name, accuracy in zip(names, accuracies.tolist())},
+        "accuracy": mean,
+        "ci95": ci,
+        "humans": HUMAN_ONE_SHOT_ACCURACY,
+        "koch_siamese": KOCH_ONE_SHOT_ACCURACY,
         "step": trained.step,
     }

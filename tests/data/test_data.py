@@ -380,7 +380,7 @@ def test_an_unwritable_or_foreign_cache_is_skipped(tmp_path, monkeypatch):
             assert torch.equal(ImageFolder(tmp_path / "data", image_size=8).images, want)
     assert not [f for f in (tmp_path / "data" / ".fastmeta-cache").iterdir()]  # no partial file
     ImageFolder(tmp_path / "data", image_size=8)
-    (cache,) = (tmp_path / "data" / ".fastmeta-cache").glob("folder-*.pt")
+    (cache,) = (tmp_path / "data" / ".fastmeta-cache").glob("images-*.pt")
     torch.save({"something": torch.zeros(1)}, cache)
     with pytest.warns(UserWarning, match="holds something else; rebuilding it"):
         assert torch.equal(ImageFolder(tmp_path / "data", image_size=8).images, want)

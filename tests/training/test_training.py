@@ -62,7 +62,7 @@ def test_every_method_trains_and_evaluates_from_the_command_line(tmp_path, metho
     capsys.readouterr()
     assert main(["evaluate", str(run), "--episodes", "3"]) == 0
     printed = capsys.readouterr().out
-    assert f"{method} on chars, test classes, 3-way 1-shot: " in printed and "over 3 episodes" in printed
+    assert f"{method} on chars (random split), test classes, 3-way 1-shot: " in printed and "over 3 episodes" in printed
     result = json.loads((run / "evaluation.jsonl").read_text())
     assert result["episodes"] == 3 and 0 <= result["accuracy"] <= 100
 
@@ -323,9 +323,11 @@ def test_files_that_cannot_be_written_get_one_line_or_a_warning(tmp_path, capsys
         raise RuntimeError("no space left for the figure")
 
     monkeypatch.setattr(fastmeta.training.run.Log, "_plot", broken_plot)
-    with pytest.warns(UserWarning, match="could not draw .*metrics.png: no space left for the figure"):
-        run = train(tmp_path, "protonet", "--steps", "2")
+    capsys.readouterr()
+    run = train(tmp_path, "protonet", "--steps", "2")
     assert fastmeta.load_checkpoint(run).step == 2
+    warning = f"fastmeta train: warning: could not draw {run / 'metrics.png'}: no space left for the figure"
+    assert warning in capsys.readouterr().err.splitlines()
 
 
 def test_bad_evaluation_values_get_one_line_and_status_2(tmp_path, capsys):
