@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--all", action="store_true", help="run every case")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurements")
+    bench.add_argument(
+        "--no-compile", action="store_true", help="skip the torch.compile baselines (compiling takes seconds per case)"
+    )
     add_train_parser(sub)
     add_evaluate_parser(sub)
     return parser
@@ -92,7 +95,7 @@ def main(argv=None) -> int:
     print(f"cases: {', '.join(names)}" + ("" if args.all or args.cases else " (--all for every case)"))
     print(runner.format_header(), flush=True)
     rows = []
-    for row in runner.run(names, args.device, memory=not args.no_memory, progress=True):
+    for row in runner.run(names, args.device, memory=not args.no_memory, progress=True, compile=not args.no_compile):
         rows.append(row)
         print(runner.format_row(row), flush=True)
     if args.json:

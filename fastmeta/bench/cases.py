@@ -3,7 +3,8 @@ bench`` and for the pytest-benchmark files in ``benchmarks/``.
 
 A case builds its inputs on a device and returns variants; each variant is a
 fastmeta callable and the baselines a user would otherwise run, all on the
-same inputs. Every callable runs one complete step (forward, and backward
+same inputs, the first being the eager code a user would hand to
+``torch.compile`` (the runner adds that baseline). Every callable runs one complete step (forward, and backward
 where the case says so).
 """
 
@@ -63,8 +64,6 @@ def proto_episode(device: str) -> List[Variant]:
         _backward(reference.similarity_cross_entropy(query, protos, query_labels), support, query)
 
     baselines = {"eager (cdist)": eager_cdist, "eager (matmul)": eager_matmul}
-    if device == "cuda":
-        baselines["torch.compile"] = torch.compile(eager_matmul)
     return [Variant("proto_episode", "32x5-way 5+15 shot D=1600", fast, baselines)]
 
 

@@ -6,7 +6,7 @@ import json
 import platform
 import statistics
 import time
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 
@@ -106,26 +106,61 @@ def peak_memory_mib(fn: Callable[[], None], device: str) -> Optional[float]:
         return None
 
 
-def run(names: List[str], device: str, memory: bool = True, progress: bool = False) -> Iterator[Dict]:
-    """Measures the cases ``names`` and yields each row as soon as it is measured."""
+def compiled_baseline(variant: cases.Variant, device: str) -> Tuple[str, Optional[Callable[[], None]], Dict]:
+    """``torch.compile`` of the variant's first baseline (the eager code a
+    user would compile), called once: its name, the compiled callable (None
+    if compiling failed), and the seconds that first call took (compile
+    time, reported apart from the timings) or the error."""
+    name, eager = next(iter(variant.baselines.items()))
+    torch._dynamo.reset()  # each variant compiles afresh, within dynamo's recompilation limit
+    compiled = torch.compile(eager)
+    start = time.perf_counter()
+    try:
+        compiled()
+        if device == "cuda":
+            torch.cuda.synchronize()
+    except Exception as error:  # noqa: BLE001: what fails to compile is reported, not fatal
+        return f"torch.compile ({name})", None, {"compile_error": f"{type(error).__name__}: {_first_line(error)}"}
+    return f"torch.compile ({name})", compiled, {"compile_s": time.perf_counter() - start}
+
+
+def _first_line(error: Exception) -> str:
+    return next((line for line in str(error).splitlines() if line.strip()), "")
+
+
+def run(
+    names: List[str], device: str, memory: bool = True, progress: bool = False, compile: bool = True
+) -> Iterator[Dict]:
+    """Measures the cases ``names`` and yields each row as soon as it is
+    measured; with ``compile``, each variant's first baseline under
+    ``torch.compile`` too."""
     from tqdm import tqdm
 
     for name in tqdm(names, desc="bench", unit="case", disable=not progress, leave=False):
         for variant in cases.build([name], device):
-            fast_s, *base_times = time_callables([variant.fastmeta, *variant.baselines.values()], device)
+            baselines = {label: (fn, {}) for label, fn in variant.baselines.items()}
+            failed = []
+            if compile:
+                compiled_name, compiled, compile_info = compiled_baseline(variant, device)
+                if compiled is None:
+                    failed.append((compiled_name, compile_info))
+                else:
+                    baselines[compiled_name] = (compiled, compile_info)
+            fast_s, *base_times = time_callables([variant.fastmeta, *(fn for fn, _ in baselines.values())], device)
             fast_mib = peak_memory_mib(variant.fastmeta, device) if memory else None
-            for (baseline_name, baseline), base_s in zip(variant.baselines.items(), base_times):
+            row = {"case": variant.case, "shape": variant.label, "device": device, "fastmeta_ms": fast_s * 1e3}
+            for (baseline_name, (baseline, info)), base_s in zip(baselines.items(), base_times):
                 yield {
-                    "case": variant.case,
-                    "shape": variant.label,
-                    "device": device,
-                    "fastmeta_ms": fast_s * 1e3,
+                    **row,
                     "baseline": baseline_name,
                     "baseline_ms": base_s * 1e3,
                     "speedup": base_s / fast_s,
                     "fastmeta_peak_mib": fast_mib,
                     "baseline_peak_mib": peak_memory_mib(baseline, device) if memory else None,
+                    **info,
                 }
+            for baseline_name, info in failed:
+                yield {**row, "baseline": baseline_name, "baseline_ms": None, "speedup": None, **info}
 
 
 # The CPU kernel families, and whether their loops are compiled for AVX-512,
@@ -177,7 +212,7 @@ def machine() -> Dict:
 
 
 HEADER = ["case", "shape", "fastmeta ms", "baseline", "baseline ms", "speedup", "fastmeta MiB", "baseline MiB"]
-WIDTHS = [18, 30, 11, 26, 11, 8, 12, 12]  # fixed, so rows print as they are measured
+WIDTHS = [18, 30, 11, 40, 11, 8, 12, 12]  # fixed, so rows print as they are measured
 
 
 def format_header() -> str:
@@ -188,7 +223,11 @@ def format_row(r: Dict) -> str:
     def mib(v):
         return "-" if v is None else f"{v:.0f}"
 
-    return _line(
+    if r["baseline_ms"] is None:
+        return _line([r["case"], r["shape"], f"{r['fastmeta_ms']:.2f}", r["baseline"], "failed"]) + (
+            f": {r['compile_error']}"
+        )
+    line = _line(
         [
             r["case"],
             r["shape"],
@@ -196,10 +235,11 @@ def format_row(r: Dict) -> str:
             r["baseline"],
             f"{r['baseline_ms']:.2f}",
             f"{r['speedup']:.2f}x",
-            mib(r["fastmeta_peak_mib"]),
-            mib(r["baseline_peak_mib"]),
+            mib(r.get("fastmeta_peak_mib")),
+            mib(r.get("baseline_peak_mib")),
         ]
     )
+    return line + (f" (compiled in {r['compile_s']:.1f} s)" if "compile_s" in r else "")
 
 
 def _line(cells) -> str:
