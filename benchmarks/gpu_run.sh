@@ -45,7 +45,9 @@ else
   fi
 fi
 
-if timeout 120 "$PY" -m fastmeta bench --device cuda --all --json "$OUT/bench_cuda.json" \
+# --no-compile: compiling every case's torch.compile baseline would take
+# minutes of the short device time; correctness and the eager baselines first.
+if timeout 120 "$PY" -m fastmeta bench --device cuda --all --no-compile --json "$OUT/bench_cuda.json" \
     > "$OUT/bench_cuda.txt" 2>&1; then
   record bench ok "$OUT/bench_cuda.txt"
 else

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="append",
         dest="cases",
         metavar="NAME",
-        help="a case to run (repeatable); default: a representative subset that runs in a few minutes on a 2-core CPU",
+        help="a case to run (repeatable); default: a representative subset (about 16 minutes on a 2-core CPU, "
+        "a few without the torch.compile baselines)",
     )
     bench.add_argument("--all", action="store_true", help="run every case")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")

@@ -384,3 +384,20 @@ def test_one_shot_runs_bad_uses_get_one_line_and_status_2(protonet_run, tmp_path
     assert "maml was trained with a 3-way classifier; it evaluates 3-way episodes only, got ways=4" in cli_error(
         ["evaluate", str(maml), "--oneshot-runs", str(tmp_path / "runs")], capsys
     )
+
+
+def test_one_shot_runs_refuse_a_model_trained_on_colour_images(tmp_path, capsys):
+    rng = np.random.default_rng(2)
+    for c in range(30):
+        (tmp_path / "colour" / f"c{c:02d}").mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(
+                tmp_path / "colour" / f"c{c:02d}" / f"{i}.png"
+            )
+    run = tmp_path / "run"
+    flags = ["--data", f"folder:{tmp_path / 'colour'}", "--image-size", "16", "--steps", "1", "--out", str(run)]
+    assert main(["train", "protonet", *flags, *TINY]) == 0
+    write_one_shot_runs(tmp_path / "runs", runs=1, ways=3)
+    assert "protonet was trained on 3-channel images; the one-shot runs are greyscale characters" in cli_error(
+        ["evaluate", str(run), "--oneshot-runs", str(tmp_path / "runs")], capsys
+    )
