@@ -59,7 +59,7 @@ def test_info_names_the_cpu_instruction_set_and_its_cap():
 
 def test_bench_command_prints_a_table_and_writes_json(tmp_path, capsys):
     path = tmp_path / "bench.json"
-    assert main(["bench", "--case", "proto_episode", "--json", str(path)]) == 0
+    assert main(["bench", "--case", "proto_episode", "--no-compile", "--json", str(path)]) == 0
     out = capsys.readouterr().out
     assert "proto_episode" in out and "speedup" in out
     isa = fastmeta._C.cpu_isa()
@@ -75,6 +75,43 @@ def test_bench_command_prints_a_table_and_writes_json(tmp_path, capsys):
         assert r["speedup"] == pytest.approx(r["baseline_ms"] / r["fastmeta_ms"])
 
 
+def test_bench_adds_a_compiled_baseline_with_its_compile_time(tmp_path, capsys):
+    target = tmp_path / "bench.json"
+    assert main(["bench", "--case", "matching_readout", "--no-memory", "--json", str(target)]) == 0
+    rows = json.loads(target.read_text())["results"]
+    assert [r["baseline"] for r in rows] == ["eager", "torch.compile (eager)"]
+    compiled = rows[1]
+    assert compiled["compile_s"] > 0 and compiled["baseline_ms"] > 0
+    assert compiled["speedup"] == compiled["baseline_ms"] / compiled["fastmeta_ms"]
+    assert "compile_s" not in rows[0]
+    printed = capsys.readouterr().out
+    assert "torch.compile (eager)" in printed and f"(compiled in {compiled['compile_s']:.1f} s)" in printed
+    assert main(["bench", "--case", "matching_readout", "--no-memory", "--no-compile", "--json", str(target)]) == 0
+    assert [r["baseline"] for r in json.loads(target.read_text())["results"]] == ["eager"]
+
+
+def test_a_bench_baseline_that_fails_to_compile_is_a_row_saying_why(monkeypatch):
+    from fastmeta.bench import cases, runner
+
+    def compile_fails(fn):
+        def compiled():
+            raise RuntimeError("not compilable\nmore detail")
+
+        return compiled
+
+    monkeypatch.setitem(
+        cases.CASES, "toy", lambda device: [cases.Variant("toy", "shape", lambda: None, {"eager": lambda: None})]
+    )
+    monkeypatch.setattr(runner.torch, "compile", compile_fails)
+    eager, failed = runner.run(["toy"], "cpu", memory=False)
+    assert eager["baseline"] == "eager" and eager["baseline_ms"] > 0
+    assert failed["baseline"] == "torch.compile (eager)" and failed["baseline_ms"] is None and failed["speedup"] is None
+    assert failed["compile_error"] == "RuntimeError: not compilable"
+    assert runner.format_row(failed).endswith(
+        "| torch.compile (eager)                    | failed: RuntimeError: not compilable"
+    )
+
+
 def test_bench_rejects_an_unknown_case(capsys):
     with pytest.raises(SystemExit):
         main(["bench", "--case", "no_such_case"])
@@ -87,8 +124,8 @@ def test_bench_prints_each_row_as_measured_and_defaults_to_a_subset(monkeypatch,
     assert set(cases.DEFAULT_CASES) < set(cases.CASES)
     printed_before = []
 
-    def fake_run(names, device, memory, progress):
-        assert names == cases.DEFAULT_CASES
+    def fake_run(names, device, memory, progress, compile):
+        assert names == cases.DEFAULT_CASES and compile
         for name in names:
             printed_before.append(capsys.readouterr().out)  # what was printed before this row
             yield {
