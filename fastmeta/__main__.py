@@ -156,7 +156,9 @@ def add_evaluate_parser(sub):
     evaluate.add_argument("--ways", type=int, help="default: the run's")
     evaluate.add_argument("--shots", type=int, help="default: the run's")
     evaluate.add_argument("--queries", type=int, default=15)
-    evaluate.add_argument("--split", choices=["test", "val", "train"], default="test")
+    evaluate.add_argument(
+        "--split", choices=["test", "val", "train"], default="test", help="which part of the run's split to test on"
+    )
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--device", help="default: the run's")
     evaluate.add_argument(
