@@ -235,8 +235,8 @@ def format_row(r: Dict) -> str:
             r["baseline"],
             f"{r['baseline_ms']:.2f}",
             f"{r['speedup']:.2f}x",
-            mib(r.get("fastmeta_peak_mib")),
-            mib(r.get("baseline_peak_mib")),
+            mib(r["fastmeta_peak_mib"]),
+            mib(r["baseline_peak_mib"]),
         ]
     )
     return line + (f" (compiled in {r['compile_s']:.1f} s)" if "compile_s" in r else "")

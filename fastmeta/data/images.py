@@ -274,8 +274,7 @@ class ImageFolder(LabelledImages):
             raise FileNotFoundError(
                 f"ImageFolder: {root} is not a folder; expected {root}/<class>/<image>.jpg, one folder per class"
             )
-        if channels not in (1, 3):
-            raise ValueError(f"ImageFolder: channels must be 1 or 3, got {channels}")
+        mode = image_mode("ImageFolder", channels)
         classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
         files = [sorted(f for f in (root / c).iterdir() if f.suffix.lower() in IMAGE_SUFFIXES) for c in classes]
         if not classes:
@@ -288,7 +287,7 @@ class ImageFolder(LabelledImages):
                 f"ImageFolder: class folder(s) {empty[:5]} in {root} hold no images ({', '.join(IMAGE_SUFFIXES)})"
             )
         labels = [c for c, class_files in enumerate(files) for _ in class_files]
-        images = decoded_files([f for fs in files for f in fs], image_size, channels, root / ".fastmeta-cache", cache)
+        images = decoded_files([f for fs in files for f in fs], image_size, mode, root / ".fastmeta-cache", cache)
         super().__init__(images, torch.tensor(labels), classes)
 
 
@@ -321,6 +320,7 @@ class CSVImages(LabelledImages):
         channels: int = 3,
         cache: bool = True,
     ):
+        mode = image_mode("CSVImages", channels)
         csv_file = Path(csv_file)
         image_dir = csv_file.parent / "images" if image_dir is None else Path(image_dir)
         rows = _read_split_file(csv_file)
@@ -334,7 +334,7 @@ class CSVImages(LabelledImages):
             raise FileNotFoundError(
                 f"CSVImages: {len(absent)} image(s) listed in {csv_file} are not in {image_dir}, e.g. {absent[0]}"
             )
-        images = decoded_files(files, image_size, channels, image_dir / ".fastmeta-cache", cache)
+        images = decoded_files(files, image_size, mode, image_dir / ".fastmeta-cache", cache)
         super().__init__(images, torch.tensor([number[name] for _, name in rows]), classes)
 
 
@@ -355,15 +355,20 @@ def _read_split_file(path: Path) -> List[Tuple[str, str]]:
     return [(row[0], row[1]) for _, row in lines]
 
 
-def decoded_files(
-    files: Sequence[Path], image_size: Union[int, Tuple[int, int]], channels: int, cache_in: Path, cache: bool
-) -> torch.Tensor:
-    """The image files decoded with Pillow into one ``uint8`` tensor
-    ``[N, channels, height, width]``, cached in ``cache_in`` when ``cache``."""
+def image_mode(who: str, channels: int) -> str:
+    """Pillow's mode for images of ``channels`` channels (1 or 3)."""
     if channels not in (1, 3):
-        raise ValueError(f"channels must be 1 or 3, got {channels}")
+        raise ValueError(f"{who}: channels must be 1 or 3, got {channels}")
+    return "RGB" if channels == 3 else "L"
+
+
+def decoded_files(
+    files: Sequence[Path], image_size: Union[int, Tuple[int, int]], mode: str, cache_in: Path, cache: bool
+) -> torch.Tensor:
+    """The image files decoded with Pillow in ``mode`` ("L" or "RGB") into one
+    ``uint8`` tensor ``[N, C, height, width]``, cached in ``cache_in`` when
+    ``cache``."""
     height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
-    mode = "RGB" if channels == 3 else "L"
 
     def build():
         images = [decode_image(f.read_bytes(), (width, height), mode, str(f)) for f in files]

@@ -227,14 +227,14 @@ class Omniglot(LabelledImages):
 
 
 def _protocol_split(data: LabelledImages, split: str, protocol: str, root: Path) -> LabelledImages:
-    official = set(official_characters())
-    foreign = [name for name in data.class_names if name not in official]
+    official = official_characters()
+    foreign = sorted(set(data.class_names) - set(official))
     if foreign:
         raise ValueError(
             f"Omniglot: {root} holds characters that are not official ({foreign[:3]}); "
             f"the {protocol!r} split applies to the official files only (use protocol='random')"
         )
-    wanted = [c for c in sorted(official) if in_part(protocol_part(c, protocol), split)]
+    wanted = [c for c in official if in_part(protocol_part(c, protocol), split)]
     found = set(data.class_names)
     present = [c for c in wanted if c in found]
     if len(present) < len(wanted):
@@ -312,14 +312,15 @@ def one_shot_runs(path: Union[str, Path], image_size: int = 28) -> Tuple[List[st
     """
     path = Path(path)
     files = _run_files(path)
-    runs = sorted({m[1] for name in files if (m := re.fullmatch(r"(?:.*/)?(run\d+)/class_labels\.txt", name))})
+    listings = {m[1]: name for name in files if (m := re.fullmatch(r"(?:.*/)?(run\d+)/class_labels\.txt", name))}
+    runs = sorted(listings)
     if not runs:
         raise FileNotFoundError(
             f"no runNN/class_labels.txt in {path}; expected Lake et al.'s all_runs.zip or its folder"
         )
     supports, queries, labels = [], [], []
     for run in runs:
-        listing = next(name for name in files if name.endswith(f"{run}/class_labels.txt"))
+        listing = listings[run]
         base = listing[: -len(f"{run}/class_labels.txt")]
         pairs = []
         for number, line in enumerate(files[listing]().decode(errors="replace").splitlines(), 1):

@@ -616,7 +616,7 @@ def evaluate(
     if not 0 <= seed < 2**63:
         raise ConfigError(f"seed must be in 0 .. 2**63 - 1, got {seed}")
     trained = load_checkpoint(path, device)
-    config = trained.config
+    config = replace(trained.config, split=resolved_split(trained.config))  # "auto" in older runs
     ways = config.ways if ways is None else ways
     shots = config.shots if shots is None else shots
     check_evaluated_ways(config, ways)
@@ -627,7 +627,7 @@ def evaluate(
     return {
         "method": config.method,
         "data": config.data,
-        "protocol": resolved_split(config),
+        "protocol": config.split,
         "split": split,
         "ways": ways,
         "shots": shots,
