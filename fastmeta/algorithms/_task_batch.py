@@ -13,6 +13,7 @@ from .. import _build_config
 from .engine import (
     Loss,
     batch_statistics,
+    call_with_parameters,
     flat_to_dict,
     loss_function,
     mlp_derivatives,
@@ -212,7 +213,9 @@ class TaskBatchLearner(nn.Module):
 
         with batch_statistics(self.module):
             if one_task_at_a_time(self.module, x.device):
-                return torch.stack([call(p, inputs) for p, inputs in zip(params, x)])
+                return torch.stack(
+                    [call_with_parameters(self.module, flat_to_dict(self.module, p), (xt,)) for p, xt in zip(params, x)]
+                )
             return torch.func.vmap(call)(params, x)
 
     def _meta_batch_output(

@@ -49,6 +49,7 @@ __all__ = [
     "module_derivatives",
     "mlp_structure",
     "flat_to_dict",
+    "call_with_parameters",
     "task_derivatives",
     "batch_statistics",
     "conjugate_gradient",
@@ -88,6 +89,21 @@ def flat_to_dict(module: nn.Module, flat: torch.Tensor) -> Dict[str, torch.Tenso
     # to ``flat`` is then one concatenation, not a zero-filled [P] per parameter.
     parts = flat.split([p.numel() for _, p in named], dim=-1)
     return {name: part.reshape(*flat.shape[:-1], *p.shape) for (name, p), part in zip(named, parts)}
+
+
+def call_with_parameters(module: nn.Module, parameters: Dict[str, torch.Tensor], args: tuple) -> torch.Tensor:
+    """``torch.func.functional_call(module, parameters, args)`` for one task,
+    outside ``vmap``, with the weights of 2-d convolutions laid out
+    channels-last on the CPU, where oneDNN's channels-last convolutions are
+    the faster ones (see :class:`fastmeta.nn.ChannelsLastConv2d`; the values
+    are the same)."""
+    if args[0].device.type == "cpu":
+        convolutions = {f"{name}.weight".lstrip(".") for name, m in module.named_modules() if isinstance(m, nn.Conv2d)}
+        parameters = {
+            name: value.to(memory_format=torch.channels_last) if name in convolutions else value
+            for name, value in parameters.items()
+        }
+    return torch.func.functional_call(module, parameters, args)
 
 
 _GLOBAL_HOOKS = (
@@ -486,7 +502,7 @@ def module_task_forward(module: nn.Module, loss: Loss):
     def task_forward(params, x, target):
         named = flat_to_dict(module, params) if isinstance(params, torch.Tensor) else dict(zip(names, params))
         with batch_statistics(module):
-            outputs = torch.func.functional_call(module, named, (x,))
+            outputs = call_with_parameters(module, named, (x,))
         return criterion(outputs, target), outputs
 
     return task_forward

@@ -5,12 +5,16 @@ formulations, learn2learn's per-task MAML loop, torch.func's ``vmap``, the
 MANN memory step by step). The tests also compare fastmeta's modules with
 them; :mod:`fastmeta.reference` re-exports them."""
 
+import copy
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from ..formulas import attention_readout, gnn_adjacency, log_sign_preprocess, mann_memory
 
 __all__ = [
+    "default_layout",
     "l2o_lstm_cells",
     "maml_query_losses_loop",
     "maml_query_losses_vmap",
@@ -25,6 +29,32 @@ __all__ = [
     "gnn_logits",
     "metanet_scores",
 ]
+
+
+def default_layout(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` with every :class:`fastmeta.nn.ChannelsLastConv2d`
+    an ``nn.Conv2d`` with the same parameters: the model as a user of
+    easyfsl or learn2learn builds it, in PyTorch's default layout."""
+    from ..nn import ChannelsLastConv2d
+
+    module = copy.deepcopy(module)
+    for parent in list(module.modules()):
+        for name, child in parent.named_children():
+            if isinstance(child, ChannelsLastConv2d):
+                conv = nn.Conv2d(
+                    child.in_channels,
+                    child.out_channels,
+                    child.kernel_size,
+                    child.stride,
+                    child.padding,
+                    child.dilation,
+                    child.groups,
+                    child.bias is not None,
+                    child.padding_mode,
+                ).to(child.weight)
+                conv.load_state_dict(child.state_dict())
+                setattr(parent, name, conv)
+    return module
 
 
 def l2o_lstm_cells(lstm, grad: torch.Tensor, states):

@@ -388,16 +388,20 @@ def _training_step(model: nn.Module, loss_fn: Callable[[], torch.Tensor]) -> Cal
 
 def _module_variants(case, label, model, reference_scores, loss_of_scores, episodes, head_only):
     """A whole training step of ``model`` (its batched ``loss``) against the
-    easyfsl-style formulation run episode by episode, as easyfsl runs it.
-    With ``head_only``, the backbone is the identity and the episodes are
-    features that require grad."""
+    easyfsl-style formulation ``reference_scores(model, ...)`` run episode by
+    episode, as easyfsl runs it, on a copy of the model in PyTorch's default
+    layout. With ``head_only``, the backbone is the identity and the episodes
+    are features that require grad."""
     support, support_labels, query, query_labels = episodes
     batch = support.shape[0]
+    eager_model = reference.default_layout(model)
 
     def eager_loss():
         return (
             sum(
-                loss_of_scores(reference_scores(support[b], support_labels[b], query[b]), query_labels[b])
+                loss_of_scores(
+                    reference_scores(eager_model, support[b], support_labels[b], query[b]), query_labels[b]
+                )
                 for b in range(batch)
             )
             / batch
@@ -405,14 +409,16 @@ def _module_variants(case, label, model, reference_scores, loss_of_scores, episo
 
     fast = lambda: model.loss(support, support_labels, query, query_labels)  # noqa: E731
     if head_only:
-        leaves = [support, query, *model.parameters()]
+        leaves, eager_leaves = [support, query, *model.parameters()], [support, query, *eager_model.parameters()]
         return Variant(
             case,
             label + " head",
             lambda: _backward(fast(), *leaves),
-            {"eager (easyfsl)": lambda: _backward(eager_loss(), *leaves)},
+            {"eager (easyfsl)": lambda: _backward(eager_loss(), *eager_leaves)},
         )
-    return Variant(case, label, _training_step(model, fast), {"eager (easyfsl)": _training_step(model, eager_loss)})
+    return Variant(
+        case, label, _training_step(model, fast), {"eager (easyfsl)": _training_step(eager_model, eager_loss)}
+    )
 
 
 def _cross_entropy(scores, labels):
@@ -439,7 +445,7 @@ def protonet_step(device: str) -> List[Variant]:
                     "protonet_step",
                     label,
                     model,
-                    lambda s, l, q, m=model: reference.prototypical_scores(m.backbone, s, l, q, "sqeuclidean"),
+                    lambda m, s, l, q: reference.prototypical_scores(m.backbone, s, l, q, "sqeuclidean"),
                     _cross_entropy,
                     episodes,
                     head_only,
@@ -452,7 +458,7 @@ def protonet_step(device: str) -> List[Variant]:
                 batch, ways, shots, queries, (1, 28, 28), device, torch.Generator().manual_seed(0)
             )
             torch.manual_seed(0)
-            net = fnn.Conv4(1).to(device)
+            net = reference.default_layout(fnn.Conv4(1).to(device))
 
             def batched_eager():
                 s = net(support.flatten(0, 1)).view(batch, ways, shots, -1).mean(2)
@@ -487,7 +493,7 @@ def relation_step(device: str) -> List[Variant]:
                     "relation_step",
                     f"{ways}-way 1+{queries}",
                     model,
-                    lambda s, l, q, m=model: reference.relation_scores(m.backbone, m.relation_module, s, l, q),
+                    lambda m, s, l, q: reference.relation_scores(m.backbone, m.relation_module, s, l, q),
                     mse,
                     episodes,
                     head_only,
@@ -513,9 +519,7 @@ def matching_fce_step(device: str) -> List[Variant]:
                 "matching_fce_step",
                 "20-way 1+15",
                 model,
-                lambda s, l, q, m=model: reference.matching_scores(
-                    m.backbone, m.support_encoder, m.query_encoder, s, l, q
-                ),
+                lambda m, s, l, q: reference.matching_scores(m.backbone, m.support_encoder, m.query_encoder, s, l, q),
                 lambda scores, labels: F.nll_loss(scores, labels),
                 episodes,
                 head_only,

@@ -2,7 +2,7 @@
 few-shot classifiers (easyfsl's interface, plus a batched one) and learned
 optimizers."""
 
-from .backbones import Conv4, ResNet12
+from .backbones import ChannelsLastConv2d, Conv4, ResNet12
 from .few_shot import FewShotClassifier
 from .gnn import FewShotGNN
 from .learned_optimizers import CoordinatewiseLSTM, MetaLearnerLSTM
@@ -14,6 +14,7 @@ from .relation import RelationModule, RelationNetworks
 from .siamese import SiameseNetworks
 
 __all__ = [
+    "ChannelsLastConv2d",
     "Conv4",
     "CoordinatewiseLSTM",
     "FewShotClassifier",

@@ -11,6 +11,7 @@ from torch import nn
 
 from fastmeta import reference
 from fastmeta.nn import (
+    ChannelsLastConv2d,
     Conv4,
     MatchingNetworks,
     PrototypicalNetworks,
@@ -20,7 +21,7 @@ from fastmeta.nn import (
     SiameseNetworks,
 )
 from fastmeta.nn.relation import _is_relu_pool
-from fastmeta.testing import DEVICES
+from fastmeta.testing import DEVICES, compare_with_reference, randn
 
 DOUBLE = dict(dtype=torch.float64)
 
@@ -318,6 +319,56 @@ def test_backbones():
     assert ResNet12(1, channels=(8, 8, 16, 16), flatten=False)(torch.zeros(1, 1, 28, 28)).shape == (1, 16, 2, 2)
     with pytest.raises(ValueError, match="pooled_blocks must be in 0..4, got 5"):
         Conv4(1, pooled_blocks=5)
+
+
+@pytest.mark.parametrize(
+    "shape, out_channels, kernel, padding",
+    [((5, 1, 28, 28), 8, 3, 1), ((3, 3, 9, 11), 5, 3, 1), ((2, 6, 7, 5), 7, 1, 0), ((1, 2, 1, 1), 3, 3, 1), ((0, 3, 8, 8), 4, 3, 1)],
+)
+def test_channels_last_conv_equals_conv2d(shape, out_channels, kernel, padding):
+    """The same values and gradients as nn.Conv2d's, against the float64
+    reference, with eager PyTorch's error in float32 as the tolerance; the
+    output is channels-last, the weight's gradient in the default layout."""
+    torch.manual_seed(0)
+    conv = ChannelsLastConv2d(shape[1], out_channels, kernel, padding=padding)
+    x = randn(*shape, requires_grad=True)
+    weight, bias = (p.detach().clone().requires_grad_() for p in (conv.weight, conv.bias))
+    out, _ = compare_with_reference(
+        lambda x, w, b: torch.func.functional_call(conv, {"weight": w, "bias": b}, (x,)),
+        lambda x, w, b: F.conv2d(x, w, b, padding=padding),
+        [x, weight, bias],
+    )
+    assert shape[0] == 0 or out[0].is_contiguous(memory_format=torch.channels_last)
+    conv(x).sum().backward()
+    assert conv.weight.grad.is_contiguous() and conv.weight.is_contiguous()
+
+
+def test_channels_last_conv_second_derivatives():
+    """MAML differentiates through the layout change twice."""
+    conv = ChannelsLastConv2d(2, 3, 3, padding=1).double()
+    x = torch.randn(2, 2, 5, 4, dtype=torch.float64, requires_grad=True)
+    w = conv.weight.detach().clone().requires_grad_()
+
+    def f(x, w):
+        return torch.func.functional_call(conv, {"weight": w, "bias": conv.bias}, (x,)).tanh()
+
+    assert torch.autograd.gradgradcheck(f, (x, w))
+
+
+def test_backbones_keep_the_default_layout_and_state_dict():
+    """Channels-last inside, NCHW outside: the features come back contiguous
+    and an nn.Conv2d model's state dict loads with the same numbers."""
+    torch.manual_seed(0)
+    x = torch.randn(3, 3, 20, 20, dtype=torch.float64)
+    for model in (Conv4(3, hidden_channels=8, flatten=False), ResNet12(3, channels=(4, 4, 8, 8), flatten=False)):
+        model = model.double()
+        plain = reference.default_layout(model)
+        assert not any(isinstance(m, ChannelsLastConv2d) for m in plain.modules())
+        plain.load_state_dict(model.state_dict())
+        out = model(x)
+        assert out.is_contiguous()
+        torch.testing.assert_close(out, plain(x))
+    assert isinstance(Conv4(1)[:2], nn.Sequential) and len(Conv4(1)[:-1]) == 4
 
 
 def test_bad_input_messages():
