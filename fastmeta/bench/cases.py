@@ -399,9 +399,7 @@ def _module_variants(case, label, model, reference_scores, loss_of_scores, episo
     def eager_loss():
         return (
             sum(
-                loss_of_scores(
-                    reference_scores(eager_model, support[b], support_labels[b], query[b]), query_labels[b]
-                )
+                loss_of_scores(reference_scores(eager_model, support[b], support_labels[b], query[b]), query_labels[b])
                 for b in range(batch)
             )
             / batch

@@ -88,7 +88,9 @@ class ResidualBlock(nn.Module):
             ChannelsLastConv2d(out_channels, out_channels, 3, padding=1, bias=False),
             nn.BatchNorm2d(out_channels),
         )
-        self.shortcut = nn.Sequential(ChannelsLastConv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels))
+        self.shortcut = nn.Sequential(
+            ChannelsLastConv2d(in_channels, out_channels, 1, bias=False), nn.BatchNorm2d(out_channels)
+        )
         self.out = nn.Sequential(nn.LeakyReLU(0.1), nn.MaxPool2d(2, ceil_mode=True))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -323,7 +323,13 @@ def test_backbones():
 
 @pytest.mark.parametrize(
     "shape, out_channels, kernel, padding",
-    [((5, 1, 28, 28), 8, 3, 1), ((3, 3, 9, 11), 5, 3, 1), ((2, 6, 7, 5), 7, 1, 0), ((1, 2, 1, 1), 3, 3, 1), ((0, 3, 8, 8), 4, 3, 1)],
+    [
+        ((5, 1, 28, 28), 8, 3, 1),
+        ((3, 3, 9, 11), 5, 3, 1),
+        ((2, 6, 7, 5), 7, 1, 0),
+        ((1, 2, 1, 1), 3, 3, 1),
+        ((0, 3, 8, 8), 4, 3, 1),
+    ],
 )
 def test_channels_last_conv_equals_conv2d(shape, out_channels, kernel, padding):
     """The same values and gradients as nn.Conv2d's, against the float64
