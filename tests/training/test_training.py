@@ -418,9 +418,16 @@ def test_two_processes_give_one_process_meta_gradient_and_batch_norm_statistics(
 def test_two_processes_train_with_the_losses_of_one(tmp_path, method):
     flags = ["train", method, *TINY, "--steps", "3", "--validate-every", "100"]
     one = tmp_path / "one"
-    assert main([*flags, "--out", str(one)]) == 0
     two = tmp_path / "two"
+    # One thread per process in both runs: the channels-last convolutions'
+    # backward rounds differently with 1 and 2 threads, and three Adam steps
+    # grow that into more than the tolerance below (float64 gradients are
+    # compared exactly in the test above).
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = subprocess.run(
+        [sys.executable, "-m", "fastmeta", *flags, "--out", str(one)], capture_output=True, text=True, env=env
+    )
+    assert single.returncode == 0, single.stdout[-3000:] + single.stderr[-3000:]
     result = subprocess.run(
         [
             sys.executable,
