@@ -12,10 +12,10 @@ class ChannelsLastConv2d(nn.Conv2d):
     """``nn.Conv2d`` that computes in the ``channels_last`` layout on the CPU.
 
     oneDNN's channels-last convolutions are faster than its NCHW ones at the
-    sizes of few-shot backbones (Conv4 forward + backward: 1.2-1.25x on
-    28x28x1 and 84x84x3 episodes, docs/benchmarks.md). The weight is laid out
-    channels-last for the call (a copy of a few hundred kilobytes, and its
-    gradient is copied back); the parameter, its gradient and the state dict
+    sizes of few-shot backbones (Conv4 forward + backward: 1.26x-1.45x on
+    28x28x1 and 84x84x3 episodes; ResNet-12 up to 1.09x; docs/benchmarks.md).
+    The weight is laid out channels-last for the call (a copy of the weight,
+    and of its gradient back); the parameter, its gradient and the state dict
     keep PyTorch's default layout, and ``torch.func.functional_call`` with
     other weights (MAML's adapted ones) takes the same path. The output is
     channels-last; the backbones return their features in the default layout.
