@@ -14,6 +14,7 @@ from .engine import (
     Loss,
     batch_statistics,
     call_with_parameters,
+    convolution_weights,
     flat_to_dict,
     loss_function,
     mlp_derivatives,
@@ -213,8 +214,12 @@ class TaskBatchLearner(nn.Module):
 
         with batch_statistics(self.module):
             if one_task_at_a_time(self.module, x.device):
+                convolutions = convolution_weights(self.module)
                 return torch.stack(
-                    [call_with_parameters(self.module, flat_to_dict(self.module, p), (xt,)) for p, xt in zip(params, x)]
+                    [
+                        call_with_parameters(self.module, flat_to_dict(self.module, p), (xt,), convolutions)
+                        for p, xt in zip(params, x)
+                    ]
                 )
             return torch.func.vmap(call)(params, x)
 

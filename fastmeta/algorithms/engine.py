@@ -50,6 +50,7 @@ __all__ = [
     "mlp_structure",
     "flat_to_dict",
     "call_with_parameters",
+    "convolution_weights",
     "task_derivatives",
     "batch_statistics",
     "conjugate_gradient",
@@ -91,14 +92,20 @@ def flat_to_dict(module: nn.Module, flat: torch.Tensor) -> Dict[str, torch.Tenso
     return {name: part.reshape(*flat.shape[:-1], *p.shape) for (name, p), part in zip(named, parts)}
 
 
-def call_with_parameters(module: nn.Module, parameters: Dict[str, torch.Tensor], args: tuple) -> torch.Tensor:
+def convolution_weights(module: nn.Module) -> frozenset:
+    """The names of ``module``'s 2-d convolution weights, for :func:`call_with_parameters`."""
+    return frozenset(f"{name}.weight".lstrip(".") for name, m in module.named_modules() if isinstance(m, nn.Conv2d))
+
+
+def call_with_parameters(
+    module: nn.Module, parameters: Dict[str, torch.Tensor], args: tuple, convolutions: frozenset
+) -> torch.Tensor:
     """``torch.func.functional_call(module, parameters, args)`` for one task,
-    outside ``vmap``, with the weights of 2-d convolutions laid out
-    channels-last on the CPU, where oneDNN's channels-last convolutions are
-    the faster ones (see :class:`fastmeta.nn.ChannelsLastConv2d`; the values
-    are the same)."""
+    outside ``vmap``, with the weights named in ``convolutions``
+    (:func:`convolution_weights`) laid out channels-last on the CPU, where
+    oneDNN's channels-last convolutions are the faster ones (see
+    :class:`fastmeta.nn.ChannelsLastConv2d`; the values are the same)."""
     if args[0].device.type == "cpu":
-        convolutions = {f"{name}.weight".lstrip(".") for name, m in module.named_modules() if isinstance(m, nn.Conv2d)}
         parameters = {
             name: value.to(memory_format=torch.channels_last) if name in convolutions else value
             for name, value in parameters.items()
@@ -498,11 +505,12 @@ def module_task_forward(module: nn.Module, loss: Loss):
     :func:`batch_statistics`)."""
     criterion = loss_function(loss)
     names = [name for name, _ in module.named_parameters()]
+    convolutions = convolution_weights(module)
 
     def task_forward(params, x, target):
         named = flat_to_dict(module, params) if isinstance(params, torch.Tensor) else dict(zip(names, params))
         with batch_statistics(module):
-            outputs = call_with_parameters(module, named, (x,))
+            outputs = call_with_parameters(module, named, (x,), convolutions)
         return criterion(outputs, target), outputs
 
     return task_forward
