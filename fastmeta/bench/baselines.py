@@ -28,6 +28,13 @@ __all__ = [
     "mann_logits",
     "gnn_logits",
     "metanet_scores",
+    "simple_shot_scores",
+    "finetune_scores",
+    "transductive_finetuning_scores",
+    "tim_scores",
+    "pt_map_scores",
+    "bd_cspn_scores",
+    "laplacian_shot_scores",
 ]
 
 
@@ -333,3 +340,158 @@ def metanet_scores(model, support_features, support_labels, query_features):
             logits.append(model.base_out(units) + f[H * D :].view(C, H) @ units)
         episodes.append(torch.stack(logits))
     return torch.stack(episodes)
+
+
+# The methods that refine the class means at inference time, one episode of
+# features at a time, as the papers write them: each returns the refined
+# prototypes [ways, D] and the queries' scores [Q, ways].
+
+
+def _cosine(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x, dim=1) @ F.normalize(y, dim=1).T
+
+
+def _entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of the entropy of softmax(logits)."""
+    log_p = logits.log_softmax(1)
+    return -(log_p.exp() * log_p).sum(1).mean()
+
+
+def _adam(prototypes: torch.Tensor, loss_of, steps: int, lr: float) -> torch.Tensor:
+    prototypes = prototypes.detach().clone().requires_grad_()
+    optimizer = torch.optim.Adam([prototypes], lr=lr)
+    with torch.enable_grad():
+        for _ in range(steps):
+            optimizer.zero_grad()
+            loss_of(prototypes).backward()
+            optimizer.step()
+    return prototypes.detach()
+
+
+def simple_shot_scores(support_features, support_labels, query_features):
+    """SimpleShot: cosine similarity to the class means."""
+    prototypes = _class_means(support_features, support_labels)
+    return prototypes, _cosine(query_features, prototypes)
+
+
+def finetune_scores(support_features, support_labels, query_features, steps=200, lr=1e-4, temperature=1.0):
+    """Fine-tuning (Chen et al.): Adam on the class means minimising the
+    support cross-entropy of temperature x cosine logits."""
+    prototypes = _adam(
+        _class_means(support_features, support_labels),
+        lambda p: F.cross_entropy(temperature * _cosine(support_features, p), support_labels),
+        steps,
+        lr,
+    )
+    return prototypes, _cosine(query_features, prototypes)
+
+
+def transductive_finetuning_scores(
+    support_features, support_labels, query_features, steps=25, lr=5e-5, temperature=1.0
+):
+    """Transductive fine-tuning (Dhillon et al.) of the class means: support
+    cross-entropy plus query entropy, of temperature x minus Euclidean distance."""
+    prototypes = _adam(
+        _class_means(support_features, support_labels),
+        lambda p: (
+            F.cross_entropy(-temperature * torch.cdist(support_features, p), support_labels)
+            + _entropy(-temperature * torch.cdist(query_features, p))
+        ),
+        steps,
+        lr,
+    )
+    return prototypes, -torch.cdist(query_features, prototypes)
+
+
+def tim_scores(
+    support_features,
+    support_labels,
+    query_features,
+    steps=50,
+    lr=1e-4,
+    cross_entropy_weight=1.0,
+    marginal_entropy_weight=1.0,
+    conditional_entropy_weight=0.1,
+    temperature=10.0,
+):
+    """TIM (Boudiaf et al.), Eq. 3 on the class means: cross-entropy minus
+    the mutual information H(Y) - H(Y|X) of the queries' predictions."""
+
+    def loss_of(p):
+        query_logits = temperature * _cosine(query_features, p)
+        marginal = query_logits.softmax(1).mean(0)
+        return (
+            cross_entropy_weight * F.cross_entropy(temperature * _cosine(support_features, p), support_labels)
+            - marginal_entropy_weight * -(marginal * marginal.log()).sum()
+            + conditional_entropy_weight * _entropy(query_logits)
+        )
+
+    prototypes = _adam(_class_means(support_features, support_labels), loss_of, steps, lr)
+    return prototypes, _cosine(query_features, prototypes)
+
+
+def _sinkhorn(cost: torch.Tensor, lam: float, epsilon: float = 1e-6, iterations: int = 1000) -> torch.Tensor:
+    plan = torch.exp(-lam * cost)
+    plan = plan / plan.sum()
+    columns = cost.shape[0] / cost.shape[1]
+    for _ in range(iterations):
+        rows = plan.sum(1)
+        plan = plan / (rows[:, None] + 1e-10)
+        plan = plan * (columns / (plan.sum(0) + 1e-10))
+        if (rows - plan.sum(1)).abs().max() < epsilon:
+            break
+    return plan
+
+
+def pt_map_scores(support_features, support_labels, query_features, steps=10, lr=0.2, lam=10.0, power=0.5):
+    """PT-MAP (Hu et al.): power transform (Eq. 1), then ``steps`` of
+    Sinkhorn assignment (Eq. 3) and prototype moves (Eq. 6)."""
+    support_features = (support_features.relu() + 1e-6) ** power
+    query_features = (query_features.relu() + 1e-6) ** power
+    prototypes = _class_means(support_features, support_labels)
+    one_hot = F.one_hot(support_labels, len(prototypes)).to(prototypes.dtype)
+    for _ in range(steps):
+        assignments = torch.cat([one_hot, _sinkhorn(torch.cdist(query_features, prototypes) ** 2, lam)])
+        features = torch.cat([support_features, query_features])
+        prototypes = prototypes + lr * (assignments.T @ features / assignments.sum(0)[:, None] - prototypes)
+    return prototypes, _sinkhorn(torch.cdist(query_features, prototypes) ** 2, lam)
+
+
+def _rectified_prototypes(support_features, support_labels, query_features):
+    """BD-CSPN's prototypes: the support and the shifted, pseudo-labelled
+    queries of each class, weighted by exp(cosine similarity)."""
+    prototypes = _class_means(support_features, support_labels)
+    shifted = query_features + support_features.mean(0) - query_features.mean(0)
+    pseudo_labels = _cosine(shifted, prototypes).argmax(1)
+    rectified = []
+    for c in range(len(prototypes)):
+        members = torch.cat([support_features[support_labels == c], shifted[pseudo_labels == c]])
+        weights = _cosine(members, prototypes[c : c + 1])[:, 0].exp()
+        rectified.append((weights[:, None] * members).sum(0) / weights.sum())
+    return torch.stack(rectified)
+
+
+def bd_cspn_scores(support_features, support_labels, query_features):
+    """BD-CSPN (Liu et al.): cosine similarity to the rectified prototypes."""
+    prototypes = _rectified_prototypes(support_features, support_labels, query_features)
+    return prototypes, _cosine(query_features, prototypes)
+
+
+def laplacian_shot_scores(support_features, support_labels, query_features, steps=20, knn=3, lam=0.7):
+    """LaplacianShot (Ziko et al.), Algorithm 1 on BD-CSPN's prototypes:
+    bound updates of the assignments with the queries' kNN affinities."""
+    prototypes = _rectified_prototypes(support_features, support_labels, query_features)
+    a = torch.cdist(query_features, prototypes) ** 2
+    nearest = torch.cdist(query_features, query_features).topk(knn, largest=False).indices[:, 1:]
+    W = torch.zeros(len(query_features), len(query_features), dtype=a.dtype)
+    for i, row in enumerate(nearest):
+        W[i, row] = 1.0
+    y = (-a).softmax(1)
+    previous = float("inf")
+    for i in range(steps):
+        y = (-a + lam * W @ y).softmax(1)
+        bound = (y * (y + 1e-12).log() + a * y - lam * (W @ y) * y).sum().item()
+        if i > 1 and abs(bound - previous) <= 1e-6 * abs(previous):
+            break
+        previous = bound
+    return prototypes, y

@@ -147,11 +147,11 @@ def lstm_step(device: str) -> List[Variant]:
 
         @torch.no_grad()
         def fast_forward(lstm=lstm, grad=grad, state=state):
-            lstm(grad, state)
+            return lstm(grad, state)
 
         @torch.no_grad()
         def cells_forward(lstm=lstm, grad=grad, rows=rows):
-            reference.l2o_lstm_cells(lstm, grad, rows)
+            return reference.l2o_lstm_cells(lstm, grad, rows)
 
         def fast_backward(lstm=lstm, grad=grad, state=state, gu=grad_update, gs=grad_state, weights=weights):
             update, new_state = lstm(grad, state)
@@ -617,8 +617,7 @@ def episode_sampling(device: str) -> List[Variant]:
     sampler = EpisodeSampler(data, 5, 1, 15, episodes_per_batch=32, seed=0)
 
     def loop():
-        for _ in range(32):
-            reference.sample_episode_loop(data, 5, 1, 15, generator=g)
+        return [reference.sample_episode_loop(data, 5, 1, 15, generator=g) for _ in range(32)]
 
     return [
         Variant(

@@ -7,6 +7,7 @@ from .episodes import Episode, EpisodeSampler
 from .images import CSVImages, ImageFolder, LabelledImages, cache_dir, data_dir
 from .omniglot import Omniglot, official_characters, one_shot_runs
 from .sinusoid import sinusoid_tasks
+from .task_sampler import TaskSampler
 
 __all__ = [
     "CSVImages",
@@ -16,6 +17,7 @@ __all__ = [
     "ImageFolder",
     "LabelledImages",
     "Omniglot",
+    "TaskSampler",
     "cache_dir",
     "data_dir",
     "official_characters",

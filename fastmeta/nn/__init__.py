@@ -10,22 +10,30 @@ from .mann import MANN
 from .matching import MatchingNetworks
 from .metanet import MetaNetwork
 from .prototypical import PrototypicalNetworks
+from .refined_prototypes import BDCSPN, PTMAP, TIM, Finetune, LaplacianShot, SimpleShot, TransductiveFinetuning
 from .relation import RelationModule, RelationNetworks
 from .siamese import SiameseNetworks
 
 __all__ = [
+    "BDCSPN",
     "ChannelsLastConv2d",
     "Conv4",
     "CoordinatewiseLSTM",
     "FewShotClassifier",
     "FewShotGNN",
+    "Finetune",
+    "LaplacianShot",
     "MANN",
     "MatchingNetworks",
     "MetaLearnerLSTM",
     "MetaNetwork",
     "PrototypicalNetworks",
+    "PTMAP",
     "RelationModule",
     "RelationNetworks",
     "ResNet12",
     "SiameseNetworks",
+    "SimpleShot",
+    "TIM",
+    "TransductiveFinetuning",
 ]

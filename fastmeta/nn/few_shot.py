@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from .._checks import check_integer_labels
 
 __all__ = ["FewShotClassifier"]
@@ -36,6 +37,15 @@ class FewShotClassifier(nn.Module):
     and labels to whatever it keeps, e.g. prototypes) and ``score_queries``,
     and its training loss in ``loss_of_scores`` (or ``loss``, where the loss
     does not go through the scores).
+
+    Args:
+        backbone: maps images ``[n, ...]`` to features (None: the identity,
+            for features computed beforehand).
+        use_softmax: ``forward`` and ``score_episodes`` return probabilities.
+        feature_centering: subtracted from every feature vector (e.g. the
+            mean feature of the training classes, as in SimpleShot).
+        feature_normalization: the ``p`` of the norm each centred feature is
+            scaled to unit length in (None: no normalisation).
     """
 
     #: dimensions of one image's features: 1 (vectors) or 3 (feature maps)
@@ -44,11 +54,29 @@ class FewShotClassifier(nn.Module):
     #: for relation networks, whose pairs go through the relation module) in one call
     episodes_per_call: Optional[int] = 1
 
-    def __init__(self, backbone: Optional[nn.Module] = None, use_softmax: bool = False):
+    def __init__(
+        self,
+        backbone: Optional[nn.Module] = None,
+        use_softmax: bool = False,
+        feature_centering: Optional[torch.Tensor] = None,
+        feature_normalization: Optional[float] = None,
+    ):
         super().__init__()
         self.backbone = backbone if backbone is not None else nn.Identity()
         self.use_softmax = use_softmax
+        # Moves with the module, stays out of its state dict (as in easyfsl's).
+        centering = None if feature_centering is None else torch.as_tensor(feature_centering)
+        self.register_buffer("feature_centering", centering, persistent=False)
+        self.feature_normalization = feature_normalization
         self.support_state: Any = None
+        self.support_features = torch.tensor(())
+        self.support_labels = torch.tensor((), dtype=torch.long)
+        self.prototypes = torch.tensor(())
+
+    @staticmethod
+    def is_transductive() -> bool:
+        """Whether the method's scores of a query depend on the other queries."""
+        return False
 
     def prepare_support(self, features: torch.Tensor, labels: torch.Tensor, ways: int) -> Any:
         raise NotImplementedError
@@ -58,7 +86,9 @@ class FewShotClassifier(nn.Module):
 
     def compute_features(self, images: torch.Tensor) -> torch.Tensor:
         """The backbone's features of ``images [n, ...]``, checked to be one
-        flat vector per image (or one feature map, for relation networks)."""
+        flat vector per image (or one feature map, for relation networks),
+        minus ``feature_centering`` and then normalised to unit
+        ``feature_normalization``-norm along dimension 1, where given."""
         features = self.backbone(images)
         if features.dim() != 1 + self.feature_dims:
             expected = (
@@ -69,11 +99,17 @@ class FewShotClassifier(nn.Module):
             raise ValueError(
                 f"{type(self).__name__}: the backbone must return {expected}; got shape {list(features.shape)}"
             )
+        if self.feature_centering is not None:
+            features = features - self.feature_centering
+        if self.feature_normalization is not None:
+            features = F.normalize(features, p=self.feature_normalization, dim=1)
         return features
 
     def process_support_set(self, support_images: torch.Tensor, support_labels: torch.Tensor):
         """Embeds one episode's support set ``[S, ...]`` with labels ``[S]`` in
-        ``0..ways-1`` (every class present) and keeps what ``forward`` needs."""
+        ``0..ways-1`` (every class present) and keeps what ``forward`` needs,
+        and, as easyfsl does, ``support_features``, ``support_labels`` and the
+        class means ``prototypes [ways, ...]``."""
         labels = torch.as_tensor(support_labels, device=support_images.device)
         if labels.dim() != 1 or labels.shape[0] != support_images.shape[0]:
             raise ValueError(
@@ -81,17 +117,30 @@ class FewShotClassifier(nn.Module):
                 f"[{support_images.shape[0]}], got {list(labels.shape)}"
             )
         ways = self._ways(labels[None], None)
-        self.support_state = self.prepare_support(self.compute_features(support_images)[None], labels[None], ways)
+        features = self.compute_features(support_images)
+        self.support_features, self.support_labels = features, labels
+        self.prototypes = ops.class_prototypes(features.flatten(1), labels, ways).view(ways, *features.shape[1:])
+        self.support_state = self.prepare_support(features[None], labels[None], ways)
 
     def forward(self, query_images: torch.Tensor) -> torch.Tensor:
         """Scores ``[Q, ways]`` of ``query_images [Q, ...]`` against the support
         set given to :meth:`process_support_set`."""
+        if type(self).score_queries is FewShotClassifier.score_queries:
+            raise NotImplementedError(
+                f"{type(self).__name__} scores no queries: a few-shot classifier implements "
+                "prepare_support and score_queries (or forward)"
+            )
         if self.support_state is None:
             raise RuntimeError(
                 f"{type(self).__name__}: call process_support_set(support_images, "
                 "support_labels) before forward(query_images)"
             )
-        scores = self.score_queries(self.support_state, self.compute_features(query_images)[None])[0]
+        return self.softmax_if_specified(
+            self.score_queries(self.support_state, self.compute_features(query_images)[None])[0]
+        )
+
+    def softmax_if_specified(self, scores: torch.Tensor) -> torch.Tensor:
+        """The scores, or with ``use_softmax`` their softmax over classes."""
         return scores.softmax(-1) if self.use_softmax else scores
 
     def score_episodes(
@@ -100,8 +149,7 @@ class FewShotClassifier(nn.Module):
         """Scores ``[B, Q, ways]`` of B episodes (``[Q, ways]`` for one
         unbatched episode). ``ways`` defaults to the largest label + 1."""
         state, query_features, batched = self.embed_episodes(support, support_labels, query, ways)
-        scores = self.score_queries(state, query_features)
-        scores = scores.softmax(-1) if self.use_softmax else scores
+        scores = self.softmax_if_specified(self.score_queries(state, query_features))
         return scores if batched else scores[0]
 
     def loss(

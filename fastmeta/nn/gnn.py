@@ -96,8 +96,9 @@ class FewShotGNN(FewShotClassifier):
         metric_ratio: Sequence[float] = (2, 2, 1, 1),
         negative_slope: float = 0.01,
         use_softmax: bool = False,
+        **features,
     ):
-        super().__init__(backbone, use_softmax)
+        super().__init__(backbone, use_softmax, **features)
         for name, value, least in (
             ("feature_dimension", feature_dimension, 1),
             ("ways", ways, 1),

@@ -55,8 +55,9 @@ class MatchingNetworks(FewShotClassifier):
         query_encoder: Optional[nn.Module] = None,
         fce: bool = True,
         use_softmax: bool = False,
+        **features,
     ):
-        super().__init__(backbone, use_softmax)
+        super().__init__(backbone, use_softmax, **features)
         self.feature_dimension, self.fce = feature_dimension, fce
         if fce:
             self.support_encoder = support_encoder or nn.LSTM(

@@ -75,8 +75,9 @@ class MetaNetwork(FewShotClassifier):
         key_dimension: int = 64,
         meta_hidden: int = 20,
         use_softmax: bool = False,
+        **features,
     ):
-        super().__init__(backbone, use_softmax)
+        super().__init__(backbone, use_softmax, **features)
         for name, value in (
             ("feature_dimension", feature_dimension),
             ("ways", ways),

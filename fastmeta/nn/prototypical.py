@@ -32,6 +32,8 @@ class PrototypicalNetworks(FewShotClassifier):
         backbone: maps images ``[n, ...]`` to features ``[n, D]``.
         metric: ``"sqeuclidean"``, ``"euclidean"`` or ``"cosine"``.
         use_softmax: ``forward`` returns probabilities instead of scores.
+        features: ``feature_centering``, ``feature_normalization``
+            (:class:`FewShotClassifier`).
 
     Example:
         >>> model = PrototypicalNetworks(Conv4(1))
@@ -40,8 +42,10 @@ class PrototypicalNetworks(FewShotClassifier):
         torch.Size([3, 5])
     """
 
-    def __init__(self, backbone: Optional[nn.Module] = None, metric: str = "sqeuclidean", use_softmax: bool = False):
-        super().__init__(backbone, use_softmax)
+    def __init__(
+        self, backbone: Optional[nn.Module] = None, metric: str = "sqeuclidean", use_softmax: bool = False, **features
+    ):
+        super().__init__(backbone, use_softmax, **features)
         if metric not in METRICS:
             raise ValueError(f"PrototypicalNetworks: metric must be one of {METRICS}, got {metric!r}")
         self.metric = metric

@@ -167,8 +167,9 @@ class RelationNetworks(FewShotClassifier):
         feature_dimension: int,
         relation_module: Optional[nn.Module] = None,
         use_softmax: bool = False,
+        **features,
     ):
-        super().__init__(backbone, use_softmax)
+        super().__init__(backbone, use_softmax, **features)
         self.feature_dimension = feature_dimension
         self.relation_module = relation_module or RelationModule(feature_dimension)
 

@@ -47,8 +47,9 @@ class SiameseNetworks(FewShotClassifier):
         feature_dimension: Optional[int] = None,
         margin: float = 1.0,
         use_softmax: bool = False,
+        **features,
     ):
-        super().__init__(backbone, use_softmax)
+        super().__init__(backbone, use_softmax, **features)
         if head not in HEADS:
             raise ValueError(f"SiameseNetworks: head must be one of {HEADS}, got {head!r}")
         if head == "koch" and feature_dimension is None:
