@@ -34,7 +34,7 @@ def load(data: str, split: str):
 
 def build(method: str) -> torch.nn.Module:
     if method == "protonet":
-        return PrototypicalNetworks(Conv4(1))
+        return PrototypicalNetworks(Conv4(1), metric="sqeuclidean")
     return RelationNetworks(Conv4(1, pooled_blocks=2, flatten=False), feature_dimension=64)
 
 

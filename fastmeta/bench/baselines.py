@@ -28,6 +28,7 @@ __all__ = [
     "mann_logits",
     "gnn_logits",
     "metanet_scores",
+    "feat_scores",
     "simple_shot_scores",
     "finetune_scores",
     "transductive_finetuning_scores",
@@ -340,6 +341,24 @@ def metanet_scores(model, support_features, support_labels, query_features):
             logits.append(model.base_out(units) + f[H * D :].view(C, H) @ units)
         episodes.append(torch.stack(logits))
     return torch.stack(episodes)
+
+
+def feat_scores(backbone, attention, support, support_labels, query, metric: str = "euclidean"):
+    """FEAT's scores ``[Q, ways]``: minus the distance to the class means
+    adapted by ``attention`` (a :class:`fastmeta.nn.MultiHeadAttention`,
+    evaluated here without dropout as easyfsl's matrix products)."""
+    prototypes = _class_means(backbone(support), support_labels)
+    heads, d_k, d_v = attention.n_head, attention.d_k, attention.d_v
+    q = (prototypes @ attention.w_qs.weight.T).view(-1, heads, d_k).transpose(0, 1)
+    k = (prototypes @ attention.w_ks.weight.T).view(-1, heads, d_k).transpose(0, 1)
+    v = (prototypes @ attention.w_vs.weight.T).view(-1, heads, d_v).transpose(0, 1)
+    weights = torch.softmax(q @ k.transpose(1, 2) / d_k**0.5, dim=2)
+    attended = (weights @ v).transpose(0, 1).reshape(len(prototypes), heads * d_v)
+    adapted = attention.fc(attended)
+    if attention.flag_norm:
+        adapted = attention.layer_norm(adapted + prototypes)
+    distance = torch.cdist(backbone(query), adapted)
+    return -(distance**2 if metric == "sqeuclidean" else distance)
 
 
 # The methods that refine the class means at inference time, one episode of

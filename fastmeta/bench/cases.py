@@ -434,7 +434,7 @@ def protonet_step(device: str) -> List[Variant]:
             g = torch.Generator().manual_seed(0)
             torch.manual_seed(0)
             backbone = nn.Identity() if head_only else fnn.Conv4(1)
-            model = fnn.PrototypicalNetworks(backbone).to(device)
+            model = fnn.PrototypicalNetworks(backbone, metric="sqeuclidean").to(device)
             episodes = _episode_images(
                 batch, ways, shots, queries, (64,) if head_only else (1, 28, 28), device, g, requires_grad=head_only
             )

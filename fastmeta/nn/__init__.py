@@ -3,6 +3,7 @@ few-shot classifiers (easyfsl's interface, plus a batched one) and learned
 optimizers."""
 
 from .backbones import ChannelsLastConv2d, Conv4, ResNet12
+from .feat import FEAT, MultiHeadAttention
 from .few_shot import FewShotClassifier
 from .gnn import FewShotGNN
 from .learned_optimizers import CoordinatewiseLSTM, MetaLearnerLSTM
@@ -11,7 +12,7 @@ from .matching import MatchingNetworks
 from .metanet import MetaNetwork
 from .prototypical import PrototypicalNetworks
 from .refined_prototypes import BDCSPN, PTMAP, TIM, Finetune, LaplacianShot, SimpleShot, TransductiveFinetuning
-from .relation import RelationModule, RelationNetworks
+from .relation import RelationModule, RelationNetworks, easyfsl_relation_module
 from .siamese import SiameseNetworks
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "ChannelsLastConv2d",
     "Conv4",
     "CoordinatewiseLSTM",
+    "FEAT",
     "FewShotClassifier",
     "FewShotGNN",
     "Finetune",
@@ -27,6 +29,7 @@ __all__ = [
     "MatchingNetworks",
     "MetaLearnerLSTM",
     "MetaNetwork",
+    "MultiHeadAttention",
     "PrototypicalNetworks",
     "PTMAP",
     "RelationModule",
@@ -36,4 +39,5 @@ __all__ = [
     "SimpleShot",
     "TIM",
     "TransductiveFinetuning",
+    "easyfsl_relation_module",
 ]

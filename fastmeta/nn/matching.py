@@ -64,6 +64,7 @@ class MatchingNetworks(FewShotClassifier):
                 feature_dimension, feature_dimension, batch_first=True, bidirectional=True
             )
             self.query_encoder = query_encoder or nn.LSTMCell(2 * feature_dimension, feature_dimension)
+        self.register_load_state_dict_pre_hook(_rename_easyfsl_encoders)
 
     def prepare_support(self, features: torch.Tensor, labels: torch.Tensor, ways: int):
         if features.shape[-1] != self.feature_dimension:
@@ -101,3 +102,17 @@ class MatchingNetworks(FewShotClassifier):
     def loss_of_scores(self, scores: torch.Tensor, query_labels: torch.Tensor) -> torch.Tensor:
         """Negative log-likelihood of the attention's class probabilities."""
         return F.nll_loss(scores.flatten(0, 1), query_labels.flatten())
+
+
+EASYFSL_ENCODER_NAMES = {
+    "support_features_encoder.": "support_encoder.",
+    "query_features_encoding_cell.": "query_encoder.",
+}
+
+
+def _rename_easyfsl_encoders(module, state_dict, prefix, *_):
+    """Loads easyfsl's state dicts: its encoders' parameter names renamed."""
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        for easyfsl, ours in EASYFSL_ENCODER_NAMES.items():
+            if key.startswith(prefix + easyfsl):
+                state_dict[prefix + ours + key[len(prefix + easyfsl) :]] = state_dict.pop(key)

@@ -23,10 +23,10 @@ class PrototypicalNetworks(FewShotClassifier):
     ``similarity_cross_entropy`` (the ``[B, Q, ways]`` logits are never
     materialised).
 
-    Differs from easyfsl: the default ``metric`` is the paper's squared
-    Euclidean distance; easyfsl scores with the plain Euclidean distance,
-    ``metric="euclidean"``. ``"cosine"`` scores with the cosine similarity
-    (minus one).
+    The default ``metric`` is easyfsl's, the Euclidean distance, so easyfsl
+    code gets the same scores; the paper's is the squared Euclidean distance,
+    ``metric="sqeuclidean"`` (what ``fastmeta train protonet`` uses).
+    ``"cosine"`` scores with the cosine similarity (minus one).
 
     Args:
         backbone: maps images ``[n, ...]`` to features ``[n, D]``.
@@ -43,7 +43,7 @@ class PrototypicalNetworks(FewShotClassifier):
     """
 
     def __init__(
-        self, backbone: Optional[nn.Module] = None, metric: str = "sqeuclidean", use_softmax: bool = False, **features
+        self, backbone: Optional[nn.Module] = None, metric: str = "euclidean", use_softmax: bool = False, **features
     ):
         super().__init__(backbone, use_softmax, **features)
         if metric not in METRICS:

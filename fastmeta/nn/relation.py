@@ -10,7 +10,7 @@ from .. import ops
 from .batch_norm_updates import blend_running_statistics
 from .few_shot import FewShotClassifier
 
-__all__ = ["RelationModule", "RelationNetworks", "separable_batch_norm"]
+__all__ = ["RelationModule", "RelationNetworks", "easyfsl_relation_module", "separable_batch_norm"]
 
 
 class RelationModule(nn.Module):
@@ -144,6 +144,10 @@ class RelationNetworks(FewShotClassifier):
     With the default :class:`RelationModule` the first relation layer is
     separable (see :meth:`RelationModule.pair_scores`); any other
     ``relation_module`` gets the concatenation of every pair, as easyfsl.
+    easyfsl's default relation module is another network (adaptive pooling
+    to 5x5, an unpadded second convolution): build the model with
+    ``relation_module=easyfsl_relation_module(C)`` to load easyfsl's state
+    dicts and get its scores.
 
     Args:
         backbone: maps images to feature maps ``[n, C, h, w]`` (e.g.
@@ -172,6 +176,7 @@ class RelationNetworks(FewShotClassifier):
         super().__init__(backbone, use_softmax, **features)
         self.feature_dimension = feature_dimension
         self.relation_module = relation_module or RelationModule(feature_dimension)
+        self.register_load_state_dict_pre_hook(_explain_easyfsl_relation_module)
 
     def prepare_support(self, features: torch.Tensor, labels: torch.Tensor, ways: int) -> torch.Tensor:
         if features.shape[2] != self.feature_dimension:
@@ -201,3 +206,32 @@ class RelationNetworks(FewShotClassifier):
     def loss_of_scores(self, scores: torch.Tensor, query_labels: torch.Tensor) -> torch.Tensor:
         """Mean squared error of the relation scores to the one-hot labels."""
         return F.mse_loss(scores, F.one_hot(query_labels.long(), scores.shape[-1]).to(scores.dtype))
+
+
+def easyfsl_relation_module(feature_dimension: int, inner_channels: int = 8) -> nn.Module:
+    """easyfsl's default relation module, with its parameter names: two
+    blocks of 3x3 convolution (the second unpadded), batch norm (momentum 1)
+    and ReLU, adaptively max-pooled to 5x5 and then to 1x1, then
+    ``C -> inner_channels`` ReLU ``-> 1`` sigmoid."""
+    C = feature_dimension
+    return nn.Sequential(
+        nn.Sequential(
+            nn.Conv2d(2 * C, C, 3, padding=1), nn.BatchNorm2d(C, momentum=1), nn.ReLU(), nn.AdaptiveMaxPool2d(5)
+        ),
+        nn.Sequential(nn.Conv2d(C, C, 3, padding=0), nn.BatchNorm2d(C, momentum=1), nn.ReLU(), nn.AdaptiveMaxPool2d(1)),
+        nn.Flatten(),
+        nn.Linear(C, inner_channels),
+        nn.ReLU(),
+        nn.Linear(inner_channels, 1),
+        nn.Sigmoid(),
+    )
+
+
+def _explain_easyfsl_relation_module(module, state_dict, prefix, _metadata, _strict, _missing, _unexpected, errors):
+    """An easyfsl state dict loaded into the default relation module: say how to load it."""
+    if isinstance(module.relation_module, RelationModule) and prefix + "relation_module.0.0.weight" in state_dict:
+        errors.append(
+            "this state dict has easyfsl's default relation module, another network than "
+            "fastmeta's RelationModule: build RelationNetworks(..., relation_module="
+            "easyfsl_relation_module(feature_dimension)) to load it"
+        )

@@ -103,7 +103,7 @@ class MetricMethod(Method):
         net = backbone(config, channels)
         features = output_shape(net, image_shape)[0]
         if config.method == "protonet":
-            self.model = PrototypicalNetworks(net)
+            self.model = PrototypicalNetworks(net, metric="sqeuclidean")
         elif config.method == "matching":
             self.model = MatchingNetworks(net, feature_dimension=features)
         elif config.method == "gnn":

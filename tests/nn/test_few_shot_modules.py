@@ -66,8 +66,8 @@ def assert_same_grads(a, b):
 def models(device="cpu"):
     """(model, reference scores of one episode, image shape) per method."""
     torch.manual_seed(0)
-    proto = PrototypicalNetworks(mlp_backbone(), metric="euclidean")
-    proto_sq = PrototypicalNetworks(mlp_backbone())
+    proto = PrototypicalNetworks(mlp_backbone())
+    proto_sq = PrototypicalNetworks(mlp_backbone(), metric="sqeuclidean")
     matching = MatchingNetworks(mlp_backbone(), feature_dimension=6).double()
     relation = RelationNetworks(map_backbone(), feature_dimension=4).double()
     koch = SiameseNetworks(mlp_backbone(), feature_dimension=6).double()

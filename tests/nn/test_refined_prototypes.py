@@ -1,7 +1,6 @@
 """easyfsl's inference-time methods (SimpleShot, Finetune,
-TransductiveFinetuning, TIM, PT-MAP, BD-CSPN, LaplacianShot) against their
-papers' equations written episode by episode in fastmeta.reference, and the
-easyfsl interface of FewShotClassifier."""
+TransductiveFinetuning, TIM, PT-MAP, BD-CSPN, LaplacianShot) and FEAT against
+their papers' equations written episode by episode in fastmeta.reference."""
 
 import pytest
 import torch
@@ -12,12 +11,12 @@ from fastmeta import reference
 from fastmeta.bench import baselines as bl
 from fastmeta.nn import (
     BDCSPN,
+    FEAT,
     PTMAP,
     TIM,
-    FewShotClassifier,
     Finetune,
     LaplacianShot,
-    PrototypicalNetworks,
+    MultiHeadAttention,
     SimpleShot,
     TransductiveFinetuning,
 )
@@ -216,40 +215,38 @@ def test_bad_input_messages():
         Finetune(nn.Identity()).process_support_set(torch.randn(4, 3, 2), labels[0])
 
 
-# FewShotClassifier's easyfsl interface
+# FEAT
 
 
-def test_base_forward_raises_not_implemented_error():
-    with pytest.raises(NotImplementedError, match="FewShotClassifier scores no queries"):
-        FewShotClassifier(nn.Linear(3, 3))(None)
-
-
-def test_feature_centering_and_normalization():
-    features_ = torch.rand(10, 4)
-    assert torch.equal(FewShotClassifier().compute_features(features_), features_)
-    centre = torch.rand(4)
-    torch.testing.assert_close(
-        FewShotClassifier(feature_centering=centre).compute_features(features_), features_ - centre
+@pytest.mark.parametrize("heads, dim, metric", [(1, 6, "euclidean"), (3, 5, "sqeuclidean")])
+def test_feat_batched_scores_equal_the_reference_episode_by_episode(heads, dim, metric):
+    support, labels, query = features(3, [2, 1, 3, 2], 7, dim)
+    attention = MultiHeadAttention(heads, dim, 4, 3).double().eval()
+    model = FEAT(attention_module=attention, metric=metric)
+    want = torch.stack(
+        [reference.feat_scores(nn.Identity(), attention, support[b], labels[b], query[b], metric) for b in range(3)]
     )
-    ones = torch.ones(10, 2)
-    torch.testing.assert_close(FewShotClassifier(feature_normalization=2).compute_features(ones), ones / 2**0.5)
-    torch.testing.assert_close(FewShotClassifier(feature_normalization=1).compute_features(ones), ones / 2)
-    both = FewShotClassifier(feature_centering=centre, feature_normalization=2).compute_features(features_)
-    torch.testing.assert_close(both, F.normalize(features_ - centre, dim=1))
+    torch.testing.assert_close(model.score_episodes(support, labels, query), want)
+    model.process_support_set(support[0], labels[0])
+    torch.testing.assert_close(model(query[0]), want[0])
+    assert model.prototypes.shape == (4, dim)
 
 
-def test_feature_centering_moves_with_the_module_and_stays_out_of_its_state_dict():
-    model = PrototypicalNetworks(nn.Linear(3, 4), feature_centering=torch.rand(4))
-    assert "feature_centering" not in model.state_dict()
-    assert model.double().feature_centering.dtype == torch.float64
-    PrototypicalNetworks(nn.Linear(3, 4)).load_state_dict(model.state_dict())
+def test_feat_gradcheck_and_default_attention():
+    support, labels, query = features(2, [1, 2], 3, 4)
+    model = FEAT(feature_dimension=4).double().eval()
+    assert model.attention_module.w_qs.weight.shape == (4, 4)
+    torch.autograd.gradcheck(
+        lambda s, q: model.score_episodes(s, labels, q), (support.requires_grad_(), query.requires_grad_())
+    )
+    with pytest.raises(ValueError, match="FEAT: give an attention_module, or the feature_dimension"):
+        FEAT()
 
 
-def test_process_support_set_keeps_easyfsl_attributes_for_every_method():
-    support = torch.randn(5, 3, **DOUBLE)
-    labels = torch.tensor([1, 0, 1, 2, 0])
-    model = PrototypicalNetworks(metric="euclidean")
-    model.process_support_set(support, labels)
-    assert torch.equal(model.support_features, support) and torch.equal(model.support_labels, labels)
-    torch.testing.assert_close(model.prototypes, torch.stack([support[labels == c].mean(0) for c in range(3)]))
-    assert not PrototypicalNetworks.is_transductive()
+def test_feat_attention_dropout_only_in_training():
+    attention = MultiHeadAttention(2, 8, 4, 4, dropout=0.5).double()
+    x = torch.randn(3, 5, 8, **DOUBLE)
+    attention.eval()
+    torch.testing.assert_close(attention(x, x, x)[0], attention(x, x, x)[0])
+    attention.train()
+    assert not torch.allclose(attention(x, x, x)[0], attention(x, x, x)[0])
