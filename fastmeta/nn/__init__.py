@@ -6,11 +6,13 @@ from .backbones import ChannelsLastConv2d, Conv4, ResNet12
 from .feat import FEAT, MultiHeadAttention
 from .few_shot import FewShotClassifier
 from .gnn import FewShotGNN
+from .kronecker import KroneckerLinear, KroneckerLSTM, KroneckerRNN
+from .layers import Lambda, Scale
 from .learned_optimizers import CoordinatewiseLSTM, MetaLearnerLSTM
 from .mann import MANN
 from .matching import MatchingNetworks
 from .metanet import MetaNetwork
-from .prototypical import PrototypicalNetworks
+from .prototypical import PrototypicalClassifier, PrototypicalNetworks
 from .refined_prototypes import BDCSPN, PTMAP, TIM, Finetune, LaplacianShot, SimpleShot, TransductiveFinetuning
 from .relation import RelationModule, RelationNetworks, easyfsl_relation_module
 from .siamese import SiameseNetworks
@@ -24,17 +26,23 @@ __all__ = [
     "FewShotClassifier",
     "FewShotGNN",
     "Finetune",
+    "KroneckerLinear",
+    "KroneckerLSTM",
+    "KroneckerRNN",
+    "Lambda",
     "LaplacianShot",
     "MANN",
     "MatchingNetworks",
     "MetaLearnerLSTM",
     "MetaNetwork",
     "MultiHeadAttention",
+    "PrototypicalClassifier",
     "PrototypicalNetworks",
     "PTMAP",
     "RelationModule",
     "RelationNetworks",
     "ResNet12",
+    "Scale",
     "SiameseNetworks",
     "SimpleShot",
     "TIM",

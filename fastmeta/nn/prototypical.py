@@ -8,7 +8,7 @@ from torch import nn
 from .. import ops
 from .few_shot import FewShotClassifier
 
-__all__ = ["PrototypicalNetworks"]
+__all__ = ["PrototypicalClassifier", "PrototypicalNetworks"]
 
 METRICS = ("sqeuclidean", "euclidean", "cosine")
 
@@ -61,3 +61,52 @@ class PrototypicalNetworks(FewShotClassifier):
         prototypes, query_features, batched = self.embed_episodes(support, support_labels, query, ways)
         targets = self.batched_query_labels(query_labels, query_features.shape[:2], batched)
         return ops.similarity_cross_entropy(query_features, prototypes, targets, self.metric)
+
+
+class PrototypicalClassifier(nn.Module):
+    """learn2learn's prototypical head on features: ``fit_(support [S, D],
+    labels [S])`` keeps the class means (classes ordered as
+    ``torch.unique(labels)``), and ``forward(x [Q, D])`` gives logits ``[Q,
+    ways]``: minus the squared Euclidean distance, or with
+    ``distance="cosine"`` the cosine similarity (features and prototypes
+    normalised). ``distance`` may also be a function ``(prototypes, x) ->
+    distances``.
+
+    Args:
+        support, labels: fit at construction, if given.
+        distance: ``"euclidean"`` (squared, as learn2learn), ``"cosine"`` or a function.
+        normalize: scale features and prototypes to unit length first.
+    """
+
+    def __init__(self, support=None, labels=None, distance="euclidean", normalize: bool = False):
+        super().__init__()
+        if distance not in ("euclidean", "cosine") and not callable(distance):
+            raise ValueError(
+                f"PrototypicalClassifier: distance must be 'euclidean', 'cosine' or a function, got {distance!r}"
+            )
+        self.distance = distance
+        self.normalize = normalize or distance == "cosine"
+        self.prototypes: Optional[torch.Tensor] = None
+        if support is not None and labels is not None:
+            self.fit_(support, labels)
+
+    def _unit(self, x: torch.Tensor) -> torch.Tensor:
+        return x / (x.norm(dim=1, keepdim=True) + 1e-8) if self.normalize else x
+
+    def fit_(self, support: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        classes, index = torch.unique(labels, return_inverse=True)
+        prototypes = ops.class_prototypes(support.flatten(1), index, len(classes)).view(
+            len(classes), *support.shape[1:]
+        )
+        self.prototypes = self._unit(prototypes)
+        return self.prototypes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.prototypes is None:
+            raise RuntimeError("PrototypicalClassifier: call fit_(support, labels) before classifying")
+        x = self._unit(x)
+        if self.distance == "euclidean":
+            return -ops.pairwise_distance(x, self.prototypes, "sqeuclidean")
+        if self.distance == "cosine":
+            return x @ self.prototypes.T
+        return -self.distance(self.prototypes, x)
