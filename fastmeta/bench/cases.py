@@ -607,6 +607,47 @@ def metanet_episode(device: str) -> List[Variant]:
     ]
 
 
+def transductive_inference(device: str) -> List[Variant]:
+    """TIM, PT-MAP and LaplacianShot inference (easyfsl's defaults) on 16
+    episodes of 640-d features (ResNet-12's), 5-way and 20-way, 5 shots and
+    15 queries per class: the batched modules against the methods'
+    equations run episode by episode (easyfsl's way)."""
+    variants = []
+    methods = [
+        ("TIM", fnn.TIM, reference.tim_scores),
+        ("PT-MAP", fnn.PTMAP, reference.pt_map_scores),
+        ("LaplacianShot", fnn.LaplacianShot, reference.laplacian_shot_scores),
+    ]
+    for ways in (5, 20):
+        g = torch.Generator().manual_seed(0)
+        B, shots, queries, D = 16, 5, 15, 640
+        # Features around a centre per class, non-negative as after a ReLU, of norm about 1.
+        centres = torch.rand(B, ways, 1, D, generator=g)
+        support, query = (
+            ((centres + 0.5 * torch.rand(B, ways, n, D, generator=g)) / D**0.5).flatten(1, 2).to(device)
+            for n in (shots, queries)
+        )
+        labels = torch.arange(ways, device=device).repeat_interleave(shots).expand(B, -1).contiguous()
+        for name, module, per_episode in methods:
+            model = module()
+
+            def fast(model=model, support=support, labels=labels, query=query):
+                return model.score_episodes(support, labels, query)
+
+            def episode_by_episode(per_episode=per_episode, support=support, labels=labels, query=query):
+                return [per_episode(support[b], labels[b], query[b]) for b in range(B)]
+
+            variants.append(
+                Variant(
+                    "transductive_inference",
+                    f"{name} 16x{ways}-way 5+15 D=640",
+                    fast,
+                    {"per-episode (easyfsl)": episode_by_episode},
+                )
+            )
+    return variants
+
+
 def episode_sampling(device: str) -> List[Variant]:
     """32 episodes of 5-way 1-shot 15-query drawn from a 32,000-image
     in-memory dataset (1600 classes of 20 images, 28x28): the vectorised
@@ -640,6 +681,7 @@ CASES: Dict[str, Callable[[str], List[Variant]]] = {
     "relation_step": relation_step,
     "matching_fce_step": matching_fce_step,
     "episode_sampling": episode_sampling,
+    "transductive_inference": transductive_inference,
     "mann_episode": mann_episode,
     "gnn_episode": gnn_episode,
     "metanet_episode": metanet_episode,

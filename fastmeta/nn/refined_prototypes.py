@@ -95,6 +95,25 @@ def entropy(log_probabilities: torch.Tensor) -> torch.Tensor:
     return -(log_probabilities.exp() * log_probabilities).sum(-1)
 
 
+# The fine-tuning losses: the features stay fixed while the prototypes move,
+# so they are normalised once, and each step costs one matrix product of the
+# support and query features together forward and one backward (the
+# gradient for the prototypes only).
+
+
+def unit(features: torch.Tensor) -> torch.Tensor:
+    return F.normalize(features.detach(), dim=-1)
+
+
+def cosine_to(unit_features: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor:
+    return unit_features @ F.normalize(prototypes, dim=-1).transpose(1, 2)
+
+
+def mean_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Each episode's mean cross-entropy ``[B]`` of logits ``[B, n, ways]``."""
+    return F.cross_entropy(logits.transpose(1, 2), labels, reduction="none").mean(1)
+
+
 class Finetune(RefinedPrototypes):
     """Fine-tuning (Chen et al. 2019, "A Closer Look at Few-shot
     Classification", arXiv:1904.04232): the prototypes are fine-tuned by Adam
@@ -115,17 +134,11 @@ class Finetune(RefinedPrototypes):
         self.backbone.requires_grad_(False)
         self.fine_tuning_steps, self.fine_tuning_lr, self.temperature = fine_tuning_steps, fine_tuning_lr, temperature
 
-    def support_loss(self, support: SupportSet, prototypes: torch.Tensor) -> torch.Tensor:
-        """Each episode's mean support cross-entropy, summed over episodes."""
-        losses = ops.similarity_cross_entropy(
-            support.features.detach(), prototypes, support.labels, "cosine", self.temperature, "none"
-        )
-        return losses.mean(1).sum()
-
     def refine(self, support, query_features):
+        support_unit = unit(support.features)
         prototypes = fine_tune(
             support.prototypes,
-            lambda p: self.support_loss(support, p),
+            lambda p: mean_cross_entropy(self.temperature * cosine_to(support_unit, p), support.labels).sum(),
             self.fine_tuning_steps,
             self.fine_tuning_lr,
         )
@@ -157,14 +170,14 @@ class TransductiveFinetuning(RefinedPrototypes):
         return True
 
     def refine(self, support, query_features):
-        queries = query_features.detach()
+        features = torch.cat([support.features, query_features], 1).detach()
 
         def loss_of(prototypes):
-            cross_entropy = ops.similarity_cross_entropy(
-                support.features.detach(), prototypes, support.labels, "euclidean", self.temperature, "none"
-            ).mean(1)
-            log_p = ops.similarity_log_softmax(queries, prototypes, "euclidean", self.temperature)
-            return (cross_entropy + entropy(log_p).mean(1)).sum()
+            logits = -self.temperature * formulas.pairwise_distance(features, prototypes, "euclidean")
+            support_logits, query_logits = logits.split([support.labels.shape[1], query_features.shape[1]], 1)
+            return (
+                mean_cross_entropy(support_logits, support.labels) + entropy(query_logits.log_softmax(-1)).mean(1)
+            ).sum()
 
         prototypes = fine_tune(support.prototypes, loss_of, self.fine_tuning_steps, self.fine_tuning_lr)
         return prototypes, -ops.pairwise_distance(query_features, prototypes, "euclidean").detach()
@@ -203,13 +216,13 @@ class TIM(RefinedPrototypes):
         return True
 
     def refine(self, support, query_features):
-        queries = query_features.detach()
+        features_unit = unit(torch.cat([support.features, query_features], 1))
 
         def loss_of(prototypes):
-            cross_entropy = ops.similarity_cross_entropy(
-                support.features.detach(), prototypes, support.labels, "cosine", self.temperature, "none"
-            ).mean(1)
-            log_p = ops.similarity_log_softmax(queries, prototypes, "cosine", self.temperature)  # [B, Q, ways]
+            logits = self.temperature * cosine_to(features_unit, prototypes)
+            support_logits, query_logits = logits.split([support.labels.shape[1], query_features.shape[1]], 1)
+            cross_entropy = mean_cross_entropy(support_logits, support.labels)
+            log_p = query_logits.log_softmax(-1)  # [B, Q, ways]
             conditional = entropy(log_p).mean(1)
             marginal = entropy(log_p.exp().mean(1).log())
             return (

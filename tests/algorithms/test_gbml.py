@@ -139,7 +139,10 @@ def test_kronecker_linear_is_a_kronecker_product_on_vec():
         for p in layer.parameters():
             p.add_(torch.randn_like(p))
     x = torch.randn(n * m, **DOUBLE)
-    vec = lambda a: a.T.flatten()  # noqa: E731: column-major
+
+    def vec(a):  # column-major
+        return a.T.flatten()
+
     matrix = torch.kron(layer.right.T.contiguous(), layer.left)
     torch.testing.assert_close(layer(x), matrix @ x + vec(layer.bias))
     X = x.reshape(m, n).T
