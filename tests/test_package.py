@@ -229,3 +229,16 @@ def test_no_import_cycle_between_modules():
             visit(module, [module])
     assert not cycles, cycles
     assert "fastmeta.formulas" in graph and not graph["fastmeta.formulas"]  # a leaf
+
+
+def test_a_forward_only_case_returns_its_outputs_so_its_compiled_baseline_computes_them(monkeypatch):
+    from fastmeta.bench import cases, runner
+
+    monkeypatch.setattr(cases, "LSTM_COORDINATES", (100,))
+    variant = next(v for v in cases.lstm_step("cpu") if v.label.endswith("forward"))
+    eager = next(iter(variant.baselines.values()))
+    update, states = eager()
+    assert update.shape == (100,) and variant.fastmeta()[0].shape == (100,)
+    _, compiled, info = runner.compiled_baseline(variant, "cpu")
+    compiled_update, compiled_states = compiled()
+    torch.testing.assert_close(compiled_update, update)

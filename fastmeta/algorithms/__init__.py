@@ -13,7 +13,7 @@ from .anil import ANIL
 from .batched_maml import BatchedMAML
 from .gbml import GBML
 from .imaml import iMAML
-from .maml import MAML, clone_module, maml_update, update_module
+from .maml import MAML, clone_module, detach_module, maml_update, update_module
 from .meta_sgd import MetaSGD, meta_sgd_update
 from .reptile import Reptile
 
@@ -27,6 +27,7 @@ __all__ = [
     "Reptile",
     "iMAML",
     "clone_module",
+    "detach_module",
     "update_module",
     "maml_update",
     "meta_sgd_update",

@@ -7,7 +7,7 @@ from typing import List, Optional
 import torch
 from torch import nn
 
-__all__ = ["MAML", "clone_module", "update_module", "maml_update"]
+__all__ = ["MAML", "clone_module", "detach_module", "update_module", "maml_update"]
 
 
 def clone_module(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
@@ -33,6 +33,23 @@ def clone_module(module: nn.Module, memo: Optional[dict] = None) -> nn.Module:
     if hasattr(clone, "flatten_parameters"):  # RNNs keep a flat weight view
         clone = clone._apply(lambda t: t)
     return clone
+
+
+def detach_module(module: nn.Module, keep_requires_grad: bool = False) -> nn.Module:
+    """Cuts ``module``'s parameters and buffers, in place, from the graph
+    that computed them (a clone's, after ``adapt``): gradients stop there.
+    They stop requiring gradients, unless ``keep_requires_grad`` (then those
+    that did still do, as new leaves)."""
+    for m in module.modules():
+        for tensors, only_differentiable in ((m._parameters, False), (m._buffers, True)):
+            for t in tensors.values():
+                if t is None or (only_differentiable and not t.requires_grad):
+                    continue
+                requires_grad = t.requires_grad
+                t.detach_()
+                if keep_requires_grad and requires_grad:
+                    t.requires_grad_()
+    return module
 
 
 def update_module(

@@ -125,12 +125,15 @@ def matching_readout(device: str) -> List[Variant]:
     return [Variant("matching_readout", "32x20-way 1-shot Q=300 D=64", fast, {"eager": eager})]
 
 
+LSTM_COORDINATES = (1 << 14, 1 << 20)
+
+
 def lstm_step(device: str) -> List[Variant]:
     """The coordinatewise 2-layer LSTM optimizer, H = 20, over P coordinates:
     forward, and forward + backward (gradients for the weights and the
     incoming state)."""
     variants = []
-    sizes = (1 << 14, 1 << 20) + ((25 * (1 << 20),) if device == "cuda" else ())
+    sizes = LSTM_COORDINATES + ((25 * (1 << 20),) if device == "cuda" else ())
     for P in sizes:
         g = torch.Generator().manual_seed(0)
         lstm = fnn.CoordinatewiseLSTM().to(device)

@@ -246,3 +246,20 @@ def test_prototypical_classifier():
         PrototypicalClassifier(distance="manhattan")
     assert Lambda(torch.neg)(torch.ones(2)).tolist() == [-1.0, -1.0]
     assert Scale(3, alpha=2.0)(torch.ones(3)).tolist() == [2.0, 2.0, 2.0]
+
+
+def test_detach_module_cuts_the_graph_in_place():
+    import fastmeta
+
+    model = learner()
+    clone = fastmeta.clone_module(model)
+    x, y = task()
+    grads = torch.autograd.grad(F.mse_loss(clone(x), y), list(clone.parameters()), create_graph=True)
+    fastmeta.update_module(clone, [-0.1 * g for g in grads])
+    assert all(p.grad_fn is not None for p in clone.parameters())
+    fastmeta.detach_module(clone, keep_requires_grad=True)
+    assert all(p.grad_fn is None and p.requires_grad for p in clone.parameters())
+    F.mse_loss(clone(x), y).backward()
+    assert all(p.grad is None for p in model.parameters())  # nothing reaches the original
+    fastmeta.detach_module(clone)
+    assert not any(p.requires_grad for p in clone.parameters())

@@ -1,5 +1,6 @@
 """The examples run end to end (a few meta-iterations each)."""
 
+import json
 import os
 import subprocess
 import sys
@@ -45,3 +46,19 @@ def test_example_runs(script, args, expect, tmp_path):
     )
     assert result.returncode == 0, result.stderr
     assert expect in result.stdout
+
+
+def test_inference_time_methods_example_on_a_trained_backbone(tmp_path):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(EXAMPLES.parent), env.get("PYTHONPATH")]))
+    run = tmp_path / "protonet"
+    train = [sys.executable, "-m", "fastmeta", "train", "protonet", "--steps", "3", "--out", str(run)]
+    assert subprocess.run(train, capture_output=True, text=True, timeout=600, env=env).returncode == 0
+    script = [sys.executable, str(EXAMPLES / "inference_time_methods.py"), str(run), "--episodes", "20", "--shots", "1"]
+    result = subprocess.run(
+        [*script, "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=600, env=env
+    )
+    assert result.returncode == 0, result.stderr
+    for name in ("SimpleShot (CL2N)", "TIM", "PT-MAP", "LaplacianShot"):
+        assert f"5-way 1-shot  {name}" in result.stdout
+    assert len(json.loads((tmp_path / "r.json").read_text())["results"]) == 8
