@@ -11,6 +11,7 @@ from .layers import Lambda, Scale
 from .learned_optimizers import CoordinatewiseLSTM, MetaLearnerLSTM
 from .mann import MANN
 from .matching import MatchingNetworks
+from .meta_layers import MetaModule, ParameterTransform
 from .metanet import MetaNetwork
 from .prototypical import PrototypicalClassifier, PrototypicalNetworks
 from .refined_prototypes import BDCSPN, PTMAP, TIM, Finetune, LaplacianShot, SimpleShot, TransductiveFinetuning
@@ -34,8 +35,10 @@ __all__ = [
     "MANN",
     "MatchingNetworks",
     "MetaLearnerLSTM",
+    "MetaModule",
     "MetaNetwork",
     "MultiHeadAttention",
+    "ParameterTransform",
     "PrototypicalClassifier",
     "PrototypicalNetworks",
     "PTMAP",

@@ -34,7 +34,7 @@ class FewShotClassifier(nn.Module):
     faster choice on a GPU.
 
     A method implements ``prepare_support`` (support features ``[B, S, ...]``
-    and labels to whatever it keeps, e.g. prototypes) and ``score_queries``,
+    and int64 labels to whatever it keeps, e.g. prototypes) and ``score_queries``,
     and its training loss in ``loss_of_scores`` (or ``loss``, where the loss
     does not go through the scores).
 
@@ -119,8 +119,8 @@ class FewShotClassifier(nn.Module):
         ways = self._ways(labels[None], None)
         features = self.compute_features(support_images)
         self.support_features, self.support_labels = features, labels
-        self.prototypes = ops.class_prototypes(features.flatten(1), labels, ways).view(ways, *features.shape[1:])
-        self.support_state = self.prepare_support(features[None], labels[None], ways)
+        self.prototypes = ops.class_prototypes(features.flatten(1), labels.long(), ways).view(ways, *features.shape[1:])
+        self.support_state = self.prepare_support(features[None], labels[None].long(), ways)
 
     def forward(self, query_images: torch.Tensor) -> torch.Tensor:
         """Scores ``[Q, ways]`` of ``query_images [Q, ...]`` against the support
@@ -179,11 +179,11 @@ class FewShotClassifier(nn.Module):
         batched = self._check_episode(support, support_labels, query)
         if not batched:
             support, support_labels, query = support[None], support_labels[None], query[None]
-        state = self.prepare_support(self._embed(support), support_labels, self._ways(support_labels, ways))
+        state = self.prepare_support(self._embed(support), support_labels.long(), self._ways(support_labels, ways))
         return state, self._embed(query), batched
 
     def batched_query_labels(self, query_labels: torch.Tensor, shape, batched: bool) -> torch.Tensor:
-        """``query_labels`` checked against the queries' shape ``[B, Q]``, batched."""
+        """``query_labels`` checked against the queries' shape ``[B, Q]``, batched, as int64."""
         query_labels = query_labels if batched else query_labels[None]
         if tuple(query_labels.shape) != tuple(shape):
             raise ValueError(
@@ -192,7 +192,7 @@ class FewShotClassifier(nn.Module):
                 f"{list(query_labels.shape if batched else query_labels.shape[1:])}"
             )
         check_integer_labels(type(self).__name__, "query_labels", query_labels)
-        return query_labels
+        return query_labels.long()
 
     def _embed(self, images: torch.Tensor) -> torch.Tensor:
         def embed(part):

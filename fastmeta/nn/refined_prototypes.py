@@ -35,7 +35,6 @@ class RefinedPrototypes(FewShotClassifier):
     temperature = 1.0
 
     def prepare_support(self, features: torch.Tensor, labels: torch.Tensor, ways: int) -> SupportSet:
-        labels = labels.long()
         return SupportSet(ops.class_prototypes(features, labels, ways), features, labels)
 
     def refine(self, support: SupportSet, query_features: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:

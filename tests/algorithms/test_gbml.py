@@ -263,3 +263,44 @@ def test_detach_module_cuts_the_graph_in_place():
     assert all(p.grad is None for p in model.parameters())  # nothing reaches the original
     fastmeta.detach_module(clone)
     assert not any(p.requires_grad for p in clone.parameters())
+
+
+def test_parameter_transform_runs_the_module_on_transformed_parameters():
+    from fastmeta.nn import ParameterTransform
+
+    torch.manual_seed(0)
+    inner = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    wrapped = ParameterTransform(inner, lambda p: Scale(p.shape, alpha=2.0))
+    x = torch.randn(5, 3)
+    want = F.linear(
+        torch.tanh(F.linear(x, 2 * inner[0].weight, 2 * inner[0].bias)), 2 * inner[2].weight, 2 * inner[2].bias
+    )
+    out = wrapped(x)
+    torch.testing.assert_close(out, want)
+    assert isinstance(inner[0].weight, nn.Parameter)  # the module's own parameters are back
+    out.sum().backward()
+    assert len(list(wrapped.meta_parameters())) == 4 and all(p.grad is not None for p in wrapped.meta_parameters())
+
+
+def test_meta_module_substitutes_freezes_and_unwraps():
+    from fastmeta.nn import MetaModule, ParameterTransform
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Sequential(nn.Linear(4, 2)))
+    originals = list(model.parameters())
+    wrapped = MetaModule(model, {nn.Linear: lambda layer: ParameterTransform(layer, lambda p: Scale(p.shape))})
+    assert not any(p.requires_grad for p in originals)
+    assert isinstance(wrapped.wrapped_module[0], ParameterTransform) and isinstance(
+        wrapped.wrapped_module[2][0], ParameterTransform
+    )
+    assert len(list(wrapped.meta_parameters())) == 4
+    x = torch.randn(5, 3)
+    torch.testing.assert_close(wrapped(x), nn.Sequential(model[0].module, nn.ReLU(), model[2][0].module)(x))
+    doubled = MetaModule(
+        nn.Sequential(nn.Linear(3, 3)),
+        {nn.Linear: lambda layer: nn.Sequential(layer, nn.Linear(3, 3))},
+        freeze_module=False,
+    )
+    assert isinstance(doubled.wrapped_module[0], nn.Sequential) and doubled.wrapped_module[0][0].weight.requires_grad
+    unwrapped = wrapped.module()
+    assert isinstance(unwrapped[0], nn.Linear) and isinstance(unwrapped[2][0], nn.Linear)

@@ -102,3 +102,48 @@ def test_an_easyfsl_relation_state_dict_in_the_default_module_says_how_to_load_i
     easyfsl_like = RelationNetworks(nn.Identity(), feature_dimension=4, relation_module=easyfsl_relation_module(4))
     with pytest.raises(RuntimeError, match=r"relation_module=easyfsl_relation_module\(feature_dimension\)"):
         RelationNetworks(nn.Identity(), feature_dimension=4).load_state_dict(easyfsl_like.state_dict())
+
+
+@pytest.mark.parametrize("dtype", [torch.int32, torch.uint8])
+def test_every_method_takes_labels_of_any_integer_dtype(dtype):
+    from fastmeta.nn import (
+        BDCSPN,
+        FEAT,
+        PTMAP,
+        TIM,
+        FewShotGNN,
+        Finetune,
+        LaplacianShot,
+        MetaNetwork,
+        SiameseNetworks,
+        SimpleShot,
+        TransductiveFinetuning,
+    )
+
+    torch.manual_seed(0)
+    models = [
+        PrototypicalNetworks(),
+        MatchingNetworks(feature_dimension=4),
+        SiameseNetworks(feature_dimension=4),
+        FewShotGNN(feature_dimension=4, ways=2),
+        MetaNetwork(feature_dimension=4, ways=2),
+        SimpleShot(),
+        Finetune(fine_tuning_steps=1),
+        TransductiveFinetuning(fine_tuning_steps=1),
+        TIM(fine_tuning_steps=1),
+        PTMAP(fine_tuning_steps=1),
+        BDCSPN(),
+        LaplacianShot(knn=2),
+        FEAT(feature_dimension=4),
+    ]
+    support, query = torch.randn(2, 4, 4), torch.randn(2, 3, 4)
+    labels, query_labels = torch.tensor([0, 1, 0, 1]), torch.tensor([1, 0, 1])
+    for model in models:
+        model.eval()  # FEAT's attention dropout would differ between the two calls
+        want = model.score_episodes(support, labels.expand(2, 4), query)
+        got = model.score_episodes(support, labels.to(dtype).expand(2, 4), query)
+        torch.testing.assert_close(got, want, msg=type(model).__name__)
+        model.process_support_set(support[0], labels.to(dtype))
+        assert model(query[0]).shape == (3, 2)
+        if not isinstance(model, (Finetune, TIM, PTMAP, BDCSPN, SimpleShot)):
+            model.loss(support, labels.to(dtype).expand(2, 4), query, query_labels.to(dtype).expand(2, 3))
