@@ -52,9 +52,8 @@ class RefinedPrototypes(FewShotClassifier):
                 f"{type(self).__name__}: call process_support_set(support_images, "
                 "support_labels) before forward(query_images)"
             )
-        query_features = self.compute_features(query_images)
-        support = SupportSet(self.prototypes[None], self.support_features[None], self.support_labels[None].long())
-        prototypes, scores = self.refine(support, query_features[None])
+        support = self.support_state._replace(prototypes=self.prototypes[None])
+        prototypes, scores = self.refine(support, self.compute_features(query_images)[None])
         self.prototypes = prototypes[0]
         return self.softmax_if_specified(scores[0])
 
@@ -144,7 +143,7 @@ class Finetune(RefinedPrototypes):
         return prototypes, cosine_scores(query_features, prototypes).detach()
 
 
-class TransductiveFinetuning(RefinedPrototypes):
+class TransductiveFinetuning(Finetune):
     """Transductive fine-tuning (Dhillon et al. 2020, "A Baseline for
     Few-Shot Image Classification", arXiv:1909.02729), on the prototypes as
     easyfsl does: Adam on the support cross-entropy plus the queries' mean
@@ -153,16 +152,11 @@ class TransductiveFinetuning(RefinedPrototypes):
     prototypes. The backbone is frozen, and the scores carry no gradient."""
 
     def __init__(
-        self,
-        *args,
-        fine_tuning_steps: int = 25,
-        fine_tuning_lr: float = 5e-5,
-        temperature: float = 1.0,
-        **kwargs,
+        self, *args, fine_tuning_steps: int = 25, fine_tuning_lr: float = 5e-5, temperature: float = 1.0, **kwargs
     ):
-        super().__init__(*args, **kwargs)
-        self.backbone.requires_grad_(False)
-        self.fine_tuning_steps, self.fine_tuning_lr, self.temperature = fine_tuning_steps, fine_tuning_lr, temperature
+        super().__init__(
+            *args, fine_tuning_steps=fine_tuning_steps, fine_tuning_lr=fine_tuning_lr, temperature=temperature, **kwargs
+        )
 
     @staticmethod
     def is_transductive() -> bool:
