@@ -8,7 +8,9 @@ interval), beside the prototypical classifier the backbone was trained with.
 The backbone of a `fastmeta train` run (any metric method's) embeds the
 run's held-out classes once; every method then classifies the same episodes
 of those features, batched over episodes (``score_episodes``). SimpleShot's
-centring uses the mean feature of the run's training classes.
+centring uses the mean feature of the run's training classes. FEAT's
+attention module is first trained on episodes of the training classes'
+features (the backbone stays frozen), one module per shot count.
 """
 
 import argparse
@@ -23,6 +25,7 @@ from fastmeta.data import EpisodeSampler
 from fastmeta.data.images import as_float_images
 from fastmeta.nn import (
     BDCSPN,
+    FEAT,
     PTMAP,
     TIM,
     Finetune,
@@ -37,6 +40,23 @@ from fastmeta.training.run import confidence_interval, load_data, resolved_split
 @torch.no_grad()
 def embed(backbone, images, batch=500):
     return torch.cat([backbone(as_float_images(images[i : i + batch])) for i in range(0, len(images), batch)])
+
+
+def train_feat(features, labels, ways, shots, queries, steps, seed):
+    """FEAT with its attention module trained by Adam on batches of 32
+    episodes of the frozen features ``(features, labels)``, the paper's
+    squared distance as in the prototypical network the backbone comes from."""
+    torch.manual_seed(seed)
+    model = FEAT(feature_dimension=features.shape[1], metric="sqeuclidean")
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sampler = EpisodeSampler((features, labels), ways, shots, queries, episodes_per_batch=32, seed=seed)
+    for _ in range(steps):
+        e = sampler.sample()
+        loss = model.loss(e.support, e.support_labels, e.query, e.query_labels)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model.eval()
 
 
 def methods(train_mean):
@@ -60,6 +80,7 @@ def main():
     parser.add_argument("--shots", type=int, nargs="+", default=[1, 5])
     parser.add_argument("--queries", type=int, default=15)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--feat-steps", type=int, default=2000, help="training steps of FEAT's attention module")
     parser.add_argument("--part", default="test", choices=["test", "val"], help="the held-out classes to test on")
     parser.add_argument("--out", help="write the results as JSON")
     args = parser.parse_args()
@@ -69,7 +90,8 @@ def main():
     backbone = trained.method.model.backbone.eval()
     test, train = load_data(config, args.part), load_data(config, "train")
     features = embed(backbone, test.images)
-    train_mean = embed(backbone, train.images).mean(0)
+    train_features = embed(backbone, train.images)
+    train_mean = train_features.mean(0)
     print(
         f"{config.method} backbone of {args.run} (step {trained.step}): {len(test.labels)} {args.part} images "
         f"of {test.num_classes} classes, {features.shape[1]} features"
@@ -81,9 +103,14 @@ def main():
             (features, test.labels), args.ways, shots, args.queries, episodes_per_batch=args.episodes, seed=args.seed
         )
         e = sampler.sample()
-        for name, model in methods(train_mean).items():
+        start = time.perf_counter()
+        feat = train_feat(train_features, train.labels, args.ways, shots, args.queries, args.feat_steps, args.seed)
+        seconds = time.perf_counter() - start
+        print(f"FEAT's attention trained for {shots}-shot: {args.feat_steps} steps, {seconds:.0f} s")
+        for name, model in {**methods(train_mean), "FEAT": feat}.items():
             start = time.perf_counter()
-            scores = model.score_episodes(e.support, e.support_labels, e.query)
+            with torch.no_grad():
+                scores = model.score_episodes(e.support, e.support_labels, e.query)
             seconds = time.perf_counter() - start
             accuracy, ci = confidence_interval((scores.argmax(-1) == e.query_labels).float().mean(1))
             results.append(

@@ -55,10 +55,11 @@ def test_inference_time_methods_example_on_a_trained_backbone(tmp_path):
     train = [sys.executable, "-m", "fastmeta", "train", "protonet", "--steps", "3", "--out", str(run)]
     assert subprocess.run(train, capture_output=True, text=True, timeout=600, env=env).returncode == 0
     script = [sys.executable, str(EXAMPLES / "inference_time_methods.py"), str(run), "--episodes", "20", "--shots", "1"]
+    script += ["--feat-steps", "3"]
     result = subprocess.run(
         [*script, "--out", str(tmp_path / "r.json")], capture_output=True, text=True, timeout=600, env=env
     )
     assert result.returncode == 0, result.stderr
-    for name in ("SimpleShot (CL2N)", "TIM", "PT-MAP", "LaplacianShot"):
+    for name in ("SimpleShot (CL2N)", "TIM", "PT-MAP", "LaplacianShot", "FEAT"):
         assert f"5-way 1-shot  {name}" in result.stdout
-    assert len(json.loads((tmp_path / "r.json").read_text())["results"]) == 8
+    assert len(json.loads((tmp_path / "r.json").read_text())["results"]) == 9
