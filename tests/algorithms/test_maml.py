@@ -601,6 +601,18 @@ def test_reptile_on_a_conv_learner_with_batch_norm_equals_the_plain_loop():
         torch.testing.assert_close(p.detach(), w, rtol=1e-12, atol=1e-12)
 
 
+def test_reptile_computes_a_conv_learners_convolutions_channels_last():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.ReLU(), nn.Flatten(), nn.Linear(3 * 4 * 4, 2)).double()
+    layouts = []
+    net[0].register_forward_pre_hook(
+        lambda conv, args: layouts.append(conv.weight.is_contiguous(memory_format=torch.channels_last))
+    )
+    x, y = torch.randn(3, 4, 2, 6, 6, **DOUBLE), torch.randint(0, 2, (3, 4))
+    Reptile(net, inner_lr=0.2, inner_steps=2, outer_lr=1.0, loss="cross_entropy").step(x, y)
+    assert layouts == [True] * 3 * 2
+
+
 def test_batched_hvp_equals_per_task_hessians():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
