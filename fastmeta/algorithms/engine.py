@@ -204,9 +204,9 @@ def module_derivatives(module: nn.Module, loss: Loss):
 
     def derivatives(params, x, target, direction=None, input_grad=False):
         vectorize = not one_task_at_a_time(module, x.device)
-        # Gradients alone take channels-last convolutions (Reptile's inner
-        # loops: 1.3x); Hessian-vector products keep the default layout,
-        # whose tangents vmap batches, which channels-last cannot be.
+        # Gradients alone run the convolutions channels-last; Hessian-vector
+        # products keep the default layout: vmap batches their tangents, and
+        # a batched tensor cannot be laid out channels-last.
         loss_fn = channels_last_task_loss if direction is None else task_loss
         with batch_statistics(module):
             return task_derivatives(loss_fn, params, x, target, direction, input_grad, vectorize)
