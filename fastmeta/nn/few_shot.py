@@ -119,8 +119,9 @@ class FewShotClassifier(nn.Module):
         ways = self._ways(labels[None], None)
         features = self.compute_features(support_images)
         self.support_features, self.support_labels = features, labels
-        self.prototypes = ops.class_prototypes(features.flatten(1), labels.long(), ways).view(ways, *features.shape[1:])
-        self.support_state = self.prepare_support(features[None], labels[None].long(), ways)
+        indices = labels.long()
+        self.prototypes = ops.class_prototypes(features.flatten(1), indices, ways).view(ways, *features.shape[1:])
+        self.support_state = self.prepare_support(features[None], indices[None], ways)
 
     def forward(self, query_images: torch.Tensor) -> torch.Tensor:
         """Scores ``[Q, ways]`` of ``query_images [Q, ...]`` against the support

@@ -20,23 +20,23 @@ class ParameterTransform(nn.Module):
 
     def __init__(self, module: nn.Module, transform: Callable[[torch.Tensor], nn.Module]):
         super().__init__()
-        self.module, self.transform = module, transform
-        self._parameter_names = [name for name, _ in module.named_parameters()]
+        self.module = module
+        # (owner submodule's name, parameter's name in it, its transform's key) per parameter.
+        self._slots = [(*name.rpartition(".")[::2], name.replace(".", "-")) for name, _ in module.named_parameters()]
         self.parameter_transforms = nn.ModuleDict(
             {name.replace(".", "-"): transform(p) for name, p in module.named_parameters()}
         )
 
     def forward(self, *args, **kwargs):
-        originals = {}
-        for name in self._parameter_names:
-            owner, _, leaf = name.rpartition(".")
-            holder = self.module.get_submodule(owner) if owner else self.module
-            originals[name] = (holder, leaf, holder._parameters[leaf])
-            holder._parameters[leaf] = self.parameter_transforms[name.replace(".", "-")](holder._parameters[leaf])
+        originals = []
+        for owner, leaf, key in self._slots:
+            holder = self.module.get_submodule(owner)
+            originals.append((holder, leaf, holder._parameters[leaf]))
+            holder._parameters[leaf] = self.parameter_transforms[key](holder._parameters[leaf])
         try:
             return self.module(*args, **kwargs)
         finally:
-            for holder, leaf, original in originals.values():
+            for holder, leaf, original in originals:
                 holder._parameters[leaf] = original
 
     def meta_parameters(self) -> Iterator[nn.Parameter]:
@@ -64,16 +64,16 @@ class MetaModule(nn.Module):
         freeze_module=True,
     ):
         super().__init__()
-        self.substitutions, self.freeze_module = substitutions, freeze_module
         if freeze_module:
             module.requires_grad_(False)
-        self.wrapped_module = self._wrap(module)
 
-    def _wrap(self, module: nn.Module) -> nn.Module:
-        for name, child in module.named_children():
-            module._modules[name] = self._wrap(child)
-        substitute = self.substitutions.get(type(module))
-        return substitute(module) if substitute is not None else module
+        def wrap(m: nn.Module) -> nn.Module:
+            for name, child in m.named_children():
+                m._modules[name] = wrap(child)
+            substitute = substitutions.get(type(m))
+            return substitute(m) if substitute is not None else m
+
+        self.wrapped_module = wrap(module)
 
     def meta_parameters(self) -> Iterator[nn.Parameter]:
         for m in self.wrapped_module.modules():
