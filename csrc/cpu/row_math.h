@@ -92,6 +92,14 @@ struct Axpy {
   }
 };
 
+// v[j] *= a.
+struct Scale {
+  template <typename T>
+  FASTMETA_INLINE static void run(T* v, int64_t n, T a) {
+    for (int64_t j = 0; j < n; ++j) v[j] *= a;
+  }
+};
+
 // The independent accumulators of a reduction loop: one 64-byte vector of T.
 // Eight float32 lanes made GCC's AVX-512 code for such loops a tangle of
 // permutations, slower than its AVX2 code.

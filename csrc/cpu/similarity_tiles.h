@@ -233,13 +233,15 @@ OnlineSoftmax<T> online_softmax_over_keys(const T* xb, int64_t qb, const T* ax, 
 // keys; docs/benchmarks.md).
 constexpr int64_t kCombinedKeys = 32;
 
-// out [rows, D] = W [rows, nb] y [nb, D].
+// out [rows, D] = W y, y [nb, D], for W [rows, nb] whose element (r, j) is
+// W[r * w_row + j * w_key] (so W may be stored transposed).
 template <int kBytes>
 struct CombineKeys {
   template <typename T>
-  FASTMETA_INLINE static void run(T* out, int64_t rows, int64_t D, const T* W, int64_t nb, const T* y) {
+  FASTMETA_INLINE static void run(T* out, int64_t rows, int64_t D, const T* W, int64_t w_row, int64_t w_key,
+                                  int64_t nb, const T* y) {
     combine_rows<kBytes>(out, D, rows, D, static_cast<const T*>(nullptr),
-                         RowCombination<T>{W, nb, 1, y, D, nb});
+                         RowCombination<T>{W, w_row, w_key, y, D, nb});
   }
 };
 
@@ -347,11 +349,68 @@ bool similarity_tile_vjp(T* W, const T* S, int64_t lds, int64_t qb, int64_t nb, 
     return true;
   }
   if (overwrite && nb <= kCombinedKeys)
-    run_vector_loop<CombineKeys>(gx, qb, D, static_cast<const T*>(W), nb, y);
+    run_vector_loop<CombineKeys>(gx, qb, D, static_cast<const T*>(W), nb, int64_t(1), nb, y);
   else
     gemm(false, false, qb, D, nb, static_cast<const T*>(W), nb, y, D, overwrite ? T(0) : T(1), gx, D);
   gemm_atb_acc(nb, D, qb, W, nb, x, D, gy, D);
   return false;
+}
+
+// Transposed tiles, [keys, queries], for ops whose rows of keys are short: a
+// vector then spans queries, and a row of few keys costs no per-row
+// reduction, remainder or call.
+
+// ST[j, i] = s(x_i, y_j) from x_i . y_j, for a transposed tile ST [nb, qb].
+template <Metric M>
+struct SimilarityColumns {
+  template <typename T>
+  FASTMETA_INLINE static void run(T* ST, int64_t nb, int64_t qb, const T* ax, const T* ay) {
+    for (int64_t j = 0; j < nb; ++j)
+      for (int64_t i = 0; i < qb; ++i) ST[j * qb + i] = similarity<M>(ST[j * qb + i], ax[i], ay[j]);
+  }
+};
+
+// SimilarityVjpRow for a transposed tile: WT [nb, qb] (d loss / d s,
+// overwritten with d loss / d(x.y)) and ST [nb, qb].
+template <Metric M>
+struct SimilarityVjpColumns {
+  template <typename T>
+  FASTMETA_INLINE static void run(T* WT, const T* ST, int64_t nb, int64_t qb, const T* ax, const T* ay,
+                                  T* gx_stat, T* gy_stat) {
+    for (int64_t j = 0; j < nb; ++j) {
+      T* w = WT + j * qb;
+      const T* s = ST + j * qb;
+      T acc[kLanes<T>] = {};
+      int64_t i = 0;
+      for (; i + kLanes<T> <= qb; i += kLanes<T>)
+        for (int l = 0; l < kLanes<T>; ++l) {
+          const SimilarityPartials<T> p = similarity_partials<M>(s[i + l], ax[i + l], ay[j]);
+          gx_stat[i + l] += w[i + l] * p.d_ax;
+          acc[l] += w[i + l] * p.d_ay;
+          w[i + l] *= p.d_dot;
+        }
+      for (; i < qb; ++i) {
+        const SimilarityPartials<T> p = similarity_partials<M>(s[i], ax[i], ay[j]);
+        gx_stat[i] += w[i] * p.d_ax;
+        acc[0] += w[i] * p.d_ay;
+        w[i] *= p.d_dot;
+      }
+      T sum = 0;
+      for (int l = 0; l < kLanes<T>; ++l) sum += acc[l];
+      gy_stat[j] += sum;
+    }
+  }
+};
+
+// similarity_tile_vjp for a transposed tile ST [nb, qb], WT [nb, qb] holding
+// (d loss / d s)^T on entry (overwritten); no few-key pass.
+template <Metric M, typename T>
+void similarity_tile_vjp_transposed(T* WT, const T* ST, int64_t qb, int64_t nb, const T* x, const T* y,
+                                    int64_t D, const T* ax, const T* ay, T* gx, T* gy, T* gx_stat, T* gy_stat,
+                                    bool overwrite) {
+  if constexpr (M != Metric::Dot) run_loop<SimilarityVjpColumns<M>>(WT, ST, nb, qb, ax, ay, gx_stat, gy_stat);
+  gemm(true, false, qb, D, nb, static_cast<const T*>(WT), qb, y, D, overwrite ? T(0) : T(1), gx, D);
+  gemm(false, false, nb, D, qb, static_cast<const T*>(WT), qb, x, D, T(1), gy, D);
 }
 
 // g_r += v_r * coeff_r * stat_grad_r: the gradient through the row statistics.
@@ -533,6 +592,18 @@ struct SimilarityGradBlock {
     query_stats_applied = similarity_tile_vjp<M>(W.data(), S_tile, lds, qb, nb, xb, y + n0 * D, D, ax,
                                                  ay + n0, gx, key_rows[0] + n0 * D, gx_stat, key_rows[1] + n0,
                                                  n0 == 0, only_tile ? cx : nullptr);
+  }
+
+  // similarities and apply for transposed tiles, [nb, qb]: S holds the
+  // similarities, W (d loss / d s)^T for apply_transposed.
+  const T* similarities_transposed(int64_t n0, int64_t nb) {
+    gemm_abt(nb, qb, D, y + n0 * D, D, xb, D, S.data(), qb);
+    run_loop<SimilarityColumns<M>>(S.data(), nb, qb, static_cast<const T*>(ax), ay + n0);
+    return S.data();
+  }
+  void apply_transposed(int64_t n0, int64_t nb, const T* S_tile) {
+    similarity_tile_vjp_transposed<M>(W.data(), S_tile, qb, nb, xb, y + n0 * D, D, ax, ay + n0, gx,
+                                      key_rows[0] + n0 * D, gx_stat, key_rows[1] + n0, n0 == 0);
   }
 
   // After the op's tiles: the queries' row-statistic part of gx, unless
