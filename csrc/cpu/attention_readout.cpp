@@ -81,7 +81,7 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in, con
         std::vector<scalar_t> tile(std::min(N, kKeyBlock) * qb);
         for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
           const int64_t nb = std::min(kKeyBlock, N - n0);
-          gemm_abt(nb, qb, D, yp + (b * N + n0) * D, D, xb, D, tile.data(), qb);
+          key_dots(xb, qb, yp + (b * N + n0) * D, nb, D, tile.data(), qb, true);
           run_loop<SoftmaxColumns<M>>(tile.data(), nb, qb, static_cast<const scalar_t*>(ax),
                                       static_cast<const scalar_t*>(ay + b * N + n0), sp + b * Q + q0, max,
                                       sum, rescale);

@@ -79,12 +79,13 @@ FASTMETA_INLINE void with_few_keys(int64_t nb, Args... args) {
   }
 }
 
-// S[i * ld + j] = x_i . y_j for rows x [qb, D] and K keys y [K, D]: a row at
-// a time, each x vector loaded once for the K keys' sums.
+// S[i * s_row + j * s_key] = x_i . y_j for rows x [qb, D] and K keys y [K, D]:
+// a row at a time, each x vector loaded once for the K keys' sums.
 template <int kBytes>
 struct FewKeyDots {
   template <int K, typename T>
-  FASTMETA_INLINE static void rows(const T* x, int64_t qb, const T* y, int64_t D, T* S, int64_t ld) {
+  FASTMETA_INLINE static void rows(const T* x, int64_t qb, const T* y, int64_t D, T* S, int64_t s_row,
+                                   int64_t s_key) {
     using V = typename Vector<T, kBytes>::type;
     constexpr int64_t kLine = kBytes / sizeof(T);
     for (int64_t i = 0; i < qb; ++i) {
@@ -104,23 +105,27 @@ struct FewKeyDots {
         T dot = 0;
         for (int64_t l = 0; l < kLine; ++l) dot += acc[j][l];
         for (int64_t t = k; t < D; ++t) dot += xi[t] * y[j * D + t];
-        S[i * ld + j] = dot;
+        S[i * s_row + j * s_key] = dot;
       }
     }
   }
 
   template <typename T>
   FASTMETA_INLINE static void run(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, T* S,
-                                  int64_t ld) {
-    with_few_keys<FewKeyDots>(nb, x, qb, y, D, S, ld);
+                                  int64_t s_row, int64_t s_key) {
+    with_few_keys<FewKeyDots>(nb, x, qb, y, D, S, s_row, s_key);
   }
 };
 
-// S[qb, nb] = x y^T (leading dimension ld).
+// S[qb, nb] = x y^T (leading dimension ld), or its transpose S[nb, qb].
 template <typename T>
-void key_dots(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, T* S, int64_t ld) {
+void key_dots(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, T* S, int64_t ld,
+              bool transposed = false) {
   if (nb >= 1 && nb <= kFewKeys)
-    run_vector_loop<FewKeyDots>(x, qb, y, nb, D, S, ld);
+    run_vector_loop<FewKeyDots>(x, qb, y, nb, D, S, transposed ? int64_t(1) : ld,
+                                transposed ? ld : int64_t(1));
+  else if (transposed)
+    gemm_abt(nb, qb, D, y, D, x, D, S, ld);
   else
     gemm_abt(qb, nb, D, x, D, y, D, S, ld);
 }
@@ -233,15 +238,13 @@ OnlineSoftmax<T> online_softmax_over_keys(const T* xb, int64_t qb, const T* ax, 
 // keys; docs/benchmarks.md).
 constexpr int64_t kCombinedKeys = 32;
 
-// out [rows, D] = W y, y [nb, D], for W [rows, nb] whose element (r, j) is
-// W[r * w_row + j * w_key] (so W may be stored transposed).
+// out [rows, D] = W [rows, nb] y [nb, D].
 template <int kBytes>
 struct CombineKeys {
   template <typename T>
-  FASTMETA_INLINE static void run(T* out, int64_t rows, int64_t D, const T* W, int64_t w_row, int64_t w_key,
-                                  int64_t nb, const T* y) {
+  FASTMETA_INLINE static void run(T* out, int64_t rows, int64_t D, const T* W, int64_t nb, const T* y) {
     combine_rows<kBytes>(out, D, rows, D, static_cast<const T*>(nullptr),
-                         RowCombination<T>{W, w_row, w_key, y, D, nb});
+                         RowCombination<T>{W, nb, 1, y, D, nb});
   }
 };
 
@@ -274,16 +277,16 @@ struct SimilarityVjpRow {
 
 // The x.y part of a vector-Jacobian product from a block's only tile, of K
 // keys, in one pass: gx_i = sum_j W_ij y_j + c_i x_i (written) and gy_j +=
-// sum_i W_ij x_i, for rows x [qb, D] and W [qb, K]. At each vector position
-// the K key vectors and their gradient sums stay in registers while up to
-// kRowChunk rows go by.
+// sum_i W_ij x_i, for rows x [qb, D] and W_ij = W[i * w_row + j * w_key] (W
+// [qb, K] or its transpose). At each vector position the K key vectors and
+// their gradient sums stay in registers while up to kRowChunk rows go by.
 template <int kBytes>
 struct FewKeyVjp {
   static constexpr int64_t kRowChunk = 16;
 
   template <int K, typename T>
-  FASTMETA_INLINE static void rows(T* __restrict__ gx, T* __restrict__ gy, const T* W, const T* c, const T* x,
-                                   const T* y, int64_t qb, int64_t D) {
+  FASTMETA_INLINE static void rows(T* __restrict__ gx, T* __restrict__ gy, const T* W, int64_t w_row,
+                                   int64_t w_key, const T* c, const T* x, const T* y, int64_t qb, int64_t D) {
     using V = typename Vector<T, kBytes>::type;
     constexpr int64_t kLine = kBytes / sizeof(T);
     const int64_t full = D - D % kLine;
@@ -300,8 +303,8 @@ struct FewKeyVjp {
           std::memcpy(&xv, x + i * D + k, sizeof(V));
           V g = c[i] * xv;
           for (int j = 0; j < K; ++j) {
-            g += W[i * K + j] * key[j];
-            key_grad[j] += W[i * K + j] * xv;
+            g += W[i * w_row + j * w_key] * key[j];
+            key_grad[j] += W[i * w_row + j * w_key] * xv;
           }
           std::memcpy(gx + i * D + k, &g, sizeof(V));
         }
@@ -311,8 +314,8 @@ struct FewKeyVjp {
         for (int64_t i = i0; i < i1; ++i) {
           T g = c[i] * x[i * D + t];
           for (int j = 0; j < K; ++j) {
-            g += W[i * K + j] * y[j * D + t];
-            gy[j * D + t] += W[i * K + j] * x[i * D + t];
+            g += W[i * w_row + j * w_key] * y[j * D + t];
+            gy[j * D + t] += W[i * w_row + j * w_key] * x[i * D + t];
           }
           gx[i * D + t] = g;
         }
@@ -320,11 +323,25 @@ struct FewKeyVjp {
   }
 
   template <typename T>
-  FASTMETA_INLINE static void run(T* gx, T* gy, const T* W, const T* c, const T* x, const T* y, int64_t qb,
-                                  int64_t nb, int64_t D) {
-    with_few_keys<FewKeyVjp>(nb, gx, gy, W, c, x, y, qb, D);
+  FASTMETA_INLINE static void run(T* gx, T* gy, const T* W, int64_t w_row, int64_t w_key, const T* c,
+                                  const T* x, const T* y, int64_t qb, int64_t nb, int64_t D) {
+    with_few_keys<FewKeyVjp>(nb, gx, gy, W, w_row, w_key, c, x, y, qb, D);
   }
 };
+
+// FewKeyVjp for a block's only tile of nb <= kFewKeys keys, W_ij = W[i *
+// w_row + j * w_key], with the queries' row-statistic part (cx, the queries'
+// coefficients, times gx_stat) added to gx; returns false, doing nothing,
+// where it does not apply (no cx, or more keys).
+template <typename T>
+bool few_key_vjp(const T* W, int64_t w_row, int64_t w_key, int64_t qb, int64_t nb, const T* x, const T* y,
+                 int64_t D, T* gx, T* gy, const T* gx_stat, const T* cx) {
+  if (!cx || nb < 1 || nb > kFewKeys) return false;
+  T c[kQueryBlock];
+  for (int64_t i = 0; i < qb; ++i) c[i] = cx[i] * gx_stat[i];
+  run_vector_loop<FewKeyVjp>(gx, gy, W, w_row, w_key, static_cast<const T*>(c), x, y, qb, nb, D);
+  return true;
+}
 
 // Vector-Jacobian product of a similarity tile S [qb, nb] (leading dimension
 // lds). On entry W [qb, nb] holds dL/dS for the tile; it is overwritten. Adds
@@ -342,14 +359,10 @@ bool similarity_tile_vjp(T* W, const T* S, int64_t lds, int64_t qb, int64_t nb, 
     for (int64_t i = 0; i < qb; ++i)
       gx_stat[i] += run_loop<SimilarityVjpRow<M>>(W + i * nb, S + i * lds, nb, ax[i], ay, gy_stat);
   }
-  if (cx && nb >= 1 && nb <= kFewKeys) {
-    T c[kQueryBlock];
-    for (int64_t i = 0; i < qb; ++i) c[i] = cx[i] * gx_stat[i];
-    run_vector_loop<FewKeyVjp>(gx, gy, static_cast<const T*>(W), static_cast<const T*>(c), x, y, qb, nb, D);
+  if (few_key_vjp(static_cast<const T*>(W), nb, int64_t(1), qb, nb, x, y, D, gx, gy, gx_stat, cx))
     return true;
-  }
   if (overwrite && nb <= kCombinedKeys)
-    run_vector_loop<CombineKeys>(gx, qb, D, static_cast<const T*>(W), nb, int64_t(1), nb, y);
+    run_vector_loop<CombineKeys>(gx, qb, D, static_cast<const T*>(W), nb, y);
   else
     gemm(false, false, qb, D, nb, static_cast<const T*>(W), nb, y, D, overwrite ? T(0) : T(1), gx, D);
   gemm_atb_acc(nb, D, qb, W, nb, x, D, gy, D);
@@ -403,14 +416,17 @@ struct SimilarityVjpColumns {
 };
 
 // similarity_tile_vjp for a transposed tile ST [nb, qb], WT [nb, qb] holding
-// (d loss / d s)^T on entry (overwritten); no few-key pass.
+// (d loss / d s)^T on entry (overwritten).
 template <Metric M, typename T>
-void similarity_tile_vjp_transposed(T* WT, const T* ST, int64_t qb, int64_t nb, const T* x, const T* y,
+bool similarity_tile_vjp_transposed(T* WT, const T* ST, int64_t qb, int64_t nb, const T* x, const T* y,
                                     int64_t D, const T* ax, const T* ay, T* gx, T* gy, T* gx_stat, T* gy_stat,
-                                    bool overwrite) {
+                                    bool overwrite, const T* cx) {
   if constexpr (M != Metric::Dot) run_loop<SimilarityVjpColumns<M>>(WT, ST, nb, qb, ax, ay, gx_stat, gy_stat);
+  if (few_key_vjp(static_cast<const T*>(WT), int64_t(1), qb, qb, nb, x, y, D, gx, gy, gx_stat, cx))
+    return true;
   gemm(true, false, qb, D, nb, static_cast<const T*>(WT), qb, y, D, overwrite ? T(0) : T(1), gx, D);
   gemm(false, false, nb, D, qb, static_cast<const T*>(WT), qb, x, D, T(1), gy, D);
+  return false;
 }
 
 // g_r += v_r * coeff_r * stat_grad_r: the gradient through the row statistics.
@@ -597,13 +613,15 @@ struct SimilarityGradBlock {
   // similarities and apply for transposed tiles, [nb, qb]: S holds the
   // similarities, W (d loss / d s)^T for apply_transposed.
   const T* similarities_transposed(int64_t n0, int64_t nb) {
-    gemm_abt(nb, qb, D, y + n0 * D, D, xb, D, S.data(), qb);
+    key_dots(xb, qb, y + n0 * D, nb, D, S.data(), qb, true);
     run_loop<SimilarityColumns<M>>(S.data(), nb, qb, static_cast<const T*>(ax), ay + n0);
     return S.data();
   }
   void apply_transposed(int64_t n0, int64_t nb, const T* S_tile) {
-    similarity_tile_vjp_transposed<M>(W.data(), S_tile, qb, nb, xb, y + n0 * D, D, ax, ay + n0, gx,
-                                      key_rows[0] + n0 * D, gx_stat, key_rows[1] + n0, n0 == 0);
+    const bool only_tile = n0 == 0 && nb == N;
+    query_stats_applied = similarity_tile_vjp_transposed<M>(
+        W.data(), S_tile, qb, nb, xb, y + n0 * D, D, ax, ay + n0, gx, key_rows[0] + n0 * D, gx_stat,
+        key_rows[1] + n0, n0 == 0, only_tile ? cx : nullptr);
   }
 
   // After the op's tiles: the queries' row-statistic part of gx, unless
