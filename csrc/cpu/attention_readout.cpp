@@ -11,10 +11,8 @@
 namespace fastmeta::cpu {
 namespace {
 
-// The tiles of this op are transposed, [keys, queries], so that a vector
-// spans queries: each per-query quantity (row statistic, scale, running
-// maximum and sum) is a vector, and a short row of keys (20 for a 20-way
-// 1-shot episode) costs no per-row reduction, remainder or call.
+// This op's tiles are transposed, [keys, queries] (similarity_tiles.h): its
+// per-query quantities (scale, running maximum and sum) are vectors.
 
 // Logits of a transposed tile L [nb, qb] (L[j, i] = scale_i * s(x_i, y_j),
 // from x_i . y_j on entry) and the online softmax's step over it: the logits
