@@ -137,7 +137,7 @@ def test_sampler_bad_datasets():
 def test_sampler_is_much_faster_than_a_per_example_loop():
     """The benchmark's claim in small: the vectorised sampler draws 32
     episodes in less time than the easyfsl-style loop draws as many (the
-    margin is tens of times on a quiet machine, so a busy one keeps it)."""
+    margin is about ten times on a quiet machine, so a busy one keeps it)."""
     data = LabelledImages(torch.rand(2000, 1, 28, 28), torch.arange(100).repeat_interleave(20))
     sampler = EpisodeSampler(data, 5, 1, 15, episodes_per_batch=32, seed=0)
     sampler.sample()
