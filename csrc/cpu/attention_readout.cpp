@@ -73,13 +73,12 @@ std::tuple<at::Tensor, at::Tensor> attention_readout(const at::Tensor& x_in, con
         const scalar_t* xb = xp + (b * Q + q0) * D;
         scalar_t* ob = op + (b * Q + q0) * V;
         scalar_t ax[kQueryBlock], max[kQueryBlock], sum[kQueryBlock], rescale[kQueryBlock];
-        row_stats<M>(xb, qb, D, ax, nullptr);
         std::fill(max, max + qb, -std::numeric_limits<scalar_t>::infinity());
         std::fill(sum, sum + qb, scalar_t(0));
         std::vector<scalar_t> tile(std::min(N, kKeyBlock) * qb);
         for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
           const int64_t nb = std::min(kKeyBlock, N - n0);
-          key_dots(xb, qb, yp + (b * N + n0) * D, nb, D, tile.data(), qb, true);
+          query_dots<M>(xb, qb, yp + (b * N + n0) * D, nb, D, tile.data(), qb, true, n0 == 0 ? ax : nullptr);
           run_loop<SoftmaxColumns<M>>(tile.data(), nb, qb, static_cast<const scalar_t*>(ax),
                                       static_cast<const scalar_t*>(ay + b * N + n0), sp + b * Q + q0, max,
                                       sum, rescale);

@@ -22,7 +22,6 @@ at::Tensor pairwise_distance(const at::Tensor& x_in, const at::Tensor& y_in, c10
       key_row_stats<M>(yp, B, N, D, ay, nullptr);
       for_each_query_block(B, Q, [&](int64_t b, int64_t q0, int64_t q1) {
         scalar_t ax[kQueryBlock];
-        row_stats<M>(xp + (b * Q + q0) * D, q1 - q0, D, ax, nullptr);
         scalar_t* rows = op + (b * Q + q0) * N;
         similarity_tile<M>(xp + (b * Q + q0) * D, q1 - q0, yp + b * N * D, N, D, ax, ay + b * N, rows, N);
         for (int64_t k = 0; k < (q1 - q0) * N; ++k) rows[k] = distance_from_similarity<M>(rows[k]);

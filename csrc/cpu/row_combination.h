@@ -36,6 +36,22 @@ struct Vector {
   typedef T type __attribute__((vector_size(kBytes)));
 };
 
+// A vector loaded from (stored to) any address of a T, as the compilers'
+// unaligned-load intrinsics define it: a memcpy into an element of an array
+// of vectors is copied in halves instead, and the full-width load that
+// follows stalls on them. By reference: passing or returning a vector by
+// value is ABI-dependent on the instruction set.
+template <typename V, typename T>
+FASTMETA_INLINE void load_vector(V& v, const T* p) {
+  typedef T Unaligned __attribute__((vector_size(sizeof(V)), aligned(alignof(T)), may_alias));
+  v = *reinterpret_cast<const Unaligned*>(p);
+}
+template <typename V, typename T>
+FASTMETA_INLINE void store_vector(T* p, const V& v) {
+  typedef T Unaligned __attribute__((vector_size(sizeof(V)), aligned(alignof(T)), may_alias));
+  *reinterpret_cast<Unaligned*>(p) = v;
+}
+
 // Columns [k0, k0 + sizeof(V) / sizeof(T)) of kRows output rows (out_stride
 // apart): init (or 0) + first + second, V a Vector or T itself (one column,
 // for outputs narrower than a vector). The kRows sums stay in registers, each

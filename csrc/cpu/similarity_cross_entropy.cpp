@@ -44,7 +44,6 @@ std::tuple<at::Tensor, at::Tensor> similarity_cross_entropy(const at::Tensor& x_
         const scalar_t* xb = xp + (b * Q + q0) * D;
         const int64_t* targets = tp + b * Q + q0;
         scalar_t ax[kQueryBlock], target_logit[kQueryBlock];
-        row_stats<M>(xb, qb, D, ax, nullptr);
         for (int64_t i = 0; i < qb; ++i) check_target_value(targets[i], b, q0 + i, N);
         const auto softmax = online_softmax_over_keys<M>(
             xb, qb, ax, yp + b * N * D, ay + b * N, N, D, sp + b * Q + q0,

@@ -29,7 +29,6 @@ at::Tensor similarity_log_softmax(const at::Tensor& x_in, const at::Tensor& y_in
         const int64_t qb = q1 - q0;
         const scalar_t* xb = xp + (b * Q + q0) * D;
         scalar_t ax[kQueryBlock];
-        row_stats<M>(xb, qb, D, ax, nullptr);
         scalar_t* rows = op + (b * Q + q0) * N;
         scalar_t row_max[kQueryBlock];
         logits_tile<M>(xb, qb, yp + b * N * D, N, D, ax, ay + b * N, sp + b * Q + q0, rows, N, row_max);

@@ -38,15 +38,28 @@ constexpr int64_t kKeyBlock = 512;
 template <typename T>
 using NoDeduce = typename std::common_type<T>::type;
 
-// Per-row statistic (row_stat) and its gradient coefficient for `rows` rows of
-// length D; `coeff` may be null.
+// Per-row statistic (row_stat) and its gradient coefficient of rows whose
+// sums of squares are given; `coeff` may be null.
+template <Metric M, typename T>
+void row_stats_from_sum_squares(const T* sum_squares, int64_t rows, T* stat, NoDeduce<T>* coeff) {
+  for (int64_t r = 0; r < rows; ++r) {
+    stat[r] = row_stat<M>(sum_squares[r]);
+    if (coeff) coeff[r] = row_stat_coeff<M>(sum_squares[r], stat[r]);
+  }
+}
+
+// The same for `rows` rows of length D (the dot metric has none: zeros,
+// without a pass over the rows).
 template <Metric M, typename T>
 void row_stats(const T* v, int64_t rows, int64_t D, T* stat, NoDeduce<T>* coeff) {
+  if constexpr (M == Metric::Dot) {
+    std::fill(stat, stat + rows, T(0));
+    if (coeff) std::fill(coeff, coeff + rows, T(0));
+    return;
+  }
   for (int64_t r = 0; r < rows; ++r) {
-    const T* row = v + r * D;
-    const T sum_squares = row_dot(row, row, D);
-    stat[r] = row_stat<M>(sum_squares);
-    if (coeff) coeff[r] = row_stat_coeff<M>(sum_squares, stat[r]);
+    const T sum_squares = row_dot(v + r * D, v + r * D, D);
+    row_stats_from_sum_squares<M>(&sum_squares, 1, stat + r, coeff ? coeff + r : nullptr);
   }
 }
 
@@ -79,55 +92,65 @@ FASTMETA_INLINE void with_few_keys(int64_t nb, Args... args) {
   }
 }
 
-// S[i * s_row + j * s_key] = x_i . y_j for rows x [qb, D] and K keys y [K, D]:
-// a row at a time, each x vector loaded once for the K keys' sums.
+// S[i * s_row + j * s_key] = x_i . y_j for rows x [qb, D] and K keys y [K, D],
+// and sum_squares[i] = x_i . x_i where sum_squares is given: a row at a
+// time, each x vector loaded once for all the sums.
 template <int kBytes>
 struct FewKeyDots {
   template <int K, typename T>
   FASTMETA_INLINE static void rows(const T* x, int64_t qb, const T* y, int64_t D, T* S, int64_t s_row,
-                                   int64_t s_key) {
+                                   int64_t s_key, T* sum_squares) {
     using V = typename Vector<T, kBytes>::type;
     constexpr int64_t kLine = kBytes / sizeof(T);
     for (int64_t i = 0; i < qb; ++i) {
       const T* xi = x + i * D;
-      V acc[K] = {};
+      V acc[K + 1] = {};
       int64_t k = 0;
       for (; k + kLine <= D; k += kLine) {
-        V xv;
-        std::memcpy(&xv, xi + k, sizeof(V));
+        V xv, yv;
+        load_vector(xv, xi + k);
         for (int j = 0; j < K; ++j) {
-          V yv;
-          std::memcpy(&yv, y + j * D + k, sizeof(V));
+          load_vector(yv, y + j * D + k);
           acc[j] += xv * yv;
         }
+        if (sum_squares) acc[K] += xv * xv;
       }
-      for (int j = 0; j < K; ++j) {
+      for (int j = 0; j <= K; ++j) {
+        const T* other = j < K ? y + j * D : xi;
         T dot = 0;
         for (int64_t l = 0; l < kLine; ++l) dot += acc[j][l];
-        for (int64_t t = k; t < D; ++t) dot += xi[t] * y[j * D + t];
-        S[i * s_row + j * s_key] = dot;
+        for (int64_t t = k; t < D; ++t) dot += xi[t] * other[t];
+        if (j < K)
+          S[i * s_row + j * s_key] = dot;
+        else if (sum_squares)
+          sum_squares[i] = dot;
       }
     }
   }
 
   template <typename T>
   FASTMETA_INLINE static void run(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, T* S,
-                                  int64_t s_row, int64_t s_key) {
-    with_few_keys<FewKeyDots>(nb, x, qb, y, D, S, s_row, s_key);
+                                  int64_t s_row, int64_t s_key, T* sum_squares) {
+    with_few_keys<FewKeyDots>(nb, x, qb, y, D, S, s_row, s_key, sum_squares);
   }
 };
 
-// S[qb, nb] = x y^T (leading dimension ld), or its transpose S[nb, qb].
+// S[qb, nb] = x y^T (leading dimension ld), or its transpose S[nb, qb]; and
+// sum_squares[i] = x_i . x_i where sum_squares is given (in the same pass
+// over x for few keys).
 template <typename T>
 void key_dots(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, T* S, int64_t ld,
-              bool transposed = false) {
-  if (nb >= 1 && nb <= kFewKeys)
+              bool transposed = false, NoDeduce<T>* sum_squares = nullptr) {
+  if (nb >= 1 && nb <= kFewKeys) {
     run_vector_loop<FewKeyDots>(x, qb, y, nb, D, S, transposed ? int64_t(1) : ld,
-                                transposed ? ld : int64_t(1));
-  else if (transposed)
+                                transposed ? ld : int64_t(1), sum_squares);
+    return;
+  }
+  if (transposed)
     gemm_abt(nb, qb, D, y, D, x, D, S, ld);
   else
     gemm_abt(qb, nb, D, x, D, y, D, S, ld);
+  for (int64_t i = 0; sum_squares && i < qb; ++i) sum_squares[i] = row_dot(x + i * D, x + i * D, D);
 }
 
 template <Metric M>
@@ -138,11 +161,32 @@ struct SimilarityRow {
   }
 };
 
-// S[qb, nb] = s(x_i, y_j) for a block of queries and keys.
+// x.y of a block of queries x [qb, D] and a tile of keys y [nb, D] into S
+// (key_dots); where ax is given (for a block's first tile), also the queries'
+// row statistics ax and their coefficients cx (where given), in the same
+// pass over x where the keys are few. Every op, forward and backward, takes
+// the queries' statistics from here, so that a backward reproduces its
+// forward's similarities bit for bit.
 template <Metric M, typename T>
-void similarity_tile(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, const T* ax, const T* ay,
-                     T* S, int64_t ld) {
-  key_dots(x, qb, y, nb, D, S, ld);
+void query_dots(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, T* S, int64_t ld, bool transposed,
+                T* ax, NoDeduce<T>* cx = nullptr) {
+  if (!ax || M == Metric::Dot) {
+    key_dots(x, qb, y, nb, D, S, ld, transposed);
+    if (ax) row_stats<M>(x, qb, D, ax, cx);  // the dot metric's: zeros, without a pass
+    return;
+  }
+  T sum_squares[kQueryBlock];
+  key_dots(x, qb, y, nb, D, S, ld, transposed, sum_squares);
+  row_stats_from_sum_squares<M>(sum_squares, qb, ax, cx);
+}
+
+// S[qb, nb] = s(x_i, y_j) for a block of queries and a tile of keys; the
+// block's first tile also computes the queries' row statistics ax (and cx)
+// (query_dots).
+template <Metric M, typename T>
+void similarity_tile(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, T* ax, const T* ay, T* S,
+                     int64_t ld, bool first_tile = true, NoDeduce<T>* cx = nullptr) {
+  query_dots<M>(x, qb, y, nb, D, S, ld, false, first_tile ? ax : nullptr, cx);
   for (int64_t i = 0; i < qb; ++i) run_loop<SimilarityRow<M>>(S + i * ld, nb, ax[i], ay);
 }
 
@@ -170,11 +214,12 @@ struct LogitsRowMax {
   }
 };
 
-// L[qb, nb] = scale_i * s(x_i, y_j), and row_max[i] = max_j L[i, j].
+// L[qb, nb] = scale_i * s(x_i, y_j), and row_max[i] = max_j L[i, j]; the
+// block's first tile also computes ax (query_dots).
 template <Metric M, typename T>
-void logits_tile(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, const T* ax, const T* ay,
-                 const T* scale, T* L, int64_t ld, T* row_max) {
-  key_dots(x, qb, y, nb, D, L, ld);
+void logits_tile(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, T* ax, const T* ay,
+                 const T* scale, T* L, int64_t ld, T* row_max, bool first_tile = true) {
+  query_dots<M>(x, qb, y, nb, D, L, ld, false, first_tile ? ax : nullptr);
   for (int64_t i = 0; i < qb; ++i)
     row_max[i] = run_loop<LogitsRowMax<M>>(L + i * ld, nb, ax[i], ay, scale[i]);
 }
@@ -209,14 +254,14 @@ struct OnlineSoftmax {
   T logsumexp(int64_t i) const { return max[i] + std::log(sum[i]); }
 };
 
-// The online softmax of a block of queries xb [qb, D] (row statistics ax)
-// over the keys y [N, D] of their task (row statistics ay), a tile of
+// The online softmax of a block of queries xb [qb, D] (row statistics ax,
+// computed here) over the keys y [N, D] of their task (row statistics ay), a tile of
 // kKeyBlock keys at a time: on_logits(n0, nb, L) sees each tile's logits
 // L [qb, nb], then on_weights(n0, nb, W, rescale) its weights
 // exp(logit - running maximum) and the factors rescale [qb] by which what
 // earlier tiles added must be multiplied.
 template <Metric M, typename T, typename OnLogits, typename OnWeights>
-OnlineSoftmax<T> online_softmax_over_keys(const T* xb, int64_t qb, const T* ax, const T* y, const T* ay,
+OnlineSoftmax<T> online_softmax_over_keys(const T* xb, int64_t qb, T* ax, const T* y, const T* ay,
                                           int64_t N, int64_t D, const T* scale, OnLogits on_logits,
                                           OnWeights on_weights) {
   OnlineSoftmax<T> softmax(qb);
@@ -224,7 +269,7 @@ OnlineSoftmax<T> online_softmax_over_keys(const T* xb, int64_t qb, const T* ax, 
   T tile_max[kQueryBlock], rescale[kQueryBlock];
   for (int64_t n0 = 0; n0 < N; n0 += kKeyBlock) {
     const int64_t nb = std::min(kKeyBlock, N - n0);
-    logits_tile<M>(xb, qb, y + n0 * D, nb, D, ax, ay + n0, scale, tile.data(), nb, tile_max);
+    logits_tile<M>(xb, qb, y + n0 * D, nb, D, ax, ay + n0, scale, tile.data(), nb, tile_max, n0 == 0);
     on_logits(n0, nb, static_cast<const T*>(tile.data()));
     for (int64_t i = 0; i < qb; ++i) rescale[i] = softmax.add(i, tile.data() + i * nb, nb, tile_max[i]);
     on_weights(n0, nb, static_cast<const T*>(tile.data()), static_cast<const T*>(rescale));
@@ -279,10 +324,12 @@ struct SimilarityVjpRow {
 // keys, in one pass: gx_i = sum_j W_ij y_j + c_i x_i (written) and gy_j +=
 // sum_i W_ij x_i, for rows x [qb, D] and W_ij = W[i * w_row + j * w_key] (W
 // [qb, K] or its transpose). At each vector position the K key vectors and
-// their gradient sums stay in registers while up to kRowChunk rows go by.
+// their gradient sums stay in registers while up to kRowChunk rows go by:
+// few rows, so that few rows of x and gx stream from memory at once (4 was
+// the fastest of 4, 8 and 16 for D = 64 to 1600, by up to 2x).
 template <int kBytes>
 struct FewKeyVjp {
-  static constexpr int64_t kRowChunk = 16;
+  static constexpr int64_t kRowChunk = 4;
 
   template <int K, typename T>
   FASTMETA_INLINE static void rows(T* __restrict__ gx, T* __restrict__ gy, const T* W, int64_t w_row,
@@ -295,20 +342,20 @@ struct FewKeyVjp {
       for (int64_t k = 0; k < full; k += kLine) {
         V key[K], key_grad[K];
         for (int j = 0; j < K; ++j) {
-          std::memcpy(&key[j], y + j * D + k, sizeof(V));
-          std::memcpy(&key_grad[j], gy + j * D + k, sizeof(V));
+          load_vector(key[j], y + j * D + k);
+          load_vector(key_grad[j], gy + j * D + k);
         }
         for (int64_t i = i0; i < i1; ++i) {
           V xv;
-          std::memcpy(&xv, x + i * D + k, sizeof(V));
+          load_vector(xv, x + i * D + k);
           V g = c[i] * xv;
           for (int j = 0; j < K; ++j) {
             g += W[i * w_row + j * w_key] * key[j];
             key_grad[j] += W[i * w_row + j * w_key] * xv;
           }
-          std::memcpy(gx + i * D + k, &g, sizeof(V));
+          store_vector(gx + i * D + k, g);
         }
-        for (int j = 0; j < K; ++j) std::memcpy(gy + j * D + k, &key_grad[j], sizeof(V));
+        for (int j = 0; j < K; ++j) store_vector(gy + j * D + k, key_grad[j]);
       }
       for (int64_t t = full; t < D; ++t)
         for (int64_t i = i0; i < i1; ++i) {
@@ -570,7 +617,6 @@ struct SimilarityGradBlock {
   const T *xb, *y, *ay;  // x rows of the block; y and its row statistics for task b
   T* gx;                 // gradient rows of the block
   T* const* key_rows;    // key gradients of task b: x.y part, row statistics, then the op's own
-  T ax[kQueryBlock], cx[kQueryBlock], gx_stat[kQueryBlock] = {};
   std::vector<T> S, W;  // [qb, min(N, kKeyBlock)] tiles
 
   SimilarityGradBlock(int64_t b_, int64_t q0_, int64_t qb_, int64_t Q, int64_t N_, int64_t D_, const T* x,
@@ -588,13 +634,13 @@ struct SimilarityGradBlock {
         key_rows(key_rows_),
         S(qb_ * std::min(N_, kKeyBlock)),
         W(S.size()) {
-    row_stats<M>(xb, qb, D, ax, cx);
     if (N == 0) std::fill(gx, gx + qb * D, T(0));  // otherwise the first tile writes it
   }
 
   // Similarities of the block's queries to keys n0 .. n0 + nb, into S_out (leading dimension ld).
-  void similarities_into(int64_t n0, int64_t nb, T* S_out, int64_t ld) const {
-    similarity_tile<M>(xb, qb, y + n0 * D, nb, D, ax, ay + n0, S_out, ld);
+  void similarities_into(int64_t n0, int64_t nb, T* S_out, int64_t ld) {
+    similarity_tile<M>(xb, qb, y + n0 * D, nb, D, ax, ay + n0, S_out, ld, !row_stats_known, cx);
+    row_stats_known = true;
   }
   const T* similarities(int64_t n0, int64_t nb) {
     similarities_into(n0, nb, S.data(), nb);
@@ -604,6 +650,7 @@ struct SimilarityGradBlock {
   // Adds the gradient of the tile of keys n0 .. n0 + nb, from W (leading
   // dimension nb, overwritten) and its similarities S_tile (leading dimension lds).
   void apply(int64_t n0, int64_t nb, const T* S_tile, int64_t lds) {
+    compute_row_stats();
     const bool only_tile = n0 == 0 && nb == N;
     query_stats_applied = similarity_tile_vjp<M>(W.data(), S_tile, lds, qb, nb, xb, y + n0 * D, D, ax,
                                                  ay + n0, gx, key_rows[0] + n0 * D, gx_stat, key_rows[1] + n0,
@@ -613,11 +660,13 @@ struct SimilarityGradBlock {
   // similarities and apply for transposed tiles, [nb, qb]: S holds the
   // similarities, W (d loss / d s)^T for apply_transposed.
   const T* similarities_transposed(int64_t n0, int64_t nb) {
-    key_dots(xb, qb, y + n0 * D, nb, D, S.data(), qb, true);
+    query_dots<M>(xb, qb, y + n0 * D, nb, D, S.data(), qb, true, row_stats_known ? nullptr : ax, cx);
+    row_stats_known = true;
     run_loop<SimilarityColumns<M>>(S.data(), nb, qb, static_cast<const T*>(ax), ay + n0);
     return S.data();
   }
   void apply_transposed(int64_t n0, int64_t nb, const T* S_tile) {
+    compute_row_stats();
     const bool only_tile = n0 == 0 && nb == N;
     query_stats_applied = similarity_tile_vjp_transposed<M>(
         W.data(), S_tile, qb, nb, xb, y + n0 * D, D, ax, ay + n0, gx, key_rows[0] + n0 * D, gx_stat,
@@ -627,11 +676,22 @@ struct SimilarityGradBlock {
   // After the op's tiles: the queries' row-statistic part of gx, unless
   // apply's few-key pass already added it.
   void finish() {
+    compute_row_stats();
     if (!query_stats_applied) finish_row_stat_grad(gx, xb, cx, gx_stat, qb, D);
   }
 
  private:
-  bool query_stats_applied = false;
+  // The queries' row statistics and coefficients (from the first tile's
+  // similarities), and the gradient with respect to the statistics.
+  T ax[kQueryBlock], cx[kQueryBlock], gx_stat[kQueryBlock] = {};
+  bool row_stats_known = false, query_stats_applied = false;
+
+  // The queries' row statistics, where no tile has computed them (no keys).
+  void compute_row_stats() {
+    if (row_stats_known) return;
+    row_stats<M>(xb, qb, D, ax, cx);
+    row_stats_known = true;
+  }
 };
 
 // The gradients of a similarity op with respect to x and y (and `extra` more

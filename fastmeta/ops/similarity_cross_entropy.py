@@ -7,12 +7,12 @@ from . import _common
 
 __all__ = ["similarity_cross_entropy"]
 
-# A reduced loss that needs gradients takes the fused forward-and-gradient op
-# for this many keys: it saves a [Q, N, D] matrix product but costs a pass over
-# the gradients (scaled by the output gradient), so it pays for many keys; and
-# it keeps a [block, N] buffer of similarities per thread (at most 16 MiB in
-# float32 down to blocks of 64 queries), so it stops at 65536 (both bounds included).
-FUSED_KEYS = (256, 65536)
+# A reduced loss that needs gradients takes the fused forward-and-gradient op,
+# which computes the similarities once where forward and backward apart
+# compute them twice. It keeps a [block, N] buffer of similarities per thread
+# (at most 16 MiB in float32 down to blocks of 64 queries), so it stops at
+# this many keys (included).
+FUSED_MAX_KEYS = 65536
 
 
 def similarity_cross_entropy(
@@ -62,7 +62,7 @@ def similarity_cross_entropy(
         torch.is_grad_enabled() and any(t.requires_grad for t in (a.x, a.y, a.scale)) and not _common.functorch_active()
     )
     queries = a.x.shape[0] * a.x.shape[1]
-    if reduction != "none" and needs_grad and queries > 0 and FUSED_KEYS[0] <= a.y.shape[1] <= FUSED_KEYS[1]:
+    if reduction != "none" and needs_grad and queries > 0 and 1 <= a.y.shape[1] <= FUSED_MAX_KEYS:
         weight = 1.0 if reduction == "sum" else 1.0 / queries
         task_loss = _common.call("similarity_cross_entropy_with_grad", a.x, a.y, target, a.scale, metric, weight)[0]
         return a.output(task_loss.sum())
@@ -131,6 +131,7 @@ def _setup_context_with_grad(ctx, inputs, output):
     x, y, target, scale, metric, weight = inputs
     ctx.metric, ctx.weight = metric, weight
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no [B, Q, D] of zeros for the gradient outputs' gradients
     ctx.save_for_backward(x, y, target, scale, *output[1:])
 
 
@@ -143,6 +144,14 @@ def _backward_with_grad(ctx, grad_loss, *_unused):
         task_loss = ctx.weight * formulas.similarity_cross_entropy(x, y, target, ctx.metric, scale, "none").sum(1)
         found = iter(torch.autograd.grad(task_loss, inputs, grad_loss, create_graph=True))
         grad_x, grad_y, grad_scale = (next(found) if t.requires_grad else None for t in (x, y, scale))
+        return grad_x, grad_y, None, grad_scale, None, None
+    if grad_loss is None:
+        return None, None, None, None, None, None
+    # loss.backward(): the gradients are those computed in the forward, as they
+    # are (a backward with retain_graph=True returns them again). Only where the
+    # output gradient's values can be read: a plain CPU tensor, not one that
+    # torch.compile or opcheck traces.
+    if type(grad_loss) is torch.Tensor and grad_loss.device.type == "cpu" and bool((grad_loss == 1).all()):
         return grad_x, grad_y, None, grad_scale, None, None
     per_task = grad_loss.view(-1, 1)
     return (per_task.unsqueeze(-1) * grad_x, per_task.unsqueeze(-1) * grad_y, None, per_task * grad_scale, None, None)

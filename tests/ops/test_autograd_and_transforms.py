@@ -31,8 +31,12 @@ def functions(device, metric):
             lambda x, y, s: ops.similarity_cross_entropy(x, y, target, metric, s, "none"),
             (x, y, scale),
         ),
-        # A reduced loss with gradients and many keys takes the fused op.
+        # A reduced loss with gradients takes the fused op: few keys, and many.
         "similarity_cross_entropy (fused)": (
+            lambda x, y, s: ops.similarity_cross_entropy(x, y, target, metric, s),
+            (x, y, scale),
+        ),
+        "similarity_cross_entropy (fused, many keys)": (
             lambda x, y, s: ops.similarity_cross_entropy(x, y.repeat(1, 43, 1), target, metric, s),
             (x, y, scale),
         ),
@@ -317,13 +321,19 @@ def test_vmap_over_an_extra_leading_dimension(device):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
-def test_fused_forward_and_gradient_matches_the_two_pass_ops(device, reduction):
-    x, y, scale, target, _ = inputs(device, B=3, Q=70, N=600, D=7)
+@pytest.mark.parametrize("N", [1, 5, 9, 600])
+def test_fused_forward_and_gradient_matches_the_two_pass_ops(device, reduction, N):
+    x, y, scale, target, _ = inputs(device, B=3, Q=70, N=N, D=7)
     fused = ops.similarity_cross_entropy(x, y, target, "euclidean", scale, reduction)
     two_pass = getattr(ops.similarity_cross_entropy(x, y, target, "euclidean", scale, "none"), reduction)()
     torch.testing.assert_close(fused, two_pass, rtol=1e-12, atol=1e-12)
-    for a, b in zip(torch.autograd.grad(fused, (x, y, scale)), torch.autograd.grad(two_pass, (x, y, scale))):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    # An output gradient of 1 takes the forward's gradients as they are, any
+    # other scales them; each twice, as retain_graph=True allows.
+    for output_grad in (1.0, 1.0, -0.37, -0.37):
+        got = torch.autograd.grad(fused * output_grad, (x, y, scale), retain_graph=True)
+        want = torch.autograd.grad(two_pass * output_grad, (x, y, scale), retain_graph=True)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -345,7 +355,8 @@ def reference_functions(metric):
     return {
         "similarity_log_softmax": lambda x, y, s: reference.similarity_log_softmax(x, y, metric, s),
         "similarity_cross_entropy": lambda x, y, s: reference.similarity_cross_entropy(x, y, target, metric, s, "none"),
-        "similarity_cross_entropy (fused)": lambda x, y, s: reference.similarity_cross_entropy(
+        "similarity_cross_entropy (fused)": lambda x, y, s: reference.similarity_cross_entropy(x, y, target, metric, s),
+        "similarity_cross_entropy (fused, many keys)": lambda x, y, s: reference.similarity_cross_entropy(
             x, y.repeat(1, 43, 1), target, metric, s
         ),
         "attention_readout": lambda x, y, v, s: reference.attention_readout(x, y, v, metric, s),
