@@ -164,9 +164,9 @@ struct SimilarityRow {
 // x.y of a block of queries x [qb, D] and a tile of keys y [nb, D] into S
 // (key_dots); where ax is given (for a block's first tile), also the queries'
 // row statistics ax and their coefficients cx (where given), in the same
-// pass over x where the keys are few. Every op, forward and backward, takes
-// the queries' statistics from here, so that a backward reproduces its
-// forward's similarities bit for bit.
+// pass over x where the keys are few. Every forward, and every backward that
+// recomputes the similarities, takes the queries' statistics from here, so
+// that a backward reproduces its forward's similarities bit for bit.
 template <Metric M, typename T>
 void query_dots(const T* x, int64_t qb, const T* y, int64_t nb, int64_t D, T* S, int64_t ld, bool transposed,
                 T* ax, NoDeduce<T>* cx = nullptr) {
@@ -255,14 +255,14 @@ struct OnlineSoftmax {
 };
 
 // The online softmax of a block of queries xb [qb, D] (row statistics ax,
-// computed here) over the keys y [N, D] of their task (row statistics ay), a tile of
-// kKeyBlock keys at a time: on_logits(n0, nb, L) sees each tile's logits
-// L [qb, nb], then on_weights(n0, nb, W, rescale) its weights
+// computed here) over the keys y [N, D] of their task (row statistics ay), a
+// tile of kKeyBlock keys at a time: on_logits(n0, nb, L) sees each tile's
+// logits L [qb, nb], then on_weights(n0, nb, W, rescale) its weights
 // exp(logit - running maximum) and the factors rescale [qb] by which what
 // earlier tiles added must be multiplied.
 template <Metric M, typename T, typename OnLogits, typename OnWeights>
-OnlineSoftmax<T> online_softmax_over_keys(const T* xb, int64_t qb, T* ax, const T* y, const T* ay,
-                                          int64_t N, int64_t D, const T* scale, OnLogits on_logits,
+OnlineSoftmax<T> online_softmax_over_keys(const T* xb, int64_t qb, T* ax, const T* y, const T* ay, int64_t N,
+                                          int64_t D, const T* scale, OnLogits on_logits,
                                           OnWeights on_weights) {
   OnlineSoftmax<T> softmax(qb);
   std::vector<T> tile(qb * std::min(N, kKeyBlock));
@@ -617,7 +617,7 @@ struct SimilarityGradBlock {
   const T *xb, *y, *ay;  // x rows of the block; y and its row statistics for task b
   T* gx;                 // gradient rows of the block
   T* const* key_rows;    // key gradients of task b: x.y part, row statistics, then the op's own
-  std::vector<T> S, W;  // [qb, min(N, kKeyBlock)] tiles
+  std::vector<T> S, W;   // [qb, min(N, kKeyBlock)] tiles
 
   SimilarityGradBlock(int64_t b_, int64_t q0_, int64_t qb_, int64_t Q, int64_t N_, int64_t D_, const T* x,
                       const T* y_, const T* ay_, T* gx_, T* const* key_rows_)
@@ -686,7 +686,8 @@ struct SimilarityGradBlock {
   T ax[kQueryBlock], cx[kQueryBlock], gx_stat[kQueryBlock] = {};
   bool row_stats_known = false, query_stats_applied = false;
 
-  // The queries' row statistics, where no tile has computed them (no keys).
+  // The queries' row statistics, where no tile's similarities computed them
+  // (no keys, or an op whose backward reads the forward's output instead).
   void compute_row_stats() {
     if (row_stats_known) return;
     row_stats<M>(xb, qb, D, ax, cx);

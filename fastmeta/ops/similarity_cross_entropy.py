@@ -29,7 +29,10 @@ def similarity_cross_entropy(
     an online log-sum-exp over tiles of keys: no ``[B, Q, N]`` tensor is
     allocated, forward or backward, so heads with very many classes fit in
     memory. Twice differentiable (the second derivative does materialise the
-    similarity matrix).
+    similarity matrix). A reduced loss (``"mean"``, ``"sum"``) that needs
+    gradients computes them in its forward, from the same similarities, and
+    its backward returns them, times the output gradient; evaluate under
+    ``torch.no_grad()`` to skip that work.
 
     Args:
         x: queries ``[B, Q, D]`` or ``[Q, D]``.
