@@ -7,11 +7,12 @@ from . import _common
 
 __all__ = ["similarity_cross_entropy"]
 
-# A reduced loss that needs gradients takes the fused forward-and-gradient op,
-# which computes the similarities once where forward and backward apart
-# compute them twice. It keeps a [block, N] buffer of similarities per thread
-# (at most 16 MiB in float32 down to blocks of 64 queries), so it stops at
-# this many keys (included).
+# On the CPU a reduced loss that needs gradients takes the fused
+# forward-and-gradient op, which computes the similarities once where forward
+# and backward apart compute them twice. It keeps a [block, N] buffer of
+# similarities per thread (at most 16 MiB in float32 down to blocks of 64
+# queries), so it stops at this many keys (included). The CUDA kernels
+# compute that op as a forward and a backward, so CUDA takes the two ops.
 FUSED_MAX_KEYS = 65536
 
 
@@ -29,10 +30,10 @@ def similarity_cross_entropy(
     an online log-sum-exp over tiles of keys: no ``[B, Q, N]`` tensor is
     allocated, forward or backward, so heads with very many classes fit in
     memory. Twice differentiable (the second derivative does materialise the
-    similarity matrix). A reduced loss (``"mean"``, ``"sum"``) that needs
-    gradients computes them in its forward, from the same similarities, and
-    its backward returns them, times the output gradient; evaluate under
-    ``torch.no_grad()`` to skip that work.
+    similarity matrix). On the CPU a reduced loss (``"mean"``, ``"sum"``)
+    that needs gradients computes them in its forward, from the same
+    similarities, and its backward returns them, times the output gradient;
+    evaluate under ``torch.no_grad()`` to skip that work.
 
     Args:
         x: queries ``[B, Q, D]`` or ``[Q, D]``.
@@ -65,7 +66,8 @@ def similarity_cross_entropy(
         torch.is_grad_enabled() and any(t.requires_grad for t in (a.x, a.y, a.scale)) and not _common.functorch_active()
     )
     queries = a.x.shape[0] * a.x.shape[1]
-    if reduction != "none" and needs_grad and queries > 0 and 1 <= a.y.shape[1] <= FUSED_MAX_KEYS:
+    fused = a.x.device.type == "cpu" and queries > 0 and 1 <= a.y.shape[1] <= FUSED_MAX_KEYS
+    if reduction != "none" and needs_grad and fused:
         weight = 1.0 if reduction == "sum" else 1.0 / queries
         task_loss = _common.call("similarity_cross_entropy_with_grad", a.x, a.y, target, a.scale, metric, weight)[0]
         return a.output(task_loss.sum())
@@ -148,12 +150,12 @@ def _backward_with_grad(ctx, grad_loss, *_unused):
         found = iter(torch.autograd.grad(task_loss, inputs, grad_loss, create_graph=True))
         grad_x, grad_y, grad_scale = (next(found) if t.requires_grad else None for t in (x, y, scale))
         return grad_x, grad_y, None, grad_scale, None, None
-    if grad_loss is None:
+    if grad_loss is None:  # no gradient reached the loss (gradgradcheck's calls do this)
         return None, None, None, None, None, None
     # loss.backward(): the gradients are those computed in the forward, as they
     # are (a backward with retain_graph=True returns them again). Only where the
-    # output gradient's values can be read: a plain CPU tensor, not one that
-    # torch.compile or opcheck traces.
+    # output gradient's values can be read without a device sync: a plain CPU
+    # tensor, not one that torch.compile or opcheck traces.
     if type(grad_loss) is torch.Tensor and grad_loss.device.type == "cpu" and bool((grad_loss == 1).all()):
         return grad_x, grad_y, None, grad_scale, None, None
     per_task = grad_loss.view(-1, 1)
