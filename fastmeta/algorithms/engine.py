@@ -510,18 +510,34 @@ def module_task_forward(module: nn.Module, loss: Loss):
     scalar loss and outputs of ``module`` with ``params`` (a list in
     ``module.parameters()`` order, or flat ``[P]``) on ``x``, batch norm in
     training mode on the task's batch statistics (see
-    :func:`batch_statistics`)."""
+    :func:`batch_statistics`), convolutions channels-last on the CPU
+    (:func:`call_with_parameters`).
+
+    ``task_forward.differentiated_twice`` is the same for a forward whose
+    graph will be differentiated twice: it keeps the convolutions in the
+    default layout, since PyTorch's batch-norm double backward sums
+    channels-last tensors over the batch into a default-layout result, a
+    strided pass that costs more than the convolutions gain."""
     criterion = loss_function(loss)
     names = [name for name, _ in module.named_parameters()]
-    convolutions = convolution_weights(module)
 
-    def task_forward(params, x, target):
-        named = flat_to_dict(module, params) if isinstance(params, torch.Tensor) else dict(zip(names, params))
-        with batch_statistics(module):
-            outputs = call_with_parameters(module, named, (x,), convolutions)
-        return criterion(outputs, target), outputs
+    def with_layout(convolutions):
+        def task_forward(params, x, target):
+            named = flat_to_dict(module, params) if isinstance(params, torch.Tensor) else dict(zip(names, params))
+            with batch_statistics(module):
+                outputs = call_with_parameters(module, named, (x,), convolutions)
+            return criterion(outputs, target), outputs
 
+        return task_forward
+
+    task_forward = with_layout(convolution_weights(module))
+    task_forward.differentiated_twice = with_layout(frozenset())
     return task_forward
+
+
+def _forward_differentiated_twice(task_forward):
+    """``task_forward``'s variant for a graph differentiated twice, where it has one."""
+    return getattr(task_forward, "differentiated_twice", task_forward)
 
 
 class _KeptGraphLoop(torch.autograd.Function):
@@ -536,6 +552,7 @@ class _KeptGraphLoop(torch.autograd.Function):
         need = ctx.needs_input_grad if graphs else (False,) * len(ctx.needs_input_grad)
         need_lr, need_x_s, need_x_q, need_params = need[4], need[5] and not first_order, need[7], need[9:]
         second_order = not first_order and (any(need_params) or need_lr or need_x_s)
+        support_forward = _forward_differentiated_twice(task_forward) if second_order else task_forward
         sizes = [p.numel() for p in params]
         kept = {"params": [], "lr": [], "x_s": [], "x_q": []}
         losses, adapted, outputs = [], [], []
@@ -552,9 +569,8 @@ class _KeptGraphLoop(torch.autograd.Function):
                 xq_t = x_q[t].detach().requires_grad_(need_x_q)
                 fast = theta
                 for _ in range(steps):
-                    grads = torch.autograd.grad(
-                        task_forward(fast, xs_t, y_s[t])[0], fast, create_graph=second_order, materialize_grads=True
-                    )
+                    support_loss = support_forward(fast, xs_t, y_s[t])[0]
+                    grads = torch.autograd.grad(support_loss, fast, create_graph=second_order, materialize_grads=True)
                     fast = [p - step * g for p, step, g in zip(fast, lrs, grads)]
                 loss, output = task_forward(fast, xq_t, y_q[t])
                 outputs.append(output.detach())
@@ -611,8 +627,9 @@ def kept_graph_query_loss(
     where gradients are enabled): faster than recomputing the inner steps
     where each task's products are large (a convolutional learner), with
     memory of one task's graph. ``task_forward(params, x, target) -> (loss,
-    outputs)`` is one task's (:func:`module_task_forward`); ``params`` a list
-    of tensors, ``lr`` 0-dimensional or flat ``[P]`` over them. With
+    outputs)`` is one task's (:func:`module_task_forward`; its
+    ``differentiated_twice`` attribute, where it has one, runs the support
+    forwards of second-order inner steps); ``params`` a list of tensors, ``lr`` 0-dimensional or flat ``[P]`` over them. With
     ``return_adapted``, returns ``(losses, adapted [T, P], query outputs
     [T, Q, ...])``, the last two without gradient."""
     if y_support.requires_grad or y_query.requires_grad:
@@ -720,9 +737,8 @@ class _KeptImplicitLoop(torch.autograd.Function):
                 if not graphs:
                     continue
                 (grad_q,) = torch.autograd.grad(loss, phi, materialize_grads=True)
-                (grad_s,) = torch.autograd.grad(
-                    task_forward(phi, x_s[t], y_s[t])[0], phi, create_graph=True, materialize_grads=True
-                )
+                support_loss = _forward_differentiated_twice(task_forward)(phi, x_s[t], y_s[t])[0]
+                (grad_s,) = torch.autograd.grad(support_loss, phi, create_graph=True, materialize_grads=True)
 
                 def apply(u):  # (I + H(phi) / lam) u
                     (hvp,) = torch.autograd.grad(grad_s, phi, u[0], retain_graph=True, materialize_grads=True)
@@ -789,7 +805,9 @@ def kept_graph_implicit_query_loss(
     each task's support-gradient graph at phi kept for its
     conjugate-gradient steps, and its meta-gradient solved in this call
     (where gradients are enabled). ``task_forward(theta, x, target) ->
-    (loss, outputs)`` is one task's (:func:`module_task_forward`). With
+    (loss, outputs)`` is one task's (:func:`module_task_forward`; its
+    ``differentiated_twice`` attribute, where it has one, runs the support
+    forward of the Hessian-vector products). With
     ``return_adapted``, returns ``(losses, phi [T, P], query outputs [T, Q,
     ...])``, the last two without gradient."""
     loss, adapted, outputs = _KeptImplicitLoop.apply(

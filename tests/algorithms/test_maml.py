@@ -613,6 +613,45 @@ def test_reptile_computes_a_conv_learners_convolutions_channels_last():
     assert layouts == [True] * 3 * 2
 
 
+@pytest.mark.parametrize(
+    "learner, first_order",
+    [("maml", False), ("maml", True), ("imaml", False)],
+)
+def test_kept_graphs_compute_support_forwards_differentiated_twice_in_the_default_layout(learner, first_order):
+    """Where tasks run one at a time, convolutions are channels-last, except
+    in a support forward whose graph is differentiated twice (second-order
+    MAML's inner steps, iMAML's Hessian-vector products): PyTorch's
+    batch-norm double backward is slow on channels-last tensors."""
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Conv2d(2, 3, 3),
+        nn.BatchNorm2d(3, track_running_stats=False),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(3 * 4 * 4, 2),
+    ).double()
+    forwards = []  # (batch size, channels-last weight) of every forward through the learner
+    net[0].register_forward_pre_hook(
+        lambda conv, args: forwards.append(
+            (args[0].shape[0], conv.weight.is_contiguous(memory_format=torch.channels_last))
+        )
+    )
+    support, query = 4, 6
+    x_s, x_q = torch.randn(2, support, 2, 6, 6, **DOUBLE), torch.randn(2, query, 2, 6, 6, **DOUBLE)
+    y_s, y_q = torch.randint(0, 2, (2, support)), torch.randint(0, 2, (2, query))
+    if learner == "maml":
+        meta = BatchedMAML(net, 0.1, 2, first_order=first_order, loss="cross_entropy")
+    else:
+        meta = iMAML(net, 0.1, 2, cg_steps=2, loss="cross_entropy")
+    forwards.clear()
+    meta(x_s, y_s, x_q, y_q).backward()
+    assert {f for f in forwards if f[0] == query} == {(query, True)}
+    if learner == "maml":  # 2 tasks of 2 inner steps
+        assert forwards.count((support, first_order)) == 2 * 2 and len(forwards) == 2 * 2 + 2
+    else:  # 2 inner steps per task, then the forward of its Hessian-vector products
+        assert forwards.count((support, True)) == 2 * 2 and forwards.count((support, False)) == 2
+
+
 def test_batched_hvp_equals_per_task_hessians():
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1)).double()
