@@ -629,9 +629,10 @@ def kept_graph_query_loss(
     memory of one task's graph. ``task_forward(params, x, target) -> (loss,
     outputs)`` is one task's (:func:`module_task_forward`; its
     ``differentiated_twice`` attribute, where it has one, runs the support
-    forwards of second-order inner steps); ``params`` a list of tensors, ``lr`` 0-dimensional or flat ``[P]`` over them. With
-    ``return_adapted``, returns ``(losses, adapted [T, P], query outputs
-    [T, Q, ...])``, the last two without gradient."""
+    forwards of second-order inner steps); ``params`` a list of tensors,
+    ``lr`` 0-dimensional or flat ``[P]`` over them. With ``return_adapted``,
+    returns ``(losses, adapted [T, P], query outputs [T, Q, ...])``, the last
+    two without gradient."""
     if y_support.requires_grad or y_query.requires_grad:
         raise ValueError("maml_query_loss: targets that require grad are not supported; detach them")
     loss, adapted, outputs = _KeptGraphLoop.apply(
@@ -807,9 +808,9 @@ def kept_graph_implicit_query_loss(
     (where gradients are enabled). ``task_forward(theta, x, target) ->
     (loss, outputs)`` is one task's (:func:`module_task_forward`; its
     ``differentiated_twice`` attribute, where it has one, runs the support
-    forward of the Hessian-vector products). With
-    ``return_adapted``, returns ``(losses, phi [T, P], query outputs [T, Q,
-    ...])``, the last two without gradient."""
+    forward of the Hessian-vector products). With ``return_adapted``,
+    returns ``(losses, phi [T, P], query outputs [T, Q, ...])``, the last two
+    without gradient."""
     loss, adapted, outputs = _KeptImplicitLoop.apply(
         task_forward,
         int(steps),
