@@ -726,6 +726,7 @@ class _KeptImplicitLoop(torch.autograd.Function):
                 loss = task_forward(phi, x, y)[0]
                 return loss.detach(), torch.autograd.grad(loss, phi, materialize_grads=True)[0]
 
+        hvp_forward = _forward_differentiated_twice(task_forward)  # the support forward of the products
         losses, adapted, outputs, solutions = [], [], [], []
         for t in range(x_s.shape[0]):
             phi = _proximal_descent(derivatives, theta.detach(), lr, lam, x_s[t], y_s[t], steps)
@@ -738,7 +739,7 @@ class _KeptImplicitLoop(torch.autograd.Function):
                 if not graphs:
                     continue
                 (grad_q,) = torch.autograd.grad(loss, phi, materialize_grads=True)
-                support_loss = _forward_differentiated_twice(task_forward)(phi, x_s[t], y_s[t])[0]
+                support_loss = hvp_forward(phi, x_s[t], y_s[t])[0]
                 (grad_s,) = torch.autograd.grad(support_loss, phi, create_graph=True, materialize_grads=True)
 
                 def apply(u):  # (I + H(phi) / lam) u
