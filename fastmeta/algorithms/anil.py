@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from .batched_maml import BatchedMAML
-from .engine import Loss
+from .engine import Loss, call_with_parameters, convolution_weights
 
 __all__ = ["ANIL"]
 
@@ -23,7 +23,9 @@ class ANIL(nn.Module):
 
     ``anil(x_support, y_support, x_query, y_query)`` on ``[T, N, ...]``
     inputs returns the mean query loss over tasks. The body embeds all
-    tasks' support images in one call, then their query images in another.
+    tasks' support images in one call, then their query images in another,
+    its convolutions channels-last on the CPU, the faster layout there (see
+    :class:`fastmeta.nn.ChannelsLastConv2d`; the values are the same).
 
     Args:
         body: maps ``[n, ...]`` inputs to ``[n, D]`` features.
@@ -62,7 +64,12 @@ class ANIL(nn.Module):
         """The body's features ``[T, N, D]`` of inputs ``[T, N, ...]``."""
         if x.dim() < 2:
             raise ValueError(f"ANIL: inputs must be [T, N, ...] (tasks, examples, ...), got shape {list(x.shape)}")
-        features = self.body(x.flatten(0, 1))
+        images = x.flatten(0, 1)
+        convolutions = convolution_weights(self.body)
+        if convolutions:
+            features = call_with_parameters(self.body, dict(self.body.named_parameters()), (images,), convolutions)
+        else:
+            features = self.body(images)
         if features.dim() != 2:
             raise ValueError(f"ANIL: the body must return [n, D] features, got shape {list(features.shape)}")
         return features.unflatten(0, x.shape[:2])

@@ -17,7 +17,7 @@ from torch import nn
 
 from .. import nn as fnn
 from .. import ops, reference
-from ..algorithms import BatchedMAML, Reptile, iMAML
+from ..algorithms import ANIL, BatchedMAML, Reptile, iMAML
 from ..data import EpisodeSampler, LabelledImages, sinusoid_tasks
 
 __all__ = ["Variant", "CASES", "DEFAULT_CASES", "build"]
@@ -296,13 +296,13 @@ def maml_conv4(device: str) -> List[Variant]:
                 )
             )
             body, head = net[:-1], nn.Sequential(net[-1])
-            anil = BatchedMAML(head, 0.4, steps, loss="cross_entropy")
+            anil = ANIL(body, head, 0.4, steps)
 
             def features(images, body=body):
                 return body(images.flatten(0, 1)).unflatten(0, images.shape[:2])
 
-            def anil_fast(d=data, m=anil, p=params, features=features):
-                return torch.autograd.grad(m(features(d[0]), d[1], features(d[2]), d[3]), p)
+            def anil_fast(d=data, m=anil, p=params):
+                return torch.autograd.grad(m(*d), p)
 
             def anil_loop(d=data, h=head, p=params, k=steps, features=features):
                 losses = reference.maml_query_losses_loop(

@@ -476,6 +476,30 @@ def test_anil_module_equals_batched_maml_on_the_head_fed_by_the_body():
         anil(x_s[0, 0], y_s, x_q, y_q)
 
 
+def test_anil_computes_the_bodys_convolutions_channels_last_with_the_same_gradients():
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten()).double()
+    head = nn.Linear(3 * 4 * 4, 2).double()
+    layouts = []
+    body[0].register_forward_pre_hook(
+        lambda conv, args: layouts.append(conv.weight.is_contiguous(memory_format=torch.channels_last))
+    )
+    anil = ANIL(body, head, 0.3, inner_steps=2)
+    x_s, x_q = torch.randn(3, 4, 2, 6, 6, **DOUBLE), torch.randn(3, 5, 2, 6, 6, **DOUBLE)
+    y_s, y_q = torch.randint(0, 2, (3, 4)), torch.randint(0, 2, (3, 5))
+    params = list(anil.parameters())
+    got = torch.autograd.grad(anil(x_s, y_s, x_q, y_q), params)
+    assert layouts == [True, True]
+
+    def features(x):
+        return body(x.flatten(0, 1)).unflatten(0, x.shape[:2])
+
+    want = torch.autograd.grad(anil.head(features(x_s), y_s, features(x_q), y_q), params)
+    assert layouts == [True, True, False, False]
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("learner", ["mlp", "conv"])
 def test_return_outputs_gives_the_query_outputs_and_accuracy_of_the_same_adaptation(learner):
     torch.manual_seed(0)
