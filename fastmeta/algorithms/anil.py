@@ -66,7 +66,7 @@ class ANIL(nn.Module):
             raise ValueError(f"ANIL: inputs must be [T, N, ...] (tasks, examples, ...), got shape {list(x.shape)}")
         images = x.flatten(0, 1)
         convolutions = convolution_weights(self.body)
-        if convolutions:
+        if convolutions and images.device.type == "cpu":
             features = call_with_parameters(self.body, dict(self.body.named_parameters()), (images,), convolutions)
         else:
             features = self.body(images)
